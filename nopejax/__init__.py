@@ -1,0 +1,1 @@
+"""nopejax: pretrain decoder LMs that mix RoPE and NoPE layers, in JAX/Flax NNX."""

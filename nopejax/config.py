@@ -1,0 +1,357 @@
+"""Run configuration: the schema with its defaults, overrides, and the one `validate()`.
+
+Every config file under `configs/` starts from `base_config()` and changes fields; nothing
+outside this module decides whether a config is legal. `validate()` runs before any array
+is created or any function is compiled, so a typo costs a second, not a compile.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+ConfigDict = ml_collections.ConfigDict
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+SCHEDULES = ("wsd", "cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+DATA_SOURCES = (
+    "default", "text", "jsonl", "parquet", "arrayrecord", "prepared", "copy", "reverse", "parity",
+)  # fmt: skip
+ROPE_SCALING_TYPES = ("linear", "yarn")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the field, the problem and the fix."""
+
+    def __init__(self, field: str, problem: str, fix: str):
+        self.field, self.problem, self.fix = field, problem, fix
+        super().__init__(f"config field `{field}`: {problem}. Fix: {fix}.")
+
+
+def base_config() -> ConfigDict:
+    """All fields with defaults. Config files override; they never add new keys."""
+    cfg = ConfigDict()
+
+    cfg.model = m = ConfigDict()
+    m.vocab_size = 384
+    m.d_model = 192
+    m.num_layers = 6
+    m.num_heads = 6
+    m.num_kv_heads = 2
+    m.head_dim = 32
+    m.d_ff = 512
+    # SmolLM3 semantics: layer i is NoPE when (i + 1) % interval == 0; 0 disables NoPE.
+    m.no_rope_layer_interval = 4
+    # Explicit per-layer list (1 = RoPE, 0 = NoPE); when set it overrides the interval.
+    m.no_rope_layers = config_dict.placeholder(tuple)
+    m.rope_theta = 10000.0
+    # HF `rope_scaling` semantics, e.g. {"rope_type": "yarn", "factor": 4.0,
+    # "original_max_position_embeddings": 128}. Applied to RoPE layers only.
+    m.rope_scaling = config_dict.placeholder(dict)
+    m.max_position_embeddings = 4096  # written to the HF config; nothing is sized by it
+    m.tie_embeddings = True
+    m.rms_norm_eps = 1e-6
+    m.init_std = 0.02
+    m.dtype = "bfloat16"  # compute
+    m.param_dtype = "float32"  # master weights
+    m.attention_impl = "auto"
+    m.scan_layers = True
+    m.remat = "none"
+
+    cfg.mesh = mesh = ConfigDict()
+    mesh.data = -1  # -1: whatever devices the other axes leave
+    mesh.fsdp = 1
+    mesh.tensor = 1
+    mesh.dcn_data = 1  # across slices / nodes
+    mesh.dcn_fsdp = 1
+
+    cfg.train = t = ConfigDict()
+    t.steps = 300
+    t.global_batch_size = 16
+    t.seq_len = 128
+    t.grad_accum = 1
+    t.log_every = 10
+    t.eval_every = 100
+    t.eval_batches = 4
+    t.seed = 0
+    t.z_loss = 0.0
+
+    cfg.optim = o = ConfigDict()
+    o.lr = 3e-3
+    o.schedule = "wsd"
+    o.warmup_steps = 30
+    o.decay_steps = 60  # wsd: length of the final decay; cosine/linear: total decay length (0 = to the end)
+    o.min_lr_ratio = 0.0
+    o.weight_decay = 0.1
+    o.decay_embeddings = False
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.clip_norm = 1.0
+
+    cfg.data = d = ConfigDict()
+    d.source = "default"
+    d.path = ""  # a file glob (or a directory of prepared shards)
+    d.text_field = "text"
+    d.eval_fraction = 0.02
+    d.tokenizer = "byte"  # or the path of a HuggingFace tokenizer.json
+    d.add_bos = True
+    d.add_eos = True
+    d.shuffle = True
+    d.num_workers = 0  # grain worker processes; 0 = in the main process
+    d.mixture_weights = config_dict.placeholder(tuple)  # one weight per entry of a comma-separated path
+    # Synthetic length-generalization tasks (data.source = copy / reverse / parity).
+    d.task_train_min_len = 1
+    d.task_train_max_len = 20
+    d.task_test_min_len = 21
+    d.task_test_max_len = 40
+
+    cfg.checkpoint = c = ConfigDict()
+    c.every_steps = 100
+    c.keep = 3
+    c.keep_period = 0  # also keep every N-th step forever; 0 = off
+    c.async_save = True
+
+    cfg.init_from = ""  # params of another run (a workdir or checkpoint dir) to start from
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The RoPE/NoPE pattern and its block structure
+
+
+def rope_pattern(m: ConfigDict) -> tuple[bool, ...]:
+    """Per layer: True = RoPE layer, False = NoPE layer."""
+    if m.no_rope_layers is not None:
+        return tuple(bool(x) for x in m.no_rope_layers)
+    interval = m.no_rope_layer_interval
+    if interval == 0:
+        return (True,) * m.num_layers
+    return tuple((i + 1) % interval != 0 for i in range(m.num_layers))
+
+
+def block_structure(pattern: Sequence[bool]) -> tuple[tuple[bool, ...], int, tuple[bool, ...]]:
+    """Split a pattern into (block, num_blocks, tail).
+
+    `block` repeated `num_blocks` times followed by `tail` reproduces the pattern exactly.
+    The period is chosen to minimise the traced layers (len(block) + len(tail)), ties going to
+    the shorter block: SmolLM3's 36 layers give a 4-layer block x 9 and no tail; 10 layers with
+    NoPE every 4th give a block of 4 x 2 and a 2-layer tail that is unrolled.
+    """
+    n = len(pattern)
+    best = None
+    for p in range(1, n + 1):
+        reps = n // p
+        body = pattern[: reps * p]
+        if all(body[i] == body[i % p] for i in range(len(body))):
+            traced = p + n - reps * p
+            if best is None or traced < best[0]:
+                best = (traced, p, reps)
+    _, p, reps = best
+    return tuple(pattern[:p]), reps, tuple(pattern[reps * p :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overriding
+
+
+def load_config(path: str) -> ConfigDict:
+    """Import a config file that defines `get_config()`."""
+    if not os.path.isfile(path):
+        raise ConfigError("--config", f"file {path!r} does not exist", "pass a path such as configs/tiny.py")
+    spec = importlib.util.spec_from_file_location("_nopejax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError("--config", f"{path} has no get_config()", "define get_config() returning a ConfigDict")
+    return module.get_config()
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string such as bfloat16 or a path
+
+
+def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
+    """Apply `KEY=VALUE` strings (`model.d_model=256`, `optim.schedule=cosine`) to `cfg`."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override needs the form KEY=VALUE", f"write --config.{item}=VALUE")
+        key, text = item.split("=", 1)
+        key = key.removeprefix("--config.").removeprefix("config.")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            if part not in node or not isinstance(node[part], ConfigDict):
+                raise ConfigError(key, "no such config section", f"sections are {sorted(cfg.keys())}")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(key, "no such config key", f"keys here are {sorted(node.keys())}")
+        value = _parse_value(text)
+        old = node[leaf]
+        if isinstance(old, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(key, f"{text!r} is not a boolean", "use true or false")
+            value = text.lower() in ("true", "1")
+        elif isinstance(old, float) and isinstance(value, int):
+            value = float(value)
+        elif isinstance(old, str):
+            value = text
+        elif isinstance(value, list):
+            value = tuple(value)
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ConfigError(key, f"{text!r} has the wrong type ({e})", f"give a {type(old).__name__}") from None
+    return cfg
+
+
+def to_dict(cfg: ConfigDict) -> dict:
+    return json.loads(cfg.to_json_best_effort())
+
+
+def from_dict(d: dict) -> ConfigDict:
+    """Rebuild a config from `to_dict` output (e.g. a workdir's config.json) over the defaults."""
+    cfg = base_config()
+    _merge(cfg, d, prefix="")
+    return cfg
+
+
+def _merge(cfg: ConfigDict, d: dict, prefix: str) -> None:
+    for k, v in d.items():
+        if k not in cfg:
+            raise ConfigError(prefix + k, "unknown key in a saved config", "remove it or upgrade nopejax")
+        if isinstance(cfg[k], ConfigDict):
+            _merge(cfg[k], v, prefix + k + ".")
+        else:
+            cfg[k] = tuple(v) if isinstance(v, list) else v
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: the one place that decides whether a config can run
+
+
+def _positive(cfg: ConfigDict, section: str, names: Iterable[str]) -> None:
+    for name in names:
+        value = cfg[section][name]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{section}.{name}", f"must be a positive integer, got {value!r}", "set it above 0")
+
+
+def validate(cfg: ConfigDict) -> ConfigDict:
+    """Reject configs that cannot run, naming the field and the fix. Returns `cfg`."""
+    m = cfg.model
+    _positive(cfg, "model", ["vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff"])
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            "model.num_kv_heads",
+            f"num_heads={m.num_heads} is not a multiple of num_kv_heads={m.num_kv_heads}",
+            "choose num_kv_heads dividing num_heads (GQA shares each KV head across a group of query heads)",
+        )
+    if m.head_dim % 2:
+        raise ConfigError("model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}", "use an even head_dim")
+    if m.num_heads * m.head_dim != m.d_model:
+        raise ConfigError(
+            "model.head_dim",
+            f"num_heads * head_dim = {m.num_heads} * {m.head_dim} = {m.num_heads * m.head_dim} != d_model = {m.d_model}",
+            f"set head_dim = {m.d_model // m.num_heads} or change d_model/num_heads",
+        )
+    if m.no_rope_layers is not None:
+        if len(m.no_rope_layers) != m.num_layers:
+            raise ConfigError(
+                "model.no_rope_layers",
+                f"has {len(m.no_rope_layers)} entries but num_layers = {m.num_layers}",
+                "give exactly one 1 (RoPE) or 0 (NoPE) per layer",
+            )
+        if any(x not in (0, 1) for x in m.no_rope_layers):
+            raise ConfigError("model.no_rope_layers", f"entries must be 0 or 1, got {m.no_rope_layers}", "use 1 = RoPE, 0 = NoPE")
+    if not isinstance(m.no_rope_layer_interval, int) or m.no_rope_layer_interval < 0:
+        raise ConfigError(
+            "model.no_rope_layer_interval", f"must be an integer >= 0, got {m.no_rope_layer_interval!r}", "use 0 for no NoPE layers"
+        )
+    if not m.rope_theta > 0:
+        raise ConfigError("model.rope_theta", f"must be positive, got {m.rope_theta}", "use e.g. 10000.0")
+    if m.rope_scaling is not None:
+        kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
+        if kind not in ROPE_SCALING_TYPES:
+            raise ConfigError("model.rope_scaling", f"rope_type {kind!r} is not supported", f"use one of {ROPE_SCALING_TYPES}")
+        if not float(m.rope_scaling.get("factor", 0)) >= 1.0:
+            raise ConfigError("model.rope_scaling", "needs a `factor` >= 1", "add factor, e.g. 4.0")
+    for field in ("dtype", "param_dtype"):
+        if m[field] not in DTYPES:
+            raise ConfigError(f"model.{field}", f"unknown dtype {m[field]!r}", f"use one of {DTYPES}")
+    if m.attention_impl not in ATTENTION_IMPLS:
+        raise ConfigError("model.attention_impl", f"unknown value {m.attention_impl!r}", f"use one of {ATTENTION_IMPLS}")
+    if m.remat not in REMAT_POLICIES:
+        raise ConfigError("model.remat", f"unknown policy {m.remat!r}", f"use one of {REMAT_POLICIES}")
+    if not m.rms_norm_eps > 0:
+        raise ConfigError("model.rms_norm_eps", f"must be positive, got {m.rms_norm_eps}", "use e.g. 1e-6")
+
+    for axis in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp"):
+        v = cfg.mesh[axis]
+        if not isinstance(v, int) or (v < 1 and v != -1):
+            raise ConfigError(f"mesh.{axis}", f"must be a positive integer or -1, got {v!r}", "use -1 for 'the rest'")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+        raise ConfigError("mesh", "more than one axis is -1", "let at most one of data/fsdp/tensor be -1")
+    if cfg.mesh.tensor > 0 and m.num_kv_heads % cfg.mesh.tensor:
+        raise ConfigError(
+            "mesh.tensor",
+            f"num_kv_heads={m.num_kv_heads} is not divisible by the tensor axis size {cfg.mesh.tensor}",
+            "make mesh.tensor divide model.num_kv_heads",
+        )
+
+    t = cfg.train
+    _positive(cfg, "train", ["steps", "global_batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"])
+    if t.global_batch_size % t.grad_accum:
+        raise ConfigError(
+            "train.grad_accum",
+            f"global_batch_size={t.global_batch_size} is not divisible by grad_accum={t.grad_accum}",
+            "choose grad_accum dividing the global batch",
+        )
+    if t.eval_every < 0:
+        raise ConfigError("train.eval_every", "must be >= 0", "use 0 to turn evaluation off")
+    if t.z_loss < 0:
+        raise ConfigError("train.z_loss", "must be >= 0", "use e.g. 1e-4, or 0 to turn it off")
+
+    o = cfg.optim
+    if not o.lr > 0:
+        raise ConfigError("optim.lr", f"must be positive, got {o.lr}", "use e.g. 3e-4")
+    if o.schedule not in SCHEDULES:
+        raise ConfigError("optim.schedule", f"unknown schedule {o.schedule!r}", f"use one of {SCHEDULES}")
+    if o.warmup_steps < 0 or o.decay_steps < 0:
+        raise ConfigError("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0", "use 0 for none")
+    if o.schedule == "wsd" and o.warmup_steps + o.decay_steps > t.steps:
+        raise ConfigError(
+            "optim.decay_steps",
+            f"warmup_steps + decay_steps = {o.warmup_steps + o.decay_steps} exceeds train.steps = {t.steps}",
+            "shorten warmup/decay or train longer",
+        )
+    if not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1:
+        raise ConfigError("optim.b1", f"betas must be in [0, 1), got b1={o.b1}, b2={o.b2}", "use e.g. 0.9 and 0.95")
+    if o.clip_norm < 0 or o.weight_decay < 0:
+        raise ConfigError("optim.clip_norm", "clip_norm and weight_decay must be >= 0", "use 0 to turn either off")
+
+    d = cfg.data
+    if d.source not in DATA_SOURCES:
+        raise ConfigError("data.source", f"unknown source {d.source!r}", f"use one of {DATA_SOURCES}")
+    if d.source in ("text", "jsonl", "parquet", "arrayrecord", "prepared") and not d.path:
+        raise ConfigError("data.path", f"data.source={d.source!r} needs a path", "set --config.data.path=GLOB")
+    if not 0 <= d.eval_fraction < 1:
+        raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}", "use e.g. 0.02")
+    if d.task_train_min_len > d.task_train_max_len or d.task_test_min_len > d.task_test_max_len:
+        raise ConfigError("data.task_train_min_len", "a min length exceeds its max length", "order the bounds")
+
+    c = cfg.checkpoint
+    if c.every_steps < 0 or c.keep < 1 or c.keep_period < 0:
+        raise ConfigError("checkpoint.keep", "every_steps and keep_period must be >= 0, keep >= 1", "fix the values")
+    return cfg

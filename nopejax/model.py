@@ -1,0 +1,178 @@
+"""A Llama-style decoder (GQA, SwiGLU, RMSNorm) whose per-layer RoPE/NoPE pattern is config.
+
+Shape letters: B batch, S sequence, D d_model, H query heads, K kv heads, E head dim, F d_ff,
+V vocab, L layers, N scanned blocks, P layers per block.
+
+Parameters of all layers are stacked along a leading `layers` axis ([L, ...]), whatever the
+execution plan; the checkpoint layout therefore never depends on `scan_layers`. At call time
+the stack is cut into N blocks of one pattern period P (SmolLM3: RoPE, RoPE, RoPE, NoPE) and
+`lax.scan` runs the blocks, so the traced program holds one block whatever the depth. Inside a
+block each sub-layer's RoPE/NoPE choice is a Python constant. A depth that is not a multiple
+of the period leaves a tail of layers that are unrolled with their own flags
+(`config.block_structure`); `scan_layers=False` unrolls every layer, for debugging.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from nopejax import attention, config
+from nopejax import rope as rope_lib
+from nopejax.sharding import constrain
+
+# name -> (shape given the model config, logical axes); the leading `layers` axis is implied.
+LAYER_PARAMS = {
+    "attn_norm": (lambda m: (m.d_model,), ("norm",)),
+    "wq": (lambda m: (m.d_model, m.num_heads, m.head_dim), ("embed", "heads", "head_dim")),
+    "wk": (lambda m: (m.d_model, m.num_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim")),
+    "wv": (lambda m: (m.d_model, m.num_kv_heads, m.head_dim), ("embed", "kv_heads", "head_dim")),
+    "wo": (lambda m: (m.num_heads, m.head_dim, m.d_model), ("heads", "head_dim", "embed")),
+    "mlp_norm": (lambda m: (m.d_model,), ("norm",)),
+    "w_gate": (lambda m: (m.d_model, m.d_ff), ("embed", "mlp")),
+    "w_up": (lambda m: (m.d_model, m.d_ff), ("embed", "mlp")),
+    "w_down": (lambda m: (m.d_ff, m.d_model), ("mlp", "embed")),
+}
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def rms_norm(x_BSD, weight_D, eps: float):
+    """HF semantics: normalise in fp32, cast back to the input dtype, then scale."""
+    x = x_BSD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return x.astype(x_BSD.dtype) * weight_D.astype(x_BSD.dtype)
+
+
+def decoder_layer(p, x_BSD, *, use_rope: bool, ctx):
+    """One pre-norm layer. `p` holds this layer's params (no `layers` axis)."""
+    m, dtype = ctx["model_cfg"], ctx["dtype"]
+    h_BSD = rms_norm(x_BSD, p["attn_norm"], m.rms_norm_eps)
+    q_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, p["wq"].astype(dtype))
+    k_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype))
+    v_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wv"].astype(dtype))
+    o_BSHE = attention.attend(
+        q_BSHE,
+        k_BSKE,
+        v_BSKE,
+        positions_BS=ctx["positions"],
+        segment_ids_BS=ctx["segment_ids"],
+        cos_sin=ctx["cos_sin"],
+        use_rope=use_rope,
+        rope=ctx["rope"],
+        impl=m.attention_impl,
+    )
+    x_BSD = x_BSD + jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype))
+
+    h_BSD = rms_norm(x_BSD, p["mlp_norm"], m.rms_norm_eps)
+    gate_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype))
+    up_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_up"].astype(dtype))
+    x_BSD = x_BSD + jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, p["w_down"].astype(dtype))
+    return constrain(x_BSD, ("act_batch", "act_seq", "act_embed"))
+
+
+def run_layers(stack, x_BSD, ctx):
+    """Apply all L layers: scanned blocks of one pattern period, then the unrolled tail."""
+    m = ctx["model_cfg"]
+    pattern = config.rope_pattern(m)
+    remat = REMAT_POLICIES.get(m.remat)
+
+    def maybe_remat(fn):
+        return jax.checkpoint(fn, policy=remat, prevent_cse=not m.scan_layers) if remat else fn
+
+    if not m.scan_layers:
+        for i, use_rope in enumerate(pattern):
+            layer = maybe_remat(lambda p, x, use_rope=use_rope: decoder_layer(p, x, use_rope=use_rope, ctx=ctx))
+            x_BSD = layer(jax.tree.map(lambda a, i=i: a[i], stack), x_BSD)
+        return x_BSD
+
+    block, num_blocks, tail = config.block_structure(pattern)
+    P = len(block)
+
+    def block_fn(x_BSD, block_params):  # block_params: each [P, ...]
+        for j, use_rope in enumerate(block):
+            x_BSD = decoder_layer(jax.tree.map(lambda a, j=j: a[j], block_params), x_BSD, use_rope=use_rope, ctx=ctx)
+        return x_BSD, None
+
+    if num_blocks:
+        blocks = jax.tree.map(lambda a: a[: num_blocks * P].reshape(num_blocks, P, *a.shape[1:]), stack)
+        x_BSD, _ = jax.lax.scan(maybe_remat(block_fn), x_BSD, blocks)
+    for j, use_rope in enumerate(tail):
+        i = num_blocks * P + j
+        layer = maybe_remat(lambda p, x, use_rope=use_rope: decoder_layer(p, x, use_rope=use_rope, ctx=ctx))
+        x_BSD = layer(jax.tree.map(lambda a, i=i: a[i], stack), x_BSD)
+    return x_BSD
+
+
+class Decoder(nnx.Module):
+    """Token embedding -> L decoder layers (RoPE or NoPE each) -> final RMSNorm -> LM head."""
+
+    def __init__(self, model_cfg: config.ConfigDict, *, rngs: nnx.Rngs):
+        # frozen: a module's static attributes must be hashable for nnx.split / jit
+        self.cfg = m = ml_collections.FrozenConfigDict(model_cfg)
+        pdtype = _dtype(m.param_dtype)
+        init = nnx.initializers.normal(m.init_std)
+
+        def param(shape, logical, ones=False):
+            value = jnp.ones(shape, pdtype) if ones else init(rngs.params(), shape, pdtype)
+            return nnx.Param(value, logical_axes=logical)
+
+        self.embed = param((m.vocab_size, m.d_model), ("vocab", "embed"))
+        self.layers = nnx.Dict(
+            {
+                name: param((m.num_layers, *shape_fn(m)), ("layers", *logical), ones=name.endswith("norm"))
+                for name, (shape_fn, logical) in LAYER_PARAMS.items()
+            }
+        )
+        self.final_norm = param((m.d_model,), ("norm",), ones=True)
+        self.lm_head = None if m.tie_embeddings else param((m.d_model, m.vocab_size), ("embed", "vocab"))
+
+    def __call__(self, tokens_BS, positions=None, segment_ids=None):
+        """tokens int32 [B, S] -> logits float32 [B, S, V]. Positions default to 0..S-1."""
+        m = self.cfg
+        dtype = _dtype(m.dtype)
+        B, S = tokens_BS.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        rope = rope_lib.make_rope(m.head_dim, m.rope_theta, m.rope_scaling)
+        ctx = {
+            "model_cfg": m,
+            "dtype": dtype,
+            "positions": positions,
+            "segment_ids": segment_ids,
+            "rope": rope,
+            # cos/sin are shared by all RoPE layers: computed once, outside the scan
+            "cos_sin": rope_lib.cos_sin(positions, rope),
+        }
+        embed_VD = self.embed[...]
+        x_BSD = jnp.take(embed_VD, tokens_BS, axis=0).astype(dtype)
+        x_BSD = constrain(x_BSD, ("act_batch", "act_seq", "act_embed"))
+        stack = {name: p[...] for name, p in self.layers.items()}
+        x_BSD = run_layers(stack, x_BSD, ctx)
+        x_BSD = rms_norm(x_BSD, self.final_norm[...], m.rms_norm_eps)
+        head_DV = embed_VD.T if self.lm_head is None else self.lm_head[...]
+        logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, head_DV.astype(dtype), preferred_element_type=jnp.float32)
+        return constrain(logits_BSV, ("act_batch", "act_seq", "act_vocab"))
+
+
+def param_count(m: config.ConfigDict) -> int:
+    per_layer = sum(math.prod(fn(m)) for fn, _ in LAYER_PARAMS.values())
+    embed = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    return m.num_layers * per_layer + embed + m.d_model
+
+
+def create(model_cfg: config.ConfigDict, seed: int = 0) -> Decoder:
+    """Validate nothing here: callers pass configs through `config.validate` first."""
+    return Decoder(model_cfg, rngs=nnx.Rngs(params=seed))

@@ -1,0 +1,96 @@
+"""Rotary position embeddings, in HuggingFace's half-split convention.
+
+A NoPE layer is simply a layer that does not call `apply_rope`: the causal mask alone carries
+token order there (Kazemnejad et al. 2023; SmolLM3 drops RoPE from every 4th layer).
+Positions are always passed in, so packed documents can restart at 0.
+
+Scaling follows HF `rope_scaling` (`modeling_rope_utils.py`): `linear` divides every frequency by
+`factor`; `yarn` (Peng et al. 2023) blends interpolated and original frequencies by wavelength and
+multiplies cos/sin by an attention factor. Either applies to RoPE layers only, by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class Rope(NamedTuple):
+    inv_freq: np.ndarray  # [D/2] float32
+    attention_factor: float  # multiplies cos and sin (YaRN); 1.0 otherwise
+
+
+def default_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    # float32 exactly as HF: 1 / theta ** (arange(0, D, 2) / D) in torch.float
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+
+
+def make_rope(head_dim: int, theta: float, scaling: dict | None = None) -> Rope:
+    inv_freq = default_inv_freq(head_dim, theta)
+    if not scaling:
+        return Rope(inv_freq, 1.0)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return Rope((inv_freq / np.float32(factor)).astype(np.float32), 1.0)
+    if kind == "yarn":
+        return _yarn(head_dim, theta, scaling, factor)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported; use 'linear' or 'yarn'")
+
+
+def _yarn(head_dim: int, theta: float, scaling: dict, factor: float) -> Rope:
+    """HF's `_compute_yarn_parameters`, in numpy (float32 where HF uses torch.float)."""
+    original_max = scaling.get("original_max_position_embeddings")
+    if original_max is None:
+        raise ValueError("yarn rope_scaling needs original_max_position_embeddings (the training length)")
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    truncate = scaling.get("truncate", True)
+
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = get_mscale(factor)
+
+    def correction_dim(num_rotations):
+        return (head_dim * math.log(original_max / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a division by zero, as HF does
+    pos_freqs = np.float32(theta) ** (np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim))
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (np.float32(factor) * pos_freqs)
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation_factor = 1 - ramp
+    inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+    return Rope(inv_freq.astype(np.float32), float(attention_factor))
+
+
+def cos_sin(positions, rope: Rope):
+    """positions [B, S] int -> (cos, sin), each [B, S, D] float32."""
+    angles_BSd = positions[..., None].astype(jnp.float32) * jnp.asarray(rope.inv_freq)
+    angles_BSD = jnp.concatenate([angles_BSd, angles_BSd], axis=-1)
+    return jnp.cos(angles_BSD) * rope.attention_factor, jnp.sin(angles_BSD) * rope.attention_factor
+
+
+def apply_rope(x_BSHD, cos_BSD, sin_BSD):
+    """x * cos + rotate_half(x) * sin, in float32, cast back to x's dtype."""
+    x = x_BSHD.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x * cos_BSD[:, :, None, :] + rotated * sin_BSD[:, :, None, :]
+    return out.astype(x_BSHD.dtype)

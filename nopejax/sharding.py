@@ -1,0 +1,138 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Model code names logical axes only (`embed`, `heads`, ...), never mesh axes; this module alone
+decides where they go (MaxText `logical_axis_rules`, nanodo `fsdp.py`). The mesh has three axes:
+`data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state sharded)
+and `tensor` (Megatron-style heads / MLP split). DCN sizes (across slices or nodes) multiply the
+`data` and `fsdp` axes; the devices are laid out so that the DCN part is the slow, outer one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nopejax.config import ConfigDict, ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis (or a tuple of mesh axes, or None = replicated)
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+    # activations
+    "act_batch": BATCH_AXES,
+    "act_seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], mesh: Mesh | None = None) -> PartitionSpec:
+    """Logical names -> PartitionSpec, dropping mesh axes of size 1 (they shard nothing)."""
+    spec = []
+    for name in logical_axes:
+        target = LOGICAL_RULES.get(name) if name else None
+        if isinstance(target, str):
+            target = (target,)
+        if target and mesh is not None:
+            target = tuple(a for a in target if mesh.shape.get(a, 1) > 1)
+        spec.append(target if target else None)
+    return PartitionSpec(*[t[0] if t and len(t) == 1 else t for t in spec])
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op when no mesh is set (plain 1-device use)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh
+
+
+def resolve_mesh_shape(mesh_cfg: ConfigDict, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
+    """-> (ici sizes, dcn sizes) per mesh axis, with the one -1 filled in."""
+    dcn = {"data": mesh_cfg.dcn_data, "fsdp": mesh_cfg.dcn_fsdp, "tensor": 1}
+    num_slices = math.prod(dcn.values())
+    if num_devices % num_slices:
+        raise ConfigError(
+            "mesh.dcn_data",
+            f"dcn_data * dcn_fsdp = {num_slices} does not divide the {num_devices} devices",
+            "set the DCN sizes to the number of slices / nodes",
+        )
+    per_slice = num_devices // num_slices
+    ici = {a: mesh_cfg[a] for a in MESH_AXES}
+    known = math.prod(v for v in ici.values() if v != -1)
+    for axis, v in ici.items():
+        if v == -1:
+            if per_slice % known:
+                raise ConfigError(
+                    f"mesh.{axis}", f"the other axes ({known}) do not divide the {per_slice} devices per slice", "fix the sizes"
+                )
+            ici[axis] = per_slice // known
+    if math.prod(ici.values()) != per_slice:
+        raise ConfigError(
+            "mesh",
+            f"data * fsdp * tensor = {ici['data']} * {ici['fsdp']} * {ici['tensor']} = {math.prod(ici.values())}, "
+            f"but there are {per_slice} devices per slice ({num_devices} in all)",
+            "make the product match, or set one axis to -1 to take the rest",
+        )
+    return ici, dcn
+
+
+def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    ici, dcn = resolve_mesh_shape(mesh_cfg, len(devices))
+    ici_shape = [ici[a] for a in MESH_AXES]
+    dcn_shape = [dcn[a] for a in MESH_AXES]
+    if math.prod(dcn_shape) > 1:
+        from jax.experimental import mesh_utils
+
+        device_array = mesh_utils.create_hybrid_device_mesh(
+            ici_shape, dcn_shape, devices, process_is_granule=devices[0].platform != "tpu"
+        )
+    else:
+        try:
+            from jax.experimental import mesh_utils
+
+            device_array = mesh_utils.create_device_mesh(ici_shape, devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            device_array = np.asarray(devices).reshape(ici_shape)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return Mesh(device_array, MESH_AXES, axis_types=axis_types)
+
+
+def check_divisible(shapes_and_axes, mesh: Mesh) -> None:
+    """Every sharded dimension must divide evenly by its mesh axes; say which does not."""
+    for path, shape, logical in shapes_and_axes:
+        spec = logical_to_spec(logical, mesh)
+        for dim, axes, name in zip(shape, spec, logical):
+            if axes is None:
+                continue
+            size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+            if dim % size:
+                raise ConfigError(
+                    "mesh",
+                    f"parameter {path} dimension `{name}` = {dim} is not divisible by mesh axes {axes} of size {size}",
+                    f"choose mesh sizes dividing {dim}, or change the model shape",
+                )
+
+
+def named(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, mesh))

@@ -176,3 +176,14 @@ def param_count(m: config.ConfigDict) -> int:
 def create(model_cfg: config.ConfigDict, seed: int = 0) -> Decoder:
     """Validate nothing here: callers pass configs through `config.validate` first."""
     return Decoder(model_cfg, rngs=nnx.Rngs(params=seed))
+
+
+def split(module: Decoder):
+    """-> (graphdef, params): the static structure and a plain nested dict of arrays."""
+    graphdef, state = nnx.split(module)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def apply(graphdef, params, tokens_BS, positions=None, segment_ids=None):
+    """The pure forward that jitted steps call: params is the dict `split` returned."""
+    return nnx.merge(graphdef, params)(tokens_BS, positions, segment_ids)

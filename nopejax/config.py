@@ -101,6 +101,8 @@ def base_config() -> ConfigDict:
     d.source = "default"
     d.path = ""  # a file glob (or a directory of prepared shards)
     d.text_field = "text"
+    d.text_unit = "file"  # plain text: one document per "file" or per blank-line-separated "block"
+    d.packing = "concat"  # "concat": fill rows, split documents at row ends; "pad": split only over-long ones
     d.eval_fraction = 0.02
     d.tokenizer = "byte"  # or the path of a HuggingFace tokenizer.json
     d.add_bos = True
@@ -346,6 +348,10 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         raise ConfigError("data.source", f"unknown source {d.source!r}", f"use one of {DATA_SOURCES}")
     if d.source in ("text", "jsonl", "parquet", "arrayrecord", "prepared") and not d.path:
         raise ConfigError("data.path", f"data.source={d.source!r} needs a path", "set --config.data.path=GLOB")
+    if d.text_unit not in ("file", "block"):
+        raise ConfigError("data.text_unit", f"unknown value {d.text_unit!r}", "use 'file' or 'block'")
+    if d.packing not in ("concat", "pad"):
+        raise ConfigError("data.packing", f"unknown value {d.packing!r}", "use 'concat' or 'pad'")
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}", "use e.g. 0.02")
     if d.task_train_min_len > d.task_train_max_len or d.task_test_min_len > d.task_test_max_len:

@@ -1,0 +1,199 @@
+"""`nopejax` command line: argument parsing only; the work happens in the modules it calls.
+
+User mistakes (a bad config, a missing file) print one line saying what is wrong and how to
+fix it, and exit 2 without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _config(args) -> object:
+    from nopejax import config
+
+    cfg = config.load_config(args.config) if args.config else config.base_config()
+    return config.validate(config.apply_overrides(cfg, args.overrides))
+
+
+def cmd_train(args) -> int:
+    from nopejax import distributed, train
+
+    distributed.maybe_initialize(args)
+    cfg = _config(args)
+    if args.dry_run:
+        report = train.dry_run(cfg, args.topology)
+        mem = report["memory_per_device_gib"]
+        print(f"compiled for {report['devices']} x {report['device_kind']} (mesh {report['mesh']}) "
+              f"in {report['compile_seconds']} s")  # fmt: skip
+        print(f"params {report['param_count'] / 1e6:,.1f} M; memory per device {mem} GiB; "
+              f"{report['flops_per_device'] / 1e12:,.2f} TFLOP per device per step")  # fmt: skip
+        print(json.dumps({k: report[k] for k in ("compile_seconds", "param_count", "memory_per_device_gib",
+                                                  "flops_per_device")}))  # fmt: skip
+        return 0
+    if not args.workdir:
+        raise _usage("train needs --workdir DIR (where config, metrics and checkpoints go)")
+    summary = train.run(cfg, args.workdir, progress=not args.no_progress)
+    import jax
+
+    if jax.process_index() == 0:
+        done = "stopped by SIGTERM at" if summary["preempted"] else "finished"
+        print(f"\n{done} step {summary['steps']} in {summary['seconds']} s: loss {summary['final_loss']:.4f}"
+              + (f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else ""))  # fmt: skip
+        print(f"checkpoints {summary['checkpoints']} in {os.path.join(args.workdir, 'checkpoints')}; "
+              f"metrics in {os.path.join(args.workdir, 'metrics.jsonl')}; "
+              f"tensorboard --logdir {os.path.join(args.workdir, 'tensorboard')}")  # fmt: skip
+    return 0
+
+
+def cmd_export(args) -> int:
+    from nopejax import checkpoint, hf
+
+    root, step = checkpoint.find_checkpoint(args.workdir, args.step)
+    cfg = checkpoint.read_config(root, step)
+    params = checkpoint.restore_params(root, step)
+    hf.to_hf(params, args.out, cfg.model, token_ids=_token_ids(cfg), dtype=args.dtype)
+    _copy_tokenizer(cfg, args.out)
+    print(f"wrote {args.out} from {root} step {step}: load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({args.out!r})")  # fmt: skip
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from nopejax import checkpoint, config, hf, train
+
+    with open(os.path.join(args.hf_dir, "config.json")) as f:
+        m = hf.model_config_from_hf(json.load(f))
+    cfg = config.load_config(args.config) if args.config else config.base_config()
+    cfg.model = m
+    cfg = config.validate(config.apply_overrides(cfg, args.overrides))
+    s = train.setup(cfg)
+    params = hf.load_params(args.hf_dir, cfg.model)
+    import jax
+
+    params = jax.tree.map(lambda x, sh: jax.device_put(x, sh), params, s.state_shardings["params"])
+    state = train.fresh_opt_state(s, params)
+    checkpoint.write_run_config(args.workdir, cfg)
+    ckpt = checkpoint.Checkpointer(args.workdir, cfg)
+    ckpt.save(0, state, None, force=True)
+    ckpt.close()
+    print(f"wrote step-0 checkpoint of {args.hf_dir} to {args.workdir}/checkpoints; "
+          f"continue with: nopejax train --config YOUR_CONFIG --workdir {args.workdir}, or start "
+          f"a new run from it with --config.init_from={args.workdir}")  # fmt: skip
+    return 0
+
+
+def _token_ids(cfg) -> dict:
+    from nopejax import data
+
+    tok = data.make_tokenizer(cfg.data)
+    return {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+
+
+def _copy_tokenizer(cfg, out_dir: str) -> None:
+    import shutil
+
+    if cfg.data.tokenizer != "byte" and os.path.isfile(cfg.data.tokenizer):
+        shutil.copy(cfg.data.tokenizer, os.path.join(out_dir, "tokenizer.json"))
+
+
+def cmd_eval_length(args) -> int:
+    from nopejax import eval_length
+
+    return eval_length.main(args)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage(message: str) -> _UsageError:
+    return _UsageError(message)
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", required=required, help="a config file defining get_config(), e.g. configs/tiny.py")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nopejax", description="Pretrain decoder LMs that mix RoPE and NoPE layers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train, resuming from the workdir's newest checkpoint",
+                       epilog="Override any config field with --config.SECTION.KEY=VALUE, "
+                              "e.g. --config.train.steps=100 --config.model.no_rope_layer_interval=0")  # fmt: skip
+    _add_config_args(p)
+    p.add_argument("--workdir", help="directory for config.json, metrics.jsonl, tensorboard/, checkpoints/")
+    p.add_argument("--dry-run", action="store_true", help="compile the step, print memory and FLOPs, do not train")
+    p.add_argument("--topology", help="with --dry-run: compile ahead of time for a TPU slice, e.g. v5p:2x2x4")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    p.add_argument("--coordinator", help="multi-process: coordinator host:port (or NOPEJAX_COORDINATOR)")
+    p.add_argument("--num-processes", type=int, help="multi-process: process count (or NOPEJAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="multi-process: this process's id (or NOPEJAX_PROCESS_ID)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a HuggingFace SmolLM3 checkpoint from a run's checkpoint")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    p.add_argument("--out", required=True, help="output directory (config.json + safetensors)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="tensor dtype (default: the param dtype)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-hf", help="write a step-0 checkpoint from a HuggingFace SmolLM3 directory")
+    p.add_argument("hf_dir")
+    p.add_argument("--workdir", required=True)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("eval-length", help="loss by position, past the training length")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--lengths", default="128,256,512,1024", help="comma-separated sequence lengths")
+    p.add_argument("--step", type=int)
+    p.add_argument("--compare", nargs="*", default=[], help="more workdirs to plot alongside")
+    p.add_argument("--bucket", type=int, default=0, help="position bucket size (default: the training length)")
+    p.add_argument("--batches", type=int, default=4, help="batches of held-out data per length")
+    p.add_argument("--rope-scaling", help='e.g. \'{"rope_type": "yarn", "factor": 4}\' (RoPE layers only)')
+    p.set_defaults(func=cmd_eval_length)
+
+    # listed for --help; `main` hands their arguments to nopejax.data unparsed
+    p = sub.add_parser("data", help="`nopejax data prepare --config ... --out DIR`: tokenize once into shards")
+    p.add_argument("action", choices=["prepare"])
+    p = sub.add_parser("tokenizer", help="`nopejax tokenizer train --input GLOB --vocab-size N --out DIR`")
+    p.add_argument("action", choices=["train"])
+    return parser
+
+
+def _delegate(name: str, rest: list[str]) -> int:
+    from nopejax import data
+
+    return getattr(data, name)(rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nopejax.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["data", "prepare"]:  # these parse their own arguments, overrides included
+        return _delegate("prepare_main", argv[2:])
+    if argv[:1] == ["tokenizer"]:
+        return _delegate("tokenizer_main", argv[1:])
+    # --config.KEY=VALUE overrides are ours, not argparse's
+    overrides = [a for a in argv if a.startswith("--config.")]
+    argv = [a for a in argv if not a.startswith("--config.")]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.overrides = overrides
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except (ConfigError, _UsageError, FileNotFoundError) as e:
+        print(f"nopejax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Tokenizers: a byte-level one that needs no file, and a HuggingFace `tokenizer.json`.
+
+Both expose the same small surface the pipeline needs: `encode(text) -> int32 [L]` without
+specials, `decode(ids)`, the special ids, `vocab_size`, and a `fingerprint` that changes
+whenever the id mapping could change (prepared shards record it, so shards and a run cannot
+silently disagree).
+
+The byte tokenizer is the offline default: ids 0..255 are the UTF-8 bytes, then PAD=256,
+BOS=257, EOS=258 (vocab 259, below the default model vocab of 384). `train_tokenizer` trains a
+byte-level BPE (GPT-2 style pre-tokenization, so any byte string is encodable) on the user's
+own files with the `tokenizers` library.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+
+import numpy as np
+
+from nopejax.config import ConfigError
+
+BYTE_VOCAB_SIZE = 259
+BYTE_PAD, BYTE_BOS, BYTE_EOS = 256, 257, 258
+
+# Special tokens written by `train_tokenizer`, at ids 0, 1, 2.
+TRAINED_SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>")
+# Names under which common tokenizer.json files spell their specials, most specific first.
+_BOS_NAMES = ("<|bos|>", "<|begin_of_text|>", "<s>", "<bos>", "[CLS]", "<|endoftext|>", "<|im_start|>")
+_EOS_NAMES = ("<|eos|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]", "<|endoftext|>", "<|im_end|>")
+_PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids; nothing to download, nothing to train."""
+
+    vocab_size = BYTE_VOCAB_SIZE
+    pad_id, bos_id, eos_id = BYTE_PAD, BYTE_BOS, BYTE_EOS
+    fingerprint = "byte-v1"
+
+    def encode(self, text: str) -> np.ndarray:  # -> int32 [L]
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids).reshape(-1)
+        return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+class HFTokenizer:
+    """A HuggingFace `tokenizers` tokenizer.json. Specials come from the file's added tokens."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer  # deferred: the byte path never pays for the import
+
+        if not os.path.isfile(path):
+            raise ConfigError(
+                "data.tokenizer", f"tokenizer file {path!r} does not exist", "give a tokenizer.json or 'byte'"
+            )
+        self.path = path
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:
+            raise ConfigError(
+                "data.tokenizer", f"{path!r} is not a valid tokenizer.json ({e})", "check the file"
+            ) from None
+        # Specials are added by the pipeline (data.add_bos / add_eos), not by a post-processor.
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        with open(path, "rb") as f:
+            self.fingerprint = "hf-" + hashlib.sha256(f.read()).hexdigest()[:16]
+        eos = self._first_id(_EOS_NAMES)
+        bos = self._first_id(_BOS_NAMES)
+        pad = self._first_id(_PAD_NAMES)
+        # Fall back the way GPT-2-style files need: one <|endoftext|> serves as bos and eos. Pad is
+        # never trained on (loss_mask is 0 there), so any id works; eos is the conventional choice.
+        self.eos_id = eos if eos is not None else (bos if bos is not None else 0)
+        self.bos_id = bos if bos is not None else self.eos_id
+        self.pad_id = pad if pad is not None else self.eos_id
+        self.has_specials = eos is not None or bos is not None
+
+    def _first_id(self, names) -> int | None:
+        for name in names:
+            i = self._tok.token_to_id(name)
+            if i is not None:
+                return int(i)
+        return None
+
+    def encode(self, text: str) -> np.ndarray:  # -> int32 [L]
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True)
+
+    def __getstate__(self):  # grain workers receive a pickled copy; the Rust object pickles as JSON
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def make_tokenizer(data_cfg) -> Tokenizer:
+    """`data.tokenizer`: 'byte' or the path of a tokenizer.json (or of a directory holding one)."""
+    spec = data_cfg.tokenizer
+    if spec == "byte":
+        return ByteTokenizer()
+    path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
+    tok = HFTokenizer(path)
+    if (data_cfg.add_bos or data_cfg.add_eos) and not tok.has_specials:
+        raise ConfigError(
+            "data.add_bos",
+            f"{path} defines no BOS/EOS token (looked for {_BOS_NAMES + _EOS_NAMES})",
+            "add one to the tokenizer or set data.add_bos=false and data.add_eos=false",
+        )
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Training a byte-level BPE on the user's corpus
+
+
+def train_tokenizer(input_glob: str, vocab_size: int, out_dir: str, *, text_field: str = "text") -> str:
+    """Train a byte-level BPE on the files matching `input_glob`; write OUT/tokenizer.json.
+
+    Files are read with the same readers as training (.jsonl / .parquet / .array_record by
+    extension, anything else as plain text, one document per file), so the BPE sees exactly
+    the documents the model will. Returns the path of the written tokenizer.json.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from nopejax.data.sources import open_documents, to_text
+
+    min_vocab = 256 + len(TRAINED_SPECIALS)
+    if vocab_size < min_vocab:
+        raise ConfigError(
+            "--vocab-size", f"{vocab_size} is below the byte alphabet plus specials", f"use >= {min_vocab}"
+        )
+    source = open_documents(_kind_of(input_glob), input_glob, text_field=text_field)
+
+    def texts():  # the trainer pulls batches; the GIL is released while it counts pairs
+        for i in range(len(source)):
+            text, _ = to_text(source[i])
+            if text.strip():
+                yield text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(TRAINED_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts(), trainer=trainer, length=len(source))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "tokenizer.json")
+    tok.save(path)
+    return path
+
+
+def _kind_of(pattern: str) -> str:
+    first = sorted(glob.glob(os.path.expanduser(pattern)))
+    name = first[0] if first else pattern
+    for ext, kind in (
+        (".jsonl", "jsonl"),
+        (".json", "jsonl"),
+        (".parquet", "parquet"),
+        (".array_record", "arrayrecord"),
+    ):
+        if name.endswith(ext):
+            return kind
+    return "text"

@@ -1,0 +1,70 @@
+"""pl.CostEstimate for each pallas_call, so XLA schedules around the kernels sensibly.
+
+Counts follow what the kernels actually do: only tiles on or below the causal
+diagonal are computed (and their k/v or q/dO tiles read), RoPE costs a cos and
+a sin per rotated pair plus a few flops per element, and exp2 is one
+transcendental per logit.
+"""
+
+from __future__ import annotations
+
+from jax.experimental import pallas as pl
+
+from nopejax.kernels.tile import TileConfig
+
+
+def _computed_tiles(cfg: TileConfig, bq: int, bk: int) -> int:
+    """(q tile, kv tile) pairs one head computes."""
+    S = cfg.padded_len
+    nq, nk = S // bq, S // bk
+    if not cfg.causal:
+        return nq * nk
+    return sum(min(nk, (i * bq + bq - 1) // bk + 1) for i in range(nq))
+
+
+def _rope_elems(cfg: TileConfig, rows: int) -> tuple[int, int]:
+    """(flops, transcendentals) to rotate a [rows, D] tile."""
+    if not cfg.rope:
+        return 0, 0
+    D = cfg.head_dim
+    return 4 * rows * D, rows * D  # angle, 2 mul + 1 add per element; cos and sin of D/2 angles
+
+
+def forward(q, k, cfg: TileConfig, bq: int, bk: int) -> pl.CostEstimate:
+    B, S, Hq, D = q.shape
+    pairs = _computed_tiles(cfg, bq, bk) * B * Hq
+    rope_q = _rope_elems(cfg, S)
+    rope_k = _rope_elems(cfg, bk)
+    it = q.dtype.itemsize
+    return pl.CostEstimate(
+        flops=pairs * (4 * bq * bk * D + 6 * bq * bk) + B * Hq * rope_q[0] + pairs * rope_k[0],
+        transcendentals=pairs * bq * bk + B * Hq * rope_q[1] + pairs * rope_k[1],
+        bytes_accessed=2 * B * S * Hq * D * it + pairs * 2 * bk * D * it + 4 * B * Hq * S,
+    )
+
+
+def backward_dkv(q, k, cfg: TileConfig, bq: int, bk: int) -> pl.CostEstimate:
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    pairs = _computed_tiles(cfg, bq, bk) * B * Hq
+    rope_q = _rope_elems(cfg, bq)
+    rope_k = _rope_elems(cfg, S)
+    it = q.dtype.itemsize
+    return pl.CostEstimate(
+        flops=pairs * (8 * bq * bk * D + 6 * bq * bk) + pairs * rope_q[0] + 2 * B * Hkv * rope_k[0],
+        transcendentals=pairs * bq * bk + pairs * rope_q[1] + 2 * B * Hkv * rope_k[1],
+        bytes_accessed=4 * B * S * Hkv * D * it + pairs * (2 * bq * D * it + 8 * bq),
+    )
+
+
+def backward_dq(q, k, cfg: TileConfig, bq: int, bk: int) -> pl.CostEstimate:
+    B, S, Hq, D = q.shape
+    pairs = _computed_tiles(cfg, bq, bk) * B * Hq
+    rope_q = _rope_elems(cfg, S)
+    rope_k = _rope_elems(cfg, bk)
+    it = q.dtype.itemsize
+    return pl.CostEstimate(
+        flops=pairs * (6 * bq * bk * D + 4 * bq * bk) + 2 * B * Hq * rope_q[0] + pairs * rope_k[0],
+        transcendentals=pairs * bq * bk + 2 * B * Hq * rope_q[1] + pairs * rope_k[1],
+        bytes_accessed=3 * B * S * Hq * D * it + 8 * B * Hq * S + pairs * 2 * bk * D * it,
+    )

@@ -1,0 +1,86 @@
+"""FLOPs, MFU and the metric writers (metrics.jsonl, TensorBoard), process 0 only.
+
+FLOPs are counted analytically as MaxText does (`calculate_tflops_training_per_device`):
+every matmul with a weight costs 2 * tokens * fan_in * fan_out forward, causal attention
+2 * 2 * B * S^2 * H * E / 2 per layer forward (QK^T and PV, halved by the mask), and training
+is 3x forward. XLA's cost analysis is not used: it counts a scanned loop body once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from nopejax.config import ConfigDict
+
+# bf16 dense peak FLOP/s per chip, by `device_kind` substring (first match wins).
+PEAK_FLOPS = [
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("TPU v6", 918e12),  # v6e (Trillium) reports "TPU v6 lite"
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),  # v5p
+    ("TPU v4", 275e12),
+]
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    if device.platform == "cpu":
+        return None
+    return next((peak for key, peak in PEAK_FLOPS if key in device.device_kind), None)
+
+
+def train_flops_per_step(cfg: ConfigDict) -> float:
+    """Model FLOPs of one optimizer step over the global batch (forward + backward)."""
+    m, t = cfg.model, cfg.train
+    B, S = t.global_batch_size, t.seq_len
+    tokens = B * S
+    per_layer = 3 * m.d_model * m.d_ff + m.d_model * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
+    per_layer += m.num_heads * m.head_dim * m.d_model
+    matmul = 2 * tokens * (m.num_layers * per_layer + m.d_model * m.vocab_size)
+    attention = m.num_layers * 2 * 2 * B * S * S * m.num_heads * m.head_dim / 2
+    return 3.0 * (matmul + attention)
+
+
+class Writer:
+    """metrics.jsonl + TensorBoard. Only process 0 writes; other processes hold a no-op."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        self._jsonl = self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: (None if v is None else float(v)) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for k, v in values.items():
+            if v is not None:
+                self._tb.add_scalar(k, float(v), int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def truncate_after(workdir: str, step: int) -> None:
+    """A resumed run rewrites the steps after its checkpoint: drop their old records first."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)

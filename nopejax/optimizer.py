@@ -1,0 +1,66 @@
+"""AdamW with global-norm clipping and a learning-rate schedule, all from `cfg.optim`.
+
+`wsd` is warmup-stable-decay (Hu et al. 2024, MiniCPM; SmolLM3's schedule): linear warmup,
+a long constant phase, then a linear decay over the last `decay_steps` steps, so a run can be
+extended from any checkpoint of the stable phase.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nopejax.config import ConfigDict
+
+
+def schedule(cfg: ConfigDict) -> optax.Schedule:
+    o, total = cfg.optim, cfg.train.steps
+    peak, floor = o.lr, o.lr * o.min_lr_ratio
+    warmup = optax.linear_schedule(0.0, peak, max(o.warmup_steps, 1)) if o.warmup_steps else optax.constant_schedule(peak)
+    decay_len = o.decay_steps or max(total - o.warmup_steps, 1)
+    if o.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif o.schedule == "linear":
+        after = optax.linear_schedule(peak, floor, decay_len)
+    elif o.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_len, alpha=o.min_lr_ratio)
+    else:  # wsd
+        stable = max(total - o.warmup_steps - o.decay_steps, 0)
+        after = optax.join_schedules(
+            [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, max(o.decay_steps, 1))], [stable]
+        )
+    if not o.warmup_steps:
+        return after
+    return optax.join_schedules([warmup, after], [o.warmup_steps])
+
+
+def decay_mask(params, decay_embeddings: bool):
+    """Weight decay on matrices only: never on norms, on embeddings only if asked."""
+
+    def wants_decay(path, _):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return False
+        if "embed" in name or "lm_head" in name:
+            return decay_embeddings
+        return True
+
+    return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def make(cfg: ConfigDict) -> optax.GradientTransformation:
+    o = cfg.optim
+    parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm else []
+    parts.append(
+        optax.adamw(
+            schedule(cfg),
+            b1=o.b1,
+            b2=o.b2,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            mask=lambda params: decay_mask(params, o.decay_embeddings),
+            mu_dtype=jnp.float32,
+        )
+    )
+    return optax.chain(*parts)

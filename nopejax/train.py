@@ -1,0 +1,403 @@
+"""Sharded training: state created already sharded, one pure jitted step, and the loop.
+
+The train state is a plain pytree {step, rng, params, opt_state}. Shardings come from the
+params' logical axes through `sharding.LOGICAL_RULES`; the optimizer state mirrors its params.
+Init follows nanodo: `eval_shape` -> shardings -> `jit(init, out_shardings)`, so no device ever
+holds an unsharded copy. The step is jitted with explicit in/out shardings and donates the
+state; the loop dispatches step n before it reads step n-1's metrics, so the host never stalls
+the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from nopejax import config, metrics, model, optimizer, sharding
+from nopejax.config import ConfigDict, ConfigError
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+# ---------------------------------------------------------------------------------------------
+# State and shardings
+
+
+def param_logical_axes(m: ConfigDict) -> dict:
+    """Pure dict mirroring the params: each leaf a tuple of logical axis names."""
+    abstract = nnx.eval_shape(lambda: model.create(m))
+    state = nnx.state(abstract, nnx.Param)
+    axes = jax.tree.map(lambda v: v.logical_axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(axes) if not isinstance(axes, dict) else axes
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything static about a run: built once, before any compile."""
+
+    cfg: ConfigDict
+    mesh: jax.sharding.Mesh
+    graphdef: object
+    tx: optax.GradientTransformation
+    state_shardings: dict
+    abstract_state: dict  # ShapeDtypeStructs carrying shardings
+    batch_sharding: NamedSharding
+
+
+def _init_fn(cfg: ConfigDict, tx):
+    def init(seed):
+        graphdef, params = model.split(model.create(cfg.model, seed))
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(seed)),
+            "params": params,
+            "opt_state": tx.init(params),
+        }
+
+    return init
+
+
+def setup(cfg: ConfigDict, devices=None) -> Setup:
+    """Validate, build the mesh, and derive every sharding. Raises ConfigError before compiling."""
+    config.validate(cfg)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    tx = optimizer.make(cfg)
+    axes = param_logical_axes(cfg.model)
+    graphdef = nnx.split(nnx.eval_shape(lambda: model.create(cfg.model)))[0]
+    abstract = jax.eval_shape(_init_fn(cfg, tx), 0)
+
+    flat_axes = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0]
+    flat_shapes = jax.tree.leaves(abstract["params"])
+    sharding.check_divisible(
+        [(jax.tree_util.keystr(p), s.shape, a) for (p, a), s in zip(flat_axes, flat_shapes)], mesh
+    )
+    batch_spec = sharding.logical_to_spec(["act_batch", None], mesh)
+    batch_shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(tuple(batch_spec)[0] or ()))
+    micro = cfg.train.global_batch_size // cfg.train.grad_accum
+    if micro % batch_shards:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"each microbatch has {micro} rows, not divisible by the {batch_shards} data-parallel shards",
+            f"use a global batch that is a multiple of grad_accum * {batch_shards}",
+        )
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_shardings = jax.tree.map(lambda a: sharding.named(mesh, a), axes, is_leaf=lambda x: isinstance(x, tuple))
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract["opt_state"],
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    state_shardings = {"step": replicated, "rng": replicated, "params": param_shardings, "opt_state": opt_shardings}
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_shardings)
+    return Setup(cfg, mesh, graphdef, tx, state_shardings, abstract, NamedSharding(mesh, batch_spec))
+
+
+def init_state(s: Setup) -> dict:
+    init = jax.jit(_init_fn(s.cfg, s.tx), static_argnums=0, out_shardings=s.state_shardings)
+    with jax.set_mesh(s.mesh):
+        return init(s.cfg.train.seed)
+
+
+def fresh_opt_state(s: Setup, params: dict) -> dict:
+    """A new state around given params (init_from / import-hf): step 0, new optimizer state."""
+
+    def build(params):
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(s.cfg.train.seed)),
+            "params": params,
+            "opt_state": s.tx.init(params),
+        }
+
+    with jax.set_mesh(s.mesh):
+        return jax.jit(build, out_shardings=s.state_shardings)(params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and steps
+
+
+def loss_sums(graphdef, params, batch, z_loss: float):
+    """-> (sum of masked token losses incl. z-loss, sum of masked CE only, token count), fp32."""
+    logits_BSV = model.apply(graphdef, params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits_BSV = logits_BSV.astype(jnp.float32)
+    log_z_BS = jax.nn.logsumexp(logits_BSV, axis=-1)
+    target_logit_BS = jnp.take_along_axis(logits_BSV, batch["targets"][..., None], axis=-1)[..., 0]
+    mask_BS = batch["loss_mask"].astype(jnp.float32)
+    ce = jnp.sum((log_z_BS - target_logit_BS) * mask_BS)
+    total = ce + z_loss * jnp.sum(jnp.square(log_z_BS) * mask_BS) if z_loss else ce
+    return total, ce, jnp.sum(mask_BS)
+
+
+def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
+    """One optimizer step over the global batch, as `grad_accum` microbatches under a scan.
+
+    Microbatch losses are summed and divided by the total token count once, so 4 x (B/4)
+    gives the same update as one step on B.
+    """
+    A = cfg.train.grad_accum
+
+    def sums_and_grads(params, micro):
+        def f(p):
+            total, ce, count = loss_sums(graphdef, p, micro, cfg.train.z_loss)
+            return total, (ce, count)
+
+        (_, (ce, count)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return grads, ce, count
+
+    params = state["params"]
+    if A == 1:
+        grads, ce, count = sums_and_grads(params, batch)
+    else:
+        # rows i*A + a form microbatch a, so each device's shard splits evenly across microbatches
+        micros = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def body(carry, micro):
+            micro = jax.tree.map(lambda x: sharding.constrain(x, ("act_batch", None)), micro)
+            g, ce, count = sums_and_grads(params, micro)
+            return jax.tree.map(jnp.add, carry, (g, ce, count)), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, ce, count), _ = jax.lax.scan(body, zeros, micros)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+        "params": optax.apply_updates(params, updates),
+        "opt_state": opt_state,
+    }
+    lr = optimizer.schedule(cfg)(state["step"])
+    out = {"loss": ce / count, "grad_norm": optax.global_norm(grads), "lr": lr, "tokens": count}
+    return new_state, out
+
+
+def eval_step(params, batch, *, graphdef):
+    _, ce, count = loss_sums(graphdef, params, batch, 0.0)
+    return ce, count
+
+
+def compile_fns(s: Setup):
+    """The jitted train and eval steps with explicit shardings; the state is donated."""
+    replicated = NamedSharding(s.mesh, PartitionSpec())
+    batch_shardings = {k: s.batch_sharding for k in BATCH_KEYS}
+    step = jax.jit(
+        functools.partial(train_step, graphdef=s.graphdef, tx=s.tx, cfg=s.cfg),
+        in_shardings=(s.state_shardings, batch_shardings),
+        out_shardings=(s.state_shardings, replicated),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        functools.partial(eval_step, graphdef=s.graphdef),
+        in_shardings=(s.state_shardings["params"], batch_shardings),
+        out_shardings=replicated,
+    )
+    return step, evaluate
+
+
+def abstract_batch(s: Setup) -> dict:
+    shape = (s.cfg.train.global_batch_size, s.cfg.train.seq_len)
+    dtypes = {"loss_mask": jnp.float32}
+    return {k: jax.ShapeDtypeStruct(shape, dtypes.get(k, jnp.int32), sharding=s.batch_sharding) for k in BATCH_KEYS}
+
+
+def to_device_batch(s: Setup, local_batch: dict) -> dict:
+    from nopejax import data
+
+    return data.global_batch({k: local_batch[k] for k in BATCH_KEYS}, s.mesh)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile: memory and FLOPs before a pod is booked
+
+
+def dry_run(cfg: ConfigDict, topology: str | None = None) -> dict:
+    devices = None
+    if topology:
+        from jax.experimental import topologies
+
+        try:
+            devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+        except Exception as e:  # libtpu missing or an unknown name: say which
+            raise ConfigError(
+                "--topology",
+                f"cannot build TPU topology {topology!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                "install the TPU extra (pip install 'nopejax[tpu]') and use a name like v5p:2x2x4 or v6e:4x4",
+            ) from None
+    s = setup(cfg, devices)
+    step, _ = compile_fns(s)
+    t0 = time.perf_counter()
+    with jax.set_mesh(s.mesh):
+        compiled = step.lower(s.abstract_state, abstract_batch(s)).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    per_device = None
+    if mem is not None:
+        per_device = (
+            mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+        ) / 2**30
+    n = len(s.mesh.devices.flat)
+    return {
+        "compile_seconds": round(seconds, 2),
+        "param_count": model.param_count(cfg.model),
+        "memory_per_device_gib": None if per_device is None else round(per_device, 3),
+        "flops_per_device": metrics.train_flops_per_step(cfg) / n,
+        "devices": n,
+        "device_kind": s.mesh.devices.flat[0].device_kind,
+        "mesh": dict(s.mesh.shape),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def host_scalar(x) -> float:
+    return float(np.asarray(jax.device_get(x)))
+
+
+class Preemption:
+    """SIGTERM (what GCE/TPU and SLURM send before preemption) asks the loop to stop cleanly.
+
+    Multi-process runs must agree on the step to stop at: JAX's preemption sync point gives
+    every process the same answer (its coordination service watches SIGTERM itself).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.multi = jax.process_count() > 1
+        if not self.multi:
+            import signal
+
+            self._old = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
+def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
+    """Train (or resume) in `workdir`. Returns the summary that is also printed."""
+    from tqdm import tqdm
+
+    from nopejax import checkpoint, data
+
+    s = setup(cfg)
+    t = cfg.train
+    is_main = jax.process_index() == 0
+    if is_main:
+        checkpoint.write_run_config(workdir, cfg)
+    step_fn, eval_fn = compile_fns(s)
+    train_iter = data.make_iterator(cfg, "train")
+    ckpt = checkpoint.Checkpointer(workdir, cfg)
+    state, start = ckpt.restore_latest(s.abstract_state, train_iter)
+    if state is None:
+        state = init_state(s)
+        if cfg.init_from:
+            root, step = checkpoint.find_checkpoint(cfg.init_from)
+            checkpoint.check_compatible(
+                checkpoint.checkpoint_layout(root, step), cfg.model, f"{root} step {step}"
+            )
+            state = fresh_opt_state(s, checkpoint.restore_params(root, step, s.state_shardings["params"]))
+    writer = metrics.Writer(workdir, is_main)
+    if is_main:
+        metrics.truncate_after(workdir, start)
+
+    def evaluate(params) -> float:
+        ce = count = 0.0
+        eval_iter = data.make_iterator(cfg, "eval")
+        for _ in range(t.eval_batches):
+            c, n = eval_fn(params, to_device_batch(s, next(eval_iter)))
+            ce, count = ce + host_scalar(c), count + host_scalar(n)
+        return ce / max(count, 1.0)
+
+    peak = metrics.peak_flops(jax.devices()[0])
+    flops = metrics.train_flops_per_step(cfg)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    preempt = Preemption()
+    bar = tqdm(total=t.steps, initial=start, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
+    pending, last = None, {"loss": float("nan")}
+    t_mark, step_mark = time.perf_counter(), start
+    last_eval = None
+    stopped_early = False
+
+    def flush(pending):
+        nonlocal t_mark, step_mark, last
+        done, out, eval_loss = pending
+        values = {k: host_scalar(out[k]) for k in ("loss", "lr", "grad_norm")}  # waits for step `done`
+        now = time.perf_counter()
+        tps = (done - step_mark) * tokens_per_step / max(now - t_mark, 1e-9)
+        t_mark, step_mark = now, done
+        values["tokens_per_sec"] = tps
+        values["mfu"] = None if peak is None else tps / tokens_per_step * flops / (peak * jax.device_count())
+        if eval_loss is not None:
+            values["eval_loss"] = eval_loss
+        writer.write(done, values)
+        last = values
+        shown = {"loss": f"{values['loss']:.4f}", "tok/s": f"{tps:,.0f}"}
+        if values["mfu"] is not None:
+            shown["mfu"] = f"{100 * values['mfu']:.1f}%"
+        bar.set_postfix(shown, refresh=False)
+
+    t_start = time.perf_counter()
+    with jax.set_mesh(s.mesh):
+        for step in range(start, t.steps):
+            batch = to_device_batch(s, next(train_iter))
+            state, out = step_fn(state, batch)
+            done = step + 1
+            if pending is not None:
+                flush(pending)
+                pending = None
+            eval_loss = None
+            if t.eval_every and done % t.eval_every == 0:
+                eval_loss = last_eval = evaluate(state["params"])
+            if done % t.log_every == 0 or done == t.steps or eval_loss is not None:
+                pending = (done, out, eval_loss)
+            stop = preempt.should_stop(done)
+            every = cfg.checkpoint.every_steps
+            if stop or done == t.steps or (every and done % every == 0):
+                ckpt.save(done, state, train_iter, force=stop or done == t.steps)
+            bar.update(1)
+            if stop:
+                stopped_early = done < t.steps
+                break
+        if pending is not None:
+            flush(pending)
+    ckpt.close()  # waits until the last save is durable
+    bar.close()
+    writer.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "steps": int(host_scalar(state["step"])),
+        "final_loss": last.get("loss"),
+        "eval_loss": last_eval,
+        "seconds": round(elapsed, 1),
+        "preempted": stopped_early,
+        "checkpoints": ckpt.steps(),
+        "workdir": workdir,
+    }
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("nopejax_train_end")  # no host exits while others save
+    return summary

@@ -1,4 +1,4 @@
-"""A ~2.7M-parameter hybrid model that trains on 2 CPU cores in a few minutes.
+"""A 2.4M-parameter hybrid model that trains on 2 CPU cores in a few minutes.
 
 6 layers, NoPE every 4th (SmolLM3's pattern: RoPE, RoPE, RoPE, NoPE, RoPE, RoPE), byte tokens,
 on the offline default corpus (CPython's own documentation; see README).

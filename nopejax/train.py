@@ -182,7 +182,7 @@ def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
         "opt_state": opt_state,
     }
     lr = optimizer.schedule(cfg)(state["step"])
-    out = {"loss": ce / count, "grad_norm": optax.global_norm(grads), "lr": lr, "tokens": count}
+    out = {"loss": ce / count, "grad_norm": optax.tree.norm(grads), "lr": lr, "tokens": count}
     return new_state, out
 
 

@@ -77,7 +77,7 @@ def test_forward_and_vjp_match_reference(case):
     ref_out, ref_vjp = jax.vjp(ref, q, k, v)
     ct = jax.random.normal(jax.random.key(7), out.shape, F32).astype(dtype)
     assert out.shape == q.shape and out.dtype == dtype
-    fwd_tol, grad_tol = (2e-3, 5e-2) if dtype == F32 else (3e-2, 8e-2)
+    fwd_tol, grad_tol = (2e-3, 5e-2) if dtype == F32 else (2e-2, 3e-2)
     assert _max_rel_err(out, ref_out) < fwd_tol
     for name, g, rg in zip(("dq", "dk", "dv"), vjp(ct), ref_vjp(ct)):
         assert g.shape == rg.shape and g.dtype == dtype, name
@@ -211,8 +211,23 @@ def test_tpu_lowering_compiles_ahead_of_time_for_v5p(rope, D, causal):
     assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 3
 
 
+def _lower_for_cuda(fn, *args) -> str:
+    """StableHLO for CUDA from a host without a GPU (Pallas -> Triton IR runs; PTX needs a GPU)."""
+    try:
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as e:
+        if "No supported GPU devices" not in str(e):
+            raise
+    # Newer JAX (0.12) wants the target GPU named when none is attached: an abstract H100.
+    from jax._src import mesh as mesh_lib
+
+    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_gpu_lowering_emits_triton_kernels():
-    """Lowers for CUDA from this CPU host: Pallas -> Triton IR runs; PTX compilation needs a GPU."""
+    """Forward, dK/dV and dQ lower through Pallas's Triton backend (GQA 6:2, RoPE, segments)."""
     B, S, Hq, Hkv, D = 1, 256, 6, 2, 128
     q = jax.ShapeDtypeStruct((B, S, Hq, D), BF16)
     kv = jax.ShapeDtypeStruct((B, S, Hkv, D), BF16)
@@ -222,11 +237,5 @@ def test_gpu_lowering_emits_triton_kernels():
         o = flash_attention(q, k, v, segment_ids=seg, positions=pos, rope=True, backend="gpu")
         return o.astype(F32).sum()
 
-    traced = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, ids, ids)
-    try:
-        text = traced.lower(lowering_platforms=("cuda",)).as_text()
-    except Exception as e:
-        if "triton" in str(e).lower() and "not" in str(e).lower():
-            pytest.skip(f"this jaxlib cannot lower Triton without a GPU: {e}")
-        raise
+    text = _lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, kv, kv, ids, ids)
     assert text.count("__gpu$xla.gpu.triton") == 3

@@ -52,7 +52,9 @@ def check_compatible(saved: dict, m: ConfigDict, where: str) -> None:
             )
 
 
-def _manager(workdir: str, cfg: ConfigDict | None = None, read_only: bool = False) -> ocp.CheckpointManager:
+def _manager(
+    workdir: str, cfg: ConfigDict | None = None, read_only: bool = False, partial: bool = False
+) -> ocp.CheckpointManager:
     c = cfg.checkpoint if cfg is not None else None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=c.keep if c else None,
@@ -65,7 +67,8 @@ def _manager(workdir: str, cfg: ConfigDict | None = None, read_only: bool = Fals
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         options=options,
         item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
+            # same files either way; the PyTree handler also restores a subtree (params only)
+            "state": ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler(),
             "data": grain.checkpoint.CheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
         },
@@ -159,7 +162,7 @@ def checkpoint_layout(workdir: str, step: int) -> dict:
 
 def restore_params(workdir: str, step: int, shardings=None) -> dict:
     """Only the params of a checkpoint: as host numpy arrays, or placed with `shardings`."""
-    manager = _manager(workdir, read_only=True)
+    manager = _manager(workdir, read_only=True, partial=True)
     meta = manager.item_metadata(step)["state"]
     params_meta = meta["params"] if isinstance(meta, dict) else meta.tree["params"]
     if shardings is None:

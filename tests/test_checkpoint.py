@@ -1,0 +1,173 @@
+"""Checkpoints: kill -9 and SIGTERM resume bit-exactly, restore onto other meshes, damaged files,
+layout mismatches, and export to transformers from a checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from test_train import ROOT, nopejax, random_batches, small_cfg
+
+from nopejax import checkpoint, train
+from nopejax.config import ConfigError
+
+RUN = ["--config", "configs/tiny.py", "--config.train.steps=24", "--config.train.log_every=1",
+       "--config.train.eval_every=0", "--config.checkpoint.every_steps=4", "--config.optim.warmup_steps=4",
+       "--config.optim.decay_steps=4", "--config.model.num_layers=3", "--config.train.global_batch_size=8",
+       "--config.train.seq_len=64", "--no-progress"]  # fmt: skip
+
+
+def losses(workdir):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("full")
+    nopejax("train", "--workdir", str(wd), *RUN)
+    return losses(wd)
+
+
+def start(workdir):
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "nopejax.cli", "train", "--workdir", str(workdir), *RUN],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def wait_for_step(workdir, step, proc, timeout=300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        if os.path.exists(path) and any(json.loads(line)["step"] >= step for line in open(path) if line.strip()):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_trace(tmp_path, uninterrupted):
+    proc = start(tmp_path)
+    wait_for_step(tmp_path, 11, proc)  # past the second checkpoint (steps 4 and 8)
+    proc.kill()
+    proc.wait()
+    killed_at = max(losses(tmp_path))
+    assert 11 <= killed_at < 24
+    nopejax("train", "--workdir", str(tmp_path), *RUN)
+    assert losses(tmp_path) == uninterrupted  # bit for bit, every step
+
+
+def test_sigterm_saves_exits_0_and_resumes_exactly(tmp_path, uninterrupted):
+    proc = start(tmp_path)
+    wait_for_step(tmp_path, 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in out
+    stopped = int(out.split("stopped by SIGTERM at step ")[1].split()[0])
+    assert stopped < 24 and stopped in checkpoint.Checkpointer(str(tmp_path), small_cfg()).steps()
+    nopejax("train", "--workdir", str(tmp_path), *RUN)
+    assert losses(tmp_path) == uninterrupted
+
+
+def test_restore_on_other_meshes_continues_identically(tmp_path):
+    cfg = small_cfg(data=1, fsdp=8)
+    batches = random_batches(cfg, 6, seed=5)
+    s8 = train.setup(cfg, jax.devices())
+    step8, _ = train.compile_fns(s8)
+    state = train.init_state(s8)
+    with jax.set_mesh(s8.mesh):
+        for b in batches[:3]:
+            state, _ = step8(state, {k: jax.device_put(v, s8.batch_sharding) for k, v in b.items()})
+    ckpt = checkpoint.Checkpointer(str(tmp_path), cfg)
+    ckpt.save(3, state)
+    ckpt.close()
+
+    traces = []
+    for mesh, devices in ((dict(data=1, fsdp=8), jax.devices()), (dict(data=2, fsdp=2), jax.devices()[:4]),
+                          (dict(data=1, fsdp=1), jax.devices()[:1])):  # fmt: skip
+        cfg = small_cfg(**mesh)
+        s = train.setup(cfg, devices)
+        restored, step = checkpoint.Checkpointer(str(tmp_path), cfg).restore_latest(s.abstract_state)
+        assert step == 3 and restored["params"]["embed"].sharding == s.state_shardings["params"]["embed"]
+        step_fn, _ = train.compile_fns(s)
+        trace = []
+        with jax.set_mesh(s.mesh):
+            for b in batches[3:]:
+                restored, out = step_fn(restored, {k: jax.device_put(v, s.batch_sharding) for k, v in b.items()})
+                trace.append(float(out["loss"]))
+        traces.append(trace)
+    np.testing.assert_allclose(traces[1], traces[0], rtol=1e-5)
+    np.testing.assert_allclose(traces[2], traces[0], rtol=1e-5)
+
+
+def _save_steps(workdir, cfg, steps):
+    s = train.setup(cfg, jax.devices()[:1])
+    state = train.init_state(s)
+    ckpt = checkpoint.Checkpointer(str(workdir), cfg)
+    for step in steps:
+        ckpt.save(step, state, force=True)
+    ckpt.close()
+    return s
+
+
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    cfg = small_cfg()
+    s = _save_steps(tmp_path, cfg, [1, 2])
+    data_files = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "checkpoints" / "2" / "state") for f in fs
+                  if os.path.getsize(os.path.join(r, f)) > 1000]  # fmt: skip
+    for path in data_files:  # truncate the array data
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 3)
+    with caplog.at_level("WARNING"):
+        restored, step = checkpoint.Checkpointer(str(tmp_path), cfg).restore_latest(s.abstract_state)
+    assert step == 1 and restored is not None
+    assert "checkpoints/2" in caplog.text and "unreadable" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [(dict(d_model=96, head_dim=24), "model.d_model"), (dict(no_rope_layer_interval=2), "model.no_rope_layers")],
+)
+def test_restore_into_an_incompatible_model_names_the_field(tmp_path, change, field):
+    _save_steps(tmp_path, small_cfg(), [1])
+    cfg = small_cfg()
+    cfg.model.update(change)
+    s = train.setup(cfg, jax.devices()[:1])
+    with pytest.raises(ConfigError) as err:
+        checkpoint.Checkpointer(str(tmp_path), cfg).restore_latest(s.abstract_state)
+    assert err.value.field == field
+
+
+def test_export_from_checkpoint_matches_transformers_and_import_round_trips(tmp_path):
+    import torch
+    import transformers
+
+    wd, out = tmp_path / "run", tmp_path / "hf"
+    nopejax("train", "--workdir", str(wd), *RUN[:-1], "--config.train.steps=8", "--no-progress")
+    nopejax("export", "--workdir", str(wd), "--out", str(out))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    assert hf_model.config.no_rope_layers == [1, 1, 1]
+    ours = checkpoint.load_model(str(wd))
+    tokens = np.random.default_rng(0).integers(0, 259, (2, 40))
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(jax.numpy.asarray(tokens, jax.numpy.int32))), theirs, atol=1e-4)
+
+    # import-hf writes a step-0 checkpoint that training continues from
+    wd2 = tmp_path / "imported"
+    nopejax("import-hf", str(out), "--workdir", str(wd2), "--config", "configs/tiny.py")
+    back = checkpoint.load_model(str(wd2))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, _params(back)), _params(ours))
+    nopejax("train", "--workdir", str(wd2), *RUN[:-1], "--config.train.steps=8", "--no-progress")
+    assert sorted(losses(wd2)) == list(range(1, 9))
+
+
+def _params(module):
+    from nopejax import model
+
+    return model.split(module)[1]

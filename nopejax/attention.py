@@ -18,11 +18,16 @@ import jax.numpy as jnp
 from nopejax import rope as rope_lib
 from nopejax import sharding
 
+PALLAS_HEAD_DIMS = (64, 128, 256)  # what the kernel tiles support (nopejax.kernels.SUPPORTED_HEAD_DIMS)
 
-def resolve_impl(impl: str) -> str:
+
+def resolve_impl(impl: str, head_dim: int | None = None, platform: str | None = None) -> str:
+    """`auto` -> the Pallas kernel on GPU/TPU when it supports the head dim, else plain XLA."""
     if impl != "auto":
         return impl
-    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    platform = platform or jax.default_backend()
+    usable = head_dim is None or head_dim in PALLAS_HEAD_DIMS
+    return "pallas" if platform in ("gpu", "tpu") and usable else "xla"
 
 
 def mask(segment_ids_BS, S: int, causal: bool = True):
@@ -55,7 +60,7 @@ def cudnn_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS=None):
 
 def attend(q_BSHD, k_BSKD, v_BSKD, *, positions_BS, segment_ids_BS, cos_sin, use_rope: bool, rope, impl: str):
     """Causal attention; rotary embedding applied only when `use_rope` (a Python bool)."""
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, q_BSHD.shape[-1])
     if impl == "pallas":
         return _pallas(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, use_rope, rope)
     if use_rope:
@@ -67,29 +72,38 @@ def attend(q_BSHD, k_BSKD, v_BSKD, *, positions_BS, segment_ids_BS, cos_sin, use
     return xla_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS)
 
 
+def _platform() -> str:
+    """The platform being compiled for: the mesh's devices (TPU in an AOT dry run), else the default."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = getattr(mesh, "abstract_device", None) if mesh is not None and not mesh.empty else None
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
 def _pallas(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, use_rope, rope):
-    """The fused-RoPE flash kernel; under a mesh it runs per shard (batch and heads split)."""
+    """The fused-RoPE flash kernel; under a mesh it runs per shard (batch and heads split).
+
+    Inside `shard_map` each device sees its batch rows and its heads; the sequence axis is never
+    sharded (`act_seq` maps to no mesh axis), so every shard holds whole sequences.
+    """
     from nopejax.kernels import flash_attention
 
-    interpret = jax.default_backend() == "cpu"
-    kernel = functools.partial(
-        flash_attention,
-        rope=use_rope,
-        inv_freq=jnp.asarray(rope.inv_freq),
-        rope_attention_factor=rope.attention_factor,
-        causal=True,
-        interpret=interpret,
-    )
-    if segment_ids_BS is None:
-        segment_ids_BS = jnp.ones(q_BSHD.shape[:2], jnp.int32)
+    def kernel(q, k, v, pos, seg):
+        return flash_attention(
+            q, k, v, segment_ids=seg, positions=pos, rope=use_rope, inv_freq=jnp.asarray(rope.inv_freq),
+            rope_attention_factor=rope.attention_factor, causal=True, interpret=_platform() == "cpu",
+        )  # fmt: skip
+
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
-        return kernel(q_BSHD, k_BSKD, v_BSKD, segment_ids=segment_ids_BS, positions=positions_BS)
+        return kernel(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS)
     heads = sharding.logical_to_spec(["act_batch", "act_seq", "act_heads", None], mesh)
     rows = sharding.logical_to_spec(["act_batch", "act_seq"], mesh)
+    has_segments = segment_ids_BS is not None
+    operands = (q_BSHD, k_BSKD, v_BSKD, positions_BS) + ((segment_ids_BS,) if has_segments else ())
+    specs = (heads, heads, heads, rows) + ((rows,) if has_segments else ())
 
-    @functools.partial(jax.shard_map, in_specs=(heads, heads, heads, rows, rows), out_specs=heads, check_vma=False)
-    def per_shard(q, k, v, seg, pos):
-        return kernel(q, k, v, segment_ids=seg, positions=pos)
+    @functools.partial(jax.shard_map, in_specs=specs, out_specs=heads, check_vma=False)
+    def per_shard(q, k, v, pos, *seg):
+        return kernel(q, k, v, pos, seg[0] if seg else None)
 
-    return per_shard(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS, positions_BS)
+    return per_shard(*operands)

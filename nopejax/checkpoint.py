@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from nopejax import config as config_lib
 from nopejax.config import ConfigDict, ConfigError
@@ -31,6 +33,49 @@ log = logging.getLogger("nopejax")
 LAYOUT_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
                  "tie_embeddings")  # fmt: skip
 ITEMS = ("state", "data", "config")
+DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def _data_files(directory) -> list[tuple[int, int, epath.Path]]:
+    """(process index, process count, path) of each grain state file in a `data` item dir."""
+    directory = epath.Path(directory)  # epath: the workdir may be on GCS
+    if not directory.is_dir():
+        return []
+    found = [(m, p) for p in directory.iterdir() if (m := DATA_FILE.fullmatch(p.name))]
+    return sorted((int(m[1]), int(m[2]), p) for m, p in found)
+
+
+class DataHandler(grain.checkpoint.CheckpointHandler):
+    """grain's per-process iterator files, restorable by another number of processes.
+
+    grain names each file process_<i>-of-<n>.json and finds only its own. When the count
+    differs, the saved files are read in process order as one list of per-shard states (a
+    process may hold several data shards, see `data.make_iterator`) and this process takes
+    its share, so a run resumed on fewer or more hosts continues the same data order.
+    """
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        index, count = jax.process_index(), jax.process_count()
+        if (epath.Path(directory) / f"process_{index}-of-{count}.json").exists():
+            return super().restore(directory, item=item)
+        from nopejax.data.pipeline import shard_states
+
+        states = []
+        for _, _, path in _data_files(directory):
+            states += shard_states(json.loads(path.read_text()))
+        mine = len(getattr(item, "shards", [item]))
+        if mine * count != len(states):
+            raise ConfigError(
+                "--num-processes",
+                f"the data iterator in {directory} has {len(states)} shards, which {count} processes reading "
+                f"{mine} each cannot continue",
+                f"resume with a process count dividing {len(states)} (and the global batch)",
+            )
+        share = states[index * mine : (index + 1) * mine]
+        item.set_state({"shards": share} if hasattr(item, "shards") else share[0])
+        item.start_prefetch()
+        return item
 
 
 def layout(m: ConfigDict) -> dict:
@@ -69,7 +114,7 @@ def _manager(
         item_handlers={
             # same files either way; the PyTree handler also restores a subtree (params only)
             "state": ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
+            "data": DataHandler(),
             "config": ocp.JsonCheckpointHandler(),
         },
     )
@@ -101,6 +146,17 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def data_shards(self) -> int | None:
+        """The data shard count of the newest checkpoint (None without one): a resumed run
+        reads the same shards, whatever its process count, so its data order is unchanged."""
+        from nopejax.data.pipeline import shard_states
+
+        for step in reversed(self.steps()):
+            files = _data_files(epath.Path(self.manager.directory) / str(step) / "data")
+            if files:
+                return files[0][1] * len(shard_states(json.loads(files[0][2].read_text())))
+        return None
+
     def restore_latest(self, abstract_state: dict, data_iter=None):
         """-> (state, step), or (None, 0) when there is no checkpoint.
 
@@ -116,6 +172,8 @@ class Checkpointer:
                 args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+            except ConfigError:  # a process count that cannot continue: stop, never restart silently
+                raise
             except Exception as e:  # orbax / tensorstore raise many types for a damaged file
                 log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
                             path, type(e).__name__, str(e).splitlines()[0][:300])  # fmt: skip
@@ -194,4 +252,3 @@ def write_run_config(workdir: str, cfg: ConfigDict) -> None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config_lib.to_dict(cfg), f, indent=2)
-

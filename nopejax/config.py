@@ -265,7 +265,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     if m.num_heads * m.head_dim != m.d_model:
         raise ConfigError(
             "model.head_dim",
-            f"num_heads * head_dim = {m.num_heads} * {m.head_dim} = {m.num_heads * m.head_dim} != d_model = {m.d_model}",
+            f"num_heads * head_dim = {m.num_heads} * {m.head_dim} = {m.num_heads * m.head_dim} "
+            f"!= d_model = {m.d_model}",
             f"set head_dim = {m.d_model // m.num_heads} or change d_model/num_heads",
         )
     if m.no_rope_layers is not None:
@@ -276,24 +277,37 @@ def validate(cfg: ConfigDict) -> ConfigDict:
                 "give exactly one 1 (RoPE) or 0 (NoPE) per layer",
             )
         if any(x not in (0, 1) for x in m.no_rope_layers):
-            raise ConfigError("model.no_rope_layers", f"entries must be 0 or 1, got {m.no_rope_layers}", "use 1 = RoPE, 0 = NoPE")
+            raise ConfigError(
+                "model.no_rope_layers", f"entries must be 0 or 1, got {m.no_rope_layers}", "use 1 = RoPE, 0 = NoPE"
+            )
     if not isinstance(m.no_rope_layer_interval, int) or m.no_rope_layer_interval < 0:
         raise ConfigError(
-            "model.no_rope_layer_interval", f"must be an integer >= 0, got {m.no_rope_layer_interval!r}", "use 0 for no NoPE layers"
+            "model.no_rope_layer_interval",
+            f"must be an integer >= 0, got {m.no_rope_layer_interval!r}",
+            "use 0 for no NoPE layers",
         )
     if not m.rope_theta > 0:
         raise ConfigError("model.rope_theta", f"must be positive, got {m.rope_theta}", "use e.g. 10000.0")
     if m.rope_scaling is not None:
         kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
         if kind not in ROPE_SCALING_TYPES:
-            raise ConfigError("model.rope_scaling", f"rope_type {kind!r} is not supported", f"use one of {ROPE_SCALING_TYPES}")
+            raise ConfigError(
+                "model.rope_scaling", f"rope_type {kind!r} is not supported", f"use one of {ROPE_SCALING_TYPES}"
+            )
         if not float(m.rope_scaling.get("factor", 0)) >= 1.0:
             raise ConfigError("model.rope_scaling", "needs a `factor` >= 1", "add factor, e.g. 4.0")
     for field in ("dtype", "param_dtype"):
         if m[field] not in DTYPES:
             raise ConfigError(f"model.{field}", f"unknown dtype {m[field]!r}", f"use one of {DTYPES}")
     if m.attention_impl not in ATTENTION_IMPLS:
-        raise ConfigError("model.attention_impl", f"unknown value {m.attention_impl!r}", f"use one of {ATTENTION_IMPLS}")
+        raise ConfigError(
+            "model.attention_impl", f"unknown value {m.attention_impl!r}", f"use one of {ATTENTION_IMPLS}"
+        )
+    if m.attention_impl == "pallas" and m.head_dim not in (64, 128, 256):
+        raise ConfigError(
+            "model.attention_impl", f"the Pallas kernel supports head_dim 64, 128 or 256, not {m.head_dim}",
+            "use attention_impl=xla (or auto), or a supported head_dim",
+        )  # fmt: skip
     if m.remat not in REMAT_POLICIES:
         raise ConfigError("model.remat", f"unknown policy {m.remat!r}", f"use one of {REMAT_POLICIES}")
     if not m.rms_norm_eps > 0:

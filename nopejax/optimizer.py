@@ -17,7 +17,9 @@ from nopejax.config import ConfigDict
 def schedule(cfg: ConfigDict) -> optax.Schedule:
     o, total = cfg.optim, cfg.train.steps
     peak, floor = o.lr, o.lr * o.min_lr_ratio
-    warmup = optax.linear_schedule(0.0, peak, max(o.warmup_steps, 1)) if o.warmup_steps else optax.constant_schedule(peak)
+    warmup = (
+        optax.linear_schedule(0.0, peak, max(o.warmup_steps, 1)) if o.warmup_steps else optax.constant_schedule(peak)
+    )
     decay_len = o.decay_steps or max(total - o.warmup_steps, 1)
     if o.schedule == "constant":
         after = optax.constant_schedule(peak)

@@ -83,7 +83,9 @@ def resolve_mesh_shape(mesh_cfg: ConfigDict, num_devices: int) -> tuple[dict[str
         if v == -1:
             if per_slice % known:
                 raise ConfigError(
-                    f"mesh.{axis}", f"the other axes ({known}) do not divide the {per_slice} devices per slice", "fix the sizes"
+                    f"mesh.{axis}",
+                    f"the other axes ({known}) do not divide the {per_slice} devices per slice",
+                    "fix the sizes",
                 )
             ici[axis] = per_slice // known
     if math.prod(ici.values()) != per_slice:

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nopejax import config, metrics, model, optimizer, sharding
+from nopejax import attention, config, metrics, model, optimizer, sharding
 from nopejax.config import ConfigDict, ConfigError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -55,7 +55,7 @@ class Setup:
 
 def _init_fn(cfg: ConfigDict, tx):
     def init(seed):
-        graphdef, params = model.split(model.create(cfg.model, seed))
+        _, params = model.split(model.create(cfg.model, seed))
         return {
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.key(seed)),
@@ -70,6 +70,11 @@ def setup(cfg: ConfigDict, devices=None) -> Setup:
     """Validate, build the mesh, and derive every sharding. Raises ConfigError before compiling."""
     config.validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh, devices)
+    platform = mesh.devices.flat[0].platform
+    cfg = cfg.copy_and_resolve_references()  # `auto` attention is decided for the target devices
+    cfg.model.attention_impl = attention.resolve_impl(cfg.model.attention_impl, cfg.model.head_dim, platform)
+    if cfg.model.attention_impl == "cudnn" and platform != "gpu":
+        raise ConfigError("model.attention_impl", f"cudnn needs a GPU, these devices are {platform}", "use auto or xla")
     tx = optimizer.make(cfg)
     axes = param_logical_axes(cfg.model)
     graphdef = nnx.split(nnx.eval_shape(lambda: model.create(cfg.model)))[0]
@@ -77,11 +82,10 @@ def setup(cfg: ConfigDict, devices=None) -> Setup:
 
     flat_axes = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0]
     flat_shapes = jax.tree.leaves(abstract["params"])
-    sharding.check_divisible(
-        [(jax.tree_util.keystr(p), s.shape, a) for (p, a), s in zip(flat_axes, flat_shapes)], mesh
-    )
+    sharding.check_divisible([(jax.tree_util.keystr(p), s.shape, a) for (p, a), s in zip(flat_axes, flat_shapes)], mesh)
     batch_spec = sharding.logical_to_spec(["act_batch", None], mesh)
-    batch_shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(tuple(batch_spec)[0] or ()))
+    batch_axes = batch_spec[0] or ()
+    batch_shards = math.prod(mesh.shape[a] for a in ((batch_axes,) if isinstance(batch_axes, str) else batch_axes))
     micro = cfg.train.global_batch_size // cfg.train.grad_accum
     if micro % batch_shards:
         raise ConfigError(
@@ -101,7 +105,9 @@ def setup(cfg: ConfigDict, devices=None) -> Setup:
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
     state_shardings = {"step": replicated, "rng": replicated, "params": param_shardings, "opt_state": opt_shardings}
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_shardings)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_shardings
+    )
     return Setup(cfg, mesh, graphdef, tx, state_shardings, abstract, NamedSharding(mesh, batch_spec))
 
 
@@ -308,16 +314,15 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
     if is_main:
         checkpoint.write_run_config(workdir, cfg)
     step_fn, eval_fn = compile_fns(s)
-    train_iter = data.make_iterator(cfg, "train")
     ckpt = checkpoint.Checkpointer(workdir, cfg)
+    # a resumed run keeps the data shards it was saved with, so the process count may change
+    train_iter = data.make_iterator(cfg, "train", num_shards=ckpt.data_shards())
     state, start = ckpt.restore_latest(s.abstract_state, train_iter)
     if state is None:
         state = init_state(s)
         if cfg.init_from:
             root, step = checkpoint.find_checkpoint(cfg.init_from)
-            checkpoint.check_compatible(
-                checkpoint.checkpoint_layout(root, step), cfg.model, f"{root} step {step}"
-            )
+            checkpoint.check_compatible(checkpoint.checkpoint_layout(root, step), cfg.model, f"{root} step {step}")
             state = fresh_opt_state(s, checkpoint.restore_params(root, step, s.state_shardings["params"]))
     writer = metrics.Writer(workdir, is_main)
     if is_main:

@@ -22,8 +22,13 @@ RUN = ["--config", "configs/tiny.py", "--config.train.steps=24", "--config.train
        "--config.train.seq_len=64", "--no-progress"]  # fmt: skip
 
 
+def read_lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return f.readlines()
+
+
 def losses(workdir):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))}
+    return {r["step"]: r["loss"] for r in map(json.loads, read_lines(workdir))}
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +45,12 @@ def start(workdir):
 
 
 def wait_for_step(workdir, step, proc, timeout=300):
-    path = os.path.join(workdir, "metrics.jsonl")
     t0 = time.time()
     while time.time() - t0 < timeout:
         assert proc.poll() is None, proc.communicate()[1][-2000:]
-        if os.path.exists(path) and any(json.loads(line)["step"] >= step for line in open(path) if line.strip()):
+        if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and any(
+            json.loads(line)["step"] >= step for line in read_lines(workdir) if line.strip()
+        ):
             return
         time.sleep(0.05)
     raise TimeoutError(f"step {step} not reached")

@@ -15,6 +15,7 @@ BAD = [
     ("model.num_layers", dict(model=dict(num_layers=0)), "positive"),
     ("model.dtype", dict(model=dict(dtype="float8")), "unknown dtype"),
     ("model.attention_impl", dict(model=dict(attention_impl="flash")), "unknown value"),
+    ("model.attention_impl", dict(model=dict(attention_impl="pallas")), "head_dim 64, 128 or 256"),
     ("model.remat", dict(model=dict(remat="some")), "unknown policy"),
     ("model.rope_scaling", dict(model=dict(rope_scaling={"rope_type": "ntk", "factor": 2.0})), "not supported"),
     ("mesh.tensor", dict(mesh=dict(tensor=4)), "num_kv_heads=2"),

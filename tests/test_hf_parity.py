@@ -95,7 +95,9 @@ def test_round_trip_is_exact(tmp_path, case):
 def test_export_of_random_model_loads_in_transformers(tmp_path):
     cfg = config.base_config()
     m = cfg.model
-    m.update(vocab_size=61, d_model=30, num_heads=3, num_kv_heads=1, head_dim=10, d_ff=26, num_layers=5, dtype="float32")
+    m.update(
+        vocab_size=61, d_model=30, num_heads=3, num_kv_heads=1, head_dim=10, d_ff=26, num_layers=5, dtype="float32"
+    )
     m.tie_embeddings = False
     config.validate(cfg)
     model = nopejax.model.create(m, seed=3)
@@ -103,7 +105,9 @@ def test_export_of_random_model_loads_in_transformers(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["no_rope_layers"] == [1, 1, 1, 0, 1]
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     tokens = np.random.default_rng(1).integers(0, 61, (3, 11))
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens, jnp.int32))), hf_logits(hf_model, tokens), atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(model(jnp.asarray(tokens, jnp.int32))), hf_logits(hf_model, tokens), atol=1e-4
+    )
 
 
 def test_sharded_safetensors_round_trip(tmp_path):

@@ -65,7 +65,7 @@ def one_device_losses():
 @pytest.mark.parametrize("mesh", [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)])
 def test_sharded_losses_equal_one_device(mesh, one_device_losses):
     cfg = small_cfg(**mesh)
-    losses, state = run_steps(cfg, random_batches(cfg, 5), jax.devices())
+    losses, _ = run_steps(cfg, random_batches(cfg, 5), jax.devices())
     np.testing.assert_allclose(losses, one_device_losses, rtol=1e-5)
     assert losses[-1] < losses[0]
 
@@ -98,7 +98,11 @@ def test_grad_accumulation_equals_full_batch():
     "changes, field, words",
     [
         (dict(mesh=dict(data=3)), "mesh", "devices per slice"),
-        (dict(mesh=dict(data=1, fsdp=8), model=dict(d_model=60, num_heads=6, head_dim=10)), "mesh", "dimension `embed` = 60"),
+        (
+            dict(mesh=dict(data=1, fsdp=8), model=dict(d_model=60, num_heads=6, head_dim=10)),
+            "mesh",
+            "dimension `embed` = 60",
+        ),
         (dict(mesh=dict(data=8), train=dict(global_batch_size=12)), "train.global_batch_size", "not divisible"),
         (dict(mesh=dict(dcn_data=3)), "mesh.dcn_data", "does not divide"),
     ],

@@ -22,6 +22,8 @@ with unequal shards never run out at different steps.
 
 from __future__ import annotations
 
+import os
+
 import grain
 import jax
 import numpy as np
@@ -159,15 +161,83 @@ def _process(process_index: int | None, process_count: int | None, global_batch_
     return process_index, process_count
 
 
-def make_iterator(cfg, split: str = "train", *, process_index: int | None = None, process_count: int | None = None):
+def make_iterator(
+    cfg,
+    split: str = "train",
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_shards: int | None = None,
+):
     """This process's batches: a checkpointable grain iterator of dicts of [B_local, S] arrays.
 
     Keys: inputs, targets, segment_ids, positions (int32) and loss_mask (float32), with
     B_local = train.global_batch_size // process_count and S = train.seq_len.
+
+    The data is split into `num_shards` disjoint shards (default: $NOPEJAX_DATA_SHARDS, else one
+    per process), each packed
+    into B / num_shards rows; process p reads shards p * k .. (p + 1) * k - 1, k = shards per
+    process, and stacks them. The global batch (process-major rows, as `global_batch` builds it)
+    therefore depends on the shard count only, never on the process count: a run resumed on
+    fewer or more processes keeps its data order when it keeps its shard count.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     process_index, process_count = _process(process_index, process_count, cfg.train.global_batch_size)
+    # NOPEJAX_DATA_SHARDS fixes the shard count of a fresh run (the same data order on any
+    # number of hosts); a resumed run passes the count its checkpoint was written with
+    num_shards = num_shards or int(os.environ.get("NOPEJAX_DATA_SHARDS") or 0) or process_count
+    if num_shards % process_count or cfg.train.global_batch_size % num_shards:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{num_shards} data shards cannot be spread over {process_count} processes with a global batch of "
+            f"{cfg.train.global_batch_size} rows",
+            "use a shard count that is a multiple of the process count and divides the global batch",
+        )
+    per_process = num_shards // process_count
+    if per_process == 1:
+        return _shard_iterator(cfg, split, process_index, process_count)
+    first = process_index * per_process
+    return ShardsIterator([_shard_iterator(cfg, split, first + j, num_shards) for j in range(per_process)])
+
+
+class ShardsIterator(grain.DatasetIterator):
+    """Several data shards read by one process: their [B / num_shards, S] batches stacked by rows.
+
+    State: {"shards": [state of each shard, in order]}, so a checkpoint written by another
+    number of processes can be regrouped per shard (see `shard_states`).
+    """
+
+    def __init__(self, shards: list):
+        super().__init__(shards)
+        self.shards = shards
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batches = [next(s) for s in self.shards]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def get_state(self) -> dict:
+        return {"shards": [s.get_state() for s in self.shards]}
+
+    def set_state(self, state: dict) -> None:
+        if len(state["shards"]) != len(self.shards):
+            raise ValueError(f"a state of {len(state['shards'])} data shards for an iterator of {len(self.shards)}")
+        for s, st in zip(self.shards, state["shards"]):
+            s.set_state(st)
+
+    def start_prefetch(self) -> None:  # grain's checkpoint handler calls it after a restore
+        for s in self.shards:
+            getattr(s, "start_prefetch", lambda: None)()
+
+
+def shard_states(state: dict) -> list:
+    """A process's saved iterator state -> the list of its shards' states."""
+    return state["shards"] if isinstance(state, dict) and set(state) == {"shards"} else [state]
+
+
+def _shard_iterator(cfg, split: str, shard: int, num_shards: int):
+    """The batches of one data shard: [B / num_shards, S], documents [shard::num_shards]."""
+    process_index, process_count = shard, num_shards  # the pipeline below shards by these
     rows, seq_len, d = cfg.train.global_batch_size // process_count, cfg.train.seq_len, cfg.data
     if d.source in SYNTHETIC_SOURCES:
         from nopejax.data.synthetic import make_task_iterator

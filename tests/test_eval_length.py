@@ -1,0 +1,136 @@
+"""`nopejax eval-length` on tiny trained checkpoints: files, rows, and numbers recomputed directly."""
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+
+from nopejax import checkpoint, cli, config, data, eval_length, train
+from nopejax.data.corpus import default_corpus_path
+from nopejax.data.pipeline import split_indices
+from nopejax.data.sources import JsonlSource
+
+TRAIN_LEN, LENGTHS, BUCKET = 24, (24, 56), 24  # 56 = 2 buckets + a partial third (48-55)
+
+
+def tiny_cfg(**data_fields):
+    cfg = config.base_config()
+    cfg.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=96)
+    cfg.model.update(dtype="float32", no_rope_layers=(1, 0))  # one RoPE and one NoPE layer
+    cfg.train.update(steps=3, global_batch_size=8, seq_len=TRAIN_LEN, log_every=1, eval_every=0)
+    cfg.optim.update(warmup_steps=1, decay_steps=1)
+    cfg.checkpoint.async_save = False
+    cfg.data.update(**data_fields)
+    return config.validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("text_run"))
+    train.run(tiny_cfg(), workdir, progress=False)
+    return workdir
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def eval_stream(cfg) -> tuple[np.ndarray, int]:
+    """The eval split as one token stream, rebuilt from the documents without the packer."""
+    source = JsonlSource([default_corpus_path()], "text")
+    tok = data.make_tokenizer(cfg.data)
+    docs = [source[int(i)] for i in split_indices(len(source), cfg.data.eval_fraction, "eval")]
+    return np.concatenate([[tok.bos_id, *tok.encode(d), tok.eos_id] for d in docs]).astype(np.int32), tok.eos_id
+
+
+def test_text_run_writes_csv_table_and_plot(text_run):
+    rc = cli.main(["eval-length", "--workdir", text_run, "--lengths", "56,24", "--batches", "1"])
+    assert rc == 0
+    out = f"{text_run}/eval_length"
+    rows = read_csv(f"{out}/loss_by_position.csv")
+    got = [(int(r["length"]), r["positions"]) for r in rows]
+    assert got == [(24, "0-23"), (24, "all"), (56, "0-23"), (56, "24-47"), (56, "48-55"), (56, "all")]
+    assert {r["run"] for r in rows} == {"text_run0"} and {r["step"] for r in rows} == {"3"}
+    assert all(np.isfinite(float(r["loss"])) and int(r["tokens"]) > 0 for r in rows)
+    with open(f"{out}/loss_by_position.md") as f:
+        table = f.read()
+    assert "| text_run0 | 24 |" in table and "| text_run0 | 56 |" in table and "pos 48-55" in table
+    with open(f"{out}/loss_by_position.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_per_bucket_equals_direct_computation(text_run):
+    """Windows of the continuous eval stream, positions 0..L-1, no segments, EOS targets unscored."""
+    res = eval_length.evaluate([text_run], list(LENGTHS), batches=1, bucket=BUCKET, progress=False)
+    result = res["results"][0]
+    module = checkpoint.load_model(text_run)
+    cfg = checkpoint.read_config(*checkpoint.find_checkpoint(text_run))
+    stream, eos = eval_stream(cfg)
+    L = 56
+    budget = 1 * cfg.train.global_batch_size * max(LENGTHS)  # batches * B * longest: the text of every length
+    windows = -(-budget // L)
+    inputs_BS = stream[: windows * L].reshape(windows, L)
+    targets_BS = stream[1 : windows * L + 1].reshape(windows, L)
+    logits_BSV = np.asarray(module(inputs_BS), np.float64)
+    log_z_BS = np.log(np.exp(logits_BSV - logits_BSV.max(-1, keepdims=True)).sum(-1)) + logits_BSV.max(-1)
+    loss_BS = log_z_BS - np.take_along_axis(logits_BSV, targets_BS[..., None], -1)[..., 0]
+    mask_BS = inputs_BS != eos  # a document's last token has no next token of its own
+    for start, end in [(0, 24), (24, 48), (48, 56), (0, 56)]:
+        want = loss_BS[:, start:end][mask_BS[:, start:end]].mean()
+        got, tokens = result.mean(L, start, end)
+        assert tokens == mask_BS[:, start:end].sum()
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_compare_puts_both_runs_in_one_set_of_files(text_run, tmp_path):
+    other = str(tmp_path / "same_weights")
+    shutil.copytree(f"{text_run}/checkpoints", f"{other}/checkpoints")
+    rc = cli.main(["eval-length", "--workdir", text_run, "--lengths", "24", "--batches", "1", "--compare", other])
+    assert rc == 0
+    rows = read_csv(f"{text_run}/eval_length/loss_by_position.csv")
+    by_run = {r["run"]: r["loss"] for r in rows if r["positions"] == "all"}
+    assert set(by_run) == {"text_run0", "same_weights"}
+    assert by_run["text_run0"] == by_run["same_weights"]
+
+
+def test_rope_scaling_option_changes_only_what_rope_layers_see(text_run):
+    plain = eval_length.evaluate([text_run], [56], batches=1, progress=False)["results"][0]
+    yarn = {"rope_type": "yarn", "factor": 4.0}  # original_max_position_embeddings: the run's seq_len
+    scaled = eval_length.evaluate([text_run], [56], batches=1, rope_scaling=yarn, progress=False)["results"][0]
+    assert scaled.label == "text_run0 (yarn x4.0)"
+    assert abs(plain.mean(56)[0] - scaled.mean(56)[0]) > 1e-6  # layer 0 is a RoPE layer
+    cfg = eval_length.eval_config(checkpoint.read_config(*checkpoint.find_checkpoint(text_run)), yarn)
+    assert cfg.model.rope_scaling["original_max_position_embeddings"] == TRAIN_LEN
+    assert cfg.model.dtype == "float32" and cfg.model.attention_impl == "xla"
+
+
+def test_user_mistakes_are_one_line_errors(text_run, capsys):
+    assert cli.main(["eval-length", "--workdir", text_run, "--lengths", "12,x"]) == 2
+    assert "--lengths" in capsys.readouterr().err
+    assert cli.main(["eval-length", "--workdir", text_run, "--rope-scaling", "{yarn"]) == 2
+    assert "--rope-scaling" in capsys.readouterr().err
+    assert cli.main(["eval-length", "--workdir", text_run, "--rope-scaling", '{"rope_type": "ntk", "factor": 2}']) == 2
+    assert "rope_scaling" in capsys.readouterr().err
+
+
+def test_copy_task_reports_exact_match_per_input_length(tmp_path):
+    workdir = str(tmp_path / "copy_run")
+    lengths = dict(task_train_min_len=1, task_train_max_len=3, task_test_min_len=4, task_test_max_len=6)
+    cfg = tiny_cfg(source="copy", **lengths)
+    cfg.train.seq_len = 15  # 6 + 6 + BOS, '=', EOS
+    train.run(cfg, workdir, progress=False)
+    assert cli.main(["eval-length", "--workdir", workdir, "--batches", "1"]) == 0
+    rows = read_csv(f"{workdir}/eval_length/loss_by_position.csv")
+    assert [int(r["input_length"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["task"] == "copy" and r["train_max_length"] == "3" and r["examples"] == "8" for r in rows)
+    assert all(0 <= float(r["exact_match"]) <= 1 and float(r["answer_loss"]) > 0 for r in rows)
+    with open(f"{workdir}/eval_length/loss_by_position.md") as f:
+        assert "exact match, lengths > 3" in f.read()
+    # exact match agrees with the data package's own definition on the same examples
+    run_cfg = checkpoint.read_config(*checkpoint.find_checkpoint(workdir))
+    batch = eval_length.task_batch(run_cfg, 5, 8)
+    module = checkpoint.load_model(workdir)
+    want = float(np.mean(np.asarray(data.exact_match(module(batch["inputs"]), batch))))
+    assert float(rows[4]["exact_match"]) == pytest.approx(want)

@@ -1,0 +1,156 @@
+"""Multi-process training on one machine: 2 processes x 2 CPU devices over localhost (gloo).
+
+Losses equal those of 1 process x 4 devices reading the same 2 data shards; a 2-process
+checkpoint resumes in 1 process; a killed peer ends the run with an error, not a hang; each
+process reads its own documents.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from test_train import ROOT
+
+from nopejax import config
+from nopejax.data import make_iterator
+from nopejax.data.pipeline import document_indices
+
+# 6 steps with checkpoints at 3 and 6; a 2-layer model keeps each run ~15-30 s on 2 cores
+RUN = ["--config", "configs/tiny.py", "--config.model.num_layers=2", "--config.train.global_batch_size=8",
+       "--config.train.seq_len=64", "--config.train.steps=6", "--config.optim.warmup_steps=2",
+       "--config.optim.decay_steps=4", "--config.train.log_every=1", "--config.train.eval_every=0",
+       "--config.checkpoint.every_steps=3", "--no-progress"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(devices: int, **extra) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    for k in ("NOPEJAX_COORDINATOR", "NOPEJAX_NUM_PROCESSES", "NOPEJAX_PROCESS_ID", "NOPEJAX_DATA_SHARDS"):
+        env.pop(k, None)
+    return {**env, **extra}
+
+
+def train_cmd(workdir, *args) -> list[str]:
+    return [sys.executable, "-m", "nopejax.cli", "train", "--workdir", str(workdir), *RUN, *args]
+
+
+def losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))}
+
+
+def run_one(workdir, devices=4, **env):
+    out = subprocess.run(train_cmd(workdir), cwd=ROOT, env=cpu_env(devices, **env), capture_output=True,
+                         text=True, timeout=240)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.fixture
+def procs():
+    """Processes started by a test; all killed at teardown, whatever happened."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """launch/local.sh 2: the script users run, 2 processes x 2 devices."""
+    wd = tmp_path_factory.mktemp("two")
+    proc = subprocess.Popen(["bash", "launch/local.sh", "2", "--workdir", str(wd), *RUN], cwd=ROOT,
+                            env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:  # the script stops its children on exit; a timeout here takes the whole group
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:] + (wd / "logs" / "process_1.log").read_text()[-3000:]
+    return wd
+
+
+def test_two_processes_match_one_process_with_four_devices(two_process_run, tmp_path):
+    # One process reading the 2 data shards the 2 processes read: the same global batches.
+    run_one(tmp_path, NOPEJAX_DATA_SHARDS="2")
+    two, one = losses(two_process_run), losses(tmp_path)
+    assert sorted(two) == list(range(1, 7))
+    np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)], rtol=1e-5)
+    assert two[6] < two[1]
+    # orbax wrote each checkpoint from both processes together; metrics came from process 0 only
+    data = sorted(os.listdir(two_process_run / "checkpoints" / "6" / "data"))
+    assert [f for f in data if f.endswith(".json")] == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert len((two_process_run / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_path):
+    wd = tmp_path / "resume"
+    shutil.copytree(two_process_run, wd)
+    shutil.rmtree(wd / "checkpoints" / "6")  # resume from step 3, written by 2 processes
+    run_one(wd)  # no NOPEJAX_DATA_SHARDS: the checkpoint's 2 data shards are kept
+    two, resumed = losses(two_process_run), losses(wd)
+    np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [two[s] for s in (4, 5, 6)], rtol=1e-5)
+
+
+def test_killed_process_stops_the_other_within_60_s(tmp_path, procs):
+    port, n = free_port(), 2
+    for i in range(n):
+        env = cpu_env(2, NOPEJAX_COORDINATOR=f"127.0.0.1:{port}", NOPEJAX_NUM_PROCESSES=str(n),
+                      NOPEJAX_PROCESS_ID=str(i))  # fmt: skip
+        procs.append(subprocess.Popen(train_cmd(tmp_path, "--config.train.steps=10000"), cwd=ROOT, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    metrics, t0 = tmp_path / "metrics.jsonl", time.time()
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):  # training, not compiling
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+        assert time.time() - t0 < 180, "the 2-process run did not reach step 2"
+        time.sleep(0.2)
+    procs[1].kill()
+    killed = time.time()
+    try:
+        _, err = procs[0].communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("process 0 still runs 60 s after its peer was killed")
+    print(f"process 0 exited {time.time() - killed:.1f} s after the kill, rc {procs[0].returncode}")
+    assert procs[0].returncode != 0
+    # the coordination service names the lost task; no Python traceback is needed to see why
+    assert "task" in err.lower() and ("heartbeat" in err.lower() or "unavailable" in err.lower()), err[-3000:]
+
+
+def _cfg():
+    cfg = config.load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    cfg.train.global_batch_size, cfg.train.seq_len = 8, 64
+    return config.validate(cfg)
+
+
+def test_processes_read_disjoint_documents_and_compose_the_global_batch():
+    cfg = _cfg()
+    from nopejax.data.pipeline import open_sources
+
+    n = len(open_sources(cfg.data)[0])
+    shards = [set(document_indices(n, cfg.data, "train", p, 2).tolist()) for p in range(2)]
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) > 0.9 * n
+    local = [make_iterator(cfg, process_index=p, process_count=2) for p in range(2)]
+    batches = [[next(it) for _ in range(3)] for it in local]
+    for step in range(3):
+        a, b = batches[0][step]["inputs"], batches[1][step]["inputs"]
+        assert a.shape == b.shape == (4, 64) and not np.array_equal(a, b)
+    # 1 process reading both shards sees exactly the rows the 2 processes hold, process-major
+    both = make_iterator(cfg, process_index=0, process_count=1, num_shards=2)
+    for step in range(3):
+        glob = next(both)
+        for k in glob:
+            np.testing.assert_array_equal(glob[k], np.concatenate([batches[0][step][k], batches[1][step][k]]))

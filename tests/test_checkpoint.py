@@ -164,6 +164,15 @@ def test_export_from_checkpoint_matches_transformers_and_import_round_trips(tmp_
         theirs = hf_model(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours(jax.numpy.asarray(tokens, jax.numpy.int32))), theirs, atol=1e-4)
 
+    # init_from: a new run starts from these params with a fresh optimizer and step count
+    wd_b = tmp_path / "from_a"
+    nopejax("train", "--workdir", str(wd_b), *RUN[:-1], "--config.train.steps=8", f"--config.init_from={wd}")
+    a, b = losses(wd), losses(wd_b)
+    assert sorted(b) == list(range(1, 9)) and b[1] < a[1] - 0.5 and abs(b[1] - a[8]) < 0.3
+    proc = nopejax("train", "--workdir", str(tmp_path / "bad"), *RUN[:-1], f"--config.init_from={wd}",
+                   "--config.model.num_layers=4", check=False)  # fmt: skip
+    assert proc.returncode == 2 and "model.num_layers" in proc.stderr
+
     # import-hf writes a step-0 checkpoint that training continues from
     wd2 = tmp_path / "imported"
     nopejax("import-hf", str(out), "--workdir", str(wd2), "--config", "configs/tiny.py")

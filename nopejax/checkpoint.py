@@ -78,6 +78,17 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
         return item
 
 
+# grain's save/restore args, bound to DataHandler (orbax looks handlers up by args type)
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+class DataSave(grain.checkpoint.CheckpointSave):
+    pass
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+class DataRestore(grain.checkpoint.CheckpointRestore):
+    pass
+
+
 def layout(m: ConfigDict) -> dict:
     out = {f: m[f] for f in LAYOUT_FIELDS}
     out["rope_pattern"] = [int(x) for x in config_lib.rope_pattern(m)]
@@ -133,7 +144,7 @@ class Checkpointer:
     def save(self, step: int, state: dict, data_iter=None, *, force: bool = False) -> bool:
         args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(self._config_item())}
         if data_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+            args["data"] = DataSave(data_iter)
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
     def wait(self) -> None:
@@ -169,7 +180,7 @@ class Checkpointer:
             check_compatible(saved["layout"], self.cfg.model, path)
             args = {"state": ocp.args.StandardRestore(abstract_state)}
             if data_iter is not None:
-                args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+                args["data"] = DataRestore(data_iter)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
             except ConfigError:  # a process count that cannot continue: stop, never restart silently

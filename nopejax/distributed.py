@@ -4,7 +4,8 @@ One process per TPU host, or per GPU node / GPU, all running the same program. O
 under SLURM JAX finds the cluster itself; elsewhere the coordinator address, process count and
 process id come from flags or NOPEJAX_COORDINATOR / NOPEJAX_NUM_PROCESSES / NOPEJAX_PROCESS_ID
 (JAX's own JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID work too). A single
-process never initializes.
+process never initializes. NOPEJAX_CLUSTER=auto makes JAX detect the cluster even where this
+module sees no sign of one (GCE TPU VMs keep their worker list in the metadata server).
 
 Failures end in bounded time instead of hanging (all three in seconds, overridable by env):
   NOPEJAX_INIT_TIMEOUT (120)      every process must reach the coordinator within this; a wrong
@@ -57,7 +58,13 @@ def _int(value, flag: str) -> int | None:
 
 
 def cluster_detected() -> bool:
-    """A TPU pod slice with several hosts, or a SLURM job step with several tasks."""
+    """A TPU pod slice with several hosts, or a SLURM job step with several tasks.
+
+    GCE TPU VMs publish their workers in the metadata server, not the environment, so
+    launch/tpu_pod.sh sets NOPEJAX_CLUSTER=auto to hand detection to JAX.
+    """
+    if os.environ.get("NOPEJAX_CLUSTER") == "auto":
+        return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ
     return "," in hosts or slurm or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
@@ -73,7 +80,17 @@ def _slurm_one_task_per_node_devices() -> None:
 
 
 def _initialize(**kwargs) -> None:
+    import sys
+
     import jax
+
+    # When the coordinator cannot be reached in time, XLA's client aborts the process from C++
+    # (DEADLINE_EXCEEDED at RegisterTask, "another task died") before Python can raise; this
+    # line, printed first, says what was being attempted and what to check.
+    where = kwargs.get("coordinator_address") or "the address JAX detects for this cluster"
+    print(f"nopejax: joining {kwargs.get('num_processes') or 'the cluster'} processes at {where} as process "
+          f"{kwargs.get('process_id', '(detected)')}; a DEADLINE_EXCEEDED abort after {INIT_TIMEOUT_S} s means "
+          "not all processes started with this coordinator and count", file=sys.stderr, flush=True)  # fmt: skip
 
     # CPU collectives across processes need gloo (the default does none); this changes nothing
     # for GPU/TPU arrays. Set before the backend exists, hence no jax.default_backend() here.

@@ -31,6 +31,7 @@ def get_config():
     cfg.mesh.fsdp = -1
     cfg.train.seq_len = 4096
     cfg.train.global_batch_size = 16  # one 4096-token sequence per chip on 16 chips
+    cfg.train.loss_chunk_len = 512  # never hold [B, 4096, 128256] fp32 logits at once
     cfg.train.steps = 100_000
     cfg.train.eval_every = 1000
     cfg.optim.lr = 2e-4

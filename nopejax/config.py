@@ -83,6 +83,9 @@ def base_config() -> ConfigDict:
     t.eval_batches = 4
     t.seed = 0
     t.z_loss = 0.0
+    # LM head + loss over sequence chunks of this length (0 = whole sequence); saves the
+    # [B, S, V] fp32 logits at large vocabularies. Must divide seq_len.
+    t.loss_chunk_len = 0
 
     cfg.optim = o = ConfigDict()
     o.lr = 3e-3
@@ -109,6 +112,9 @@ def base_config() -> ConfigDict:
     d.add_eos = True
     d.shuffle = True
     d.num_workers = 0  # grain worker processes; 0 = in the main process
+    # Disjoint data shards, spread over the processes; the global batch depends only on this,
+    # so a run keeps its data order on any process count dividing it. 0 = one per process.
+    d.num_shards = 0
     d.mixture_weights = config_dict.placeholder(tuple)  # one weight per entry of a comma-separated path
     # Synthetic length-generalization tasks (data.source = copy / reverse / parity).
     d.task_train_min_len = 1
@@ -336,6 +342,11 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         )
     if t.eval_every < 0:
         raise ConfigError("train.eval_every", "must be >= 0", "use 0 to turn evaluation off")
+    if t.loss_chunk_len < 0 or (t.loss_chunk_len and t.seq_len % t.loss_chunk_len):
+        raise ConfigError(
+            "train.loss_chunk_len", f"{t.loss_chunk_len} does not divide seq_len={t.seq_len}",
+            "use 0 (no chunking) or a divisor of train.seq_len",
+        )  # fmt: skip
     if t.z_loss < 0:
         raise ConfigError("train.z_loss", "must be >= 0", "use e.g. 1e-4, or 0 to turn it off")
 
@@ -366,6 +377,11 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         raise ConfigError("data.text_unit", f"unknown value {d.text_unit!r}", "use 'file' or 'block'")
     if d.packing not in ("concat", "pad"):
         raise ConfigError("data.packing", f"unknown value {d.packing!r}", "use 'concat' or 'pad'")
+    if not isinstance(d.num_shards, int) or d.num_shards < 0 or (d.num_shards and t.global_batch_size % d.num_shards):
+        raise ConfigError(
+            "data.num_shards", f"{d.num_shards!r} must be 0 or a divisor of the global batch {t.global_batch_size}",
+            "use 0 (one shard per process) or e.g. the global batch size",
+        )  # fmt: skip
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}", "use e.g. 0.02")
     if d.task_train_min_len > d.task_train_max_len or d.task_test_min_len > d.task_test_max_len:

@@ -118,13 +118,16 @@ def parse_rope_scaling(text: str | None) -> dict | None:
     return scaling
 
 
-def load_run(workdir: str, step: int | None, rope_scaling: dict | None):
-    """-> (eval config, step, jitted per-token stats fn bound to the params)."""
+def read_run(workdir: str, step: int | None, rope_scaling: dict | None) -> tuple[str, int, ConfigDict]:
+    """-> (checkpoint root, step, eval config): cheap, no arrays read."""
     root, step = checkpoint.find_checkpoint(workdir, step)
-    cfg = eval_config(checkpoint.read_config(root, step), rope_scaling)
+    return root, step, eval_config(checkpoint.read_config(root, step), rope_scaling)
+
+
+def stats_fn(root: str, step: int, cfg: ConfigDict):
+    """The jitted per-token stats of a checkpoint's params: batch -> (loss [B, S], correct [B, S])."""
     graphdef, params = model.split(hf.build(cfg.model, checkpoint.restore_params(root, step)))
-    stats = jax.jit(functools.partial(token_stats, graphdef))
-    return cfg, step, functools.partial(stats, params)
+    return functools.partial(jax.jit(functools.partial(token_stats, graphdef)), params)
 
 
 def token_stats(graphdef, params, batch):
@@ -157,7 +160,7 @@ def text_windows(cfg: ConfigDict, length: int, rows: int):
         }
 
 
-def eval_text(cfg, stats_fn, lengths, tokens_per_length: int, bar=None) -> tuple[dict, dict]:
+def eval_text(cfg, run_stats, lengths, tokens_per_length: int, bar=None) -> tuple[dict, dict]:
     """-> (loss_sum, count): per length L, float64 [L] sums over the first windows of the stream."""
     loss_sum, count = {}, {}
     for length in lengths:
@@ -167,7 +170,7 @@ def eval_text(cfg, stats_fn, lengths, tokens_per_length: int, bar=None) -> tuple
         for batch in text_windows(cfg, length, rows):
             mask_BS = batch["loss_mask"].astype(np.float64)
             mask_BS[windows_left:] = 0.0  # the last call may hold more windows than the budget
-            loss_BS, _ = stats_fn(batch)
+            loss_BS, _ = run_stats(batch)
             loss_S += (np.asarray(loss_BS, np.float64) * mask_BS).sum(axis=0)
             count_S += mask_BS.sum(axis=0)
             windows_left -= rows
@@ -193,13 +196,13 @@ def task_batch(cfg: ConfigDict, n: int, rows: int) -> dict[str, np.ndarray]:
     return {k: np.stack([e[k] for e in examples]) for k in data.BATCH_KEYS}
 
 
-def eval_task(cfg, stats_fn, examples: int, bar=None) -> tuple[dict, dict, dict]:
+def eval_task(cfg, run_stats, examples: int, bar=None) -> tuple[dict, dict, dict]:
     """-> (examples, exact match, answer loss), each keyed by input length."""
     d = cfg.data
     counts, em, loss = {}, {}, {}
     for n in range(d.task_train_min_len, d.task_test_max_len + 1):
         batch = task_batch(cfg, n, examples)
-        loss_BS, correct_BS = stats_fn(batch)
+        loss_BS, correct_BS = run_stats(batch)
         answer_BS = batch["loss_mask"] > 0
         right_B = np.all(np.asarray(correct_BS) | ~answer_BS, axis=1)
         counts[n] = examples
@@ -400,9 +403,9 @@ def evaluate(
 
     if batches < 1:
         raise ConfigError("--batches", f"must be >= 1, got {batches}", "use e.g. 4")
-    runs = [load_run(w, step if i == 0 else None, rope_scaling) for i, w in enumerate(workdirs)]
+    runs = [read_run(w, step if i == 0 else None, rope_scaling) for i, w in enumerate(workdirs)]
     labels = _labels(workdirs, rope_scaling)
-    kinds = {cfg.data.source if cfg.data.source in SYNTHETIC_SOURCES else "text" for cfg, _, _ in runs}
+    kinds = {cfg.data.source if cfg.data.source in SYNTHETIC_SOURCES else "text" for _, _, cfg in runs}
     if len(kinds) > 1:
         raise ConfigError(
             "--compare",
@@ -414,29 +417,27 @@ def evaluate(
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, name) for name in FILES]
 
+    results = []  # one run's params in memory at a time
     if kind == "text":
-        bucket = bucket or runs[0][0].train.seq_len
-        budgets = [batches * cfg.train.global_batch_size * max(lengths) for cfg, _, _ in runs]
-        bar = tqdm(
-            total=len(lengths) * sum(budgets), unit="tok", unit_scale=True, disable=not progress, desc="eval-length"
-        )
-        results = []
-        for (cfg, run_step, stats_fn), label, budget in zip(runs, labels, budgets):
+        bucket = bucket or runs[0][2].train.seq_len
+        budgets = [batches * cfg.train.global_batch_size * max(lengths) for _, _, cfg in runs]
+        bar = tqdm(total=len(lengths) * sum(budgets), unit="tok", unit_scale=True, disable=not progress,
+                   desc="eval-length")  # fmt: skip
+        for (root, run_step, cfg), label, budget in zip(runs, labels, budgets):
             bar.set_postfix_str(label)
-            loss_sum, count = eval_text(cfg, stats_fn, lengths, budget, bar)
+            loss_sum, count = eval_text(cfg, stats_fn(root, run_step, cfg), lengths, budget, bar)
             results.append(TextResult(label, run_step, cfg.train.seq_len, loss_sum, count))
         bar.close()
         write_csv(paths[0], text_rows(results, lengths, bucket))
         markdown = text_markdown(results, lengths, bucket)
         text_plot(paths[2], results, lengths, bucket)
     else:
-        d0 = runs[0][0].data
+        d0 = runs[0][2].data
         span = d0.task_test_max_len - d0.task_train_min_len + 1
         bar = tqdm(total=span * len(runs), unit="len", disable=not progress, desc=f"eval-length {kind}")
-        results = []
-        for (cfg, run_step, stats_fn), label in zip(runs, labels):
+        for (root, run_step, cfg), label in zip(runs, labels):
             bar.set_postfix_str(label)
-            counts, em, loss = eval_task(cfg, stats_fn, batches * cfg.train.global_batch_size, bar)
+            counts, em, loss = eval_task(cfg, stats_fn(root, run_step, cfg), batches * cfg.train.global_batch_size, bar)
             results.append(TaskResult(label, run_step, kind, cfg.data.task_train_max_len, counts, em, loss))
         bar.close()
         write_csv(paths[0], task_rows(results))

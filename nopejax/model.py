@@ -83,37 +83,54 @@ def decoder_layer(p, x_BSD, *, use_rope: bool, ctx):
     return constrain(x_BSD, ("act_batch", "act_seq", "act_embed"))
 
 
+def runs(flags: tuple[bool, ...]) -> list[tuple[int, int, bool]]:
+    """Maximal runs of equal flags: (start, length, use_rope). (R, R, R, N) -> [(0, 3, R), (3, 1, N)]."""
+    out = []
+    for i, flag in enumerate(flags):
+        if out and out[-1][2] == flag:
+            out[-1] = (out[-1][0], out[-1][1] + 1, flag)
+        else:
+            out.append((i, 1, flag))
+    return out
+
+
 def run_layers(stack, x_BSD, ctx):
-    """Apply all L layers: scanned blocks of one pattern period, then the unrolled tail."""
+    """Apply all L layers: scanned blocks of one pattern period, then the unrolled tail.
+
+    Inside a block, each run of equal flags is itself a scan, so the traced program holds one
+    RoPE and one NoPE layer at most (SmolLM3's block RoPE x3 + NoPE traces 2 layers, not 4):
+    compile time and the weights gathered at once stay those of about one layer. Remat wraps
+    each layer, so only layer inputs are kept for the backward pass.
+    """
     m = ctx["model_cfg"]
-    pattern = config.rope_pattern(m)
     remat = REMAT_POLICIES.get(m.remat)
 
-    def maybe_remat(fn):
+    def layer_fn(use_rope: bool):
+        fn = lambda p, x: decoder_layer(p, x, use_rope=use_rope, ctx=ctx)
         return jax.checkpoint(fn, policy=remat, prevent_cse=not m.scan_layers) if remat else fn
 
-    if not m.scan_layers:
-        for i, use_rope in enumerate(pattern):
-            layer = maybe_remat(lambda p, x, use_rope=use_rope: decoder_layer(p, x, use_rope=use_rope, ctx=ctx))
-            x_BSD = layer(jax.tree.map(lambda a, i=i: a[i], stack), x_BSD)
+    def run(params, x_BSD, flags):  # params: each [len(flags), ...]
+        for start, length, use_rope in runs(flags):
+            layer = layer_fn(use_rope)
+            if length == 1 or not m.scan_layers:
+                for i in range(start, start + length):
+                    x_BSD = layer(jax.tree.map(lambda a, i=i: a[i], params), x_BSD)
+            else:
+                part = jax.tree.map(lambda a, s=start, n=length: a[s : s + n], params)
+                x_BSD, _ = jax.lax.scan(lambda x, p, layer=layer: (layer(p, x), None), x_BSD, part)
         return x_BSD
 
+    pattern = config.rope_pattern(m)
+    if not m.scan_layers:
+        return run(stack, x_BSD, pattern)
     block, num_blocks, tail = config.block_structure(pattern)
     P = len(block)
-
-    def block_fn(x_BSD, block_params):  # block_params: each [P, ...]
-        for j, use_rope in enumerate(block):
-            x_BSD = decoder_layer(jax.tree.map(lambda a, j=j: a[j], block_params), x_BSD, use_rope=use_rope, ctx=ctx)
-        return x_BSD, None
-
-    if num_blocks:
+    if num_blocks > 1:
         blocks = jax.tree.map(lambda a: a[: num_blocks * P].reshape(num_blocks, P, *a.shape[1:]), stack)
-        x_BSD, _ = jax.lax.scan(maybe_remat(block_fn), x_BSD, blocks)
-    for j, use_rope in enumerate(tail):
-        i = num_blocks * P + j
-        layer = maybe_remat(lambda p, x, use_rope=use_rope: decoder_layer(p, x, use_rope=use_rope, ctx=ctx))
-        x_BSD = layer(jax.tree.map(lambda a, i=i: a[i], stack), x_BSD)
-    return x_BSD
+        x_BSD, _ = jax.lax.scan(lambda x, p: (run(p, x, block), None), x_BSD, blocks)
+    elif num_blocks == 1:
+        x_BSD = run(jax.tree.map(lambda a: a[:P], stack), x_BSD, block)
+    return run(jax.tree.map(lambda a: a[num_blocks * P :], stack), x_BSD, tail) if tail else x_BSD
 
 
 class Decoder(nnx.Module):
@@ -141,6 +158,16 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens_BS, positions=None, segment_ids=None):
         """tokens int32 [B, S] -> logits float32 [B, S, V]. Positions default to 0..S-1."""
+        return self.logits(self.hidden(tokens_BS, positions, segment_ids))
+
+    def logits(self, x_BSD):
+        """Final hidden states -> float32 logits [B, S, V] (tied head: the embedding, transposed)."""
+        head_DV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, head_DV.astype(x_BSD.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits_BSV, ("act_batch", "act_seq", "act_vocab"))
+
+    def hidden(self, tokens_BS, positions=None, segment_ids=None):
+        """tokens int32 [B, S] -> final-normed hidden states [B, S, D] in the compute dtype."""
         m = self.cfg
         dtype = _dtype(m.dtype)
         B, S = tokens_BS.shape
@@ -161,10 +188,7 @@ class Decoder(nnx.Module):
         x_BSD = constrain(x_BSD, ("act_batch", "act_seq", "act_embed"))
         stack = {name: p[...] for name, p in self.layers.items()}
         x_BSD = run_layers(stack, x_BSD, ctx)
-        x_BSD = rms_norm(x_BSD, self.final_norm[...], m.rms_norm_eps)
-        head_DV = embed_VD.T if self.lm_head is None else self.lm_head[...]
-        logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, head_DV.astype(dtype), preferred_element_type=jnp.float32)
-        return constrain(logits_BSV, ("act_batch", "act_seq", "act_vocab"))
+        return rms_norm(x_BSD, self.final_norm[...], m.rms_norm_eps)
 
 
 def param_count(m: config.ConfigDict) -> int:
@@ -184,6 +208,10 @@ def split(module: Decoder):
     return graphdef, nnx.to_pure_dict(state)
 
 
-def apply(graphdef, params, tokens_BS, positions=None, segment_ids=None):
+def apply(graphdef, params, tokens_BS, positions=None, segment_ids=None, *, method: str = "__call__"):
     """The pure forward that jitted steps call: params is the dict `split` returned."""
-    return nnx.merge(graphdef, params)(tokens_BS, positions, segment_ids)
+    return getattr(nnx.merge(graphdef, params), method)(tokens_BS, positions, segment_ids)
+
+
+def apply_head(graphdef, params, x_BSD):
+    return nnx.merge(graphdef, params).logits(x_BSD)

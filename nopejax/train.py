@@ -136,16 +136,40 @@ def fresh_opt_state(s: Setup, params: dict) -> dict:
 # Loss and steps
 
 
-def loss_sums(graphdef, params, batch, z_loss: float):
-    """-> (sum of masked token losses incl. z-loss, sum of masked CE only, token count), fp32."""
-    logits_BSV = model.apply(graphdef, params, batch["inputs"], batch["positions"], batch["segment_ids"])
-    logits_BSV = logits_BSV.astype(jnp.float32)
-    log_z_BS = jax.nn.logsumexp(logits_BSV, axis=-1)
-    target_logit_BS = jnp.take_along_axis(logits_BSV, batch["targets"][..., None], axis=-1)[..., 0]
-    mask_BS = batch["loss_mask"].astype(jnp.float32)
-    ce = jnp.sum((log_z_BS - target_logit_BS) * mask_BS)
-    total = ce + z_loss * jnp.sum(jnp.square(log_z_BS) * mask_BS) if z_loss else ce
-    return total, ce, jnp.sum(mask_BS)
+def loss_sums(graphdef, params, batch, z_loss: float, chunk_len: int = 0):
+    """-> (sum of masked token losses incl. z-loss, sum of masked CE only, token count), fp32.
+
+    With `chunk_len`, the LM head and the loss run over sequence chunks of that length under a
+    rematerialized scan: the [B, S, V] float32 logits (2 GiB per 4k-token row at SmolLM3's
+    128k vocabulary) never exist at once, in the forward or the backward pass.
+    """
+    x_BSD = model.apply(graphdef, params, batch["inputs"], batch["positions"], batch["segment_ids"], method="hidden")
+
+    def chunk_sums(x_BcD, targets_Bc, mask_Bc):
+        logits_BcV = model.apply_head(graphdef, params, x_BcD).astype(jnp.float32)
+        log_z_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
+        target_logit_Bc = jnp.take_along_axis(logits_BcV, targets_Bc[..., None], axis=-1)[..., 0]
+        mask_Bc = mask_Bc.astype(jnp.float32)
+        ce = jnp.sum((log_z_Bc - target_logit_Bc) * mask_Bc)
+        z = z_loss * jnp.sum(jnp.square(log_z_Bc) * mask_Bc) if z_loss else 0.0
+        return ce + z, ce, jnp.sum(mask_Bc)
+
+    S = x_BSD.shape[1]
+    if not chunk_len or chunk_len >= S:
+        return chunk_sums(x_BSD, batch["targets"], batch["loss_mask"])
+    n = S // chunk_len
+
+    def to_chunks(a):  # [B, S, ...] -> [n, B, chunk, ...]
+        return jnp.moveaxis(a.reshape(a.shape[0], n, chunk_len, *a.shape[2:]), 1, 0)
+
+    def body(carry, xs):
+        return jax.tree.map(jnp.add, carry, jax.checkpoint(chunk_sums)(*xs)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(
+        body, (zero, zero, zero), tuple(map(to_chunks, (x_BSD, batch["targets"], batch["loss_mask"])))
+    )
+    return sums
 
 
 def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
@@ -158,7 +182,7 @@ def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
 
     def sums_and_grads(params, micro):
         def f(p):
-            total, ce, count = loss_sums(graphdef, p, micro, cfg.train.z_loss)
+            total, ce, count = loss_sums(graphdef, p, micro, cfg.train.z_loss, cfg.train.loss_chunk_len)
             return total, (ce, count)
 
         (_, (ce, count)), grads = jax.value_and_grad(f, has_aux=True)(params)
@@ -192,8 +216,8 @@ def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
     return new_state, out
 
 
-def eval_step(params, batch, *, graphdef):
-    _, ce, count = loss_sums(graphdef, params, batch, 0.0)
+def eval_step(params, batch, *, graphdef, chunk_len: int = 0):
+    _, ce, count = loss_sums(graphdef, params, batch, 0.0, chunk_len)
     return ce, count
 
 
@@ -208,7 +232,7 @@ def compile_fns(s: Setup):
         donate_argnums=0,
     )
     evaluate = jax.jit(
-        functools.partial(eval_step, graphdef=s.graphdef),
+        functools.partial(eval_step, graphdef=s.graphdef, chunk_len=s.cfg.train.loss_chunk_len),
         in_shardings=(s.state_shardings["params"], batch_shardings),
         out_shardings=replicated,
     )

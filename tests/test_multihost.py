@@ -37,7 +37,7 @@ def free_port() -> int:
 
 def cpu_env(devices: int, **extra) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    for k in ("NOPEJAX_COORDINATOR", "NOPEJAX_NUM_PROCESSES", "NOPEJAX_PROCESS_ID", "NOPEJAX_DATA_SHARDS"):
+    for k in ("NOPEJAX_COORDINATOR", "NOPEJAX_NUM_PROCESSES", "NOPEJAX_PROCESS_ID"):
         env.pop(k, None)
     return {**env, **extra}
 
@@ -50,8 +50,8 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))}
 
 
-def run_one(workdir, devices=4, **env):
-    out = subprocess.run(train_cmd(workdir), cwd=ROOT, env=cpu_env(devices, **env), capture_output=True,
+def run_one(workdir, *args, devices=4, **env):
+    out = subprocess.run(train_cmd(workdir, *args), cwd=ROOT, env=cpu_env(devices, **env), capture_output=True,
                          text=True, timeout=240)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -86,7 +86,7 @@ def two_process_run(tmp_path_factory):
 
 def test_two_processes_match_one_process_with_four_devices(two_process_run, tmp_path):
     # One process reading the 2 data shards the 2 processes read: the same global batches.
-    run_one(tmp_path, NOPEJAX_DATA_SHARDS="2")
+    run_one(tmp_path, "--config.data.num_shards=2")
     two, one = losses(two_process_run), losses(tmp_path)
     assert sorted(two) == list(range(1, 7))
     np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)], rtol=1e-5)
@@ -101,7 +101,7 @@ def test_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_path
     wd = tmp_path / "resume"
     shutil.copytree(two_process_run, wd)
     shutil.rmtree(wd / "checkpoints" / "6")  # resume from step 3, written by 2 processes
-    run_one(wd)  # no NOPEJAX_DATA_SHARDS: the checkpoint's 2 data shards are kept
+    run_one(wd)  # num_shards left at 0: the checkpoint's 2 data shards are kept
     two, resumed = losses(two_process_run), losses(wd)
     np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [two[s] for s in (4, 5, 6)], rtol=1e-5)
 

@@ -84,6 +84,22 @@ def test_params_and_optimizer_state_are_sharded_by_the_rules():
     assert adam.nu["layers"]["w_gate"].sharding == state["params"]["layers"]["w_gate"].sharding
 
 
+def test_chunked_loss_equals_whole_sequence_loss():
+    cfg = small_cfg()
+    cfg.train.z_loss = 1e-3
+    s = train.setup(cfg, jax.devices()[:1])
+    params = train.init_state(s)["params"]
+    batch = {k: jax.numpy.asarray(v) for k, v in random_batches(cfg, 1, seed=7)[0].items()}
+
+    def total(params, chunk_len):
+        return train.loss_sums(s.graphdef, params, batch, cfg.train.z_loss, chunk_len)[0]
+
+    whole, g_whole = jax.value_and_grad(total)(params, 0)
+    chunked, g_chunked = jax.value_and_grad(total)(params, 8)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_chunked, g_whole)
+
+
 def test_grad_accumulation_equals_full_batch():
     cfg = small_cfg(data=2, fsdp=2)
     batches = random_batches(cfg, 2, seed=3)

@@ -22,8 +22,6 @@ with unequal shards never run out at different steps.
 
 from __future__ import annotations
 
-import os
-
 import grain
 import jax
 import numpy as np
@@ -174,9 +172,8 @@ def make_iterator(
     Keys: inputs, targets, segment_ids, positions (int32) and loss_mask (float32), with
     B_local = train.global_batch_size // process_count and S = train.seq_len.
 
-    The data is split into `num_shards` disjoint shards (default: $NOPEJAX_DATA_SHARDS, else one
-    per process), each packed
-    into B / num_shards rows; process p reads shards p * k .. (p + 1) * k - 1, k = shards per
+    The data is split into `num_shards` disjoint shards (default: `data.num_shards`, else one per
+    process), each packed into B / num_shards rows; process p reads shards p * k .. (p + 1) * k - 1, k = shards per
     process, and stacks them. The global batch (process-major rows, as `global_batch` builds it)
     therefore depends on the shard count only, never on the process count: a run resumed on
     fewer or more processes keeps its data order when it keeps its shard count.
@@ -184,9 +181,9 @@ def make_iterator(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     process_index, process_count = _process(process_index, process_count, cfg.train.global_batch_size)
-    # NOPEJAX_DATA_SHARDS fixes the shard count of a fresh run (the same data order on any
-    # number of hosts); a resumed run passes the count its checkpoint was written with
-    num_shards = num_shards or int(os.environ.get("NOPEJAX_DATA_SHARDS") or 0) or process_count
+    # data.num_shards fixes the shard count of a fresh run (the same data order on any number
+    # of hosts); a resumed run passes the count its checkpoint was written with
+    num_shards = num_shards or cfg.data.num_shards or process_count
     if num_shards % process_count or cfg.train.global_batch_size % num_shards:
         raise ConfigError(
             "train.global_batch_size",

@@ -1,0 +1,18 @@
+"""Length-generalization experiment, all NoPE: no layer rotates q and k; the causal mask alone carries order.
+
+configs/tiny.py with only `model.no_rope_layer_interval = 1` changed; the three experiment
+configs (rope.py, hybrid.py, nope.py) differ in nothing else. Text: train on the offline corpus
+at length 128, then `nopejax eval-length --lengths 128,256,512,1024`. The copy task is the same
+config with overrides (see benchmarks/length_generalization.py, which runs everything):
+`--config.data.source=copy --config.train.seq_len=83`.
+"""
+
+import os
+
+from nopejax.config import load_config
+
+
+def get_config():
+    cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tiny.py"))
+    cfg.model.no_rope_layer_interval = 1
+    return cfg

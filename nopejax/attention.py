@@ -30,31 +30,64 @@ def resolve_impl(impl: str, head_dim: int | None = None, platform: str | None = 
     return "pallas" if platform in ("gpu", "tpu") and usable else "xla"
 
 
-def mask(segment_ids_BS, S: int, causal: bool = True):
-    """[B, 1, 1, S, S] bool (or [1, 1, 1, S, S] without segments): may query i see key j."""
-    allowed = jnp.tril(jnp.ones((S, S), bool)) if causal else jnp.ones((S, S), bool)
-    allowed = allowed[None, None, None]
-    if segment_ids_BS is not None:
-        same_doc = segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :]
-        allowed = allowed & same_doc[:, None, None]
+def row_mask(q_start, c: int, S: int, seg_q_Bc, seg_k_BS, causal: bool = True):
+    """[B or 1, 1, 1, c, S] bool: may query row q_start + i see key j (causal and same document)."""
+    allowed_cS = jnp.ones((c, S), bool)
+    if causal:
+        allowed_cS = jnp.arange(S)[None, :] <= q_start + jnp.arange(c)[:, None]
+    allowed = allowed_cS[None, None, None]
+    if seg_q_Bc is not None:
+        allowed = allowed & (seg_q_Bc[:, :, None] == seg_k_BS[:, None, :])[:, None, None]
     return allowed
 
 
+Q_CHUNK = 512  # query rows per step of the chunked XLA path
+
+
 def xla_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS=None, causal=True):
-    """Softmax attention in fp32 (as HF's eager path), GQA by grouping query heads."""
-    B, S, H, D = q_BSHD.shape
-    K = k_BSKD.shape[2]
-    q_BSKGD = q_BSHD.reshape(B, S, K, H // K, D)
-    scores_BKGST = jnp.einsum("bskgd,btkd->bkgst", q_BSKGD, k_BSKD, preferred_element_type=jnp.float32)
-    scores_BKGST = scores_BKGST * (D**-0.5)
-    scores_BKGST = jnp.where(mask(segment_ids_BS, S, causal), scores_BKGST, jnp.finfo(jnp.float32).min)
-    probs_BKGST = jax.nn.softmax(scores_BKGST, axis=-1).astype(v_BSKD.dtype)
-    out_BSKGD = jnp.einsum("bkgst,btkd->bskgd", probs_BKGST, v_BSKD, preferred_element_type=jnp.float32)
-    return out_BSKGD.reshape(B, S, H, D).astype(q_BSHD.dtype)
+    """Softmax attention in fp32 (as HF's eager path), GQA by grouping query heads.
+
+    Long sequences run over query chunks of Q_CHUNK rows, each rematerialized in the backward
+    pass: every row still sees all its keys, so the result is the same, but the fp32 score
+    matrix held at once is [B, H, Q_CHUNK, S] instead of [B, H, S, S] (1 GiB per layer at
+    S = 4096, H = 16).
+    """
+    S = q_BSHD.shape[1]
+    seg_BS = segment_ids_BS
+    if S <= 2 * Q_CHUNK or S % Q_CHUNK:
+        return _attend_rows(q_BSHD, k_BSKD, v_BSKD, 0, seg_BS, seg_BS, causal)
+    n = S // Q_CHUNK
+
+    def to_chunks(a):  # [B, S, ...] -> [n, B, Q_CHUNK, ...]
+        return jnp.moveaxis(a.reshape(a.shape[0], n, Q_CHUNK, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one_chunk(xs):
+        q_BcHD, start, seg_Bc = xs
+        return _attend_rows(q_BcHD, k_BSKD, v_BSKD, start, seg_Bc, seg_BS, causal)
+
+    starts = jnp.arange(n, dtype=jnp.int32) * Q_CHUNK
+    out_nBcHD = jax.lax.map(one_chunk, (to_chunks(q_BSHD), starts, None if seg_BS is None else to_chunks(seg_BS)))
+    return jnp.moveaxis(out_nBcHD, 0, 1).reshape(q_BSHD.shape)
+
+
+def _attend_rows(q_BcHD, k_BSKD, v_BSKD, q_start, seg_q_Bc, seg_k_BS, causal):
+    """Query rows q_start .. q_start + c - 1 against all S keys."""
+    B, c, H, D = q_BcHD.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    q_BcKGD = q_BcHD.reshape(B, c, K, H // K, D)
+    scores_BKGcS = jnp.einsum("bckgd,bskd->bkgcs", q_BcKGD, k_BSKD, preferred_element_type=jnp.float32)
+    scores_BKGcS = scores_BKGcS * (D**-0.5)
+    allowed = row_mask(q_start, c, S, seg_q_Bc, seg_k_BS, causal)
+    scores_BKGcS = jnp.where(allowed, scores_BKGcS, jnp.finfo(jnp.float32).min)
+    probs_BKGcS = jax.nn.softmax(scores_BKGcS, axis=-1).astype(v_BSKD.dtype)
+    out_BcKGD = jnp.einsum("bkgcs,bskd->bckgd", probs_BKGcS, v_BSKD, preferred_element_type=jnp.float32)
+    return out_BcKGD.reshape(B, c, H, D).astype(q_BcHD.dtype)
 
 
 def cudnn_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS=None):
-    m = None if segment_ids_BS is None else mask(segment_ids_BS, q_BSHD.shape[1])[:, 0]
+    S = q_BSHD.shape[1]
+    m = None if segment_ids_BS is None else row_mask(0, S, S, segment_ids_BS, segment_ids_BS)[:, 0]
     return jax.nn.dot_product_attention(q_BSHD, k_BSKD, v_BSKD, mask=m, is_causal=True, implementation="cudnn")
 
 

@@ -91,13 +91,15 @@ def main():
         "import os, resource, sys; os.environ['JAX_PLATFORMS'] = 'cpu'; import jax; jax.devices()\n"
         "from nopejax import checkpoint, cli, data, hf, train\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "cli.main(['export', '--workdir', sys.argv[1], '--out', sys.argv[2]])\n"
-        "print('PEAK', base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "rc = cli.main(['export', '--workdir', sys.argv[1], '--out', sys.argv[2]])\n"
+        "print('PEAK', rc, base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     src, dst = os.path.join(args.workdir, "async"), os.path.join(args.workdir, "hf")
     out = subprocess.run([sys.executable, "-c", code, src, dst], capture_output=True, text=True, check=True).stdout
-    base, peak = (int(x) / 1024 for x in out.split("PEAK")[1].split())
-    print(f"export: peak RSS {peak - base:.0f} MB above baseline = {(peak - base) / params_mb:.2f}x the "
+    rc, base, peak = (int(x) for x in out.split("PEAK")[1].split())
+    assert rc == 0, "export failed"
+    grown = (peak - base) / 1024
+    print(f"export: peak RSS {grown:.0f} MB above baseline = {grown / params_mb:.2f}x the "
           f"{params_mb:.0f} MB of params (goal < 1.5x)")  # fmt: skip
 
 

@@ -23,7 +23,7 @@ import optax
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from configs_loader import load
 
-from nopejax import train
+from nopejax import config, train
 
 # ---- the plain-JAX baseline: ~60 lines, no framework ----------------------------------------
 
@@ -84,8 +84,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.scan_layers=false")
     args = parser.parse_args()
-    cfg = load("tiny")
+    cfg = config.apply_overrides(load("tiny"), args.overrides)
     s = train.setup(cfg, jax.devices()[:1])
     state = train.init_state(s)
     ours, _ = train.compile_fns(s)

@@ -120,10 +120,14 @@ def _pallas(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, use_rope, rope
     """
     from nopejax.kernels import flash_attention
 
+    platform = _platform()
+    backend = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform)
+
     def kernel(q, k, v, pos, seg):
         return flash_attention(
             q, k, v, segment_ids=seg, positions=pos, rope=use_rope, inv_freq=jnp.asarray(rope.inv_freq),
-            rope_attention_factor=rope.attention_factor, causal=True, interpret=_platform() == "cpu",
+            rope_attention_factor=rope.attention_factor, causal=True, interpret=platform == "cpu",
+            backend=backend,
         )  # fmt: skip
 
     mesh = jax.sharding.get_abstract_mesh()

@@ -195,7 +195,7 @@ def to_hf(
         return next(shape for key, shape in table.items() if key in name)
 
     specs = [(name, shape_of(name), np_dtype) for name in producers]
-    tensorfile.write(out_dir, specs, lambda name: np.asarray(producers[name]()).astype(np_dtype))
+    tensorfile.write(out_dir, specs, lambda name: producers[name]())  # write() converts to np_dtype
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(m, token_ids, dtype), f, indent=2)
     return out_dir

@@ -3,6 +3,7 @@
 import json
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -118,6 +119,9 @@ def test_sharded_safetensors_round_trip(tmp_path):
     reader = tensorfile.Reader(str(tmp_path))
     for n, a in arrays.items():
         np.testing.assert_array_equal(reader.get(n), a)
+    bf16 = arrays["t3"].astype(ml_dtypes.bfloat16)
+    tensorfile.write(str(tmp_path / "bf16"), [("w", bf16.shape, bf16.dtype)], lambda _: bf16)
+    np.testing.assert_array_equal(tensorfile.Reader(str(tmp_path / "bf16")).get("w"), bf16)
 
 
 def test_yarn_config_maps_to_rope_scaling():

@@ -190,3 +190,13 @@ def test_dry_run_for_a_tpu_topology():
                    "--config.mesh.data=1", "--config.mesh.fsdp=-1")  # fmt: skip
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["memory_per_device_gib"] > 0 and "TPU v5" in proc.stdout
+
+
+@pytest.mark.skipif(not _libtpu(), reason="libtpu not installed (pip install -e '.[tpu]')")
+def test_dry_run_for_tpu_with_the_pallas_kernel_under_shard_map():
+    """The whole train step with the fused-RoPE kernel compiles for TPU through Mosaic."""
+    proc = nopejax("train", "--config", "configs/tiny.py", "--dry-run", "--topology", "v5p:2x2x1",
+                   "--config.mesh.data=2", "--config.mesh.tensor=2", "--config.model.d_model=256",
+                   "--config.model.num_heads=4", "--config.model.head_dim=64", "--config.model.attention_impl=pallas",
+                   "--config.model.dtype=bfloat16")  # fmt: skip
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["memory_per_device_gib"] > 0

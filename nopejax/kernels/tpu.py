@@ -143,25 +143,31 @@ def _last_kv_block(qi, bq, bk):
     return lax.div(qi * bq + bq - 1, bk)
 
 
-def forward(q, k, v, positions, inv_freq, segment_ids, cfg: TileConfig, bq: int, bk: int, interpret):
-    """q [B,S,Hq,D], k/v [B,S,Hkv,D] (S padded) -> o [B,S,Hq,D], lse [B,Hq,S,1] (base 2)."""
-    B, S, Hq, D = q.shape
-    G = cfg.num_groups
-    nq, nk = S // bq, S // bk
+def _q_major_index_maps(cfg: TileConfig, bq: int, bk: int):
+    """Block index maps of the grid (B, Hq, q blocks, kv blocks), shared by forward and dQ."""
 
     def q_index(b, h, i, j):
         return b, h, i
 
     def k_index(b, h, i, j):
         # Clamp skipped (above-diagonal) steps to the last needed block: same block index, no new DMA.
-        return b, lax.div(h, G), (jnp.minimum(j, _last_kv_block(i, bq, bk)) if cfg.causal else j)
+        return b, lax.div(h, cfg.num_groups), (jnp.minimum(j, _last_kv_block(i, bq, bk)) if cfg.causal else j)
 
     def row_q(b, h, i, j):
         return b, i
 
     def row_k(b, h, i, j):
-        return k_index(b, h, i, j)[0], k_index(b, h, i, j)[2]
+        return b, k_index(b, h, i, j)[2]
 
+    return q_index, k_index, row_q, row_k
+
+
+def forward(q, k, v, positions, inv_freq, segment_ids, cfg: TileConfig, bq: int, bk: int, interpret):
+    """q [B,S,Hq,D], k/v [B,S,Hkv,D] (S padded) -> o [B,S,Hq,D], lse [B,Hq,S,1] (base 2)."""
+    B, S, Hq, D = q.shape
+    nq, nk = S // bq, S // bk
+
+    q_index, k_index, row_q, row_k = _q_major_index_maps(cfg, bq, bk)
     side_names, side_specs, side_arrays = _side_inputs(cfg, positions, inv_freq, segment_ids, row_q, row_k, bq, bk)
     names = ["q", "k", "v", *side_names, "o", "lse", "m", "denom", "acc"] + (["q_rot"] if cfg.rope else [])
     scratch = [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, D), jnp.float32)]
@@ -313,21 +319,9 @@ def _dq_kernel(*refs, names, cfg: TileConfig, bq: int, bk: int):
 def backward_dq(q, k, v, do, lse, di, positions, inv_freq, segment_ids, cfg: TileConfig, bq, bk, interpret):
     """dq [B,S,Hq,D]."""
     B, S, Hq, D = q.shape
-    G = cfg.num_groups
     nq, nk = S // bq, S // bk
 
-    def q_index(b, h, i, j):
-        return b, h, i
-
-    def k_index(b, h, i, j):
-        return b, lax.div(h, G), (jnp.minimum(j, _last_kv_block(i, bq, bk)) if cfg.causal else j)
-
-    def row_q(b, h, i, j):
-        return b, i
-
-    def row_k(b, h, i, j):
-        return b, k_index(b, h, i, j)[2]
-
+    q_index, k_index, row_q, row_k = _q_major_index_maps(cfg, bq, bk)
     side_names, side_specs, side_arrays = _side_inputs(cfg, positions, inv_freq, segment_ids, row_q, row_k, bq, bk)
     names = ["q", "k", "v", "do", "lse", "di", *side_names, "dq_out", "dq"]
     scratch = [pltpu.VMEM((bq, D), jnp.float32)]

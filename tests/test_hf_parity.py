@@ -120,6 +120,7 @@ def test_sharded_safetensors_round_trip(tmp_path):
     for n, a in arrays.items():
         np.testing.assert_array_equal(reader.get(n), a)
     bf16 = arrays["t3"].astype(ml_dtypes.bfloat16)
+    (tmp_path / "bf16").mkdir()
     tensorfile.write(str(tmp_path / "bf16"), [("w", bf16.shape, bf16.dtype)], lambda _: bf16)
     np.testing.assert_array_equal(tensorfile.Reader(str(tmp_path / "bf16")).get("w"), bf16)
 

@@ -333,10 +333,10 @@ def test_tpu_lowering_compiles_ahead_of_time_for_v5p(rope, D, causal):
 def test_local_layer_tpu_lowering_compiles_ahead_of_time_for_v5p():
     """Mosaic accepts the banded grids, partial interleaved RoPE (16 + 16 + 96 lanes) and the temperature."""
     sharding = _v5p_single_device_sharding()
-    B, S, Hq, Hkv = 1, 2048, 4, 2
+    B, S, Hq, Hkv = 1, 1024, 4, 2
     ids = jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=sharding)
     layers = [
-        (128, dict(sliding_window=1000, partial_rotary_factor=0.25, rope_layout="interleaved")),
+        (128, dict(sliding_window=300, partial_rotary_factor=0.25, rope_layout="interleaved")),
         (64, dict(rope=False, chunk_size=512, nope_temperature=(64.0, 0.1))),
     ]
     for D, opts in layers:

@@ -7,6 +7,12 @@ compiles one with no rotation work at all (SmolLM3 puts a NoPE layer every
 flash backward (a dK/dV kernel and a dQ kernel) that recomputes the rotated
 tiles and rotates dq and dk back before writing them.
 
+Layer options, all static: sliding_window (local layers), chunk_size
+(Llama 4 chunked layers), partial_rotary_factor, rope_layout ("half" or
+"interleaved") and nope_temperature (Llama 4's query scale on NoPE layers).
+Local and chunked layers launch grids over the band of blocks they can see
+only; describe() / grid_steps() report what a call would launch.
+
 This module validates inputs, pads the sequence to a whole number of blocks,
 picks the backend and holds the custom_vjp; the kernels are in tpu.py (Mosaic
 TPU) and gpu.py (Triton), their shared tile math in tile.py.

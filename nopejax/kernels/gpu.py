@@ -3,8 +3,10 @@
 Follows the structure of JAX's GPU flash attention
 (jax/experimental/pallas/ops/gpu/attention.py): the grid covers (q or kv
 block, batch, head) and each program loops over the other sequence axis with
-lax.fori_loop, holding accumulators in registers. The causal loop bounds stop
-at the diagonal, so blocks above it are never visited.
+lax.fori_loop, holding accumulators in registers. The loop bounds are the
+band tile.kv_block_range / q_block_range gives (the causal diagonal, and the
+window or chunk start of local and chunked layers), so blocks outside it are
+never visited.
 
 Differences from that kernel: RoPE tiles stay as two halves (Triton cannot
 concatenate along the last axis, so q.k is two half-width dots); GQA is read

@@ -5,14 +5,19 @@ backend modules only decide how tiles are walked (a grid axis with scratch
 accumulators on TPU, an in-kernel loop on GPU). Row vectors are kept 2-D,
 [rows, 1], and column vectors [1, cols], which both Mosaic and Triton lower.
 
-RoPE is applied while a q or k tile is loaded: its two halves are read from
-the ref, rotated in fp32 (HF half-split convention:
-x*cos + rotate_half(x)*sin, rotate_half(x) = concat(-x2, x1)) and cast back
-to the input dtype for the matrix unit. A tile is carried as a tuple of
-"parts" whose dot products add up to the full one: (x,) for a NoPE tile or a
-rotated tile re-joined on TPU, (x1, x2) for a rotated tile on GPU, where
-Triton cannot concatenate along lanes. Gradients with respect to the rotated
-tiles are rotated back with the transposed rotation before they are stored.
+RoPE is applied while a q or k tile is loaded: the two halves of its first
+rot_dim columns are read from the ref, rotated in fp32 (HF half-split
+convention: x*cos + rotate_half(x)*sin, rotate_half(x) = concat(-x2, x1)) and
+cast back to the input dtype for the matrix unit; the remaining columns of a
+partially rotated head pass through. A tile is carried as a tuple of "parts"
+whose dot products add up to the full one: (x,) for a NoPE tile or a rotated
+tile re-joined on TPU, (x1, x2, *rest) for a rotated tile on GPU, where Triton
+cannot concatenate along lanes. Gradients with respect to the rotated tiles
+are rotated back with the transposed rotation before they are stored.
+
+Local (sliding-window) and chunked layers: kv_block_range / q_block_range
+give the blocks a tile can see, so both lowerings walk only that band
+(O(S*W) tiles, not O(S^2)), and mask_tile masks inside it.
 
 Softmax runs in base 2 (exp2, log2(e) folded into the score scale), as in
 JAX's GPU kernel; the saved log-sum-exp is in the same base.

@@ -1,10 +1,14 @@
 """Mosaic TPU lowering: forward, dK/dV and dQ pallas_calls over the shared tile math.
 
-The kv (or q) sequence is the innermost, "arbitrary" grid axis; running
-softmax statistics and fp32 accumulators live in VMEM scratch across it, as
-in JAX's own TPU flash attention. Tiles above the causal diagonal are skipped
-with pl.when and their index maps are clamped to the last (first) needed
-block, so the pipeline does not DMA them either.
+The innermost, "arbitrary" grid axis walks the kv (or q) blocks a q (kv)
+block can see: all of them for a global layer, only the band
+tile.kv_block_range / q_block_range gives for a local or chunked layer, so a
+local layer's grid has about S*W/(bq*bk) steps per head. Running softmax
+statistics and fp32 accumulators live in VMEM scratch across it, as in JAX's
+own TPU flash attention. Steps past a block's range (above the causal
+diagonal, or the short bands at the start of the sequence) are skipped with
+pl.when and their index maps are clamped to the last needed block, so the
+pipeline does not DMA them either.
 
 Layout: a head's [S, D] slab is read straight from [B, S, H*D] (a free
 reshape of [B, S, H, D]) when D is a multiple of 128, Mosaic's lane width.

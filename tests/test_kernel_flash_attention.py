@@ -155,7 +155,7 @@ def test_runs_inside_scan_with_static_rope_flags():
 # the GPU form; windows smaller than, equal to and larger than a block, and not multiples of it; lengths
 # that are not a multiple of the block; packed rows whose positions restart per document.
 LAYER_CASES = [
-    ("tpu", 128, 300, 4, 2, 64, True, dict(sliding_window=50)),
+    ("tpu", 128, 300, 2, 1, 64, True, dict(sliding_window=50)),
     ("tpu", 128, 256, 2, 1, 64, False, dict(sliding_window=128, rope=False)),
     ("tpu", 128, 300, 2, 1, 128, True, dict(sliding_window=200, partial_rotary_factor=0.25)),
     ("tpu", 128, 300, 3, 1, 64, True, dict(chunk_size=96, rope_layout="interleaved")),

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nopejax.kernels import flash_attention, reference_attention
+from nopejax.kernels import describe, flash_attention, grid_steps, reference_attention
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
@@ -149,6 +149,115 @@ def test_runs_inside_scan_with_static_rope_flags():
     assert _max_rel_err(jax.grad(loss)(q), jax.grad(ref_loss)(q)) < 5e-2
 
 
+# ----------------------------------------------------------------------------- layer options (issue 13)
+
+# (backend, block, S, Hq, Hkv, D, packed, options). Blocks of 128 on the TPU form (its minimum) and 32 on
+# the GPU form; windows smaller than, equal to and larger than a block, and not multiples of it; lengths
+# that are not a multiple of the block; packed rows whose positions restart per document.
+LAYER_CASES = [
+    ("tpu", 128, 300, 2, 1, 64, True, dict(sliding_window=50)),
+    ("tpu", 128, 256, 2, 1, 64, False, dict(sliding_window=128, rope=False)),
+    ("tpu", 128, 300, 2, 1, 128, True, dict(sliding_window=200, partial_rotary_factor=0.25)),
+    ("tpu", 128, 300, 3, 1, 64, True, dict(chunk_size=96, rope_layout="interleaved")),
+    ("tpu", 128, 384, 2, 2, 64, False, dict(chunk_size=128)),  # chunks on the sequence index: exact band
+    ("tpu", 128, 200, 2, 1, 128, True, dict(rope=False, nope_temperature=(4.0, 0.5))),
+    ("gpu", 32, 200, 4, 2, 64, True, dict(sliding_window=45, partial_rotary_factor=0.5, rope_layout="interleaved")),
+    ("gpu", 32, 150, 2, 1, 64, False, dict(chunk_size=48, rope=False, nope_temperature=(8.0, 0.25))),
+    ("gpu", 32, 130, 2, 1, 128, True, dict(sliding_window=32, partial_rotary_factor=0.25)),
+]
+
+
+def _layer_id(c):
+    backend, _, S, hq, hkv, d, packed, opts = c
+    return f"{backend}-s{S}-h{hq}x{hkv}-d{d}{'-packed' if packed else ''}-" + "-".join(
+        f"{k}={v}" for k, v in opts.items()
+    )
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=[_layer_id(c) for c in LAYER_CASES])
+def test_layer_options_match_reference(case):
+    """Local, chunked, partial / interleaved RoPE and the NoPE temperature: forward and gradients, fp32."""
+    backend, block, S, Hq, Hkv, D, packed, opts = case
+    q, k, v, seg, pos = _inputs(1, S, Hq, Hkv, D, F32, seed=S + D, segments=packed)
+    common = dict(segment_ids=seg, positions=pos, rope_theta=100.0, **opts)
+    kernel = lambda q, k, v: flash_attention(
+        q, k, v, interpret=True, backend=backend, block_q=block, block_k=block, **common
+    )
+    out, vjp = jax.vjp(kernel, q, k, v)
+    ref_out, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, **common), q, k, v)
+    ct = jax.random.normal(jax.random.key(7), out.shape, F32)
+    assert _max_rel_err(out, ref_out) < 2e-3
+    for name, g, rg in zip(("dq", "dk", "dv"), vjp(ct), ref_vjp(ct)):
+        assert _max_rel_err(g, rg) < 5e-3, name
+
+
+def test_options_change_the_result():
+    """The reference is not blind to the options the cases above compare: each one moves the output."""
+    q, k, v, seg, pos = _inputs(1, 96, 2, 1, 64, F32, segments=True)
+    base = reference_attention(q, k, v, segment_ids=seg, positions=pos)
+    for opts in (
+        dict(sliding_window=8),
+        dict(chunk_size=16),
+        dict(partial_rotary_factor=0.5),
+        dict(rope_layout="interleaved"),
+        dict(rope=False),
+    ):
+        assert _max_rel_err(reference_attention(q, k, v, segment_ids=seg, positions=pos, **opts), base) > 1e-2, opts
+    nope = reference_attention(q, k, v, segment_ids=seg, positions=pos, rope=False)
+    warm = reference_attention(q, k, v, segment_ids=seg, positions=pos, rope=False, nope_temperature=(2.0, 0.5))
+    assert _max_rel_err(warm, nope) > 1e-2
+
+
+def test_window_covering_the_document_equals_global():
+    """A window at least as long as every document is global attention; a chunk likewise."""
+    q, k, v, seg, pos = _inputs(1, 160, 2, 1, 64, F32)
+    run = lambda **o: flash_attention(
+        q, k, v, segment_ids=seg, positions=pos, interpret=True, backend="gpu", block_q=32, block_k=32, **o
+    )
+    glob = run()
+    np.testing.assert_allclose(run(sliding_window=160), glob, atol=1e-6)
+    np.testing.assert_allclose(run(chunk_size=160), glob, atol=1e-6)
+
+
+def test_local_layer_grid_grows_linearly_in_seq_len():
+    """A local layer's grid covers the band only: steps ~ S * W / (bq * bk), for every kernel and both forms."""
+    W = 4096
+    for backend in ("tpu", "gpu"):
+        shape = dict(num_heads=2, num_kv_heads=1, head_dim=128, backend=backend)
+        local = {S: grid_steps(S, sliding_window=W, **shape) for S in (16384, 32768, 65536, 131072)}
+        glob = {S: grid_steps(S, **shape) for S in (16384, 32768)}
+        chunked = {S: grid_steps(S, chunk_size=W, packed=True, **shape) for S in (32768, 65536, 131072)}
+        for name in ("forward", "dkv", "dq"):
+            # Doubling S adds the same number of steps each time: linear, not quadratic.
+            d1 = local[32768][name] - local[16384][name]
+            d2 = local[65536][name] - local[32768][name]
+            d3 = local[131072][name] - local[65536][name]
+            assert d2 == 2 * d1 and d3 == 2 * d2, (backend, name, local)
+            c1, c2 = chunked[65536][name] - chunked[32768][name], chunked[131072][name] - chunked[65536][name]
+            assert c2 == 2 * c1, (backend, name, chunked)
+            assert glob[32768][name] > 3.5 * glob[16384][name]  # global: quadratic
+            assert local[32768][name] < 0.3 * glob[32768][name]
+
+
+def test_grid_and_cost_estimate_cover_only_the_band():
+    """The grids and CostEstimates the pallas_calls carry are what describe() reports, and FLOPs follow the band."""
+    S, W = 640, 200
+    q = jnp.ones((1, S, 2, 64), F32)
+    loss = lambda q: flash_attention(q, q, q, sliding_window=W, interpret=True, block_q=128, block_k=128).sum()
+    txt = str(jax.make_jaxpr(jax.grad(loss))(q))
+    plan = describe(S, num_heads=2, num_kv_heads=2, head_dim=64, sliding_window=W, block_q=128, block_k=128)
+    grids = [tuple(int(x) for x in g.split(",")) for g in re.findall(r"grid=\(([0-9, ]+)\)", txt)]
+    flops = [int(f) for f in re.findall(r"CostEstimate\(flops=(\d+)", txt)]
+    assert grids == [plan[n]["grid"] for n in ("forward", "dkv", "dq")]
+    assert flops == [plan[n]["flops"] for n in ("forward", "dkv", "dq")]
+    assert grids[0] == (1, 2, 5, 3)  # 5 q blocks x 3 kv blocks of 128 reach back 199 keys
+    # Forward FLOPs: local at 128k is about W / (S / 2) of global (the causal half) at 128k.
+    big = dict(num_heads=32, num_kv_heads=8, head_dim=128)
+    local = describe(131072, sliding_window=4096, **big)["forward"]["flops"]
+    glob = describe(131072, **big)["forward"]["flops"]
+    assert 0.9 * 4096 / 65536 < local / glob < 1.2 * (4096 + 512) / 65536
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 
@@ -163,6 +272,16 @@ def test_runs_inside_scan_with_static_rope_flags():
         (((1, 128, 4, 64), (1, 128, 4, 64)), {"block_q": 96}, r"block_q=96 must be a multiple of 128"),
         (((1, 128, 4, 64), (1, 128, 4, 64)), {"block_k": 48, "backend": "gpu"}, r"block_k=48 must be a power of two"),
         (((1, 128, 4, 64), (1, 128, 4, 64)), {"inv_freq": jnp.ones((64,))}, r"inv_freq must have shape"),
+        (((1, 128, 4, 64), (1, 128, 4, 64)), {"sliding_window": 0}, r"sliding_window must be an int >= 1"),
+        (((1, 128, 4, 64), (1, 128, 4, 64)), {"chunk_size": 1.5}, r"chunk_size must be an int >= 1"),
+        (((1, 128, 4, 64), (1, 128, 4, 64)), {"sliding_window": 8, "chunk_size": 8}, r"not both"),
+        (((1, 128, 4, 64), (1, 128, 4, 64)), {"sliding_window": 8, "causal": False}, r"need causal=True"),
+        (((1, 128, 4, 64), (1, 128, 4, 64)), {"partial_rotary_factor": 0.0}, r"must be in \(0, 1\]"),
+        (((1, 128, 4, 64), (1, 128, 4, 64)), {"partial_rotary_factor": 0.3}, r"rot_dim = int\(64 \* f\) = 19"),
+        (((1, 128, 4, 64), (1, 128, 4, 64)), {"rope_layout": "pairs"}, r"rope_layout must be 'half'"),
+        (((1, 128, 4, 64), (1, 128, 4, 64)), {"nope_temperature": (4.0, 0.1)}, r"NoPE layers only"),
+        (((1, 128, 4, 64), (1, 128, 4, 64)), {"partial_rotary_factor": 0.25, "backend": "gpu"}, r"on GPU, rot_dim"),
+        (((1, 128, 4, 64), (1, 128, 4, 64)), {"inv_freq": jnp.ones((32,)), "partial_rotary_factor": 0.5}, r"(16,)"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(shapes, kwargs, match):
@@ -211,6 +330,27 @@ def test_tpu_lowering_compiles_ahead_of_time_for_v5p(rope, D, causal):
     assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 3
 
 
+def test_local_layer_tpu_lowering_compiles_ahead_of_time_for_v5p():
+    """Mosaic accepts the banded grids, partial interleaved RoPE (16 + 16 + 96 lanes) and the temperature."""
+    sharding = _v5p_single_device_sharding()
+    B, S, Hq, Hkv = 1, 1024, 4, 2
+    ids = jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=sharding)
+    layers = [
+        (128, dict(sliding_window=300, partial_rotary_factor=0.25, rope_layout="interleaved")),
+        (64, dict(rope=False, chunk_size=512, nope_temperature=(64.0, 0.1))),
+    ]
+    for D, opts in layers:
+        q = jax.ShapeDtypeStruct((B, S, Hq, D), BF16, sharding=sharding)
+        kv = jax.ShapeDtypeStruct((B, S, Hkv, D), BF16, sharding=sharding)
+
+        def loss(q, k, v, seg, pos, opts=opts):
+            o = flash_attention(q, k, v, segment_ids=seg, positions=pos, backend="tpu", **opts)
+            return o.astype(F32).sum()
+
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, ids, ids).compile()
+        assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 3, opts
+
+
 def _lower_for_cuda(fn, *args) -> str:
     """StableHLO for CUDA from a host without a GPU (Pallas -> Triton IR runs; PTX needs a GPU)."""
     try:
@@ -226,7 +366,11 @@ def _lower_for_cuda(fn, *args) -> str:
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def test_gpu_lowering_emits_triton_kernels():
+LOCAL_GPU = dict(sliding_window=100, partial_rotary_factor=0.25, rope_layout="interleaved")
+
+
+@pytest.mark.parametrize("opts", [{}, LOCAL_GPU], ids=["global", "local"])
+def test_gpu_lowering_emits_triton_kernels(opts):
     """Forward, dK/dV and dQ lower through Pallas's Triton backend (GQA 6:2, RoPE, segments)."""
     B, S, Hq, Hkv, D = 1, 256, 6, 2, 128
     q = jax.ShapeDtypeStruct((B, S, Hq, D), BF16)
@@ -234,7 +378,7 @@ def test_gpu_lowering_emits_triton_kernels():
     ids = jax.ShapeDtypeStruct((B, S), jnp.int32)
 
     def loss(q, k, v, seg, pos):
-        o = flash_attention(q, k, v, segment_ids=seg, positions=pos, rope=True, backend="gpu")
+        o = flash_attention(q, k, v, segment_ids=seg, positions=pos, rope=True, backend="gpu", **opts)
         return o.astype(F32).sum()
 
     text = _lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, kv, kv, ids, ids)

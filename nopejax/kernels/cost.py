@@ -1,33 +1,31 @@
 """pl.CostEstimate for each pallas_call, so XLA schedules around the kernels sensibly.
 
 Counts follow what the kernels actually do: only tiles on or below the causal
-diagonal are computed (and their k/v or q/dO tiles read), RoPE costs a cos and
-a sin per rotated pair plus a few flops per element, and exp2 is one
-transcendental per logit.
+diagonal, and for local (sliding-window) and chunked layers only tiles inside
+the band, are computed (and their k/v or q/dO tiles read); RoPE costs a cos
+and a sin per rotated pair plus a few flops per rotated element, and exp2 is
+one transcendental per logit.
 """
 
 from __future__ import annotations
 
 from jax.experimental import pallas as pl
 
+from nopejax.kernels import tile
 from nopejax.kernels.tile import TileConfig
 
 
 def _computed_tiles(cfg: TileConfig, bq: int, bk: int) -> int:
     """(q tile, kv tile) pairs one head computes."""
-    S = cfg.padded_len
-    nq, nk = S // bq, S // bk
-    if not cfg.causal:
-        return nq * nk
-    return sum(min(nk, (i * bq + bq - 1) // bk + 1) for i in range(nq))
+    return tile.computed_tiles(cfg, bq, bk)
 
 
 def _rope_elems(cfg: TileConfig, rows: int) -> tuple[int, int]:
     """(flops, transcendentals) to rotate a [rows, D] tile."""
     if not cfg.rope:
         return 0, 0
-    D = cfg.head_dim
-    return 4 * rows * D, rows * D  # angle, 2 mul + 1 add per element; cos and sin of D/2 angles
+    R = cfg.rot_dim
+    return 4 * rows * R, rows * R  # angle, 2 mul + 1 add per rotated element; cos and sin of R/2 angles
 
 
 def forward(q, k, cfg: TileConfig, bq: int, bk: int) -> pl.CostEstimate:

@@ -7,6 +7,12 @@ compiles one with no rotation work at all (SmolLM3 puts a NoPE layer every
 flash backward (a dK/dV kernel and a dQ kernel) that recomputes the rotated
 tiles and rotates dq and dk back before writing them.
 
+Layer options, all static: sliding_window (local layers), chunk_size
+(Llama 4 chunked layers), partial_rotary_factor, rope_layout ("half" or
+"interleaved") and nope_temperature (Llama 4's query scale on NoPE layers).
+Local and chunked layers launch grids over the band of blocks they can see
+only; describe() / grid_steps() report what a call would launch.
+
 This module validates inputs, pads the sequence to a whole number of blocks,
 picks the backend and holds the custom_vjp; the kernels are in tpu.py (Mosaic
 TPU) and gpu.py (Triton), their shared tile math in tile.py.
@@ -20,8 +26,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import tpu as pltpu
 
-from nopejax.kernels import gpu, tpu
+from nopejax.kernels import cost, gpu, tile, tpu
 from nopejax.kernels.tile import TileConfig
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -44,13 +52,18 @@ def flash_attention(
     v,  # [B, S, Hkv, D]
     *,
     segment_ids=None,  # [B, S] int: packed documents never attend across ids
-    positions=None,  # [B, S] int: RoPE positions; default arange(S) per row
+    positions=None,  # [B, S] int: RoPE positions (restarting per document); default arange(S) per row
     rope: bool = True,
     rope_theta: float = 10000.0,
     causal: bool = True,
     interpret: bool = False,
+    sliding_window: int | None = None,
+    chunk_size: int | None = None,
+    partial_rotary_factor: float = 1.0,
+    rope_layout: str = "half",
+    nope_temperature: tuple[float, float] | None = None,
     sm_scale: float | None = None,
-    inv_freq=None,  # [D // 2] fp32, overrides rope_theta (YaRN / linear scaling)
+    inv_freq=None,  # [rot_dim // 2] fp32, overrides rope_theta (YaRN / linear scaling)
     rope_attention_factor: float = 1.0,
     block_q: int | None = None,
     block_k: int | None = None,
@@ -60,54 +73,184 @@ def flash_attention(
 
     GQA: q head h attends with kv head h // (Hq // Hkv); k and v are never repeated.
     On CPU pass interpret=True (TPU kernel form under Pallas's TPU interpreter).
-    `positions`, `segment_ids` and `inv_freq` are not differentiated.
+    `positions`, `segment_ids` and `inv_freq` are not differentiated. All layer options are static.
+
+    Layer options (HF semantics, each document of a packed row behaving as if it were alone):
+      sliding_window=W: key j visible to query i iff pos_i - W < pos_j <= pos_i (same document).
+      chunk_size=C: visible iff causal and pos_i // C == pos_j // C (Llama 4 chunked attention).
+        Both compare `positions` when given, else the sequence index. The kernel walks only the
+        blocks of the band i - W < j <= i in sequence index, which holds every visible key as long
+        as positions grow by at least 1 per token inside a document (arange, or restarting at 0 per
+        document); keys visible by position but outside that band (e.g. repeated positions) are
+        not seen. Both need causal=True.
+      partial_rotary_factor=f: rotate the first rot_dim = int(f * D) dims (even), frequencies
+        over rot_dim (inv_freq then has rot_dim // 2 entries); the rest pass through.
+      rope_layout: "half" rotates (x[i], x[i + rot_dim/2]) (rotate_half, Llama / SmolLM3);
+        "interleaved" rotates adjacent pairs (x[2i], x[2i+1]) (Cohere2, Llama 4). The kernel runs
+        the half form on q and k with their rotated dims de-interleaved (a permutation applied to
+        both leaves q.k unchanged).
+      nope_temperature=(floor_scale, attn_scale): NoPE layers only (rope=False): logits of the
+        query at position p are scaled by log1p(floor((p + 1) / floor_scale)) * attn_scale + 1,
+        the same as scaling q (Llama 4).
     """
     B, S, Hq, D, Hkv = _check_shapes(q, k, v, segment_ids, positions)
     backend = _resolve_backend(backend, interpret)
+    rot_dim = _check_layer_options(
+        D, rope, causal, sliding_window, chunk_size, partial_rotary_factor, rope_layout, nope_temperature, backend
+    )
     if sm_scale is None:
         sm_scale = D**-0.5
-    if rope:
+    positions_given = positions is not None
+    needs_positions = rope or chunk_size is not None or nope_temperature is not None
+    if needs_positions or (sliding_window is not None and positions_given):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        if inv_freq is None:
-            inv_freq = 1.0 / (rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
-        inv_freq = jnp.asarray(inv_freq, jnp.float32)
-        if inv_freq.shape != (D // 2,):
-            raise ValueError(f"inv_freq must have shape (D//2,) = ({D // 2},); got {inv_freq.shape}")
         positions = positions.astype(jnp.int32)
     else:
-        positions = inv_freq = None  # NoPE: nothing RoPE-related reaches the kernel
+        positions = None  # nothing position-dependent reaches the kernel
+    if rope:
+        if inv_freq is None:
+            inv_freq = 1.0 / (rope_theta ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
+        inv_freq = jnp.asarray(inv_freq, jnp.float32)
+        if inv_freq.shape != (rot_dim // 2,):
+            raise ValueError(
+                f"inv_freq must have shape (rot_dim//2,) = ({rot_dim // 2},) for head_dim {D} and "
+                f"partial_rotary_factor {partial_rotary_factor}; got {inv_freq.shape}"
+            )
+        if rope_layout == "interleaved":
+            q, k = _deinterleave(q, rot_dim), _deinterleave(k, rot_dim)
+    else:
+        inv_freq = None
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
+    chunk_ids = None if chunk_size is None else lax.div(positions, jnp.int32(chunk_size))
+    temperature = None
+    if nope_temperature is not None:
+        floor_scale, attn_scale = nope_temperature
+        temperature = jnp.log1p(jnp.floor((positions.astype(jnp.float32) + 1.0) / floor_scale)) * attn_scale + 1.0
 
+    plan = _make_plan(
+        S, D, Hq // Hkv, backend, block_q, block_k, bool(interpret), causal=causal, sm_scale=sm_scale, rope=rope,
+        rope_factor=rope_attention_factor, rot_dim=rot_dim, has_segments=segment_ids is not None,
+        window=sliding_window, chunk=chunk_size, positions_given=positions_given,
+        has_temperature=temperature is not None,
+    )  # fmt: skip
+    Sp = plan.cfg.padded_len
+    if Sp != S:  # pad to whole blocks; padded keys are masked, padded query rows dropped
+        pad = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, Sp - S)] + [(0, 0)] * (x.ndim - 2))
+        q, k, v, positions, segment_ids, chunk_ids, temperature = map(
+            pad, (q, k, v, positions, segment_ids, chunk_ids, temperature)
+        )
+    o = _flash(q, k, v, (positions, inv_freq, segment_ids, chunk_ids, temperature), plan)
+    return o[:, :S] if Sp != S else o
+
+
+def _deinterleave(x_BSHD, rot_dim: int):
+    """Rotated dims from pair order (x0, x1, x2, x3, ...) to half order (x0, x2, ..., x1, x3, ...)."""
+    B, S, H, D = x_BSHD.shape
+    rot = x_BSHD[..., :rot_dim].reshape(B, S, H, rot_dim // 2, 2).swapaxes(-1, -2).reshape(B, S, H, rot_dim)
+    return rot if rot_dim == D else jnp.concatenate([rot, x_BSHD[..., rot_dim:]], axis=-1)
+
+
+def _make_plan(
+    S, D, num_groups, backend, block_q, block_k, interpret, *, causal, sm_scale, rope, rope_factor, rot_dim,
+    has_segments, window, chunk, positions_given, has_temperature,
+) -> _Plan:  # fmt: skip
     blocks = _resolve_blocks(backend, S, block_q, block_k)
-    Sp = _round_up(S, math.lcm(*blocks))
     cfg = TileConfig(
         causal=bool(causal),
         sm_scale=float(sm_scale),
         rope=bool(rope),
-        rope_factor=float(rope_attention_factor),
+        rope_factor=float(rope_factor),
         head_dim=D,
-        num_groups=Hq // Hkv,
+        num_groups=num_groups,
         seq_len=S,
-        padded_len=Sp,
-        has_segments=segment_ids is not None,
+        padded_len=_round_up(S, math.lcm(*blocks)),
+        has_segments=has_segments,
         join_halves=backend == "tpu",
+        rot_dim=rot_dim if rope else 0,
+        window=window,
+        chunk=chunk,
+        window_on_positions=window is not None and positions_given,
+        chunk_by_index=chunk is not None and not positions_given,
+        has_temperature=has_temperature,
     )
-    plan = _Plan(cfg=cfg, backend=backend, blocks=blocks, interpret=bool(interpret))
-    if Sp != S:  # pad to whole blocks; padded keys are masked, padded query rows dropped
-        pad = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, Sp - S)] + [(0, 0)] * (x.ndim - 2))
-        q, k, v, positions, segment_ids = map(pad, (q, k, v, positions, segment_ids))
-    o = _flash(q, k, v, positions, inv_freq, segment_ids, plan)
-    return o[:, :S] if Sp != S else o
+    return _Plan(cfg=cfg, backend=backend, blocks=blocks, interpret=interpret)
+
+
+def describe(
+    seq_len: int,
+    *,
+    batch: int = 1,
+    num_heads: int = 1,
+    num_kv_heads: int = 1,
+    head_dim: int = 128,
+    dtype=jnp.bfloat16,
+    causal: bool = True,
+    rope: bool = True,
+    sliding_window: int | None = None,
+    chunk_size: int | None = None,
+    packed: bool = False,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    backend: str = "tpu",
+) -> dict[str, dict]:
+    """What flash_attention would launch for these shapes, without running it.
+
+    Per kernel ("forward", "dkv", "dq"): "steps" (TPU: grid steps, the product of "grid";
+    GPU: inner-loop iterations over all programs, "grid" being the program grid) and the
+    pl.CostEstimate fields "flops", "transcendentals", "bytes_accessed". `packed` = positions
+    are passed (windows and chunks then compare positions, and chunks use the band grid).
+    """
+    D = head_dim
+    _check_layer_options(D, rope, causal, sliding_window, chunk_size, 1.0, "half", None, backend)
+    plan = _make_plan(
+        seq_len, D, num_heads // num_kv_heads, backend, block_q, block_k, False, causal=causal, sm_scale=D**-0.5,
+        rope=rope, rope_factor=1.0, rot_dim=D, has_segments=packed, window=sliding_window, chunk=chunk_size,
+        positions_given=packed, has_temperature=False,
+    )  # fmt: skip
+    cfg, (bq, bk, bq_b, bk_b) = plan.cfg, plan.blocks
+    Sp = cfg.padded_len
+    q = jax.ShapeDtypeStruct((batch, Sp, num_heads, D), dtype)
+    kv = jax.ShapeDtypeStruct((batch, Sp, num_kv_heads, D), dtype)
+    costs = {
+        "forward": cost.forward(q, kv, cfg, bq, bk),
+        "dkv": cost.backward_dkv(q, kv, cfg, bq_b, bk_b),
+        "dq": cost.backward_dq(q, kv, cfg, bq_b, bk_b),
+    }
+    if backend == "tpu":
+        grids = tpu.grids(batch, num_heads, cfg, bq, bk, bq_b, bk_b)
+        steps = {name: math.prod(g) for name, g in grids.items()}
+    else:
+        grids = {
+            "forward": (Sp // bq, batch, num_heads),
+            "dkv": (Sp // bk_b, batch, num_kv_heads),
+            "dq": (Sp // bq_b, batch, num_heads),
+        }
+        steps = gpu.loop_steps(batch, num_heads, cfg, bq, bk, bq_b, bk_b)
+    return {
+        name: dict(
+            grid=grids[name],
+            steps=steps[name],
+            flops=costs[name].flops,
+            transcendentals=costs[name].transcendentals,
+            bytes_accessed=costs[name].bytes_accessed,
+        )
+        for name in ("forward", "dkv", "dq")
+    }
+
+
+def grid_steps(seq_len: int, **kwargs) -> dict[str, int]:
+    """Steps per kernel ("forward", "dkv", "dq") flash_attention runs; kwargs as for describe()."""
+    return {name: d["steps"] for name, d in describe(seq_len, **kwargs).items()}
 
 
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _flash(q, k, v, positions, inv_freq, segment_ids, plan: _Plan):
-    return _flash_fwd(q, k, v, positions, inv_freq, segment_ids, plan)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, extras, plan: _Plan):
+    return _flash_fwd(q, k, v, extras, plan)[0]
 
 
 def _impl(plan: _Plan):
@@ -117,34 +260,30 @@ def _impl(plan: _Plan):
 def _interpret_arg(plan: _Plan):
     if not plan.interpret:
         return False
-    if plan.backend == "tpu" and hasattr(_pltpu(), "InterpretParams"):
-        return _pltpu().InterpretParams()
+    if plan.backend == "tpu" and hasattr(pltpu, "InterpretParams"):
+        return pltpu.InterpretParams()
     return True
 
 
-def _pltpu():
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu
-
-
-def _flash_fwd(q, k, v, positions, inv_freq, segment_ids, plan: _Plan):
+def _flash_fwd(q, k, v, extras, plan: _Plan):
     bq, bk, _, _ = plan.blocks
-    o, lse = _impl(plan).forward(q, k, v, positions, inv_freq, segment_ids, plan.cfg, bq, bk, _interpret_arg(plan))
-    return o, (q, k, v, positions, inv_freq, segment_ids, o, lse)
+    side = tile.side_inputs(plan.cfg, *extras)
+    o, lse = _impl(plan).forward(q, k, v, side, plan.cfg, bq, bk, _interpret_arg(plan))
+    return o, (q, k, v, extras, o, lse)
 
 
 def _flash_bwd(plan: _Plan, res, do):
-    q, k, v, positions, inv_freq, segment_ids, o, lse = res
+    q, k, v, extras, o, lse = res
     _, _, bq, bk = plan.blocks
     do = do.astype(q.dtype)
     # di = rowsum(dO * O), the softmax-backward correction; one fused XLA reduction.
     di = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))[..., None]
     impl, interpret = _impl(plan), _interpret_arg(plan)
-    args = (q, k, v, do, lse, di, positions, inv_freq, segment_ids, plan.cfg, bq, bk, interpret)
+    side = tile.side_inputs(plan.cfg, *extras)
+    args = (q, k, v, do, lse, di, side, plan.cfg, bq, bk, interpret)
     dk, dv = impl.backward_dkv(*args)
     dq = impl.backward_dq(*args)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, tuple(None for _ in extras)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -182,6 +321,49 @@ def _check_shapes(q, k, v, segment_ids, positions):
         if x is not None and tuple(x.shape) != (B, S):
             raise ValueError(f"{name} must be [B, S] = [{B}, {S}]; got {tuple(x.shape)}")
     return B, S, Hq, D, Hkv
+
+
+def _check_layer_options(
+    D, rope, causal, sliding_window, chunk_size, partial_rotary_factor, rope_layout, nope_temperature, backend
+) -> int:
+    """Validate the static layer options; returns the rotated width rot_dim."""
+    for name, value in (("sliding_window", sliding_window), ("chunk_size", chunk_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1 (or None for a global layer); got {value!r}")
+    if sliding_window is not None and chunk_size is not None:
+        raise ValueError("set sliding_window (local layer) or chunk_size (chunked layer), not both")
+    if (sliding_window is not None or chunk_size is not None) and not causal:
+        raise ValueError("sliding_window and chunk_size need causal=True (HF local and chunked layers are causal)")
+    if rope_layout not in ("half", "interleaved"):
+        raise ValueError(
+            f"rope_layout must be 'half' (rotate_half) or 'interleaved' (adjacent pairs); got {rope_layout!r}"
+        )
+    if not 0.0 < partial_rotary_factor <= 1.0:
+        raise ValueError(f"partial_rotary_factor must be in (0, 1]; got {partial_rotary_factor}")
+    rot_dim = int(D * partial_rotary_factor)
+    if rot_dim < 2 or rot_dim % 2:
+        raise ValueError(
+            f"partial_rotary_factor {partial_rotary_factor} gives rot_dim = int({D} * f) = {rot_dim}; "
+            "it must be even and >= 2: choose f so that f * head_dim is even"
+        )
+    if nope_temperature is not None:
+        if rope:
+            raise ValueError(
+                "nope_temperature applies to NoPE layers only (rope=False), as in Llama 4; "
+                "pass nope_temperature=None for RoPE layers"
+            )
+        if len(nope_temperature) != 2 or not float(nope_temperature[0]) > 0:
+            raise ValueError(f"nope_temperature must be (floor_scale > 0, attn_scale); got {nope_temperature!r}")
+    if backend == "gpu" and rope:
+        half, rest = rot_dim // 2, D - rot_dim
+        # Triton tiles are powers of two, and tl.dot needs at least 16 along the contraction.
+        if half < 16 or half & (half - 1) or (rest and rest % 16):
+            raise ValueError(
+                f"on GPU, rot_dim = {rot_dim} (partial_rotary_factor {partial_rotary_factor} of head_dim {D}) "
+                "must make rot_dim/2 a power of two >= 16 and head_dim - rot_dim a multiple of 16; "
+                "use the XLA attention path for this layer"
+            )
+    return rot_dim
 
 
 def _resolve_backend(backend, interpret) -> str:

@@ -3,8 +3,10 @@
 Follows the structure of JAX's GPU flash attention
 (jax/experimental/pallas/ops/gpu/attention.py): the grid covers (q or kv
 block, batch, head) and each program loops over the other sequence axis with
-lax.fori_loop, holding accumulators in registers. The causal loop bounds stop
-at the diagonal, so blocks above it are never visited.
+lax.fori_loop, holding accumulators in registers. The loop bounds are the
+band tile.kv_block_range / q_block_range gives (the causal diagonal, and the
+window or chunk start of local and chunked layers), so blocks outside it are
+never visited.
 
 Differences from that kernel: RoPE tiles stay as two halves (Triton cannot
 concatenate along the last axis, so q.k is two half-width dots); GQA is read
@@ -38,60 +40,65 @@ def _flat(x_BSHD):
     return x_BSHD.reshape(B, S, H * D)
 
 
-def _side_inputs(cfg: TileConfig, positions, inv_freq, segment_ids, q_rows, k_rows, q_index, k_index):
-    """Positions / inv_freq (RoPE only) and segment ids; index(*grid) -> (batch, row block)."""
-    names, specs, arrays = [], [], []
-    row = lambda rows, index: pl.BlockSpec((None, rows, 1), lambda *g: (*index(*g), 0))
-    if cfg.rope:
-        names += ["q_pos", "k_pos", "inv_freq"]
-        specs += [row(q_rows, q_index), row(k_rows, k_index), pl.BlockSpec((1, cfg.head_dim // 2), lambda *g: (0, 0))]
-        arrays += [positions[:, :, None], positions[:, :, None], inv_freq[None, :]]
-    if cfg.has_segments:
-        names += ["q_seg", "k_seg"]
-        specs += [
-            row(q_rows, q_index),
-            pl.BlockSpec((None, 1, k_rows), lambda *g: (lambda b, c: (b, 0, c))(*k_index(*g))),
-        ]
-        arrays += [segment_ids[:, :, None], segment_ids[:, None, :]]
-    return names, specs, arrays
+def _side_specs(side, q_rows: int, k_rows: int, q_index, k_index):
+    """BlockSpecs of tile.side_inputs; q_index / k_index(*grid) -> (batch, row block)."""
+    specs = []
+    for _, kind, array in side:
+        if kind == "q":
+            specs.append(pl.BlockSpec((None, q_rows, 1), lambda *g: (*q_index(*g), 0)))
+        elif kind == "k":
+            specs.append(pl.BlockSpec((None, k_rows, 1), lambda *g: (*k_index(*g), 0)))
+        elif kind == "kc":
+            specs.append(pl.BlockSpec((None, 1, k_rows), lambda *g: (lambda b, c: (b, 0, c))(*k_index(*g))))
+        else:
+            specs.append(pl.BlockSpec(array.shape, lambda *g, n=array.ndim: (0,) * n))
+    return specs
 
 
 def _rot(r, which, rows, cfg):
     if not cfg.rope:
         return None
-    return tile.rope_cos_sin(r[which + "_pos"][rows, :], r["inv_freq"][...], cfg.rope_factor)
+    return tile.rope_cos_sin(r[which + "_pos"][rows, :], r["c_inv_freq"][...], cfg.rope_factor)
 
 
-def _seg_rows(r, rows):
-    return r["q_seg"][rows, :] if "q_seg" in r else None
+def _q_side(r, side, rows):
+    return {n[2:]: r[n][rows, :] for n, kind, _ in side if kind == "q"}
 
 
-def _seg_cols(r, cols):
-    return r["k_seg"][:, cols] if "k_seg" in r else None
+def _k_side(r, side, cols):
+    return {n[3:]: r[n][:, cols] for n, kind, _ in side if kind == "kc"}
 
 
-def _kv_upper(q_start_end, bk: int, nk: int, cfg: TileConfig):
-    """Number of kv blocks a q block visits: up to the diagonal when causal."""
-    if not cfg.causal:
-        return nk
-    return lax.div(q_start_end + bk - 1, bk)
+def _suffix(cfg: TileConfig) -> str:
+    kind = "_local" if cfg.window is not None else "_chunked" if cfg.chunk is not None else ""
+    return ("_rope" if cfg.rope else "_nope") + kind
+
+
+def loop_steps(B: int, Hq: int, cfg: TileConfig, bq: int, bk: int, bq_bwd: int, bk_bwd: int):
+    """Total inner-loop iterations (tiles visited) of the forward, dK/dV and dQ kernels."""
+    return {
+        "forward": B * Hq * tile.computed_tiles(cfg, bq, bk),
+        "dkv": B * Hq * tile.computed_tiles(cfg, bq_bwd, bk_bwd),
+        "dq": B * Hq * tile.computed_tiles(cfg, bq_bwd, bk_bwd),
+    }
 
 
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(*refs, names, cfg: TileConfig, bq: int, bk: int, nk: int):
+def _fwd_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
     r = dict(zip(names, refs))
     q_start = pl.program_id(0) * bq
     all_rows = slice(None)
     q_parts = tile.load_tile(r["q"], all_rows, 0, cfg, _rot(r, "q", all_rows, cfg))
-    q_seg = _seg_rows(r, all_rows)
+    q_side = _q_side(r, side, all_rows)
 
     def body(j, carry):
         k_start = j * bk
         rows = pl.ds(k_start, bk)
         k_parts = tile.load_tile(r["k"], rows, 0, cfg, _rot(r, "k", rows, cfg))
-        s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg), q_start, k_start, cfg, q_seg, _seg_cols(r, rows))
+        s = tile.scores(q_parts, k_parts, cfg, q_side)
+        s = tile.mask_tile(s, q_start, k_start, cfg, q_side, _k_side(r, side, rows))
         return tile.online_softmax_step(s, *carry, r["v"][rows, :])
 
     init = (
@@ -99,29 +106,27 @@ def _fwd_kernel(*refs, names, cfg: TileConfig, bq: int, bk: int, nk: int):
         jnp.zeros((bq, 1), jnp.float32),
         jnp.zeros((bq, cfg.head_dim), jnp.float32),
     )
-    m, denom, acc = lax.fori_loop(0, _kv_upper(q_start + bq, bk, nk, cfg), body, init)
+    lo, hi = tile.kv_block_range(q_start, bq, cfg, bk)  # only the band this q block can see
+    m, denom, acc = lax.fori_loop(lo, hi, body, init)
     o, lse = tile.finish_softmax(m, denom, acc)
     r["o"][...] = o.astype(r["o"].dtype)
     r["lse"][...] = lse
 
 
-def forward(q, k, v, positions, inv_freq, segment_ids, cfg: TileConfig, bq: int, bk: int, interpret):
+def forward(q, k, v, side, cfg: TileConfig, bq: int, bk: int, interpret):
     """q [B,S,Hq,D], k/v [B,S,Hkv,D] (S padded) -> o [B,S,Hq,D], lse [B,Hq,S,1] (base 2)."""
     B, S, Hq, D = q.shape
     G = cfg.num_groups
-    nq, nk = S // bq, S // bk
-    side_names, side_specs, side_arrays = _side_inputs(
-        cfg, positions, inv_freq, segment_ids, bq, S, lambda i, b, h: (b, i), lambda i, b, h: (b, 0)
-    )
-    names = ["q", "k", "v", *side_names, "o", "lse"]
+    nq = S // bq
+    names = ["q", "k", "v", *(n for n, _, _ in side), "o", "lse"]
     o, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, names=names, cfg=cfg, bq=bq, bk=bk, nk=nk),
+        functools.partial(_fwd_kernel, names=names, side=side, cfg=cfg, bq=bq, bk=bk),
         grid=(nq, B, Hq),
         in_specs=[
             pl.BlockSpec((None, bq, D), lambda i, b, h: (b, i, h)),
             pl.BlockSpec((None, S, D), lambda i, b, h: (b, 0, h // G)),
             pl.BlockSpec((None, S, D), lambda i, b, h: (b, 0, h // G)),
-            *side_specs,
+            *_side_specs(side, bq, S, lambda i, b, h: (b, i), lambda i, b, h: (b, 0)),
         ],
         out_specs=[
             pl.BlockSpec((None, bq, D), lambda i, b, h: (b, i, h)),
@@ -134,15 +139,15 @@ def forward(q, k, v, positions, inv_freq, segment_ids, cfg: TileConfig, bq: int,
         compiler_params=_compiler_params(cfg, bq),
         cost_estimate=cost.forward(q, k, cfg, bq, bk),
         interpret=interpret,
-        name="nopejax_flash_fwd" + ("_rope" if cfg.rope else "_nope"),
-    )(_flat(q), _flat(k), _flat(v), *side_arrays)
+        name="nopejax_flash_fwd" + _suffix(cfg),
+    )(_flat(q), _flat(k), _flat(v), *(a for _, _, a in side))
     return o.reshape(q.shape), lse
 
 
 # ----------------------------------------------------------------------------- backward: dK, dV
 
 
-def _dkv_kernel(*refs, names, cfg: TileConfig, bq: int, bk: int, nq: int):
+def _dkv_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
     r = dict(zip(names, refs))
     D = cfg.head_dim
     k_start = pl.program_id(0) * bk
@@ -150,8 +155,8 @@ def _dkv_kernel(*refs, names, cfg: TileConfig, bq: int, bk: int, nq: int):
     rot_k = _rot(r, "k", all_rows, cfg)
     k_parts = tile.load_tile(r["k"], all_rows, 0, cfg, rot_k)
     v = r["v"][...]
-    k_seg = _seg_cols(r, all_rows)
-    first_q = lax.div(k_start, bq) if cfg.causal else 0  # q blocks above the diagonal see nothing of this k block
+    k_side = _k_side(r, side, all_rows)
+    lo, hi = tile.q_block_range(k_start, bk, cfg, bq)  # only the q blocks that see this kv block
 
     dk = tile.zeros_parts(bk, cfg, cfg.rope)
     dv = jnp.zeros((bk, D), jnp.float32)
@@ -162,89 +167,102 @@ def _dkv_kernel(*refs, names, cfg: TileConfig, bq: int, bk: int, nq: int):
             q_start = i * bq
             rows = pl.ds(q_start, bq)
             q_parts = tile.load_tile(r["q"], rows, g * D, cfg, _rot(r, "q", rows, cfg))
-            s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg), q_start, k_start, cfg, _seg_rows(r, rows), k_seg)
+            q_side = _q_side(r, side, rows)
+            s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg, q_side), q_start, k_start, cfg, q_side, k_side)
             do = r["do"][rows, pl.ds(g * D, D)]
-            p, ds = tile.probs_and_dlogits(s, r["lse"][g, rows, :], do, v, r["di"][g, rows, :])
+            p, ds = tile.probs_and_dlogits(s, r["lse"][g, rows, :], do, v, r["di"][g, rows, :], cfg, q_side)
             (dv_i,) = tile.dot_t_parts(p, (do,))
             return tile.add_parts(dk, tile.dot_t_parts(ds, q_parts)), dv + dv_i
 
-        dk, dv = lax.fori_loop(first_q, nq, body, (dk, dv))
+        dk, dv = lax.fori_loop(lo, hi, body, (dk, dv))
 
     r["dv_out"][...] = dv.astype(r["dv_out"].dtype)
     tile.store_tile(r["dk_out"], all_rows, 0, tuple(x * cfg.sm_scale for x in dk), cfg, rot_k)
 
 
-def backward_dkv(q, k, v, do, lse, di, positions, inv_freq, segment_ids, cfg: TileConfig, bq, bk, interpret):
+def backward_dkv(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):
     """dk, dv [B,S,Hkv,D]; a kv head accumulates over its q-head group in-kernel (no repeated k/v)."""
     B, S, Hkv, D = k.shape
     G = cfg.num_groups
-    nq, nk = S // bq, S // bk
-    side_names, side_specs, side_arrays = _side_inputs(
-        cfg, positions, inv_freq, segment_ids, S, bk, lambda j, b, h: (b, 0), lambda j, b, h: (b, j)
-    )
-    names = ["q", "k", "v", "do", "lse", "di", *side_names, "dk_out", "dv_out"]
+    nk = S // bk
+    names = ["q", "k", "v", "do", "lse", "di", *(n for n, _, _ in side), "dk_out", "dv_out"]
     group_spec = pl.BlockSpec((None, S, G * D), lambda j, b, h: (b, 0, h))
     kv_spec = pl.BlockSpec((None, bk, D), lambda j, b, h: (b, j, h))
     stat_spec = pl.BlockSpec((None, G, S, 1), lambda j, b, h: (b, h, 0, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, names=names, cfg=cfg, bq=bq, bk=bk, nq=nq),
+        functools.partial(_dkv_kernel, names=names, side=side, cfg=cfg, bq=bq, bk=bk),
         grid=(nk, B, Hkv),
-        in_specs=[group_spec, kv_spec, kv_spec, group_spec, stat_spec, stat_spec, *side_specs],
+        in_specs=[
+            group_spec,
+            kv_spec,
+            kv_spec,
+            group_spec,
+            stat_spec,
+            stat_spec,
+            *_side_specs(side, S, bk, lambda j, b, h: (b, 0), lambda j, b, h: (b, j)),
+        ],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct((B, S, Hkv * D), k.dtype)] * 2,
         compiler_params=_compiler_params(cfg, bk),
         cost_estimate=cost.backward_dkv(q, k, cfg, bq, bk),
         interpret=interpret,
-        name="nopejax_flash_dkv" + ("_rope" if cfg.rope else "_nope"),
-    )(_flat(q), _flat(k), _flat(v), _flat(do), lse, di, *side_arrays)
+        name="nopejax_flash_dkv" + _suffix(cfg),
+    )(_flat(q), _flat(k), _flat(v), _flat(do), lse, di, *(a for _, _, a in side))
     return dk.reshape(k.shape), dv.reshape(v.shape)
 
 
 # ----------------------------------------------------------------------------- backward: dQ
 
 
-def _dq_kernel(*refs, names, cfg: TileConfig, bq: int, bk: int, nk: int):
+def _dq_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
     r = dict(zip(names, refs))
     q_start = pl.program_id(0) * bq
     all_rows = slice(None)
     rot_q = _rot(r, "q", all_rows, cfg)
     q_parts = tile.load_tile(r["q"], all_rows, 0, cfg, rot_q)
-    q_seg = _seg_rows(r, all_rows)
+    q_side = _q_side(r, side, all_rows)
     do, lse, di = r["do"][...], r["lse"][...], r["di"][...]
 
     def body(j, dq):
         k_start = j * bk
         rows = pl.ds(k_start, bk)
         k_parts = tile.load_tile(r["k"], rows, 0, cfg, _rot(r, "k", rows, cfg))
-        s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg), q_start, k_start, cfg, q_seg, _seg_cols(r, rows))
-        _, ds = tile.probs_and_dlogits(s, lse, do, r["v"][rows, :], di)
+        s = tile.scores(q_parts, k_parts, cfg, q_side)
+        s = tile.mask_tile(s, q_start, k_start, cfg, q_side, _k_side(r, side, rows))
+        _, ds = tile.probs_and_dlogits(s, lse, do, r["v"][rows, :], di, cfg, q_side)
         return tile.add_parts(dq, tile.dot_parts(ds, k_parts))
 
-    dq = lax.fori_loop(0, _kv_upper(q_start + bq, bk, nk, cfg), body, tile.zeros_parts(bq, cfg, cfg.rope))
+    lo, hi = tile.kv_block_range(q_start, bq, cfg, bk)
+    dq = lax.fori_loop(lo, hi, body, tile.zeros_parts(bq, cfg, cfg.rope))
     tile.store_tile(r["dq_out"], all_rows, 0, tuple(x * cfg.sm_scale for x in dq), cfg, rot_q)
 
 
-def backward_dq(q, k, v, do, lse, di, positions, inv_freq, segment_ids, cfg: TileConfig, bq, bk, interpret):
+def backward_dq(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):
     """dq [B,S,Hq,D]."""
     B, S, Hq, D = q.shape
     G = cfg.num_groups
-    nq, nk = S // bq, S // bk
-    side_names, side_specs, side_arrays = _side_inputs(
-        cfg, positions, inv_freq, segment_ids, bq, S, lambda i, b, h: (b, i), lambda i, b, h: (b, 0)
-    )
-    names = ["q", "k", "v", "do", "lse", "di", *side_names, "dq_out"]
+    nq = S // bq
+    names = ["q", "k", "v", "do", "lse", "di", *(n for n, _, _ in side), "dq_out"]
     q_spec = pl.BlockSpec((None, bq, D), lambda i, b, h: (b, i, h))
     kv_spec = pl.BlockSpec((None, S, D), lambda i, b, h: (b, 0, h // G))
     stat_spec = pl.BlockSpec((None, None, bq, 1), lambda i, b, h: (b, h, i, 0))
     (dq,) = pl.pallas_call(
-        functools.partial(_dq_kernel, names=names, cfg=cfg, bq=bq, bk=bk, nk=nk),
+        functools.partial(_dq_kernel, names=names, side=side, cfg=cfg, bq=bq, bk=bk),
         grid=(nq, B, Hq),
-        in_specs=[q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec, *side_specs],
+        in_specs=[
+            q_spec,
+            kv_spec,
+            kv_spec,
+            q_spec,
+            stat_spec,
+            stat_spec,
+            *_side_specs(side, bq, S, lambda i, b, h: (b, i), lambda i, b, h: (b, 0)),
+        ],
         out_specs=[q_spec],
         out_shape=[jax.ShapeDtypeStruct((B, S, Hq * D), q.dtype)],
         compiler_params=_compiler_params(cfg, bq),
         cost_estimate=cost.backward_dq(q, k, cfg, bq, bk),
         interpret=interpret,
-        name="nopejax_flash_dq" + ("_rope" if cfg.rope else "_nope"),
-    )(_flat(q), _flat(k), _flat(v), _flat(do), lse, di, *side_arrays)
+        name="nopejax_flash_dq" + _suffix(cfg),
+    )(_flat(q), _flat(k), _flat(v), _flat(do), lse, di, *(a for _, _, a in side))
     return dq.reshape(q.shape)

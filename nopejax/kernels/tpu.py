@@ -1,10 +1,14 @@
 """Mosaic TPU lowering: forward, dK/dV and dQ pallas_calls over the shared tile math.
 
-The kv (or q) sequence is the innermost, "arbitrary" grid axis; running
-softmax statistics and fp32 accumulators live in VMEM scratch across it, as
-in JAX's own TPU flash attention. Tiles above the causal diagonal are skipped
-with pl.when and their index maps are clamped to the last (first) needed
-block, so the pipeline does not DMA them either.
+The innermost, "arbitrary" grid axis walks the kv (or q) blocks a q (kv)
+block can see: all of them for a global layer, only the band
+tile.kv_block_range / q_block_range gives for a local or chunked layer, so a
+local layer's grid has about S*W/(bq*bk) steps per head. Running softmax
+statistics and fp32 accumulators live in VMEM scratch across it, as in JAX's
+own TPU flash attention. Steps past a block's range (above the causal
+diagonal, or the short bands at the start of the sequence) are skipped with
+pl.when and their index maps are clamped to the last needed block, so the
+pipeline does not DMA them either.
 
 Layout: a head's [S, D] slab is read straight from [B, S, H*D] (a free
 reshape of [B, S, H, D]) when D is a multiple of 128, Mosaic's lane width.
@@ -57,47 +61,36 @@ def _head_spec(cfg: TileConfig, rows: int, index):
     return pl.BlockSpec((None, None, rows, D), lambda *g: (lambda b, h, r: (b, h, r, 0))(*index(*g)))
 
 
-def _row_spec(rows: int, index):  # [B, S, 1] -> [rows, 1]; index(*grid) -> (batch, row block)
-    return pl.BlockSpec((None, rows, 1), lambda *g: (*index(*g), 0))
-
-
-def _col_spec(cols: int, index):  # [B, 1, S] -> [1, cols]
-    return pl.BlockSpec((None, 1, cols), lambda *g: (lambda b, c: (b, 0, c))(*index(*g)))
+def _side_specs(side, q_index, k_index, bq: int, bk: int):
+    """BlockSpecs of tile.side_inputs; q_index / k_index(*grid) -> (batch, row block)."""
+    specs = []
+    for _, kind, array in side:
+        if kind == "q":  # [B, S, 1] -> [bq, 1]
+            specs.append(pl.BlockSpec((None, bq, 1), lambda *g: (*q_index(*g), 0)))
+        elif kind == "k":
+            specs.append(pl.BlockSpec((None, bk, 1), lambda *g: (*k_index(*g), 0)))
+        elif kind == "kc":  # [B, 1, S] -> [1, bk]
+            specs.append(pl.BlockSpec((None, 1, bk), lambda *g: (lambda b, c: (b, 0, c))(*k_index(*g))))
+        else:
+            specs.append(pl.BlockSpec(array.shape, lambda *g, n=array.ndim: (0,) * n))
+    return specs
 
 
 def _stat_spec(rows: int, index):  # [B, Hq, S, 1] -> [rows, 1]; index -> (batch, head, row block)
     return pl.BlockSpec((None, None, rows, 1), lambda *g: (*index(*g), 0))
 
 
-def _side_inputs(cfg, positions, inv_freq, segment_ids, q_index, k_index, bq, bk):
-    """Specs and arrays for positions / inv_freq (RoPE only) and segment ids (if any)."""
-    names, specs, arrays = [], [], []
-    if cfg.rope:
-        pos_BS1 = positions[:, :, None]
-        names += ["q_pos", "k_pos", "inv_freq"]
-        specs += [
-            _row_spec(bq, q_index),
-            _row_spec(bk, k_index),
-            pl.BlockSpec((1, cfg.head_dim // 2), lambda *g: (0, 0)),
-        ]
-        arrays += [pos_BS1, pos_BS1, inv_freq[None, :]]
-    if cfg.has_segments:
-        names += ["q_seg", "k_seg"]
-        specs += [_row_spec(bq, q_index), _col_spec(bk, k_index)]
-        arrays += [segment_ids[:, :, None], segment_ids[:, None, :]]
-    return names, specs, arrays
-
-
 def _rot(r, which, cfg):
     if not cfg.rope:
         return None
-    return tile.rope_cos_sin(r[which + "_pos"][...], r["inv_freq"][...], cfg.rope_factor)
+    return tile.rope_cos_sin(r[which + "_pos"][...], r["c_inv_freq"][...], cfg.rope_factor)
 
 
-def _segs(r):
-    if "q_seg" not in r:
-        return None, None
-    return r["q_seg"][...], r["k_seg"][...]
+def _sides(r, side):
+    """Row values of the q tile's side inputs and column values of the kv tile's, by short name."""
+    q_side = {n[2:]: r[n][...] for n, kind, _ in side if kind == "q"}
+    k_side = {n[3:]: r[n][...] for n, kind, _ in side if kind == "kc"}
+    return q_side, k_side
 
 
 def _params(interpret):
@@ -107,16 +100,59 @@ def _params(interpret):
     )
 
 
+# ----------------------------------------------------------------------------- grids
+
+
+def grids(B: int, Hq: int, cfg: TileConfig, bq: int, bk: int, bq_bwd: int, bk_bwd: int):
+    """Grid of the forward, dK/dV and dQ pallas_calls: the inner axis spans only the band of blocks."""
+    Hkv = Hq // cfg.num_groups
+    n_kv, _ = tile.band_sizes(cfg, bq, bk)
+    n_kv_bwd, n_q_bwd = tile.band_sizes(cfg, bq_bwd, bk_bwd)
+    S = cfg.padded_len
+    return {
+        "forward": (B, Hq, S // bq, n_kv),
+        "dkv": (B, Hkv, S // bk_bwd, cfg.num_groups * n_q_bwd),
+        "dq": (B, Hq, S // bq_bwd, n_kv_bwd),
+    }
+
+
+def _q_major_maps(cfg: TileConfig, bq: int, bk: int):
+    """Index maps of the grid (B, Hq, q block i, band step j), shared by forward and dQ.
+
+    Step j visits kv block lo(i) + j; steps past the band's end (q blocks near the start have
+    fewer blocks to see) are clamped to the last needed block: same block index, no new DMA.
+    """
+
+    def kv_block(i, j):
+        lo, hi = tile.kv_block_range(i * bq, bq, cfg, bk)
+        return jnp.minimum(lo + j, hi - 1)
+
+    def q_index(b, h, i, j):
+        return b, h, i
+
+    def k_index(b, h, i, j):
+        return b, lax.div(h, cfg.num_groups), kv_block(i, j)
+
+    def row_q(b, h, i, j):
+        return b, i
+
+    def row_k(b, h, i, j):
+        return b, kv_block(i, j)
+
+    return q_index, k_index, row_q, row_k
+
+
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(*refs, names, cfg: TileConfig, bq: int, bk: int):
+def _fwd_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
     r = dict(zip(names, refs))
-    qi, ki, nk = pl.program_id(2), pl.program_id(3), pl.num_programs(3)
-    q_start, k_start = qi * bq, ki * bk
+    qi, j, nj = pl.program_id(2), pl.program_id(3), pl.num_programs(3)
+    lo, hi = tile.kv_block_range(qi * bq, bq, cfg, bk)
+    q_start, k_start = qi * bq, (lo + j) * bk
     all_rows = slice(None)
 
-    @pl.when(ki == 0)
+    @pl.when(j == 0)
     def _init():
         r["m"][...] = jnp.full((bq, 1), -jnp.inf, jnp.float32)
         r["denom"][...] = jnp.zeros((bq, 1), jnp.float32)
@@ -124,88 +160,72 @@ def _fwd_kernel(*refs, names, cfg: TileConfig, bq: int, bk: int):
         if cfg.rope:  # rotate q once per q tile, reused for every kv tile
             (r["q_rot"][...],) = tile.load_tile(r["q"], all_rows, 0, cfg, _rot(r, "q", cfg))
 
-    @pl.when(tile.needs_run(q_start, bq, k_start, cfg))
+    @pl.when(lo + j < hi)
     def _step():
+        q_side, k_side = _sides(r, side)
         q_parts = (r["q_rot"][...],) if cfg.rope else (r["q"][...],)
         k_parts = tile.load_tile(r["k"], all_rows, 0, cfg, _rot(r, "k", cfg))
-        s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg), q_start, k_start, cfg, *_segs(r))
+        s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg, q_side), q_start, k_start, cfg, q_side, k_side)
         m, denom, acc = tile.online_softmax_step(s, r["m"][...], r["denom"][...], r["acc"][...], r["v"][...])
         r["m"][...], r["denom"][...], r["acc"][...] = m, denom, acc
 
-    @pl.when(ki == nk - 1)
+    @pl.when(j == nj - 1)
     def _finish():
         o, lse = tile.finish_softmax(r["m"][...], r["denom"][...], r["acc"][...])
         r["o"][...] = o.astype(r["o"].dtype)
         r["lse"][...] = lse
 
 
-def _last_kv_block(qi, bq, bk):
-    return lax.div(qi * bq + bq - 1, bk)
-
-
-def _q_major_index_maps(cfg: TileConfig, bq: int, bk: int):
-    """Block index maps of the grid (B, Hq, q blocks, kv blocks), shared by forward and dQ."""
-
-    def q_index(b, h, i, j):
-        return b, h, i
-
-    def k_index(b, h, i, j):
-        # Clamp skipped (above-diagonal) steps to the last needed block: same block index, no new DMA.
-        return b, lax.div(h, cfg.num_groups), (jnp.minimum(j, _last_kv_block(i, bq, bk)) if cfg.causal else j)
-
-    def row_q(b, h, i, j):
-        return b, i
-
-    def row_k(b, h, i, j):
-        return b, k_index(b, h, i, j)[2]
-
-    return q_index, k_index, row_q, row_k
-
-
-def forward(q, k, v, positions, inv_freq, segment_ids, cfg: TileConfig, bq: int, bk: int, interpret):
+def forward(q, k, v, side, cfg: TileConfig, bq: int, bk: int, interpret):
     """q [B,S,Hq,D], k/v [B,S,Hkv,D] (S padded) -> o [B,S,Hq,D], lse [B,Hq,S,1] (base 2)."""
     B, S, Hq, D = q.shape
-    nq, nk = S // bq, S // bk
-
-    q_index, k_index, row_q, row_k = _q_major_index_maps(cfg, bq, bk)
-    side_names, side_specs, side_arrays = _side_inputs(cfg, positions, inv_freq, segment_ids, row_q, row_k, bq, bk)
-    names = ["q", "k", "v", *side_names, "o", "lse", "m", "denom", "acc"] + (["q_rot"] if cfg.rope else [])
+    grid = grids(B, Hq, cfg, bq, bk, bq, bk)["forward"]
+    q_index, k_index, row_q, row_k = _q_major_maps(cfg, bq, bk)
+    names = ["q", "k", "v", *(n for n, _, _ in side), "o", "lse", "m", "denom", "acc"]
     scratch = [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, D), jnp.float32)]
     if cfg.rope:
+        names.append("q_rot")
         scratch.append(pltpu.VMEM((bq, D), q.dtype))
     out_shape = [
         jax.ShapeDtypeStruct(to_kernel_layout(q, cfg).shape, q.dtype),
         jax.ShapeDtypeStruct((B, Hq, S, 1), jnp.float32),
     ]
     o, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, names=names, cfg=cfg, bq=bq, bk=bk),
+        functools.partial(_fwd_kernel, names=names, side=side, cfg=cfg, bq=bq, bk=bk),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
-            grid=(B, Hq, nq, nk),
+            grid=grid,
             in_specs=[
                 _head_spec(cfg, bq, q_index),
                 _head_spec(cfg, bk, k_index),
                 _head_spec(cfg, bk, k_index),
-                *side_specs,
+                *_side_specs(side, row_q, row_k, bq, bk),
             ],
             out_specs=[_head_spec(cfg, bq, q_index), _stat_spec(bq, q_index)],
             scratch_shapes=scratch,
         ),
         out_shape=out_shape,
         cost_estimate=cost.forward(q, k, cfg, bq, bk),
-        name="nopejax_flash_fwd" + ("_rope" if cfg.rope else "_nope"),
+        name="nopejax_flash_fwd" + _suffix(cfg),
         **_params(interpret),
-    )(to_kernel_layout(q, cfg), to_kernel_layout(k, cfg), to_kernel_layout(v, cfg), *side_arrays)
+    )(to_kernel_layout(q, cfg), to_kernel_layout(k, cfg), to_kernel_layout(v, cfg), *(a for _, _, a in side))
     return from_kernel_layout(o, Hq, cfg), lse
+
+
+def _suffix(cfg: TileConfig) -> str:
+    kind = "_local" if cfg.window is not None else "_chunked" if cfg.chunk is not None else ""
+    return ("_rope" if cfg.rope else "_nope") + kind
 
 
 # ----------------------------------------------------------------------------- backward: dK, dV
 
 
-def _dkv_kernel(*refs, names, cfg: TileConfig, bq: int, bk: int, nq: int):
+def _dkv_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int, n_q: int):
     r = dict(zip(names, refs))
     ki, j, nj = pl.program_id(2), pl.program_id(3), pl.num_programs(3)
-    q_start, k_start = lax.rem(j, nq) * bq, ki * bk
+    lo, hi = tile.q_block_range(ki * bk, bk, cfg, bq)
+    qb = lo + lax.rem(j, n_q)
+    q_start, k_start = qb * bq, ki * bk
     all_rows = slice(None)
 
     @pl.when(j == 0)
@@ -215,13 +235,14 @@ def _dkv_kernel(*refs, names, cfg: TileConfig, bq: int, bk: int, nq: int):
         if cfg.rope:  # k is fixed along this axis: rotate it once
             (r["k_rot"][...],) = tile.load_tile(r["k"], all_rows, 0, cfg, _rot(r, "k", cfg))
 
-    @pl.when(tile.needs_run(q_start, bq, k_start, cfg))
+    @pl.when(qb < hi)
     def _step():
+        q_side, k_side = _sides(r, side)
         k_parts = (r["k_rot"][...],) if cfg.rope else (r["k"][...],)
         q_parts = tile.load_tile(r["q"], all_rows, 0, cfg, _rot(r, "q", cfg))
-        s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg), q_start, k_start, cfg, *_segs(r))
+        s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg, q_side), q_start, k_start, cfg, q_side, k_side)
         do = r["do"][...]
-        p, ds = tile.probs_and_dlogits(s, r["lse"][...], do, r["v"][...], r["di"][...])
+        p, ds = tile.probs_and_dlogits(s, r["lse"][...], do, r["v"][...], r["di"][...], cfg, q_side)
         (dv,) = tile.dot_t_parts(p, (do,))
         (dk,) = tile.dot_t_parts(ds, q_parts)
         r["dv"][...] += dv
@@ -233,18 +254,23 @@ def _dkv_kernel(*refs, names, cfg: TileConfig, bq: int, bk: int, nq: int):
         tile.store_tile(r["dk_out"], all_rows, 0, (r["dk"][...] * cfg.sm_scale,), cfg, _rot(r, "k", cfg))
 
 
-def backward_dkv(q, k, v, do, lse, di, positions, inv_freq, segment_ids, cfg: TileConfig, bq, bk, interpret):
-    """dk, dv [B,S,Hkv,D]; a kv head accumulates over its q-head group in-kernel (no repeated k/v)."""
-    B, S, Hkv, D = k.shape
+def backward_dkv(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):
+    """dk, dv [B,S,Hkv,D]; a kv head accumulates over its q-head group in-kernel (no repeated k/v).
+
+    Grid (B, Hkv, kv block i, j): j runs over the group's heads and, per head, the band of q
+    blocks that see kv block i; steps past the band are clamped to its last block.
+    """
+    B, _, Hkv, D = k.shape
     G = cfg.num_groups
-    nq, nk = S // bq, S // bk
+    grid = grids(B, Hkv * G, cfg, bq, bk, bq, bk)["dkv"]
+    n_q = grid[3] // G
 
     def q_block(i, j):
-        qi = lax.rem(j, nq)
-        return jnp.maximum(qi, lax.div(i * bk, bq)) if cfg.causal else qi  # clamp skipped steps to the first needed
+        lo, hi = tile.q_block_range(i * bk, bk, cfg, bq)
+        return jnp.minimum(lo + lax.rem(j, n_q), hi - 1)
 
     def q_index(b, h, i, j):
-        return b, h * G + lax.div(j, nq), q_block(i, j)
+        return b, h * G + lax.div(j, n_q), q_block(i, j)
 
     def k_index(b, h, i, j):
         return b, h, i
@@ -255,18 +281,17 @@ def backward_dkv(q, k, v, do, lse, di, positions, inv_freq, segment_ids, cfg: Ti
     def row_k(b, h, i, j):
         return b, i
 
-    side_names, side_specs, side_arrays = _side_inputs(cfg, positions, inv_freq, segment_ids, row_q, row_k, bq, bk)
-    names = ["q", "k", "v", "do", "lse", "di", *side_names, "dk_out", "dv_out", "dk", "dv"]
+    names = ["q", "k", "v", "do", "lse", "di", *(n for n, _, _ in side), "dk_out", "dv_out", "dk", "dv"]
     scratch = [pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, D), jnp.float32)]
     if cfg.rope:
         names.append("k_rot")
         scratch.append(pltpu.VMEM((bk, D), k.dtype))
     kv_shape = jax.ShapeDtypeStruct(to_kernel_layout(k, cfg).shape, k.dtype)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, names=names, cfg=cfg, bq=bq, bk=bk, nq=nq),
+        functools.partial(_dkv_kernel, names=names, side=side, cfg=cfg, bq=bq, bk=bk, n_q=n_q),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
-            grid=(B, Hkv, nk, G * nq),
+            grid=grid,
             in_specs=[
                 _head_spec(cfg, bq, q_index),
                 _head_spec(cfg, bk, k_index),
@@ -274,65 +299,65 @@ def backward_dkv(q, k, v, do, lse, di, positions, inv_freq, segment_ids, cfg: Ti
                 _head_spec(cfg, bq, q_index),
                 _stat_spec(bq, q_index),
                 _stat_spec(bq, q_index),
-                *side_specs,
+                *_side_specs(side, row_q, row_k, bq, bk),
             ],
             out_specs=[_head_spec(cfg, bk, k_index), _head_spec(cfg, bk, k_index)],
             scratch_shapes=scratch,
         ),
         out_shape=[kv_shape, kv_shape],
         cost_estimate=cost.backward_dkv(q, k, cfg, bq, bk),
-        name="nopejax_flash_dkv" + ("_rope" if cfg.rope else "_nope"),
+        name="nopejax_flash_dkv" + _suffix(cfg),
         **_params(interpret),
-    )(*(to_kernel_layout(x, cfg) for x in (q, k, v, do)), lse, di, *side_arrays)
+    )(*(to_kernel_layout(x, cfg) for x in (q, k, v, do)), lse, di, *(a for _, _, a in side))
     return from_kernel_layout(dk, Hkv, cfg), from_kernel_layout(dv, Hkv, cfg)
 
 
 # ----------------------------------------------------------------------------- backward: dQ
 
 
-def _dq_kernel(*refs, names, cfg: TileConfig, bq: int, bk: int):
+def _dq_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
     r = dict(zip(names, refs))
-    qi, ki, nk = pl.program_id(2), pl.program_id(3), pl.num_programs(3)
-    q_start, k_start = qi * bq, ki * bk
+    qi, j, nj = pl.program_id(2), pl.program_id(3), pl.num_programs(3)
+    lo, hi = tile.kv_block_range(qi * bq, bq, cfg, bk)
+    q_start, k_start = qi * bq, (lo + j) * bk
     all_rows = slice(None)
 
-    @pl.when(ki == 0)
+    @pl.when(j == 0)
     def _init():
         r["dq"][...] = jnp.zeros((bq, cfg.head_dim), jnp.float32)
         if cfg.rope:
             (r["q_rot"][...],) = tile.load_tile(r["q"], all_rows, 0, cfg, _rot(r, "q", cfg))
 
-    @pl.when(tile.needs_run(q_start, bq, k_start, cfg))
+    @pl.when(lo + j < hi)
     def _step():
+        q_side, k_side = _sides(r, side)
         q_parts = (r["q_rot"][...],) if cfg.rope else (r["q"][...],)
         k_parts = tile.load_tile(r["k"], all_rows, 0, cfg, _rot(r, "k", cfg))
-        s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg), q_start, k_start, cfg, *_segs(r))
-        _, ds = tile.probs_and_dlogits(s, r["lse"][...], r["do"][...], r["v"][...], r["di"][...])
+        s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg, q_side), q_start, k_start, cfg, q_side, k_side)
+        _, ds = tile.probs_and_dlogits(s, r["lse"][...], r["do"][...], r["v"][...], r["di"][...], cfg, q_side)
         (dq,) = tile.dot_parts(ds, k_parts)
         r["dq"][...] += dq
 
-    @pl.when(ki == nk - 1)
+    @pl.when(j == nj - 1)
     def _finish():
         tile.store_tile(r["dq_out"], all_rows, 0, (r["dq"][...] * cfg.sm_scale,), cfg, _rot(r, "q", cfg))
 
 
-def backward_dq(q, k, v, do, lse, di, positions, inv_freq, segment_ids, cfg: TileConfig, bq, bk, interpret):
+def backward_dq(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):
     """dq [B,S,Hq,D]."""
-    B, S, Hq, D = q.shape
-    nq, nk = S // bq, S // bk
-
-    q_index, k_index, row_q, row_k = _q_major_index_maps(cfg, bq, bk)
-    side_names, side_specs, side_arrays = _side_inputs(cfg, positions, inv_freq, segment_ids, row_q, row_k, bq, bk)
-    names = ["q", "k", "v", "do", "lse", "di", *side_names, "dq_out", "dq"]
+    B, _, Hq, D = q.shape
+    grid = grids(B, Hq, cfg, bq, bk, bq, bk)["dq"]
+    q_index, k_index, row_q, row_k = _q_major_maps(cfg, bq, bk)
+    names = ["q", "k", "v", "do", "lse", "di", *(n for n, _, _ in side), "dq_out", "dq"]
     scratch = [pltpu.VMEM((bq, D), jnp.float32)]
     if cfg.rope:
         names.append("q_rot")
         scratch.append(pltpu.VMEM((bq, D), q.dtype))
     (dq,) = pl.pallas_call(
-        functools.partial(_dq_kernel, names=names, cfg=cfg, bq=bq, bk=bk),
+        functools.partial(_dq_kernel, names=names, side=side, cfg=cfg, bq=bq, bk=bk),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
-            grid=(B, Hq, nq, nk),
+            grid=grid,
             in_specs=[
                 _head_spec(cfg, bq, q_index),
                 _head_spec(cfg, bk, k_index),
@@ -340,14 +365,14 @@ def backward_dq(q, k, v, do, lse, di, positions, inv_freq, segment_ids, cfg: Til
                 _head_spec(cfg, bq, q_index),
                 _stat_spec(bq, q_index),
                 _stat_spec(bq, q_index),
-                *side_specs,
+                *_side_specs(side, row_q, row_k, bq, bk),
             ],
             out_specs=[_head_spec(cfg, bq, q_index)],
             scratch_shapes=scratch,
         ),
         out_shape=[jax.ShapeDtypeStruct(to_kernel_layout(q, cfg).shape, q.dtype)],
         cost_estimate=cost.backward_dq(q, k, cfg, bq, bk),
-        name="nopejax_flash_dq" + ("_rope" if cfg.rope else "_nope"),
+        name="nopejax_flash_dq" + _suffix(cfg),
         **_params(interpret),
-    )(*(to_kernel_layout(x, cfg) for x in (q, k, v, do)), lse, di, *side_arrays)
+    )(*(to_kernel_layout(x, cfg) for x in (q, k, v, do)), lse, di, *(a for _, _, a in side))
     return from_kernel_layout(dq, Hq, cfg)

@@ -182,6 +182,7 @@ CHECKS = {
     "partial 0.25 interleaved": (8, 1, 128, True, dict(partial_rotary_factor=0.25, rope_layout="interleaved")),
     "partial 0.5 local W=300": (6, 3, 64, True, dict(partial_rotary_factor=0.5, sliding_window=300)),
     "nope temperature": (8, 2, 128, True, dict(rope=False, nope_temperature=(64.0, 0.1))),
+    "global D=256": (4, 1, 256, True, dict()),
 }
 CPU_CHECKS = ("local W=100 rope", "partial 0.25 interleaved")
 

@@ -20,12 +20,14 @@ def _computed_tiles(cfg: TileConfig, bq: int, bk: int) -> int:
     return tile.computed_tiles(cfg, bq, bk)
 
 
-def _rope_elems(cfg: TileConfig, rows: int) -> tuple[int, int]:
-    """(flops, transcendentals) to rotate a [rows, D] tile."""
+def _rope_elems(cfg: TileConfig, rows: int) -> tuple[int, int, int]:
+    """(flops, transcendentals, bytes) to rotate a [rows, D] tile."""
     if not cfg.rope:
-        return 0, 0
+        return 0, 0, 0
     R = cfg.rot_dim
-    return 4 * rows * R, rows * R  # angle, 2 mul + 1 add per rotated element; cos and sin of R/2 angles
+    if cfg.rope_tables:  # 2 mul + 1 add per rotated element; cos and sin read as fp32 [rows, R/2] each
+        return 3 * rows * R, 0, 4 * rows * R
+    return 4 * rows * R, rows * R, 4 * rows  # + the angle; cos and sin of R/2 angles; positions read
 
 
 def forward(q, k, cfg: TileConfig, bq: int, bk: int) -> pl.CostEstimate:
@@ -37,7 +39,11 @@ def forward(q, k, cfg: TileConfig, bq: int, bk: int) -> pl.CostEstimate:
     return pl.CostEstimate(
         flops=pairs * (4 * bq * bk * D + 6 * bq * bk) + B * Hq * rope_q[0] + pairs * rope_k[0],
         transcendentals=pairs * bq * bk + B * Hq * rope_q[1] + pairs * rope_k[1],
-        bytes_accessed=2 * B * S * Hq * D * it + pairs * 2 * bk * D * it + 4 * B * Hq * S,
+        bytes_accessed=2 * B * S * Hq * D * it
+        + pairs * 2 * bk * D * it
+        + 4 * B * Hq * S
+        + B * Hq * rope_q[2]
+        + pairs * rope_k[2],
     )
 
 
@@ -51,7 +57,10 @@ def backward_dkv(q, k, cfg: TileConfig, bq: int, bk: int) -> pl.CostEstimate:
     return pl.CostEstimate(
         flops=pairs * (8 * bq * bk * D + 6 * bq * bk) + pairs * rope_q[0] + 2 * B * Hkv * rope_k[0],
         transcendentals=pairs * bq * bk + pairs * rope_q[1] + 2 * B * Hkv * rope_k[1],
-        bytes_accessed=4 * B * S * Hkv * D * it + pairs * (2 * bq * D * it + 8 * bq),
+        bytes_accessed=4 * B * S * Hkv * D * it
+        + pairs * (2 * bq * D * it + 8 * bq)
+        + pairs * rope_q[2]
+        + 2 * B * Hkv * rope_k[2],
     )
 
 
@@ -64,5 +73,9 @@ def backward_dq(q, k, cfg: TileConfig, bq: int, bk: int) -> pl.CostEstimate:
     return pl.CostEstimate(
         flops=pairs * (6 * bq * bk * D + 4 * bq * bk) + 2 * B * Hq * rope_q[0] + pairs * rope_k[0],
         transcendentals=pairs * bq * bk + 2 * B * Hq * rope_q[1] + pairs * rope_k[1],
-        bytes_accessed=3 * B * S * Hq * D * it + 8 * B * Hq * S + pairs * 2 * bk * D * it,
+        bytes_accessed=3 * B * S * Hq * D * it
+        + 8 * B * Hq * S
+        + pairs * 2 * bk * D * it
+        + 2 * B * Hq * rope_q[2]
+        + pairs * rope_k[2],
     )

@@ -36,6 +36,9 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 # (forward block_q, block_k, backward block_q, block_k) per backend.
 _DEFAULT_BLOCKS = {"tpu": (512, 512, 512, 512), "gpu": (128, 64, 64, 64)}
+# GPU rows wider than 512 bytes (fp32 at D = 256): half the tiles, or Triton's double-buffered k/v (forward)
+# and q/dO (dK/dV) tiles exceed an H100/H200's 227 KiB of shared memory (measured: 289 KiB requested).
+_WIDE_ROW_GPU_BLOCKS = (64, 32, 32, 32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +136,7 @@ def flash_attention(
         S, D, Hq // Hkv, backend, block_q, block_k, bool(interpret), causal=causal, sm_scale=sm_scale, rope=rope,
         rope_factor=rope_attention_factor, rot_dim=rot_dim, has_segments=segment_ids is not None,
         window=sliding_window, chunk=chunk_size, positions_given=positions_given,
-        has_temperature=temperature is not None,
+        has_temperature=temperature is not None, row_bytes=D * q.dtype.itemsize,
     )  # fmt: skip
     Sp = plan.cfg.padded_len
     if Sp != S:  # pad to whole blocks; padded keys are masked, padded query rows dropped
@@ -154,9 +157,9 @@ def _deinterleave(x_BSHD, rot_dim: int):
 
 def _make_plan(
     S, D, num_groups, backend, block_q, block_k, interpret, *, causal, sm_scale, rope, rope_factor, rot_dim,
-    has_segments, window, chunk, positions_given, has_temperature,
+    has_segments, window, chunk, positions_given, has_temperature, row_bytes,
 ) -> _Plan:  # fmt: skip
-    blocks = _resolve_blocks(backend, S, block_q, block_k)
+    blocks = _resolve_blocks(backend, S, block_q, block_k, row_bytes)
     cfg = TileConfig(
         causal=bool(causal),
         sm_scale=float(sm_scale),
@@ -168,6 +171,7 @@ def _make_plan(
         padded_len=_round_up(S, math.lcm(*blocks)),
         has_segments=has_segments,
         join_halves=backend == "tpu",
+        rope_tables=bool(rope) and backend == "gpu",
         rot_dim=rot_dim if rope else 0,
         window=window,
         chunk=chunk,
@@ -207,7 +211,7 @@ def describe(
     plan = _make_plan(
         seq_len, D, num_heads // num_kv_heads, backend, block_q, block_k, False, causal=causal, sm_scale=D**-0.5,
         rope=rope, rope_factor=1.0, rot_dim=D, has_segments=packed, window=sliding_window, chunk=chunk_size,
-        positions_given=packed, has_temperature=False,
+        positions_given=packed, has_temperature=False, row_bytes=D * jnp.dtype(dtype).itemsize,
     )  # fmt: skip
     cfg, (bq, bk, bq_b, bk_b) = plan.cfg, plan.blocks
     Sp = cfg.padded_len
@@ -389,8 +393,8 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _resolve_blocks(backend: str, S: int, block_q, block_k) -> tuple[int, int, int, int]:
-    defaults = _DEFAULT_BLOCKS[backend]
+def _resolve_blocks(backend: str, S: int, block_q, block_k, row_bytes: int) -> tuple[int, int, int, int]:
+    defaults = _WIDE_ROW_GPU_BLOCKS if backend == "gpu" and row_bytes > 512 else _DEFAULT_BLOCKS[backend]
     chosen = (block_q, block_k, block_q, block_k)
     blocks = []
     for name, user, default in zip(("block_q", "block_k") * 2, chosen, defaults):

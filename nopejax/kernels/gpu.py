@@ -44,10 +44,10 @@ def _side_specs(side, q_rows: int, k_rows: int, q_index, k_index):
     """BlockSpecs of tile.side_inputs; q_index / k_index(*grid) -> (batch, row block)."""
     specs = []
     for _, kind, array in side:
-        if kind == "q":
-            specs.append(pl.BlockSpec((None, q_rows, 1), lambda *g: (*q_index(*g), 0)))
-        elif kind == "k":
-            specs.append(pl.BlockSpec((None, k_rows, 1), lambda *g: (*k_index(*g), 0)))
+        if kind in ("q", "qt"):  # [B, S, width]: rows of the q tile, whole width
+            specs.append(pl.BlockSpec((None, q_rows, array.shape[-1]), lambda *g: (*q_index(*g), 0)))
+        elif kind in ("k", "kt"):
+            specs.append(pl.BlockSpec((None, k_rows, array.shape[-1]), lambda *g: (*k_index(*g), 0)))
         elif kind == "kc":
             specs.append(pl.BlockSpec((None, 1, k_rows), lambda *g: (lambda b, c: (b, 0, c))(*k_index(*g))))
         else:
@@ -58,6 +58,8 @@ def _side_specs(side, q_rows: int, k_rows: int, q_index, k_index):
 def _rot(r, which, rows, cfg):
     if not cfg.rope:
         return None
+    if cfg.rope_tables:
+        return r[which + "t_cos"][rows, :], r[which + "t_sin"][rows, :]
     return tile.rope_cos_sin(r[which + "_pos"][rows, :], r["c_inv_freq"][...], cfg.rope_factor)
 
 
@@ -152,8 +154,7 @@ def _dkv_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
     D = cfg.head_dim
     k_start = pl.program_id(0) * bk
     all_rows = slice(None)
-    rot_k = _rot(r, "k", all_rows, cfg)
-    k_parts = tile.load_tile(r["k"], all_rows, 0, cfg, rot_k)
+    k_parts = tile.load_tile(r["k"], all_rows, 0, cfg, _rot(r, "k", all_rows, cfg))
     v = r["v"][...]
     k_side = _k_side(r, side, all_rows)
     lo, hi = tile.q_block_range(k_start, bk, cfg, bq)  # only the q blocks that see this kv block
@@ -177,7 +178,8 @@ def _dkv_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
         dk, dv = lax.fori_loop(lo, hi, body, (dk, dv))
 
     r["dv_out"][...] = dv.astype(r["dv_out"].dtype)
-    tile.store_tile(r["dk_out"], all_rows, 0, tuple(x * cfg.sm_scale for x in dk), cfg, rot_k)
+    # the rotation is read again rather than held live across the loop (registers, not spills)
+    tile.store_tile(r["dk_out"], all_rows, 0, tuple(x * cfg.sm_scale for x in dk), cfg, _rot(r, "k", all_rows, cfg))
 
 
 def backward_dkv(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):
@@ -218,8 +220,7 @@ def _dq_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
     r = dict(zip(names, refs))
     q_start = pl.program_id(0) * bq
     all_rows = slice(None)
-    rot_q = _rot(r, "q", all_rows, cfg)
-    q_parts = tile.load_tile(r["q"], all_rows, 0, cfg, rot_q)
+    q_parts = tile.load_tile(r["q"], all_rows, 0, cfg, _rot(r, "q", all_rows, cfg))
     q_side = _q_side(r, side, all_rows)
     do, lse, di = r["do"][...], r["lse"][...], r["di"][...]
 
@@ -234,7 +235,7 @@ def _dq_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
 
     lo, hi = tile.kv_block_range(q_start, bq, cfg, bk)
     dq = lax.fori_loop(lo, hi, body, tile.zeros_parts(bq, cfg, cfg.rope))
-    tile.store_tile(r["dq_out"], all_rows, 0, tuple(x * cfg.sm_scale for x in dq), cfg, rot_q)
+    tile.store_tile(r["dq_out"], all_rows, 0, tuple(x * cfg.sm_scale for x in dq), cfg, _rot(r, "q", all_rows, cfg))
 
 
 def backward_dq(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):

@@ -62,6 +62,10 @@ class TileConfig:
     window_on_positions: bool = False  # window compares the positions input, not the sequence index
     chunk_by_index: bool = False  # chunks start at multiples of C in the sequence index (no positions given)
     has_temperature: bool = False  # per-query logit scale (Llama 4 NoPE temperature) comes in as an input
+    # cos/sin come in as [B, S, rot_dim/2] tables computed once by XLA (GPU), instead of being computed
+    # from positions inside the kernel for every tile it visits (TPU). On an H200 the in-kernel
+    # transcendentals cost more than the tile's matmuls (measured: RoPE forward 4x, backward 30x NoPE's).
+    rope_tables: bool = False
 
     @property
     def mask_padding(self) -> bool:
@@ -145,12 +149,16 @@ def side_inputs(cfg: TileConfig, positions, inv_freq, segment_ids, chunk_ids, te
     """(name, kind, array) for every small input a kernel reads beside q, k, v.
 
     kind says how a kernel blocks it: "q" rows of the q tile ([B, S, 1]), "k" rows of the kv
-    tile ([B, S, 1]), "kc" columns of the kv tile ([B, 1, S]), "c" the same whole array everywhere.
+    tile ([B, S, 1]), "kc" columns of the kv tile ([B, 1, S]), "c" the same whole array everywhere,
+    "qt" / "kt" rows of the q / kv tile of a [B, S, rot_dim/2] cos or sin table (rope_tables).
     """
     out = []
-    if cfg.rope or cfg.window_on_positions:
+    if cfg.rope and cfg.rope_tables:
+        cos, sin = rope_cos_sin(positions[:, :, None], inv_freq[None, None, :], cfg.rope_factor)
+        out += [("qt_cos", "qt", cos), ("qt_sin", "qt", sin), ("kt_cos", "kt", cos), ("kt_sin", "kt", sin)]
+    if (cfg.rope and not cfg.rope_tables) or cfg.window_on_positions:
         out.append(("q_pos", "q", positions[:, :, None]))
-    if cfg.rope:
+    if cfg.rope and not cfg.rope_tables:
         out.append(("k_pos", "k", positions[:, :, None]))
         out.append(("c_inv_freq", "c", inv_freq[None, :]))
     if cfg.window_on_positions:

@@ -251,7 +251,13 @@ def test_block_structure_of_a_local_global_stack():
     "overrides",
     [
         dict(num_layers=4, global_attention_interval=4, sliding_window=4),
-        dict(num_layers=3, global_attention_interval=3, attention_chunk_size=5, nope_temperature=(2.0, 0.5)),
+        dict(
+            num_layers=3,
+            global_attention_interval=3,
+            attention_chunk_size=5,
+            no_rope_layer_interval=3,
+            nope_temperature=(2.0, 0.5),
+        ),
     ],
 )
 def test_packed_documents_equal_documents_alone(overrides):

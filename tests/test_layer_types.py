@@ -5,6 +5,8 @@ dense masks, float64 numpy), not from nopejax's helpers: attention with windows 
 restarting positions, and a whole decoder with each per-layer option.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 import nopejax
-from nopejax import attention, config, model, sharding, tensorfile, train
+from nopejax import attention, cli, config, model, sharding, tensorfile, train
 from nopejax.config import ConfigError, LayerSpec
 
 # ---------------------------------------------------------------------------------------------
@@ -370,3 +372,23 @@ def test_export_refuses_what_smollm3_cannot_express(tmp_path, field, overrides):
         nopejax.to_hf(module, str(tmp_path / "out"))
     assert err.value.field == field and "SmolLM3 format has no" in str(err.value)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("--config.model.sliding_window=0", "model.sliding_window"),
+        ("--config.model.partial_rotary_factor=0.3", "model.partial_rotary_factor"),
+        ("--config.model.nope_temperature=(0.0,0.1)", "model.nope_temperature"),
+    ],
+)
+def test_cli_rejects_a_bad_layer_spec_in_one_line_before_compiling(tmp_path, capsys, monkeypatch, override, field):
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before the config was checked")
+
+    monkeypatch.setattr(jax, "jit", no_compile)
+    config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_local_global.py")
+    argv = ["train", "--config", config_path, "--workdir", str(tmp_path), "--dry-run", override]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"`{field}`" in err and "Fix:" in err

@@ -1,9 +1,12 @@
-"""Compile time of one value-and-grad step vs depth, scanned vs unrolled.
+"""Compile time of one value-and-grad step vs depth, scanned vs unrolled, per layer layout.
 
     python benchmarks/compile_depth.py [--depths 8,16,32,64] [--repeats 3]
+    python benchmarks/compile_depth.py --quick        # depths 4,8,16, one compile each (~1 min)
 
-Fixed small width (d_model 128, NoPE every 4th layer). Each figure is the median over fresh
-compiles (a new model config each time, so nothing is served from a cache).
+Fixed small width (d_model 128, seq 64). Layouts: `rope_nope` (SmolLM3: full attention, NoPE
+every 4th layer) and `local_global` (sliding window 16 with RoPE, every 4th layer global NoPE:
+two layer kinds whose attention differs, not only their RoPE flag). Each figure is the median
+over fresh compiles (a new model config each time, so nothing is served from a cache).
 """
 
 import argparse
@@ -18,13 +21,19 @@ import jax.numpy as jnp
 
 from nopejax import config, model
 
+LAYOUTS = {
+    "rope_nope": dict(no_rope_layer_interval=4),
+    "local_global": dict(no_rope_layer_interval=4, global_attention_interval=4, sliding_window=16),
+}
 
-def compile_seconds(num_layers: int, scan: bool, salt: int) -> float:
+
+def compile_seconds(num_layers: int, scan: bool, salt: int, layout: str = "rope_nope") -> float:
     cfg = config.base_config()
     shape = dict(vocab_size=256, d_model=128, num_heads=4, num_kv_heads=2, head_dim=32, d_ff=256)
     cfg.model.update(
         num_layers=num_layers, scan_layers=scan, dtype="float32", rms_norm_eps=1e-6 + salt * 1e-12, **shape
     )
+    cfg.model.update(**LAYOUTS[layout])
     m = config.validate(cfg).model
     graphdef, params = model.split(nnx_eval_shape(m))
     tokens = jax.ShapeDtypeStruct((2, 64), jnp.int32)
@@ -47,19 +56,29 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--depths", default="8,16,32,64")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--quick", action="store_true", help="depths 4,8,16 and one compile each")
     args = parser.parse_args()
+    if args.quick:
+        args.depths, args.repeats = "4,8,16", 1
     depths = [int(d) for d in args.depths.split(",")]
+    layouts = args.layouts.split(",")
     compile_seconds(4, True, -1)  # warm up the compiler itself
     rows = {}
-    for scan in (True, False):
+    for layout in layouts:
+        for scan in (True, False):
+            for d in depths:
+                rows[layout, scan, d] = statistics.median(
+                    compile_seconds(d, scan, r, layout) for r in range(args.repeats)
+                )
+    first = depths[0]
+    print(f"{'layout':>12} | {'layers':>6} | {'scanned s':>9} | {f'x vs {first}':>7} | {'unrolled s':>10} | "
+          f"{f'x vs {first}':>7}")  # fmt: skip
+    for layout in layouts:
         for d in depths:
-            rows[scan, d] = statistics.median(compile_seconds(d, scan, r) for r in range(args.repeats))
-    print(f"{'layers':>6} | {'scanned s':>9} | {'x vs 8':>6} | {'unrolled s':>10} | {'x vs 8':>6}")
-    for d in depths:
-        s, u = rows[True, d], rows[False, d]
-        print(
-            f"{d:>6} | {s:>9.2f} | {s / rows[True, depths[0]]:>6.2f} | {u:>10.2f} | {u / rows[False, depths[0]]:>6.2f}"
-        )
+            s, u = rows[layout, True, d], rows[layout, False, d]
+            s0, u0 = rows[layout, True, first], rows[layout, False, first]
+            print(f"{layout:>12} | {d:>6} | {s:>9.2f} | {s / s0:>7.2f} | {u:>10.2f} | {u / u0:>7.2f}")
 
 
 if __name__ == "__main__":

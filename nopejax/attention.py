@@ -1,11 +1,20 @@
-"""Attention: the plain-XLA reference and the dispatch to cuDNN or the Pallas kernel.
+"""Attention: the plain-XLA path and the dispatch to cuDNN or the Pallas kernel.
 
 Shape letters: B batch, S sequence, K kv heads, G query heads per kv head (GQA group),
-H = K * G query heads, D head dim.
+H = K * G query heads, D head dim, c query rows of a chunk, L keys a chunk sees.
 
-`attend` takes un-rotated q and k plus a static `use_rope` flag. The `xla` and `cudnn` paths
-rotate q and k here; the `pallas` path hands the rotation to the kernel, which applies it to
-tiles as they are loaded (and not at all for NoPE layers).
+`attend` runs one layer as its `config.LayerSpec` says: full, sliding-window or chunked
+attention; RoPE or not (full or partial, rotate-half or interleaved pairs); L2 QK-norm after
+RoPE; Llama 4's query temperature on NoPE layers. The `xla` and `cudnn` paths rotate q and k
+here; the `pallas` path hands the rotation to the kernel, which applies it to tiles as they are
+loaded (and not at all for NoPE layers).
+
+Local layers are defined on positions, which restart per packed document, so each document
+behaves as if alone: key j is visible to query i iff same segment, j <= i, and
+pos_i - W < pos_j (sliding) or pos_i // C == pos_j // C (chunked). On the XLA path a local
+layer costs O(S * W): each chunk of c query rows reads only the c + W - 1 keys ending at its
+last row. That band holds every visible key as long as positions advance by one per token
+within a document (what packing produces).
 """
 
 from __future__ import annotations
@@ -17,92 +26,193 @@ import jax.numpy as jnp
 
 from nopejax import rope as rope_lib
 from nopejax import sharding
+from nopejax.config import LayerSpec
 
 PALLAS_HEAD_DIMS = (64, 128, 256)  # what the kernel tiles support (nopejax.kernels.SUPPORTED_HEAD_DIMS)
+# Whether the Pallas kernel takes sliding_window / chunk_size / partial_rotary_factor / rope_layout /
+# nope_temperature. Until it does, `auto` runs the layers that need them on XLA.
+KERNEL_LAYER_OPTIONS = False
+FULL = LayerSpec()
 
 
-def resolve_impl(impl: str, head_dim: int | None = None, platform: str | None = None) -> str:
-    """`auto` -> the Pallas kernel on GPU/TPU when it supports the head dim, else plain XLA."""
+def needs_kernel_options(spec: LayerSpec) -> bool:
+    """Does this layer need more of the kernel than full causal attention with rotate-half RoPE?"""
+    partial_or_interleaved = spec.use_rope and (spec.rotary_fraction != 1.0 or spec.rope_layout != "half")
+    return spec.local or spec.nope_temperature is not None or partial_or_interleaved
+
+
+def resolve_impl(impl: str, head_dim: int | None = None, platform: str | None = None, specs=()) -> str:
+    """`auto` -> the Pallas kernel on GPU/TPU when it supports the head dim and the layers, else plain XLA."""
     if impl != "auto":
         return impl
     platform = platform or jax.default_backend()
     usable = head_dim is None or head_dim in PALLAS_HEAD_DIMS
+    usable = usable and (KERNEL_LAYER_OPTIONS or not any(needs_kernel_options(s) for s in specs))
     return "pallas" if platform in ("gpu", "tpu") and usable else "xla"
 
 
-def row_mask(q_start, c: int, S: int, seg_q_Bc, seg_k_BS, causal: bool = True):
-    """[B or 1, 1, 1, c, S] bool: may query row q_start + i see key j (causal and same document)."""
-    allowed_cS = jnp.ones((c, S), bool)
+def visible(q_idx_c, k_idx_L, S: int, seg_q_Bc, seg_k_BL, pos_q_Bc, pos_k_BL, spec: LayerSpec, causal=True):
+    """[B or 1, c, L] bool: may query row q_idx see key k_idx (indices into the S tokens).
+
+    Keys outside [0, S) are band padding and never visible. Causality is by index; windows and
+    chunks are by position, so they restart with each packed document.
+    """
+    ok_cL = (k_idx_L[None, :] >= 0) & (k_idx_L[None, :] < S)
     if causal:
-        allowed_cS = jnp.arange(S)[None, :] <= q_start + jnp.arange(c)[:, None]
-    allowed = allowed_cS[None, None, None]
+        ok_cL = ok_cL & (k_idx_L[None, :] <= q_idx_c[:, None])
+    ok = ok_cL[None]
     if seg_q_Bc is not None:
-        allowed = allowed & (seg_q_Bc[:, :, None] == seg_k_BS[:, None, :])[:, None, None]
-    return allowed
+        ok = ok & (seg_q_Bc[:, :, None] == seg_k_BL[:, None, :])
+    if spec.attention == "sliding":
+        ok = ok & (pos_k_BL[:, None, :] > pos_q_Bc[:, :, None] - spec.window)
+    elif spec.attention == "chunked":
+        ok = ok & (pos_k_BL[:, None, :] // spec.window == pos_q_Bc[:, :, None] // spec.window)
+    return ok
 
 
 Q_CHUNK = 512  # query rows per step of the chunked XLA path
+MIN_LOCAL_CHUNK = 8  # a local layer's query chunk is about its window, not below this
 
 
-def xla_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS=None, causal=True):
+def xla_attention(
+    q_BSHD, k_BSKD, v_BSKD, segment_ids_BS=None, causal=True, *, positions_BS=None, spec=FULL, q_chunk=Q_CHUNK
+):
     """Softmax attention in fp32 (as HF's eager path), GQA by grouping query heads.
 
-    Long sequences run over query chunks of Q_CHUNK rows, each rematerialized in the backward
-    pass: every row still sees all its keys, so the result is the same, but the fp32 score
-    matrix held at once is [B, H, Q_CHUNK, S] instead of [B, H, S, S] (1 GiB per layer at
-    S = 4096, H = 16).
+    Full layers: long sequences run over query chunks of `q_chunk` rows, each rematerialized in
+    the backward pass: every row still sees all its keys, so the result is the same, but the
+    fp32 score matrix held at once is [B, H, q_chunk, S] instead of [B, H, S, S] (1 GiB per layer
+    at S = 4096, H = 16). Local layers: query chunks against their key band only (`_banded`).
     """
-    S = q_BSHD.shape[1]
-    seg_BS = segment_ids_BS
-    if S <= 2 * Q_CHUNK or S % Q_CHUNK:
-        return _attend_rows(q_BSHD, k_BSKD, v_BSKD, 0, seg_BS, seg_BS, causal)
-    n = S // Q_CHUNK
-
-    def to_chunks(a):  # [B, S, ...] -> [n, B, Q_CHUNK, ...]
-        return jnp.moveaxis(a.reshape(a.shape[0], n, Q_CHUNK, *a.shape[2:]), 1, 0)
+    B, S = q_BSHD.shape[:2]
+    if positions_BS is None:
+        positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    seg_BS, pos_BS = segment_ids_BS, positions_BS
+    if spec.local:
+        lookback = spec.window - 1  # keys further back than this (by index) are never visible
+        c = min(q_chunk, max(MIN_LOCAL_CHUNK, spec.window))
+        if c + lookback < S:  # else the band is the whole sequence
+            return _banded(q_BSHD, k_BSKD, v_BSKD, pos_BS, seg_BS, spec, c, lookback)
+    idx = jnp.arange(S)
+    if 2 * q_chunk >= S or S % q_chunk:
+        allowed = visible(idx, idx, S, seg_BS, seg_BS, pos_BS, pos_BS, spec, causal)
+        return _attend_rows(q_BSHD, k_BSKD, v_BSKD, allowed)
+    n = S // q_chunk
 
     @jax.checkpoint
     def one_chunk(xs):
-        q_BcHD, start, seg_Bc = xs
-        return _attend_rows(q_BcHD, k_BSKD, v_BSKD, start, seg_Bc, seg_BS, causal)
+        q_BcHD, start, seg_Bc, pos_Bc = xs
+        allowed = visible(start + jnp.arange(q_chunk), idx, S, seg_Bc, seg_BS, pos_Bc, pos_BS, spec, causal)
+        return _attend_rows(q_BcHD, k_BSKD, v_BSKD, allowed)
 
-    starts = jnp.arange(n, dtype=jnp.int32) * Q_CHUNK
-    out_nBcHD = jax.lax.map(one_chunk, (to_chunks(q_BSHD), starts, None if seg_BS is None else to_chunks(seg_BS)))
-    return jnp.moveaxis(out_nBcHD, 0, 1).reshape(q_BSHD.shape)
+    starts = jnp.arange(n, dtype=jnp.int32) * q_chunk
+    chunks = (_to_chunks(q_BSHD, n), starts, None if seg_BS is None else _to_chunks(seg_BS, n), _to_chunks(pos_BS, n))
+    return _from_chunks(jax.lax.map(one_chunk, chunks))
 
 
-def _attend_rows(q_BcHD, k_BSKD, v_BSKD, q_start, seg_q_Bc, seg_k_BS, causal):
-    """Query rows q_start .. q_start + c - 1 against all S keys."""
+def _to_chunks(a, n):  # [B, n * c, ...] -> [n, B, c, ...]
+    return jnp.moveaxis(a.reshape(a.shape[0], n, a.shape[1] // n, *a.shape[2:]), 1, 0)
+
+
+def _from_chunks(a):  # [n, B, c, ...] -> [B, n * c, ...]
+    return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1, *a.shape[3:])
+
+
+def _banded(q_BSHD, k_BSKD, v_BSKD, pos_BS, seg_BS, spec, c, lookback):
+    """A local layer in O(S * (c + lookback)): query rows [s, s + c) see keys [s - lookback, s + c).
+
+    Keys are padded with `lookback` in front (and queries and keys at the end up to a whole
+    number of chunks), so every chunk slices a band of the same static length L = c + lookback.
+    """
+    S = q_BSHD.shape[1]
+    n = -(-S // c)
+    tail = n * c - S
+
+    def pad(a, front, back):
+        return jnp.pad(a, [(0, 0), (front, back)] + [(0, 0)] * (a.ndim - 2))
+
+    L = c + lookback
+    k_pad, v_pad, pos_k_pad = pad(k_BSKD, lookback, tail), pad(v_BSKD, lookback, tail), pad(pos_BS, lookback, tail)
+    seg_k_pad = None if seg_BS is None else pad(seg_BS, lookback, tail)
+
+    def band(a, start):  # padded index start .. start + L is key index start - lookback .. start + c
+        return None if a is None else jax.lax.dynamic_slice_in_dim(a, start, L, axis=1)
+
+    @jax.checkpoint
+    def one_chunk(xs):
+        q_BcHD, start, seg_Bc, pos_Bc = xs
+        k_idx_L = start - lookback + jnp.arange(L)
+        allowed = visible(
+            start + jnp.arange(c), k_idx_L, S, seg_Bc, band(seg_k_pad, start), pos_Bc, band(pos_k_pad, start), spec
+        )
+        return _attend_rows(q_BcHD, band(k_pad, start), band(v_pad, start), allowed)
+
+    starts = jnp.arange(n, dtype=jnp.int32) * c
+    seg_q = None if seg_BS is None else _to_chunks(pad(seg_BS, 0, tail), n)
+    chunks = (_to_chunks(pad(q_BSHD, 0, tail), n), starts, seg_q, _to_chunks(pad(pos_BS, 0, tail), n))
+    return _from_chunks(jax.lax.map(one_chunk, chunks))[:, :S]
+
+
+def _attend_rows(q_BcHD, k_BLKD, v_BLKD, allowed_BcL):
+    """c query rows against L keys, masked by `allowed` ([B or 1, c, L])."""
     B, c, H, D = q_BcHD.shape
-    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    K = k_BLKD.shape[2]
     q_BcKGD = q_BcHD.reshape(B, c, K, H // K, D)
-    scores_BKGcS = jnp.einsum("bckgd,bskd->bkgcs", q_BcKGD, k_BSKD, preferred_element_type=jnp.float32)
-    scores_BKGcS = scores_BKGcS * (D**-0.5)
-    allowed = row_mask(q_start, c, S, seg_q_Bc, seg_k_BS, causal)
-    scores_BKGcS = jnp.where(allowed, scores_BKGcS, jnp.finfo(jnp.float32).min)
-    probs_BKGcS = jax.nn.softmax(scores_BKGcS, axis=-1).astype(v_BSKD.dtype)
-    out_BcKGD = jnp.einsum("bkgcs,bskd->bckgd", probs_BKGcS, v_BSKD, preferred_element_type=jnp.float32)
+    scores_BKGcL = jnp.einsum("bckgd,blkd->bkgcl", q_BcKGD, k_BLKD, preferred_element_type=jnp.float32)
+    scores_BKGcL = scores_BKGcL * (D**-0.5)
+    scores_BKGcL = jnp.where(allowed_BcL[:, None, None], scores_BKGcL, jnp.finfo(jnp.float32).min)
+    probs_BKGcL = jax.nn.softmax(scores_BKGcL, axis=-1).astype(v_BLKD.dtype)
+    out_BcKGD = jnp.einsum("bkgcl,blkd->bckgd", probs_BKGcL, v_BLKD, preferred_element_type=jnp.float32)
     return out_BcKGD.reshape(B, c, H, D).astype(q_BcHD.dtype)
 
 
-def cudnn_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS=None):
+def cudnn_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS=None, positions_BS=None, spec=FULL):
     S = q_BSHD.shape[1]
-    m = None if segment_ids_BS is None else row_mask(0, S, S, segment_ids_BS, segment_ids_BS)[:, 0]
+    m = None
+    if segment_ids_BS is not None or spec.local:  # cuDNN takes a dense mask: O(S^2), but exact
+        idx = jnp.arange(S)
+        pos = positions_BS if positions_BS is not None else jnp.broadcast_to(idx, q_BSHD.shape[:2])
+        m = visible(idx, idx, S, segment_ids_BS, segment_ids_BS, pos, pos, spec)[:, None]
     return jax.nn.dot_product_attention(q_BSHD, k_BSKD, v_BSKD, mask=m, is_causal=True, implementation="cudnn")
 
 
-def attend(q_BSHD, k_BSKD, v_BSKD, *, positions_BS, segment_ids_BS, cos_sin, use_rope: bool, rope, impl: str):
-    """Causal attention; rotary embedding applied only when `use_rope` (a Python bool)."""
-    impl = resolve_impl(impl, q_BSHD.shape[-1])
+def nope_temperature_scale(positions_BS, floor_scale: float, attn_scale: float):
+    """Llama 4's query temperature on NoPE layers: log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1."""
+    pos = positions_BS.astype(jnp.float32)
+    return jnp.log1p(jnp.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+def l2_norm(x_BSHD, eps: float):
+    """Llama 4's weightless QK-norm: x * rsqrt(mean(x^2) + eps) in fp32, cast back."""
+    x = x_BSHD.astype(jnp.float32)
+    return (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)).astype(x_BSHD.dtype)
+
+
+def attend(
+    q_BSHD, k_BSKD, v_BSKD, *, positions_BS, segment_ids_BS, spec: LayerSpec, cos_sin, rope, impl: str, norm_eps=1e-6
+):
+    """Causal attention of one layer as `spec` says. q and k arrive un-rotated.
+
+    `rope` and `cos_sin` are this layer's frequencies (None on NoPE layers). An L2 QK-norm
+    follows RoPE, so its layers are rotated here on every path, and the kernel gets rope=False.
+    """
+    impl = resolve_impl(impl, q_BSHD.shape[-1], specs=(spec,))
+    rotate_here = spec.use_rope and (impl != "pallas" or spec.qk_norm == "l2")
+    if rotate_here:
+        cos_BSR, sin_BSR = cos_sin
+        q_BSHD = rope_lib.apply_rope(q_BSHD, cos_BSR, sin_BSR, spec.rope_layout)
+        k_BSKD = rope_lib.apply_rope(k_BSKD, cos_BSR, sin_BSR, spec.rope_layout)
+    if spec.qk_norm == "l2":
+        q_BSHD, k_BSKD = l2_norm(q_BSHD, norm_eps), l2_norm(k_BSKD, norm_eps)
     if impl == "pallas":
-        return _pallas(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, use_rope, rope)
-    if use_rope:
-        cos_BSD, sin_BSD = cos_sin
-        q_BSHD = rope_lib.apply_rope(q_BSHD, cos_BSD, sin_BSD)
-        k_BSKD = rope_lib.apply_rope(k_BSKD, cos_BSD, sin_BSD)
+        rotate = spec.use_rope and not rotate_here
+        return _pallas(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, spec, rope, rotate)
+    if spec.nope_temperature is not None:
+        scale_BS = nope_temperature_scale(positions_BS, *spec.nope_temperature)
+        q_BSHD = (q_BSHD.astype(jnp.float32) * scale_BS[:, :, None, None]).astype(q_BSHD.dtype)
     if impl == "cudnn":
-        return cudnn_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS)
-    return xla_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS)
+        return cudnn_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS, positions_BS, spec)
+    return xla_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS, positions_BS=positions_BS, spec=spec)
 
 
 def _platform() -> str:
@@ -112,7 +222,23 @@ def _platform() -> str:
     return getattr(device, "platform", None) or jax.default_backend()
 
 
-def _pallas(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, use_rope, rope):
+def kernel_options(spec: LayerSpec, rotate: bool) -> dict:
+    """The kernel's per-layer keyword arguments, only those that differ from their defaults."""
+    options = {}
+    if spec.attention == "sliding":
+        options["sliding_window"] = spec.window
+    elif spec.attention == "chunked":
+        options["chunk_size"] = spec.window
+    if rotate and spec.rotary_fraction != 1.0:
+        options["partial_rotary_factor"] = spec.rotary_fraction
+    if rotate and spec.rope_layout != "half":
+        options["rope_layout"] = spec.rope_layout
+    if spec.nope_temperature is not None:
+        options["nope_temperature"] = spec.nope_temperature
+    return options
+
+
+def _pallas(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, spec, rope, rotate):
     """The fused-RoPE flash kernel; under a mesh it runs per shard (batch and heads split).
 
     Inside `shard_map` each device sees its batch rows and its heads; the sequence axis is never
@@ -121,13 +247,15 @@ def _pallas(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, use_rope, rope
     from nopejax.kernels import flash_attention
 
     platform = _platform()
+    options = kernel_options(spec, rotate)
     backend = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform)
 
     def kernel(q, k, v, pos, seg):
         return flash_attention(
-            q, k, v, segment_ids=seg, positions=pos, rope=use_rope, inv_freq=jnp.asarray(rope.inv_freq),
-            rope_attention_factor=rope.attention_factor, causal=True, interpret=platform == "cpu",
-            backend=backend,
+            q, k, v, segment_ids=seg, positions=pos, rope=rotate,
+            inv_freq=jnp.asarray(rope.inv_freq) if rotate else None,  # [R / 2]: the rotated width's
+            rope_attention_factor=rope.attention_factor if rotate else 1.0, causal=True,
+            interpret=platform == "cpu", backend=backend, **options,
         )  # fmt: skip
 
     mesh = jax.sharding.get_abstract_mesh()

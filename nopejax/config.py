@@ -8,6 +8,7 @@ is created or any function is compiled, so a typo costs a second, not a compile.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import os
@@ -26,6 +27,9 @@ DATA_SOURCES = (
     "default", "text", "jsonl", "parquet", "arrayrecord", "prepared", "copy", "reverse", "parity",
 )  # fmt: skip
 ROPE_SCALING_TYPES = ("linear", "yarn")
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # HF's names
+ROPE_LAYOUTS = ("half", "interleaved")
+QK_NORMS = ("none", "rms", "l2")
 
 
 class ConfigError(ValueError):
@@ -56,6 +60,20 @@ def base_config() -> ConfigDict:
     # HF `rope_scaling` semantics, e.g. {"rope_type": "yarn", "factor": 4.0,
     # "original_max_position_embeddings": 128}. Applied to RoPE layers only.
     m.rope_scaling = config_dict.placeholder(dict)
+    # Attention kind per layer (HF `layer_types` names); unset = every layer full attention.
+    m.layer_types = config_dict.placeholder(tuple)
+    # Periodic shorthand (HF `sliding_window_pattern`): layer i is full when (i + 1) % interval == 0,
+    # local otherwise (sliding, or chunked when only attention_chunk_size is set); 0 = off.
+    m.global_attention_interval = 0
+    m.sliding_window = config_dict.placeholder(int)  # W: key j visible to query i iff i - W < j <= i
+    m.attention_chunk_size = config_dict.placeholder(int)  # C (Llama 4): i // C == j // C
+    m.partial_rotary_factor = 1.0  # rotate the first int(f * head_dim) dims (HF "default" semantics)
+    m.rope_layout = "half"  # "half": rotate_half (Llama, SmolLM3); "interleaved": adjacent pairs
+    m.rope_theta_local = config_dict.placeholder(float)  # RoPE base of local layers (Gemma 3); unscaled
+    # Llama 4 query temperature on NoPE layers, (floor_scale, attn_scale):
+    # q *= log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1. Unset = off.
+    m.nope_temperature = config_dict.placeholder(tuple)
+    m.qk_norm = "none"  # "rms": learned per-head RMSNorm before RoPE; "l2": weightless, after RoPE
     m.max_position_embeddings = 4096  # written to the HF config; nothing is sized by it
     m.tie_embeddings = True
     m.rms_norm_eps = 1e-6
@@ -133,7 +151,33 @@ def base_config() -> ConfigDict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The RoPE/NoPE pattern and its block structure
+# The layer spec: what each layer is, and the block structure of the stack
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Everything that makes one layer differ from another; the block plan, the attention call
+    and the HF maps all read this. Equal specs trace to the same program.
+
+    NoPE layers carry the RoPE fields at their defaults, so they compare equal whatever the
+    model's RoPE options are.
+    """
+
+    attention: str = "full"  # "full", "sliding" or "chunked"
+    window: int = 0  # sliding: W keys including the query itself; chunked: chunk size C; full: 0
+    rope: str = "global"  # "none" (NoPE), "global" (rope_theta + rope_scaling), "local" (rope_theta_local)
+    rotary_fraction: float = 1.0  # partial_rotary_factor
+    rope_layout: str = "half"  # "half" or "interleaved"
+    qk_norm: str = "none"  # "none", "rms" (learned, before RoPE), "l2" (weightless, after RoPE)
+    nope_temperature: tuple[float, float] | None = None  # (floor_scale, attn_scale), NoPE layers only
+
+    @property
+    def use_rope(self) -> bool:
+        return self.rope != "none"
+
+    @property
+    def local(self) -> bool:
+        return self.attention != "full"
 
 
 def rope_pattern(m: ConfigDict) -> tuple[bool, ...]:
@@ -146,8 +190,36 @@ def rope_pattern(m: ConfigDict) -> tuple[bool, ...]:
     return tuple((i + 1) % interval != 0 for i in range(m.num_layers))
 
 
-def block_structure(pattern: Sequence[bool]) -> tuple[tuple[bool, ...], int, tuple[bool, ...]]:
-    """Split a pattern into (block, num_blocks, tail).
+def layer_types(m: ConfigDict) -> tuple[str, ...]:
+    """Per layer, HF's attention kind name: explicit list, periodic shorthand, or all full."""
+    if m.layer_types is not None:
+        return tuple(m.layer_types)
+    interval = m.global_attention_interval
+    if not interval:
+        return ("full_attention",) * m.num_layers
+    local = "chunked_attention" if m.sliding_window is None and m.attention_chunk_size else "sliding_attention"
+    return tuple("full_attention" if (i + 1) % interval == 0 else local for i in range(m.num_layers))
+
+
+def layer_specs(m: ConfigDict) -> tuple[LayerSpec, ...]:
+    """One frozen spec per layer, from a validated model config."""
+    specs = []
+    for kind, use_rope in zip(layer_types(m), rope_pattern(m)):
+        attention = kind.removesuffix("_attention")
+        window = {"full": 0, "sliding": m.sliding_window, "chunked": m.attention_chunk_size}[attention]
+        if use_rope:
+            rope = "local" if attention != "full" and m.rope_theta_local is not None else "global"
+            spec = LayerSpec(attention, window, rope, float(m.partial_rotary_factor), m.rope_layout, m.qk_norm)
+        else:
+            temperature = None if m.nope_temperature is None else tuple(float(x) for x in m.nope_temperature)
+            qk_norm = "rms" if m.qk_norm == "rms" else "none"  # L2 QK-norm is for RoPE layers only (Llama 4)
+            spec = LayerSpec(attention, window, "none", qk_norm=qk_norm, nope_temperature=temperature)
+        specs.append(spec)
+    return tuple(specs)
+
+
+def block_structure(pattern: Sequence) -> tuple[tuple, int, tuple]:
+    """Split a per-layer pattern (flags or LayerSpecs) into (block, num_blocks, tail).
 
     `block` repeated `num_blocks` times followed by `tail` reproduces the pattern exactly.
     The period is chosen to minimise the traced layers (len(block) + len(tail)), ties going to
@@ -256,6 +328,92 @@ def _positive(cfg: ConfigDict, section: str, names: Iterable[str]) -> None:
             raise ConfigError(f"{section}.{name}", f"must be a positive integer, got {value!r}", "set it above 0")
 
 
+def _validate_layers(m: ConfigDict) -> None:
+    """The per-layer spec: attention kinds, windows, RoPE options, QK-norm, temperature."""
+    L = m.num_layers
+    if not isinstance(m.global_attention_interval, int) or m.global_attention_interval < 0:
+        raise ConfigError(
+            "model.global_attention_interval", f"must be an integer >= 0, got {m.global_attention_interval!r}",
+            "use e.g. 4 (every 4th layer global, the rest local) or 0 for off",
+        )  # fmt: skip
+    if m.layer_types is not None:
+        if m.global_attention_interval:
+            raise ConfigError(
+                "model.global_attention_interval", "is set together with model.layer_types",
+                "give either the explicit list or the periodic shorthand, not both",
+            )  # fmt: skip
+        if len(m.layer_types) != L:
+            raise ConfigError(
+                "model.layer_types", f"has {len(m.layer_types)} entries but num_layers = {L}",
+                f"give exactly one of {LAYER_TYPES} per layer",
+            )  # fmt: skip
+        bad = sorted({t for t in m.layer_types if t not in LAYER_TYPES})
+        if bad:
+            raise ConfigError("model.layer_types", f"unknown layer type(s) {bad}", f"use {LAYER_TYPES}")
+    elif m.global_attention_interval and m.sliding_window is not None and m.attention_chunk_size is not None:
+        raise ConfigError(
+            "model.global_attention_interval", "both sliding_window and attention_chunk_size are set, so "
+            "the local layers of the shorthand are ambiguous", "unset one, or list model.layer_types explicitly",
+        )  # fmt: skip
+    for field in ("sliding_window", "attention_chunk_size"):
+        value = m[field]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"model.{field}", f"must be a positive integer, got {value!r}", "use e.g. 4096")
+    types = layer_types(m)
+    for field, kind in (("sliding_window", "sliding_attention"), ("attention_chunk_size", "chunked_attention")):
+        if kind in types and m[field] is None:
+            raise ConfigError(
+                f"model.{field}", f"layer {types.index(kind)} is {kind} but no size is set",
+                f"set model.{field}, or make that layer full_attention",
+            )  # fmt: skip
+        if kind not in types and m[field] is not None:
+            raise ConfigError(
+                f"model.{field}", f"is {m[field]} but no layer is {kind}",
+                "unset it, or add such layers (model.layer_types or model.global_attention_interval)",
+            )  # fmt: skip
+    f = m.partial_rotary_factor
+    if not isinstance(f, (int, float)) or not 0 < f <= 1:
+        raise ConfigError("model.partial_rotary_factor", f"must be in (0, 1], got {f!r}", "use e.g. 0.5, or 1.0")
+    rotated = int(m.head_dim * f)
+    if rotated < 2 or rotated % 2:
+        raise ConfigError(
+            "model.partial_rotary_factor", f"rotates int({f} * head_dim {m.head_dim}) = {rotated} dims, "
+            "RoPE needs an even number >= 2", "choose a factor giving an even rotated width",
+        )  # fmt: skip
+    if m.rope_layout not in ROPE_LAYOUTS:
+        raise ConfigError("model.rope_layout", f"unknown layout {m.rope_layout!r}", f"use one of {ROPE_LAYOUTS}")
+    if m.qk_norm not in QK_NORMS:
+        raise ConfigError("model.qk_norm", f"unknown value {m.qk_norm!r}", f"use one of {QK_NORMS}")
+    if m.rope_theta_local is not None and not m.rope_theta_local > 0:
+        raise ConfigError("model.rope_theta_local", f"must be positive, got {m.rope_theta_local}", "use e.g. 10000.0")
+    pattern = rope_pattern(m)
+    if not any(pattern):  # every layer NoPE: options that only shape RoPE layers are contradictions
+        used = {"partial_rotary_factor": f != 1.0, "rope_layout": m.rope_layout != "half", "qk_norm": m.qk_norm == "l2"}
+        unused = [name for name, is_set in used.items() if is_set]
+        if unused:
+            raise ConfigError(
+                f"model.{unused[0]}", f"is {m[unused[0]]!r} but every layer is NoPE, so no layer would use it",
+                "remove it, or give some layers RoPE",
+            )  # fmt: skip
+    if m.rope_theta_local is not None and not any(p and t != "full_attention" for p, t in zip(pattern, types)):
+        raise ConfigError(
+            "model.rope_theta_local", "is set but no local (sliding/chunked) layer uses RoPE",
+            "unset it, or give the local layers RoPE",
+        )  # fmt: skip
+    t = m.nope_temperature
+    if t is not None:
+        if len(t) != 2 or not all(isinstance(x, (int, float)) and x > 0 for x in t):
+            raise ConfigError(
+                "model.nope_temperature", f"must be two positive numbers (floor_scale, attn_scale), got {t!r}",
+                "use e.g. (8192, 0.1) as Llama 4, or leave it unset",
+            )  # fmt: skip
+        if all(pattern):
+            raise ConfigError(
+                "model.nope_temperature", "is set but there is no NoPE layer (it scales NoPE queries only)",
+                "unset it, or add NoPE layers (no_rope_layer_interval / no_rope_layers)",
+            )  # fmt: skip
+
+
 def validate(cfg: ConfigDict) -> ConfigDict:
     """Reject configs that cannot run, naming the field and the fix. Returns `cfg`."""
     m = cfg.model
@@ -292,6 +450,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
             f"must be an integer >= 0, got {m.no_rope_layer_interval!r}",
             "use 0 for no NoPE layers",
         )
+    _validate_layers(m)
     if not m.rope_theta > 0:
         raise ConfigError("model.rope_theta", f"must be positive, got {m.rope_theta}", "use e.g. 10000.0")
     if m.rope_scaling is not None:

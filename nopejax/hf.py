@@ -52,9 +52,34 @@ LAYER_MAP = {
 # Config
 
 
+# What SmolLM3's format cannot hold: (model field, is it in use, what the format lacks)
+SMOLLM3_LACKS = (
+    ("attention_chunk_size", lambda m: m.attention_chunk_size is not None, "chunked attention"),
+    ("partial_rotary_factor", lambda m: m.partial_rotary_factor != 1.0, "partial RoPE"),
+    ("rope_layout", lambda m: m.rope_layout != "half", "the interleaved RoPE layout"),
+    ("rope_theta_local", lambda m: m.rope_theta_local is not None, "a separate RoPE base for local layers"),
+    ("nope_temperature", lambda m: m.nope_temperature is not None, "a NoPE query temperature"),
+    ("qk_norm", lambda m: m.qk_norm != "none", "QK-norm"),
+)
+
+
+def check_exportable(m: config.ConfigDict) -> None:
+    """Refuse, before anything is written, a layer spec that a SmolLM3 checkpoint cannot express."""
+    for field, in_use, lacks in SMOLLM3_LACKS:
+        if in_use(m):
+            raise config.ConfigError(
+                f"model.{field}", f"is {m[field]!r}, but the SmolLM3 format has no {lacks}, so transformers "
+                "would run a different model", "export a model without it (SmolLM3 holds RoPE/NoPE, full and "
+                "sliding layers), or use the params directly with nopejax",
+            )  # fmt: skip
+
+
 def hf_config(m: config.ConfigDict, token_ids: dict | None = None, dtype: str = "float32") -> dict:
     """The SmolLM3 config.json for a nopejax model config."""
+    check_exportable(m)
     token_ids = token_ids or {}
+    types = [f"{spec.attention}_attention" for spec in config.layer_specs(m)]
+    sliding = "sliding_attention" in types
     rope_parameters = {"rope_type": "default", "rope_theta": float(m.rope_theta)}
     if m.rope_scaling:
         rope_parameters = {**dict(m.rope_scaling), "rope_theta": float(m.rope_theta)}
@@ -77,7 +102,10 @@ def hf_config(m: config.ConfigDict, token_ids: dict | None = None, dtype: str = 
         "rope_parameters": rope_parameters,  # transformers >= 5
         "no_rope_layers": [int(x) for x in config.rope_pattern(m)],
         "no_rope_layer_interval": m.no_rope_layer_interval or m.num_layers + 1,
-        "use_sliding_window": False,
+        # HF masks by layer_types; use_sliding_window also sets each layer's window for flash kernels
+        "use_sliding_window": sliding,
+        "sliding_window": m.sliding_window if sliding else None,
+        "layer_types": types,
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": bool(m.tie_embeddings),
@@ -113,6 +141,14 @@ def model_config_from_hf(hf: dict) -> config.ConfigDict:
         m.no_rope_layers = tuple(int(x) for x in hf["no_rope_layers"])
     else:
         m.no_rope_layer_interval = hf.get("no_rope_layer_interval", 4)
+    # HF masks layer i by layer_types[i] (written by SmolLM3Config, which defaults to sliding NoPE
+    # layers when use_sliding_window); a sliding layer's window is sliding_window
+    types = hf.get("layer_types")
+    if types is None and hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
+        types = ["full_attention" if rope else "sliding_attention" for rope in config.rope_pattern(m)]
+    if types and "sliding_attention" in types and hf.get("sliding_window") is not None:
+        m.layer_types = tuple(types)
+        m.sliding_window = int(hf["sliding_window"])
     return m
 
 
@@ -173,6 +209,7 @@ def to_hf(
         params = nnx.to_pure_dict(nnx.state(module_or_params, nnx.Param))
     else:
         m, params = model_cfg, module_or_params
+    check_exportable(m)
     dtype = dtype or m.param_dtype
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     os.makedirs(out_dir, exist_ok=True)

@@ -1,15 +1,17 @@
-"""A Llama-style decoder (GQA, SwiGLU, RMSNorm) whose per-layer RoPE/NoPE pattern is config.
+"""A Llama-style decoder (GQA, SwiGLU, RMSNorm) whose per-layer spec is config.
 
 Shape letters: B batch, S sequence, D d_model, H query heads, K kv heads, E head dim, F d_ff,
 V vocab, L layers, N scanned blocks, P layers per block.
 
 Parameters of all layers are stacked along a leading `layers` axis ([L, ...]), whatever the
 execution plan; the checkpoint layout therefore never depends on `scan_layers`. At call time
-the stack is cut into N blocks of one pattern period P (SmolLM3: RoPE, RoPE, RoPE, NoPE) and
-`lax.scan` runs the blocks, so the traced program holds one block whatever the depth. Inside a
-block each sub-layer's RoPE/NoPE choice is a Python constant. A depth that is not a multiple
-of the period leaves a tail of layers that are unrolled with their own flags
-(`config.block_structure`); `scan_layers=False` unrolls every layer, for debugging.
+the stack is cut into N blocks of one period P of the layer specs (`config.LayerSpec`: attention
+kind and window, RoPE or not and how, QK-norm, temperature; SmolLM3: RoPE, RoPE, RoPE, NoPE;
+local/global stacks: sliding RoPE x3, full NoPE) and `lax.scan` runs the blocks, so the traced
+program holds one block whatever the depth. Inside a block each sub-layer's spec is a Python
+constant. A depth that is not a multiple of the period leaves a tail of layers that are
+unrolled with their own specs (`config.block_structure`); `scan_layers=False` unrolls every
+layer, for debugging.
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ LAYER_PARAMS = {
     "w_down": (lambda m: (m.d_ff, m.d_model), ("mlp", "embed")),
 }
 
+# model.qk_norm = "rms": a learned per-head-dim RMSNorm weight on q and on k (EXAONE 4, Gemma 3)
+QK_NORM_PARAMS = {
+    "q_norm": (lambda m: (m.head_dim,), ("head_dim",)),
+    "k_norm": (lambda m: (m.head_dim,), ("head_dim",)),
+}
+
+
+def layer_params(m) -> dict:
+    """The per-layer params this model config has: LAYER_PARAMS plus the optional ones."""
+    return {**LAYER_PARAMS, **(QK_NORM_PARAMS if m.qk_norm == "rms" else {})}
+
+
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
@@ -56,23 +70,27 @@ def rms_norm(x_BSD, weight_D, eps: float):
     return x.astype(x_BSD.dtype) * weight_D.astype(x_BSD.dtype)
 
 
-def decoder_layer(p, x_BSD, *, use_rope: bool, ctx):
-    """One pre-norm layer. `p` holds this layer's params (no `layers` axis)."""
+def decoder_layer(p, x_BSD, *, spec: config.LayerSpec, ctx):
+    """One pre-norm layer as `spec` says. `p` holds this layer's params (no `layers` axis)."""
     m, dtype = ctx["model_cfg"], ctx["dtype"]
     h_BSD = rms_norm(x_BSD, p["attn_norm"], m.rms_norm_eps)
     q_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, p["wq"].astype(dtype))
     k_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype))
     v_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wv"].astype(dtype))
+    if spec.qk_norm == "rms":  # before RoPE, on every layer (EXAONE 4, Gemma 3)
+        q_BSHE = rms_norm(q_BSHE, p["q_norm"], m.rms_norm_eps)
+        k_BSKE = rms_norm(k_BSKE, p["k_norm"], m.rms_norm_eps)
     o_BSHE = attention.attend(
         q_BSHE,
         k_BSKE,
         v_BSKE,
         positions_BS=ctx["positions"],
         segment_ids_BS=ctx["segment_ids"],
-        cos_sin=ctx["cos_sin"],
-        use_rope=use_rope,
-        rope=ctx["rope"],
+        spec=spec,
+        cos_sin=ctx["cos_sin"].get(spec.rope),
+        rope=ctx["ropes"].get(spec.rope),
         impl=m.attention_impl,
+        norm_eps=m.rms_norm_eps,
     )
     x_BSD = x_BSD + jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype))
 
@@ -83,35 +101,35 @@ def decoder_layer(p, x_BSD, *, use_rope: bool, ctx):
     return constrain(x_BSD, ("act_batch", "act_seq", "act_embed"))
 
 
-def runs(flags: tuple[bool, ...]) -> list[tuple[int, int, bool]]:
-    """Maximal runs of equal flags: (start, length, use_rope). (R, R, R, N) -> [(0, 3, R), (3, 1, N)]."""
+def runs(specs: tuple) -> list[tuple[int, int, object]]:
+    """Maximal runs of equal specs: (start, length, spec). (R, R, R, N) -> [(0, 3, R), (3, 1, N)]."""
     out = []
-    for i, flag in enumerate(flags):
-        if out and out[-1][2] == flag:
-            out[-1] = (out[-1][0], out[-1][1] + 1, flag)
+    for i, spec in enumerate(specs):
+        if out and out[-1][2] == spec:
+            out[-1] = (out[-1][0], out[-1][1] + 1, spec)
         else:
-            out.append((i, 1, flag))
+            out.append((i, 1, spec))
     return out
 
 
 def run_layers(stack, x_BSD, ctx):
-    """Apply all L layers: scanned blocks of one pattern period, then the unrolled tail.
+    """Apply all L layers: scanned blocks of one period of the layer specs, then the exact tail.
 
-    Inside a block, each run of equal flags is itself a scan, so the traced program holds one
-    RoPE and one NoPE layer at most (SmolLM3's block RoPE x3 + NoPE traces 2 layers, not 4):
+    Inside a block, each run of equal specs is itself a scan, so the traced program holds one
+    layer per run (SmolLM3's block RoPE x3 + NoPE traces 2 layers, not 4):
     compile time and the weights gathered at once stay those of about one layer. Remat wraps
     each layer, so only layer inputs are kept for the backward pass.
     """
     m = ctx["model_cfg"]
     remat = REMAT_POLICIES.get(m.remat)
 
-    def layer_fn(use_rope: bool):
-        fn = lambda p, x: decoder_layer(p, x, use_rope=use_rope, ctx=ctx)
+    def layer_fn(spec: config.LayerSpec):
+        fn = lambda p, x: decoder_layer(p, x, spec=spec, ctx=ctx)
         return jax.checkpoint(fn, policy=remat, prevent_cse=not m.scan_layers) if remat else fn
 
-    def run(params, x_BSD, flags):  # params: each [len(flags), ...]
-        for start, length, use_rope in runs(flags):
-            layer = layer_fn(use_rope)
+    def run(params, x_BSD, specs):  # params: each [len(specs), ...]
+        for start, length, spec in runs(specs):
+            layer = layer_fn(spec)
             if length == 1 or not m.scan_layers:
                 for i in range(start, start + length):
                     x_BSD = layer(jax.tree.map(lambda a, i=i: a[i], params), x_BSD)
@@ -120,10 +138,10 @@ def run_layers(stack, x_BSD, ctx):
                 x_BSD, _ = jax.lax.scan(lambda x, p, layer=layer: (layer(p, x), None), x_BSD, part)
         return x_BSD
 
-    pattern = config.rope_pattern(m)
+    specs = config.layer_specs(m)
     if not m.scan_layers:
-        return run(stack, x_BSD, pattern)
-    block, num_blocks, tail = config.block_structure(pattern)
+        return run(stack, x_BSD, specs)
+    block, num_blocks, tail = config.block_structure(specs)
     P = len(block)
     if num_blocks > 1:
         blocks = jax.tree.map(lambda a: a[: num_blocks * P].reshape(num_blocks, P, *a.shape[1:]), stack)
@@ -134,7 +152,7 @@ def run_layers(stack, x_BSD, ctx):
 
 
 class Decoder(nnx.Module):
-    """Token embedding -> L decoder layers (RoPE or NoPE each) -> final RMSNorm -> LM head."""
+    """Token embedding -> L decoder layers (each as its LayerSpec says) -> final RMSNorm -> LM head."""
 
     def __init__(self, model_cfg: config.ConfigDict, *, rngs: nnx.Rngs):
         # frozen: a module's static attributes must be hashable for nnx.split / jit
@@ -150,7 +168,7 @@ class Decoder(nnx.Module):
         self.layers = nnx.Dict(
             {
                 name: param((m.num_layers, *shape_fn(m)), ("layers", *logical), ones=name.endswith("norm"))
-                for name, (shape_fn, logical) in LAYER_PARAMS.items()
+                for name, (shape_fn, logical) in layer_params(m).items()
             }
         )
         self.final_norm = param((m.d_model,), ("norm",), ones=True)
@@ -173,15 +191,22 @@ class Decoder(nnx.Module):
         B, S = tokens_BS.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        rope = rope_lib.make_rope(m.head_dim, m.rope_theta, m.rope_scaling)
+        # one frequency table per RoPE base in use: rope_theta (+ scaling), and rope_theta_local (unscaled)
+        kinds = {spec.rope for spec in config.layer_specs(m)} - {"none"}
+        f = m.partial_rotary_factor
+        ropes = {
+            "global": rope_lib.make_rope(m.head_dim, m.rope_theta, m.rope_scaling, f),
+            "local": rope_lib.make_rope(m.head_dim, m.rope_theta_local or m.rope_theta, None, f),
+        }
+        ropes = {kind: ropes[kind] for kind in kinds}
         ctx = {
             "model_cfg": m,
             "dtype": dtype,
             "positions": positions,
             "segment_ids": segment_ids,
-            "rope": rope,
-            # cos/sin are shared by all RoPE layers: computed once, outside the scan
-            "cos_sin": rope_lib.cos_sin(positions, rope),
+            "ropes": ropes,
+            # cos/sin are shared by all RoPE layers of a base: computed once, outside the scan
+            "cos_sin": {kind: rope_lib.cos_sin(positions, rope, m.rope_layout) for kind, rope in ropes.items()},
         }
         embed_VD = self.embed[...]
         x_BSD = jnp.take(embed_VD, tokens_BS, axis=0).astype(dtype)
@@ -192,7 +217,7 @@ class Decoder(nnx.Module):
 
 
 def param_count(m: config.ConfigDict) -> int:
-    per_layer = sum(math.prod(fn(m)) for fn, _ in LAYER_PARAMS.values())
+    per_layer = sum(math.prod(fn(m)) for fn, _ in layer_params(m).values())
     embed = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
     return m.num_layers * per_layer + embed + m.d_model
 

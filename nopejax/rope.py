@@ -1,4 +1,4 @@
-"""Rotary position embeddings, in HuggingFace's half-split convention.
+"""Rotary position embeddings: HF's half-split (`rotate_half`) or interleaved-pair layout.
 
 A NoPE layer is simply a layer that does not call `apply_rope`: the causal mask alone carries
 token order there (Kazemnejad et al. 2023; SmolLM3 drops RoPE from every 4th layer).
@@ -7,6 +7,11 @@ Positions are always passed in, so packed documents can restart at 0.
 Scaling follows HF `rope_scaling` (`modeling_rope_utils.py`): `linear` divides every frequency by
 `factor`; `yarn` (Peng et al. 2023) blends interpolated and original frequencies by wavelength and
 multiplies cos/sin by an attention factor. Either applies to RoPE layers only, by construction.
+
+Partial RoPE (HF `partial_rotary_factor`, "default" semantics) rotates the first
+R = int(f * head_dim) dims with frequencies over R and passes the rest through unchanged: the
+rotated width is simply the width of cos/sin. The interleaved layout (Cohere2, Llama 4) pairs
+dims (0, 1), (2, 3), ... instead of (i, i + R/2).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ def default_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
 
 
-def make_rope(head_dim: int, theta: float, scaling: dict | None = None) -> Rope:
+def make_rope(head_dim: int, theta: float, scaling: dict | None = None, partial_rotary_factor: float = 1.0) -> Rope:
+    head_dim = int(head_dim * partial_rotary_factor)  # the rotated width R; HF computes it the same way
     inv_freq = default_inv_freq(head_dim, theta)
     if not scaling:
         return Rope(inv_freq, 1.0)
@@ -80,17 +86,26 @@ def _yarn(head_dim: int, theta: float, scaling: dict, factor: float) -> Rope:
     return Rope(inv_freq.astype(np.float32), float(attention_factor))
 
 
-def cos_sin(positions, rope: Rope):
-    """positions [B, S] int -> (cos, sin), each [B, S, D] float32."""
-    angles_BSd = positions[..., None].astype(jnp.float32) * jnp.asarray(rope.inv_freq)
-    angles_BSD = jnp.concatenate([angles_BSd, angles_BSd], axis=-1)
-    return jnp.cos(angles_BSD) * rope.attention_factor, jnp.sin(angles_BSD) * rope.attention_factor
+def cos_sin(positions, rope: Rope, layout: str = "half"):
+    """positions [B, S] int -> (cos, sin), each [B, S, R] float32 (R = rotated width)."""
+    angles_BSr = positions[..., None].astype(jnp.float32) * jnp.asarray(rope.inv_freq)
+    if layout == "interleaved":  # pair i is dims (2i, 2i + 1)
+        angles_BSR = jnp.repeat(angles_BSr, 2, axis=-1)
+    else:  # pair i is dims (i, i + R/2)
+        angles_BSR = jnp.concatenate([angles_BSr, angles_BSr], axis=-1)
+    return jnp.cos(angles_BSR) * rope.attention_factor, jnp.sin(angles_BSR) * rope.attention_factor
 
 
-def apply_rope(x_BSHD, cos_BSD, sin_BSD):
-    """x * cos + rotate_half(x) * sin, in float32, cast back to x's dtype."""
+def apply_rope(x_BSHD, cos_BSR, sin_BSR, layout: str = "half"):
+    """x * cos + rotate(x) * sin on the first R dims, in float32; the other D - R pass through."""
+    R = cos_BSR.shape[-1]
     x = x_BSHD.astype(jnp.float32)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = x * cos_BSD[:, :, None, :] + rotated * sin_BSD[:, :, None, :]
-    return out.astype(x_BSHD.dtype)
+    x_rot, x_pass = x[..., :R], x[..., R:]
+    if layout == "interleaved":
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+        rotated = jnp.stack([-x2, x1], axis=-1).reshape(x_rot.shape)
+    else:
+        x1, x2 = jnp.split(x_rot, 2, axis=-1)
+        rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x_rot * cos_BSR[:, :, None, :] + rotated * sin_BSR[:, :, None, :]
+    return jnp.concatenate([out, x_pass], axis=-1).astype(x_BSHD.dtype)

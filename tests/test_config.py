@@ -25,6 +25,53 @@ BAD = [
     ("optim.decay_steps", dict(optim=dict(warmup_steps=200, decay_steps=200)), "exceeds train.steps"),
     ("data.source", dict(data=dict(source="hub")), "unknown source"),
     ("data.path", dict(data=dict(source="jsonl")), "needs a path"),
+    # layer types (issue 13)
+    ("model.layer_types", dict(model=dict(layer_types=("full_attention",) * 5)), "num_layers = 6"),
+    ("model.layer_types", dict(model=dict(layer_types=("global",) * 6)), "unknown layer type"),
+    ("model.sliding_window", dict(model=dict(global_attention_interval=4)), "no size is set"),
+    ("model.sliding_window", dict(model=dict(global_attention_interval=4, sliding_window=0)), "positive integer"),
+    ("model.sliding_window", dict(model=dict(sliding_window=32)), "no layer is sliding_attention"),
+    ("model.attention_chunk_size", dict(model=dict(attention_chunk_size=64)), "no layer is chunked_attention"),
+    (
+        "model.attention_chunk_size",
+        dict(model=dict(layer_types=("chunked_attention", "full_attention") * 3)),
+        "no size is set",
+    ),
+    ("model.global_attention_interval", dict(model=dict(global_attention_interval=-2)), ">= 0"),
+    (
+        "model.global_attention_interval",
+        dict(model=dict(global_attention_interval=4, layer_types=("full_attention",) * 6)),
+        "not both",
+    ),
+    (
+        "model.global_attention_interval",
+        dict(model=dict(global_attention_interval=4, sliding_window=8, attention_chunk_size=8)),
+        "ambiguous",
+    ),
+    ("model.partial_rotary_factor", dict(model=dict(partial_rotary_factor=1.5)), "(0, 1]"),
+    ("model.partial_rotary_factor", dict(model=dict(partial_rotary_factor=0.0)), "(0, 1]"),
+    ("model.partial_rotary_factor", dict(model=dict(partial_rotary_factor=0.3)), "= 9 dims"),
+    ("model.rope_layout", dict(model=dict(rope_layout="pairs")), "unknown layout"),
+    ("model.qk_norm", dict(model=dict(qk_norm="layernorm")), "unknown value"),
+    ("model.qk_norm", dict(model=dict(qk_norm="l2", no_rope_layers=(0,) * 6)), "every layer is NoPE"),
+    (
+        "model.partial_rotary_factor",
+        dict(model=dict(partial_rotary_factor=0.5, no_rope_layers=(0,) * 6)),
+        "every layer is NoPE",
+    ),
+    ("model.rope_theta_local", dict(model=dict(rope_theta_local=1e4)), "no local"),
+    (
+        "model.rope_theta_local",
+        dict(model=dict(rope_theta_local=-1.0, global_attention_interval=2, sliding_window=4)),
+        "positive",
+    ),
+    ("model.nope_temperature", dict(model=dict(nope_temperature=(8192.0,))), "two positive numbers"),
+    ("model.nope_temperature", dict(model=dict(nope_temperature=(0.0, 0.1))), "two positive numbers"),
+    (
+        "model.nope_temperature",
+        dict(model=dict(nope_temperature=(8192.0, 0.1), no_rope_layer_interval=0)),
+        "no NoPE layer",
+    ),
 ]
 
 
@@ -44,7 +91,7 @@ def test_default_and_shipped_configs_are_valid():
     from configs_loader import load
 
     config.validate(config.base_config())
-    for name in ("tiny", "smollm3_3b"):
+    for name in ("tiny", "smollm3_3b", "tiny_local_global", "local_global_3b"):
         config.validate(load(name))
 
 

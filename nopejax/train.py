@@ -72,8 +72,7 @@ def setup(cfg: ConfigDict, devices=None) -> Setup:
     mesh = sharding.make_mesh(cfg.mesh, devices)
     platform = mesh.devices.flat[0].platform
     cfg = cfg.copy_and_resolve_references()  # `auto` attention is decided for the target devices
-    impl, specs = cfg.model.attention_impl, config.layer_specs(cfg.model)
-    cfg.model.attention_impl = attention.resolve_impl(impl, cfg.model.head_dim, platform, specs)
+    cfg.model.attention_impl = attention.resolve_impl(cfg.model.attention_impl, cfg.model.head_dim, platform)
     if cfg.model.attention_impl == "cudnn" and platform != "gpu":
         raise ConfigError("model.attention_impl", f"cudnn needs a GPU, these devices are {platform}", "use auto or xla")
     tx = optimizer.make(cfg)

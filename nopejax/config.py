@@ -90,8 +90,10 @@ def base_config() -> ConfigDict:
     cfg.optim = o = ConfigDict()
     o.lr = 3e-3
     o.schedule = "wsd"
-    o.warmup_steps = 30
-    o.decay_steps = 60  # wsd: length of the final decay; cosine/linear: total decay length (0 = to the end)
+    # Below 1: a fraction of train.steps (levanter's convention), so the schedule follows any
+    # --config.train.steps; 1 or more: a number of steps.
+    o.warmup_steps = 0.1
+    o.decay_steps = 0.2  # wsd: length of the final decay; cosine/linear: total decay length (0 = to the end)
     o.min_lr_ratio = 0.0
     o.weight_decay = 0.1
     o.decay_embeddings = False
@@ -245,6 +247,16 @@ def _merge(cfg: ConfigDict, d: dict, prefix: str) -> None:
             cfg[k] = tuple(v) if isinstance(v, list) else v
 
 
+def schedule_lengths(optim: ConfigDict, total_steps: int) -> tuple[int, int]:
+    """(warmup, decay) in steps: a value below 1 is a fraction of `total_steps` (rounded down, so
+    fractions that sum to at most 1 always fit the run), 1 or more a number of steps."""
+
+    def steps(v: float) -> int:
+        return int(v * total_steps) if v < 1 else int(v)
+
+    return steps(optim.warmup_steps), steps(optim.decay_steps)
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation: the one place that decides whether a config can run
 
@@ -355,13 +367,21 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         raise ConfigError("optim.lr", f"must be positive, got {o.lr}", "use e.g. 3e-4")
     if o.schedule not in SCHEDULES:
         raise ConfigError("optim.schedule", f"unknown schedule {o.schedule!r}", f"use one of {SCHEDULES}")
-    if o.warmup_steps < 0 or o.decay_steps < 0:
-        raise ConfigError("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0", "use 0 for none")
-    if o.schedule == "wsd" and o.warmup_steps + o.decay_steps > t.steps:
+    for name in ("warmup_steps", "decay_steps"):
+        v = o[name]
+        if not isinstance(v, int | float) or isinstance(v, bool) or v < 0 or (v >= 1 and v != int(v)):
+            raise ConfigError(
+                f"optim.{name}", f"must be a fraction of train.steps below 1 or a whole number of steps, got {v!r}",
+                "use e.g. 0.1 (10% of the run) or 100 (steps); 0 for none",
+            )  # fmt: skip
+    warmup, decay = schedule_lengths(o, t.steps)
+    if o.schedule == "wsd" and warmup + decay > t.steps:
+        fractions = [f"{n} = {o[n]} of {t.steps} steps" for n in ("warmup_steps", "decay_steps") if o[n] < 1]
         raise ConfigError(
             "optim.decay_steps",
-            f"warmup_steps + decay_steps = {o.warmup_steps + o.decay_steps} exceeds train.steps = {t.steps}",
-            "shorten warmup/decay or train longer",
+            f"warmup_steps + decay_steps = {warmup} + {decay} = {warmup + decay} exceeds train.steps = {t.steps}"
+            + (f" ({'; '.join(fractions)})" if fractions else ""),
+            "give them as fractions of the run (e.g. 0.1 and 0.2), shorten them, or train longer",
         )
     if not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1:
         raise ConfigError("optim.b1", f"betas must be in [0, 1), got b1={o.b1}, b2={o.b2}", "use e.g. 0.9 and 0.95")

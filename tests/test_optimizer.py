@@ -78,5 +78,5 @@ def test_train_steps_alone_is_enough(tmp_path, steps):
            f"--config.train.steps={steps}", "--no-progress"]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == steps and np.isfinite(records[-1]["loss"])

@@ -18,8 +18,11 @@ import hashlib
 import os
 
 import numpy as np
+from tokenizers import Tokenizer as _RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from nopejax.config import ConfigError
+from nopejax.data.sources import open_documents, to_text
 
 BYTE_VOCAB_SIZE = 259
 BYTE_PAD, BYTE_BOS, BYTE_EOS = 256, 257, 258
@@ -54,15 +57,13 @@ class HFTokenizer:
     """A HuggingFace `tokenizers` tokenizer.json. Specials come from the file's added tokens."""
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer  # deferred: the byte path never pays for the import
-
         if not os.path.isfile(path):
             raise ConfigError(
                 "data.tokenizer", f"tokenizer file {path!r} does not exist", "give a tokenizer.json or 'byte'"
             )
         self.path = path
         try:
-            self._tok = Tokenizer.from_file(path)
+            self._tok = _RustTokenizer.from_file(path)
         except Exception as e:
             raise ConfigError(
                 "data.tokenizer", f"{path!r} is not a valid tokenizer.json ({e})", "check the file"
@@ -136,10 +137,6 @@ def train_tokenizer(input_glob: str, vocab_size: int, out_dir: str, *, text_fiel
     extension, anything else as plain text, one document per file), so the BPE sees exactly
     the documents the model will. Returns the path of the written tokenizer.json.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from nopejax.data.sources import open_documents, to_text
-
     min_vocab = 256 + len(TRAINED_SPECIALS)
     if vocab_size < min_vocab:
         raise ConfigError(
@@ -153,7 +150,7 @@ def train_tokenizer(input_glob: str, vocab_size: int, out_dir: str, *, text_fiel
             if text.strip():
                 yield text
 
-    tok = Tokenizer(models.BPE())
+    tok = _RustTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -114,8 +114,9 @@ def base_config() -> ConfigDict:
     d.add_eos = True
     d.shuffle = True
     d.num_workers = 0  # grain worker processes; 0 = in the main process
-    # Disjoint data shards, spread over the processes; the global batch depends only on this,
-    # so a run keeps its data order on any process count dividing it. 0 = one per process.
+    # Disjoint data shards, each one packed stream of global_batch_size / num_shards rows, spread
+    # over the processes; the global batch depends only on this. 0 = one per row, which fits any
+    # process count; fewer (a multiple of the process count) only to cut per-shard overhead.
     d.num_shards = 0
     d.mixture_weights = config_dict.placeholder(tuple)  # one weight per entry of a comma-separated path
     # Synthetic length-generalization tasks (data.source = copy / reverse / parity).
@@ -400,7 +401,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     if not isinstance(d.num_shards, int) or d.num_shards < 0 or (d.num_shards and t.global_batch_size % d.num_shards):
         raise ConfigError(
             "data.num_shards", f"{d.num_shards!r} must be 0 or a divisor of the global batch {t.global_batch_size}",
-            "use 0 (one shard per process) or e.g. the global batch size",
+            "use 0 (one shard per row of the global batch, the default) or a divisor of the global batch",
         )  # fmt: skip
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}", "use e.g. 0.02")

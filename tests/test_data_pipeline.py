@@ -237,3 +237,13 @@ def test_mixture_of_sources_follows_weights(tmp_path):
     cfg.data.mixture_weights = (1.0,)
     with pytest.raises(ConfigError, match="mixture_weights"):
         make_iterator(cfg, process_index=0, process_count=1)
+
+
+def test_a_corpus_smaller_than_the_batch_still_trains(tmp_path):
+    # 3 documents, 12 rows: every row's shard is the whole corpus, starting at another document
+    texts = write_corpus(tmp_path / "few.jsonl", n=3)
+    cfg = make_cfg(tmp_path / "few.jsonl", eval_fraction=0.0, shuffle=False)
+    batches = take(make_iterator(cfg, process_index=0, process_count=1), 30)
+    for row in range(12):
+        seen = texts_of(batches, row=row)
+        assert set(seen) == set(texts) and seen[0] == texts[row % 3]

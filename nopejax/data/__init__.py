@@ -15,7 +15,7 @@ from nopejax.data.packing import BATCH_KEYS, pack_documents
 from nopejax.data.pipeline import global_batch, make_iterator, split_indices
 from nopejax.data.prepare import prepare
 from nopejax.data.synthetic import exact_match
-from nopejax.data.tokenizer import ByteTokenizer, HFTokenizer, make_tokenizer, train_tokenizer
+from nopejax.data.tokenizer import ByteTokenizer, HFTokenizer, make_tokenizer, tokenizer_from_hf, train_tokenizer
 
 __all__ = [
     "BATCH_KEYS",
@@ -29,6 +29,7 @@ __all__ = [
     "prepare",
     "prepare_main",
     "split_indices",
+    "tokenizer_from_hf",
     "tokenizer_main",
     "train_tokenizer",
 ]

@@ -108,7 +108,15 @@ def open_sources(data_cfg) -> list:
 
 def document_indices(num_documents: int, data_cfg, split: str, shard: int, num_shards: int) -> np.ndarray:
     """The document indices of one data shard of `split`, before shuffling: int64 [N_shard]."""
-    return split_indices(num_documents, data_cfg.eval_fraction, split)[shard::num_shards]
+    return _shard_of(split_indices(num_documents, data_cfg.eval_fraction, split), shard, num_shards)
+
+
+def _shard_of(docs: np.ndarray, shard: int, num_shards: int) -> np.ndarray:
+    """Every num_shards-th document from `shard` on; a split with fewer documents than shards
+    (a toy corpus) gives every shard all of them, each starting at another document."""
+    if len(docs) < num_shards:
+        return np.roll(docs, -(shard % max(len(docs), 1)))
+    return docs[shard::num_shards]
 
 
 class EpochShuffle(grain.transforms.MapWithIndex):
@@ -135,14 +143,12 @@ class EpochShuffle(grain.transforms.MapWithIndex):
 def _component(source, split_docs: np.ndarray, tokenizer, cfg, split: str, k: int, shard: int, num_shards: int):
     """Source k's documents of one data shard, as a MapDataset of tokenized documents."""
     d = cfg.data
-    docs = split_docs[shard::num_shards]  # as `document_indices`
+    docs = _shard_of(split_docs, shard, num_shards)
     if len(docs) == 0:
         raise ConfigError(
             "data.path",
-            f"source {k} has no {split} documents for data shard {shard} of {num_shards} "
-            f"({len(source)} documents in all)",
-            "use more data, raise data.eval_fraction for the eval split, or set data.num_shards to a smaller "
-            "divisor of the global batch (each shard is one stream of global_batch_size / num_shards rows)",
+            f"source {k} has no {split} documents ({len(source)} documents in all)",
+            "use more data, or raise data.eval_fraction for the eval split",
         )
     if split == "train" and d.shuffle:
         ds = grain.MapDataset.range(len(docs)).repeat(None)

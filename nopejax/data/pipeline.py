@@ -29,6 +29,9 @@ unshuffled and repeats too: a fresh eval iterator always yields the same batches
 
 from __future__ import annotations
 
+import atexit
+import weakref
+
 import grain
 import jax
 import numpy as np
@@ -197,6 +200,21 @@ def _process(process_index: int | None, process_count: int | None, global_batch_
     return process_index, process_count
 
 
+# Iterators still open at exit are closed while the interpreter is whole: at shutdown grain's
+# __del__ finds its modules torn down, prints tracebacks and leaks shared memory otherwise.
+_OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for it in list(_OPEN_ITERATORS):
+        it.close()
+        # Drop the grain iterators below now, so their own __del__ runs here and not at shutdown.
+        it._parents = ()
+        if isinstance(it, ShardsIterator):
+            it.shards = []
+
+
 def make_iterator(
     cfg,
     split: str = "train",
@@ -223,7 +241,9 @@ def make_iterator(
     process_index, process_count = _process(process_index, process_count, B)
     if split == "eval":
         rows = B // process_count
-        return RowsIterator(_shard_iterators(cfg, split, [0], 1)[0], process_index * rows, (process_index + 1) * rows)
+        it = RowsIterator(_shard_iterators(cfg, split, [0], 1)[0], process_index * rows, (process_index + 1) * rows)
+        _OPEN_ITERATORS.add(it)
+        return it
     num_shards = num_shards or cfg.data.num_shards or B
     if num_shards % process_count or B % num_shards:
         raise ConfigError(
@@ -242,7 +262,9 @@ def make_iterator(
         )
     first = process_index * per_process
     shards = _shard_iterators(cfg, split, list(range(first, first + per_process)), num_shards)
-    return shards[0] if per_process == 1 else ShardsIterator(shards)
+    it = shards[0] if per_process == 1 else ShardsIterator(shards)
+    _OPEN_ITERATORS.add(it)
+    return it
 
 
 class ShardsIterator(grain.DatasetIterator):

@@ -161,9 +161,11 @@ def _delegate(name: str, rest: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nopejax import quiet
     from nopejax.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet.setup()  # no TPU-runtime probing without a TPU, no orbax read-only chatter
     if argv[:2] == ["data", "prepare"]:  # these parse their own arguments, overrides included
         return _delegate("prepare_main", argv[2:])
     if argv[:1] == ["tokenizer"]:

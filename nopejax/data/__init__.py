@@ -5,9 +5,11 @@
     batch = global_batch(next(it), mesh)            # global [B, S] jax.Arrays on the batch axes
     state = it.get_state(); it.set_state(state)     # JSON-able; stored in every checkpoint
 
-Modules: sources (file readers), tokenizer, packing, pipeline (the grain graph), corpus (the
-offline default corpus), prepare (pre-tokenized ArrayRecord shards), synthetic (copy /
-reverse / parity length-generalization tasks), commands (`nopejax data|tokenizer ...`).
+Modules, bottom up; each imports only modules listed before it, never a caller
+(tests/test_data_layering.py checks it): sources (file formats, prepared-shard manifests),
+corpus (the offline default corpus), packing, tokenizer (byte / tokenizer.json, BPE training,
+HF tokenizer files), synthetic (copy / reverse / parity tasks), pipeline (the grain graph),
+prepare (pre-tokenized ArrayRecord shards), commands (`nopejax data|tokenizer ...`).
 """
 
 from nopejax.data.commands import prepare_main, tokenizer_main

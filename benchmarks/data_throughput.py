@@ -1,6 +1,6 @@
 """Input pipeline throughput: tokens per second per core, on the offline default corpus.
 
-    python3 benchmarks/data_throughput.py [--tokens 8_000_000] [--seq-len 2048] [--batch 32]
+    python3 benchmarks/data_throughput.py [--tokens 8_000_000] [--seq-len 2048] [--batch 32] [--num-shards K]
 
 Measures, for the in-process pipeline (no worker processes):
   pack only                 BatchPacker on in-memory token arrays (the floor of the rest)
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8_000_000, help="tokens per measurement")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--num-shards", type=int, default=0, help="data.num_shards (0: one per row, the default)")
     args = parser.parse_args()
     per_batch = args.batch * args.seq_len
 
@@ -61,6 +62,7 @@ def main() -> None:
         cfg.train.global_batch_size, cfg.train.seq_len = args.batch, args.seq_len
         cfg.model.vocab_size = 4096
         cfg.data.eval_fraction = 0.0
+        cfg.data.num_shards = args.num_shards
         for k, v in data.items():
             cfg.data[k] = v
         return validate(cfg)

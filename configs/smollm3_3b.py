@@ -36,8 +36,8 @@ def get_config():
     cfg.train.eval_every = 1000
     cfg.optim.lr = 2e-4
     cfg.optim.schedule = "wsd"
-    cfg.optim.warmup_steps = 2000
-    cfg.optim.decay_steps = 10_000
+    cfg.optim.warmup_steps = 0.02  # fractions of train.steps: 2,000 and 10,000 of 100,000
+    cfg.optim.decay_steps = 0.1
     cfg.optim.weight_decay = 0.1
     cfg.checkpoint.every_steps = 1000
     # SmolLM3 uses its Llama-3-style tokenizer: --config.data.tokenizer=/path/to/tokenizer.json

@@ -27,7 +27,7 @@ def get_config():
     cfg.train.seq_len = 128
     cfg.train.eval_every = 100
     cfg.optim.lr = 3e-3
-    cfg.optim.warmup_steps = 30
-    cfg.optim.decay_steps = 60
+    cfg.optim.warmup_steps = 0.1  # fractions of train.steps: 30 and 60 of the 300 steps
+    cfg.optim.decay_steps = 0.2
     cfg.checkpoint.every_steps = 100
     return cfg

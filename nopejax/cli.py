@@ -51,25 +51,26 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from nopejax import checkpoint, hf
+    from nopejax import checkpoint, data, hf
 
     root, step = checkpoint.find_checkpoint(args.workdir, args.step)
     cfg = checkpoint.read_config(root, step)
     params = checkpoint.restore_params(root, step)
-    hf.to_hf(params, args.out, cfg.model, token_ids=_token_ids(cfg), dtype=args.dtype)
-    _copy_tokenizer(cfg, args.out)
+    tokenizer = data.make_tokenizer(cfg.data)  # written beside the weights, so AutoTokenizer loads it
+    hf.to_hf(params, args.out, cfg.model, dtype=args.dtype, tokenizer=tokenizer)
     print(f"wrote {args.out} from {root} step {step}: load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({args.out!r})")  # fmt: skip
     return 0
 
 
 def cmd_import_hf(args) -> int:
-    from nopejax import checkpoint, config, hf, train
+    from nopejax import checkpoint, config, data, hf, train
 
     with open(os.path.join(args.hf_dir, "config.json")) as f:
         m = hf.model_config_from_hf(json.load(f))
     cfg = config.load_config(args.config) if args.config else config.base_config()
     cfg.model = m
+    cfg.data.tokenizer = data.tokenizer_from_hf(args.hf_dir, args.workdir) or cfg.data.tokenizer
     cfg = config.validate(config.apply_overrides(cfg, args.overrides))
     s = train.setup(cfg)
     params = hf.load_params(args.hf_dir, cfg.model)
@@ -85,20 +86,6 @@ def cmd_import_hf(args) -> int:
           f"continue with: nopejax train --config YOUR_CONFIG --workdir {args.workdir}, or start "
           f"a new run from it with --config.init_from={args.workdir}")  # fmt: skip
     return 0
-
-
-def _token_ids(cfg) -> dict:
-    from nopejax import data
-
-    tok = data.make_tokenizer(cfg.data)
-    return {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
-
-
-def _copy_tokenizer(cfg, out_dir: str) -> None:
-    import shutil
-
-    if cfg.data.tokenizer != "byte" and os.path.isfile(cfg.data.tokenizer):
-        shutil.copy(cfg.data.tokenizer, os.path.join(out_dir, "tokenizer.json"))
 
 
 def cmd_eval_length(args) -> int:
@@ -139,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a HuggingFace SmolLM3 checkpoint from a run's checkpoint")
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    p.add_argument("--out", required=True, help="output directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="output directory (config.json, safetensors, tokenizer files)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="tensor dtype (default: the param dtype)")
     p.set_defaults(func=cmd_export)
 
@@ -174,9 +161,11 @@ def _delegate(name: str, rest: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nopejax import quiet
     from nopejax.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet.setup()  # no TPU-runtime probing without a TPU, no orbax read-only chatter
     if argv[:2] == ["data", "prepare"]:  # these parse their own arguments, overrides included
         return _delegate("prepare_main", argv[2:])
     if argv[:1] == ["tokenizer"]:

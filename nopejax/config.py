@@ -108,8 +108,10 @@ def base_config() -> ConfigDict:
     cfg.optim = o = ConfigDict()
     o.lr = 3e-3
     o.schedule = "wsd"
-    o.warmup_steps = 30
-    o.decay_steps = 60  # wsd: length of the final decay; cosine/linear: total decay length (0 = to the end)
+    # Below 1: a fraction of train.steps (levanter's convention), so the schedule follows any
+    # --config.train.steps; 1 or more: a number of steps.
+    o.warmup_steps = 0.1
+    o.decay_steps = 0.2  # wsd: length of the final decay; cosine/linear: total decay length (0 = to the end)
     o.min_lr_ratio = 0.0
     o.weight_decay = 0.1
     o.decay_embeddings = False
@@ -130,8 +132,9 @@ def base_config() -> ConfigDict:
     d.add_eos = True
     d.shuffle = True
     d.num_workers = 0  # grain worker processes; 0 = in the main process
-    # Disjoint data shards, spread over the processes; the global batch depends only on this,
-    # so a run keeps its data order on any process count dividing it. 0 = one per process.
+    # Disjoint data shards, each one packed stream of global_batch_size / num_shards rows, spread
+    # over the processes; the global batch depends only on this. 0 = one per row, which fits any
+    # process count; fewer (a multiple of the process count) only to cut per-shard overhead.
     d.num_shards = 0
     d.mixture_weights = config_dict.placeholder(tuple)  # one weight per entry of a comma-separated path
     # Synthetic length-generalization tasks (data.source = copy / reverse / parity).
@@ -315,6 +318,16 @@ def _merge(cfg: ConfigDict, d: dict, prefix: str) -> None:
             _merge(cfg[k], v, prefix + k + ".")
         else:
             cfg[k] = tuple(v) if isinstance(v, list) else v
+
+
+def schedule_lengths(optim: ConfigDict, total_steps: int) -> tuple[int, int]:
+    """(warmup, decay) in steps: a value below 1 is a fraction of `total_steps` (rounded down, so
+    fractions that sum to at most 1 always fit the run), 1 or more a number of steps."""
+
+    def steps(v: float) -> int:
+        return int(v * total_steps) if v < 1 else int(v)
+
+    return steps(optim.warmup_steps), steps(optim.decay_steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,13 +527,21 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         raise ConfigError("optim.lr", f"must be positive, got {o.lr}", "use e.g. 3e-4")
     if o.schedule not in SCHEDULES:
         raise ConfigError("optim.schedule", f"unknown schedule {o.schedule!r}", f"use one of {SCHEDULES}")
-    if o.warmup_steps < 0 or o.decay_steps < 0:
-        raise ConfigError("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0", "use 0 for none")
-    if o.schedule == "wsd" and o.warmup_steps + o.decay_steps > t.steps:
+    for name in ("warmup_steps", "decay_steps"):
+        v = o[name]
+        if not isinstance(v, int | float) or isinstance(v, bool) or v < 0 or (v >= 1 and v != int(v)):
+            raise ConfigError(
+                f"optim.{name}", f"must be a fraction of train.steps below 1 or a whole number of steps, got {v!r}",
+                "use e.g. 0.1 (10% of the run) or 100 (steps); 0 for none",
+            )  # fmt: skip
+    warmup, decay = schedule_lengths(o, t.steps)
+    if o.schedule == "wsd" and warmup + decay > t.steps:
+        fractions = [f"{n} = {o[n]} of {t.steps} steps" for n in ("warmup_steps", "decay_steps") if o[n] < 1]
         raise ConfigError(
             "optim.decay_steps",
-            f"warmup_steps + decay_steps = {o.warmup_steps + o.decay_steps} exceeds train.steps = {t.steps}",
-            "shorten warmup/decay or train longer",
+            f"warmup_steps + decay_steps = {warmup} + {decay} = {warmup + decay} exceeds train.steps = {t.steps}"
+            + (f" ({'; '.join(fractions)})" if fractions else ""),
+            "give them as fractions of the run (e.g. 0.1 and 0.2), shorten them, or train longer",
         )
     if not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1:
         raise ConfigError("optim.b1", f"betas must be in [0, 1), got b1={o.b1}, b2={o.b2}", "use e.g. 0.9 and 0.95")
@@ -539,7 +560,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     if not isinstance(d.num_shards, int) or d.num_shards < 0 or (d.num_shards and t.global_batch_size % d.num_shards):
         raise ConfigError(
             "data.num_shards", f"{d.num_shards!r} must be 0 or a divisor of the global batch {t.global_batch_size}",
-            "use 0 (one shard per process) or e.g. the global batch size",
+            "use 0 (one shard per row of the global batch, the default) or a divisor of the global batch",
         )  # fmt: skip
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}", "use e.g. 0.02")

@@ -197,13 +197,23 @@ def build(m: config.ConfigDict, params: dict) -> model.Decoder:
 
 
 def to_hf(
-    module_or_params, out_dir: str, model_cfg=None, *, token_ids: dict | None = None, dtype: str | None = None
+    module_or_params,
+    out_dir: str,
+    model_cfg=None,
+    *,
+    token_ids: dict | None = None,
+    dtype: str | None = None,
+    tokenizer=None,
 ) -> str:
     """Write a transformers SmolLM3 directory (config.json + safetensors), one tensor at a time.
 
     Accepts a Decoder, or a pure param dict (numpy or jax arrays, e.g. restored from a checkpoint
-    to host memory) together with its model config.
+    to host memory) together with its model config. With a `tokenizer` (a `nopejax.data`
+    tokenizer) it also writes tokenizer.json, tokenizer_config.json and generation_config.json,
+    and the special token ids default to the tokenizer's.
     """
+    if tokenizer is not None and token_ids is None:
+        token_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
     if isinstance(module_or_params, model.Decoder):
         m = module_or_params.cfg
         params = nnx.to_pure_dict(nnx.state(module_or_params, nnx.Param))
@@ -235,4 +245,6 @@ def to_hf(
     tensorfile.write(out_dir, specs, lambda name: producers[name]())  # write() converts to np_dtype
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(m, token_ids, dtype), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_for_hf(out_dir, model_max_length=m.max_position_embeddings)
     return out_dir

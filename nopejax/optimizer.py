@@ -2,7 +2,8 @@
 
 `wsd` is warmup-stable-decay (Hu et al. 2024, MiniCPM; SmolLM3's schedule): linear warmup,
 a long constant phase, then a linear decay over the last `decay_steps` steps, so a run can be
-extended from any checkpoint of the stable phase.
+extended from any checkpoint of the stable phase. Warmup and decay lengths below 1 are fractions
+of `train.steps` (`config.schedule_lengths`), so changing the run length needs no other change.
 """
 
 from __future__ import annotations
@@ -11,16 +12,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nopejax.config import ConfigDict
+from nopejax.config import ConfigDict, schedule_lengths
 
 
 def schedule(cfg: ConfigDict) -> optax.Schedule:
     o, total = cfg.optim, cfg.train.steps
+    warmup_steps, decay_steps = schedule_lengths(o, total)  # fractions of the run resolved to steps
     peak, floor = o.lr, o.lr * o.min_lr_ratio
-    warmup = (
-        optax.linear_schedule(0.0, peak, max(o.warmup_steps, 1)) if o.warmup_steps else optax.constant_schedule(peak)
-    )
-    decay_len = o.decay_steps or max(total - o.warmup_steps, 1)
+    warmup = optax.linear_schedule(0.0, peak, warmup_steps) if warmup_steps else optax.constant_schedule(peak)
+    decay_len = decay_steps or max(total - warmup_steps, 1)
     if o.schedule == "constant":
         after = optax.constant_schedule(peak)
     elif o.schedule == "linear":
@@ -28,13 +28,13 @@ def schedule(cfg: ConfigDict) -> optax.Schedule:
     elif o.schedule == "cosine":
         after = optax.cosine_decay_schedule(peak, decay_len, alpha=o.min_lr_ratio)
     else:  # wsd
-        stable = max(total - o.warmup_steps - o.decay_steps, 0)
+        stable = max(total - warmup_steps - decay_steps, 0)
         after = optax.join_schedules(
-            [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, max(o.decay_steps, 1))], [stable]
+            [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, max(decay_steps, 1))], [stable]
         )
-    if not o.warmup_steps:
+    if not warmup_steps:
         return after
-    return optax.join_schedules([warmup, after], [o.warmup_steps])
+    return optax.join_schedules([warmup, after], [warmup_steps])
 
 
 def decay_mask(params, decay_embeddings: bool):

@@ -9,7 +9,7 @@ from jax.sharding import Mesh
 
 from nopejax.config import ConfigError, base_config, validate
 from nopejax.data import global_batch, make_iterator, split_indices
-from nopejax.data.pipeline import document_indices
+from nopejax.data.pipeline import document_indices, shard_states
 from nopejax.data.tokenizer import BYTE_BOS, BYTE_EOS
 
 WORDS = ["the", "of", "a", "rope", "nope", "layer", "token", "attention", "position", "length", "model", "data"]
@@ -46,9 +46,11 @@ def assert_same(a, b):
             np.testing.assert_array_equal(x[k], y[k])
 
 
-def texts_of(batches):
-    """Documents seen in a stream, decoded back from the byte tokens (BOS ... EOS)."""
-    flat = np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in batches])
+def texts_of(batches, row=None):
+    """Documents seen in a stream (all rows in order, or one row's stream over the batches),
+    decoded back from the byte tokens (BOS ... EOS)."""
+    rows = (lambda b: b) if row is None else (lambda b: {k: v[row : row + 1] for k, v in b.items()})
+    flat = np.concatenate([rows(b)["inputs"][rows(b)["segment_ids"] > 0] for b in batches])
     out, cur = [], None
     for t in flat.tolist():
         if t == BYTE_BOS:
@@ -100,7 +102,7 @@ def test_resume_equals_uninterrupted(corpus, packing):
 
 
 def test_resume_with_worker_processes(corpus):
-    cfg = make_cfg(corpus[0], num_workers=2)
+    cfg = make_cfg(corpus[0], num_workers=2, num_shards=1)  # worker processes need one shard per process
     it = make_iterator(cfg, process_index=0, process_count=1)
     take(it, 2)
     state = json.loads(json.dumps(it.get_state()))
@@ -114,7 +116,7 @@ def test_resume_with_worker_processes(corpus):
 
 def test_epochs_reshuffle_and_cover_all_train_documents(corpus):
     path, texts = corpus
-    cfg = make_cfg(path)
+    cfg = make_cfg(path, num_shards=1)  # one stream: epochs are visible in its document order
     train = {texts[i] for i in split_indices(len(texts), 0.2, "train")}
     seen = texts_of(take(make_iterator(cfg, process_index=0, process_count=1), 60))
     first = seen[: len(train)]
@@ -139,15 +141,42 @@ def test_eval_split_is_held_out_deterministic_and_unshuffled(corpus):
 def test_host_shards_are_disjoint_and_cover_the_data(corpus, count):
     path, texts = corpus
     cfg = make_cfg(path, eval_fraction=0.0)
-    shards = [set(document_indices(len(texts), cfg.data, "train", p, count).tolist()) for p in range(count)]
+    B = cfg.train.global_batch_size  # default: one data shard per row of the global batch
+    shards = [set(document_indices(len(texts), cfg.data, "train", r, B).tolist()) for r in range(B)]
     assert sum(len(s) for s in shards) == len(texts) and set().union(*shards) == set(range(len(texts)))
-    # End to end: each process's stream holds exactly its shard's documents.
+    # End to end: each process's stream holds exactly the documents of its consecutive shards.
     for p in range(count):
         it = make_iterator(cfg, process_index=p, process_count=count)
         batch = next(it)
-        assert batch["inputs"].shape == (12 // count, 29)
-        seen = set(texts_of([batch, *take(it, 40)]))
-        assert seen == {texts[i] for i in shards[p]}
+        assert batch["inputs"].shape == (B // count, 29)
+        batches = [batch, *take(it, 60)]
+        for j in range(B // count):  # each row is the stream of one shard
+            assert set(texts_of(batches, row=j)) == {texts[i] for i in shards[p * B // count + j]}
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_global_batches_do_not_depend_on_the_process_count(corpus, split):
+    # default data settings: nothing fixed in advance for the process count
+    cfg = make_cfg(corpus[0])
+    one = take(make_iterator(cfg, split, process_index=0, process_count=1), 4)
+    for count in (2, 3, 4):
+        parts = [take(make_iterator(cfg, split, process_index=p, process_count=count), 4) for p in range(count)]
+        joined = [{k: np.concatenate([part[i][k] for part in parts]) for k in one[0]} for i in range(4)]
+        assert_same(joined, one)
+
+
+def test_resume_on_another_process_count_continues_the_order(corpus):
+    cfg = make_cfg(corpus[0])
+    one = make_iterator(cfg, process_index=0, process_count=1)
+    take(one, 3)
+    saved = shard_states(one.get_state())  # 12 shards, one per row
+    expected = take(one, 2)
+    parts = []
+    for p in range(3):  # the same shards, 4 per process
+        it = make_iterator(cfg, process_index=p, process_count=3, num_shards=len(saved))
+        it.set_state({"shards": saved[4 * p : 4 * (p + 1)]})
+        parts.append(take(it, 2))
+    assert_same([{k: np.concatenate([part[i][k] for part in parts]) for k in expected[0]} for i in range(2)], expected)
 
 
 def test_counts_empty_and_invalid_utf8_documents(tmp_path):
@@ -185,6 +214,8 @@ def test_config_errors(corpus):
     cfg = make_cfg(corpus[0])
     with pytest.raises(ConfigError, match="global_batch_size"):
         make_iterator(cfg, process_index=0, process_count=5)
+    with pytest.raises(ConfigError, match="num_workers"):
+        make_iterator(make_cfg(corpus[0], num_workers=2), process_index=0, process_count=1)
     cfg.model.vocab_size = 200
     with pytest.raises(ConfigError, match="vocab_size"):
         make_iterator(cfg, process_index=0, process_count=1)
@@ -206,3 +237,13 @@ def test_mixture_of_sources_follows_weights(tmp_path):
     cfg.data.mixture_weights = (1.0,)
     with pytest.raises(ConfigError, match="mixture_weights"):
         make_iterator(cfg, process_index=0, process_count=1)
+
+
+def test_a_corpus_smaller_than_the_batch_still_trains(tmp_path):
+    # 3 documents, 12 rows: every row's shard is the whole corpus, starting at another document
+    texts = write_corpus(tmp_path / "few.jsonl", n=3)
+    cfg = make_cfg(tmp_path / "few.jsonl", eval_fraction=0.0, shuffle=False)
+    batches = take(make_iterator(cfg, process_index=0, process_count=1), 30)
+    for row in range(12):
+        seen = texts_of(batches, row=row)
+        assert set(seen) == set(texts) and seen[0] == texts[row % 3]

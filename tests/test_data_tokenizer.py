@@ -7,7 +7,7 @@ import pytest
 
 from nopejax.config import ConfigError, base_config, validate
 from nopejax.data import make_iterator, make_tokenizer, prepare, prepare_main, tokenizer_main, train_tokenizer
-from nopejax.data.prepare import read_manifest
+from nopejax.data.sources import read_manifest
 
 TEXT = "Hello, wörld! NoPE layers see no positions; the causal mask alone carries order. ✓\n"
 

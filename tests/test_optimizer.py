@@ -1,8 +1,13 @@
 """Schedules and the weight-decay mask."""
 
+import json
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from configs_loader import ROOT, load
 
 from nopejax import config, optimizer
 
@@ -38,3 +43,40 @@ def test_weight_decay_skips_norms_and_embeddings_unless_asked():
     mask = optimizer.decay_mask(params, decay_embeddings=False)
     assert mask == {"embed": False, "final_norm": False, "layers": {"attn_norm": False, "wq": True}}
     assert optimizer.decay_mask(params, decay_embeddings=True)["embed"] is True
+
+
+@pytest.mark.parametrize("total, warmup, decay", [(1, 0, 0), (7, 0, 1), (50, 5, 10), (300, 30, 60)])
+def test_fractions_follow_train_steps(total, warmup, decay):
+    # configs/tiny.py's 0.1 / 0.2, rounded down so that the two always fit the run
+    cfg = load("tiny")
+    cfg.train.steps = total
+    config.validate(cfg)
+    assert config.schedule_lengths(cfg.optim, total) == (warmup, decay)
+    lr, peak = optimizer.schedule(cfg), cfg.optim.lr
+    values = np.array([float(lr(s)) for s in range(total + 1)])
+    # independent reference: linear warmup from 0, flat at the peak, linear decay to 0 at the end
+    stable_end = total - decay
+    ref = [peak * s / warmup if s < warmup else peak if s <= stable_end else peak * (total - s) / decay
+           for s in range(total + 1)]  # fmt: skip
+    np.testing.assert_allclose(values, ref, rtol=1e-6, atol=1e-9)
+
+
+def test_absolute_steps_still_mean_steps_and_impossible_ones_fail():
+    cfg = cfg_with(warmup_steps=10.0, decay_steps=20)
+    assert config.schedule_lengths(cfg.optim, 100) == (10, 20)
+    for warmup, decay, words in [(101, 0.2, "exceeds train.steps = 100"), (0.7, 0.5, "0.7 of 100 steps"),
+                                 (1.5, 0, "whole number"), (-0.1, 0, "whole number")]:  # fmt: skip
+        with pytest.raises(config.ConfigError, match=words) as err:
+            cfg_with(warmup_steps=warmup, decay_steps=decay)
+        assert "Fix:" in str(err.value)
+
+
+@pytest.mark.parametrize("steps", [1, 7, pytest.param(50, marks=pytest.mark.slow)])
+def test_train_steps_alone_is_enough(tmp_path, steps):
+    # the most common override, with no warmup/decay overrides beside it
+    cmd = [sys.executable, "-m", "nopejax.cli", "train", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
+           f"--config.train.steps={steps}", "--no-progress"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == steps and np.isfinite(records[-1]["loss"])

@@ -5,9 +5,11 @@
     batch = global_batch(next(it), mesh)            # global [B, S] jax.Arrays on the batch axes
     state = it.get_state(); it.set_state(state)     # JSON-able; stored in every checkpoint
 
-Modules: sources (file readers), tokenizer, packing, pipeline (the grain graph), corpus (the
-offline default corpus), prepare (pre-tokenized ArrayRecord shards), synthetic (copy /
-reverse / parity length-generalization tasks), commands (`nopejax data|tokenizer ...`).
+Modules, bottom up; each imports only modules listed before it, never a caller
+(tests/test_data_layering.py checks it): sources (file formats, prepared-shard manifests),
+corpus (the offline default corpus), packing, tokenizer (byte / tokenizer.json, BPE training,
+HF tokenizer files), synthetic (copy / reverse / parity tasks), pipeline (the grain graph),
+prepare (pre-tokenized ArrayRecord shards), commands (`nopejax data|tokenizer ...`).
 """
 
 from nopejax.data.commands import prepare_main, tokenizer_main
@@ -15,7 +17,7 @@ from nopejax.data.packing import BATCH_KEYS, pack_documents
 from nopejax.data.pipeline import global_batch, make_iterator, split_indices
 from nopejax.data.prepare import prepare
 from nopejax.data.synthetic import exact_match
-from nopejax.data.tokenizer import ByteTokenizer, HFTokenizer, make_tokenizer, train_tokenizer
+from nopejax.data.tokenizer import ByteTokenizer, HFTokenizer, make_tokenizer, tokenizer_from_hf, train_tokenizer
 
 __all__ = [
     "BATCH_KEYS",
@@ -29,6 +31,7 @@ __all__ = [
     "prepare",
     "prepare_main",
     "split_indices",
+    "tokenizer_from_hf",
     "tokenizer_main",
     "train_tokenizer",
 ]

@@ -9,6 +9,8 @@ import argparse
 import sys
 
 from nopejax.config import ConfigError, apply_overrides, base_config, load_config, validate
+from nopejax.data.prepare import prepare
+from nopejax.data.tokenizer import HFTokenizer, train_tokenizer
 
 
 def _fail(message: str) -> int:
@@ -35,8 +37,6 @@ def prepare_main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config) if args.config else base_config()
         validate(apply_overrides(cfg, rest))
-        from nopejax.data.prepare import prepare
-
         m = prepare(cfg, args.out, num_workers=args.workers, progress=not args.no_progress)
     except ConfigError as e:
         return _fail(str(e))
@@ -64,8 +64,6 @@ def tokenizer_main(argv: list[str]) -> int:
     train.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
     args = parser.parse_args(argv)
     try:
-        from nopejax.data.tokenizer import HFTokenizer, train_tokenizer
-
         path = train_tokenizer(args.input, args.vocab_size, args.out, text_field=args.text_field)
         tok = HFTokenizer(path)
     except ConfigError as e:

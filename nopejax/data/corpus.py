@@ -32,6 +32,11 @@ import sys
 import sysconfig
 import warnings
 
+try:
+    from pydoc_data.topics import topics as _TOPICS
+except ImportError:  # some distributions package pydoc_data separately
+    _TOPICS = {}
+
 CORPUS_VERSION = 1
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
@@ -60,11 +65,7 @@ def default_corpus_path() -> str:
 def gather_documents() -> list[str]:
     """All documents of the corpus, in their fixed order."""
     docs = []
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:  # some distributions package pydoc_data separately
-        topics = {}
-    docs += [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
+    docs += [_TOPICS[k].strip() for k in sorted(_TOPICS) if _TOPICS[k].strip()]
 
     root = sysconfig.get_paths()["stdlib"]
     for dirpath, dirnames, filenames in os.walk(root):

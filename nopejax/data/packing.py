@@ -141,7 +141,9 @@ class PackedBatchIterator(grain.DatasetIterator):
                 item = next(self._parent)
             except StopIteration:
                 return False
-            tokens = item["tokens"]
+            # a plain copy: from worker processes documents arrive in shared memory, which is then
+            # freed at once instead of at interpreter exit (where grain's cleanup fails noisily)
+            tokens = np.array(item["tokens"])
             self.stats["invalid_utf8_documents"] += int(item.get("invalid_utf8", False))
             if len(tokens) == 0:
                 self.stats["empty_documents"] += 1
@@ -177,5 +179,5 @@ class PackedBatchIterator(grain.DatasetIterator):
         self._pending, self._offset = None, 0
         if state["pending"]:  # re-read the split document; it was counted before the save
             self._pending_state = state["upstream"]
-            self._pending = next(self._parent)["tokens"]
+            self._pending = np.array(next(self._parent)["tokens"])
             self._offset = int(state["offset"])

@@ -1,13 +1,21 @@
-"""The grain pipeline: documents -> this process's shard -> shuffle -> tokenize -> packed batches.
+"""The grain pipeline: documents -> data shards -> shuffle -> tokenize -> packed batches.
 
   MapDataset of document indices (this split)          deterministic hash split by document
-    [process_index::process_count]                     grain's sharding: disjoint, covering
+    [shard::num_shards]                                 grain's sharding idiom: disjoint, covering
     .shuffle(seed)      (train only)                    reshuffled every epoch
     .repeat()                                           epochs, forever (train and eval)
     .map(ReadAndTokenize)                               in grain threads / worker processes
   MapDataset.mix(components, weights)                   when data.path lists several globs
   .to_iter_dataset() [.mp_prefetch(num_workers)]
-  PackedBatchIterDataset                                [B_local, S] batches, checkpointable
+  PackedBatchIterDataset                                [B / num_shards, S] batches, checkpointable
+
+Data order does not depend on the process count. The train split is cut into `num_shards`
+data shards (default: one per row of the global batch), each its own packed stream of
+B / num_shards rows; process p of P reads the shards p * k .. (p + 1) * k - 1 (k = shards /
+P) and stacks their rows. Row r of every global batch therefore comes from the same stream on
+1, 2 or 16 processes, and a checkpoint written by one process count resumes on another. The
+eval split is one unshuffled stream of B rows that every process packs whole and cuts its own
+rows from: eval is small, and this keeps it identical on any process count too.
 
 Every stage before packing is a random-access `MapDataset`, so the whole upstream state is an
 element index; the packer adds an offset into the one document it is splitting. The result
@@ -16,21 +24,26 @@ is a small JSON-able dict (`get_state()`), restored with `set_state()`; it also 
 
 The train split repeats forever, shuffled with `train.seed` and differently each epoch. The
 eval split (`data.eval_fraction` of the documents, chosen by a hash of the document index) is
-unshuffled and repeats too: a fresh eval iterator always yields the same batches, and hosts
-with unequal shards never run out at different steps.
+unshuffled and repeats too: a fresh eval iterator always yields the same batches.
 """
 
 from __future__ import annotations
 
+import atexit
+import weakref
+
 import grain
 import jax
 import numpy as np
+from absl import flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nopejax.config import ConfigError
 from nopejax.data import sources
+from nopejax.data.corpus import default_corpus_path
 from nopejax.data.packing import PackedBatchIterDataset
+from nopejax.data.synthetic import make_task_iterator
 from nopejax.data.tokenizer import make_tokenizer
 
 SPLITS = ("train", "eval")
@@ -86,8 +99,6 @@ class ReadAndTokenize(grain.transforms.Map):
 def open_sources(data_cfg) -> list:
     """One source per entry of the comma-separated `data.path` (the default corpus: one)."""
     if data_cfg.source == "default":
-        from nopejax.data.corpus import default_corpus_path
-
         return [sources.JsonlSource([default_corpus_path()], "text")]
     patterns = [p for p in data_cfg.path.split(",") if p.strip()]
     if not patterns:
@@ -98,25 +109,55 @@ def open_sources(data_cfg) -> list:
     ]
 
 
-def document_indices(num_documents: int, data_cfg, split: str, process_index: int, process_count: int) -> np.ndarray:
-    """The document indices this process reads in `split`, before shuffling: int64 [N_local]."""
-    return split_indices(num_documents, data_cfg.eval_fraction, split)[process_index::process_count]
+def document_indices(num_documents: int, data_cfg, split: str, shard: int, num_shards: int) -> np.ndarray:
+    """The document indices of one data shard of `split`, before shuffling: int64 [N_shard]."""
+    return _shard_of(split_indices(num_documents, data_cfg.eval_fraction, split), shard, num_shards)
 
 
-def _component(source, tokenizer, cfg, split: str, k: int, process_index: int, process_count: int):
+def _shard_of(docs: np.ndarray, shard: int, num_shards: int) -> np.ndarray:
+    """Every num_shards-th document from `shard` on; a split with fewer documents than shards
+    (a toy corpus) gives every shard all of them, each starting at another document."""
+    if len(docs) < num_shards:
+        return np.roll(docs, -(shard % max(len(docs), 1)))
+    return docs[shard::num_shards]
+
+
+class EpochShuffle(grain.transforms.MapWithIndex):
+    """Element i of an endless stream -> a document of `docs`, in a fresh permutation per epoch.
+
+    grain's lazy index shuffle costs milliseconds per element on the small domains of per-row
+    data shards (a shard may hold a handful of documents), so each epoch's order is one numpy
+    permutation of the shard, seeded by (seed, source, shard, epoch): 4-8 bytes per document.
+    """
+
+    def __init__(self, docs: np.ndarray, seed: int, source: int, shard: int):
+        self.docs, self.key = docs, (seed, source, shard)
+        self._cache = (-1, None)  # (epoch, its order): one tuple, swapped whole, safe across threads
+
+    def map_with_index(self, index: int, _) -> int:
+        epoch, i = divmod(index, len(self.docs))
+        cached_epoch, order = self._cache
+        if cached_epoch != epoch:  # readers stay within one epoch for long
+            order = np.random.default_rng([*self.key, epoch]).permutation(len(self.docs))
+            self._cache = (epoch, order)
+        return int(self.docs[order[i]])
+
+
+def _component(source, split_docs: np.ndarray, tokenizer, cfg, split: str, k: int, shard: int, num_shards: int):
+    """Source k's documents of one data shard, as a MapDataset of tokenized documents."""
     d = cfg.data
-    ds = grain.MapDataset.source(split_indices(len(source), d.eval_fraction, split))
-    ds = ds[process_index::process_count]  # grain's sharding idiom: disjoint, union = all
-    if len(ds) == 0:
+    docs = _shard_of(split_docs, shard, num_shards)
+    if len(docs) == 0:
         raise ConfigError(
             "data.path",
-            f"source {k} has no {split} documents for process {process_index} of {process_count} "
-            f"({len(source)} documents in all)",
+            f"source {k} has no {split} documents ({len(source)} documents in all)",
             "use more data, or raise data.eval_fraction for the eval split",
         )
     if split == "train" and d.shuffle:
-        ds = ds.shuffle(seed=(cfg.train.seed * 1_000_003 + k) % 2**32)
-    ds = ds.repeat(None)
+        ds = grain.MapDataset.range(len(docs)).repeat(None)
+        ds = ds.map_with_index(EpochShuffle(docs, cfg.train.seed, k, shard))
+    else:
+        ds = grain.MapDataset.source(docs).repeat(None)
     add_bos, add_eos = d.add_bos, d.add_eos
     if isinstance(source, sources.TokenSource):
         add_bos = add_eos = False  # already in the shards
@@ -159,6 +200,21 @@ def _process(process_index: int | None, process_count: int | None, global_batch_
     return process_index, process_count
 
 
+# Iterators still open at exit are closed while the interpreter is whole: at shutdown grain's
+# __del__ finds its modules torn down, prints tracebacks and leaks shared memory otherwise.
+_OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for it in list(_OPEN_ITERATORS):
+        it.close()
+        # Drop the grain iterators below now, so their own __del__ runs here and not at shutdown.
+        it._parents = ()
+        if isinstance(it, ShardsIterator):
+            it.shards = []
+
+
 def make_iterator(
     cfg,
     split: str = "train",
@@ -172,30 +228,43 @@ def make_iterator(
     Keys: inputs, targets, segment_ids, positions (int32) and loss_mask (float32), with
     B_local = train.global_batch_size // process_count and S = train.seq_len.
 
-    The data is split into `num_shards` disjoint shards (default: `data.num_shards`, else one per
-    process), each packed into B / num_shards rows; process p reads shards p * k .. (p + 1) * k - 1, k = shards per
-    process, and stacks them. The global batch (process-major rows, as `global_batch` builds it)
-    therefore depends on the shard count only, never on the process count: a run resumed on
-    fewer or more processes keeps its data order when it keeps its shard count.
+    Train: the data is split into `num_shards` disjoint shards (a resumed run passes the count
+    its checkpoint was written with; else `data.num_shards`, else one per row of the global
+    batch), each packed into B / num_shards rows; this process reads its consecutive share of
+    them and stacks their rows. The global batch (process-major rows, as `global_batch` builds
+    it) depends on the shard count only, never on the process count. Eval: the one global
+    stream of B rows, of which this process keeps its B_local.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    process_index, process_count = _process(process_index, process_count, cfg.train.global_batch_size)
-    # data.num_shards fixes the shard count of a fresh run (the same data order on any number
-    # of hosts); a resumed run passes the count its checkpoint was written with
-    num_shards = num_shards or cfg.data.num_shards or process_count
-    if num_shards % process_count or cfg.train.global_batch_size % num_shards:
+    B = cfg.train.global_batch_size
+    process_index, process_count = _process(process_index, process_count, B)
+    if split == "eval":
+        rows = B // process_count
+        it = RowsIterator(_shard_iterators(cfg, split, [0], 1)[0], process_index * rows, (process_index + 1) * rows)
+        _OPEN_ITERATORS.add(it)
+        return it
+    num_shards = num_shards or cfg.data.num_shards or B
+    if num_shards % process_count or B % num_shards:
         raise ConfigError(
-            "train.global_batch_size",
-            f"{num_shards} data shards cannot be spread over {process_count} processes with a global batch of "
-            f"{cfg.train.global_batch_size} rows",
-            "use a shard count that is a multiple of the process count and divides the global batch",
+            "data.num_shards",
+            f"{num_shards} data shards cannot be spread over {process_count} processes with a global batch of {B} rows",
+            "use a shard count that is a multiple of the process count and divides the global batch "
+            "(0, the default, is one shard per row and fits every process count)",
         )
     per_process = num_shards // process_count
-    if per_process == 1:
-        return _shard_iterator(cfg, split, process_index, process_count)
+    if cfg.data.num_workers > 0 and per_process > 1:
+        raise ConfigError(
+            "data.num_workers",
+            f"grain worker processes need one data shard per process, but this process reads {per_process}",
+            f"set data.num_shards={process_count} (the data order then needs a process count dividing it) "
+            "or data.num_workers=0",
+        )
     first = process_index * per_process
-    return ShardsIterator([_shard_iterator(cfg, split, first + j, num_shards) for j in range(per_process)])
+    shards = _shard_iterators(cfg, split, list(range(first, first + per_process)), num_shards)
+    it = shards[0] if per_process == 1 else ShardsIterator(shards)
+    _OPEN_ITERATORS.add(it)
+    return it
 
 
 class ShardsIterator(grain.DatasetIterator):
@@ -227,19 +296,34 @@ class ShardsIterator(grain.DatasetIterator):
             getattr(s, "start_prefetch", lambda: None)()
 
 
+class RowsIterator(grain.DatasetIterator):
+    """Rows [lo, hi) of another iterator's batches: one process's part of a global stream."""
+
+    def __init__(self, parent, lo: int, hi: int):
+        super().__init__(parent)
+        self.lo, self.hi = lo, hi
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return {k: v[self.lo : self.hi] for k, v in next(self._parent).items()}
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state) -> None:
+        self._parent.set_state(state)
+
+
 def shard_states(state: dict) -> list:
     """A process's saved iterator state -> the list of its shards' states."""
     return state["shards"] if isinstance(state, dict) and set(state) == {"shards"} else [state]
 
 
-def _shard_iterator(cfg, split: str, shard: int, num_shards: int):
-    """The batches of one data shard: [B / num_shards, S], documents [shard::num_shards]."""
-    process_index, process_count = shard, num_shards  # the pipeline below shards by these
-    rows, seq_len, d = cfg.train.global_batch_size // process_count, cfg.train.seq_len, cfg.data
+def _shard_iterators(cfg, split: str, shards: list[int], num_shards: int) -> list:
+    """The batch iterators of the given data shards, [B / num_shards, S] each, documents
+    [shard::num_shards]. Sources and tokenizer are opened once and shared by the shards."""
+    rows, seq_len, d = cfg.train.global_batch_size // num_shards, cfg.train.seq_len, cfg.data
     if d.source in SYNTHETIC_SOURCES:
-        from nopejax.data.synthetic import make_task_iterator
-
-        return make_task_iterator(cfg, split, process_index, process_count)
+        return [make_task_iterator(cfg, split, shard, num_shards) for shard in shards]
     if split == "eval" and d.eval_fraction == 0:
         raise ConfigError(
             "data.eval_fraction", "is 0, so there is no eval split", "set it above 0 or train.eval_every=0"
@@ -249,30 +333,40 @@ def _shard_iterator(cfg, split: str, shard: int, num_shards: int):
     for s in srcs:
         if isinstance(s, sources.TokenSource):
             _check_prepared(s, tokenizer, d)
-    parts = [_component(s, tokenizer, cfg, split, k, process_index, process_count) for k, s in enumerate(srcs)]
-    if len(parts) > 1:
-        weights = d.mixture_weights
-        if weights is not None and len(weights) != len(parts):
-            raise ConfigError(
-                "data.mixture_weights", f"has {len(weights)} weights for {len(parts)} paths", "give one weight per path"
-            )
-        ds = grain.MapDataset.mix(parts, weights=None if weights is None else [float(w) for w in weights])
-    else:
-        ds = parts[0]
+    weights = d.mixture_weights
+    if len(srcs) > 1 and weights is not None and len(weights) != len(srcs):
+        raise ConfigError(
+            "data.mixture_weights", f"has {len(weights)} weights for {len(srcs)} paths", "give one weight per path"
+        )
     # Threads overlap file reads and tokenization (the HF tokenizer releases the GIL); eval
-    # iterators are short-lived, so they read ahead less.
-    buffer = 64 if split == "train" else 16
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=buffer))
-    if d.num_workers > 0 and split == "train":
-        _ensure_absl_flags_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
-    return iter(PackedBatchIterDataset(it_ds, rows, seq_len, tokenizer.pad_id, split_documents=d.packing == "concat"))
+    # iterators are short-lived, so they read ahead less. Many shards in one process share
+    # the work: fewer threads and a shorter read-ahead each.
+    if len(shards) > 1:
+        options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    else:
+        options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64 if split == "train" else 16)
+    iterators = []
+    split_docs = [split_indices(len(s), d.eval_fraction, split) for s in srcs]  # hashed once, not per shard
+    for shard in shards:
+        parts = [
+            _component(s, docs, tokenizer, cfg, split, k, shard, num_shards)
+            for k, (s, docs) in enumerate(zip(srcs, split_docs))
+        ]
+        if len(parts) > 1:
+            ds = grain.MapDataset.mix(parts, weights=None if weights is None else [float(w) for w in weights])
+        else:
+            ds = parts[0]
+        it_ds = ds.to_iter_dataset(options)
+        if d.num_workers > 0 and split == "train":
+            _ensure_absl_flags_parsed()
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+        packed = PackedBatchIterDataset(it_ds, rows, seq_len, tokenizer.pad_id, split_documents=d.packing == "concat")
+        iterators.append(iter(packed))
+    return iterators
 
 
 def _ensure_absl_flags_parsed() -> None:
     """grain's worker processes read absl flags; outside absl.app nobody parses them."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

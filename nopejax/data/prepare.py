@@ -24,42 +24,25 @@ import os
 import time
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm import tqdm
 
 from nopejax.config import ConfigError
+from nopejax.data.pipeline import SYNTHETIC_SOURCES, ReadAndTokenize, make_tokenizer_checked, open_sources
+from nopejax.data.sources import FORMAT, MANIFEST
 
-FORMAT = "nopejax-prepared-v1"
-MANIFEST = "manifest.json"
 _DOCS_PER_SHARD = 50_000
 
 _worker: dict = {}  # per worker process: sources, tokenizer, specials (set by _init_worker)
 
 
-def read_manifest(directory: str) -> dict:
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-        raise ConfigError(
-            "data.path",
-            f"{directory!r} has no {MANIFEST}, so it is not (complete) output of `nopejax data prepare`",
-            "run `nopejax data prepare --config ... --out DIR` and point data.path at DIR",
-        )
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise ConfigError("data.path", f"{path} has format {manifest.get('format')!r}", f"prepare again ({FORMAT})")
-    return manifest
-
-
 def _init_worker(srcs, tokenizer, add_bos: bool, add_eos: bool, dtype: str) -> None:
-    from nopejax.data.pipeline import ReadAndTokenize
-
     _worker["readers"] = [ReadAndTokenize(s, tokenizer, add_bos, add_eos) for s in srcs]
     _worker["dtype"] = np.dtype(dtype)
 
 
 def _write_shard(task: tuple[str, list[tuple[int, int, int]]]) -> dict:
     """Tokenize (source, start, stop) document ranges into one shard file; return its counts."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     path, ranges = task
     counts = {"file": os.path.basename(path), "num_documents": 0, "num_tokens": 0, "empty_documents": 0}
     counts["invalid_utf8_documents"] = 0
@@ -102,8 +85,6 @@ def _plan(sizes: list[int], num_shards: int) -> list[list[tuple[int, int, int]]]
 
 def prepare(cfg, out_dir: str, *, num_workers: int | None = None, progress: bool = True) -> dict:
     """Tokenize `cfg.data`'s corpus into ArrayRecord shards in `out_dir`; return the manifest."""
-    from nopejax.data.pipeline import SYNTHETIC_SOURCES, make_tokenizer_checked, open_sources
-
     d = cfg.data
     if d.source in SYNTHETIC_SOURCES or d.source == "prepared":
         raise ConfigError(
@@ -126,8 +107,6 @@ def prepare(cfg, out_dir: str, *, num_workers: int | None = None, progress: bool
     os.makedirs(out_dir, exist_ok=True)
     tasks = [(os.path.join(out_dir, f"shard-{i:05d}.array_record"), r) for i, r in enumerate(_plan(sizes, num_shards))]
     init_args = (srcs, tokenizer, d.add_bos, d.add_eos, dtype)
-
-    from tqdm import tqdm
 
     start = time.time()
     shards = []

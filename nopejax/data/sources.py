@@ -27,10 +27,15 @@ import json
 import os
 import re
 
+import grain
 import numpy as np
+import pyarrow.parquet as pq
 
 from nopejax.config import ConfigError
 
+# Prepared shards (`nopejax data prepare`): their manifest, written last, marks them complete.
+FORMAT = "nopejax-prepared-v1"
+MANIFEST = "manifest.json"
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
 
@@ -211,8 +216,6 @@ class ParquetSource:
     _CACHE_ROW_GROUPS = 4
 
     def __init__(self, paths: list[str], field: str = "text"):
-        import pyarrow.parquet as pq
-
         self.paths, self.field = paths, field
         groups, rows = [], []  # groups: (file index, row group); rows: rows in that group
         for k, path in enumerate(paths):
@@ -244,8 +247,6 @@ class ParquetSource:
         if g in self._cache:
             self._cache.move_to_end(g)
             return self._cache[g]
-        import pyarrow.parquet as pq
-
         k, rg = self._groups[g]
         if k not in self._files:
             self._files[k] = pq.ParquetFile(self.paths[k])
@@ -272,8 +273,6 @@ class ArrayRecordSource:
     """ArrayRecord files; one record holds one document's UTF-8 text."""
 
     def __init__(self, paths: list[str]):
-        import grain
-
         self.paths = paths
         try:
             self._source = grain.sources.ArrayRecordDataSource(paths)
@@ -293,10 +292,6 @@ class TokenSource:
     """Prepared shards: one record = one document's token ids (specials included)."""
 
     def __init__(self, directory: str):
-        import grain
-
-        from nopejax.data.prepare import read_manifest
-
         self.manifest = read_manifest(directory)
         self._dtype = np.dtype(self.manifest["dtype"])
         paths = [os.path.join(directory, s["file"]) for s in self.manifest["shards"] if s["num_documents"]]
@@ -307,6 +302,21 @@ class TokenSource:
 
     def __getitem__(self, i: int) -> np.ndarray:  # int32 [L]
         return np.frombuffer(self._source[i], dtype=self._dtype).astype(np.int32)
+
+
+def read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise ConfigError(
+            "data.path",
+            f"{directory!r} has no {MANIFEST}, so it is not (complete) output of `nopejax data prepare`",
+            "run `nopejax data prepare --config ... --out DIR` and point data.path at DIR",
+        )
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise ConfigError("data.path", f"{path} has format {manifest.get('format')!r}", f"prepare again ({FORMAT})")
+    return manifest
 
 
 def open_documents(kind: str, pattern: str, *, text_field: str = "text", text_unit: str = "file"):

@@ -9,17 +9,31 @@ The byte tokenizer is the offline default: ids 0..255 are the UTF-8 bytes, then 
 BOS=257, EOS=258 (vocab 259, below the default model vocab of 384). `train_tokenizer` trains a
 byte-level BPE (GPT-2 style pre-tokenization, so any byte string is encodable) on the user's
 own files with the `tokenizers` library.
+
+`save_for_hf(out_dir)` writes a tokenizer as transformers loads it (`AutoTokenizer`):
+tokenizer.json, tokenizer_config.json (bos/eos/pad) and generation_config.json. A HuggingFace
+tokenizer.json is copied. The byte tokenizer is written as a `tokenizers` serialization that
+gives each byte its nopejax id: GPT-2's byte-to-character table (ByteLevel pre-tokenizer,
+no regex split) and a BPE vocabulary of the 256 byte characters with no merges, so every
+UTF-8 string encodes to its bytes and decodes back; the specials are added tokens at 256-258,
+which `split_special_tokens` keeps from matching inside text, as nopejax never does.
+`tokenizer_from_hf(hf_dir, workdir)` goes the other way for `nopejax import-hf`.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
+import shutil
 
 import numpy as np
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as _RustTokenizer
 
 from nopejax.config import ConfigError
+from nopejax.data.sources import open_documents, to_text
 
 BYTE_VOCAB_SIZE = 259
 BYTE_PAD, BYTE_BOS, BYTE_EOS = 256, 257, 258
@@ -30,6 +44,8 @@ TRAINED_SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>")
 _BOS_NAMES = ("<|bos|>", "<|begin_of_text|>", "<s>", "<bos>", "[CLS]", "<|endoftext|>", "<|im_start|>")
 _EOS_NAMES = ("<|eos|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]", "<|endoftext|>", "<|im_end|>")
 _PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
+# The byte tokenizer's specials as written for HuggingFace, at BYTE_PAD, BYTE_BOS, BYTE_EOS.
+BYTE_SPECIALS = TRAINED_SPECIALS
 
 
 class ByteTokenizer:
@@ -46,6 +62,13 @@ class ByteTokenizer:
         ids = np.asarray(ids).reshape(-1)
         return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
+    def save_for_hf(self, out_dir: str, model_max_length: int) -> None:
+        """tokenizer.json (the byte table, see the module docstring), tokenizer_config.json, generation_config.json."""
+        os.makedirs(out_dir, exist_ok=True)
+        byte_hf_tokenizer().save(os.path.join(out_dir, "tokenizer.json"))
+        # nopejax encodes "<|bos|>" typed in text as its 7 bytes: keep HF from matching it as a special
+        _write_hf_configs(out_dir, self, BYTE_SPECIALS, model_max_length, split_special_tokens=True)
+
     def __repr__(self) -> str:
         return "ByteTokenizer()"
 
@@ -54,15 +77,13 @@ class HFTokenizer:
     """A HuggingFace `tokenizers` tokenizer.json. Specials come from the file's added tokens."""
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer  # deferred: the byte path never pays for the import
-
         if not os.path.isfile(path):
             raise ConfigError(
                 "data.tokenizer", f"tokenizer file {path!r} does not exist", "give a tokenizer.json or 'byte'"
             )
         self.path = path
         try:
-            self._tok = Tokenizer.from_file(path)
+            self._tok = _RustTokenizer.from_file(path)
         except Exception as e:
             raise ConfigError(
                 "data.tokenizer", f"{path!r} is not a valid tokenizer.json ({e})", "check the file"
@@ -96,6 +117,15 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True)
 
+    def save_for_hf(self, out_dir: str, model_max_length: int) -> None:
+        """A copy of the tokenizer.json, plus tokenizer_config.json and generation_config.json."""
+        os.makedirs(out_dir, exist_ok=True)
+        target = os.path.join(out_dir, "tokenizer.json")
+        if not (os.path.exists(target) and os.path.samefile(self.path, target)):
+            shutil.copyfile(self.path, target)
+        names = [self._tok.id_to_token(i) for i in (self.pad_id, self.bos_id, self.eos_id)]
+        _write_hf_configs(out_dir, self, names, model_max_length, split_special_tokens=False)
+
     def __getstate__(self):  # grain workers receive a pickled copy; the Rust object pickles as JSON
         return {"path": self.path}
 
@@ -126,6 +156,73 @@ def make_tokenizer(data_cfg) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------
+# HuggingFace files: the byte tokenizer as a `tokenizers` serialization, configs, import
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character table (what the ByteLevel pre-tokenizer emits)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:  # control bytes, space, etc. move above 255 so every byte is one visible character
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def byte_hf_tokenizer() -> _RustTokenizer:
+    """The byte tokenizer for `tokenizers`: byte b -> id b, specials at 256-258, no merges."""
+    vocab = {c: b for b, c in enumerate(_gpt2_byte_chars())}
+    tok = _RustTokenizer(models.BPE(vocab=vocab, merges=[]))
+    # no regex split: the text is one piece, bytes are never regrouped, so ids are exactly the bytes
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in BYTE_SPECIALS])
+    got = [tok.token_to_id(name) for name in BYTE_SPECIALS]
+    assert got == [BYTE_PAD, BYTE_BOS, BYTE_EOS], got  # added tokens take the next ids, in order
+    return tok
+
+
+def _write_hf_configs(out_dir: str, tok, names, model_max_length: int, split_special_tokens: bool) -> None:
+    """tokenizer_config.json and generation_config.json; `names`: the pad, bos, eos strings."""
+    pad, bos, eos = names
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": pad,
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,  # decode exactly, as nopejax does
+        "split_special_tokens": split_special_tokens,
+    }
+    # greedy by default, as `nopejax generate`; stop at EOS
+    generation_config = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+                         "do_sample": False}  # fmt: skip
+    for name, content in (("tokenizer_config.json", tokenizer_config), ("generation_config.json", generation_config)):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(content, f, indent=2)
+
+
+def tokenizer_from_hf(hf_dir: str, workdir: str) -> str | None:
+    """The `data.tokenizer` for a run imported from `hf_dir`: "byte" when its tokenizer.json is
+    nopejax's byte serialization, else the path of a copy in `workdir` (so the run does not
+    depend on `hf_dir` staying where it is); None when the directory has no tokenizer.json."""
+    path = os.path.join(hf_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        theirs = json.load(f)
+    if theirs == json.loads(byte_hf_tokenizer().to_str()):
+        return "byte"
+    os.makedirs(workdir, exist_ok=True)
+    copy = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
+    shutil.copyfile(path, copy)
+    return copy
+
+
+# ---------------------------------------------------------------------------------------------
 # Training a byte-level BPE on the user's corpus
 
 
@@ -136,10 +233,6 @@ def train_tokenizer(input_glob: str, vocab_size: int, out_dir: str, *, text_fiel
     extension, anything else as plain text, one document per file), so the BPE sees exactly
     the documents the model will. Returns the path of the written tokenizer.json.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from nopejax.data.sources import open_documents, to_text
-
     min_vocab = 256 + len(TRAINED_SPECIALS)
     if vocab_size < min_vocab:
         raise ConfigError(
@@ -153,7 +246,7 @@ def train_tokenizer(input_glob: str, vocab_size: int, out_dir: str, *, text_fiel
             if text.strip():
                 yield text
 
-    tok = Tokenizer(models.BPE())
+    tok = _RustTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

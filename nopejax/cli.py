@@ -174,7 +174,7 @@ def _delegate(name: str, rest: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nopejax.config import ConfigError
+    from nopejax.config import ConfigError, RunError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["data", "prepare"]:  # these parse their own arguments, overrides included
@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, _UsageError, FileNotFoundError) as e:
         print(f"nopejax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:  # not a user mistake, but still one line: what happened, what to do
+        print(f"nopejax {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -47,8 +47,12 @@ DAMAGED = re.compile(r"(\d+)\.damaged-.+")  # a quarantined step dir: <step>.dam
 
 
 def _cause(e: BaseException) -> str:
-    """One line for an exception from orbax / tensorstore / the OS (theirs span many lines)."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    """One line for an exception from orbax / tensorstore / the OS (theirs span many lines).
+    A long one keeps both ends: tensorstore puts the OS reason ("No space left") last."""
+    message = " ".join(str(e).split())
+    if len(message) > 400:
+        message = f"{message[:180]} ... {message[-200:]}"
+    return f"{type(e).__name__}: {message}"
 
 
 def damaged_steps(checkpoints_dir) -> dict[int, str]:
@@ -148,6 +152,9 @@ def _manager(
         max_to_keep=c.keep if c else None,
         keep_period=(c.keep_period or None) if c else None,
         enable_async_checkpointing=c.async_save if c else False,
+        # folders are made before save() returns: a read-only or full disk then raises here, where
+        # orbax 0.12's background creation leaves its writer threads waiting and the process hung
+        async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
         create=not read_only,
         read_only=read_only,
     )

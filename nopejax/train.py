@@ -425,6 +425,10 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
             ))  # fmt: skip
 
     def save(done: int, force: bool) -> None:
+        nonlocal pending
+        if pending is not None:  # its line first, so a stop below still leaves it in metrics.jsonl
+            flush(pending)
+            pending = None
         # reading the count costs nothing here: the save waits for step `done` anyway
         check_finite(done, int(np.asarray(jax.device_get(counts))[0]))
         try:

@@ -70,7 +70,8 @@ def test_consecutive_nan_steps_stop_the_run_and_nothing_non_finite_is_saved(tmp_
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     flags = {r["step"]: r["nonfinite_steps"] for r in records}
-    assert flags == {1: 0, 2: 0, 3: 0, 4: 1, 5: 0, 6: 1, 7: 1}  # step 8 stopped the run before its line
+    assert flags == {1: 0, 2: 0, 3: 0, 4: 1, 5: 0, 6: 1, 7: 1, 8: 1}
+    assert all(np.isnan(r["loss"]) == bool(r["nonfinite_steps"]) for r in records)
     # the save at step 8 was refused; what was saved (including step 4, after its skipped update) is finite
     ckpt = checkpoint.Checkpointer(str(tmp_path), cfg)
     assert ckpt.steps() == [2, 4, 6]

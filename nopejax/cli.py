@@ -40,8 +40,10 @@ def cmd_train(args) -> int:
     summary = train.run(cfg, args.workdir, progress=not args.no_progress)
     import jax
 
-    if jax.process_index() == 0:
-        done = "stopped by SIGTERM at" if summary["preempted"] else "finished"
+    done = "stopped by SIGTERM at" if summary["preempted"] else "finished"
+    if jax.process_index() > 0:  # one line each, so every process's stop step can be checked
+        print(f"process {jax.process_index()}: {done} step {summary['steps']}")
+    else:
         print(f"\n{done} step {summary['steps']} in {summary['seconds']} s: loss {summary['final_loss']:.4f}"
               + (f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else ""))  # fmt: skip
         print(f"checkpoints {summary['checkpoints']} in {os.path.join(args.workdir, 'checkpoints')}; "

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from test_train import nopejax, random_batches, small_cfg
 
-from nopejax import checkpoint, train
-from nopejax.config import RunError
+from nopejax import checkpoint, config, train
+from nopejax.config import ConfigError, RunError
 
 
 def nan_at(steps):
@@ -35,6 +35,15 @@ def run_batches(cfg, batches):
             outs.append({k: float(v) for k, v in out.items()})
             params.append(jax.tree.map(np.asarray, state["params"]))
     return outs, params, state
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_max_nonfinite_steps_must_be_a_positive_integer(value):
+    cfg = small_cfg()
+    cfg.train.max_nonfinite_steps = value
+    with pytest.raises(ConfigError) as err:
+        config.validate(cfg)
+    assert err.value.field == "train.max_nonfinite_steps"
 
 
 def test_a_nan_step_applies_no_update_and_is_counted(monkeypatch):

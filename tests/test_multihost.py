@@ -149,7 +149,7 @@ def test_killed_coordinator_stops_process_1_within_60_s(tmp_path, procs):
     coordinator = start_two(tmp_path, procs)
     procs[0].kill()  # process 0 hosts the coordination service
     killed = time.time()
-    _, err = finish(procs[1], 60, "process 1, 60 s after process 0 was killed,")
+    _, err = finish(procs[1], 60, "process 1 (process 0 was killed)")
     print(f"process 1 exited {time.time() - killed:.1f} s after the kill, rc {procs[1].returncode}")
     assert procs[1].returncode != 0
     # XLA's fatal line says the coordination service is gone; ours names its address
@@ -160,10 +160,7 @@ def test_killed_process_stops_the_other_within_60_s(tmp_path, procs):
     start_two(tmp_path, procs)
     procs[1].kill()
     killed = time.time()
-    try:
-        _, err = procs[0].communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail("process 0 still runs 60 s after its peer was killed")
+    _, err = finish(procs[0], 60, "process 0 (its peer was killed)")
     print(f"process 0 exited {time.time() - killed:.1f} s after the kill, rc {procs[0].returncode}")
     assert procs[0].returncode != 0
     # the coordination service names the lost task; no Python traceback is needed to see why

@@ -222,14 +222,14 @@ def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
 
-    def keep_if_not_finite(new, old):
+    def only_if_finite(new, old):
         return jnp.where(finite, new, old)
 
     new_state = {
         "step": state["step"] + 1,
         "rng": state["rng"],
-        "params": jax.tree.map(keep_if_not_finite, optax.apply_updates(params, updates), params),
-        "opt_state": jax.tree.map(keep_if_not_finite, opt_state, state["opt_state"]),
+        "params": jax.tree.map(only_if_finite, optax.apply_updates(params, updates), params),
+        "opt_state": jax.tree.map(only_if_finite, opt_state, state["opt_state"]),
     }
     lr = optimizer.schedule(cfg)(state["step"])
     out = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": count, "nonfinite": (~finite).astype(jnp.int32)}

@@ -126,3 +126,34 @@ def test_a_read_only_checkpoint_dir_stops_the_run_with_one_line(tmp_path):
     assert sorted(os.listdir(ckpts)) == ["3"]
     assert checkpoint.find_checkpoint(str(tmp_path)) == (str(tmp_path), 3)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(checkpoint.restore_params(str(tmp_path), 3)))
+
+
+def test_a_full_disk_stops_the_save_with_the_os_reason(tmp_path):
+    """ENOSPC in the background write: the error names it, the step before stays readable."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    cfg = small_cfg()
+    s = train.setup(cfg, jax.devices()[:1])
+    state = train.init_state(s)
+    probe = checkpoint.Checkpointer(str(tmp_path / "probe"), cfg)
+    probe.save(1, state, force=True)
+    probe.close()
+    size = sum(p.stat().st_size for p in (tmp_path / "probe" / "checkpoints" / "1").rglob("*") if p.is_file())
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2}", "tmpfs", ckpts]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), cfg)
+        ckpt.save(1, state, force=True)
+        ckpt.wait()
+        with pytest.raises(RunError) as err:  # room for one checkpoint and a half
+            ckpt.save(2, state, force=True)
+            ckpt.close()
+        assert f"saving checkpoint step 2 to {ckpts} failed" in str(err.value)
+        assert "No space left on device" in str(err.value) and "checkpoints [1] are intact" in str(err.value)
+        assert [n for n in os.listdir(ckpts) if n.isdigit()] == ["1"]
+        restored = checkpoint.restore_params(str(tmp_path / "run"), 1)
+        jax.tree.map(np.testing.assert_array_equal, restored, jax.tree.map(np.asarray, state["params"]))
+    finally:
+        subprocess.run(["umount", ckpts], check=True)

@@ -9,23 +9,32 @@ the arrays are copied off the device, then written while training goes on.
 The layout is recorded, not implied: params are layer-stacked [L, ...] whatever `scan_layers`
 says, and `config.layout` names the model fields that fix the array shapes and the pattern.
 Restoring into a model that differs in one of them is an error naming that field.
+
+Faults are handled where they are found. A checkpoint that cannot be read is renamed
+`<step>.damaged-<UTC time>` next to the others: orbax no longer lists it, so it is never restored
+again nor counted by retention (which would otherwise delete a good step in its place), and the
+retrained step is saved normally. A save that fails (read-only or full disk, quota) stops the run
+with one line naming the directory and the cause; the earlier checkpoints stay as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import time
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from nopejax import config as config_lib
-from nopejax.config import ConfigDict, ConfigError
+from nopejax.config import ConfigDict, ConfigError, RunError
 
 log = logging.getLogger("nopejax")
 
@@ -34,6 +43,33 @@ LAYOUT_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_hea
                  "tie_embeddings")  # fmt: skip
 ITEMS = ("state", "data", "config")
 DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+DAMAGED = re.compile(r"(\d+)\.damaged-.+")  # a quarantined step dir: <step>.damaged-<UTC time>
+
+
+def _cause(e: BaseException) -> str:
+    """One line for an exception from orbax / tensorstore / the OS (theirs span many lines).
+    A long one keeps both ends: tensorstore puts the OS reason ("No space left") last."""
+    message = " ".join(str(e).split())
+    if len(message) > 400:
+        message = f"{message[:180]} ... {message[-200:]}"
+    return f"{type(e).__name__}: {message}"
+
+
+def damaged_steps(checkpoints_dir) -> dict[int, str]:
+    """step -> the name of its quarantined folder (the newest, if a step was set aside twice)."""
+    directory = epath.Path(checkpoints_dir)
+    if not directory.is_dir():
+        return {}
+    found = sorted(p.name for p in directory.iterdir() if DAMAGED.fullmatch(p.name))
+    return {int(DAMAGED.fullmatch(name)[1]): name for name in found}
+
+
+def quarantine(checkpoints_dir, step: int) -> str:
+    """Rename an unreadable step aside; orbax ignores names that are not a step number."""
+    directory = epath.Path(checkpoints_dir)
+    name = f"{step}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    (directory / str(step)).rename(directory / name)
+    return name
 
 
 def _data_files(directory) -> list[tuple[int, int, epath.Path]]:
@@ -116,6 +152,9 @@ def _manager(
         max_to_keep=c.keep if c else None,
         keep_period=(c.keep_period or None) if c else None,
         enable_async_checkpointing=c.async_save if c else False,
+        # folders are made before save() returns: a read-only or full disk then raises here, where
+        # orbax 0.12's background creation leaves its writer threads waiting and the process hung
+        async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
         create=not read_only,
         read_only=read_only,
     )
@@ -137,21 +176,54 @@ class Checkpointer:
     def __init__(self, workdir: str, cfg: ConfigDict):
         self.workdir, self.cfg = workdir, cfg
         self.manager = _manager(workdir, cfg)
+        self.directory = epath.Path(self.manager.directory)
+        self._saving = None  # the step of the newest save, for the error if it fails in the background
 
     def _config_item(self) -> dict:
         return {"config": config_lib.to_dict(self.cfg), "layout": layout(self.cfg.model)}
+
+    def _save_failed(self, e: Exception) -> RunError:
+        kept = _finalized_steps(self.directory, exclude=self._saving)
+        resume = f"rerun to resume from step {kept[-1]}" if kept else "rerun"
+        return RunError(
+            f"saving checkpoint step {self._saving} to {self.directory} failed ({_cause(e)}); the earlier "
+            f"checkpoints {kept} are intact. Make the directory writable or free space there, then {resume}"
+        )
 
     def save(self, step: int, state: dict, data_iter=None, *, force: bool = False) -> bool:
         args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(self._config_item())}
         if data_iter is not None:
             args["data"] = DataSave(data_iter)
-        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        try:
+            # waits for the previous async save, so its failure surfaces here too (as this step's)
+            saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        except Exception as e:  # OSError, tensorstore's and orbax's own errors: all mean "not saved"
+            self._saving = step
+            raise self._save_failed(e) from e
+        if saved:
+            self._saving = step
+        return saved
+
+    def check_for_errors(self) -> None:
+        """Raise RunError if an async save has failed since; never blocks on one in flight."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._save_failed(e) from e
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(e) from e
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.wait()
+        except RunError:
+            with contextlib.suppress(Exception):  # the same failure once more; it is reported above
+                self.manager.close()
+            raise
         self.manager.close()
 
     def steps(self) -> list[int]:
@@ -163,34 +235,86 @@ class Checkpointer:
         from nopejax.data.pipeline import shard_states
 
         for step in reversed(self.steps()):
-            files = _data_files(epath.Path(self.manager.directory) / str(step) / "data")
+            files = _data_files(self.directory / str(step) / "data")
             if files:
                 return files[0][1] * len(shard_states(json.loads(files[0][2].read_text())))
         return None
 
+    def _try_restore(self, step: int, abstract_state: dict, data_iter) -> tuple[dict | None, Exception | None]:
+        """-> (restored items, None), or (None, why it is unreadable). A config mismatch raises."""
+        try:
+            saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        except Exception as e:
+            return None, e
+        check_compatible(saved["layout"], self.cfg.model, str(self.directory / str(step)))
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            args["data"] = DataRestore(data_iter)
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**args)), None
+        except ConfigError:  # a process count that cannot continue: stop, never restart silently
+            raise
+        except Exception as e:  # orbax / tensorstore raise many types for a damaged file
+            return None, e
+
+    def _set_aside(self, step: int, error: Exception | None) -> None:
+        """Quarantine an unreadable step (process 0 renames; every process then sees it gone)."""
+        where = self.directory / str(step)
+        name = f"{step}.damaged-*"
+        if jax.process_index() == 0:
+            try:
+                name = quarantine(self.directory, step)
+            except OSError as e:  # a read-only workdir: the run's first save there will say so
+                log.warning("could not set %s aside (%s)", where, _cause(e))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"nopejax_set_aside_{step}")
+        self.manager.reload()
+        cause = _cause(error) if error is not None else "unreadable on another process"
+        log.warning("checkpoint %s is unreadable (%s); set aside as %s, falling back to the previous one",
+                    where, cause, self.directory / name)  # fmt: skip
+
     def restore_latest(self, abstract_state: dict, data_iter=None):
         """-> (state, step), or (None, 0) when there is no checkpoint.
 
-        An unreadable newest checkpoint (truncated file, missing array) is reported with its
-        path and skipped for the one before; only a config mismatch stops the run.
+        An unreadable checkpoint (truncated file, missing array) is set aside with a warning
+        naming it, and the one before is tried; only a config mismatch stops the run. Processes
+        agree on each step's outcome, so none resumes from a step another could not read.
         """
         for step in reversed(self.steps()):
-            path = os.path.join(self.manager.directory, str(step))
-            saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-            check_compatible(saved["layout"], self.cfg.model, path)
-            args = {"state": ocp.args.StandardRestore(abstract_state)}
-            if data_iter is not None:
-                args["data"] = DataRestore(data_iter)
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-            except ConfigError:  # a process count that cannot continue: stop, never restart silently
-                raise
-            except Exception as e:  # orbax / tensorstore raise many types for a damaged file
-                log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
-                            path, type(e).__name__, str(e).splitlines()[0][:300])  # fmt: skip
-                continue
-            return restored["state"], step
+            restored, error = self._try_restore(step, abstract_state, data_iter)
+            ok = restored is not None
+            if jax.process_count() > 1:
+                ok = bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+            if ok:
+                return restored["state"], step
+            self._set_aside(step, error)
         return None, 0
+
+
+def _finalized_steps(directory, exclude: int | None = None) -> list[int]:
+    """Steps whose folder is complete on disk (orbax renames a save's temporary folder last)."""
+    directory = epath.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and int(p.name) != exclude)
+
+
+def _unreadable(root: str, step: int, error: Exception) -> ConfigError:
+    """The error for reading a damaged step, naming the nearest step whose params do read."""
+    others = sorted(_finalized_steps(os.path.join(root, "checkpoints"), exclude=step),
+                    key=lambda s: (abs(s - step), -s))  # fmt: skip
+    nearest = next((s for s in others if _params_readable(root, s)), None)
+    fix = (f"use --step {nearest}, the nearest readable checkpoint" if nearest is not None
+           else "no readable checkpoint is left there; train again or restore the folder from a copy")  # fmt: skip
+    return ConfigError("--step", f"checkpoint {root}/checkpoints/{step} is unreadable ({_cause(error)})", fix)
+
+
+def _params_readable(root: str, step: int) -> bool:
+    try:
+        _restore_params(root, step, None)
+    except Exception:  # damaged too: the caller looks further away
+        return False
+    return True
 
 
 def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
@@ -210,15 +334,26 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
     if step is None:
         return path, steps[-1]
     if step not in steps:
+        damaged = damaged_steps(os.path.join(path, "checkpoints")).get(step)
+        if damaged:
+            nearest = min(steps, key=lambda s: (abs(s - step), -s))
+            raise ConfigError(
+                "--step",
+                f"step {step} in {path} was found unreadable and set aside as checkpoints/{damaged}",
+                f"use --step {nearest}, the nearest readable checkpoint",
+            )
         raise ConfigError("--step", f"no checkpoint for step {step} in {path}; there are {steps}", "pick one of those")
     return path, step
 
 
 def _saved_config_item(workdir: str, step: int) -> dict:
     manager = _manager(workdir, read_only=True)
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    manager.close()
-    return saved
+    try:
+        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except Exception as e:
+        raise _unreadable(workdir, step, e) from None
+    finally:
+        manager.close()
 
 
 def read_config(workdir: str, step: int) -> ConfigDict:
@@ -229,25 +364,35 @@ def checkpoint_layout(workdir: str, step: int) -> dict:
     return _saved_config_item(workdir, step)["layout"]
 
 
-def restore_params(workdir: str, step: int, shardings=None) -> dict:
-    """Only the params of a checkpoint: as host numpy arrays, or placed with `shardings`."""
+def _restore_params(workdir: str, step: int, shardings) -> dict:
     manager = _manager(workdir, read_only=True, partial=True)
-    meta = manager.item_metadata(step)["state"]
-    params_meta = meta["params"] if isinstance(meta, dict) else meta.tree["params"]
-    if shardings is None:
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
-    else:
-        restore_args = jax.tree.map(lambda _, s: ocp.ArrayRestoreArgs(sharding=s), params_meta, shardings)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item={"params": params_meta}, restore_args={"params": restore_args}, partial_restore=True
-            )
-        ),
-    )
-    manager.close()
+    try:
+        meta = manager.item_metadata(step)["state"]
+        params_meta = meta["params"] if isinstance(meta, dict) else meta.tree["params"]
+        if shardings is None:
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
+        else:
+            restore_args = jax.tree.map(lambda _, s: ocp.ArrayRestoreArgs(sharding=s), params_meta, shardings)
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": params_meta}, restore_args={"params": restore_args}, partial_restore=True
+                )
+            ),
+        )
+    finally:
+        manager.close()
     return restored["state"]["params"]
+
+
+def restore_params(workdir: str, step: int, shardings=None) -> dict:
+    """Only the params of a checkpoint: as host numpy arrays, or placed with `shardings`.
+    An unreadable step is an error naming the nearest readable one."""
+    try:
+        return _restore_params(workdir, step, shardings)
+    except Exception as e:  # orbax / tensorstore raise many types for a damaged file
+        raise _unreadable(workdir, step, e) from None
 
 
 def load_model(workdir: str, step: int | None = None):

@@ -40,8 +40,10 @@ def cmd_train(args) -> int:
     summary = train.run(cfg, args.workdir, progress=not args.no_progress)
     import jax
 
-    if jax.process_index() == 0:
-        done = "stopped by SIGTERM at" if summary["preempted"] else "finished"
+    done = "stopped by SIGTERM at" if summary["preempted"] else "finished"
+    if jax.process_index() > 0:  # one line each, so every process's stop step can be checked
+        print(f"process {jax.process_index()}: {done} step {summary['steps']}")
+    else:
         print(f"\n{done} step {summary['steps']} in {summary['seconds']} s: loss {summary['final_loss']:.4f}"
               + (f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else ""))  # fmt: skip
         print(f"checkpoints {summary['checkpoints']} in {os.path.join(args.workdir, 'checkpoints')}; "
@@ -162,7 +164,7 @@ def _delegate(name: str, rest: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from nopejax import quiet
-    from nopejax.config import ConfigError
+    from nopejax.config import ConfigError, RunError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet.setup()  # no TPU-runtime probing without a TPU, no orbax read-only chatter
@@ -182,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, _UsageError, FileNotFoundError) as e:
         print(f"nopejax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:  # not a user mistake, but still one line: what happened, what to do
+        print(f"nopejax {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

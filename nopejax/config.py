@@ -40,6 +40,11 @@ class ConfigError(ValueError):
         super().__init__(f"config field `{field}`: {problem}. Fix: {fix}.")
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (a save that failed, a loss that stays non-finite): one line
+    naming what happened and what to do, printed without a traceback."""
+
+
 def base_config() -> ConfigDict:
     """All fields with defaults. Config files override; they never add new keys."""
     cfg = ConfigDict()
@@ -104,6 +109,8 @@ def base_config() -> ConfigDict:
     # LM head + loss over sequence chunks of this length (0 = whole sequence); saves the
     # [B, S, V] fp32 logits at large vocabularies. Must divide seq_len.
     t.loss_chunk_len = 0
+    # a step with a non-finite loss or gradient norm applies no update; this many in a row stop the run
+    t.max_nonfinite_steps = 5
 
     cfg.optim = o = ConfigDict()
     o.lr = 3e-3
@@ -521,6 +528,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         )  # fmt: skip
     if t.z_loss < 0:
         raise ConfigError("train.z_loss", "must be >= 0", "use e.g. 1e-4, or 0 to turn it off")
+    _positive(cfg, "train", ["max_nonfinite_steps"])
 
     o = cfg.optim
     if not o.lr > 0:

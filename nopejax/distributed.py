@@ -87,10 +87,13 @@ def _initialize(**kwargs) -> None:
     # When the coordinator cannot be reached in time, XLA's client aborts the process from C++
     # (DEADLINE_EXCEEDED at RegisterTask, "another task died") before Python can raise; this
     # line, printed first, says what was being attempted and what to check.
+    # The same holds later: when process 0 (which hosts the coordinator) dies, XLA aborts the others
+    # within seconds with "Failed to send RPC to coordination service"; this line names that address.
     where = kwargs.get("coordinator_address") or "the address JAX detects for this cluster"
-    print(f"nopejax: joining {kwargs.get('num_processes') or 'the cluster'} processes at {where} as process "
-          f"{kwargs.get('process_id', '(detected)')}; a DEADLINE_EXCEEDED abort after {INIT_TIMEOUT_S} s means "
-          "not all processes started with this coordinator and count", file=sys.stderr, flush=True)  # fmt: skip
+    print(f"nopejax: joining {kwargs.get('num_processes') or 'the cluster'} processes at coordinator {where} "
+          f"(hosted by process 0) as process {kwargs.get('process_id', '(detected)')}; a DEADLINE_EXCEEDED abort "
+          f"after {INIT_TIMEOUT_S} s means not all processes started with this coordinator and count",
+          file=sys.stderr, flush=True)  # fmt: skip
 
     # CPU collectives across processes need gloo (the default does none); this changes nothing
     # for GPU/TPU arrays. Set before the backend exists, hence no jax.default_backend() here.

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nopejax import attention, config, metrics, model, optimizer, sharding
-from nopejax.config import ConfigDict, ConfigError
+from nopejax.config import ConfigDict, ConfigError, RunError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -172,17 +172,31 @@ def loss_sums(graphdef, params, batch, z_loss: float, chunk_len: int = 0):
     return sums
 
 
+def loss_fault(step):
+    """Test hook: a factor the loss is multiplied by at `step` (NaN to inject a fault), or None.
+
+    Production never sets it; tests replace it before the step is compiled (tests/test_faults.py).
+    """
+    return None
+
+
 def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
     """One optimizer step over the global batch, as `grad_accum` microbatches under a scan.
 
     Microbatch losses are summed and divided by the total token count once, so 4 x (B/4)
-    gives the same update as one step on B.
+    gives the same update as one step on B. A step whose loss or gradient norm is not finite
+    applies no update (params and optimizer state stay as they were; the step count advances
+    past the consumed batch): a select on device, so no host round trip decides it, and no
+    NaN ever reaches the state or a checkpoint. `out["nonfinite"]` reports it.
     """
     A = cfg.train.grad_accum
+    fault = loss_fault(state["step"])
 
     def sums_and_grads(params, micro):
         def f(p):
             total, ce, count = loss_sums(graphdef, p, micro, cfg.train.z_loss, cfg.train.loss_chunk_len)
+            if fault is not None:
+                total, ce = total * fault, ce * fault
             return total, (ce, count)
 
         (_, (ce, count)), grads = jax.value_and_grad(f, has_aux=True)(params)
@@ -204,15 +218,21 @@ def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
         (grads, ce, count), _ = jax.lax.scan(body, zeros, micros)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
+    loss, grad_norm = ce / count, optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
+
+    def only_if_finite(new, old):
+        return jnp.where(finite, new, old)
+
     new_state = {
         "step": state["step"] + 1,
         "rng": state["rng"],
-        "params": optax.apply_updates(params, updates),
-        "opt_state": opt_state,
+        "params": jax.tree.map(only_if_finite, optax.apply_updates(params, updates), params),
+        "opt_state": jax.tree.map(only_if_finite, opt_state, state["opt_state"]),
     }
     lr = optimizer.schedule(cfg)(state["step"])
-    out = {"loss": ce / count, "grad_norm": optax.tree.norm(grads), "lr": lr, "tokens": count}
+    out = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": count, "nonfinite": (~finite).astype(jnp.int32)}
     return new_state, out
 
 
@@ -300,6 +320,13 @@ def host_scalar(x) -> float:
     return float(np.asarray(jax.device_get(x)))
 
 
+def tally_nonfinite(counts_2, nonfinite):
+    """[consecutive non-finite steps, non-finite steps so far], updated on device each step, so
+    the host learns of them whenever it reads metrics anyway, never through an extra sync."""
+    streak = jnp.where(nonfinite > 0, counts_2[0] + 1, 0)
+    return jnp.stack([streak, counts_2[1] + nonfinite])
+
+
 class Preemption:
     """SIGTERM (what GCE/TPU and SLURM send before preemption) asks the loop to stop cleanly.
 
@@ -369,11 +396,52 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
     t_mark, step_mark = time.perf_counter(), start
     last_eval = None
     stopped_early = False
+    replicated = NamedSharding(s.mesh, PartitionSpec())
+    tally = jax.jit(tally_nonfinite, out_shardings=replicated)
+    with jax.set_mesh(s.mesh):
+        counts = jax.jit(lambda: jnp.zeros(2, jnp.int32), out_shardings=replicated)()
+    nonfinite_logged = 0
+
+    def stop_run(error: Exception):
+        """Finish what can be finished (the in-flight save becomes durable), then stop."""
+        bar.close()
+        writer.close()
+        try:
+            ckpt.close()
+        except RunError as save_error:  # that save failed too: the older cause is the one to fix first
+            raise save_error from error
+        raise error
+
+    def check_finite(done: int, streak: int) -> None:
+        """Stop after `train.max_nonfinite_steps` non-finite steps in a row."""
+        if streak >= t.max_nonfinite_steps:
+            saved = ckpt.steps()
+            stop_run(RunError(
+                f"{streak} consecutive steps up to step {done} had a non-finite loss or gradient norm "
+                f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); their updates were skipped and no "
+                f"non-finite state was saved. The newest checkpoint, "
+                f"{f'step {saved[-1]}' if saved else 'none yet'}, is the last good state: lower optim.lr, "
+                f"lengthen optim.warmup_steps or check the data near step {done}, then rerun to resume"
+            ))  # fmt: skip
+
+    def save(done: int, force: bool) -> None:
+        nonlocal pending
+        if pending is not None:  # its line first, so a stop below still leaves it in metrics.jsonl
+            flush(pending)
+            pending = None
+        # reading the count costs nothing here: the save waits for step `done` anyway
+        check_finite(done, int(np.asarray(jax.device_get(counts))[0]))
+        try:
+            ckpt.save(done, state, train_iter, force=force)
+        except RunError as e:
+            stop_run(e)
 
     def flush(pending):
-        nonlocal t_mark, step_mark, last
-        done, out, eval_loss = pending
+        nonlocal t_mark, step_mark, last, nonfinite_logged
+        done, out, eval_loss, counts_done = pending
         values = {k: host_scalar(out[k]) for k in ("loss", "lr", "grad_norm")}  # waits for step `done`
+        streak, total = (int(x) for x in np.asarray(jax.device_get(counts_done)))
+        values["nonfinite_steps"], nonfinite_logged = total - nonfinite_logged, total  # since the last line
         now = time.perf_counter()
         tps = (done - step_mark) * tokens_per_step / max(now - t_mark, 1e-9)
         t_mark, step_mark = now, done
@@ -383,6 +451,11 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
             values["eval_loss"] = eval_loss
         writer.write(done, values)
         last = values
+        check_finite(done, streak)
+        try:
+            ckpt.check_for_errors()  # an async save that failed since: stop now, not at the next save
+        except RunError as e:
+            stop_run(e)
         shown = {"loss": f"{values['loss']:.4f}", "tok/s": f"{tps:,.0f}"}
         if values["mfu"] is not None:
             shown["mfu"] = f"{100 * values['mfu']:.1f}%"
@@ -393,6 +466,7 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
         for step in range(start, t.steps):
             batch = to_device_batch(s, next(train_iter))
             state, out = step_fn(state, batch)
+            counts = tally(counts, out["nonfinite"])
             done = step + 1
             if pending is not None:
                 flush(pending)
@@ -401,20 +475,20 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
             if t.eval_every and done % t.eval_every == 0:
                 eval_loss = last_eval = evaluate(state["params"])
             if done % t.log_every == 0 or done == t.steps or eval_loss is not None:
-                pending = (done, out, eval_loss)
+                pending = (done, out, eval_loss, counts)
             stop = preempt.should_stop(done)
             every = cfg.checkpoint.every_steps
             if stop or done == t.steps or (every and done % every == 0):
-                ckpt.save(done, state, train_iter, force=stop or done == t.steps)
+                save(done, force=stop or done == t.steps)
             bar.update(1)
             if stop:
                 stopped_early = done < t.steps
                 break
         if pending is not None:
             flush(pending)
-    ckpt.close()  # waits until the last save is durable
     bar.close()
     writer.close()
+    ckpt.close()  # waits until the last save is durable; a RunError if it failed
     elapsed = time.perf_counter() - t_start
     summary = {
         "steps": int(host_scalar(state["step"])),

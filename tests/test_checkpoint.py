@@ -3,6 +3,7 @@ layout mismatches, and export to transformers from a checkpoint."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from test_train import ROOT, nopejax, random_batches, small_cfg
 
-from nopejax import checkpoint, train
+from nopejax import checkpoint, cli, train
 from nopejax.config import ConfigError
 
 RUN = ["--config", "configs/tiny.py", "--config.train.steps=24", "--config.train.log_every=1",
@@ -32,10 +33,15 @@ def losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("full")
     nopejax("train", "--workdir", str(wd), *RUN)
-    return losses(wd)
+    return wd
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return losses(uninterrupted_run)
 
 
 def start(workdir):
@@ -121,18 +127,67 @@ def _save_steps(workdir, cfg, steps):
     return s
 
 
-def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
-    cfg = small_cfg()
-    s = _save_steps(tmp_path, cfg, [1, 2])
-    data_files = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "checkpoints" / "2" / "state") for f in fs
+def damage(step_dir):
+    """Truncate the array data of a checkpoint's state item to a third."""
+    data_files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir / "state") for f in fs
                   if os.path.getsize(os.path.join(r, f)) > 1000]  # fmt: skip
-    for path in data_files:  # truncate the array data
+    assert data_files
+    for path in data_files:
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 3)
+
+
+def export(workdir, step, capsys):
+    """`nopejax export --step` in this process -> (exit code, stderr)."""
+    code = cli.main(["export", "--workdir", str(workdir), "--step", str(step), "--out", str(workdir / "hf")])
+    return code, capsys.readouterr().err
+
+
+def test_damaged_checkpoints_are_set_aside_and_named_by_export(tmp_path, caplog, capsys):
+    cfg = small_cfg()
+    s = _save_steps(tmp_path, cfg, [1, 2, 3])
+    damage(tmp_path / "checkpoints" / "2")
+    damage(tmp_path / "checkpoints" / "3")
+    # found by export first: a clear error naming the nearest step that reads (3 is damaged too)
+    code, err = export(tmp_path, 2, capsys)
+    assert code == 2 and "checkpoints/2 is unreadable" in err and "use --step 1," in err, err
+    assert not (tmp_path / "hf" / "config.json").exists()
+
+    ckpt = checkpoint.Checkpointer(str(tmp_path), cfg)
     with caplog.at_level("WARNING"):
-        restored, step = checkpoint.Checkpointer(str(tmp_path), cfg).restore_latest(s.abstract_state)
-    assert step == 1 and restored is not None
-    assert "checkpoints/2" in caplog.text and "unreadable" in caplog.text
+        restored, step = ckpt.restore_latest(s.abstract_state)
+    assert step == 1 and restored is not None and ckpt.steps() == [1]
+    aside = sorted(n for n in os.listdir(tmp_path / "checkpoints") if ".damaged-" in n)
+    assert [n.split(".")[0] for n in aside] == ["2", "3"]
+    for name in aside:  # each warning names the folder it was moved to
+        assert f"checkpoints/{name}" in caplog.text
+    # set aside: never restored again, never counted by retention (keep=3), the steps save anew
+    for step in (2, 3, 4):
+        ckpt.save(step, restored, force=True)
+    ckpt.close()
+    names = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert [n for n in names if n.isdigit()] == ["2", "3", "4"] and all(n in names for n in aside)
+    assert checkpoint.find_checkpoint(str(tmp_path)) == (str(tmp_path), 4)
+    # a step that is set aside (and not saved again) is an error pointing to the nearest readable one
+    shutil.rmtree(tmp_path / "checkpoints" / "3")
+    code, err = export(tmp_path, 3, capsys)
+    assert code == 2 and f"set aside as checkpoints/{aside[1]}" in err and "use --step 4," in err, err
+
+
+def test_damaged_newest_checkpoint_is_retrained_exactly(tmp_path, uninterrupted_run, uninterrupted):
+    wd = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, wd)
+    damage(wd / "checkpoints" / "24")  # kept: 16, 20, 24
+    proc = nopejax("train", "--workdir", str(wd), *RUN)
+    assert "checkpoints/24 is unreadable" in proc.stderr and "set aside as" in proc.stderr, proc.stderr[-2000:]
+    names = sorted(os.listdir(wd / "checkpoints"))
+    assert [n for n in names if n.isdigit()] == ["16", "20", "24"]  # retention kept 16
+    assert len([n for n in names if n.startswith("24.damaged-")]) == 1
+    # steps 21-24 were trained again from step 20: the same losses, line for line, as the undamaged run
+    assert len(read_lines(wd)) == 24 and losses(wd) == uninterrupted
+    # and the new step 24 restores to the undamaged run's params
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.restore_params(str(wd), 24),
+                 checkpoint.restore_params(str(uninterrupted_run), 24))  # fmt: skip
 
 
 @pytest.mark.parametrize(

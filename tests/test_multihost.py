@@ -2,8 +2,9 @@
 
 With default data settings, losses equal those of 1 process x 1 device and 1 process x 2
 devices (the data order does not depend on the process count); a 2-process checkpoint resumes
-in 1 process; a killed peer ends the run with an error, not a hang; each process reads its own
-documents.
+in 1 process; each process reads its own documents. Faults end in bounded time: SIGTERM to
+both processes or to one stops both at the same step with one checkpoint; a killed process
+(the coordinator's host included) ends the other with an error, not a hang.
 """
 
 import json
@@ -108,24 +109,60 @@ def test_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_path
     np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [two[s] for s in (4, 5, 6)], rtol=1e-5)
 
 
-def test_killed_process_stops_the_other_within_60_s(tmp_path, procs):
-    port, n = free_port(), 2
-    for i in range(n):
-        env = cpu_env(2, NOPEJAX_COORDINATOR=f"127.0.0.1:{port}", NOPEJAX_NUM_PROCESSES=str(n),
-                      NOPEJAX_PROCESS_ID=str(i))  # fmt: skip
-        procs.append(subprocess.Popen(train_cmd(tmp_path, "--config.train.steps=10000"), cwd=ROOT, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))  # fmt: skip
-    metrics, t0 = tmp_path / "metrics.jsonl", time.time()
+def start_two(workdir, procs, *args) -> str:
+    """2 training processes (endless) past their second step. -> the coordinator address."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    for i in range(2):
+        env = cpu_env(2, NOPEJAX_COORDINATOR=coordinator, NOPEJAX_NUM_PROCESSES="2", NOPEJAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen(train_cmd(workdir, "--config.train.steps=10000", *args), cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    metrics, t0 = workdir / "metrics.jsonl", time.time()
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):  # training, not compiling
         assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
-        assert time.time() - t0 < 180, "the 2-process run did not reach step 2"
+        assert time.time() - t0 < 300, "the 2-process run did not reach step 2"
         time.sleep(0.2)
+    return coordinator
+
+
+def finish(proc, seconds: float, what: str) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what} still runs {seconds} s later")
+
+
+@pytest.mark.parametrize("signalled", [(0, 1), (1,)], ids=["both", "one"])
+def test_sigterm_stops_both_processes_at_one_step_with_one_checkpoint(tmp_path, procs, signalled):
+    start_two(tmp_path, procs, "--config.checkpoint.every_steps=0")  # the only checkpoint: the stop's
+    for i in signalled:
+        procs[i].send_signal(signal.SIGTERM)
+    outs = [finish(p, 120, f"process {i} (SIGTERM to {signalled})") for i, p in enumerate(procs)]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    # JAX's preemption sync point gives both processes the same stop step
+    stops = [int(out.split("stopped by SIGTERM at step ")[1].split()[0]) for out, _ in outs]
+    assert stops[0] == stops[1] < 10000, stops
+    assert os.listdir(tmp_path / "checkpoints") == [str(stops[0])]
+    data = sorted(f for f in os.listdir(tmp_path / "checkpoints" / str(stops[0]) / "data") if f.endswith(".json"))
+    assert data == ["process_0-of-2.json", "process_1-of-2.json"]  # one checkpoint, written by both
+    assert max(losses(tmp_path)) == stops[0]
+
+
+def test_killed_coordinator_stops_process_1_within_60_s(tmp_path, procs):
+    coordinator = start_two(tmp_path, procs)
+    procs[0].kill()  # process 0 hosts the coordination service
+    killed = time.time()
+    _, err = finish(procs[1], 60, "process 1 (process 0 was killed)")
+    print(f"process 1 exited {time.time() - killed:.1f} s after the kill, rc {procs[1].returncode}")
+    assert procs[1].returncode != 0
+    # XLA's fatal line says the coordination service is gone; ours names its address
+    assert "coordination service" in err and f"coordinator {coordinator} (hosted by process 0)" in err, err[-3000:]
+
+
+def test_killed_process_stops_the_other_within_60_s(tmp_path, procs):
+    start_two(tmp_path, procs)
     procs[1].kill()
     killed = time.time()
-    try:
-        _, err = procs[0].communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail("process 0 still runs 60 s after its peer was killed")
+    _, err = finish(procs[0], 60, "process 0 (its peer was killed)")
     print(f"process 0 exited {time.time() - killed:.1f} s after the kill, rc {procs[0].returncode}")
     assert procs[0].returncode != 0
     # the coordination service names the lost task; no Python traceback is needed to see why

@@ -56,13 +56,32 @@ def rms_norm(x_BSD, weight_D, eps: float):
     return x.astype(x_BSD.dtype) * weight_D.astype(x_BSD.dtype)
 
 
-def decoder_layer(p, x_BSD, *, use_rope: bool, ctx):
-    """One pre-norm layer. `p` holds this layer's params (no `layers` axis)."""
-    m, dtype = ctx["model_cfg"], ctx["dtype"]
+def attention_inputs(p, x_BSD, m, dtype):
+    """Pre-norm and the q, k, v projections (un-rotated): shared by training and the KV-cache decoder."""
     h_BSD = rms_norm(x_BSD, p["attn_norm"], m.rms_norm_eps)
     q_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, p["wq"].astype(dtype))
     k_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype))
     v_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wv"].astype(dtype))
+    return q_BSHE, k_BSKE, v_BSKE
+
+
+def attention_output(p, x_BSD, o_BSHE, dtype):
+    """Output projection of the attended values, added to the residual stream."""
+    return x_BSD + jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype))
+
+
+def mlp(p, x_BSD, m, dtype):
+    """Pre-norm SwiGLU MLP, added to the residual stream."""
+    h_BSD = rms_norm(x_BSD, p["mlp_norm"], m.rms_norm_eps)
+    gate_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype))
+    up_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_up"].astype(dtype))
+    return x_BSD + jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, p["w_down"].astype(dtype))
+
+
+def decoder_layer(p, x_BSD, *, use_rope: bool, ctx):
+    """One pre-norm layer. `p` holds this layer's params (no `layers` axis)."""
+    m, dtype = ctx["model_cfg"], ctx["dtype"]
+    q_BSHE, k_BSKE, v_BSKE = attention_inputs(p, x_BSD, m, dtype)
     o_BSHE = attention.attend(
         q_BSHE,
         k_BSKE,
@@ -74,13 +93,8 @@ def decoder_layer(p, x_BSD, *, use_rope: bool, ctx):
         rope=ctx["rope"],
         impl=m.attention_impl,
     )
-    x_BSD = x_BSD + jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype))
-
-    h_BSD = rms_norm(x_BSD, p["mlp_norm"], m.rms_norm_eps)
-    gate_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype))
-    up_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_up"].astype(dtype))
-    x_BSD = x_BSD + jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, p["w_down"].astype(dtype))
-    return constrain(x_BSD, ("act_batch", "act_seq", "act_embed"))
+    x_BSD = attention_output(p, x_BSD, o_BSHE, dtype)
+    return constrain(mlp(p, x_BSD, m, dtype), ("act_batch", "act_seq", "act_embed"))
 
 
 def runs(flags: tuple[bool, ...]) -> list[tuple[int, int, bool]]:
@@ -166,6 +180,10 @@ class Decoder(nnx.Module):
         logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, head_DV.astype(x_BSD.dtype), preferred_element_type=jnp.float32)
         return constrain(logits_BSV, ("act_batch", "act_seq", "act_vocab"))
 
+    def embed_tokens(self, tokens_BS):
+        """tokens int32 [B, S] -> embeddings [B, S, D] in the compute dtype."""
+        return jnp.take(self.embed[...], tokens_BS, axis=0).astype(_dtype(self.cfg.dtype))
+
     def hidden(self, tokens_BS, positions=None, segment_ids=None):
         """tokens int32 [B, S] -> final-normed hidden states [B, S, D] in the compute dtype."""
         m = self.cfg
@@ -183,9 +201,7 @@ class Decoder(nnx.Module):
             # cos/sin are shared by all RoPE layers: computed once, outside the scan
             "cos_sin": rope_lib.cos_sin(positions, rope),
         }
-        embed_VD = self.embed[...]
-        x_BSD = jnp.take(embed_VD, tokens_BS, axis=0).astype(dtype)
-        x_BSD = constrain(x_BSD, ("act_batch", "act_seq", "act_embed"))
+        x_BSD = constrain(self.embed_tokens(tokens_BS), ("act_batch", "act_seq", "act_embed"))
         stack = {name: p[...] for name, p in self.layers.items()}
         x_BSD = run_layers(stack, x_BSD, ctx)
         return rms_norm(x_BSD, self.final_norm[...], m.rms_norm_eps)

@@ -163,15 +163,34 @@ def sample(logits_BV, key, s: Sampling, greedy: bool):
 # The two jitted programs
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "total_len", "greedy"))
-def prefill(graphdef, params, tokens_BS, pos_BS, seg_BS, key, sampling: Sampling, *, total_len: int, greedy: bool):
-    """Fill a cache of `total_len` slots with the prompt -> (cache, first new token [B], its logits [B, V])."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "total_len", "chunk", "greedy"))
+def prefill(graphdef, params, tokens_BS, pos_BS, seg_BS, key, sampling: Sampling, *, total_len: int, chunk: int,
+            greedy: bool):  # fmt: skip
+    """Fill a cache of `total_len` slots with the prompt -> (cache, first new token [B], its logits [B, V]).
+
+    A prompt longer than `chunk` (then a multiple of it) goes in chunks under a scan, each
+    attending to the cache filled so far: scores are [B, H, chunk, T], never [B, H, S, T].
+    """
     module = nnx.merge(graphdef, params)
     m = module.cfg
-    B = tokens_BS.shape[0]
+    B, S = tokens_BS.shape
     zeros = jnp.zeros((m.num_layers, B, total_len, m.num_kv_heads, m.head_dim), jnp.dtype(m.dtype))
-    empty = Cache(zeros, zeros, jnp.zeros((B, total_len), jnp.int32), jnp.zeros((B, total_len), jnp.int32))
-    logits_BV, cache = forward(module, empty, tokens_BS, pos_BS, seg_BS, 0)
+    cache = Cache(zeros, zeros, jnp.zeros((B, total_len), jnp.int32), jnp.zeros((B, total_len), jnp.int32))
+    if chunk >= S:
+        logits_BV, cache = forward(module, cache, tokens_BS, pos_BS, seg_BS, 0)
+    else:
+
+        def one_chunk(cache, xs):
+            tokens_Bc, pos_Bc, seg_Bc, start = xs
+            logits_BV, cache = forward(module, cache, tokens_Bc, pos_Bc, seg_Bc, start)
+            return cache, logits_BV
+
+        def to_chunks(a_BS):  # [B, S] -> [S / chunk, B, chunk]
+            return jnp.moveaxis(a_BS.reshape(B, S // chunk, chunk), 1, 0)
+
+        starts = jnp.arange(0, S, chunk, dtype=jnp.int32)
+        cache, logits_nBV = jax.lax.scan(one_chunk, cache, (*map(to_chunks, (tokens_BS, pos_BS, seg_BS)), starts))
+        logits_BV = logits_nBV[-1]
     return cache, sample(logits_BV, jax.random.fold_in(key, 0), sampling, greedy), logits_BV
 
 
@@ -216,13 +235,16 @@ def decode(graphdef, params, cache, first_B, first_logits_BV, key, sampling: Sam
 
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: nearby lengths share one compile
+PREFILL_CHUNK = 512  # longer prompts are prefilled in chunks of this many tokens
 
 
-def left_pad(prompts, pad_id: int, bucket: int = PROMPT_BUCKET):
-    """Prompts (sequences of ids) -> tokens, positions, document ids [B, S], left-padded to S."""
+def left_pad(prompts, pad_id: int, chunk: int = PREFILL_CHUNK):
+    """Prompts (sequences of ids) -> tokens, positions, document ids [B, S], left-padded to S
+    (a multiple of PROMPT_BUCKET, or of `chunk` when longer than one)."""
     lengths = np.asarray([len(p) for p in prompts])
     if lengths.min() == 0:
         raise ConfigError("prompt", "a prompt has no tokens", "give at least one token (e.g. the BOS id)")
+    bucket = PROMPT_BUCKET if lengths.max() <= chunk else chunk
     S = -(-lengths.max() // bucket) * bucket
     tokens = np.full((len(prompts), S), pad_id, np.int32)
     seg = np.zeros((len(prompts), S), np.int32)
@@ -234,7 +256,8 @@ def left_pad(prompts, pad_id: int, bucket: int = PROMPT_BUCKET):
 
 
 def generate_ids(graphdef, params, prompts, max_new_tokens: int = 40, sampling: Sampling | None = None, seed: int = 0,
-                 *, eos_id: int | None = None, pad_id: int | None = None, return_logits: bool = False):  # fmt: skip
+                 *, eos_id: int | None = None, pad_id: int | None = None, return_logits: bool = False,
+                 prefill_chunk: int = PREFILL_CHUNK):  # fmt: skip
     """The pure-params entry point (training samples, benchmarks): -> (tokens [B, n], logits [B, n, V] or None).
 
     `prompts` is a list of id sequences, possibly of different lengths. n <= max_new_tokens: the
@@ -242,13 +265,13 @@ def generate_ids(graphdef, params, prompts, max_new_tokens: int = 40, sampling: 
     after their EOS (transformers' convention).
     """
     pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
-    tokens_BS, pos_BS, seg_BS = left_pad([np.asarray(p, np.int32).reshape(-1) for p in prompts], pad_id)
+    tokens_BS, pos_BS, seg_BS = left_pad([np.asarray(p, np.int32).reshape(-1) for p in prompts], pad_id, prefill_chunk)
     sampling = sampling or Sampling()
     key, greedy = jax.random.key(seed), sampling.temperature == 0
     sampling = Sampling(*(np.asarray(x, dtype) for x, dtype in zip(sampling, (np.float32, np.int32, np.float32))))
     cache, first_B, first_logits_BV = prefill(
         graphdef, params, tokens_BS, pos_BS, seg_BS, key, sampling,
-        total_len=tokens_BS.shape[1] + max_new_tokens, greedy=greedy,
+        total_len=tokens_BS.shape[1] + max_new_tokens, chunk=prefill_chunk, greedy=greedy,
     )  # fmt: skip
     out_BN, steps, logits_BNV = decode(
         graphdef, params, cache, first_B, first_logits_BV, key, sampling, np.int32(-1 if eos_id is None else eos_id),

@@ -16,7 +16,7 @@ import nopejax
 from nopejax import checkpoint, config, model, train
 from nopejax.config import ConfigError
 from nopejax.data.tokenizer import BYTE_BOS, BYTE_EOS, ByteTokenizer
-from nopejax.generate import SAMPLE_PROMPT, Sampling, encode_prompt, sample
+from nopejax.generate import SAMPLE_PROMPT, Sampling, encode_prompt, generate_ids, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
@@ -140,6 +140,18 @@ def test_kv_cache_equals_full_recomputation(trained, variant):
     scale = np.abs(expected).max()
     np.testing.assert_allclose(logits, expected, atol=1e-5 * scale, rtol=0)
     np.testing.assert_array_equal(ids, expected.argmax(-1))
+
+
+def test_chunked_prefill_equals_full_recomputation():
+    """A prompt longer than the prefill chunk (70 tokens, chunks of 32): left-padded to 96, 3 chunks."""
+    module = random_model(scan_layers=True)
+    prompt = TEXT_IDS[:70]
+    graphdef, params = model.split(module)
+    ids, logits = generate_ids(graphdef, params, [prompt], 12, return_logits=True, prefill_chunk=32)
+    full = np.asarray(module(jnp.asarray(np.concatenate([prompt, ids[0]])[None])))[0]
+    expected = full[len(prompt) - 1 : -1]
+    np.testing.assert_allclose(logits[0], expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+    np.testing.assert_array_equal(ids[0], expected.argmax(-1))
 
 
 def test_stops_at_eos_and_pads_finished_rows(trained):

@@ -72,7 +72,10 @@ def trained(run_dir):
     return nopejax.load_model(run_dir)
 
 
-def prompt_ids(text="The interpreter "):
+N = 40  # new tokens in every test on the trained model, and prompts of <= 16 tokens: one compile serves many
+
+
+def prompt_ids(text="The interp"):
     return encode_prompt(ByteTokenizer(), text, add_bos=True)
 
 
@@ -97,22 +100,22 @@ def test_greedy_equals_transformers_generate(trained, tmp_path):
     nopejax.to_hf(trained, str(tmp_path / "hf"))
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).float().eval()
     prompt = prompt_ids()
-    ours = nopejax.generate(trained, prompt, max_new_tokens=40)
+    ours = nopejax.generate(trained, prompt, max_new_tokens=N)
     with torch.no_grad():
         theirs = hf_model.generate(torch.tensor([prompt.tolist()]), attention_mask=torch.ones(1, len(prompt)),
-                                   max_new_tokens=40, do_sample=False, pad_token_id=0)  # fmt: skip
-    assert ours.shape == (40,)
+                                   max_new_tokens=N, do_sample=False, pad_token_id=0)  # fmt: skip
+    assert ours.shape == (N,)
     np.testing.assert_array_equal(ours, theirs[0, len(prompt) :].numpy())
     assert len(set(ours.tolist())) > 5  # a trained model writes text, not one repeated token
 
     # a batch of different lengths: left-padded, positions restart at each row's first token
-    prompts = [TEXT_IDS[S : S + 9], prompt_ids("The interpreter reads ")]
-    ours = nopejax.generate(trained, prompts, max_new_tokens=40, pad_id=0)
+    prompts = [TEXT_IDS[S : S + 9], prompt_ids("The interpre")]
+    ours = nopejax.generate(trained, prompts, max_new_tokens=N, pad_id=0)
     L = max(map(len, prompts))
     padded = torch.tensor([[0] * (L - len(p)) + p.tolist() for p in prompts])
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        theirs = hf_model.generate(padded, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+        theirs = hf_model.generate(padded, attention_mask=mask, max_new_tokens=N, do_sample=False, pad_token_id=0)
     np.testing.assert_array_equal(ours, theirs[:, L:].numpy())
 
 
@@ -132,7 +135,7 @@ def test_kv_cache_equals_full_recomputation(trained, variant):
         "all_nope_mha": lambda: random_model(no_rope_layers=(0,) * 5, num_kv_heads=6),
     }[variant]()
     prompt = prompt_ids("Classes ")
-    ids, logits = nopejax.generate(module, prompt, max_new_tokens=24, return_logits=True)
+    ids, logits = nopejax.generate(module, prompt, max_new_tokens=N, return_logits=True)
     tokens = np.concatenate([prompt, ids])
     full = np.asarray(module(jnp.asarray(tokens[None])))[0]
     # the logits that chose token i are those of position len(prompt) - 1 + i, recomputed from scratch
@@ -156,15 +159,15 @@ def test_chunked_prefill_equals_full_recomputation():
 
 def test_stops_at_eos_and_pads_finished_rows(trained):
     prompts = [prompt_ids(), TEXT_IDS[2 * S : 2 * S + 5]]
-    free = [nopejax.generate(trained, p, max_new_tokens=30) for p in prompts]
+    free = [nopejax.generate(trained, p, max_new_tokens=N) for p in prompts]
     eos = int(free[0][7])  # some token the first row writes: call it EOS
 
     def until_eos(ids):
         hits = np.flatnonzero(ids == eos)
         return ids[: hits[0] + 1] if len(hits) else ids
 
-    np.testing.assert_array_equal(nopejax.generate(trained, prompts[0], 30, eos_id=eos), until_eos(free[0]))
-    batch = nopejax.generate(trained, prompts, max_new_tokens=30, eos_id=eos, pad_id=BYTE_EOS)
+    np.testing.assert_array_equal(nopejax.generate(trained, prompts[0], N, eos_id=eos), until_eos(free[0]))
+    batch = nopejax.generate(trained, prompts, max_new_tokens=N, eos_id=eos, pad_id=BYTE_EOS)
     rows = [until_eos(ids) for ids in free]
     assert batch.shape == (2, max(map(len, rows)))  # the loop ran until the last row stopped
     for row, expected in zip(batch, rows):
@@ -174,15 +177,15 @@ def test_stops_at_eos_and_pads_finished_rows(trained):
 
 def test_sampling_is_reproducible_and_seeded(trained):
     prompt = prompt_ids()
-    kw = dict(max_new_tokens=32, temperature=3.0, top_k=40, top_p=0.98)  # flat enough to differ by seed
+    kw = dict(max_new_tokens=N, temperature=3.0, top_k=40, top_p=0.98)  # flat enough to differ by seed
     a = nopejax.generate(trained, prompt, seed=0, **kw)
     np.testing.assert_array_equal(a, nopejax.generate(trained, prompt, seed=0, **kw))
     assert not np.array_equal(a, nopejax.generate(trained, prompt, seed=1, **kw))
-    greedy = nopejax.generate(trained, prompt, max_new_tokens=32)
+    greedy = nopejax.generate(trained, prompt, max_new_tokens=N)
     assert not np.array_equal(a, greedy)
     # a filter that leaves one candidate is greedy, whatever the seed and temperature
-    np.testing.assert_array_equal(nopejax.generate(trained, prompt, 32, temperature=2.0, top_k=1, seed=5), greedy)
-    np.testing.assert_array_equal(nopejax.generate(trained, prompt, 32, temperature=2.0, top_p=1e-6, seed=5), greedy)
+    np.testing.assert_array_equal(nopejax.generate(trained, prompt, N, temperature=2.0, top_k=1, seed=5), greedy)
+    np.testing.assert_array_equal(nopejax.generate(trained, prompt, N, temperature=2.0, top_p=1e-6, seed=5), greedy)
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
@@ -219,13 +222,13 @@ def nopejax_cli(*args):
 
 
 def test_cli_generate_json(run_dir, trained):
-    proc = nopejax_cli("generate", "--workdir", run_dir, "--prompt", "The interpreter ", "--max-new-tokens", "25",
+    proc = nopejax_cli("generate", "--workdir", run_dir, "--prompt", "The interp", "--max-new-tokens", str(N),
                        "--json")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["prompt"] == "The interpreter "
+    assert out["prompt"] == "The interp"
     assert out["prompt_ids"] == prompt_ids().tolist() and out["prompt_ids"][0] == BYTE_BOS
-    expected = nopejax.generate(trained, prompt_ids(), 25, eos_id=BYTE_EOS)
+    expected = nopejax.generate(trained, prompt_ids(), N, eos_id=BYTE_EOS)
     assert out["completion_ids"] == expected.tolist()
     assert out["completion"] == ByteTokenizer().decode(expected)
     assert proc.stdout.startswith(out["completion"])  # the plain print comes first

@@ -111,8 +111,8 @@ def cmd_generate(args) -> int:
     tok = data.make_tokenizer(cfg.data)
     module = hf.build(cfg.model, checkpoint.restore_params(root, step))
     prompt_ids = encode_prompt(tok, args.prompt, cfg.data.add_bos)
-    ids = generate(module, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                            args.seed, eos_id=tok.eos_id)  # fmt: skip
+    ids = generate(module, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                   eos_id=tok.eos_id)  # fmt: skip
     completion = tok.decode(ids)
     print(completion)
     if args.json:

@@ -26,6 +26,7 @@ def get_config():
     cfg.train.global_batch_size = 16
     cfg.train.seq_len = 128
     cfg.train.eval_every = 100
+    cfg.train.sample_every = 100  # a greedy continuation in TensorBoard / metrics.jsonl as it learns
     cfg.optim.lr = 3e-3
     cfg.optim.warmup_steps = 0.1  # fractions of train.steps: 30 and 60 of the 300 steps
     cfg.optim.decay_steps = 0.2

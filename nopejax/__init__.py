@@ -1,10 +1,11 @@
 """nopejax: pretrain decoder LMs that mix RoPE and NoPE layers, in JAX/Flax NNX."""
 
 from nopejax.config import ConfigError, base_config, validate
+from nopejax.decode import generate
 from nopejax.hf import from_hf, to_hf
 from nopejax.model import Decoder
 
-__all__ = ["ConfigError", "Decoder", "base_config", "from_hf", "load_model", "to_hf", "validate"]
+__all__ = ["ConfigError", "Decoder", "base_config", "from_hf", "generate", "load_model", "to_hf", "validate"]
 
 
 def load_model(workdir: str, step: int | None = None) -> Decoder:

@@ -65,11 +65,18 @@ def visible(q_idx_c, k_idx_L, S: int, seg_q_Bc, seg_k_BL, pos_q_Bc, pos_k_BL, sp
     ok = ok_cL[None]
     if seg_q_Bc is not None:
         ok = ok & (seg_q_Bc[:, :, None] == seg_k_BL[:, None, :])
+    local = local_visible(pos_q_Bc[:, :, None], pos_k_BL[:, None, :], spec)
+    return ok if local is None else ok & local
+
+
+def local_visible(pos_q, pos_k, spec: LayerSpec):
+    """A local layer's term, by position (broadcast q against k): the sliding window or the same
+    chunk; None for full attention. The training paths and the KV-cache decoder share it."""
     if spec.attention == "sliding":
-        ok = ok & (pos_k_BL[:, None, :] > pos_q_Bc[:, :, None] - spec.window)
-    elif spec.attention == "chunked":
-        ok = ok & (pos_k_BL[:, None, :] // spec.window == pos_q_Bc[:, :, None] // spec.window)
-    return ok
+        return pos_k > pos_q - spec.window
+    if spec.attention == "chunked":
+        return pos_k // spec.window == pos_q // spec.window
+    return None
 
 
 Q_CHUNK = 512  # query rows per step of the chunked XLA path

@@ -90,6 +90,26 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from nopejax import checkpoint, data, hf
+    from nopejax.decode import check_sampling, encode_prompt, generate
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading
+    root, step = checkpoint.find_checkpoint(args.workdir, args.step)
+    cfg = checkpoint.read_config(root, step)
+    tok = data.make_tokenizer(cfg.data)
+    module = hf.build(cfg.model, checkpoint.restore_params(root, step))
+    prompt_ids = encode_prompt(tok, args.prompt, cfg.data.add_bos)
+    ids = generate(module, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                   eos_id=tok.eos_id)  # fmt: skip
+    completion = tok.decode(ids)
+    print(completion)
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "completion": completion, "prompt_ids": prompt_ids.tolist(),
+                          "completion_ids": ids.tolist()}))  # fmt: skip
+    return 0
+
+
 def cmd_eval_length(args) -> int:
     from nopejax import eval_length
 
@@ -137,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     _add_config_args(p)
     p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("generate", help="continue a prompt with a run's checkpoint (KV cache; greedy by default)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    p.add_argument("--prompt", required=True, help="text to continue (BOS is prepended when the run adds one)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="stop after this many tokens (or at EOS)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    p.add_argument("--json", action="store_true", help="last line: {prompt, completion, prompt_ids, completion_ids}")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval-length", help="loss by position, past the training length")
     p.add_argument("--workdir", required=True)

@@ -104,6 +104,7 @@ def base_config() -> ConfigDict:
     t.log_every = 10
     t.eval_every = 100
     t.eval_batches = 4
+    t.sample_every = 0  # a greedy continuation of a fixed prompt to TensorBoard + metrics.jsonl; 0 = off
     t.seed = 0
     t.z_loss = 0.0
     # LM head + loss over sequence chunks of this length (0 = whole sequence); saves the
@@ -521,6 +522,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         )
     if t.eval_every < 0:
         raise ConfigError("train.eval_every", "must be >= 0", "use 0 to turn evaluation off")
+    if not isinstance(t.sample_every, int) or t.sample_every < 0:
+        raise ConfigError("train.sample_every", f"must be an integer >= 0, got {t.sample_every!r}", "use 0 for off")
     if t.loss_chunk_len < 0 or (t.loss_chunk_len and t.seq_len % t.loss_chunk_len):
         raise ConfigError(
             "train.loss_chunk_len", f"{t.loss_chunk_len} does not divide seq_len={t.seq_len}",

@@ -69,6 +69,14 @@ class Writer:
             if v is not None:
                 self._tb.add_scalar(k, float(v), int(step))
 
+    def write_text(self, step: int, key: str, text: str) -> None:
+        """A text record (e.g. a generated sample): its own metrics.jsonl line and a TensorBoard text."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": int(step), key: text}) + "\n")
+        self._jsonl.flush()
+        self._tb.add_text(key, text, int(step))
+
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()

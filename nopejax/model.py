@@ -70,9 +70,8 @@ def rms_norm(x_BSD, weight_D, eps: float):
     return x.astype(x_BSD.dtype) * weight_D.astype(x_BSD.dtype)
 
 
-def decoder_layer(p, x_BSD, *, spec: config.LayerSpec, ctx):
-    """One pre-norm layer as `spec` says. `p` holds this layer's params (no `layers` axis)."""
-    m, dtype = ctx["model_cfg"], ctx["dtype"]
+def attention_inputs(p, x_BSD, m, dtype, spec: config.LayerSpec):
+    """Pre-norm, the q, k, v projections and the RMS QK-norm (un-rotated): shared by training and decoding."""
     h_BSD = rms_norm(x_BSD, p["attn_norm"], m.rms_norm_eps)
     q_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, p["wq"].astype(dtype))
     k_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype))
@@ -80,6 +79,26 @@ def decoder_layer(p, x_BSD, *, spec: config.LayerSpec, ctx):
     if spec.qk_norm == "rms":  # before RoPE, on every layer (EXAONE 4, Gemma 3)
         q_BSHE = rms_norm(q_BSHE, p["q_norm"], m.rms_norm_eps)
         k_BSKE = rms_norm(k_BSKE, p["k_norm"], m.rms_norm_eps)
+    return q_BSHE, k_BSKE, v_BSKE
+
+
+def attention_output(p, x_BSD, o_BSHE, dtype):
+    """Output projection of the attended values, added to the residual stream."""
+    return x_BSD + jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype))
+
+
+def mlp(p, x_BSD, m, dtype):
+    """Pre-norm SwiGLU MLP, added to the residual stream."""
+    h_BSD = rms_norm(x_BSD, p["mlp_norm"], m.rms_norm_eps)
+    gate_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype))
+    up_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_up"].astype(dtype))
+    return x_BSD + jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, p["w_down"].astype(dtype))
+
+
+def decoder_layer(p, x_BSD, *, spec: config.LayerSpec, ctx):
+    """One pre-norm layer as `spec` says. `p` holds this layer's params (no `layers` axis)."""
+    m, dtype = ctx["model_cfg"], ctx["dtype"]
+    q_BSHE, k_BSKE, v_BSKE = attention_inputs(p, x_BSD, m, dtype, spec)
     o_BSHE = attention.attend(
         q_BSHE,
         k_BSKE,
@@ -92,13 +111,8 @@ def decoder_layer(p, x_BSD, *, spec: config.LayerSpec, ctx):
         impl=m.attention_impl,
         norm_eps=m.rms_norm_eps,
     )
-    x_BSD = x_BSD + jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype))
-
-    h_BSD = rms_norm(x_BSD, p["mlp_norm"], m.rms_norm_eps)
-    gate_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype))
-    up_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_up"].astype(dtype))
-    x_BSD = x_BSD + jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, p["w_down"].astype(dtype))
-    return constrain(x_BSD, ("act_batch", "act_seq", "act_embed"))
+    x_BSD = attention_output(p, x_BSD, o_BSHE, dtype)
+    return constrain(mlp(p, x_BSD, m, dtype), ("act_batch", "act_seq", "act_embed"))
 
 
 def runs(specs: tuple) -> list[tuple[int, int, object]]:
@@ -184,6 +198,10 @@ class Decoder(nnx.Module):
         logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, head_DV.astype(x_BSD.dtype), preferred_element_type=jnp.float32)
         return constrain(logits_BSV, ("act_batch", "act_seq", "act_vocab"))
 
+    def embed_tokens(self, tokens_BS):
+        """tokens int32 [B, S] -> embeddings [B, S, D] in the compute dtype."""
+        return jnp.take(self.embed[...], tokens_BS, axis=0).astype(_dtype(self.cfg.dtype))
+
     def hidden(self, tokens_BS, positions=None, segment_ids=None):
         """tokens int32 [B, S] -> final-normed hidden states [B, S, D] in the compute dtype."""
         m = self.cfg
@@ -191,14 +209,7 @@ class Decoder(nnx.Module):
         B, S = tokens_BS.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        # one frequency table per RoPE base in use: rope_theta (+ scaling), and rope_theta_local (unscaled)
-        kinds = {spec.rope for spec in config.layer_specs(m)} - {"none"}
-        f = m.partial_rotary_factor
-        ropes = {
-            "global": rope_lib.make_rope(m.head_dim, m.rope_theta, m.rope_scaling, f),
-            "local": rope_lib.make_rope(m.head_dim, m.rope_theta_local or m.rope_theta, None, f),
-        }
-        ropes = {kind: ropes[kind] for kind in kinds}
+        ropes = layer_ropes(m)
         ctx = {
             "model_cfg": m,
             "dtype": dtype,
@@ -208,12 +219,22 @@ class Decoder(nnx.Module):
             # cos/sin are shared by all RoPE layers of a base: computed once, outside the scan
             "cos_sin": {kind: rope_lib.cos_sin(positions, rope, m.rope_layout) for kind, rope in ropes.items()},
         }
-        embed_VD = self.embed[...]
-        x_BSD = jnp.take(embed_VD, tokens_BS, axis=0).astype(dtype)
-        x_BSD = constrain(x_BSD, ("act_batch", "act_seq", "act_embed"))
+        x_BSD = constrain(self.embed_tokens(tokens_BS), ("act_batch", "act_seq", "act_embed"))
         stack = {name: p[...] for name, p in self.layers.items()}
         x_BSD = run_layers(stack, x_BSD, ctx)
         return rms_norm(x_BSD, self.final_norm[...], m.rms_norm_eps)
+
+
+def layer_ropes(m) -> dict:
+    """One frequency table per RoPE base in use, keyed by LayerSpec.rope: "global" (rope_theta +
+    rope_scaling) and "local" (rope_theta_local, unscaled)."""
+    kinds = {spec.rope for spec in config.layer_specs(m)} - {"none"}
+    f = m.partial_rotary_factor
+    make = {
+        "global": lambda: rope_lib.make_rope(m.head_dim, m.rope_theta, m.rope_scaling, f),
+        "local": lambda: rope_lib.make_rope(m.head_dim, m.rope_theta_local or m.rope_theta, None, f),
+    }
+    return {kind: make[kind]() for kind in sorted(kinds)}
 
 
 def param_count(m: config.ConfigDict) -> int:

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from nopejax import attention, config, metrics, model, optimizer, sharding
 from nopejax.config import ConfigDict, ConfigError, RunError
+from nopejax.decode import training_sampler
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -376,6 +377,7 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
             checkpoint.check_compatible(checkpoint.checkpoint_layout(root, step), cfg.model, f"{root} step {step}")
             state = fresh_opt_state(s, checkpoint.restore_params(root, step, s.state_shardings["params"]))
     writer = metrics.Writer(workdir, is_main)
+    sample_text = t.sample_every and training_sampler(s.graphdef, cfg.data, data.make_tokenizer(cfg.data))
     if is_main:
         metrics.truncate_after(workdir, start)
 
@@ -474,6 +476,8 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
             eval_loss = None
             if t.eval_every and done % t.eval_every == 0:
                 eval_loss = last_eval = evaluate(state["params"])
+            if sample_text and done % t.sample_every == 0:
+                writer.write_text(done, "sample", sample_text(state["params"]))
             if done % t.log_every == 0 or done == t.steps or eval_loss is not None:
                 pending = (done, out, eval_loss, counts)
             stop = preempt.should_stop(done)

@@ -96,7 +96,7 @@ def eval_config(cfg: ConfigDict, rope_scaling: dict | None) -> ConfigDict:
     cfg.model.remat = "none"
     if rope_scaling is not None:
         scaling = dict(rope_scaling)
-        if scaling.get("rope_type", scaling.get("type")) == "yarn":
+        if scaling.get("rope_type", scaling.get("type")) in ("yarn", "llama3"):
             scaling.setdefault("original_max_position_embeddings", cfg.train.seq_len)
         cfg.model.rope_scaling = scaling
     return config.validate(cfg)

@@ -38,6 +38,26 @@ LAYER_PARAMS = {
     "w_down": (lambda m: (m.d_ff, m.d_model), ("mlp", "embed")),
 }
 
+# Optional projection biases (HF `attention_bias`, `mlp_bias`): name -> (shape, logical axes, the
+# config switch). They exist as params only when switched on; added after the matmul, so the
+# attention kernel never sees them.
+BIAS_PARAMS = {
+    "q_bias": (lambda m: (m.num_heads, m.head_dim), ("heads", "head_dim"), "attention_bias"),
+    "k_bias": (lambda m: (m.num_kv_heads, m.head_dim), ("kv_heads", "head_dim"), "attention_bias"),
+    "v_bias": (lambda m: (m.num_kv_heads, m.head_dim), ("kv_heads", "head_dim"), "attention_bias"),
+    "o_bias": (lambda m: (m.d_model,), ("embed",), "attention_bias"),
+    "gate_bias": (lambda m: (m.d_ff,), ("mlp",), "mlp_bias"),
+    "up_bias": (lambda m: (m.d_ff,), ("mlp",), "mlp_bias"),
+    "down_bias": (lambda m: (m.d_model,), ("embed",), "mlp_bias"),
+}
+
+
+def layer_params(m) -> dict:
+    """The per-layer params this config has: name -> (shape fn, logical axes)."""
+    biases = {name: (shape_fn, logical) for name, (shape_fn, logical, key) in BIAS_PARAMS.items() if m[key]}
+    return {**LAYER_PARAMS, **biases}
+
+
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
@@ -56,13 +76,18 @@ def rms_norm(x_BSD, weight_D, eps: float):
     return x.astype(x_BSD.dtype) * weight_D.astype(x_BSD.dtype)
 
 
+def _bias(p, name: str, dtype):
+    """This layer's `name` bias in the compute dtype, or 0 when the config has none (a Python branch)."""
+    return p[name].astype(dtype) if name in p else 0
+
+
 def decoder_layer(p, x_BSD, *, use_rope: bool, ctx):
     """One pre-norm layer. `p` holds this layer's params (no `layers` axis)."""
     m, dtype = ctx["model_cfg"], ctx["dtype"]
     h_BSD = rms_norm(x_BSD, p["attn_norm"], m.rms_norm_eps)
-    q_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, p["wq"].astype(dtype))
-    k_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype))
-    v_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wv"].astype(dtype))
+    q_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, p["wq"].astype(dtype)) + _bias(p, "q_bias", dtype)
+    k_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype)) + _bias(p, "k_bias", dtype)
+    v_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wv"].astype(dtype)) + _bias(p, "v_bias", dtype)
     o_BSHE = attention.attend(
         q_BSHE,
         k_BSKE,
@@ -74,12 +99,13 @@ def decoder_layer(p, x_BSD, *, use_rope: bool, ctx):
         rope=ctx["rope"],
         impl=m.attention_impl,
     )
-    x_BSD = x_BSD + jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype))
+    x_BSD = x_BSD + jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype)) + _bias(p, "o_bias", dtype)
 
     h_BSD = rms_norm(x_BSD, p["mlp_norm"], m.rms_norm_eps)
-    gate_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype))
-    up_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_up"].astype(dtype))
-    x_BSD = x_BSD + jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, p["w_down"].astype(dtype))
+    gate_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype)) + _bias(p, "gate_bias", dtype)
+    up_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_up"].astype(dtype)) + _bias(p, "up_bias", dtype)
+    down_BSD = jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, p["w_down"].astype(dtype))
+    x_BSD = x_BSD + down_BSD + _bias(p, "down_bias", dtype)
     return constrain(x_BSD, ("act_batch", "act_seq", "act_embed"))
 
 
@@ -142,15 +168,23 @@ class Decoder(nnx.Module):
         pdtype = _dtype(m.param_dtype)
         init = nnx.initializers.normal(m.init_std)
 
-        def param(shape, logical, ones=False):
-            value = jnp.ones(shape, pdtype) if ones else init(rngs.params(), shape, pdtype)
+        def param(shape, logical, ones=False, zeros=False):
+            if ones or zeros:  # norms start at 1, biases at 0
+                value = (jnp.ones if ones else jnp.zeros)(shape, pdtype)
+            else:
+                value = init(rngs.params(), shape, pdtype)
             return nnx.Param(value, logical_axes=logical)
 
         self.embed = param((m.vocab_size, m.d_model), ("vocab", "embed"))
         self.layers = nnx.Dict(
             {
-                name: param((m.num_layers, *shape_fn(m)), ("layers", *logical), ones=name.endswith("norm"))
-                for name, (shape_fn, logical) in LAYER_PARAMS.items()
+                name: param(
+                    (m.num_layers, *shape_fn(m)),
+                    ("layers", *logical),
+                    ones=name.endswith("norm"),
+                    zeros=name.endswith("bias"),
+                )
+                for name, (shape_fn, logical) in layer_params(m).items()
             }
         )
         self.final_norm = param((m.d_model,), ("norm",), ones=True)
@@ -192,7 +226,7 @@ class Decoder(nnx.Module):
 
 
 def param_count(m: config.ConfigDict) -> int:
-    per_layer = sum(math.prod(fn(m)) for fn, _ in LAYER_PARAMS.values())
+    per_layer = sum(math.prod(fn(m)) for fn, _ in layer_params(m).values())
     embed = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
     return m.num_layers * per_layer + embed + m.d_model
 

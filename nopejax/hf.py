@@ -196,10 +196,13 @@ def _read_rope(name, value, hf):
     theta = hf["rope_theta"] if theta is None else theta  # default: the class's default_theta
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
-    partial = params.pop("partial_rotary_factor", hf["partial_rotary_factor"])
-    if partial not in (None, 1, 1.0):
-        raise HFConfigError(f"{name}.partial_rotary_factor", partial, "nopejax rotates the whole head",
-                            "import a checkpoint with partial_rotary_factor 1.0")  # fmt: skip
+    for where, partial in [
+        ("partial_rotary_factor", hf["partial_rotary_factor"]),
+        (f"{name}.partial_rotary_factor", params.pop("partial_rotary_factor", None)),
+    ]:
+        if partial not in (None, 1, 1.0):
+            raise HFConfigError(where, partial, "nopejax rotates the whole head",
+                                "import a checkpoint with partial_rotary_factor 1.0")  # fmt: skip
     if kind != "default" and kind not in config.ROPE_SCALING_TYPES:
         raise HFConfigError(
             f"{name}.rope_type", kind, "nopejax does not implement this RoPE scaling",
@@ -386,11 +389,12 @@ RUNTIME_FIELDS = {"init_std", "dtype", "param_dtype", "attention_impl", "scan_la
 
 def check_exportable(m: config.ConfigDict) -> None:
     """Refuse a model SmolLM3 cannot express: any other field must keep its default."""
-    defaults = config.base_config().model
-    for key in m:
+    defaults = config.to_dict(config.base_config())["model"]
+    given = json.loads(m.to_json_best_effort())  # plain JSON both sides: frozen configs hold tuples
+    for key in given:
         if key in EXPORTED_FIELDS or key in RUNTIME_FIELDS:
             continue
-        if key not in defaults or m[key] != defaults[key]:
+        if key not in defaults or given[key] != defaults[key]:
             raise config.ConfigError(
                 f"model.{key}", f"{m[key]!r} has no counterpart in transformers' SmolLM3 config",
                 "export only models SmolLM3 can express exactly (keep this field at its default)",

@@ -443,7 +443,11 @@ def hf_config(m: config.ConfigDict, token_ids: dict | None = None, dtype: str = 
 
 
 def from_hf(path: str, *, dtype: str = "float32", param_dtype: str = "float32") -> model.Decoder:
-    """A nopejax Decoder with the weights of a transformers SmolLM3 checkpoint directory."""
+    """A nopejax Decoder with the weights of a transformers checkpoint directory (SmolLM3 or Llama).
+
+    Exact or refused: config.json is read field by field (HFConfigError) and the safetensors
+    headers are checked against the map (HFTensorError) before any weight is read.
+    """
     with open(os.path.join(path, "config.json")) as f:
         m = model_config_from_hf(json.load(f))
     m.dtype, m.param_dtype = dtype, param_dtype

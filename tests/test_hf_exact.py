@@ -18,7 +18,7 @@ import torch
 import transformers
 
 import nopejax
-from nopejax import config, hf, model, optimizer, tensorfile
+from nopejax import cli, config, hf, model, optimizer, tensorfile
 
 FAMILIES = {
     "smollm3": (transformers.SmolLM3Config, hf.SMOLLM3),
@@ -348,10 +348,9 @@ def test_export_with_biases_and_llama3_loads_in_transformers(tmp_path):
 def test_export_refuses_what_smollm3_cannot_express_before_writing(tmp_path):
     m = config.base_config().model
     m.a_future_field = "something SmolLM3 has no field for"  # what a new nopejax feature would add
-    module = model.create(config.base_config().model, seed=0)
     out = tmp_path / "out"
     with pytest.raises(config.ConfigError, match=r"`model\.a_future_field`.*no counterpart in transformers' SmolLM3"):
-        hf.to_hf(model.split(module)[1], str(out), m)
+        hf.to_hf({}, str(out), m)  # refused before a single param is asked for
     assert not out.exists()
     for key in hf.EXPORTED_FIELDS | hf.RUNTIME_FIELDS:  # the tables name real fields only
         assert key in config.base_config().model, key
@@ -363,3 +362,14 @@ def test_biases_are_not_weight_decayed():
     mask = optimizer.decay_mask(model.split(model.create(m))[1], decay_embeddings=False)
     assert not any(mask["layers"][name] for name in model.BIAS_PARAMS)
     assert mask["layers"]["wq"]
+
+
+def test_cli_import_refuses_in_one_line(tmp_path, capsys):
+    path = tmp_path / "hf"
+    path.mkdir()
+    (path / "config.json").write_text(transformers.SmolLM3Config(**TINY, use_sliding_window=True).to_json_string())
+    assert cli.main(["import-hf", str(path), "--workdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nopejax import-hf: error: HF config.json field `use_sliding_window` = True")
+    assert "\n" not in err
+    assert not (tmp_path / "run").exists()

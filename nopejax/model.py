@@ -76,18 +76,18 @@ def rms_norm(x_BSD, weight_D, eps: float):
     return x.astype(x_BSD.dtype) * weight_D.astype(x_BSD.dtype)
 
 
-def _bias(p, name: str, dtype):
-    """This layer's `name` bias in the compute dtype, or 0 when the config has none (a Python branch)."""
-    return p[name].astype(dtype) if name in p else 0
+def _plus_bias(x, p, name: str):
+    """x + this layer's `name` bias, if the config has one (a trace-time branch: no op otherwise)."""
+    return x + p[name].astype(x.dtype) if name in p else x
 
 
 def decoder_layer(p, x_BSD, *, use_rope: bool, ctx):
     """One pre-norm layer. `p` holds this layer's params (no `layers` axis)."""
     m, dtype = ctx["model_cfg"], ctx["dtype"]
     h_BSD = rms_norm(x_BSD, p["attn_norm"], m.rms_norm_eps)
-    q_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, p["wq"].astype(dtype)) + _bias(p, "q_bias", dtype)
-    k_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype)) + _bias(p, "k_bias", dtype)
-    v_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wv"].astype(dtype)) + _bias(p, "v_bias", dtype)
+    q_BSHE = _plus_bias(jnp.einsum("bsd,dhe->bshe", h_BSD, p["wq"].astype(dtype)), p, "q_bias")
+    k_BSKE = _plus_bias(jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype)), p, "k_bias")
+    v_BSKE = _plus_bias(jnp.einsum("bsd,dke->bske", h_BSD, p["wv"].astype(dtype)), p, "v_bias")
     o_BSHE = attention.attend(
         q_BSHE,
         k_BSKE,
@@ -99,13 +99,13 @@ def decoder_layer(p, x_BSD, *, use_rope: bool, ctx):
         rope=ctx["rope"],
         impl=m.attention_impl,
     )
-    x_BSD = x_BSD + jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype)) + _bias(p, "o_bias", dtype)
+    x_BSD = x_BSD + _plus_bias(jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype)), p, "o_bias")
 
     h_BSD = rms_norm(x_BSD, p["mlp_norm"], m.rms_norm_eps)
-    gate_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype)) + _bias(p, "gate_bias", dtype)
-    up_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_up"].astype(dtype)) + _bias(p, "up_bias", dtype)
+    gate_BSF = _plus_bias(jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype)), p, "gate_bias")
+    up_BSF = _plus_bias(jnp.einsum("bsd,df->bsf", h_BSD, p["w_up"].astype(dtype)), p, "up_bias")
     down_BSD = jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, p["w_down"].astype(dtype))
-    x_BSD = x_BSD + down_BSD + _bias(p, "down_bias", dtype)
+    x_BSD = x_BSD + _plus_bias(down_BSD, p, "down_bias")
     return constrain(x_BSD, ("act_batch", "act_seq", "act_embed"))
 
 

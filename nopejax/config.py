@@ -26,7 +26,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = (
     "default", "text", "jsonl", "parquet", "arrayrecord", "prepared", "copy", "reverse", "parity",
 )  # fmt: skip
-ROPE_SCALING_TYPES = ("linear", "yarn")
+# rope_scaling type -> (required keys, optional keys) besides `rope_type` / `type`, as HF validates them
+ROPE_SCALING_TYPES = {
+    "linear": ({"factor"}, set()),
+    "yarn": ({"factor", "original_max_position_embeddings"},
+             {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
+    "llama3": ({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, set()),
+}  # fmt: skip
 LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # HF's names
 ROPE_LAYOUTS = ("half", "interleaved")
 QK_NORMS = ("none", "rms", "l2")
@@ -81,6 +87,8 @@ def base_config() -> ConfigDict:
     m.qk_norm = "none"  # "rms": learned per-head RMSNorm before RoPE; "l2": weightless, after RoPE
     m.max_position_embeddings = 4096  # written to the HF config; nothing is sized by it
     m.tie_embeddings = True
+    m.attention_bias = False  # biases on the q, k, v and o projections (HF `attention_bias`)
+    m.mlp_bias = False  # biases on the gate, up and down projections (HF `mlp_bias`)
     m.rms_norm_eps = 1e-6
     m.init_std = 0.02
     m.dtype = "bfloat16"  # compute
@@ -478,10 +486,22 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
         if kind not in ROPE_SCALING_TYPES:
             raise ConfigError(
-                "model.rope_scaling", f"rope_type {kind!r} is not supported", f"use one of {ROPE_SCALING_TYPES}"
+                "model.rope_scaling", f"rope_type {kind!r} is not supported", f"use one of {list(ROPE_SCALING_TYPES)}"
             )
-        if not float(m.rope_scaling.get("factor", 0)) >= 1.0:
+        required, optional = ROPE_SCALING_TYPES[kind]
+        given = set(m.rope_scaling) - {"rope_type", "type"}
+        if required - given or given - required - optional:
+            raise ConfigError(
+                "model.rope_scaling", f"{kind} scaling got keys {sorted(given)}",
+                f"give {sorted(required)}" + (f" and optionally {sorted(optional)}" if optional else ""),
+            )  # fmt: skip
+        if not float(m.rope_scaling["factor"]) >= 1.0:
             raise ConfigError("model.rope_scaling", "needs a `factor` >= 1", "add factor, e.g. 4.0")
+        if kind == "llama3" and not m.rope_scaling["high_freq_factor"] > m.rope_scaling["low_freq_factor"]:
+            raise ConfigError(
+                "model.rope_scaling", "llama3 needs high_freq_factor > low_freq_factor",
+                "use e.g. low_freq_factor=1.0, high_freq_factor=4.0 (Llama 3.1)",
+            )  # fmt: skip
     for field in ("dtype", "param_dtype"):
         if m[field] not in DTYPES:
             raise ConfigError(f"model.{field}", f"unknown dtype {m[field]!r}", f"use one of {DTYPES}")

@@ -21,9 +21,9 @@ examples of exactly length n (one example per row, positions from 0) give exact 
 decoding exactly right, `data.exact_match`) and the mean loss on answer tokens.
 
 Either way the model runs in fp32 with `attention_impl = "xla"`, whatever the run trained
-with, so numbers compare across hardware. `--rope-scaling` (HF `rope_scaling`: linear, yarn)
+with, so numbers compare across hardware. `--rope-scaling` (HF `rope_scaling`: linear, yarn, llama3)
 replaces the run's scaling; it changes the RoPE frequencies only, so NoPE layers, which never
-rotate q and k, are untouched by construction (`nopejax.rope`). For yarn the
+rotate q and k, are untouched by construction (`nopejax.rope`). For yarn and llama3 the
 `original_max_position_embeddings` defaults to the run's training length.
 
 Writes into `DIR/eval_length/`: `loss_by_position.csv` (every number), `loss_by_position.md`
@@ -96,7 +96,7 @@ def eval_config(cfg: ConfigDict, rope_scaling: dict | None) -> ConfigDict:
     cfg.model.remat = "none"
     if rope_scaling is not None:
         scaling = dict(rope_scaling)
-        if scaling.get("rope_type", scaling.get("type")) == "yarn":
+        if scaling.get("rope_type", scaling.get("type")) in ("yarn", "llama3"):
             scaling.setdefault("original_max_position_embeddings", cfg.train.seq_len)
         cfg.model.rope_scaling = scaling
     return config.validate(cfg)

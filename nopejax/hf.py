@@ -15,12 +15,26 @@ HF keeps one `nn.Linear` per layer with weight [out, in]. The map (layer i):
 | model.layers.i.mlp.down_proj.weight         | layers.w_down[i] [F, D]  | W.T                      |
 | model.norm.weight                           | final_norm               | -                        |
 | lm_head.weight [V, D] (untied only)         | lm_head [D, V]           | W.T                      |
+| model.layers.i.self_attn.{q,k,v}_proj.bias  | layers.{q,k,v}_bias[i]   | reshaped [H or K, E]     |
+| model.layers.i.self_attn.o_proj.bias        | layers.o_bias[i] [D]     | -                        |
+| model.layers.i.mlp.{gate,up,down}_proj.bias | layers.{..}_bias[i]      | -                        |
+
+The biases exist with `model.attention_bias` / `model.mlp_bias` (HF `attention_bias`, `mlp_bias`).
+
+Import is exact or it refuses. Every config.json field has a row below that either maps it onto
+the nopejax config, or accepts it because it does not change what the model computes, or refuses
+it with a one-line error naming the field, its value and the fix; a field without a row is
+refused. Every safetensors tensor must be consumed by the map, and every tensor the map needs
+must be there. Export mirrors this: a nopejax config SmolLM3 cannot express is refused before
+anything is written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,26 +44,357 @@ from flax import nnx
 
 from nopejax import config, model, tensorfile
 
-# nopejax layer param -> (HF suffix, to_hf(array) -> [out, in], from_hf(array, model cfg) -> ours)
+
+class Tensor(NamedTuple):
+    suffix: str  # after `model.layers.{i}.`
+    shape: Callable  # model cfg -> the HF shape
+    to_hf: Callable  # our array (one layer) -> HF array
+    from_hf: Callable  # (HF array, model cfg) -> our array (one layer)
+
+
+# nopejax layer param -> its HF tensor. HF Linear weights are [out, in]; ours are [in, out], split by head.
 LAYER_MAP = {
-    "attn_norm": ("input_layernorm.weight", lambda a: a, lambda w, m: w),
-    "wq": ("self_attn.q_proj.weight", lambda a: a.reshape(a.shape[0], -1).T,
-           lambda w, m: w.T.reshape(m.d_model, m.num_heads, m.head_dim)),
-    "wk": ("self_attn.k_proj.weight", lambda a: a.reshape(a.shape[0], -1).T,
-           lambda w, m: w.T.reshape(m.d_model, m.num_kv_heads, m.head_dim)),
-    "wv": ("self_attn.v_proj.weight", lambda a: a.reshape(a.shape[0], -1).T,
-           lambda w, m: w.T.reshape(m.d_model, m.num_kv_heads, m.head_dim)),
-    "wo": ("self_attn.o_proj.weight", lambda a: a.reshape(-1, a.shape[-1]).T,
-           lambda w, m: w.T.reshape(m.num_heads, m.head_dim, m.d_model)),
-    "mlp_norm": ("post_attention_layernorm.weight", lambda a: a, lambda w, m: w),
-    "w_gate": ("mlp.gate_proj.weight", lambda a: a.T, lambda w, m: w.T),
-    "w_up": ("mlp.up_proj.weight", lambda a: a.T, lambda w, m: w.T),
-    "w_down": ("mlp.down_proj.weight", lambda a: a.T, lambda w, m: w.T),
+    "attn_norm": Tensor("input_layernorm.weight", lambda m: (m.d_model,), lambda a: a, lambda w, m: w),
+    "wq": Tensor("self_attn.q_proj.weight", lambda m: (m.num_heads * m.head_dim, m.d_model),
+                 lambda a: a.reshape(a.shape[0], -1).T, lambda w, m: w.T.reshape(m.d_model, m.num_heads, m.head_dim)),
+    "wk": Tensor("self_attn.k_proj.weight", lambda m: (m.num_kv_heads * m.head_dim, m.d_model),
+                 lambda a: a.reshape(a.shape[0], -1).T,
+                 lambda w, m: w.T.reshape(m.d_model, m.num_kv_heads, m.head_dim)),
+    "wv": Tensor("self_attn.v_proj.weight", lambda m: (m.num_kv_heads * m.head_dim, m.d_model),
+                 lambda a: a.reshape(a.shape[0], -1).T,
+                 lambda w, m: w.T.reshape(m.d_model, m.num_kv_heads, m.head_dim)),
+    "wo": Tensor("self_attn.o_proj.weight", lambda m: (m.d_model, m.num_heads * m.head_dim),
+                 lambda a: a.reshape(-1, a.shape[-1]).T, lambda w, m: w.T.reshape(m.num_heads, m.head_dim, m.d_model)),
+    "mlp_norm": Tensor("post_attention_layernorm.weight", lambda m: (m.d_model,), lambda a: a, lambda w, m: w),
+    "w_gate": Tensor("mlp.gate_proj.weight", lambda m: (m.d_ff, m.d_model), lambda a: a.T, lambda w, m: w.T),
+    "w_up": Tensor("mlp.up_proj.weight", lambda m: (m.d_ff, m.d_model), lambda a: a.T, lambda w, m: w.T),
+    "w_down": Tensor("mlp.down_proj.weight", lambda m: (m.d_model, m.d_ff), lambda a: a.T, lambda w, m: w.T),
+    # present with model.attention_bias / model.mlp_bias; q, k, v biases are split by head here
+    "q_bias": Tensor("self_attn.q_proj.bias", lambda m: (m.num_heads * m.head_dim,), lambda a: a.reshape(-1),
+                     lambda w, m: w.reshape(m.num_heads, m.head_dim)),
+    "k_bias": Tensor("self_attn.k_proj.bias", lambda m: (m.num_kv_heads * m.head_dim,), lambda a: a.reshape(-1),
+                     lambda w, m: w.reshape(m.num_kv_heads, m.head_dim)),
+    "v_bias": Tensor("self_attn.v_proj.bias", lambda m: (m.num_kv_heads * m.head_dim,), lambda a: a.reshape(-1),
+                     lambda w, m: w.reshape(m.num_kv_heads, m.head_dim)),
+    "o_bias": Tensor("self_attn.o_proj.bias", lambda m: (m.d_model,), lambda a: a, lambda w, m: w),
+    "gate_bias": Tensor("mlp.gate_proj.bias", lambda m: (m.d_ff,), lambda a: a, lambda w, m: w),
+    "up_bias": Tensor("mlp.up_proj.bias", lambda m: (m.d_ff,), lambda a: a, lambda w, m: w),
+    "down_bias": Tensor("mlp.down_proj.bias", lambda m: (m.d_model,), lambda a: a, lambda w, m: w),
 }  # fmt: skip
 
 
+def hf_tensor_shapes(m: config.ConfigDict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the HF checkpoint of model config `m`, with its shape, in file order."""
+    shapes = {"model.embed_tokens.weight": (m.vocab_size, m.d_model)}
+    for i in range(m.num_layers):
+        for name in model.layer_params(m):
+            shapes[f"model.layers.{i}.{LAYER_MAP[name].suffix}"] = LAYER_MAP[name].shape(m)
+    shapes["model.norm.weight"] = (m.d_model,)
+    if not m.tie_embeddings:
+        shapes["lm_head.weight"] = (m.vocab_size, m.d_model)
+    return shapes
+
+
+class HFConfigError(config.ConfigError):
+    """A config.json field nopejax cannot honour exactly: names the field, its value and the fix."""
+
+    def __init__(self, field: str, value, problem: str, fix: str):
+        self.field, self.value, self.problem, self.fix = field, value, problem, fix
+        ValueError.__init__(self, f"HF config.json field `{field}` = {value!r}: {problem}. Fix: {fix}.")
+
+
+class HFTensorError(config.ConfigError):
+    """A safetensors tensor that is missing, unexpected, or not what the map expects."""
+
+    def __init__(self, name: str, problem: str, fix: str):
+        self.field, self.problem, self.fix = name, problem, fix
+        ValueError.__init__(self, f"HF checkpoint tensor `{name}`: {problem}. Fix: {fix}.")
+
+
 # ---------------------------------------------------------------------------------------------
-# Config
+# config.json -> nopejax: every field is a row, honoured exactly or refused
+#
+# A row's `read(name, value, hf)` gets the field's name and value and the whole config.json laid
+# over the family's defaults, and returns the nopejax model fields it sets ({} for a field that
+# does not change what the model computes), or raises HFConfigError. A field with no row is
+# refused: its meaning is unknown, so nopejax cannot claim to compute what transformers does.
+# Honouring a new field, or a new family, is adding rows; the tests check every field of the
+# transformers config class has a row, with the class's default.
+
+
+class Field(NamedTuple):
+    default: object  # transformers' value when config.json leaves the field out
+    read: Callable[[str, object, dict], dict]
+
+
+def harmless(name, value, hf) -> dict:
+    """Any value is fine: the field does not change the function the model computes."""
+    return {}
+
+
+def _to(key: str, kind: type):
+    """Honoured as nopejax `model.<key>`, after a type check (JSON is the only guard before it)."""
+
+    def read(name, value, hf):
+        widening = kind is float and isinstance(value, int)
+        if isinstance(value, bool) != (kind is bool) or not (isinstance(value, kind) or widening):
+            raise HFConfigError(name, value, f"expected a {kind.__name__}", "fix the value in config.json")
+        return {key: kind(value)}
+
+    return read
+
+
+def _only(*allowed, problem: str, fix: str):
+    """Accepted at these values (the default among them) only: nopejax implements no other."""
+
+    def read(name, value, hf):
+        if value not in allowed:
+            raise HFConfigError(name, value, problem, fix)
+        return {}
+
+    return read
+
+
+def _architectures(*causal_lms: str):
+    def read(name, value, hf):
+        if value is not None and (not isinstance(value, list) or any(a not in causal_lms for a in value)):
+            raise HFConfigError(
+                name, value, f"nopejax imports the causal LM {causal_lms[0]} only",
+                "convert the causal-LM checkpoint (a task head's weights have no place in nopejax)",
+            )  # fmt: skip
+        return {}
+
+    return read
+
+
+def _read_kv_heads(name, value, hf):
+    return _to("num_kv_heads", int)(name, hf["num_attention_heads"] if value is None else value, hf)
+
+
+def _read_head_dim(name, value, hf):
+    """HF: `head_dim`, else hidden_size // num_attention_heads; nopejax needs heads * head_dim == hidden."""
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"] if value is None else value
+    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+        raise HFConfigError(
+            name, value, f"num_attention_heads * head_dim != hidden_size = {hf['hidden_size']}",
+            "nopejax needs num_attention_heads * head_dim == hidden_size; this checkpoint cannot be imported",
+        )  # fmt: skip
+    return {"head_dim": int(head_dim)}
+
+
+def _read_rope(name, value, hf):
+    """rope_parameters (transformers >= 5), or rope_scaling + rope_theta (older), merged as HF's
+    `convert_rope_params_to_dict` and `standardize_rope_params` do. Any key or type that rope.py
+    does not compute exactly is refused."""
+    if hf["rope_scaling"]:  # HF: rope_scaling wins over rope_parameters when both are set
+        name, value = "rope_scaling", hf["rope_scaling"]
+    params = dict(value or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise HFConfigError(name, value, "per-layer-type RoPE parameters are not supported",
+                            "give one flat rope_parameters dict")  # fmt: skip
+    theta = params.pop("rope_theta", None)
+    theta = hf["rope_theta"] if theta is None else theta  # default: the class's default_theta
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    for where, partial in [
+        ("partial_rotary_factor", hf["partial_rotary_factor"]),
+        (f"{name}.partial_rotary_factor", params.pop("partial_rotary_factor", None)),
+    ]:
+        if partial not in (None, 1, 1.0):
+            raise HFConfigError(where, partial, "nopejax rotates the whole head",
+                                "import a checkpoint with partial_rotary_factor 1.0")  # fmt: skip
+    if kind != "default" and kind not in config.ROPE_SCALING_TYPES:
+        raise HFConfigError(
+            f"{name}.rope_type", kind, "nopejax does not implement this RoPE scaling",
+            f"use one of {['default', *config.ROPE_SCALING_TYPES]} (dynamic and longrope, whose frequencies "
+            "change with the sequence length, are not supported)",
+        )  # fmt: skip
+    if kind in ("yarn", "llama3"):  # HF: the top-level field wins, else max_position_embeddings
+        if hf["original_max_position_embeddings"] is not None:
+            params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        params.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+    if kind == "yarn" and params.get("factor") is None:  # HF: the ratio of the two lengths
+        params["factor"] = hf["max_position_embeddings"] / params["original_max_position_embeddings"]
+    required, optional = config.ROPE_SCALING_TYPES.get(kind, (set(), set()))
+    unknown, missing = sorted(set(params) - required - optional), sorted(required - set(params))
+    if unknown:
+        raise HFConfigError(f"{name}.{unknown[0]}", params[unknown[0]], f"rope_type {kind!r} takes no such key",
+                            f"use only {sorted(required | optional) or 'rope_theta'}")  # fmt: skip
+    if missing:
+        raise HFConfigError(f"{name}.{missing[0]}", None, f"rope_type {kind!r} needs it", "add it")
+    scaling = {"rope_type": kind, **params} if kind != "default" else None
+    return {"rope_theta": float(theta), "rope_scaling": scaling}
+
+
+def _read_rope_pattern(name, value, hf):
+    """SmolLM3: no_rope_layers (1 = RoPE) if given, else NoPE every no_rope_layer_interval-th layer."""
+    L = hf["num_hidden_layers"]
+    if value is None:
+        interval = hf["no_rope_layer_interval"]
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval <= 0:
+            raise HFConfigError("no_rope_layer_interval", interval, "must be a positive integer when "
+                                "no_rope_layers is absent", "give no_rope_layers explicitly")  # fmt: skip
+        value = [int((i + 1) % interval != 0) for i in range(L)]
+    if not isinstance(value, list) or len(value) < L or any(x not in (0, 1) for x in value):
+        raise HFConfigError(name, value, f"needs one 0 (NoPE) or 1 (RoPE) per layer ({L} layers)", "fix the list")
+    return {"no_rope_layers": tuple(int(x) for x in value[:L])}  # HF reads the first L entries only
+
+
+def _read_layer_types(name, value, hf):
+    """SmolLM3: layer_types as given, `full_attention` or `sliding_attention` (window `sliding_window`).
+    Absent, SmolLM3Config derives it: sliding on the NoPE layers when use_sliding_window and
+    sliding_window are set, full elsewhere."""
+    L, window = hf["num_hidden_layers"], hf["sliding_window"]
+    if value is None:
+        rope = _read_rope_pattern("no_rope_layers", hf["no_rope_layers"], hf)["no_rope_layers"]
+        derive = bool(hf["use_sliding_window"]) and window is not None
+        value = ["sliding_attention" if derive and not r else "full_attention" for r in rope]
+    kinds = ("full_attention", "sliding_attention")
+    if not isinstance(value, list) or len(value) < L or any(t not in kinds for t in value[:L]):
+        raise HFConfigError(
+            name, value, f"SmolLM3 layers are one of {list(kinds)}, one per layer ({L} layers)", "fix the list"
+        )  # fmt: skip
+    types = tuple(value[:L])  # HF reads the first L entries only
+    if "sliding_attention" not in types:
+        return {}
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise HFConfigError("sliding_window", window, "sliding_attention layers need a window of >= 1 token",
+                            "set sliding_window in config.json")  # fmt: skip
+    return {"layer_types": types, "sliding_window": window}
+
+
+GENERATION_FIELDS = (
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "epsilon_cutoff", "eta_cutoff",
+    "encoder_repetition_penalty", "num_assistant_tokens", "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind",
+)  # fmt: skip
+
+# The rows every Llama-like family shares; a family overrides the defaults that differ.
+COMMON_FIELDS = {
+    # metadata, and switches of what transformers' forward returns (not of its values)
+    "transformers_version": Field(None, harmless),
+    "model_type": Field(None, harmless),  # picks the family
+    "_name_or_path": Field("", harmless),
+    "output_hidden_states": Field(False, harmless),
+    "output_attentions": Field(False, harmless),
+    "return_dict": Field(True, harmless),
+    "dtype": Field(None, harmless),  # storage dtype: each tensor is read with its own
+    "torch_dtype": Field(None, harmless),  # transformers < 5 name of dtype
+    "id2label": Field(None, harmless),  # classification heads only
+    "label2id": Field(None, harmless),
+    "problem_type": Field(None, harmless),
+    "use_cache": Field(True, harmless),  # generation only
+    "initializer_range": Field(0.02, harmless),  # random init only; the weights are loaded
+    "attention_dropout": Field(0.0, harmless),  # training-time dropout (nopejax trains without)
+    "chunk_size_feed_forward": Field(0, harmless),  # not read by the Llama / SmolLM3 decoder
+    "pretraining_tp": Field(1, harmless),  # transformers 4: the same matmuls, split
+    "max_window_layers": Field(None, harmless),  # read by Qwen2's sliding window only (SmolLM3-3B has it)
+    **{key: Field(None, harmless) for key in ("pad_token_id", "bos_token_id", "eos_token_id")},  # tokenizer's
+    **{key: Field(None, harmless) for key in GENERATION_FIELDS},  # transformers moves them to GenerationConfig
+    "is_encoder_decoder": Field(False, _only(False, problem="nopejax is decoder-only", fix="import a decoder")),
+    # the model
+    "vocab_size": Field(None, _to("vocab_size", int)),
+    "hidden_size": Field(None, _to("d_model", int)),
+    "intermediate_size": Field(None, _to("d_ff", int)),
+    "num_hidden_layers": Field(None, _to("num_layers", int)),
+    "num_attention_heads": Field(None, _to("num_heads", int)),
+    "num_key_value_heads": Field(None, _read_kv_heads),
+    "head_dim": Field(None, _read_head_dim),
+    "hidden_act": Field("silu", _only("silu", problem="nopejax's MLP is SwiGLU (silu)", fix="import a silu model")),
+    "max_position_embeddings": Field(None, _to("max_position_embeddings", int)),
+    "rms_norm_eps": Field(1e-6, _to("rms_norm_eps", float)),
+    "tie_word_embeddings": Field(None, _to("tie_embeddings", bool)),
+    "attention_bias": Field(False, _to("attention_bias", bool)),
+    "mlp_bias": Field(False, _to("mlp_bias", bool)),
+    "rope_parameters": Field(None, _read_rope),
+    # read by the rope_parameters row
+    "rope_scaling": Field(None, harmless),  # transformers < 5
+    "rope_theta": Field(None, harmless),  # transformers < 5; a family's default is its class's default_theta
+    "original_max_position_embeddings": Field(None, harmless),
+    "partial_rotary_factor": Field(None, harmless),
+}  # fmt: skip
+
+
+class Family(NamedTuple):
+    model_type: str
+    fields: dict[str, Field]
+    base: dict  # nopejax model fields the family fixes before its rows are read
+
+
+def _defaults(**defaults) -> dict[str, Field]:
+    return {name: COMMON_FIELDS[name]._replace(default=value) for name, value in defaults.items()}
+
+
+SMOLLM3 = Family(
+    "smollm3",
+    {
+        **COMMON_FIELDS,
+        **_defaults(vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                    num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=32768,
+                    tie_word_embeddings=True, rope_theta=2_000_000.0),
+        "architectures": Field(None, _architectures("SmolLM3ForCausalLM")),
+        "no_rope_layers": Field(None, _read_rope_pattern),
+        "no_rope_layer_interval": Field(4, harmless),  # read by the no_rope_layers row
+        "layer_types": Field(None, _read_layer_types),
+        "use_sliding_window": Field(False, harmless),  # read by the layer_types row
+        "sliding_window": Field(None, harmless),  # read by the layer_types row
+    },
+    {},
+)  # fmt: skip
+
+LLAMA = Family(
+    "llama",
+    {
+        **COMMON_FIELDS,
+        **_defaults(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, max_position_embeddings=2048, tie_word_embeddings=False,
+                    rope_theta=10_000.0),
+        "architectures": Field(None, _architectures("LlamaForCausalLM")),
+    },
+    {"no_rope_layer_interval": 0},  # every layer rotates
+)  # fmt: skip
+
+FAMILIES = {family.model_type: family for family in (SMOLLM3, LLAMA)}
+
+
+def model_config_from_hf(hf: dict) -> config.ConfigDict:
+    """The nopejax model config of a transformers config.json, exact or refused (HFConfigError)."""
+    family = FAMILIES.get(hf.get("model_type"))
+    if family is None:
+        raise HFConfigError("model_type", hf.get("model_type"), f"nopejax imports {sorted(FAMILIES)} only",
+                            "convert a checkpoint of a supported family")  # fmt: skip
+    unknown = [name for name in hf if name not in family.fields]
+    if unknown:
+        raise HFConfigError(
+            unknown[0], hf[unknown[0]],
+            f"nopejax has no row for this {family.model_type} field, so it cannot tell whether the model depends on it",
+            f"add one to nopejax.hf.{family.model_type.upper()} (or delete the field if transformers ignores it)",
+        )  # fmt: skip
+    full = {name: field.default for name, field in family.fields.items()} | hf
+    m = config.base_config().model
+    m.update(family.base)
+    for name, field in family.fields.items():
+        m.update(field.read(name, full[name], full))
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# nopejax -> config.json: the mirror rule
+
+
+# nopejax model fields SmolLM3's config.json expresses (hf_config writes them) ...
+EXPORTED_FIELDS = {
+    "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
+    "no_rope_layer_interval", "no_rope_layers", "rope_theta", "rope_scaling", "max_position_embeddings",
+    "tie_embeddings", "rms_norm_eps", "attention_bias", "mlp_bias", "layer_types", "global_attention_interval",
+    "sliding_window",
+}  # fmt: skip
+# ... and those that only say how nopejax trains or runs it, not what it computes.
+RUNTIME_FIELDS = {"init_std", "dtype", "param_dtype", "attention_impl", "scan_layers", "remat"}
 
 
 # What SmolLM3's format cannot hold: (model field, is it in use, what the format lacks)
@@ -64,13 +409,24 @@ SMOLLM3_LACKS = (
 
 
 def check_exportable(m: config.ConfigDict) -> None:
-    """Refuse, before anything is written, a layer spec that a SmolLM3 checkpoint cannot express."""
+    """Refuse, before anything is written, a model SmolLM3's config.json cannot express: the layer
+    options it has no field for by name, then any other field away from its default."""
     for field, in_use, lacks in SMOLLM3_LACKS:
         if in_use(m):
             raise config.ConfigError(
                 f"model.{field}", f"is {m[field]!r}, but the SmolLM3 format has no {lacks}, so transformers "
                 "would run a different model", "export a model without it (SmolLM3 holds RoPE/NoPE, full and "
                 "sliding layers), or use the params directly with nopejax",
+            )  # fmt: skip
+    defaults = config.to_dict(config.base_config())["model"]
+    given = json.loads(m.to_json_best_effort())  # plain JSON both sides: frozen configs hold tuples
+    for key in given:
+        if key in EXPORTED_FIELDS or key in RUNTIME_FIELDS:
+            continue
+        if key not in defaults or given[key] != defaults[key]:
+            raise config.ConfigError(
+                f"model.{key}", f"{m[key]!r} has no counterpart in transformers' SmolLM3 config",
+                "export only models SmolLM3 can express exactly (keep this field at its default)",
             )  # fmt: skip
 
 
@@ -106,8 +462,8 @@ def hf_config(m: config.ConfigDict, token_ids: dict | None = None, dtype: str = 
         "use_sliding_window": sliding,
         "sliding_window": m.sliding_window if sliding else None,
         "layer_types": types,
-        "attention_bias": False,
-        "mlp_bias": False,
+        "attention_bias": bool(m.attention_bias),
+        "mlp_bias": bool(m.mlp_bias),
         "tie_word_embeddings": bool(m.tie_embeddings),
         "torch_dtype": dtype,
         "bos_token_id": token_ids.get("bos"),
@@ -116,48 +472,16 @@ def hf_config(m: config.ConfigDict, token_ids: dict | None = None, dtype: str = 
     }
 
 
-def model_config_from_hf(hf: dict) -> config.ConfigDict:
-    if hf.get("model_type") not in ("smollm3", "llama"):
-        raise ValueError(f"model_type {hf.get('model_type')!r} is not a SmolLM3 (or Llama) checkpoint")
-    m = config.base_config().model
-    m.vocab_size = hf["vocab_size"]
-    m.d_model = hf["hidden_size"]
-    m.d_ff = hf["intermediate_size"]
-    m.num_layers = hf["num_hidden_layers"]
-    m.num_heads = hf["num_attention_heads"]
-    m.num_kv_heads = hf.get("num_key_value_heads") or hf["num_attention_heads"]
-    m.head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    m.rms_norm_eps = hf.get("rms_norm_eps", 1e-6)
-    m.max_position_embeddings = hf.get("max_position_embeddings", 4096)
-    m.tie_embeddings = bool(hf.get("tie_word_embeddings", True))
-    rope = hf.get("rope_parameters") or {}
-    m.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling:
-        m.rope_scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
-    if hf.get("model_type") == "llama":
-        m.no_rope_layer_interval = 0
-    elif hf.get("no_rope_layers") is not None:
-        m.no_rope_layers = tuple(int(x) for x in hf["no_rope_layers"])
-    else:
-        m.no_rope_layer_interval = hf.get("no_rope_layer_interval", 4)
-    # HF masks layer i by layer_types[i] (written by SmolLM3Config, which defaults to sliding NoPE
-    # layers when use_sliding_window); a sliding layer's window is sliding_window
-    types = hf.get("layer_types")
-    if types is None and hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
-        types = ["full_attention" if rope else "sliding_attention" for rope in config.rope_pattern(m)]
-    if types and "sliding_attention" in types and hf.get("sliding_window") is not None:
-        m.layer_types = tuple(types)
-        m.sliding_window = int(hf["sliding_window"])
-    return m
-
-
 # ---------------------------------------------------------------------------------------------
 # Weights
 
 
 def from_hf(path: str, *, dtype: str = "float32", param_dtype: str = "float32") -> model.Decoder:
-    """A nopejax Decoder with the weights of a transformers SmolLM3 checkpoint directory."""
+    """A nopejax Decoder with the weights of a transformers checkpoint directory (SmolLM3 or Llama).
+
+    Exact or refused: config.json is read field by field (HFConfigError) and the safetensors
+    headers are checked against the map (HFTensorError) before any weight is read.
+    """
     with open(os.path.join(path, "config.json")) as f:
         m = model_config_from_hf(json.load(f))
     m.dtype, m.param_dtype = dtype, param_dtype
@@ -167,16 +491,53 @@ def from_hf(path: str, *, dtype: str = "float32", param_dtype: str = "float32") 
     return build(m, load_params(path, m))
 
 
+def check_tensors(reader: tensorfile.Reader, m: config.ConfigDict) -> None:
+    """The checkpoint holds exactly the tensors `m` consumes, with their shapes: checked on the
+    headers, before any weight is read. A tensor nopejax would skip means a model it would not
+    compute (biases the config switches off, another architecture's extra weights)."""
+    expected = hf_tensor_shapes(m)
+    if m.tie_embeddings and "lm_head.weight" in reader:  # compared with the embedding by load_params
+        expected["lm_head.weight"] = (m.vocab_size, m.d_model)
+    extra = [name for name in reader.names() if name not in expected]
+    if extra:
+        raise HFTensorError(
+            extra[0], f"is not consumed by nopejax's map for this config.json ({len(extra)} such tensors)",
+            "make config.json describe these weights (e.g. attention_bias / mlp_bias), or import a "
+            "checkpoint of a supported architecture; nopejax never skips a weight",
+        )  # fmt: skip
+    missing = [name for name in expected if name not in reader]
+    if missing:
+        raise HFTensorError(
+            missing[0], f"is missing ({len(missing)} missing in all)",
+            "the checkpoint is incomplete for its config.json (e.g. attention_bias true but no biases saved)",
+        )  # fmt: skip
+    for name, shape in expected.items():
+        if reader.shape(name) != shape:
+            raise HFTensorError(name, f"has shape {reader.shape(name)}, config.json implies {shape}",
+                                "fix config.json or the checkpoint")  # fmt: skip
+        if reader.dtype(name) not in tensorfile.FLOAT_DTYPES:
+            raise HFTensorError(name, f"has dtype {reader.dtype(name)}",
+                                f"import an unquantized checkpoint ({sorted(tensorfile.FLOAT_DTYPES)})")  # fmt: skip
+
+
 def load_params(path: str, m: config.ConfigDict) -> dict:
     """HF tensors -> nopejax pure param dict (numpy, param dtype), read one tensor at a time."""
     reader = tensorfile.Reader(path)
+    check_tensors(reader, m)
     pdtype = np.dtype(jnp.dtype(m.param_dtype))
     params = {"embed": reader.get("model.embed_tokens.weight").astype(pdtype)}
+    tied_head = m.tie_embeddings and "lm_head.weight" in reader  # consumed as a check: transformers ignores it
+    if tied_head and not np.array_equal(reader.get("lm_head.weight").astype(pdtype), params["embed"]):
+        raise HFTensorError(
+            "lm_head.weight", "differs from model.embed_tokens.weight, but tie_word_embeddings is true "
+            "(transformers would use the embedding)",
+            "set tie_word_embeddings false if the head was trained separately, or delete lm_head.weight",
+        )  # fmt: skip
     layers = {}
-    for name, (suffix, _, from_fn) in LAYER_MAP.items():
+    for name in model.layer_params(m):
         stacked = None
         for i in range(m.num_layers):
-            w = from_fn(reader.get(f"model.layers.{i}.{suffix}"), m)
+            w = LAYER_MAP[name].from_hf(reader.get(f"model.layers.{i}.{LAYER_MAP[name].suffix}"), m)
             if stacked is None:
                 stacked = np.empty((m.num_layers, *w.shape), pdtype)
             stacked[i] = w
@@ -219,29 +580,23 @@ def to_hf(
         params = nnx.to_pure_dict(nnx.state(module_or_params, nnx.Param))
     else:
         m, params = model_cfg, module_or_params
-    check_exportable(m)
+    check_exportable(m)  # the mirror rule, before anything is written
     dtype = dtype or m.param_dtype
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     os.makedirs(out_dir, exist_ok=True)
 
     producers = {"model.embed_tokens.weight": lambda: params["embed"]}
     for i in range(m.num_layers):
-        for name, (suffix, to_fn, _) in LAYER_MAP.items():
-            producers[f"model.layers.{i}.{suffix}"] = lambda name=name, i=i, to_fn=to_fn: to_fn(
+        for name in model.layer_params(m):
+            producers[f"model.layers.{i}.{LAYER_MAP[name].suffix}"] = lambda name=name, i=i: LAYER_MAP[name].to_hf(
                 np.asarray(params["layers"][name][i])
             )
     producers["model.norm.weight"] = lambda: params["final_norm"]
     if not m.tie_embeddings:
         producers["lm_head.weight"] = lambda: np.asarray(params["lm_head"]).T
 
-    def shape_of(name):  # shapes from the config alone: nothing is materialised to plan the files
-        D, F, V, HE, KE = m.d_model, m.d_ff, m.vocab_size, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
-        table = {"embed_tokens": (V, D), "lm_head": (V, D), "norm.weight": (D,), "layernorm": (D,),
-                 "q_proj": (HE, D), "k_proj": (KE, D), "v_proj": (KE, D), "o_proj": (D, HE),
-                 "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}  # fmt: skip
-        return next(shape for key, shape in table.items() if key in name)
-
-    specs = [(name, shape_of(name), np_dtype) for name in producers]
+    # shapes from the config alone: nothing is materialised to plan the files
+    specs = [(name, shape, np_dtype) for name, shape in hf_tensor_shapes(m).items()]
     tensorfile.write(out_dir, specs, lambda name: producers[name]())  # write() converts to np_dtype
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(m, token_ids, dtype), f, indent=2)

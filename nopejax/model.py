@@ -46,10 +46,24 @@ QK_NORM_PARAMS = {
     "k_norm": (lambda m: (m.head_dim,), ("head_dim",)),
 }
 
+# Optional projection biases (HF `attention_bias`, `mlp_bias`): name -> (shape, logical axes, the
+# config switch). They exist as params only when switched on; added after the matmul, so the
+# attention kernel never sees them.
+BIAS_PARAMS = {
+    "q_bias": (lambda m: (m.num_heads, m.head_dim), ("heads", "head_dim"), "attention_bias"),
+    "k_bias": (lambda m: (m.num_kv_heads, m.head_dim), ("kv_heads", "head_dim"), "attention_bias"),
+    "v_bias": (lambda m: (m.num_kv_heads, m.head_dim), ("kv_heads", "head_dim"), "attention_bias"),
+    "o_bias": (lambda m: (m.d_model,), ("embed",), "attention_bias"),
+    "gate_bias": (lambda m: (m.d_ff,), ("mlp",), "mlp_bias"),
+    "up_bias": (lambda m: (m.d_ff,), ("mlp",), "mlp_bias"),
+    "down_bias": (lambda m: (m.d_model,), ("embed",), "mlp_bias"),
+}
+
 
 def layer_params(m) -> dict:
-    """The per-layer params this model config has: LAYER_PARAMS plus the optional ones."""
-    return {**LAYER_PARAMS, **(QK_NORM_PARAMS if m.qk_norm == "rms" else {})}
+    """The per-layer params this config has: name -> (shape fn, logical axes)."""
+    biases = {name: (shape_fn, logical) for name, (shape_fn, logical, key) in BIAS_PARAMS.items() if m[key]}
+    return {**LAYER_PARAMS, **(QK_NORM_PARAMS if m.qk_norm == "rms" else {}), **biases}
 
 
 REMAT_POLICIES = {
@@ -70,12 +84,18 @@ def rms_norm(x_BSD, weight_D, eps: float):
     return x.astype(x_BSD.dtype) * weight_D.astype(x_BSD.dtype)
 
 
+def _plus_bias(x, p, name: str):
+    """x + this layer's `name` bias, if the config has one (a trace-time branch: no op otherwise)."""
+    return x + p[name].astype(x.dtype) if name in p else x
+
+
 def attention_inputs(p, x_BSD, m, dtype, spec: config.LayerSpec):
-    """Pre-norm, the q, k, v projections and the RMS QK-norm (un-rotated): shared by training and decoding."""
+    """Pre-norm, the q, k, v projections (+ biases) and the RMS QK-norm, un-rotated: shared by
+    training and decoding."""
     h_BSD = rms_norm(x_BSD, p["attn_norm"], m.rms_norm_eps)
-    q_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, p["wq"].astype(dtype))
-    k_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype))
-    v_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, p["wv"].astype(dtype))
+    q_BSHE = _plus_bias(jnp.einsum("bsd,dhe->bshe", h_BSD, p["wq"].astype(dtype)), p, "q_bias")
+    k_BSKE = _plus_bias(jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype)), p, "k_bias")
+    v_BSKE = _plus_bias(jnp.einsum("bsd,dke->bske", h_BSD, p["wv"].astype(dtype)), p, "v_bias")
     if spec.qk_norm == "rms":  # before RoPE, on every layer (EXAONE 4, Gemma 3)
         q_BSHE = rms_norm(q_BSHE, p["q_norm"], m.rms_norm_eps)
         k_BSKE = rms_norm(k_BSKE, p["k_norm"], m.rms_norm_eps)
@@ -83,16 +103,17 @@ def attention_inputs(p, x_BSD, m, dtype, spec: config.LayerSpec):
 
 
 def attention_output(p, x_BSD, o_BSHE, dtype):
-    """Output projection of the attended values, added to the residual stream."""
-    return x_BSD + jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype))
+    """Output projection (+ bias) of the attended values, added to the residual stream."""
+    return x_BSD + _plus_bias(jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype)), p, "o_bias")
 
 
 def mlp(p, x_BSD, m, dtype):
-    """Pre-norm SwiGLU MLP, added to the residual stream."""
+    """Pre-norm SwiGLU MLP (+ biases), added to the residual stream."""
     h_BSD = rms_norm(x_BSD, p["mlp_norm"], m.rms_norm_eps)
-    gate_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype))
-    up_BSF = jnp.einsum("bsd,df->bsf", h_BSD, p["w_up"].astype(dtype))
-    return x_BSD + jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, p["w_down"].astype(dtype))
+    gate_BSF = _plus_bias(jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype)), p, "gate_bias")
+    up_BSF = _plus_bias(jnp.einsum("bsd,df->bsf", h_BSD, p["w_up"].astype(dtype)), p, "up_bias")
+    down_BSD = jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, p["w_down"].astype(dtype))
+    return x_BSD + _plus_bias(down_BSD, p, "down_bias")
 
 
 def decoder_layer(p, x_BSD, *, spec: config.LayerSpec, ctx):
@@ -174,14 +195,22 @@ class Decoder(nnx.Module):
         pdtype = _dtype(m.param_dtype)
         init = nnx.initializers.normal(m.init_std)
 
-        def param(shape, logical, ones=False):
-            value = jnp.ones(shape, pdtype) if ones else init(rngs.params(), shape, pdtype)
+        def param(shape, logical, ones=False, zeros=False):
+            if ones or zeros:  # norms start at 1, biases at 0
+                value = (jnp.ones if ones else jnp.zeros)(shape, pdtype)
+            else:
+                value = init(rngs.params(), shape, pdtype)
             return nnx.Param(value, logical_axes=logical)
 
         self.embed = param((m.vocab_size, m.d_model), ("vocab", "embed"))
         self.layers = nnx.Dict(
             {
-                name: param((m.num_layers, *shape_fn(m)), ("layers", *logical), ones=name.endswith("norm"))
+                name: param(
+                    (m.num_layers, *shape_fn(m)),
+                    ("layers", *logical),
+                    ones=name.endswith("norm"),
+                    zeros=name.endswith("bias"),
+                )
                 for name, (shape_fn, logical) in layer_params(m).items()
             }
         )

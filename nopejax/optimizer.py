@@ -38,11 +38,11 @@ def schedule(cfg: ConfigDict) -> optax.Schedule:
 
 
 def decay_mask(params, decay_embeddings: bool):
-    """Weight decay on matrices only: never on norms, on embeddings only if asked."""
+    """Weight decay on matrices only: never on norms or biases, on embeddings only if asked."""
 
     def wants_decay(path, _):
         name = jax.tree_util.keystr(path)
-        if "norm" in name:
+        if "norm" in name or "bias" in name:
             return False
         if "embed" in name or "lm_head" in name:
             return decay_embeddings

@@ -6,7 +6,9 @@ Positions are always passed in, so packed documents can restart at 0.
 
 Scaling follows HF `rope_scaling` (`modeling_rope_utils.py`): `linear` divides every frequency by
 `factor`; `yarn` (Peng et al. 2023) blends interpolated and original frequencies by wavelength and
-multiplies cos/sin by an attention factor. Either applies to RoPE layers only, by construction.
+multiplies cos/sin by an attention factor; `llama3` (Llama 3.1 / Llama 4) divides the long
+wavelengths by `factor`, keeps the short ones and interpolates smoothly in between. Each applies
+to RoPE layers only, by construction.
 
 Partial RoPE (HF `partial_rotary_factor`, "default" semantics) rotates the first
 R = int(f * head_dim) dims with frequencies over R and passes the rest through unchanged: the
@@ -45,7 +47,25 @@ def make_rope(head_dim: int, theta: float, scaling: dict | None = None, partial_
         return Rope((inv_freq / np.float32(factor)).astype(np.float32), 1.0)
     if kind == "yarn":
         return _yarn(head_dim, theta, scaling, factor)
-    raise ValueError(f"rope_scaling type {kind!r} is not supported; use 'linear' or 'yarn'")
+    if kind == "llama3":
+        return Rope(_llama3(inv_freq, scaling, factor), 1.0)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported; use 'linear', 'yarn' or 'llama3'")
+
+
+def _llama3(inv_freq: np.ndarray, scaling: dict, factor: float) -> np.ndarray:
+    """HF's `_compute_llama3_parameters`: float32 frequencies, python-float wavelength bounds."""
+    low_freq_factor = scaling["low_freq_factor"]  # 1 in Llama 3.1
+    high_freq_factor = scaling["high_freq_factor"]  # 4 in Llama 3.1
+    old_context_len = scaling["original_max_position_embeddings"]  # 8192 in Llama 3.1
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    # longer than the original context: interpolate (divide by factor); shorter than the high bound: keep
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
+    smooth = ((old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).astype(np.float32)
+    smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
 def _yarn(head_dim: int, theta: float, scaling: dict, factor: float) -> Rope:

@@ -27,6 +27,7 @@ DTYPES = {
     "I32": np.dtype(np.int32),
 }
 NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 MAX_SHARD_BYTES = 4 * 2**30
 
 
@@ -109,10 +110,19 @@ class Reader:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][2]["shape"])
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name, e.g. "BF16", from the header (nothing is read)."""
+        return self._where[name][2]["dtype"]
+
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise KeyError(f"tensor {name!r} is missing from the checkpoint")
         path, base, info = self._where[name]
+        if info["dtype"] not in DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, which nopejax does not read")
         dtype = DTYPES[info["dtype"]]
         start, end = info["data_offsets"]
         mm = np.memmap(path, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))

@@ -1,4 +1,4 @@
-"""RoPE scaling (HF `rope_scaling`: linear, yarn): equal to transformers, and NoPE layers untouched."""
+"""RoPE scaling (HF `rope_scaling`: linear, yarn, llama3): equal to transformers, NoPE layers untouched."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +23,11 @@ SCALINGS = {
                        "mscale": 0.7, "mscale_all_dim": 0.5},
     "yarn_x3_attention_factor_no_truncate": {"rope_type": "yarn", "factor": 3.0, "attention_factor": 1.3,
                                              "original_max_position_embeddings": ORIGINAL, "truncate": False},
+    "llama3_x8": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": ORIGINAL},
+    # wavelengths 2 pi .. 1800 against bounds 8 and 32: some kept, some smoothed, some divided
+    "llama3_x4_all_branches": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 0.5, "high_freq_factor": 2.0,
+                               "original_max_position_embeddings": ORIGINAL},
 }  # fmt: skip
 
 
@@ -47,6 +52,13 @@ def smollm3_config(scaling: dict, no_rope_layers=(1, 0, 1), vocab=97, heads=3, k
 @pytest.mark.parametrize("name", list(SCALINGS))
 def test_frequencies_equal_transformers(name):
     scaling = SCALINGS[name]
+    if scaling["rope_type"] == "llama3":  # all three of llama3's branches are taken
+        inv_freq = rope_lib.default_inv_freq(HEAD_DIM, THETA)
+        wavelen = 2 * np.pi / inv_freq
+        bounds = ORIGINAL / scaling["high_freq_factor"], ORIGINAL / scaling["low_freq_factor"]
+        if name == "llama3_x4_all_branches":
+            assert (wavelen < bounds[0]).any() and (wavelen > bounds[1]).any()
+            assert ((wavelen > bounds[0]) & (wavelen < bounds[1])).any()
     want_inv_freq, want_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](smollm3_config(scaling), "cpu")
     ours = rope_lib.make_rope(HEAD_DIM, THETA, scaling)
     np.testing.assert_allclose(ours.inv_freq, want_inv_freq.numpy(), rtol=1e-6, atol=0)
@@ -70,7 +82,7 @@ def logits_with(pattern, scaling, tokens_BS):
     return np.asarray(module(jnp.asarray(tokens_BS)))
 
 
-@pytest.mark.parametrize("name", ["linear_x2", "yarn_x4"])
+@pytest.mark.parametrize("name", ["linear_x2", "yarn_x4", "llama3_x8"])
 def test_scaling_leaves_nope_layers_untouched(name):
     tokens_BS = np.random.default_rng(0).integers(0, 97, (2, 41)).astype(np.int32)  # 41 > ORIGINAL
     all_nope = (0, 0, 0)
@@ -82,7 +94,7 @@ def test_scaling_leaves_nope_layers_untouched(name):
         assert diff.max() > 1e-3, pattern
 
 
-@pytest.mark.parametrize("name", ["linear_x5.5", "yarn_x4", "yarn_x4_mscale"])
+@pytest.mark.parametrize("name", ["linear_x5.5", "yarn_x4", "yarn_x4_mscale", "llama3_x4_all_branches"])
 @pytest.mark.parametrize("pattern", [(1, 0, 1), (1, 1, 1, 0)])
 def test_logits_match_transformers_with_scaling(tmp_path, name, pattern):
     """A hybrid SmolLM3 with rope_scaling, past the original length: ours vs transformers, fp32."""

@@ -258,7 +258,7 @@ def _read_layer_types(name, value, hf):
     if "sliding_attention" not in types:
         return {}
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise HFConfigError("sliding_window", window, "sliding_attention layers need a window of >= 1 token",
+        raise HFConfigError(name, list(types), f"sliding_attention layers need sliding_window >= 1, got {window!r}",
                             "set sliding_window in config.json")  # fmt: skip
     return {"layer_types": types, "sliding_window": window}
 

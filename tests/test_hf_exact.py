@@ -90,12 +90,13 @@ COMMON_CASES = {
 CASES = {
     "smollm3": {
         **COMMON_CASES,
-        "use_sliding_window": [(True, "refused")],
-        "sliding_window": [(4, "exact")],  # unused while use_sliding_window is false, as in transformers
+        # alone, neither makes a layer sliding (SmolLM3Config needs both); together: tests/test_layer_types.py
+        "use_sliding_window": [(True, "exact")],
+        "sliding_window": [(4, "exact")],
         "no_rope_layers": [([1, 0, 0, 1, 1], "exact"), ([1, 1, 0, 1, 1, 0, 1], "exact"), (DELETE, "exact"),
                            ([1, 2, 1, 0, 1], "refused"), ([1, 1], "refused")],
         "no_rope_layer_interval": [(2, "exact")],
-        "layer_types": [(DELETE, "exact"), (["sliding_attention"] * 5, "refused"),
+        "layer_types": [(DELETE, "exact"), (["sliding_attention"] * 5, "refused"),  # sliding with no window
                         (["full_attention", "chunked_attention"] * 3, "refused")],
     },
     "llama": COMMON_CASES,
@@ -367,9 +368,9 @@ def test_biases_are_not_weight_decayed():
 def test_cli_import_refuses_in_one_line(tmp_path, capsys):
     path = tmp_path / "hf"
     path.mkdir()
-    (path / "config.json").write_text(transformers.SmolLM3Config(**TINY, use_sliding_window=True).to_json_string())
+    (path / "config.json").write_text(transformers.SmolLM3Config(**TINY, hidden_act="gelu").to_json_string())
     assert cli.main(["import-hf", str(path), "--workdir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("nopejax import-hf: error: HF config.json field `use_sliding_window` = True")
+    assert err.startswith("nopejax import-hf: error: HF config.json field `hidden_act` = 'gelu'")
     assert "\n" not in err
     assert not (tmp_path / "run").exists()

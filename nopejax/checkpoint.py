@@ -125,9 +125,17 @@ class DataRestore(grain.checkpoint.CheckpointRestore):
     pass
 
 
+# Optional per-layer params: whether they exist depends on these. Checkpoints written before they
+# were recorded have none of them, hence the defaults.
+OPTIONAL_PARAM_FIELDS = {"attention_bias": False, "mlp_bias": False, "qk_norm_weights": False}
+FIELD_NAMES = {"rope_pattern": "model.no_rope_layers", "qk_norm_weights": "model.qk_norm"}
+
+
 def layout(m: ConfigDict) -> dict:
     out = {f: m[f] for f in LAYOUT_FIELDS}
     out["rope_pattern"] = [int(x) for x in config_lib.rope_pattern(m)]
+    out["attention_bias"], out["mlp_bias"] = bool(m.attention_bias), bool(m.mlp_bias)
+    out["qk_norm_weights"] = m.qk_norm == "rms"  # learned q/k norm weights exist
     out["param_layout"] = "layer_stacked_v1"  # [L, ...] per layer param; independent of scan_layers
     return out
 
@@ -135,11 +143,11 @@ def layout(m: ConfigDict) -> dict:
 def check_compatible(saved: dict, m: ConfigDict, where: str) -> None:
     current = layout(m)
     for field, value in current.items():
-        if saved.get(field) != value:
-            name = "model.no_rope_layers" if field == "rope_pattern" else f"model.{field}"
+        was = saved.get(field, OPTIONAL_PARAM_FIELDS.get(field))
+        if was != value:
             raise ConfigError(
-                name,
-                f"the checkpoint at {where} has {field}={saved.get(field)!r}, this config has {value!r}",
+                FIELD_NAMES.get(field, f"model.{field}"),
+                f"the checkpoint at {where} has {field}={was!r}, this config has {value!r}",
                 "use the config the checkpoint was trained with, or start a new workdir",
             )
 

@@ -192,7 +192,12 @@ def test_damaged_newest_checkpoint_is_retrained_exactly(tmp_path, uninterrupted_
 
 @pytest.mark.parametrize(
     "change, field",
-    [(dict(d_model=96, head_dim=24), "model.d_model"), (dict(no_rope_layer_interval=2), "model.no_rope_layers")],
+    [
+        (dict(d_model=96, head_dim=24), "model.d_model"),
+        (dict(no_rope_layer_interval=2), "model.no_rope_layers"),
+        (dict(attention_bias=True), "model.attention_bias"),
+        (dict(qk_norm="rms"), "model.qk_norm"),
+    ],
 )
 def test_restore_into_an_incompatible_model_names_the_field(tmp_path, change, field):
     _save_steps(tmp_path, small_cfg(), [1])

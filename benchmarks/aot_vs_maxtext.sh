@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Compile time and memory per chip of SmolLM3-3B's train step for a TPU v5p-16 slice (v5p:2x2x4),
+# nopejax's dry run vs MaxText's train_compile of the same shape, alternated on the same JAX/libtpu.
+#
+#   benchmarks/aot_vs_maxtext.sh [ROUNDS]        # default 2 rounds = 4 compiles (~10-20 min on 2 busy cores)
+#
+# Two Python 3.12 venvs with the same jax[tpu] (and so the same libtpu):
+#   NOPEJAX_PY  (default /work/venv312/bin/python):      pip install -e '.[tpu]' 'jax[tpu]==0.12.0.1'
+#   MAXTEXT_PY  (default /work/venv_maxtext/bin/python): pip install 'maxtext[tpu]==0.2.5'; pip install 'jax[tpu]==0.12.0.1'
+# Both tools run under benchmarks/compile_timer.py, which reads JAX's jax.monitoring duration events
+# (trace, lower to MLIR, backend compile) and the largest program's memory_analysis() the same way.
+#
+# MaxText has no SmolLM3; its reference is its llama2 decoder block (scanned, RoPE in every layer)
+# at SmolLM3-3B's shape: d 2048, 16 query / 4 KV heads of 128, MLP 11008, 36 layers, vocab 128256,
+# tied embeddings, fp32 weights, bf16 compute, full remat, FSDP over 16 chips, one 4096-token row per chip.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+NOPEJAX_PY="${NOPEJAX_PY:-/work/venv312/bin/python}"
+MAXTEXT_PY="${MAXTEXT_PY:-/work/venv_maxtext/bin/python}"
+ROUNDS="${1:-2}"
+TIMER="$ROOT/benchmarks/compile_timer.py"
+LOG="$(mktemp -d)"
+# both tools only compile (no TPU is attached); let libtpu load while another process holds its lockfile
+export ALLOW_MULTIPLE_LIBTPU_LOAD=1
+
+versions() { "$1" -c "import importlib.metadata as m, jax; print(jax.__version__, m.version('libtpu'))"; }
+NOPEJAX_V="$(versions "$NOPEJAX_PY")"
+MAXTEXT_V="$(versions "$MAXTEXT_PY")"
+echo "jax, libtpu: nopejax venv $NOPEJAX_V; maxtext venv $MAXTEXT_V; load $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
+if [[ "$NOPEJAX_V" != "$MAXTEXT_V" ]]; then
+  echo "the two venvs must have the same jax and libtpu" >&2
+  exit 1
+fi
+MAXTEXT_DIR="$("$MAXTEXT_PY" -c "import maxtext, os; print(os.path.dirname(maxtext.__file__))")"
+
+run_nopejax() {
+  PYTHONPATH="$ROOT" "$NOPEJAX_PY" "$TIMER" nopejax.cli train --config "$ROOT/configs/smollm3_3b.py" \
+    --dry-run --topology v5p:2x2x4
+}
+
+run_maxtext() {
+  "$MAXTEXT_PY" "$TIMER" maxtext.trainers.pre_train.train_compile "$MAXTEXT_DIR/configs/base.yml" \
+    compile_topology=v5p-16 compile_topology_num_slices=1 run_name=aot_vs_nopejax \
+    decoder_block=llama2 base_emb_dim=2048 base_num_query_heads=16 base_num_kv_heads=4 base_mlp_dim=11008 \
+    base_num_decoder_layers=36 head_dim=128 vocab_size=128256 logits_via_embedding=true \
+    normalization_layer_epsilon=1e-6 rope_max_timescale=50000 \
+    max_target_length=4096 per_device_batch_size=1 remat_policy=full scan_layers=true \
+    dtype=bfloat16 weight_dtype=float32 ici_fsdp_parallelism=-1 enable_dropout=false \
+    dataset_type=synthetic enable_checkpointing=false
+}
+
+for round in $(seq "$ROUNDS"); do
+  for tool in nopejax maxtext; do
+    echo "round $round: $tool ..." >&2
+    if ! "run_$tool" >"$LOG/$tool.$round.out" 2>&1; then
+      tail -30 "$LOG/$tool.$round.out" >&2
+      echo "$tool failed in round $round; full log $LOG/$tool.$round.out" >&2
+      exit 1
+    fi
+    tail -1 "$LOG/$tool.$round.out" | tee -a "$LOG/$tool.jsonl"
+  done
+done
+
+"$NOPEJAX_PY" - "$LOG" <<'EOF'
+import json, statistics, sys
+
+log = sys.argv[1]
+rows = {t: [json.loads(line) for line in open(f"{log}/{t}.jsonl")] for t in ("nopejax", "maxtext")}
+keys = ("trace_s", "lower_s", "backend_compile_s", "memory_per_device_gib")
+med = {t: {k: statistics.median(r[k] for r in rows[t]) for k in keys} for t in rows}
+print(f"\nmedian of {len(rows['nopejax'])} alternated runs each (seconds are JAX's monitoring events, summed):")
+print("| tool | trace (s) | lower (s) | backend compile (s) | trace+lower+compile (s) | memory per chip (GiB) |")
+print("|---|---|---|---|---|---|")
+for t, m in med.items():
+    total = m["trace_s"] + m["lower_s"] + m["backend_compile_s"]
+    print(f"| {t} | {m['trace_s']:.1f} | {m['lower_s']:.1f} | {m['backend_compile_s']:.1f} | {total:.1f} "
+          f"| {m['memory_per_device_gib']:.2f} |")
+n, x = med["nopejax"], med["maxtext"]
+total = lambda m: m["trace_s"] + m["lower_s"] + m["backend_compile_s"]
+print(f"nopejax / MaxText: backend compile {n['backend_compile_s'] / x['backend_compile_s']:.2f}x, "
+      f"trace+lower+compile {total(n) / total(x):.2f}x, "
+      f"memory per chip {n['memory_per_device_gib'] / x['memory_per_device_gib']:.2f}x")
+EOF

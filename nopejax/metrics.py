@@ -13,6 +13,7 @@ import os
 
 import jax
 
+from nopejax import config
 from nopejax.config import ConfigDict
 
 # bf16 dense peak FLOP/s per chip, by `device_kind` substring (first match wins).
@@ -42,8 +43,19 @@ def train_flops_per_step(cfg: ConfigDict) -> float:
     per_layer = 3 * m.d_model * m.d_ff + m.d_model * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
     per_layer += m.num_heads * m.head_dim * m.d_model
     matmul = 2 * tokens * (m.num_layers * per_layer + m.d_model * m.vocab_size)
-    attention = m.num_layers * 2 * 2 * B * S * S * m.num_heads * m.head_dim / 2
+    pairs = sum(attended_pairs(spec, S) for spec in config.layer_specs(m))
+    attention = 2 * 2 * B * pairs * m.num_heads * m.head_dim
     return 3.0 * (matmul + attention)
+
+
+def attended_pairs(spec: config.LayerSpec, S: int) -> float:
+    """(query, key) pairs one layer scores in a row of S tokens: S^2 / 2 causal (MaxText's count),
+    about S * W for a sliding window W and S * C / 2 for chunks of C."""
+    if spec.attention == "sliding" and spec.window < S:
+        return spec.window * S - spec.window**2 / 2
+    if spec.attention == "chunked" and spec.window < S:
+        return S * spec.window / 2
+    return S * S / 2
 
 
 class Writer:

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 import nopejax
-from nopejax import attention, cli, config, model, sharding, tensorfile, train
+from nopejax import attention, cli, config, metrics, model, sharding, tensorfile, train
 from nopejax.config import ConfigError, LayerSpec
 
 # ---------------------------------------------------------------------------------------------
@@ -392,3 +392,17 @@ def test_cli_rejects_a_bad_layer_spec_in_one_line_before_compiling(tmp_path, cap
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"`{field}`" in err and "Fix:" in err
+
+
+def test_flops_count_only_the_keys_a_local_layer_sees():
+    cfg = config.base_config()
+    cfg.train.seq_len = 128
+    full = metrics.train_flops_per_step(cfg)
+    cfg.model.update(global_attention_interval=4, sliding_window=32)
+    local = metrics.train_flops_per_step(cfg)
+    B, H, E = cfg.train.global_batch_size, cfg.model.num_heads, cfg.model.head_dim
+    local_layers = sum(s.local for s in config.layer_specs(cfg.model))
+    saved = local_layers * 3 * 2 * 2 * B * H * E * (128 * 128 / 2 - (32 * 128 - 32 * 32 / 2))
+    assert local_layers == 5 and abs((full - local) - saved) < 1e-6 * full
+    cfg.model.sliding_window = 128  # a window as long as the row sees everything a causal layer sees
+    assert metrics.train_flops_per_step(cfg) == full

@@ -86,6 +86,7 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(tmp_path, uninterrupted):
     assert losses(tmp_path) == uninterrupted
 
 
+@pytest.mark.slow  # long end-to-end; `python -m pytest -m slow`
 def test_restore_on_other_meshes_continues_identically(tmp_path):
     cfg = small_cfg(data=1, fsdp=8)
     batches = random_batches(cfg, 6, seed=5)
@@ -209,6 +210,7 @@ def test_restore_into_an_incompatible_model_names_the_field(tmp_path, change, fi
     assert err.value.field == field
 
 
+@pytest.mark.slow  # long end-to-end; `python -m pytest -m slow`
 def test_export_from_checkpoint_matches_transformers_and_import_round_trips(tmp_path):
     import torch
     import transformers

@@ -71,6 +71,7 @@ def test_absolute_steps_still_mean_steps_and_impossible_ones_fail():
         assert "Fix:" in str(err.value)
 
 
+# N = 50 runs in CI as .ci/run's smoke run (steps alone, no other override)
 @pytest.mark.parametrize("steps", [1, 7, pytest.param(50, marks=pytest.mark.slow)])
 def test_train_steps_alone_is_enough(tmp_path, steps):
     # the most common override, with no warmup/decay overrides beside it

@@ -141,6 +141,7 @@ def nopejax(*args, env=None, check=True, timeout=600):
     return proc
 
 
+@pytest.mark.slow  # long end-to-end; `python -m pytest -m slow`
 def test_cli_trains_tiny_on_the_offline_corpus(tmp_path):
     wd = tmp_path / "run"
     nopejax("train", "--config", "configs/tiny.py", "--workdir", str(wd), "--config.train.steps=60",

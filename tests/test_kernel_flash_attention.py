@@ -383,3 +383,13 @@ def test_gpu_lowering_emits_triton_kernels(opts):
 
     text = _lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, kv, kv, ids, ids)
     assert text.count("__gpu$xla.gpu.triton") == 3
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gpu_wide_rows_take_half_tiles(dtype):
+    # On an H200 the default GPU tiles asked for 240 KiB (bf16) / 289 KiB (fp32) of shared memory at D = 256
+    # (227 KiB available); rows of 512 bytes or more must take the halved tiles, narrower rows keep the defaults.
+    wide = describe(4096, head_dim=256, dtype=dtype, backend="gpu")
+    narrow = describe(4096, head_dim=64 if dtype == jnp.float32 else 128, dtype=dtype, backend="gpu")
+    assert wide["forward"]["grid"][0] == 4096 // 64 and wide["dkv"]["grid"][0] == 4096 // 32
+    assert narrow["forward"]["grid"][0] == 4096 // 128 and narrow["dkv"]["grid"][0] == 4096 // 64

@@ -8,11 +8,12 @@ import shutil
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from configs_loader import load
 
-from nopejax import checkpoint, config, data, eval_length, optimizer, train
+from nopejax import checkpoint, config, data, eval_length, optimizer, stages, train
 from nopejax.config import ConfigError
 
 SEQ, STEPS = 24, 6
@@ -56,9 +57,10 @@ def stage1(tmp_path_factory):
 
 def adam(opt_state):
     """(count, mu, nu, schedule count) of the one AdamW in the chain, whatever its nesting."""
-    leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "mu") or hasattr(x, "count"))
-    state = next(x for x in leaves if hasattr(x, "mu"))
-    sched = next(x for x in leaves if type(x).__name__ == "ScaleByScheduleState")
+    kinds = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
+    leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds))
+    state = next(x for x in leaves if isinstance(x, optax.ScaleByAdamState))
+    sched = next(x for x in leaves if isinstance(x, optax.ScaleByScheduleState))
     return int(state.count), state.mu, state.nu, int(sched.count)
 
 
@@ -102,9 +104,9 @@ def test_continued_stage_with_longer_sequences_and_new_theta_trains(stage1, tmp_
         assert json.load(f)["train"]["seq_len"] == 2 * SEQ
 
 
-def test_resume_same_workdir_with_longer_sequences_records_history(tmp_path):
+def test_resume_same_workdir_with_longer_sequences_records_history(stage1, tmp_path):
     workdir = str(tmp_path / "run")
-    train.run(tiny(), workdir, progress=False)
+    shutil.copytree(stage1, workdir)
     cfg = tiny(train__seq_len=2 * SEQ, train__steps=STEPS + 3, model__rope_theta=40000.0)
     cfg.mesh.update(data=2, fsdp=4)
     train.run(cfg, workdir, progress=False)
@@ -126,12 +128,12 @@ def test_resume_same_workdir_with_longer_sequences_records_history(tmp_path):
     for _ in range(3):
         next(long)
     assert saved == json.loads(json.dumps(long.get_state()))
-    # resuming again from the same checkpoint with the same config adds nothing; a changed data
-    # stream (another seed) starts at its beginning and says so
-    cfg.train.update(steps=STEPS + 5, seed=1)
-    train.run(cfg, workdir, progress=False)
-    *_, last = history(workdir)
-    assert last["step"] == STEPS + 3 and last["data"] == "restarted" and last["changes"]["train.seed"] == [0, 1]
+    # a changed data stream (another seed) is not continued: it starts at its beginning and says so
+    saved_cfg = checkpoint.read_config(workdir, STEPS + 3)
+    cfg.train.seed = 1
+    assert stages.check_resume(config.to_dict(saved_cfg), cfg, 8)
+    assert stages.resume_entry(config.to_dict(saved_cfg), cfg, STEPS + 3, True) == {
+        "step": STEPS + 3, "stage": "resumed", "changes": {"train.seed": [0, 1]}, "data": "restarted"}  # fmt: skip
 
 
 def test_data_stream_continues_at_the_next_token_when_seq_len_doubles():
@@ -157,7 +159,7 @@ def test_data_stream_continues_at_the_next_token_when_seq_len_doubles():
         (dict(model__no_rope_layers=(1, 1)), "model.no_rope_layers"),
         (dict(optim__clip_norm=0.0), "optim.clip_norm"),
         # 8 saved data shards cannot fill 4 rows
-        (dict(train__global_batch_size=4, mesh__data=4), "train.global_batch_size"),
+        (dict(train__global_batch_size=4, mesh__data=4, mesh__tensor=2), "train.global_batch_size"),
     ],
 )
 def test_refused_changes_on_resume_name_the_field_and_keep_the_checkpoint(stage1, tmp_path, change, field):
@@ -220,20 +222,20 @@ def test_schedule_step_moves_only_the_schedule_count():
     assert (count, sched) == (0, 7)
 
 
-def test_eval_length_on_a_sharded_mesh_equals_one_device(stage1):
+def test_eval_length_on_a_sharded_mesh_equals_one_device(stage1, tmp_path):
     """fsdp 8, and data x fsdp x tensor (params sharded, rows spread over the data axes) vs 1 device."""
-    lengths = [SEQ, 40]
+    lengths = [40]  # past the training length, windows 0..39
     one = eval_length.evaluate([stage1], lengths, batches=1, progress=False, devices=jax.devices()[:1],
-                               out_dir=os.path.join(stage1, "one"))["results"][0]  # fmt: skip
+                               out_dir=str(tmp_path / "one"))["results"][0]  # fmt: skip
     for mesh in (["mesh.data=1", "mesh.fsdp=8"], ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]):
         sharded = eval_length.evaluate([stage1], lengths, batches=1, progress=False, mesh_overrides=mesh,
-                                       out_dir=os.path.join(stage1, "sharded"))["results"][0]  # fmt: skip
+                                       out_dir=str(tmp_path / "sharded"))["results"][0]  # fmt: skip
         for length in lengths:
             np.testing.assert_allclose(sharded.loss_sum[length], one.loss_sum[length], rtol=1e-5)
             np.testing.assert_array_equal(sharded.count[length], one.count[length])
     # a batch whose rows do not fill the data axes is padded, and the padding dropped
     cfg = eval_length.mesh_config(checkpoint.read_config(stage1, STEPS), ["mesh.data=1", "mesh.fsdp=8"])
-    batch = {k: v[:5] for k, v in eval_length.task_batch(cfg, 3, 8).items()}
+    batch = next(eval_length.text_windows(cfg, SEQ, 5))
     loss_BS, correct_BS = eval_length.stats_fn(stage1, STEPS, cfg)(batch)
     cfg.mesh.fsdp = 1
     want_loss_BS, want_correct_BS = eval_length.stats_fn(stage1, STEPS, cfg, jax.devices()[:1])(batch)

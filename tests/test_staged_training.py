@@ -248,8 +248,8 @@ def test_eval_length_on_a_sharded_mesh_equals_one_device(stage1, tmp_path):
 
 
 def test_staged_configs_validate():
-    long = load("tiny_long")
+    long = config.validate(load("tiny_long"))
     assert long.train.seq_len == 2 * load("tiny").train.seq_len and long.init_from
-    big = load("smollm3_3b_long")
+    big = config.validate(load("smollm3_3b_long"))
     assert (big.train.seq_len, big.model.rope_theta, big.init_from_optimizer) == (32768, 2e6, True)
     assert big.train.global_batch_size * big.train.seq_len == 72 * 32768  # 2.36M tokens per step, as SmolLM3

@@ -140,7 +140,10 @@ def layout(m: ConfigDict) -> dict:
     return out
 
 
-def check_compatible(saved: dict, m: ConfigDict, where: str) -> None:
+RESUME_FIX = "use the config the checkpoint was trained with, or start a new workdir"
+
+
+def check_compatible(saved: dict, m: ConfigDict, where: str, fix: str = RESUME_FIX) -> None:
     current = layout(m)
     for field, value in current.items():
         was = saved.get(field, OPTIONAL_PARAM_FIELDS.get(field))
@@ -148,8 +151,35 @@ def check_compatible(saved: dict, m: ConfigDict, where: str) -> None:
             raise ConfigError(
                 FIELD_NAMES.get(field, f"model.{field}"),
                 f"the checkpoint at {where} has {field}={was!r}, this config has {value!r}",
-                "use the config the checkpoint was trained with, or start a new workdir",
+                fix,
             )
+
+
+def _leaf_shapes(tree) -> dict[tuple, tuple]:
+    """path -> shape of every array leaf; namedtuple fields and dict keys read alike, so a
+    restored metadata tree (dicts) and a live optimizer state (namedtuples) compare."""
+
+    def name(key):
+        return str(getattr(key, "name", getattr(key, "key", getattr(key, "idx", key))))
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def check_opt_state(saved_state_meta, abstract_state: dict, where: str, field: str, fix: str) -> None:
+    """The optimizer state a checkpoint holds must have the structure this config builds
+    (clip_norm 0 vs > 0 adds or drops a state): say so before orbax fails on it."""
+    if "opt_state" not in saved_state_meta:
+        raise ConfigError(field, f"the checkpoint at {where} holds no optimizer state", fix)
+    saved, wanted = _leaf_shapes(saved_state_meta["opt_state"]), _leaf_shapes(abstract_state["opt_state"])
+    if saved != wanted:
+        diff = sorted(set(saved.items()) ^ set(wanted.items()))[0]
+        raise ConfigError(
+            field,
+            f"the optimizer state at {where} has another structure than this config's optimizer (first difference: "
+            f"{'.'.join(diff[0])} {diff[1]}, in {'the checkpoint' if diff in saved.items() else 'this config'} only)",
+            fix,
+        )
 
 
 def _manager(
@@ -186,6 +216,7 @@ class Checkpointer:
         self.manager = _manager(workdir, cfg)
         self.directory = epath.Path(self.manager.directory)
         self._saving = None  # the step of the newest save, for the error if it fails in the background
+        self.restored_config: dict | None = None  # the config the restored checkpoint was trained with
 
     def _config_item(self) -> dict:
         return {"config": config_lib.to_dict(self.cfg), "layout": layout(self.cfg.model)}
@@ -248,13 +279,31 @@ class Checkpointer:
                 return files[0][1] * len(shard_states(json.loads(files[0][2].read_text())))
         return None
 
+    def latest_config(self) -> dict | None:
+        """The config the newest readable checkpoint was trained with (None without one)."""
+        for step in reversed(self.steps()):
+            try:
+                return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"][
+                    "config"
+                ]
+            except Exception:  # unreadable: restore_latest sets it aside and looks further back too
+                continue
+        return None
+
     def _try_restore(self, step: int, abstract_state: dict, data_iter) -> tuple[dict | None, Exception | None]:
         """-> (restored items, None), or (None, why it is unreadable). A config mismatch raises."""
         try:
             saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+            state_meta = self.manager.item_metadata(step)["state"]
         except Exception as e:
             return None, e
-        check_compatible(saved["layout"], self.cfg.model, str(self.directory / str(step)))
+        where = str(self.directory / str(step))
+        check_compatible(saved["layout"], self.cfg.model, where)
+        if state_meta is not None:  # an optimizer of another structure is a config change, not damage
+            check_opt_state(state_meta, abstract_state, where, "optim.clip_norm",
+                            "resume with the optimizer settings the checkpoint was trained with (clip_norm 0 and "
+                            "> 0 build different states), or start a new workdir with init_from")  # fmt: skip
+        self.restored_config = saved["config"]
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             args["data"] = DataRestore(data_iter)
@@ -325,20 +374,23 @@ def _params_readable(root: str, step: int) -> bool:
     return True
 
 
-def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
-    """A workdir, its checkpoints/ dir, or one step dir -> (workdir-like root, step)."""
+def find_checkpoint(path: str, step: int | None = None, field: str = "--workdir") -> tuple[str, int]:
+    """A workdir, its checkpoints/ dir, or one step dir -> (workdir-like root, step).
+    `field` is what errors name: the option or config field that gave the path."""
     path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise ConfigError(field, f"{path} does not exist", "pass the workdir of a nopejax run, or one of its step dirs")
     if os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
         return os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
     if os.path.basename(path) == "checkpoints":
         path = os.path.dirname(path)
     if not os.path.isdir(os.path.join(path, "checkpoints")):
-        raise ConfigError("init_from", f"{path} has no checkpoints/ directory", "pass a nopejax workdir or a step dir")
+        raise ConfigError(field, f"{path} has no checkpoints/ directory", "pass a nopejax workdir or a step dir")
     manager = _manager(path, read_only=True)
     steps = sorted(manager.all_steps())
     manager.close()
     if not steps:
-        raise ConfigError("--workdir", f"{path}/checkpoints holds no complete checkpoint", "train first, or import-hf")
+        raise ConfigError(field, f"{path}/checkpoints holds no complete checkpoint", "train first, or import-hf")
     if step is None:
         return path, steps[-1]
     if step not in steps:
@@ -401,6 +453,29 @@ def restore_params(workdir: str, step: int, shardings=None) -> dict:
         return _restore_params(workdir, step, shardings)
     except Exception as e:  # orbax / tensorstore raise many types for a damaged file
         raise _unreadable(workdir, step, e) from None
+
+
+def restore_state(workdir: str, step: int, abstract_state: dict) -> dict:
+    """The whole train state of a checkpoint, placed as `abstract_state` says (another mesh is
+    fine): init_from with the optimizer state. A source without a matching one is an error."""
+    manager = _manager(workdir, read_only=True)
+    where = f"{workdir} step {step}"
+    try:
+        try:
+            meta = manager.item_metadata(step)["state"]
+        except Exception as e:
+            raise _unreadable(workdir, step, e) from None
+        check_opt_state(meta, abstract_state, where, "init_from_optimizer",
+                        "set init_from_optimizer=false (fresh AdamW moments), or use the source's optimizer "
+                        "settings (optim.clip_norm 0 and > 0 build different states)")  # fmt: skip
+        try:
+            return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+                "state"
+            ]
+        except Exception as e:
+            raise _unreadable(workdir, step, e) from None
+    finally:
+        manager.close()
 
 
 def load_model(workdir: str, step: int | None = None):

@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="last line: {prompt, completion, prompt_ids, completion_ids}")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval-length", help="loss by position, past the training length")
+    p = sub.add_parser("eval-length", help="loss by position, past the training length",
+                       epilog="Runs on the run's mesh; change it with --config.mesh.KEY=VALUE, "
+                              "e.g. --config.mesh.fsdp=8 --config.mesh.data=1")  # fmt: skip
     p.add_argument("--workdir", required=True)
     p.add_argument("--lengths", default="128,256,512,1024", help="comma-separated sequence lengths")
     p.add_argument("--step", type=int)

@@ -22,6 +22,8 @@ ConfigDict = ml_collections.ConfigDict
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 SCHEDULES = ("wsd", "cosine", "linear", "constant")
+INIT_FROM_SCHEDULES = ("reset", "continue")
+HISTORY_KEY = "history"  # DIR/config.json's record of the run's stages; not a config field
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = (
     "default", "text", "jsonl", "parquet", "arrayrecord", "prepared", "copy", "reverse", "parity",
@@ -166,6 +168,9 @@ def base_config() -> ConfigDict:
     c.async_save = True
 
     cfg.init_from = ""  # params of another run (a workdir or checkpoint dir) to start from
+    # Staged training (SmolLM3's 4k -> 32k -> 64k): what else init_from carries over besides the params.
+    cfg.init_from_optimizer = False  # True: the source's AdamW moments too (nanotron load_optimizer)
+    cfg.init_from_schedule = "reset"  # "reset": step 0, the schedule starts over; "continue": the source's step
     return cfg
 
 
@@ -328,6 +333,8 @@ def from_dict(d: dict) -> ConfigDict:
 
 def _merge(cfg: ConfigDict, d: dict, prefix: str) -> None:
     for k, v in d.items():
+        if k == HISTORY_KEY and not prefix:  # a workdir's config.json carries its stage history
+            continue
         if k not in cfg:
             raise ConfigError(prefix + k, "unknown key in a saved config", "remove it or upgrade nopejax")
         if isinstance(cfg[k], ConfigDict):
@@ -597,6 +604,15 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}", "use e.g. 0.02")
     if d.task_train_min_len > d.task_train_max_len or d.task_test_min_len > d.task_test_max_len:
         raise ConfigError("data.task_train_min_len", "a min length exceeds its max length", "order the bounds")
+
+    if cfg.init_from_schedule not in INIT_FROM_SCHEDULES:
+        raise ConfigError(
+            "init_from_schedule", f"unknown value {cfg.init_from_schedule!r}",
+            f"use one of {INIT_FROM_SCHEDULES} (reset: step 0 and a new warmup; continue: the source's step)",
+        )  # fmt: skip
+    if not cfg.init_from and (cfg.init_from_optimizer or cfg.init_from_schedule != "reset"):
+        field = "init_from_optimizer" if cfg.init_from_optimizer else "init_from_schedule"
+        raise ConfigError(field, "is set but init_from is empty", "set init_from to the run to continue from")
 
     c = cfg.checkpoint
     if c.every_steps < 0 or c.keep < 1 or c.keep_period < 0:

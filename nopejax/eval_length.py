@@ -21,10 +21,14 @@ examples of exactly length n (one example per row, positions from 0) give exact 
 decoding exactly right, `data.exact_match`) and the mean loss on answer tokens.
 
 Either way the model runs in fp32 with `attention_impl = "xla"`, whatever the run trained
-with, so numbers compare across hardware. `--rope-scaling` (HF `rope_scaling`: linear, yarn, llama3)
-replaces the run's scaling; it changes the RoPE frequencies only, so NoPE layers, which never
-rotate q and k, are untouched by construction (`nopejax.rope`). For yarn and llama3 the
-`original_max_position_embeddings` defaults to the run's training length.
+with, so numbers compare across hardware. It runs on the run's own mesh (`mesh.*` of its
+config, `--config.mesh.KEY=VALUE` to change it): params sharded by the logical-axis table as in
+training, each forward's rows spread over the data axes (padded to a multiple of them), so a
+long evaluation never needs one device to hold the model; the sums are the 1-device ones.
+`--rope-scaling` (HF `rope_scaling`: linear, yarn, llama3) replaces the run's scaling; it
+changes the RoPE frequencies only, so NoPE layers, which never rotate q and k, are untouched by
+construction (`nopejax.rope`). For yarn and llama3 the `original_max_position_embeddings`
+defaults to the run's training length.
 
 Writes into `DIR/eval_length/`: `loss_by_position.csv` (every number), `loss_by_position.md`
 (a table) and `loss_by_position.png` (loss vs position, one line per length and run, with the
@@ -45,12 +49,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nopejax import checkpoint, config, data, hf, model
+from nopejax import checkpoint, config, data, hf, model, sharding, train
 from nopejax.config import ConfigDict, ConfigError
 from nopejax.data.pipeline import SYNTHETIC_SOURCES
 from nopejax.data.synthetic import TaskExample, answer_length
 
-FORWARD_TOKENS = 8192  # tokens per forward call: bounds the [B, H, S, S] attention scores in memory
+FORWARD_TOKENS = 8192  # tokens per device per forward call: bounds the [B, H, S, S] attention scores
 OUT_DIR = "eval_length"
 FILES = ("loss_by_position.csv", "loss_by_position.md", "loss_by_position.png")
 
@@ -124,10 +128,55 @@ def read_run(workdir: str, step: int | None, rope_scaling: dict | None) -> tuple
     return root, step, eval_config(checkpoint.read_config(root, step), rope_scaling)
 
 
-def stats_fn(root: str, step: int, cfg: ConfigDict):
-    """The jitted per-token stats of a checkpoint's params: batch -> (loss [B, S], correct [B, S])."""
-    graphdef, params = model.split(hf.build(cfg.model, checkpoint.restore_params(root, step)))
-    return functools.partial(jax.jit(functools.partial(token_stats, graphdef)), params)
+def mesh_config(cfg: ConfigDict, overrides) -> ConfigDict:
+    """The run's config with `--config.mesh.KEY=VALUE` overrides; the rest is the checkpoint's."""
+    others = [o for o in overrides if not o.removeprefix("--config.").startswith("mesh.")]
+    if others:
+        raise ConfigError(
+            others[0].split("=")[0], "eval-length takes only mesh overrides; the model and data are the checkpoint's",
+            "pass --config.mesh.KEY=VALUE (e.g. --config.mesh.fsdp=8), or train a run with the other setting",
+        )  # fmt: skip
+    return config.validate(config.apply_overrides(copy.deepcopy(cfg), overrides))
+
+
+@dataclasses.dataclass
+class Stats:
+    """The jitted per-token stats of a checkpoint on its mesh: batch -> (loss [B, S], correct [B, S])."""
+
+    fn: object
+    mesh: jax.sharding.Mesh
+    batch_sharding: jax.sharding.NamedSharding
+    shards: int  # devices the batch rows are spread over: B is padded to a multiple
+
+    def __call__(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+        B = len(batch["inputs"])
+        pad = -B % self.shards  # rows copied from row 0, computed and dropped
+        placed = {
+            k: jax.device_put(np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) if pad else v, self.batch_sharding)
+            for k, v in batch.items()
+        }
+        with jax.set_mesh(self.mesh):
+            loss_BS, correct_BS = self.fn(placed)
+        return np.asarray(loss_BS)[:B], np.asarray(correct_BS)[:B]
+
+
+def stats_fn(root: str, step: int, cfg: ConfigDict, devices=None) -> Stats:
+    """The checkpoint's params restored sharded on the mesh of `cfg.mesh` (over `devices`,
+    default all), as training shards them; batches sharded over the data axes."""
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    axes = train.param_logical_axes(cfg.model)
+    named = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0]
+    shapes = jax.tree.leaves(jax.eval_shape(lambda: model.split(model.create(cfg.model))[1]))
+    sharding.check_divisible([(jax.tree_util.keystr(p), x.shape, a) for (p, a), x in zip(named, shapes)], mesh)
+    shardings = jax.tree.map(lambda a: sharding.named(mesh, a), axes, is_leaf=lambda x: isinstance(x, tuple))
+    params = checkpoint.restore_params(root, step, shardings)
+    graphdef, params = model.split(hf.build(cfg.model, params))
+    spec = sharding.logical_to_spec(["act_batch", "act_seq"], mesh)
+    rows = spec[0] or ()
+    shards = int(np.prod([mesh.shape[a] for a in ((rows,) if isinstance(rows, str) else rows)]))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    fn = jax.jit(functools.partial(token_stats, graphdef), out_shardings=replicated)
+    return Stats(functools.partial(fn, params), mesh, jax.sharding.NamedSharding(mesh, spec), shards)
 
 
 def token_stats(graphdef, params, batch):
@@ -163,9 +212,11 @@ def text_windows(cfg: ConfigDict, length: int, rows: int):
 def eval_text(cfg, run_stats, lengths, tokens_per_length: int, bar=None) -> tuple[dict, dict]:
     """-> (loss_sum, count): per length L, float64 [L] sums over the first windows of the stream."""
     loss_sum, count = {}, {}
+    shards = getattr(run_stats, "shards", 1)
     for length in lengths:
-        rows = max(1, FORWARD_TOKENS // length)
         windows_left = -(-tokens_per_length // length)  # ceil: the same text for every length
+        # rows per call: a multiple of the data shards, FORWARD_TOKENS per device, no more than needed
+        rows = shards * max(1, min(FORWARD_TOKENS // length, -(-windows_left // shards)))
         loss_S, count_S = np.zeros(length), np.zeros(length)
         for batch in text_windows(cfg, length, rows):
             mask_BS = batch["loss_mask"].astype(np.float64)
@@ -393,10 +444,13 @@ def evaluate(
     rope_scaling: dict | None = None,
     out_dir: str | None = None,
     progress: bool = True,
+    mesh_overrides: list[str] = (),
+    devices=None,
 ) -> dict:
     """Evaluate `workdirs` (the first names the output dir); write CSV, Markdown, PNG.
 
-    `step` applies to the first workdir; compared runs use their newest checkpoint.
+    `step` applies to the first workdir; compared runs use their newest checkpoint. Each run is
+    evaluated on its own mesh with `mesh_overrides` (`mesh.fsdp=8` ...), over `devices` (all).
     Returns {"kind": "text" | task name, "results": [...], "files": [paths], "markdown": str}.
     """
     from tqdm import tqdm
@@ -404,6 +458,7 @@ def evaluate(
     if batches < 1:
         raise ConfigError("--batches", f"must be >= 1, got {batches}", "use e.g. 4")
     runs = [read_run(w, step if i == 0 else None, rope_scaling) for i, w in enumerate(workdirs)]
+    runs = [(root, run_step, mesh_config(cfg, mesh_overrides)) for root, run_step, cfg in runs]
     labels = _labels(workdirs, rope_scaling)
     kinds = {cfg.data.source if cfg.data.source in SYNTHETIC_SOURCES else "text" for _, _, cfg in runs}
     if len(kinds) > 1:
@@ -425,7 +480,7 @@ def evaluate(
                    desc="eval-length")  # fmt: skip
         for (root, run_step, cfg), label, budget in zip(runs, labels, budgets):
             bar.set_postfix_str(label)
-            loss_sum, count = eval_text(cfg, stats_fn(root, run_step, cfg), lengths, budget, bar)
+            loss_sum, count = eval_text(cfg, stats_fn(root, run_step, cfg, devices), lengths, budget, bar)
             results.append(TextResult(label, run_step, cfg.train.seq_len, loss_sum, count))
         bar.close()
         write_csv(paths[0], text_rows(results, lengths, bucket))
@@ -437,7 +492,8 @@ def evaluate(
         bar = tqdm(total=span * len(runs), unit="len", disable=not progress, desc=f"eval-length {kind}")
         for (root, run_step, cfg), label in zip(runs, labels):
             bar.set_postfix_str(label)
-            counts, em, loss = eval_task(cfg, stats_fn(root, run_step, cfg), batches * cfg.train.global_batch_size, bar)
+            run_stats = stats_fn(root, run_step, cfg, devices)
+            counts, em, loss = eval_task(cfg, run_stats, batches * cfg.train.global_batch_size, bar)
             results.append(TaskResult(label, run_step, kind, cfg.data.task_train_max_len, counts, em, loss))
         bar.close()
         write_csv(paths[0], task_rows(results))
@@ -452,8 +508,8 @@ def main(args) -> int:
     """`nopejax eval-length` (arguments parsed by nopejax.cli)."""
     rope_scaling = parse_rope_scaling(args.rope_scaling)
     lengths = parse_lengths(args.lengths)
-    out = evaluate([args.workdir, *args.compare], lengths, step=args.step, bucket=args.bucket,
-                   batches=args.batches, rope_scaling=rope_scaling)  # fmt: skip
+    out = evaluate([args.workdir, *args.compare], lengths, step=args.step, bucket=args.bucket, batches=args.batches,
+                   rope_scaling=rope_scaling, mesh_overrides=getattr(args, "overrides", []))  # fmt: skip
     if out["kind"] != "text":
         print(f"(data.source={out['kind']}: evaluated input lengths task_train_min_len..task_test_max_len; "
               "--lengths applies to text runs)")  # fmt: skip

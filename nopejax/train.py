@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nopejax import attention, config, metrics, model, optimizer, sharding
+from nopejax import attention, checkpoint, config, metrics, model, optimizer, sharding, stages
 from nopejax.config import ConfigDict, ConfigError, RunError
 from nopejax.decode import training_sampler
 
@@ -131,6 +131,43 @@ def fresh_opt_state(s: Setup, params: dict) -> dict:
 
     with jax.set_mesh(s.mesh):
         return jax.jit(build, out_shardings=s.state_shardings)(params)
+
+
+def state_from(s: Setup, root: str, source_step: int) -> tuple[dict, dict]:
+    """init_from: a new run's state from another run's checkpoint, placed on this run's mesh.
+    -> (state, its history entry). Params always; the AdamW moments with init_from_optimizer;
+    the step with init_from_schedule="continue" (else 0). The schedule's count in the optimizer
+    state is set to that step either way, so the learning rate follows the step."""
+    cfg, where = s.cfg, f"{root} step {source_step}"
+    fix = "init_from carries params into a model of the same shape and RoPE/NoPE pattern"
+    checkpoint.check_compatible(checkpoint.checkpoint_layout(root, source_step), cfg.model, where, fix)
+    step = source_step if cfg.init_from_schedule == "continue" else 0
+    if step >= cfg.train.steps:
+        raise ConfigError(
+            "train.steps",
+            f"init_from_schedule=continue starts at the source's step {step}, and train.steps={cfg.train.steps} "
+            "counts from the source's start",
+            f"set train.steps above {step}, or init_from_schedule=reset",
+        )
+    if cfg.init_from_optimizer:
+        source = checkpoint.restore_state(root, source_step, s.abstract_state)
+        params, opt_state = source["params"], source["opt_state"]
+    else:
+        params, opt_state = checkpoint.restore_params(root, source_step, s.state_shardings["params"]), None
+
+    def build(params, opt_state):
+        opt_state = s.tx.init(params) if opt_state is None else opt_state
+        return {
+            "step": jnp.asarray(step, jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(cfg.train.seed)),
+            "params": params,
+            "opt_state": optimizer.with_schedule_step(opt_state, step),
+        }
+
+    with jax.set_mesh(s.mesh):
+        state = jax.jit(build, out_shardings=s.state_shardings, donate_argnums=(0, 1))(params, opt_state)
+    source_cfg = config.to_dict(checkpoint.read_config(root, source_step))
+    return state, stages.init_from_entry(source_cfg, cfg, root, source_step, step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,24 +395,27 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
     """Train (or resume) in `workdir`. Returns the summary that is also printed."""
     from tqdm import tqdm
 
-    from nopejax import checkpoint, data
+    from nopejax import data
 
     s = setup(cfg)
     t = cfg.train
     is_main = jax.process_index() == 0
-    if is_main:
-        checkpoint.write_run_config(workdir, cfg)
     step_fn, eval_fn = compile_fns(s)
     ckpt = checkpoint.Checkpointer(workdir, cfg)
-    # a resumed run keeps the data shards it was saved with, so the process count may change
-    train_iter = data.make_iterator(cfg, "train", num_shards=ckpt.data_shards())
-    state, start = ckpt.restore_latest(s.abstract_state, train_iter)
-    if state is None:
-        state = init_state(s)
-        if cfg.init_from:
-            root, step = checkpoint.find_checkpoint(cfg.init_from)
-            checkpoint.check_compatible(checkpoint.checkpoint_layout(root, step), cfg.model, f"{root} step {step}")
-            state = fresh_opt_state(s, checkpoint.restore_params(root, step, s.state_shardings["params"]))
+    # a resumed run keeps the data shards it was saved with, so the process count may change;
+    # a stage that changes what the data stream is starts the new stream (nopejax.stages)
+    restart_data = stages.check_resume(ckpt.latest_config(), cfg, ckpt.data_shards())
+    train_iter = data.make_iterator(cfg, "train", num_shards=None if restart_data else ckpt.data_shards())
+    state, start = ckpt.restore_latest(s.abstract_state, None if restart_data else train_iter)
+    if state is not None:
+        entry = stages.resume_entry(ckpt.restored_config, cfg, start, restart_data)
+    elif cfg.init_from:
+        state, entry = state_from(s, *checkpoint.find_checkpoint(cfg.init_from, field="init_from"))
+        start = int(host_scalar(state["step"]))
+    else:
+        state, entry = init_state(s), {"step": 0, "stage": "new run"}
+    if is_main:
+        stages.write_config(workdir, cfg, start, entry)
     writer = metrics.Writer(workdir, is_main)
     sample_text = t.sample_every and training_sampler(s.graphdef, cfg.data, data.make_tokenizer(cfg.data))
     if is_main:

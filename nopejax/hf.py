@@ -492,8 +492,7 @@ COHERE2_LACKS = (
     ("qk_norm", lambda m: m.qk_norm != "none", "QK-norm"),
     ("mlp_bias", lambda m: m.mlp_bias, "MLP biases"),
     ("rope_layout", lambda m: m.rope_layout != "interleaved" and _ROPE_LAYERS(m), "the half-split RoPE layout"),
-    ("no_rope_layers", lambda m: not _sliding_rope(m),
-     "a RoPE/NoPE pattern other than RoPE on exactly the sliding layers"),
+    ("no_rope_layers", lambda m: not _sliding_rope(m), "RoPE/NoPE pattern but RoPE on exactly the sliding layers"),
 )  # fmt: skip
 EXAONE4_LACKS = (
     *NOBODY_HAS,
@@ -506,8 +505,7 @@ EXAONE4_LACKS = (
     ("rope_layout", lambda m: m.rope_layout != "half" and _ROPE_LAYERS(m), "the interleaved RoPE layout"),
     ("no_rope_layers", lambda m: not (_sliding_rope(m) or (all(config.rope_pattern(m))
                                                          and not any(s.local for s in config.layer_specs(m)))),
-     "a RoPE/NoPE pattern other than RoPE on exactly the sliding layers (or on every layer of an all-global "
-     "model)"),
+     "RoPE/NoPE pattern but RoPE on exactly the sliding layers (or on every layer of an all-global model)"),
 )  # fmt: skip
 
 
@@ -690,10 +688,12 @@ def check_exportable(m: config.ConfigDict, family: str | None = None) -> None:
     `m.hf_family`): the first feature it has no field for, then any other field away from its default."""
     fam = FAMILIES[family or m.hf_family]
     name = fam.architecture.removesuffix("ForCausalLM")
+    derived = {"no_rope_layers": [int(x) for x in config.rope_pattern(m)], "layer_types": _types(m)}
     for field, in_use, lacks in fam.lacks:
         if in_use(m):
+            value = derived[field] if field in derived else m[field]  # the per-layer lists as resolved
             raise config.ConfigError(
-                f"model.{field}", f"is {m[field]!r}, but the {name} format has no {lacks}, so transformers "
+                f"model.{field}", f"is {value!r}, but the {name} format has no {lacks}, so transformers "
                 "would run a different model", f"export to a family that has it (model.hf_family, one of "
                 f"{list(config.HF_FAMILIES)}), or use the params directly with nopejax",
             )  # fmt: skip

@@ -476,7 +476,7 @@ PRE_NORM_LACKS = (
     *NOBODY_HAS,
     ("rope_layout", lambda m: m.rope_layout != "half" and _ROPE_LAYERS(m), "the interleaved RoPE layout"),
     ("qk_norm", lambda m: m.qk_norm != "none", "QK-norm"),
-    ("block", lambda m: m.block != "pre_norm", "any block but pre-norm"),
+    ("block", lambda m: m.block != "pre_norm", "block other than pre_norm"),
     ("norm", lambda m: m.norm != "rms", "LayerNorm (its norms are RMSNorm)"),
     ("logit_scale", lambda m: m.logit_scale != 1.0, "a logit scale"),
 )
@@ -487,25 +487,26 @@ LLAMA_LACKS = (
 )
 COHERE2_LACKS = (
     *NOBODY_HAS,
-    ("block", lambda m: m.block != "parallel", "any block but parallel"),
+    ("block", lambda m: m.block != "parallel", "block other than parallel"),
     ("norm", lambda m: m.norm != "layernorm", "RMSNorm (its norms are LayerNorm)"),
     ("qk_norm", lambda m: m.qk_norm != "none", "QK-norm"),
     ("mlp_bias", lambda m: m.mlp_bias, "MLP biases"),
     ("rope_layout", lambda m: m.rope_layout != "interleaved" and _ROPE_LAYERS(m), "the half-split RoPE layout"),
-    ("no_rope_layers", lambda m: not _sliding_rope(m), "RoPE/NoPE pattern but RoPE on exactly the sliding layers"),
+    ("no_rope_layers", lambda m: not _sliding_rope(m),
+     "RoPE/NoPE pattern other than RoPE on exactly the sliding layers"),
 )  # fmt: skip
 EXAONE4_LACKS = (
     *NOBODY_HAS,
-    ("block", lambda m: m.block != "post_norm", "any block but post-norm"),
+    ("block", lambda m: m.block != "post_norm", "block other than post_norm"),
     ("norm", lambda m: m.norm != "rms", "LayerNorm (its norms are RMSNorm)"),
-    ("qk_norm", lambda m: m.qk_norm != "rms", "a layer without the per-head RMS QK-norm"),
+    ("qk_norm", lambda m: m.qk_norm != "rms", "layer without the per-head RMS QK-norm"),
     ("attention_bias", lambda m: m.attention_bias, "attention biases"),
     ("mlp_bias", lambda m: m.mlp_bias, "MLP biases"),
     ("logit_scale", lambda m: m.logit_scale != 1.0, "a logit scale"),
     ("rope_layout", lambda m: m.rope_layout != "half" and _ROPE_LAYERS(m), "the interleaved RoPE layout"),
     ("no_rope_layers", lambda m: not (_sliding_rope(m) or (all(config.rope_pattern(m))
                                                          and not any(s.local for s in config.layer_specs(m)))),
-     "RoPE/NoPE pattern but RoPE on exactly the sliding layers (or on every layer of an all-global model)"),
+     "RoPE/NoPE pattern other than RoPE on exactly the sliding layers (or on every layer of an all-global model)"),
 )  # fmt: skip
 
 

@@ -1,5 +1,5 @@
-"""Cohere2 and EXAONE 4: logits parity with transformers, exact round trips, block variants on every
-path (packed, scanned, sharded, KV cache), the export mirror rule, and continued pretraining.
+"""Cohere2 and EXAONE 4: logits parity with transformers, exact round trips, the export mirror rule,
+and continued pretraining (the block forms on every path: tests/test_blocks.py).
 
 The references are transformers' own Cohere2ForCausalLM / Exaone4ForCausalLM, built from configs in
 this file (no download), fp32, with norm weights away from 1 so a misplaced norm cannot pass.
@@ -8,17 +8,15 @@ this file (no download), fp32, with norm weights away from 1 so a misplaced norm
 import dataclasses
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 from configs_loader import ROOT
-from jax.sharding import NamedSharding
 
 import nopejax
-from nopejax import cli, config, hf, model, sharding, tensorfile, train
+from nopejax import cli, config, hf, model, tensorfile
 
 CLASSES = {"cohere2": transformers.Cohere2Config, "exaone4": transformers.Exaone4Config}
 # odd sizes: vocab 61, 3 heads of 10, d_ff 37, 5 layers (L L L G L), window 5 < the 13-token sequences
@@ -139,108 +137,6 @@ def test_what_transformers_does_not_compute_is_refused(tmp_path, family, field, 
     with pytest.raises(hf.HFConfigError) as err:
         hf.model_config_from_hf(cfg)
     assert err.value.field.split(".")[0] == field and "Fix:" in str(err.value) and "\n" not in str(err.value)
-
-
-# ---------------------------------------------------------------------------------------------
-# The block variants on every path: packed, scanned, sharded, KV cache
-
-
-def family_cfg(kind: str, **kw) -> config.ConfigDict:
-    """A nopejax model in each block form, local RoPE : global NoPE (window 4), odd sizes."""
-    cfg = config.base_config()
-    cfg.model.update(vocab_size=67, d_model=30, num_layers=5, num_heads=3, num_kv_heads=1, head_dim=10, d_ff=37,
-                     dtype="float32", global_attention_interval=4, no_rope_layer_interval=4, sliding_window=4,
-                     rope_theta=100.0)  # fmt: skip
-    cfg.model.update(
-        {
-            "cohere2": dict(block="parallel", norm="layernorm", rope_layout="interleaved", logit_scale=0.5),
-            "exaone4": dict(block="post_norm", qk_norm="rms"),
-            "sandwich": dict(block="sandwich", qk_norm="rms"),
-        }[kind],
-        **kw,
-    )
-    return config.validate(cfg)
-
-
-def random_module(m, seed=0):
-    """A Decoder whose norm weights are away from 1 (they init to 1, which hides swapped norms)."""
-    _, params = model.split(model.create(m, seed=seed))
-    rng = np.random.default_rng(seed)
-    for name in params["layers"]:
-        if name.endswith("norm"):
-            params["layers"][name] = rng.uniform(0.5, 1.5, params["layers"][name].shape).astype(np.float32)
-    return hf.build(m, params)
-
-
-BLOCKS = ["cohere2", "exaone4", "sandwich"]
-
-
-@pytest.mark.parametrize("kind", BLOCKS)
-def test_block_params_are_exactly_what_the_form_needs(kind):
-    names = set(random_module(family_cfg(kind).model).layers.keys())
-    norms = {n for n in names if n.endswith("norm")} - {"q_norm", "k_norm"}
-    assert norms == set(model.BLOCK_NORMS[family_cfg(kind).model.block])
-
-
-@pytest.mark.parametrize("kind", BLOCKS)
-def test_packed_equals_separate_and_scanned_equals_unrolled(kind):
-    m = family_cfg(kind).model
-    module = random_module(m, seed=1)
-    rng = np.random.default_rng(3)
-    doc_a, doc_b = rng.integers(0, 67, 9), rng.integers(0, 67, 14)
-    packed = jnp.asarray(np.concatenate([doc_a, doc_b])[None], jnp.int32)
-    seg = jnp.asarray(np.r_[np.ones(9), np.full(14, 2)][None], jnp.int32)
-    pos = jnp.asarray(np.r_[np.arange(9), np.arange(14)][None], jnp.int32)
-    together = module(packed, positions=pos, segment_ids=seg)
-    np.testing.assert_allclose(together[:, :9], module(jnp.asarray(doc_a[None], jnp.int32)), atol=1e-5)
-    np.testing.assert_allclose(together[:, 9:], module(jnp.asarray(doc_b[None], jnp.int32)), atol=1e-5)
-    unrolled_cfg = m.copy_and_resolve_references()
-    unrolled_cfg.scan_layers = False
-    unrolled = hf.build(unrolled_cfg, model.split(module)[1])
-    np.testing.assert_allclose(unrolled(packed, pos, seg), together, atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("kind", ["cohere2", "exaone4"])
-def test_sharded_equals_one_device(kind):
-    cfg = family_cfg(kind)
-    cfg.mesh.update(data=2, fsdp=2, tensor=1)
-    m = cfg.model
-    graphdef, params = model.split(random_module(m, seed=2))
-    rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, 67, (4, 24)), jnp.int32)
-
-    def loss(params):
-        logits = model.apply(graphdef, params, tokens)
-        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
-
-    g_one, logits_one = jax.jit(jax.grad(loss, has_aux=True))(params)
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
-    shardings = jax.tree.map(lambda a: NamedSharding(mesh, sharding.logical_to_spec(a, mesh)),
-                             train.param_logical_axes(m), is_leaf=lambda x: isinstance(x, tuple))  # fmt: skip
-    with jax.set_mesh(mesh):
-        g_sharded, logits_sharded = jax.jit(jax.grad(loss, has_aux=True))(jax.device_put(params, shardings))
-    assert len(g_sharded["layers"]["wq"].sharding.device_set) == 4
-    np.testing.assert_allclose(logits_sharded, logits_one, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g_sharded, g_one)
-
-
-@pytest.mark.parametrize("kind", BLOCKS)
-def test_generate_equals_full_recomputation(kind):
-    module = random_module(family_cfg(kind, scan_layers=kind != "exaone4").model, seed=4)
-    prompt = np.asarray([1, 5, 9, 2, 33, 7], np.int32)
-    ids, logits = nopejax.generate(module, prompt, max_new_tokens=9, return_logits=True)
-    full = np.asarray(module(jnp.asarray(np.concatenate([prompt, ids])[None])))[0]
-    expected = full[len(prompt) - 1 : -1]
-    np.testing.assert_allclose(logits, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
-    np.testing.assert_array_equal(ids, expected.argmax(-1))
-
-
-def test_block_config_errors_name_the_field():
-    for key, value in (("block", "post"), ("norm", "rmsnorm"), ("logit_scale", 0.0), ("hf_family", "gemma3")):
-        cfg = config.base_config()
-        cfg.model[key] = value
-        with pytest.raises(config.ConfigError, match=rf"`model\.{key}`.*Fix:"):
-            config.validate(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

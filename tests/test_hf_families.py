@@ -99,6 +99,30 @@ def test_round_trip_reproduces_every_tensor(imported, tmp_path):
     np.testing.assert_allclose(logits_of(again, tokens_BS), logits_of(ref, tokens_BS), atol=1e-6, rtol=0)
 
 
+def test_llama_imports_and_exports_as_llama(tmp_path):
+    """A Llama import keeps its family: the export is a LlamaForCausalLM with the same tensors and logits."""
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=30, intermediate_size=37, num_hidden_layers=3,
+                                   num_attention_heads=3, num_key_value_heads=1, attention_bias=True,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 100.0})  # fmt: skip
+    ref = transformers.LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.25)
+    ref.save_pretrained(tmp_path / "hf")
+    ours = nopejax.from_hf(str(tmp_path / "hf"))
+    assert ours.cfg.hf_family == "llama"
+    nopejax.to_hf(ours, str(tmp_path / "back"))
+    a, b = tensorfile.Reader(str(tmp_path / "hf")), tensorfile.Reader(str(tmp_path / "back"))
+    assert sorted(a.names()) == sorted(b.names())
+    for name in a.names():
+        np.testing.assert_array_equal(a.get(name), b.get(name), err_msg=name)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+    assert type(again) is transformers.LlamaForCausalLM
+    tokens_BS = np.arange(SEQ).reshape(1, SEQ) % 61
+    np.testing.assert_allclose(logits_of(again, tokens_BS), logits_of(ref, tokens_BS), atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # config.json rows: every class field has one; what transformers cannot run is refused
 

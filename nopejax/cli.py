@@ -145,14 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, help="multi-process: this process's id (or NOPEJAX_PROCESS_ID)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="write a HuggingFace SmolLM3 checkpoint from a run's checkpoint")
+    p = sub.add_parser("export", help="write a HuggingFace checkpoint of the run's model.hf_family")
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     p.add_argument("--out", required=True, help="output directory (config.json, safetensors, tokenizer files)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="tensor dtype (default: the param dtype)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import-hf", help="write a step-0 checkpoint from a HuggingFace SmolLM3 directory")
+    p = sub.add_parser(
+        "import-hf", help="write a step-0 checkpoint from a HuggingFace checkpoint (SmolLM3, Llama, Cohere2, Exaone4)"
+    )
     p.add_argument("hf_dir")
     p.add_argument("--workdir", required=True)
     _add_config_args(p)

@@ -38,6 +38,9 @@ ROPE_SCALING_TYPES = {
 LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # HF's names
 ROPE_LAYOUTS = ("half", "interleaved")
 QK_NORMS = ("none", "rms", "l2")
+NORMS = ("rms", "layernorm")
+BLOCKS = ("pre_norm", "parallel", "post_norm", "sandwich")  # model.BLOCK_NORMS: the norm weights of each
+HF_FAMILIES = ("smollm3", "llama", "cohere2", "exaone4")  # what `nopejax export` can write
 
 
 class ConfigError(ValueError):
@@ -91,7 +94,14 @@ def base_config() -> ConfigDict:
     m.tie_embeddings = True
     m.attention_bias = False  # biases on the q, k, v and o projections (HF `attention_bias`)
     m.mlp_bias = False  # biases on the gate, up and down projections (HF `mlp_bias`)
-    m.rms_norm_eps = 1e-6
+    m.rms_norm_eps = 1e-6  # eps of every norm, whichever model.norm is
+    m.norm = "rms"  # block and final norms: "rms" or "layernorm" (mean-subtracted, no bias: Cohere2)
+    # where the norms sit: "pre_norm" (Llama, SmolLM3), "parallel" (Cohere2: attention and MLP from one
+    # norm, summed into the residual), "post_norm" (EXAONE 4: sublayer outputs normed, inputs not),
+    # "sandwich" (Gemma 3, Arcee Trinity: both)
+    m.block = "pre_norm"
+    m.logit_scale = 1.0  # logits are multiplied by it (Cohere2's logit_scale)
+    m.hf_family = "smollm3"  # the transformers class `nopejax export` writes; import-hf sets its own
     m.init_std = 0.02
     m.dtype = "bfloat16"  # compute
     m.param_dtype = "float32"  # master weights
@@ -450,6 +460,19 @@ def _validate_layers(m: ConfigDict) -> None:
             )  # fmt: skip
 
 
+def _validate_block(m: ConfigDict) -> None:
+    """Norm kind, block form, output scale and export family."""
+    for field, allowed in (("norm", NORMS), ("block", BLOCKS), ("hf_family", HF_FAMILIES)):
+        if m[field] not in allowed:
+            raise ConfigError(f"model.{field}", f"unknown value {m[field]!r}", f"use one of {allowed}")
+    scale = m.logit_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise ConfigError(
+            "model.logit_scale", f"must be a positive finite number, got {scale!r}",
+            "use 1.0 (no scaling) or the model's value, e.g. 0.0625 (Command R)",
+        )  # fmt: skip
+
+
 def validate(cfg: ConfigDict) -> ConfigDict:
     """Reject configs that cannot run, naming the field and the fix. Returns `cfg`."""
     m = cfg.model
@@ -525,6 +548,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         raise ConfigError("model.remat", f"unknown policy {m.remat!r}", f"use one of {REMAT_POLICIES}")
     if not m.rms_norm_eps > 0:
         raise ConfigError("model.rms_norm_eps", f"must be positive, got {m.rms_norm_eps}", "use e.g. 1e-6")
+    _validate_block(m)
 
     for axis in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp"):
         v = cfg.mesh[axis]

@@ -6,7 +6,7 @@ Shape letters as in model.py, plus T cache slots (prompt + new tokens), c query 
 The cache is preallocated for the whole generation, so every decode step has the same shapes and
 nothing recompiles per token; the decode loop is a `lax.while_loop` inside one jitted call (a
 single dispatch for all N tokens), and it stops early once every row has produced EOS. Each layer
-goes through model.py's own projections and MLP (`attention_inputs`, `attention_output`, `mlp`);
+goes through model.py's own block (`model.block`: norms, projections, MLP, residuals);
 only the attention itself reads the cache. RoPE layers cache rotated keys (rotated at their
 absolute position once, when written), NoPE layers cache raw keys.
 
@@ -95,24 +95,27 @@ def cached_attention(q_BcHE, k_BTKE, v_BTKE, visible_BcT):
 
 def _layer(p, x_BcD, i, k_LBTKE, v_LBTKE, *, spec: config.LayerSpec, slot, q_pos_Bc, q_seg_Bc, k_pos_BT, k_seg_BT,
            cos_sin, m, dtype):  # fmt: skip
-    """Layer i on c new rows: write their k/v at `slot`, attend over the cache as `spec` says
-    (the order of attention.attend: RMS QK-norm, RoPE, L2 QK-norm, NoPE query temperature)."""
-    q_BcHE, k_BcKE, v_BcKE = model.attention_inputs(p, x_BcD, m, dtype, spec)
-    if spec.use_rope:
-        cos_BcR, sin_BcR = cos_sin[spec.rope]
-        q_BcHE = rope_lib.apply_rope(q_BcHE, cos_BcR, sin_BcR, spec.rope_layout)
-        k_BcKE = rope_lib.apply_rope(k_BcKE, cos_BcR, sin_BcR, spec.rope_layout)
-    if spec.qk_norm == "l2":
-        q_BcHE, k_BcKE = attention.l2_norm(q_BcHE, m.rms_norm_eps), attention.l2_norm(k_BcKE, m.rms_norm_eps)
-    if spec.nope_temperature is not None:
-        scale_Bc = attention.nope_temperature_scale(q_pos_Bc, *spec.nope_temperature)
-        q_BcHE = (q_BcHE.astype(jnp.float32) * scale_Bc[:, :, None, None]).astype(q_BcHE.dtype)
-    at = (i, 0, slot, 0, 0)
-    k_LBTKE = jax.lax.dynamic_update_slice(k_LBTKE, k_BcKE[None].astype(k_LBTKE.dtype), at)
-    v_LBTKE = jax.lax.dynamic_update_slice(v_LBTKE, v_BcKE[None].astype(v_LBTKE.dtype), at)
-    visible_BcT = visible(q_pos_Bc, q_seg_Bc, k_pos_BT, k_seg_BT, spec)
-    o_BcHE = cached_attention(q_BcHE, k_LBTKE[i], v_LBTKE[i], visible_BcT)
-    x_BcD = model.mlp(p, model.attention_output(p, x_BcD, o_BcHE, dtype), m, dtype)
+    """Layer i on c new rows, in model.py's own block form: write their k/v at `slot`, attend over
+    the cache as `spec` says (the order of attention.attend: RMS QK-norm, RoPE, L2 QK-norm, NoPE
+    query temperature)."""
+
+    def attend(q_BcHE, k_BcKE, v_BcKE):
+        if spec.use_rope:
+            cos_BcR, sin_BcR = cos_sin[spec.rope]
+            q_BcHE = rope_lib.apply_rope(q_BcHE, cos_BcR, sin_BcR, spec.rope_layout)
+            k_BcKE = rope_lib.apply_rope(k_BcKE, cos_BcR, sin_BcR, spec.rope_layout)
+        if spec.qk_norm == "l2":
+            q_BcHE, k_BcKE = attention.l2_norm(q_BcHE, m.rms_norm_eps), attention.l2_norm(k_BcKE, m.rms_norm_eps)
+        if spec.nope_temperature is not None:
+            scale_Bc = attention.nope_temperature_scale(q_pos_Bc, *spec.nope_temperature)
+            q_BcHE = (q_BcHE.astype(jnp.float32) * scale_Bc[:, :, None, None]).astype(q_BcHE.dtype)
+        at = (i, 0, slot, 0, 0)
+        k_new = jax.lax.dynamic_update_slice(k_LBTKE, k_BcKE[None].astype(k_LBTKE.dtype), at)
+        v_new = jax.lax.dynamic_update_slice(v_LBTKE, v_BcKE[None].astype(v_LBTKE.dtype), at)
+        visible_BcT = visible(q_pos_Bc, q_seg_Bc, k_pos_BT, k_seg_BT, spec)
+        return cached_attention(q_BcHE, k_new[i], v_new[i], visible_BcT), (k_new, v_new)
+
+    x_BcD, (k_LBTKE, v_LBTKE) = model.block(p, x_BcD, m, dtype, spec, attend)
     return x_BcD, k_LBTKE, v_LBTKE
 
 
@@ -144,7 +147,7 @@ def forward(module: model.Decoder, cache: Cache, tokens_Bc, pos_Bc, seg_Bc, slot
 
             part = jax.tree.map(lambda a, s=start, n=length: a[s : s + n], stack)
             (x_BcD, k, v), _ = jax.lax.scan(body, (x_BcD, k, v), (part, jnp.arange(start, start + length)))
-    x_B1D = model.rms_norm(x_BcD[:, -1:], module.final_norm[...], m.rms_norm_eps)
+    x_B1D = model.norm(x_BcD[:, -1:], module.final_norm[...], m)
     return module.logits(x_B1D)[:, 0], Cache(k, v, pos_BT, seg_BT)
 
 

@@ -1,7 +1,12 @@
-"""HuggingFace transformers SmolLM3 interop: an explicit name map plus documented transposes.
+"""HuggingFace transformers interop: per family an explicit name map plus documented transposes.
+
+Families: SmolLM3 and Llama (pre-norm RMSNorm), Cohere2 (Command R7B, Tiny Aya: parallel block,
+LayerNorm without bias, interleaved RoPE on the sliding layers only, logit scale) and EXAONE 4
+(post-norm RMSNorm, per-head RMS QK-norm, RoPE on the sliding layers only). `from_hf` picks the
+family by config.json's `model_type`; `to_hf` writes `model.hf_family`.
 
 nopejax keeps layer params stacked [L, ...] and attention projections split by head;
-HF keeps one `nn.Linear` per layer with weight [out, in]. The map (layer i):
+HF keeps one `nn.Linear` per layer with weight [out, in]. The SmolLM3 / Llama map (layer i):
 
 | HF tensor                                   | nopejax                  | transform                |
 |---------------------------------------------|--------------------------|--------------------------|
@@ -20,13 +25,21 @@ HF keeps one `nn.Linear` per layer with weight [out, in]. The map (layer i):
 | model.layers.i.mlp.{gate,up,down}_proj.bias | layers.{..}_bias[i]      | -                        |
 
 The biases exist with `model.attention_bias` / `model.mlp_bias` (HF `attention_bias`, `mlp_bias`).
+The other families differ in their norms only (all transforms are the identity):
+
+| family  | HF tensor (layer i)                              | nopejax                |
+|---------|--------------------------------------------------|------------------------|
+| Cohere2 | model.layers.i.input_layernorm.weight            | layers.attn_norm[i]    |
+| EXAONE 4| model.layers.i.post_attention_layernorm.weight   | layers.attn_post_norm[i] |
+| EXAONE 4| model.layers.i.post_feedforward_layernorm.weight | layers.mlp_post_norm[i]  |
+| EXAONE 4| model.layers.i.self_attn.{q,k}_norm.weight [E]   | layers.{q,k}_norm[i]   |
 
 Import is exact or it refuses. Every config.json field has a row below that either maps it onto
 the nopejax config, or accepts it because it does not change what the model computes, or refuses
 it with a one-line error naming the field, its value and the fix; a field without a row is
 refused. Every safetensors tensor must be consumed by the map, and every tensor the map needs
-must be there. Export mirrors this: a nopejax config SmolLM3 cannot express is refused before
-anything is written.
+must be there. Export mirrors this: a nopejax config the target family cannot express is refused
+before anything is written, naming the first feature the format lacks.
 """
 
 from __future__ import annotations
@@ -52,9 +65,13 @@ class Tensor(NamedTuple):
     from_hf: Callable  # (HF array, model cfg) -> our array (one layer)
 
 
+def _same(suffix: str, shape: Callable) -> Tensor:
+    """A tensor stored as is (norm weights)."""
+    return Tensor(suffix, shape, lambda a: a, lambda w, m: w)
+
+
 # nopejax layer param -> its HF tensor. HF Linear weights are [out, in]; ours are [in, out], split by head.
-LAYER_MAP = {
-    "attn_norm": Tensor("input_layernorm.weight", lambda m: (m.d_model,), lambda a: a, lambda w, m: w),
+PROJECTIONS = {
     "wq": Tensor("self_attn.q_proj.weight", lambda m: (m.num_heads * m.head_dim, m.d_model),
                  lambda a: a.reshape(a.shape[0], -1).T, lambda w, m: w.T.reshape(m.d_model, m.num_heads, m.head_dim)),
     "wk": Tensor("self_attn.k_proj.weight", lambda m: (m.num_kv_heads * m.head_dim, m.d_model),
@@ -65,7 +82,6 @@ LAYER_MAP = {
                  lambda w, m: w.T.reshape(m.d_model, m.num_kv_heads, m.head_dim)),
     "wo": Tensor("self_attn.o_proj.weight", lambda m: (m.d_model, m.num_heads * m.head_dim),
                  lambda a: a.reshape(-1, a.shape[-1]).T, lambda w, m: w.T.reshape(m.num_heads, m.head_dim, m.d_model)),
-    "mlp_norm": Tensor("post_attention_layernorm.weight", lambda m: (m.d_model,), lambda a: a, lambda w, m: w),
     "w_gate": Tensor("mlp.gate_proj.weight", lambda m: (m.d_ff, m.d_model), lambda a: a.T, lambda w, m: w.T),
     "w_up": Tensor("mlp.up_proj.weight", lambda m: (m.d_ff, m.d_model), lambda a: a.T, lambda w, m: w.T),
     "w_down": Tensor("mlp.down_proj.weight", lambda m: (m.d_model, m.d_ff), lambda a: a.T, lambda w, m: w.T),
@@ -81,14 +97,33 @@ LAYER_MAP = {
     "up_bias": Tensor("mlp.up_proj.bias", lambda m: (m.d_ff,), lambda a: a, lambda w, m: w),
     "down_bias": Tensor("mlp.down_proj.bias", lambda m: (m.d_model,), lambda a: a, lambda w, m: w),
 }  # fmt: skip
+_D = lambda m: (m.d_model,)
+_E = lambda m: (m.head_dim,)
+# SmolLM3 and Llama: pre-norm
+LAYER_MAP = {
+    "attn_norm": _same("input_layernorm.weight", _D),
+    **PROJECTIONS,
+    "mlp_norm": _same("post_attention_layernorm.weight", _D),
+}
+# Cohere2: one input norm feeds attention and MLP (model.block = "parallel")
+COHERE2_LAYER_MAP = {"attn_norm": _same("input_layernorm.weight", _D), **PROJECTIONS}
+# EXAONE 4: norms on the sublayer outputs (model.block = "post_norm") and the per-head QK-norm
+EXAONE4_LAYER_MAP = {
+    **PROJECTIONS,
+    "attn_post_norm": _same("post_attention_layernorm.weight", _D),
+    "mlp_post_norm": _same("post_feedforward_layernorm.weight", _D),
+    "q_norm": _same("self_attn.q_norm.weight", _E),
+    "k_norm": _same("self_attn.k_norm.weight", _E),
+}
 
 
 def hf_tensor_shapes(m: config.ConfigDict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the HF checkpoint of model config `m`, with its shape, in file order."""
+    """Every tensor of the HF checkpoint of model config `m` (its `hf_family`), with its shape, in file order."""
+    layer_map = FAMILIES[m.hf_family].layer_map
     shapes = {"model.embed_tokens.weight": (m.vocab_size, m.d_model)}
     for i in range(m.num_layers):
         for name in model.layer_params(m):
-            shapes[f"model.layers.{i}.{LAYER_MAP[name].suffix}"] = LAYER_MAP[name].shape(m)
+            shapes[f"model.layers.{i}.{layer_map[name].suffix}"] = layer_map[name].shape(m)
     shapes["model.norm.weight"] = (m.d_model,)
     if not m.tie_embeddings:
         shapes["lm_head.weight"] = (m.vocab_size, m.d_model)
@@ -319,18 +354,207 @@ COMMON_FIELDS = {
 }  # fmt: skip
 
 
+def _positive_float(key: str):
+    """Honoured as nopejax `model.<key>` when a positive finite number."""
+
+    def read(name, value, hf):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise HFConfigError(name, value, "must be a positive finite number", "fix the value in config.json")
+        return {key: float(value)}
+
+    return read
+
+
+def _kinds(name, value, L: int, family: str) -> tuple[str, ...]:
+    """layer_types checked: `full_attention` or `sliding_attention`, one per layer (HF reads the first L)."""
+    kinds = ("full_attention", "sliding_attention")
+    if not isinstance(value, list) or len(value) < L or any(t not in kinds for t in value[:L]):
+        raise HFConfigError(
+            name, value, f"{family} layers are one of {list(kinds)}, one per layer ({L} layers)", "fix the list"
+        )  # fmt: skip
+    return tuple(value[:L])
+
+
+def _window(name, window) -> int:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise HFConfigError(name, window, "sliding_attention layers need sliding_window >= 1",
+                            "set sliding_window in config.json")  # fmt: skip
+    return window
+
+
+def _interval(name, value, why: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise HFConfigError(name, value, f"must be a positive integer {why}", "give layer_types explicitly")
+    return value
+
+
+def _rope_on_sliding(types: tuple, window: int) -> dict:
+    """Cohere2 and EXAONE 4 with a window: RoPE on exactly the sliding layers, NoPE on the full ones."""
+    out = {"no_rope_layers": tuple(int(t == "sliding_attention") for t in types)}
+    if "sliding_attention" in types:
+        out.update(layer_types=types, sliding_window=window)
+    return out
+
+
+def _read_cohere2_layers(name, value, hf):
+    """Cohere2: layer_types as given, else derived from sliding_window_pattern (default 4: layer i is
+    full when (i + 1) % 4 == 0). Sliding layers rotate interleaved pairs; full layers are NoPE."""
+    L = hf["num_hidden_layers"]
+    if value is None:
+        p = _interval("sliding_window_pattern", hf["sliding_window_pattern"], "when layer_types is absent")
+        value = ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(L)]
+    types = _kinds(name, value, L, "Cohere2")
+    if hf["sliding_window"] is None:  # transformers builds the sliding mask for every Cohere2 model
+        raise HFConfigError("sliding_window", None, "transformers' Cohere2 cannot run without a window",
+                            "set sliding_window in config.json")  # fmt: skip
+    out = _rope_on_sliding(types, _window("sliding_window", hf["sliding_window"]))
+    return {**out, "rope_layout": "interleaved"} if "sliding_attention" in types else out
+
+
+def _read_exaone4_layers(name, value, hf):
+    """EXAONE 4: layer_types as given, else derived from an integer sliding_window_pattern (transformers
+    cannot derive from the "LLLG" string form, nor without a window). With a window, RoPE on the sliding
+    layers only (global layers NoPE); without one (`sliding_window: null`), every layer full and RoPE."""
+    L, window = hf["num_hidden_layers"], hf["sliding_window"]
+    if value is None:
+        why = "when layer_types is absent and sliding_window is set (transformers derives layer_types from it)"
+        p = _interval("sliding_window_pattern", None if window is None else hf["sliding_window_pattern"], why)
+        value = ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(L)]
+    types = _kinds(name, value, L, "EXAONE 4")
+    if window is None:
+        if "sliding_attention" in types:
+            raise HFConfigError("sliding_window", None, "sliding_attention layers need a window (transformers fails)",
+                                "set sliding_window, or make every layer full_attention")  # fmt: skip
+        return {"no_rope_layer_interval": 0}
+    return _rope_on_sliding(types, _window("sliding_window", window))
+
+
+def _agrees_with(other: str, problem: str):
+    """A hub field transformers ignores: accepted only where it says what transformers computes anyway."""
+
+    def read(name, value, hf):
+        if value is not None and value != hf[other]:
+            raise HFConfigError(name, value, problem, f"make it agree with {other} = {hf[other]!r}")
+        return {}
+
+    return read
+
+
 class Family(NamedTuple):
     model_type: str
+    architecture: str  # the causal-LM class transformers builds
     fields: dict[str, Field]
     base: dict  # nopejax model fields the family fixes before its rows are read
+    layer_map: dict[str, Tensor]
+    # what the format cannot hold: (model field, does `m` use it, what the format lacks), checked in order
+    lacks: tuple
+    config: Callable  # model cfg -> the family's own config.json entries
 
 
 def _defaults(**defaults) -> dict[str, Field]:
     return {name: COMMON_FIELDS[name]._replace(default=value) for name, value in defaults.items()}
 
 
+def _without(*names) -> dict[str, Field]:
+    return {k: v for k, v in COMMON_FIELDS.items() if k not in names}
+
+
+def _sliding_rope(m) -> bool:
+    """Does every layer rotate exactly when it is sliding (Cohere2, EXAONE 4 with a window)?"""
+    return all(spec.use_rope == (spec.attention == "sliding") for spec in config.layer_specs(m))
+
+
+# No family here has these (Llama 4, Gemma 3 and Qwen-style features nopejax computes).
+NOBODY_HAS = (
+    ("attention_chunk_size", lambda m: m.attention_chunk_size is not None, "chunked attention"),
+    ("partial_rotary_factor", lambda m: m.partial_rotary_factor != 1.0, "partial RoPE"),
+    ("rope_theta_local", lambda m: m.rope_theta_local is not None, "a separate RoPE base for local layers"),
+    ("nope_temperature", lambda m: m.nope_temperature is not None, "a NoPE query temperature"),
+)
+_ROPE_LAYERS = lambda m: any(config.rope_pattern(m))
+PRE_NORM_LACKS = (
+    *NOBODY_HAS,
+    ("rope_layout", lambda m: m.rope_layout != "half" and _ROPE_LAYERS(m), "the interleaved RoPE layout"),
+    ("qk_norm", lambda m: m.qk_norm != "none", "QK-norm"),
+    ("block", lambda m: m.block != "pre_norm", "block other than pre_norm"),
+    ("norm", lambda m: m.norm != "rms", "LayerNorm (its norms are RMSNorm)"),
+    ("logit_scale", lambda m: m.logit_scale != 1.0, "a logit scale"),
+)
+LLAMA_LACKS = (
+    *PRE_NORM_LACKS,
+    ("no_rope_layers", lambda m: not all(config.rope_pattern(m)), "NoPE layers (every Llama layer rotates)"),
+    ("layer_types", lambda m: any(spec.local for spec in config.layer_specs(m)), "sliding-window layers"),
+)
+COHERE2_LACKS = (
+    *NOBODY_HAS,
+    ("block", lambda m: m.block != "parallel", "block other than parallel"),
+    ("norm", lambda m: m.norm != "layernorm", "RMSNorm (its norms are LayerNorm)"),
+    ("qk_norm", lambda m: m.qk_norm != "none", "QK-norm"),
+    ("mlp_bias", lambda m: m.mlp_bias, "MLP biases"),
+    ("rope_layout", lambda m: m.rope_layout != "interleaved" and _ROPE_LAYERS(m), "the half-split RoPE layout"),
+    ("no_rope_layers", lambda m: not _sliding_rope(m),
+     "RoPE/NoPE pattern other than RoPE on exactly the sliding layers"),
+)  # fmt: skip
+EXAONE4_LACKS = (
+    *NOBODY_HAS,
+    ("block", lambda m: m.block != "post_norm", "block other than post_norm"),
+    ("norm", lambda m: m.norm != "rms", "LayerNorm (its norms are RMSNorm)"),
+    ("qk_norm", lambda m: m.qk_norm != "rms", "layer without the per-head RMS QK-norm"),
+    ("attention_bias", lambda m: m.attention_bias, "attention biases"),
+    ("mlp_bias", lambda m: m.mlp_bias, "MLP biases"),
+    ("logit_scale", lambda m: m.logit_scale != 1.0, "a logit scale"),
+    ("rope_layout", lambda m: m.rope_layout != "half" and _ROPE_LAYERS(m), "the interleaved RoPE layout"),
+    ("no_rope_layers", lambda m: not (_sliding_rope(m) or (all(config.rope_pattern(m))
+                                                         and not any(s.local for s in config.layer_specs(m)))),
+     "RoPE/NoPE pattern other than RoPE on exactly the sliding layers (or on every layer of an all-global model)"),
+)  # fmt: skip
+
+
+def _types(m) -> list[str]:
+    return [f"{spec.attention}_attention" for spec in config.layer_specs(m)]
+
+
+def _smollm3_config(m) -> dict:
+    sliding = "sliding_attention" in _types(m)
+    return {
+        "rms_norm_eps": m.rms_norm_eps,
+        "no_rope_layers": [int(x) for x in config.rope_pattern(m)],
+        "no_rope_layer_interval": m.no_rope_layer_interval or m.num_layers + 1,
+        # HF masks by layer_types; use_sliding_window also sets each layer's window for flash kernels
+        "use_sliding_window": sliding,
+        "sliding_window": m.sliding_window if sliding else None,
+        "layer_types": _types(m),
+        "attention_bias": bool(m.attention_bias),
+        "mlp_bias": bool(m.mlp_bias),
+    }
+
+
+def _llama_config(m) -> dict:
+    return {"rms_norm_eps": m.rms_norm_eps, "attention_bias": bool(m.attention_bias), "mlp_bias": bool(m.mlp_bias)}
+
+
+def _cohere2_config(m) -> dict:
+    return {
+        "layer_norm_eps": m.rms_norm_eps,
+        "logit_scale": float(m.logit_scale),
+        "layer_types": _types(m),
+        # transformers needs a window even when no layer slides; it then masks nothing
+        "sliding_window": m.sliding_window or m.max_position_embeddings,
+        "attention_bias": bool(m.attention_bias),
+    }
+
+
+def _exaone4_config(m) -> dict:
+    # without sliding layers the window says whether global layers rotate: null = all RoPE, set = all NoPE
+    window = m.sliding_window
+    if window is None and not all(config.rope_pattern(m)):
+        window = m.max_position_embeddings
+    return {"rms_norm_eps": m.rms_norm_eps, "layer_types": _types(m), "sliding_window": window}
+
+
 SMOLLM3 = Family(
     "smollm3",
+    "SmolLM3ForCausalLM",
     {
         **COMMON_FIELDS,
         **_defaults(vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
@@ -343,11 +567,15 @@ SMOLLM3 = Family(
         "use_sliding_window": Field(False, harmless),  # read by the layer_types row
         "sliding_window": Field(None, harmless),  # read by the layer_types row
     },
-    {},
+    {"hf_family": "smollm3"},
+    LAYER_MAP,
+    PRE_NORM_LACKS,
+    _smollm3_config,
 )  # fmt: skip
 
 LLAMA = Family(
     "llama",
+    "LlamaForCausalLM",
     {
         **COMMON_FIELDS,
         **_defaults(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -355,10 +583,68 @@ LLAMA = Family(
                     rope_theta=10_000.0),
         "architectures": Field(None, _architectures("LlamaForCausalLM")),
     },
-    {"no_rope_layer_interval": 0},  # every layer rotates
+    {"no_rope_layer_interval": 0, "hf_family": "llama"},  # every layer rotates
+    LAYER_MAP,
+    LLAMA_LACKS,
+    _llama_config,
 )  # fmt: skip
 
-FAMILIES = {family.model_type: family for family in (SMOLLM3, LLAMA)}
+COHERE2 = Family(
+    "cohere2",
+    "Cohere2ForCausalLM",
+    {
+        **_without("mlp_bias"),  # Cohere2's MLP has no biases, whatever config.json says: refused
+        **_defaults(vocab_size=256000, hidden_size=8192, intermediate_size=22528, num_hidden_layers=40,
+                    num_attention_heads=64, max_position_embeddings=8192, tie_word_embeddings=True,
+                    rope_theta=10_000.0, pad_token_id=0, bos_token_id=5, eos_token_id=255001),
+        "architectures": Field(None, _architectures("Cohere2ForCausalLM")),
+        "layer_norm_eps": Field(1e-5, _to("rms_norm_eps", float)),  # nopejax's one eps, for LayerNorm too
+        "rms_norm_eps": Field(None, harmless),  # not read by Cohere2
+        "logit_scale": Field(0.0625, _positive_float("logit_scale")),
+        "layer_types": Field(None, _read_cohere2_layers),
+        "sliding_window": Field(4096, harmless),  # read by the layer_types row
+        "sliding_window_pattern": Field(4, harmless),  # read by the layer_types row (hub configs carry it)
+        # Command R7B's config.json carries these; transformers' Cohere2 ignores them, so they are
+        # accepted only where they say what transformers computes anyway
+        "cache_implementation": Field(None, harmless),  # generation only
+        "order_of_interleaved_layers": Field(None, _only(None, "local_attn_first", problem="transformers puts the "
+                                             "sliding layers first in each period", fix="remove it")),
+        "position_embedding_type": Field(None, _only(None, "rope_gptj", problem="transformers' Cohere2 rotates "
+                                         "interleaved pairs (GPT-J style)", fix="remove it")),
+        "rotary_pct": Field(None, _only(None, 1, 1.0, problem="transformers' Cohere2 rotates the whole head",
+                                        fix="remove it")),
+        "use_gated_activation": Field(None, _only(None, True, problem="transformers' Cohere2 MLP is gated (SwiGLU)",
+                                                  fix="remove it")),
+        "use_embedding_sharing": Field(None, _agrees_with("tie_word_embeddings", "transformers reads "
+                                                          "tie_word_embeddings, not this")),
+    },
+    {"norm": "layernorm", "block": "parallel", "hf_family": "cohere2"},
+    COHERE2_LAYER_MAP,
+    COHERE2_LACKS,
+    _cohere2_config,
+)  # fmt: skip
+
+EXAONE4 = Family(
+    "exaone4",
+    "Exaone4ForCausalLM",
+    {
+        **_without("attention_bias", "mlp_bias"),  # EXAONE 4 has no biases, whatever config.json says: refused
+        **_defaults(vocab_size=102400, hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
+                    rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10_000.0, bos_token_id=0,
+                    eos_token_id=2),
+        "architectures": Field(None, _architectures("Exaone4ForCausalLM")),
+        "layer_types": Field(None, _read_exaone4_layers),
+        "sliding_window": Field(4096, harmless),  # read by the layer_types row
+        "sliding_window_pattern": Field(4, harmless),  # read by the layer_types row
+    },
+    {"block": "post_norm", "qk_norm": "rms", "hf_family": "exaone4"},
+    EXAONE4_LAYER_MAP,
+    EXAONE4_LACKS,
+    _exaone4_config,
+)  # fmt: skip
+
+FAMILIES = {family.model_type: family for family in (SMOLLM3, LLAMA, COHERE2, EXAONE4)}
 
 
 def model_config_from_hf(hf: dict) -> config.ConfigDict:
@@ -386,37 +672,31 @@ def model_config_from_hf(hf: dict) -> config.ConfigDict:
 # nopejax -> config.json: the mirror rule
 
 
-# nopejax model fields SmolLM3's config.json expresses (hf_config writes them) ...
+# nopejax model fields the families' config.json express (each family's `lacks` refuses what its own cannot) ...
 EXPORTED_FIELDS = {
     "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
     "no_rope_layer_interval", "no_rope_layers", "rope_theta", "rope_scaling", "max_position_embeddings",
     "tie_embeddings", "rms_norm_eps", "attention_bias", "mlp_bias", "layer_types", "global_attention_interval",
-    "sliding_window",
+    "sliding_window", "rope_layout", "qk_norm", "norm", "block", "logit_scale",
+    *(field for field, _, _ in NOBODY_HAS),
 }  # fmt: skip
 # ... and those that only say how nopejax trains or runs it, not what it computes.
-RUNTIME_FIELDS = {"init_std", "dtype", "param_dtype", "attention_impl", "scan_layers", "remat"}
+RUNTIME_FIELDS = {"init_std", "dtype", "param_dtype", "attention_impl", "scan_layers", "remat", "hf_family"}
 
 
-# What SmolLM3's format cannot hold: (model field, is it in use, what the format lacks)
-SMOLLM3_LACKS = (
-    ("attention_chunk_size", lambda m: m.attention_chunk_size is not None, "chunked attention"),
-    ("partial_rotary_factor", lambda m: m.partial_rotary_factor != 1.0, "partial RoPE"),
-    ("rope_layout", lambda m: m.rope_layout != "half", "the interleaved RoPE layout"),
-    ("rope_theta_local", lambda m: m.rope_theta_local is not None, "a separate RoPE base for local layers"),
-    ("nope_temperature", lambda m: m.nope_temperature is not None, "a NoPE query temperature"),
-    ("qk_norm", lambda m: m.qk_norm != "none", "QK-norm"),
-)
-
-
-def check_exportable(m: config.ConfigDict) -> None:
-    """Refuse, before anything is written, a model SmolLM3's config.json cannot express: the layer
-    options it has no field for by name, then any other field away from its default."""
-    for field, in_use, lacks in SMOLLM3_LACKS:
+def check_exportable(m: config.ConfigDict, family: str | None = None) -> None:
+    """Refuse, before anything is written, a model the family's config.json cannot express (default:
+    `m.hf_family`): the first feature it has no field for, then any other field away from its default."""
+    fam = FAMILIES[family or m.hf_family]
+    name = fam.architecture.removesuffix("ForCausalLM")
+    derived = {"no_rope_layers": [int(x) for x in config.rope_pattern(m)], "layer_types": _types(m)}
+    for field, in_use, lacks in fam.lacks:
         if in_use(m):
+            value = derived[field] if field in derived else m[field]  # the per-layer lists as resolved
             raise config.ConfigError(
-                f"model.{field}", f"is {m[field]!r}, but the SmolLM3 format has no {lacks}, so transformers "
-                "would run a different model", "export a model without it (SmolLM3 holds RoPE/NoPE, full and "
-                "sliding layers), or use the params directly with nopejax",
+                f"model.{field}", f"is {value!r}, but the {name} format has no {lacks}, so transformers "
+                "would run a different model", f"export to a family that has it (model.hf_family, one of "
+                f"{list(config.HF_FAMILIES)}), or use the params directly with nopejax",
             )  # fmt: skip
     defaults = config.to_dict(config.base_config())["model"]
     given = json.loads(m.to_json_best_effort())  # plain JSON both sides: frozen configs hold tuples
@@ -425,24 +705,23 @@ def check_exportable(m: config.ConfigDict) -> None:
             continue
         if key not in defaults or given[key] != defaults[key]:
             raise config.ConfigError(
-                f"model.{key}", f"{m[key]!r} has no counterpart in transformers' SmolLM3 config",
-                "export only models SmolLM3 can express exactly (keep this field at its default)",
+                f"model.{key}", f"{m[key]!r} has no counterpart in transformers' {name} config",
+                f"export only models {name} can express exactly (keep this field at its default)",
             )  # fmt: skip
 
 
 def hf_config(m: config.ConfigDict, token_ids: dict | None = None, dtype: str = "float32") -> dict:
-    """The SmolLM3 config.json for a nopejax model config."""
+    """The config.json of `m.hf_family` for a nopejax model config."""
     check_exportable(m)
+    fam = FAMILIES[m.hf_family]
     token_ids = token_ids or {}
-    types = [f"{spec.attention}_attention" for spec in config.layer_specs(m)]
-    sliding = "sliding_attention" in types
     rope_parameters = {"rope_type": "default", "rope_theta": float(m.rope_theta)}
     if m.rope_scaling:
         rope_parameters = {**dict(m.rope_scaling), "rope_theta": float(m.rope_theta)}
         rope_parameters["rope_type"] = rope_parameters.pop("type", rope_parameters.get("rope_type"))
     return {
-        "architectures": ["SmolLM3ForCausalLM"],
-        "model_type": "smollm3",
+        "architectures": [fam.architecture],
+        "model_type": fam.model_type,
         "vocab_size": m.vocab_size,
         "hidden_size": m.d_model,
         "intermediate_size": m.d_ff,
@@ -452,18 +731,10 @@ def hf_config(m: config.ConfigDict, token_ids: dict | None = None, dtype: str = 
         "head_dim": m.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": m.max_position_embeddings,
-        "rms_norm_eps": m.rms_norm_eps,
         "rope_theta": float(m.rope_theta),  # transformers < 5 reads these two
         "rope_scaling": None if not m.rope_scaling else dict(rope_parameters),
         "rope_parameters": rope_parameters,  # transformers >= 5
-        "no_rope_layers": [int(x) for x in config.rope_pattern(m)],
-        "no_rope_layer_interval": m.no_rope_layer_interval or m.num_layers + 1,
-        # HF masks by layer_types; use_sliding_window also sets each layer's window for flash kernels
-        "use_sliding_window": sliding,
-        "sliding_window": m.sliding_window if sliding else None,
-        "layer_types": types,
-        "attention_bias": bool(m.attention_bias),
-        "mlp_bias": bool(m.mlp_bias),
+        **fam.config(m),
         "tie_word_embeddings": bool(m.tie_embeddings),
         "torch_dtype": dtype,
         "bos_token_id": token_ids.get("bos"),
@@ -477,7 +748,7 @@ def hf_config(m: config.ConfigDict, token_ids: dict | None = None, dtype: str = 
 
 
 def from_hf(path: str, *, dtype: str = "float32", param_dtype: str = "float32") -> model.Decoder:
-    """A nopejax Decoder with the weights of a transformers checkpoint directory (SmolLM3 or Llama).
+    """A nopejax Decoder with the weights of a transformers checkpoint directory (any of FAMILIES).
 
     Exact or refused: config.json is read field by field (HFConfigError) and the safetensors
     headers are checked against the map (HFTensorError) before any weight is read.
@@ -533,11 +804,11 @@ def load_params(path: str, m: config.ConfigDict) -> dict:
             "(transformers would use the embedding)",
             "set tie_word_embeddings false if the head was trained separately, or delete lm_head.weight",
         )  # fmt: skip
-    layers = {}
+    layers, layer_map = {}, FAMILIES[m.hf_family].layer_map
     for name in model.layer_params(m):
         stacked = None
         for i in range(m.num_layers):
-            w = LAYER_MAP[name].from_hf(reader.get(f"model.layers.{i}.{LAYER_MAP[name].suffix}"), m)
+            w = layer_map[name].from_hf(reader.get(f"model.layers.{i}.{layer_map[name].suffix}"), m)
             if stacked is None:
                 stacked = np.empty((m.num_layers, *w.shape), pdtype)
             stacked[i] = w
@@ -566,7 +837,7 @@ def to_hf(
     dtype: str | None = None,
     tokenizer=None,
 ) -> str:
-    """Write a transformers SmolLM3 directory (config.json + safetensors), one tensor at a time.
+    """Write a transformers directory of `model.hf_family` (config.json + safetensors), one tensor at a time.
 
     Accepts a Decoder, or a pure param dict (numpy or jax arrays, e.g. restored from a checkpoint
     to host memory) together with its model config. With a `tokenizer` (a `nopejax.data`
@@ -585,10 +856,10 @@ def to_hf(
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     os.makedirs(out_dir, exist_ok=True)
 
-    producers = {"model.embed_tokens.weight": lambda: params["embed"]}
+    producers, layer_map = {"model.embed_tokens.weight": lambda: params["embed"]}, FAMILIES[m.hf_family].layer_map
     for i in range(m.num_layers):
         for name in model.layer_params(m):
-            producers[f"model.layers.{i}.{LAYER_MAP[name].suffix}"] = lambda name=name, i=i: LAYER_MAP[name].to_hf(
+            producers[f"model.layers.{i}.{layer_map[name].suffix}"] = lambda name=name, i=i: layer_map[name].to_hf(
                 np.asarray(params["layers"][name][i])
             )
     producers["model.norm.weight"] = lambda: params["final_norm"]

@@ -1,4 +1,4 @@
-"""A Llama-style decoder (GQA, SwiGLU, RMSNorm) whose per-layer spec is config.
+"""A Llama-style decoder (GQA, SwiGLU, RMSNorm) whose per-layer spec and block form are config.
 
 Shape letters: B batch, S sequence, D d_model, H query heads, K kv heads, E head dim, F d_ff,
 V vocab, L layers, N scanned blocks, P layers per block.
@@ -12,6 +12,12 @@ program holds one block whatever the depth. Inside a block each sub-layer's spec
 constant. A depth that is not a multiple of the period leaves a tail of layers that are
 unrolled with their own specs (`config.block_structure`); `scan_layers=False` unrolls every
 layer, for debugging.
+
+Where the norms sit is `model.block` (`block` below), one function for training and decoding:
+`pre_norm` (Llama, SmolLM3), `parallel` (Cohere2: attention and MLP read one norm's output, both
+added to the residual), `post_norm` (EXAONE 4: each sublayer's output normed before the residual
+add, inputs not normed) and `sandwich` (Gemma 3, Arcee Trinity: both). `model.norm` is `rms` or
+`layernorm` (Cohere2's: mean-subtracted, no bias); `model.logit_scale` multiplies the logits.
 """
 
 from __future__ import annotations
@@ -60,10 +66,28 @@ BIAS_PARAMS = {
 }
 
 
+# Norms after a sublayer's output (model.block post_norm, sandwich). Each block names the norm
+# weights it has; the pre-norms of LAYER_PARAMS exist only for blocks that list them.
+POST_NORM_PARAMS = {
+    "attn_post_norm": (lambda m: (m.d_model,), ("norm",)),
+    "mlp_post_norm": (lambda m: (m.d_model,), ("norm",)),
+}
+BLOCK_NORMS = {
+    "pre_norm": ("attn_norm", "mlp_norm"),
+    "parallel": ("attn_norm",),  # one norm feeds both sublayers
+    "post_norm": ("attn_post_norm", "mlp_post_norm"),
+    "sandwich": ("attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm"),
+}
+ALL_BLOCK_NORMS = {name for names in BLOCK_NORMS.values() for name in names}
+
+
 def layer_params(m) -> dict:
     """The per-layer params this config has: name -> (shape fn, logical axes)."""
+    norms = BLOCK_NORMS[m.block]
+    base = {name: v for name, v in LAYER_PARAMS.items() if name not in ALL_BLOCK_NORMS or name in norms}
+    post = {name: v for name, v in POST_NORM_PARAMS.items() if name in norms}
     biases = {name: (shape_fn, logical) for name, (shape_fn, logical, key) in BIAS_PARAMS.items() if m[key]}
-    return {**LAYER_PARAMS, **(QK_NORM_PARAMS if m.qk_norm == "rms" else {}), **biases}
+    return {**base, **post, **(QK_NORM_PARAMS if m.qk_norm == "rms" else {}), **biases}
 
 
 REMAT_POLICIES = {
@@ -84,15 +108,26 @@ def rms_norm(x_BSD, weight_D, eps: float):
     return x.astype(x_BSD.dtype) * weight_D.astype(x_BSD.dtype)
 
 
+def layer_norm(x_BSD, weight_D, eps: float):
+    """Cohere2's LayerNorm: mean-subtracted, no bias; normalised and scaled in fp32, then cast back."""
+    x = x_BSD.astype(jnp.float32)
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return (x * weight_D.astype(jnp.float32)).astype(x_BSD.dtype)
+
+
+def norm(x_BSD, weight_D, m):
+    """The model's block and final norm (`model.norm`); eps is `model.rms_norm_eps` for both kinds."""
+    return (layer_norm if m.norm == "layernorm" else rms_norm)(x_BSD, weight_D, m.rms_norm_eps)
+
+
 def _plus_bias(x, p, name: str):
     """x + this layer's `name` bias, if the config has one (a trace-time branch: no op otherwise)."""
     return x + p[name].astype(x.dtype) if name in p else x
 
 
-def attention_inputs(p, x_BSD, m, dtype, spec: config.LayerSpec):
-    """Pre-norm, the q, k, v projections (+ biases) and the RMS QK-norm, un-rotated: shared by
-    training and decoding."""
-    h_BSD = rms_norm(x_BSD, p["attn_norm"], m.rms_norm_eps)
+def attention_inputs(p, h_BSD, m, dtype, spec: config.LayerSpec):
+    """The q, k, v projections (+ biases) of the sublayer's input and the RMS QK-norm, un-rotated."""
     q_BSHE = _plus_bias(jnp.einsum("bsd,dhe->bshe", h_BSD, p["wq"].astype(dtype)), p, "q_bias")
     k_BSKE = _plus_bias(jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype)), p, "k_bias")
     v_BSKE = _plus_bias(jnp.einsum("bsd,dke->bske", h_BSD, p["wv"].astype(dtype)), p, "v_bias")
@@ -102,38 +137,61 @@ def attention_inputs(p, x_BSD, m, dtype, spec: config.LayerSpec):
     return q_BSHE, k_BSKE, v_BSKE
 
 
-def attention_output(p, x_BSD, o_BSHE, dtype):
-    """Output projection (+ bias) of the attended values, added to the residual stream."""
-    return x_BSD + _plus_bias(jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype)), p, "o_bias")
+def attention_output(p, o_BSHE, dtype):
+    """Output projection (+ bias) of the attended values: the attention sublayer's output."""
+    return _plus_bias(jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype)), p, "o_bias")
 
 
-def mlp(p, x_BSD, m, dtype):
-    """Pre-norm SwiGLU MLP (+ biases), added to the residual stream."""
-    h_BSD = rms_norm(x_BSD, p["mlp_norm"], m.rms_norm_eps)
+def mlp(p, h_BSD, m, dtype):
+    """SwiGLU MLP (+ biases) of the sublayer's input: the MLP sublayer's output."""
     gate_BSF = _plus_bias(jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype)), p, "gate_bias")
     up_BSF = _plus_bias(jnp.einsum("bsd,df->bsf", h_BSD, p["w_up"].astype(dtype)), p, "up_bias")
     down_BSD = jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, p["w_down"].astype(dtype))
-    return x_BSD + _plus_bias(down_BSD, p, "down_bias")
+    return _plus_bias(down_BSD, p, "down_bias")
+
+
+def block(p, x_BSD, m, dtype, spec: config.LayerSpec, attend):
+    """One layer in the form `model.block` names -> (x_BSD, whatever `attend` returned beside o).
+
+    `attend(q, k, v) -> (o, aux)` is the attention itself: over the sequence in training, over
+    the KV cache in decoding (aux: the updated cache). Norms present only when the block has them
+    (`BLOCK_NORMS`), so an absent key is a trace-time branch, not an op.
+    """
+    h_BSD = norm(x_BSD, p["attn_norm"], m) if "attn_norm" in p else x_BSD
+    o_BSHE, aux = attend(*attention_inputs(p, h_BSD, m, dtype, spec))
+    a_BSD = attention_output(p, o_BSHE, dtype)
+    if "attn_post_norm" in p:
+        a_BSD = norm(a_BSD, p["attn_post_norm"], m)
+    if m.block == "parallel":  # Cohere2: residual + attention + MLP, both from the one norm
+        return x_BSD + a_BSD + mlp(p, h_BSD, m, dtype), aux
+    x_BSD = x_BSD + a_BSD
+    f_BSD = mlp(p, norm(x_BSD, p["mlp_norm"], m) if "mlp_norm" in p else x_BSD, m, dtype)
+    if "mlp_post_norm" in p:
+        f_BSD = norm(f_BSD, p["mlp_post_norm"], m)
+    return x_BSD + f_BSD, aux
 
 
 def decoder_layer(p, x_BSD, *, spec: config.LayerSpec, ctx):
-    """One pre-norm layer as `spec` says. `p` holds this layer's params (no `layers` axis)."""
+    """One layer as `spec` and `model.block` say. `p` holds this layer's params (no `layers` axis)."""
     m, dtype = ctx["model_cfg"], ctx["dtype"]
-    q_BSHE, k_BSKE, v_BSKE = attention_inputs(p, x_BSD, m, dtype, spec)
-    o_BSHE = attention.attend(
-        q_BSHE,
-        k_BSKE,
-        v_BSKE,
-        positions_BS=ctx["positions"],
-        segment_ids_BS=ctx["segment_ids"],
-        spec=spec,
-        cos_sin=ctx["cos_sin"].get(spec.rope),
-        rope=ctx["ropes"].get(spec.rope),
-        impl=m.attention_impl,
-        norm_eps=m.rms_norm_eps,
-    )
-    x_BSD = attention_output(p, x_BSD, o_BSHE, dtype)
-    return constrain(mlp(p, x_BSD, m, dtype), ("act_batch", "act_seq", "act_embed"))
+
+    def attend(q_BSHE, k_BSKE, v_BSKE):
+        o_BSHE = attention.attend(
+            q_BSHE,
+            k_BSKE,
+            v_BSKE,
+            positions_BS=ctx["positions"],
+            segment_ids_BS=ctx["segment_ids"],
+            spec=spec,
+            cos_sin=ctx["cos_sin"].get(spec.rope),
+            rope=ctx["ropes"].get(spec.rope),
+            impl=m.attention_impl,
+            norm_eps=m.rms_norm_eps,
+        )
+        return o_BSHE, None
+
+    x_BSD, _ = block(p, x_BSD, m, dtype, spec, attend)
+    return constrain(x_BSD, ("act_batch", "act_seq", "act_embed"))
 
 
 def runs(specs: tuple) -> list[tuple[int, int, object]]:
@@ -187,7 +245,7 @@ def run_layers(stack, x_BSD, ctx):
 
 
 class Decoder(nnx.Module):
-    """Token embedding -> L decoder layers (each as its LayerSpec says) -> final RMSNorm -> LM head."""
+    """Token embedding -> L decoder layers (each as its LayerSpec says) -> final norm -> LM head."""
 
     def __init__(self, model_cfg: config.ConfigDict, *, rngs: nnx.Rngs):
         # frozen: a module's static attributes must be hashable for nnx.split / jit
@@ -222,9 +280,12 @@ class Decoder(nnx.Module):
         return self.logits(self.hidden(tokens_BS, positions, segment_ids))
 
     def logits(self, x_BSD):
-        """Final hidden states -> float32 logits [B, S, V] (tied head: the embedding, transposed)."""
+        """Final hidden states -> float32 logits [B, S, V] (tied head: the embedding, transposed),
+        times `model.logit_scale` (Cohere2) when it is not 1."""
         head_DV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, head_DV.astype(x_BSD.dtype), preferred_element_type=jnp.float32)
+        if self.cfg.logit_scale != 1.0:
+            logits_BSV = logits_BSV * jnp.float32(self.cfg.logit_scale)
         return constrain(logits_BSV, ("act_batch", "act_seq", "act_vocab"))
 
     def embed_tokens(self, tokens_BS):
@@ -251,7 +312,7 @@ class Decoder(nnx.Module):
         x_BSD = constrain(self.embed_tokens(tokens_BS), ("act_batch", "act_seq", "act_embed"))
         stack = {name: p[...] for name, p in self.layers.items()}
         x_BSD = run_layers(stack, x_BSD, ctx)
-        return rms_norm(x_BSD, self.final_norm[...], m.rms_norm_eps)
+        return norm(x_BSD, self.final_norm[...], m)
 
 
 def layer_ropes(m) -> dict:

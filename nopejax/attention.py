@@ -66,6 +66,8 @@ def visible(q_idx_c, k_idx_L, S: int, seg_q_Bc, seg_k_BL, pos_q_Bc, pos_k_BL, sp
     ok_cL = (k_idx_L[None, :] >= 0) & (k_idx_L[None, :] < S)
     if causal:
         ok_cL = ok_cL & (k_idx_L[None, :] <= q_idx_c[:, None])
+    if spec.attention == "sliding":  # the index band too, so rows whose positions stand still (padding)
+        ok_cL = ok_cL & (k_idx_L[None, :] > q_idx_c[:, None] - spec.window)  # agree on every path
     ok = ok_cL[None]
     if seg_q_Bc is not None:
         ok = ok & (seg_q_Bc[:, :, None] == seg_k_BL[:, None, :])

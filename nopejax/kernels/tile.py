@@ -314,11 +314,10 @@ def mask_tile(s, q_start, k_start, cfg: TileConfig, q_side: dict, k_side: dict):
         keep = both(keep, cols <= rows)
     if cfg.mask_padding:
         keep = both(keep, cols < cfg.seq_len)
-    if cfg.window is not None:
+    if cfg.window is not None:  # the index band always, so rows whose positions stand still (padding) see
+        keep = both(keep, rows - cols < cfg.window)  # the same keys on every path and block size
         if cfg.window_on_positions:
             keep = both(keep, q_side["pos"] - k_side["pos"] < cfg.window)
-        else:
-            keep = both(keep, rows - cols < cfg.window)
     if cfg.chunk is not None:
         keep = both(keep, q_side["chunk"] == k_side["chunk"])
     if cfg.has_segments:

@@ -1,15 +1,18 @@
 """Context parallelism on 8 fake CPU devices: zig-zag order, attention and whole train steps under
 a `context` mesh axis against one device, and a checkpoint moved onto a context mesh."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import random_batches, small_cfg
+from test_train import _libtpu, nopejax, random_batches, small_cfg
 
 from nopejax import attention, checkpoint, config, context, sharding, train
 from nopejax import rope as rope_lib
 from nopejax.config import ConfigError, LayerSpec
+from nopejax.kernels import flash_attention
 
 
 def test_zigzag_reorder_then_restore_is_identity():
@@ -109,6 +112,27 @@ def test_attention_under_context_parallelism_equals_one_device(axes, spec, rows,
     for got, want in zip([got_o, *got_g], [want_o, *want_g]):
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_kernel_suffix_queries_need_whole_tpu_tiles():
+    q, kv = jnp.zeros((1, 64, 2, 64)), jnp.zeros((1, 192, 1, 64))
+    with pytest.raises(ValueError, match="multiples of 128"):
+        flash_attention(q, kv, kv, interpret=True)
+    with pytest.raises(ValueError, match="more rows than q"):
+        flash_attention(q, kv, kv, interpret=True, causal=False)
+
+
+@pytest.mark.slow  # a Mosaic compile of the whole step, ~40 s of CPU
+@pytest.mark.skipif(not _libtpu(), reason="libtpu not installed (pip install -e '.[tpu]')")
+def test_train_step_with_the_kernel_under_context_parallelism_compiles_for_tpu():
+    """Suffix-query kernels (global layers: gathered span; sliding layers: 128-key halo) through Mosaic."""
+    proc = nopejax("train", "--config", "configs/tiny_local_global.py", "--dry-run", "--topology", "v5p:2x2x1",
+                   "--config.mesh.data=1", "--config.mesh.context=4", "--config.train.seq_len=1024",
+                   "--config.train.global_batch_size=2", "--config.model.d_model=256", "--config.model.num_heads=4",
+                   "--config.model.head_dim=64", "--config.model.attention_impl=pallas",
+                   "--config.model.dtype=bfloat16")  # fmt: skip
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["memory_per_device_gib"] > 0 and "'context': 4" in proc.stdout
 
 
 def test_context_parallel_attention_does_not_gather_sliding_layers():

@@ -4,6 +4,12 @@
 #
 #   benchmarks/aot_vs_maxtext.sh [ROUNDS]        # default 2 rounds = 4 compiles (~10-20 min on 2 busy cores)
 #
+# Long context (context parallelism): the same shape with each row's sequence split over CONTEXT chips,
+# MaxText with ici_context_parallelism=CONTEXT attention=flash (its all-gather CP, load balanced):
+#
+#   CONTEXT=4 SEQ_LEN=32768 benchmarks/aot_vs_maxtext.sh 1
+#   CONTEXT=4 SEQ_LEN=32768 TOOLS=nopejax NOPEJAX_CONFIG=configs/local_global_3b.py benchmarks/aot_vs_maxtext.sh 1
+#
 # Two Python 3.12 venvs with the same jax[tpu] (and so the same libtpu):
 #   NOPEJAX_PY  (default /work/venv312/bin/python):      pip install -e '.[tpu]' 'jax[tpu]==0.12.0.1'
 #   MAXTEXT_PY  (default /work/venv_maxtext/bin/python): pip install 'maxtext[tpu]==0.2.5'; pip install 'jax[tpu]==0.12.0.1'
@@ -19,6 +25,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NOPEJAX_PY="${NOPEJAX_PY:-/work/venv312/bin/python}"
 MAXTEXT_PY="${MAXTEXT_PY:-/work/venv_maxtext/bin/python}"
 ROUNDS="${1:-2}"
+SEQ_LEN="${SEQ_LEN:-4096}"
+CONTEXT="${CONTEXT:-1}"
+NOPEJAX_CONFIG="${NOPEJAX_CONFIG:-configs/smollm3_3b.py}"
+TOOLS="${TOOLS:-nopejax maxtext}"
 TIMER="$ROOT/benchmarks/compile_timer.py"
 LOG="$(mktemp -d)"
 # both tools only compile (no TPU is attached); let libtpu load while another process holds its lockfile
@@ -27,7 +37,7 @@ export ALLOW_MULTIPLE_LIBTPU_LOAD=1
 versions() { "$1" -c "import importlib.metadata as m, jax; print(jax.__version__, m.version('libtpu'))"; }
 NOPEJAX_V="$(versions "$NOPEJAX_PY")"
 MAXTEXT_V="$(versions "$MAXTEXT_PY")"
-echo "jax, libtpu: nopejax venv $NOPEJAX_V; maxtext venv $MAXTEXT_V; load $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
+echo "seq_len $SEQ_LEN, context $CONTEXT, nopejax config $NOPEJAX_CONFIG; jax, libtpu: nopejax venv $NOPEJAX_V; maxtext venv $MAXTEXT_V; load $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
 if [[ "$NOPEJAX_V" != "$MAXTEXT_V" ]]; then
   echo "the two venvs must have the same jax and libtpu" >&2
   exit 1
@@ -35,8 +45,12 @@ fi
 MAXTEXT_DIR="$("$MAXTEXT_PY" -c "import maxtext, os; print(os.path.dirname(maxtext.__file__))")"
 
 run_nopejax() {
-  PYTHONPATH="$ROOT" "$NOPEJAX_PY" "$TIMER" nopejax.cli train --config "$ROOT/configs/smollm3_3b.py" \
-    --dry-run --topology v5p:2x2x4
+  PYTHONPATH="$ROOT" "$NOPEJAX_PY" "$TIMER" nopejax.cli train --config "$ROOT/$NOPEJAX_CONFIG" \
+    --dry-run --topology v5p:2x2x4 --config.train.seq_len="$SEQ_LEN" --config.mesh.context="$CONTEXT"
+}
+
+maxtext_context() {  # nothing extra at CONTEXT=1, so the default run stays what it was
+  if [[ "$CONTEXT" != 1 ]]; then echo "ici_context_parallelism=$CONTEXT attention=flash"; fi
 }
 
 run_maxtext() {
@@ -45,13 +59,13 @@ run_maxtext() {
     decoder_block=llama2 base_emb_dim=2048 base_num_query_heads=16 base_num_kv_heads=4 base_mlp_dim=11008 \
     base_num_decoder_layers=36 head_dim=128 vocab_size=128256 logits_via_embedding=true \
     normalization_layer_epsilon=1e-6 rope_max_timescale=50000 \
-    max_target_length=4096 per_device_batch_size=1 remat_policy=full scan_layers=true \
+    max_target_length="$SEQ_LEN" per_device_batch_size=1 $(maxtext_context) remat_policy=full scan_layers=true \
     dtype=bfloat16 weight_dtype=float32 ici_fsdp_parallelism=-1 enable_dropout=false \
     dataset_type=synthetic enable_checkpointing=false
 }
 
 for round in $(seq "$ROUNDS"); do
-  for tool in nopejax maxtext; do
+  for tool in $TOOLS; do
     echo "round $round: $tool ..." >&2
     if ! "run_$tool" >"$LOG/$tool.$round.out" 2>&1; then
       tail -30 "$LOG/$tool.$round.out" >&2
@@ -63,19 +77,22 @@ for round in $(seq "$ROUNDS"); do
 done
 
 "$NOPEJAX_PY" - "$LOG" <<'EOF'
-import json, statistics, sys
+import json, os, statistics, sys
 
 log = sys.argv[1]
-rows = {t: [json.loads(line) for line in open(f"{log}/{t}.jsonl")] for t in ("nopejax", "maxtext")}
+rows = {t: [json.loads(line) for line in open(f"{log}/{t}.jsonl")] for t in ("nopejax", "maxtext")
+        if os.path.exists(f"{log}/{t}.jsonl")}
 keys = ("trace_s", "lower_s", "backend_compile_s", "memory_per_device_gib")
 med = {t: {k: statistics.median(r[k] for r in rows[t]) for k in keys} for t in rows}
-print(f"\nmedian of {len(rows['nopejax'])} alternated runs each (seconds are JAX's monitoring events, summed):")
+print(f"\nmedian of {len(next(iter(rows.values())))} alternated runs each (seconds are JAX's monitoring events, summed):")
 print("| tool | trace (s) | lower (s) | backend compile (s) | trace+lower+compile (s) | memory per chip (GiB) |")
 print("|---|---|---|---|---|---|")
 for t, m in med.items():
     total = m["trace_s"] + m["lower_s"] + m["backend_compile_s"]
     print(f"| {t} | {m['trace_s']:.1f} | {m['lower_s']:.1f} | {m['backend_compile_s']:.1f} | {total:.1f} "
           f"| {m['memory_per_device_gib']:.2f} |")
+if len(med) < 2:
+    sys.exit(0)
 n, x = med["nopejax"], med["maxtext"]
 total = lambda m: m["trace_s"] + m["lower_s"] + m["backend_compile_s"]
 print(f"nopejax / MaxText: backend compile {n['backend_compile_s'] / x['backend_compile_s']:.2f}x, "

@@ -44,6 +44,6 @@ def get_config():
     cfg.optim.min_lr_ratio = 0.0
     cfg.mesh.data = 1
     cfg.mesh.fsdp = -1
-    # mesh.context = 4  (context parallelism)
+    cfg.mesh.context = 4  # each 32k row split over 4 chips (zig-zag); fsdp takes the rest
     cfg.checkpoint.every_steps = 1000
     return cfg

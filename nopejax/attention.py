@@ -15,6 +15,10 @@ pos_i - W < pos_j (sliding) or pos_i // C == pos_j // C (chunked). On the XLA pa
 layer costs O(S * W): each chunk of c query rows reads only the c + W - 1 keys ending at its
 last row. That band holds every visible key as long as positions advance by one per token
 within a document (what packing produces).
+
+Under a `context` mesh axis (context parallelism) rows arrive in zig-zag order and
+`nopejax.context.attend` runs each path per device on spans of the true sequence that end with
+its query chunks (queries = the last rows of the keys: "suffix queries").
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from nopejax import context, sharding
 from nopejax import rope as rope_lib
-from nopejax import sharding
 from nopejax.config import LayerSpec
 
 PALLAS_HEAD_DIMS = (64, 128, 256)  # what the kernel tiles support (nopejax.kernels.SUPPORTED_HEAD_DIMS)
@@ -62,6 +66,8 @@ def visible(q_idx_c, k_idx_L, S: int, seg_q_Bc, seg_k_BL, pos_q_Bc, pos_k_BL, sp
     ok_cL = (k_idx_L[None, :] >= 0) & (k_idx_L[None, :] < S)
     if causal:
         ok_cL = ok_cL & (k_idx_L[None, :] <= q_idx_c[:, None])
+    if spec.attention == "sliding":  # the index band too, so rows whose positions stand still (padding)
+        ok_cL = ok_cL & (k_idx_L[None, :] > q_idx_c[:, None] - spec.window)  # agree on every path
     ok = ok_cL[None]
     if seg_q_Bc is not None:
         ok = ok & (seg_q_Bc[:, :, None] == seg_k_BL[:, None, :])
@@ -92,21 +98,27 @@ def xla_attention(
     the backward pass: every row still sees all its keys, so the result is the same, but the
     fp32 score matrix held at once is [B, H, q_chunk, S] instead of [B, H, S, S] (1 GiB per layer
     at S = 4096, H = 16). Local layers: query chunks against their key band only (`_banded`).
+
+    Suffix queries (context parallelism): q may hold only the last Sq of the S tokens k holds;
+    positions and segment ids are then the keys' [B, S].
     """
-    B, S = q_BSHD.shape[:2]
+    B, S = k_BSKD.shape[:2]
+    Sq = q_BSHD.shape[1]
+    offset = S - Sq  # sequence index of query row 0
     if positions_BS is None:
         positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     seg_BS, pos_BS = segment_ids_BS, positions_BS
-    if spec.local:
+    if spec.local and not offset:
         lookback = spec.window - 1  # keys further back than this (by index) are never visible
         c = min(q_chunk, max(MIN_LOCAL_CHUNK, spec.window))
         if c + lookback < S:  # else the band is the whole sequence
             return _banded(q_BSHD, k_BSKD, v_BSKD, pos_BS, seg_BS, spec, c, lookback)
     idx = jnp.arange(S)
-    if 2 * q_chunk >= S or S % q_chunk:
-        allowed = visible(idx, idx, S, seg_BS, seg_BS, pos_BS, pos_BS, spec, causal)
+    seg_q, pos_q = None if seg_BS is None else seg_BS[:, offset:], pos_BS[:, offset:]
+    if 2 * q_chunk >= Sq or Sq % q_chunk:
+        allowed = visible(offset + jnp.arange(Sq), idx, S, seg_q, seg_BS, pos_q, pos_BS, spec, causal)
         return _attend_rows(q_BSHD, k_BSKD, v_BSKD, allowed)
-    n = S // q_chunk
+    n = Sq // q_chunk
 
     @jax.checkpoint
     def one_chunk(xs):
@@ -114,8 +126,8 @@ def xla_attention(
         allowed = visible(start + jnp.arange(q_chunk), idx, S, seg_Bc, seg_BS, pos_Bc, pos_BS, spec, causal)
         return _attend_rows(q_BcHD, k_BSKD, v_BSKD, allowed)
 
-    starts = jnp.arange(n, dtype=jnp.int32) * q_chunk
-    chunks = (_to_chunks(q_BSHD, n), starts, None if seg_BS is None else _to_chunks(seg_BS, n), _to_chunks(pos_BS, n))
+    starts = offset + jnp.arange(n, dtype=jnp.int32) * q_chunk
+    chunks = (_to_chunks(q_BSHD, n), starts, None if seg_q is None else _to_chunks(seg_q, n), _to_chunks(pos_q, n))
     return _from_chunks(jax.lax.map(one_chunk, chunks))
 
 
@@ -219,9 +231,23 @@ def attend(
     if spec.nope_temperature is not None:
         scale_BS = nope_temperature_scale(positions_BS, *spec.nope_temperature)
         q_BSHD = (q_BSHD.astype(jnp.float32) * scale_BS[:, :, None, None]).astype(q_BSHD.dtype)
+    if sharding.context_size() > 1:  # cuDNN takes no suffix queries: XLA per device
+        inner = lambda q, k, v, pos, seg: xla_attention(q, k, v, seg, positions_BS=pos, spec=spec)
+        return context.attend(inner, q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, lookback=_lookback(spec))
     if impl == "cudnn":
         return cudnn_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS, positions_BS, spec)
     return xla_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS, positions_BS=positions_BS, spec=spec)
+
+
+def _lookback(spec: LayerSpec, align: int = 1) -> int | None:
+    """How far back (in tokens) a query of this layer can see, rounded up to `align`; None if unbounded.
+
+    Sliding layers see W - 1 keys back (positions advance by one per token within a document);
+    chunked layers are treated as global under context parallelism (their chunk boundaries are on
+    positions, which restart per document)."""
+    if spec.attention != "sliding":
+        return None
+    return -(-(spec.window - 1) // align) * align
 
 
 def _platform() -> str:
@@ -250,8 +276,9 @@ def kernel_options(spec: LayerSpec, rotate: bool) -> dict:
 def _pallas(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, spec, rope, rotate):
     """The fused-RoPE flash kernel; under a mesh it runs per shard (batch and heads split).
 
-    Inside `shard_map` each device sees its batch rows and its heads; the sequence axis is never
-    sharded (`act_seq` maps to no mesh axis), so every shard holds whole sequences.
+    Inside `shard_map` each device sees its batch rows and its heads. With a `context` axis the
+    sequence is split too, and `context.attend` gives the kernel suffix queries per device: spans
+    whose lengths are multiples of 128 (TPU lanes), so the halo is rounded up to 128 keys.
     """
     from nopejax.kernels import flash_attention
 
@@ -270,6 +297,9 @@ def _pallas(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, spec, rope, ro
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return kernel(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS)
+    if sharding.context_size(mesh) > 1:
+        lookback = _lookback(spec, align=128)
+        return context.attend(kernel, q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, lookback=lookback)
     heads = sharding.logical_to_spec(["act_batch", "act_seq", "act_heads", None], mesh)
     rows = sharding.logical_to_spec(["act_batch", "act_seq"], mesh)
     has_segments = segment_ids_BS is not None

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 
@@ -112,9 +113,11 @@ def base_config() -> ConfigDict:
     cfg.mesh = mesh = ConfigDict()
     mesh.data = -1  # -1: whatever devices the other axes leave
     mesh.fsdp = 1
+    mesh.context = 1  # context parallelism: each row's sequence split over this many devices
     mesh.tensor = 1
     mesh.dcn_data = 1  # across slices / nodes
     mesh.dcn_fsdp = 1
+    mesh.dcn_context = 1
 
     cfg.train = t = ConfigDict()
     t.steps = 300
@@ -473,6 +476,30 @@ def _validate_block(m: ConfigDict) -> None:
         )  # fmt: skip
 
 
+def _validate_context(cfg: ConfigDict) -> None:
+    """Context parallelism: zig-zag needs two equal chunks of every row per context device, and the
+    batch still fills the data-parallel axes (context devices share rows, they do not add any)."""
+    mesh, t = cfg.mesh, cfg.train
+    for axis in ("context", "dcn_context"):  # its size fixes the zig-zag chunks, so it is never "the rest"
+        if mesh[axis] == -1:
+            raise ConfigError(f"mesh.{axis}", "cannot be -1", "give its size; let mesh.data or mesh.fsdp be -1")
+    C = mesh.context * mesh.dcn_context
+    if C > 1 and t.seq_len % (2 * C):
+        raise ConfigError(
+            "train.seq_len", f"{t.seq_len} is not divisible by 2 x context = {2 * C} (zig-zag load balancing "
+            "gives each context device two equal chunks of every row)",
+            f"use a seq_len that is a multiple of {2 * C}, or change mesh.context",
+        )  # fmt: skip
+    rows = t.global_batch_size // t.grad_accum
+    data_parallel = [mesh[a] * mesh[f"dcn_{a}"] for a in ("data", "fsdp") if mesh[a] != -1]
+    if C > 1 and rows % max(1, math.prod(data_parallel)):
+        raise ConfigError(
+            "train.global_batch_size", f"each microbatch has {rows} rows, not divisible by data x fsdp = "
+            f"{math.prod(data_parallel)} (context devices split the sequence, not the batch)",
+            "raise the global batch, or move devices from data/fsdp to mesh.context",
+        )  # fmt: skip
+
+
 def validate(cfg: ConfigDict) -> ConfigDict:
     """Reject configs that cannot run, naming the field and the fix. Returns `cfg`."""
     m = cfg.model
@@ -550,12 +577,13 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         raise ConfigError("model.rms_norm_eps", f"must be positive, got {m.rms_norm_eps}", "use e.g. 1e-6")
     _validate_block(m)
 
-    for axis in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp"):
+    for axis in ("data", "fsdp", "context", "tensor", "dcn_data", "dcn_fsdp", "dcn_context"):
         v = cfg.mesh[axis]
         if not isinstance(v, int) or (v < 1 and v != -1):
             raise ConfigError(f"mesh.{axis}", f"must be a positive integer or -1, got {v!r}", "use -1 for 'the rest'")
-    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("mesh", "more than one axis is -1", "let at most one of data/fsdp/tensor be -1")
+    _validate_context(cfg)
     if cfg.mesh.tensor > 0 and m.num_kv_heads % cfg.mesh.tensor:
         raise ConfigError(
             "mesh.tensor",

@@ -1,10 +1,13 @@
 """The device mesh and the one table that maps logical axis names to mesh axes.
 
 Model code names logical axes only (`embed`, `heads`, ...), never mesh axes; this module alone
-decides where they go (MaxText `logical_axis_rules`, nanodo `fsdp.py`). The mesh has three axes:
-`data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state sharded)
-and `tensor` (Megatron-style heads / MLP split). DCN sizes (across slices or nodes) multiply the
-`data` and `fsdp` axes; the devices are laid out so that the DCN part is the slow, outer one.
+decides where they go (MaxText `logical_axis_rules`, nanodo `fsdp.py`). The mesh has four axes:
+`data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state sharded),
+`context` (the sequence of each row split across devices: context parallelism, nopejax/context.py)
+and `tensor` (Megatron-style heads / MLP split). Parameters shard over `fsdp` and `context`
+together, as MaxText and torchtitan do, so context-parallel devices hold no replicas. DCN sizes
+(across slices or nodes) multiply the `data`, `fsdp` and `context` axes; the devices are laid out
+so that the DCN part is the slow, outer one.
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nopejax.config import ConfigDict, ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
+CONTEXT_AXIS = "context"
 
 # logical axis -> mesh axis (or a tuple of mesh axes, or None = replicated)
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ("fsdp", CONTEXT_AXIS),
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
@@ -34,7 +38,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
     # activations
     "act_batch": BATCH_AXES,
-    "act_seq": None,
+    "act_seq": CONTEXT_AXIS,
     "act_embed": None,
     "act_heads": "tensor",
     "act_vocab": "tensor",
@@ -62,18 +66,26 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, mesh))
 
 
+def context_size(mesh=None) -> int:
+    """Devices one row's sequence is split over (ici x dcn); 1 without a mesh or a context axis."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh is None or mesh.empty:
+        return 1
+    return mesh.shape.get(CONTEXT_AXIS, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mesh
 
 
 def resolve_mesh_shape(mesh_cfg: ConfigDict, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
     """-> (ici sizes, dcn sizes) per mesh axis, with the one -1 filled in."""
-    dcn = {"data": mesh_cfg.dcn_data, "fsdp": mesh_cfg.dcn_fsdp, "tensor": 1}
+    dcn = {"data": mesh_cfg.dcn_data, "fsdp": mesh_cfg.dcn_fsdp, "context": mesh_cfg.dcn_context, "tensor": 1}
     num_slices = math.prod(dcn.values())
     if num_devices % num_slices:
         raise ConfigError(
             "mesh.dcn_data",
-            f"dcn_data * dcn_fsdp = {num_slices} does not divide the {num_devices} devices",
+            f"dcn_data * dcn_fsdp * dcn_context = {num_slices} does not divide the {num_devices} devices",
             "set the DCN sizes to the number of slices / nodes",
         )
     per_slice = num_devices // num_slices
@@ -91,7 +103,8 @@ def resolve_mesh_shape(mesh_cfg: ConfigDict, num_devices: int) -> tuple[dict[str
     if math.prod(ici.values()) != per_slice:
         raise ConfigError(
             "mesh",
-            f"data * fsdp * tensor = {ici['data']} * {ici['fsdp']} * {ici['tensor']} = {math.prod(ici.values())}, "
+            f"data * fsdp * context * tensor = {' * '.join(str(ici[a]) for a in MESH_AXES)} "
+            f"= {math.prod(ici.values())}, "
             f"but there are {per_slice} devices per slice ({num_devices} in all)",
             "make the product match, or set one axis to -1 to take the rest",
         )

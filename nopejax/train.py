@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nopejax import attention, checkpoint, config, metrics, model, optimizer, sharding, stages
+from nopejax import attention, checkpoint, config, context, metrics, model, optimizer, sharding, stages
 from nopejax.config import ConfigDict, ConfigError, RunError
 from nopejax.decode import training_sampler
 
@@ -304,9 +304,12 @@ def abstract_batch(s: Setup) -> dict:
 
 
 def to_device_batch(s: Setup, local_batch: dict) -> dict:
+    """Host rows -> global arrays; under context parallelism each row is reordered once, here,
+    into zig-zag order (causal load balancing: nopejax/context.py)."""
     from nopejax import data
 
-    return data.global_batch({k: local_batch[k] for k in BATCH_KEYS}, s.mesh)
+    rows = context.reorder({k: np.asarray(local_batch[k]) for k in BATCH_KEYS}, sharding.context_size(s.mesh))
+    return data.global_batch(rows, s.mesh)
 
 
 # ---------------------------------------------------------------------------------------------

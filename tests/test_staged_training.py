@@ -251,5 +251,5 @@ def test_staged_configs_validate():
     long = config.validate(load("tiny_long"))
     assert long.train.seq_len == 2 * load("tiny").train.seq_len and long.init_from
     big = config.validate(load("smollm3_3b_long"))
-    assert (big.train.seq_len, big.model.rope_theta, big.init_from_optimizer) == (32768, 2e6, True)
+    assert (big.train.seq_len, big.model.rope_theta, big.init_from_optimizer, big.mesh.context) == (32768, 2e6, True, 4)
     assert big.train.global_batch_size * big.train.seq_len == 72 * 32768  # 2.36M tokens per step, as SmolLM3

@@ -52,7 +52,7 @@ class _Plan:
 
 
 def flash_attention(
-    q,  # [B, S, Hq, D]
+    q,  # [B, S, Hq, D], or [B, Sq, Hq, D]: the last Sq of the S tokens (suffix queries)
     k,  # [B, S, Hkv, D]
     v,  # [B, S, Hkv, D]
     *,
@@ -77,6 +77,9 @@ def flash_attention(
     """Flash attention over [B, S, H, D] inputs; returns o [B, S, Hq, D] in q's dtype.
 
     GQA: q head h attends with kv head h // (Hq // Hkv); k and v are never repeated.
+    Suffix queries (context parallelism): q may have fewer rows than k when causal; they are
+    then the last Sq tokens of k's sequence (q row i is token S - Sq + i), positions and
+    segment ids are given for all S tokens, and on TPU Sq and S must be multiples of 128.
     On CPU pass interpret=True (TPU kernel form under Pallas's TPU interpreter).
     `positions`, `segment_ids` and `inv_freq` are not differentiated. All layer options are static.
 
@@ -98,8 +101,11 @@ def flash_attention(
         query at position p are scaled by log1p(floor((p + 1) / floor_scale)) * attn_scale + 1,
         the same as scaling q (Llama 4).
     """
-    B, S, Hq, D, Hkv = _check_shapes(q, k, v, segment_ids, positions)
+    B, S, Hq, D, Hkv = _check_shapes(q, k, v, segment_ids, positions, causal)
     backend = _resolve_backend(backend, interpret)
+    Sq = q.shape[1]
+    if Sq != S and backend != "tpu":
+        raise ValueError("suffix queries (fewer q rows than k rows) run on the TPU form only; use the XLA path")
     rot_dim = _check_layer_options(
         D, rope, causal, sliding_window, chunk_size, partial_rotary_factor, rope_layout, nope_temperature, backend
     )
@@ -138,7 +144,7 @@ def flash_attention(
         S, D, Hq // Hkv, backend, block_q, block_k, bool(interpret), causal=causal, sm_scale=sm_scale, rope=rope,
         rope_factor=rope_attention_factor, rot_dim=rot_dim, has_segments=segment_ids is not None,
         window=sliding_window, chunk=chunk_size, positions_given=positions_given,
-        has_temperature=temperature is not None, row_bytes=D * q.dtype.itemsize,
+        has_temperature=temperature is not None, row_bytes=D * q.dtype.itemsize, q_len=Sq,
     )  # fmt: skip
     Sp = plan.cfg.padded_len
     if Sp != S:  # pad to whole blocks; padded keys are masked, padded query rows dropped
@@ -159,9 +165,13 @@ def _deinterleave(x_BSHD, rot_dim: int):
 
 def _make_plan(
     S, D, num_groups, backend, block_q, block_k, interpret, *, causal, sm_scale, rope, rope_factor, rot_dim,
-    has_segments, window, chunk, positions_given, has_temperature, row_bytes,
+    has_segments, window, chunk, positions_given, has_temperature, row_bytes, q_len=None,
 ) -> _Plan:  # fmt: skip
-    blocks = _resolve_blocks(backend, S, block_q, block_k, row_bytes)
+    suffix = q_len is not None and q_len != S
+    if suffix:
+        blocks = _suffix_blocks(S, q_len, block_q, block_k)
+    else:
+        blocks = _resolve_blocks(backend, S, block_q, block_k, row_bytes)
     cfg = TileConfig(
         causal=bool(causal),
         sm_scale=float(sm_scale),
@@ -180,8 +190,22 @@ def _make_plan(
         window_on_positions=window is not None and positions_given,
         chunk_by_index=chunk is not None and not positions_given,
         has_temperature=has_temperature,
+        q_offset=S - q_len if suffix else 0,
+        q_padded_len=q_len if suffix else None,
     )
     return _Plan(cfg=cfg, backend=backend, blocks=blocks, interpret=interpret)
+
+
+def _suffix_blocks(S: int, Sq: int, block_q, block_k) -> tuple[int, int, int, int]:
+    """TPU blocks for suffix queries: the largest of 512, 256, 128 dividing both lengths, so neither
+    is padded (padding would move the queries off the end of the keys)."""
+    for b in (512, 256, tpu.LANES):
+        if Sq % b == 0 and S % b == 0 and all(u is None or u == b for u in (block_q, block_k)):
+            return (b, b, b, b)
+    raise ValueError(
+        f"suffix queries need q rows ({Sq}) and k rows ({S}) that are multiples of {tpu.LANES} on TPU "
+        "(and block_q = block_k, if given, one of 512/256/128 dividing both)"
+    )
 
 
 def describe(
@@ -298,18 +322,20 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_shapes(q, k, v, segment_ids, positions):
+def _check_shapes(q, k, v, segment_ids, positions, causal=True):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             "q, k, v must be [batch, seq, heads, head_dim]; "
             f"got q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
         )
-    B, S, Hq, D = q.shape
+    B, Sq, Hq, D = q.shape
+    S = k.shape[1]
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got k{tuple(k.shape)}, v{tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[1] != S or k.shape[3] != D:
+    if k.shape[0] != B or k.shape[3] != D or not (Sq == S or (causal and Sq < S)):
         raise ValueError(
-            f"k/v must be [B, S, Hkv, D] with q's B={B}, S={S}, D={D} (self-attention); got k{tuple(k.shape)}"
+            f"k/v must be [B, S, Hkv, D] with q's B={B}, S={Sq}, D={D} (self-attention; or, causal, more "
+            f"rows than q: q is then their suffix); got k{tuple(k.shape)}"
         )
     Hkv = k.shape[2]
     if D not in SUPPORTED_HEAD_DIMS:

@@ -19,6 +19,10 @@ Local (sliding-window) and chunked layers: kv_block_range / q_block_range
 give the blocks a tile can see, so both lowerings walk only that band
 (O(S*W) tiles, not O(S^2)), and mask_tile masks inside it.
 
+Suffix queries (context parallelism, nopejax/context.py): q may hold only the
+last rows of the sequence k holds; q row i is then sequence index q_offset + i,
+and every causal / band comparison adds that offset.
+
 Softmax runs in base 2 (exp2, log2(e) folded into the score scale), as in
 JAX's GPU kernel; the saved log-sum-exp is in the same base.
 """
@@ -66,6 +70,12 @@ class TileConfig:
     # from positions inside the kernel for every tile it visits (TPU). On an H200 the in-kernel
     # transcendentals cost more than the tile's matmuls (measured: RoPE forward 4x, backward 30x NoPE's).
     rope_tables: bool = False
+    q_offset: int = 0  # sequence index of q row 0: q is the last rows of the keys' sequence (context parallelism)
+    q_padded_len: int | None = None  # rows of q when fewer than the keys' (padded_len); None: the same
+
+    @property
+    def q_len(self) -> int:
+        return self.padded_len if self.q_padded_len is None else self.q_padded_len
 
     @property
     def mask_padding(self) -> bool:
@@ -102,8 +112,9 @@ def _min(a, b):
 
 
 def kv_block_range(q_start, q_rows: int, cfg: TileConfig, bk: int):
-    """[lo, hi) of the kv blocks a q tile starting at q_start can see."""
+    """[lo, hi) of the kv blocks a q tile starting at q row q_start can see."""
     nk = cfg.padded_len // bk
+    q_start = q_start + cfg.q_offset  # a sequence index from here on
     hi = _div(q_start + q_rows - 1, bk) + 1 if cfg.causal else nk
     if cfg.chunk is not None and cfg.chunk_by_index:
         lo = _div(_div(q_start, cfg.chunk) * cfg.chunk, bk)
@@ -115,14 +126,15 @@ def kv_block_range(q_start, q_rows: int, cfg: TileConfig, bk: int):
 
 
 def q_block_range(k_start, k_cols: int, cfg: TileConfig, bq: int):
-    """[lo, hi) of the q blocks that can see some key of a kv tile starting at k_start."""
-    nq = cfg.padded_len // bq
-    lo = _div(k_start, bq) if cfg.causal else 0
+    """[lo, hi) of the q blocks that can see some key of a kv tile starting at k_start (may be empty)."""
+    nq = cfg.q_len // bq
+    off = cfg.q_offset  # q row = sequence index - off
+    lo = _div(_max(k_start - off, 0), bq) if cfg.causal else 0
     last_key = k_start + k_cols - 1
     if cfg.chunk is not None and cfg.chunk_by_index:
-        hi = _min(_div((_div(last_key, cfg.chunk) + 1) * cfg.chunk - 1, bq) + 1, nq)
+        hi = _min(_div(_max((_div(last_key, cfg.chunk) + 1) * cfg.chunk - 1 - off, -bq), bq) + 1, nq)
     elif cfg.band is not None:
-        hi = _min(_div(last_key + cfg.band - 1, bq) + 1, nq)
+        hi = _min(_div(_max(last_key + cfg.band - 1 - off, -bq), bq) + 1, nq)
     else:
         hi = nq
     return lo, hi
@@ -130,15 +142,15 @@ def q_block_range(k_start, k_cols: int, cfg: TileConfig, bq: int):
 
 def band_sizes(cfg: TileConfig, bq: int, bk: int) -> tuple[int, int]:
     """Widest kv range of a q block and widest q range of a kv block: the inner grid axes on TPU."""
-    nq, nk = cfg.padded_len // bq, cfg.padded_len // bk
+    nq, nk = cfg.q_len // bq, cfg.padded_len // bk
     n_kv = max(hi - lo for lo, hi in (kv_block_range(i * bq, bq, cfg, bk) for i in range(nq)))
     n_q = max(hi - lo for lo, hi in (q_block_range(j * bk, bk, cfg, bq) for j in range(nk)))
-    return n_kv, n_q
+    return n_kv, max(n_q, 1)
 
 
 def computed_tiles(cfg: TileConfig, bq: int, bk: int) -> int:
     """(q tile, kv tile) pairs one head computes; the same set whether walked q-major or kv-major."""
-    nq = cfg.padded_len // bq
+    nq = cfg.q_len // bq
     return sum(hi - lo for lo, hi in (kv_block_range(i * bq, bq, cfg, bk) for i in range(nq)))
 
 
@@ -151,6 +163,7 @@ def side_inputs(cfg: TileConfig, positions, inv_freq, segment_ids, chunk_ids, te
     kind says how a kernel blocks it: "q" rows of the q tile ([B, S, 1]), "k" rows of the kv
     tile ([B, S, 1]), "kc" columns of the kv tile ([B, 1, S]), "c" the same whole array everywhere,
     "qt" / "kt" rows of the q / kv tile of a [B, S, rot_dim/2] cos or sin table (rope_tables).
+    The arrays are the keys' [B, S]; q-side ones keep the last q_len rows (suffix queries).
     """
     out = []
     if cfg.rope and cfg.rope_tables:
@@ -169,7 +182,9 @@ def side_inputs(cfg: TileConfig, positions, inv_freq, segment_ids, chunk_ids, te
         out.append(("q_temp", "q", temperature[:, :, None]))
     if cfg.has_segments:
         out += [("q_seg", "q", segment_ids[:, :, None]), ("kc_seg", "kc", segment_ids[:, None, :])]
-    return out
+    if cfg.q_padded_len is None:
+        return out
+    return [(n, kind, a[:, cfg.q_offset :] if kind in ("q", "qt") else a) for n, kind, a in out]
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -293,17 +308,16 @@ def mask_tile(s, q_start, k_start, cfg: TileConfig, q_side: dict, k_side: dict):
     def both(a, b):
         return b if a is None else jnp.logical_and(a, b)
 
-    rows = q_start + lax.broadcasted_iota(jnp.int32, (R, 1), 0)
+    rows = q_start + cfg.q_offset + lax.broadcasted_iota(jnp.int32, (R, 1), 0)
     cols = k_start + lax.broadcasted_iota(jnp.int32, (1, C), 1)
     if cfg.causal:
         keep = both(keep, cols <= rows)
     if cfg.mask_padding:
         keep = both(keep, cols < cfg.seq_len)
-    if cfg.window is not None:
+    if cfg.window is not None:  # the index band always, so rows whose positions stand still (padding) see
+        keep = both(keep, rows - cols < cfg.window)  # the same keys on every path and block size
         if cfg.window_on_positions:
             keep = both(keep, q_side["pos"] - k_side["pos"] < cfg.window)
-        else:
-            keep = both(keep, rows - cols < cfg.window)
     if cfg.chunk is not None:
         keep = both(keep, q_side["chunk"] == k_side["chunk"])
     if cfg.has_segments:

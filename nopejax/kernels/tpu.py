@@ -108,11 +108,10 @@ def grids(B: int, Hq: int, cfg: TileConfig, bq: int, bk: int, bq_bwd: int, bk_bw
     Hkv = Hq // cfg.num_groups
     n_kv, _ = tile.band_sizes(cfg, bq, bk)
     n_kv_bwd, n_q_bwd = tile.band_sizes(cfg, bq_bwd, bk_bwd)
-    S = cfg.padded_len
     return {
-        "forward": (B, Hq, S // bq, n_kv),
-        "dkv": (B, Hkv, S // bk_bwd, cfg.num_groups * n_q_bwd),
-        "dq": (B, Hq, S // bq_bwd, n_kv_bwd),
+        "forward": (B, Hq, cfg.q_len // bq, n_kv),
+        "dkv": (B, Hkv, cfg.padded_len // bk_bwd, cfg.num_groups * n_q_bwd),
+        "dq": (B, Hq, cfg.q_len // bq_bwd, n_kv_bwd),
     }
 
 
@@ -267,7 +266,7 @@ def backward_dkv(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret)
 
     def q_block(i, j):
         lo, hi = tile.q_block_range(i * bk, bk, cfg, bq)
-        return jnp.minimum(lo + lax.rem(j, n_q), hi - 1)
+        return jnp.maximum(jnp.minimum(lo + lax.rem(j, n_q), hi - 1), 0)  # an empty range (suffix q) reads block 0
 
     def q_index(b, h, i, j):
         return b, h * G + lax.div(j, n_q), q_block(i, j)

@@ -127,8 +127,8 @@ class DataRestore(grain.checkpoint.CheckpointRestore):
 
 # Optional per-layer params: whether they exist depends on these. Checkpoints written before they
 # were recorded have none of them, hence the defaults.
-OPTIONAL_PARAM_FIELDS = {"attention_bias": False, "mlp_bias": False, "qk_norm_weights": False}
-FIELD_NAMES = {"rope_pattern": "model.no_rope_layers", "qk_norm_weights": "model.qk_norm"}
+OPTIONAL_PARAM_FIELDS = {"attention_bias": False, "mlp_bias": False, "qk_norm_weights": False, "moe": None}
+FIELD_NAMES = {"rope_pattern": "model.no_rope_layers", "qk_norm_weights": "model.qk_norm", "moe": "model.num_experts"}
 
 
 def layout(m: ConfigDict) -> dict:
@@ -136,6 +136,14 @@ def layout(m: ConfigDict) -> dict:
     out["rope_pattern"] = [int(x) for x in config_lib.rope_pattern(m)]
     out["attention_bias"], out["mlp_bias"] = bool(m.attention_bias), bool(m.mlp_bias)
     out["qk_norm_weights"] = m.qk_norm == "rms"  # learned q/k norm weights exist
+    out["moe"] = None  # which layers have experts, and their shapes (dense FFN / MoE params stack apart)
+    if m.num_experts:
+        out["moe"] = {
+            "ffn_pattern": list(config_lib.ffn_pattern(m)),
+            "num_experts": m.num_experts,
+            "expert_d_ff": m.expert_d_ff or m.d_ff,
+            "num_shared_experts": m.num_shared_experts,
+        }
     out["param_layout"] = "layer_stacked_v1"  # [L, ...] per layer param; independent of scan_layers
     return out
 

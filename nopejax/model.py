@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from nopejax import attention, config
+from nopejax import attention, config, moe
 from nopejax import rope as rope_lib
 from nopejax.sharding import constrain
 
@@ -60,10 +60,47 @@ BIAS_PARAMS = {
 }
 
 
+# Params of the dense FFN, stacked over the layers whose spec has ffn = "dense"; MoE params
+# (moe.moe_params) over the layers with ffn = "moe"; all others over every layer. A dense model's
+# dense FFN therefore stays [L, ...].
+DENSE_FFN_PARAMS = ("w_gate", "w_up", "w_down", "gate_bias", "up_bias", "down_bias")
+
+
+def param_group(name: str) -> str:
+    """Which layers a per-layer param is stacked over: "all", "dense" or "moe"."""
+    if name in moe.MOE_PARAMS or name in moe.SHARED_PARAMS:
+        return "moe"
+    return "dense" if name in DENSE_FFN_PARAMS else "all"
+
+
+def group_count(specs, group: str) -> int:
+    return len(specs) if group == "all" else sum(spec.ffn == group for spec in specs)
+
+
 def layer_params(m) -> dict:
     """The per-layer params this config has: name -> (shape fn, logical axes)."""
     biases = {name: (shape_fn, logical) for name, (shape_fn, logical, key) in BIAS_PARAMS.items() if m[key]}
-    return {**LAYER_PARAMS, **(QK_NORM_PARAMS if m.qk_norm == "rms" else {}), **biases}
+    out = {**LAYER_PARAMS, **(QK_NORM_PARAMS if m.qk_norm == "rms" else {}), **biases}
+    out.update(moe.moe_params(m) if m.num_experts else {})
+    specs = config.layer_specs(m)
+    return {name: v for name, v in out.items() if group_count(specs, param_group(name))}
+
+
+def stack_size(m, name: str) -> int:
+    """Leading size of a per-layer param: the number of layers it is stacked over."""
+    return group_count(config.layer_specs(m), param_group(name))
+
+
+def slice_layers(params: dict, specs, start: int, stop: int) -> dict:
+    """The params of layers start .. stop - 1 of `specs` (each stack cut by its own group's index);
+    params of a group with no layer in the range are left out."""
+    out = {}
+    for name, a in params.items():
+        group = param_group(name)
+        lo, hi = group_count(specs[:start], group), group_count(specs[:stop], group)
+        if hi > lo:
+            out[name] = a[lo:hi]
+    return out
 
 
 REMAT_POLICIES = {
@@ -116,8 +153,16 @@ def mlp(p, x_BSD, m, dtype):
     return x_BSD + _plus_bias(down_BSD, p, "down_bias")
 
 
+def ffn(p, x_BSD, m, dtype, spec: config.LayerSpec):
+    """The layer's FFN as `spec.ffn` says, added to the residual -> (x, MoE aux or None)."""
+    if spec.ffn == "moe":
+        y_BSD, aux = moe.moe_ffn(p, rms_norm(x_BSD, p["mlp_norm"], m.rms_norm_eps), m, dtype)
+        return x_BSD + y_BSD, aux
+    return mlp(p, x_BSD, m, dtype), None
+
+
 def decoder_layer(p, x_BSD, *, spec: config.LayerSpec, ctx):
-    """One pre-norm layer as `spec` says. `p` holds this layer's params (no `layers` axis)."""
+    """One pre-norm layer as `spec` says -> (x, MoE aux or None). `p`: this layer's params."""
     m, dtype = ctx["model_cfg"], ctx["dtype"]
     q_BSHE, k_BSKE, v_BSKE = attention_inputs(p, x_BSD, m, dtype, spec)
     o_BSHE = attention.attend(
@@ -133,7 +178,8 @@ def decoder_layer(p, x_BSD, *, spec: config.LayerSpec, ctx):
         norm_eps=m.rms_norm_eps,
     )
     x_BSD = attention_output(p, x_BSD, o_BSHE, dtype)
-    return constrain(mlp(p, x_BSD, m, dtype), ("act_batch", "act_seq", "act_embed"))
+    x_BSD, aux = ffn(p, x_BSD, m, dtype, spec)
+    return constrain(x_BSD, ("act_batch", "act_seq", "act_embed")), aux
 
 
 def runs(specs: tuple) -> list[tuple[int, int, object]]:
@@ -147,13 +193,21 @@ def runs(specs: tuple) -> list[tuple[int, int, object]]:
     return out
 
 
-def run_layers(stack, x_BSD, ctx):
-    """Apply all L layers: scanned blocks of one period of the layer specs, then the exact tail.
+def _concat(auxes: list):
+    """Per-MoE-layer aux pieces (each [n, ...]) in layer order -> one [L_moe, ...] tree, or None."""
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *auxes) if auxes else None
 
+
+def run_layers(stack, x_BSD, ctx):
+    """Apply all L layers -> (x, MoE aux stacked over MoE layers, or None).
+
+    A dense prefix (model.num_dense_layers of an MoE model) is planned on its own, then the rest:
+    each part runs as scanned blocks of one period of its layer specs, then its exact tail.
     Inside a block, each run of equal specs is itself a scan, so the traced program holds one
     layer per run (SmolLM3's block RoPE x3 + NoPE traces 2 layers, not 4):
     compile time and the weights gathered at once stay those of about one layer. Remat wraps
-    each layer, so only layer inputs are kept for the backward pass.
+    each layer, so only layer inputs are kept for the backward pass. Each param stack is cut by
+    its own group's layer index (`slice_layers`: dense FFN, MoE or every layer).
     """
     m = ctx["model_cfg"]
     remat = REMAT_POLICIES.get(m.remat)
@@ -162,28 +216,46 @@ def run_layers(stack, x_BSD, ctx):
         fn = lambda p, x: decoder_layer(p, x, spec=spec, ctx=ctx)
         return jax.checkpoint(fn, policy=remat, prevent_cse=not m.scan_layers) if remat else fn
 
-    def run(params, x_BSD, specs):  # params: each [len(specs), ...]
+    def run(params, x_BSD, specs):  # params: each stacked over its group's layers of `specs`
+        auxes = []
         for start, length, spec in runs(specs):
             layer = layer_fn(spec)
+            part = slice_layers(params, specs, start, start + length)
             if length == 1 or not m.scan_layers:
-                for i in range(start, start + length):
-                    x_BSD = layer(jax.tree.map(lambda a, i=i: a[i], params), x_BSD)
+                for i in range(length):
+                    x_BSD, aux = layer(jax.tree.map(lambda a, i=i: a[i], part), x_BSD)
+                    auxes += [] if aux is None else [jax.tree.map(lambda a: a[None], aux)]
             else:
-                part = jax.tree.map(lambda a, s=start, n=length: a[s : s + n], params)
-                x_BSD, _ = jax.lax.scan(lambda x, p, layer=layer: (layer(p, x), None), x_BSD, part)
-        return x_BSD
+                x_BSD, aux = jax.lax.scan(lambda x, p, layer=layer: layer(p, x), x_BSD, part)
+                auxes += [] if aux is None else [aux]
+        return x_BSD, _concat(auxes)
+
+    def run_part(params, x_BSD, specs):
+        if not m.scan_layers:
+            return run(params, x_BSD, specs)
+        block, num_blocks, tail = config.block_structure(specs)
+        P, auxes = len(block), []
+        if num_blocks > 1:
+            body = slice_layers(params, specs, 0, num_blocks * P)
+            blocks = {name: a.reshape(num_blocks, a.shape[0] // num_blocks, *a.shape[1:]) for name, a in body.items()}
+            x_BSD, aux = jax.lax.scan(lambda x, p: run(p, x, block), x_BSD, blocks)
+            auxes += [] if aux is None else [jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), aux)]
+        elif num_blocks == 1:
+            x_BSD, aux = run(slice_layers(params, specs, 0, P), x_BSD, block)
+            auxes += [] if aux is None else [aux]
+        if tail:
+            x_BSD, aux = run(slice_layers(params, specs, num_blocks * P, len(specs)), x_BSD, tail)
+            auxes += [] if aux is None else [aux]
+        return x_BSD, _concat(auxes)
 
     specs = config.layer_specs(m)
-    if not m.scan_layers:
-        return run(stack, x_BSD, specs)
-    block, num_blocks, tail = config.block_structure(specs)
-    P = len(block)
-    if num_blocks > 1:
-        blocks = jax.tree.map(lambda a: a[: num_blocks * P].reshape(num_blocks, P, *a.shape[1:]), stack)
-        x_BSD, _ = jax.lax.scan(lambda x, p: (run(p, x, block), None), x_BSD, blocks)
-    elif num_blocks == 1:
-        x_BSD = run(jax.tree.map(lambda a: a[:P], stack), x_BSD, block)
-    return run(jax.tree.map(lambda a: a[num_blocks * P :], stack), x_BSD, tail) if tail else x_BSD
+    prefix = m.num_dense_layers if m.num_experts else 0
+    auxes = []
+    for start, stop in ((0, prefix), (prefix, len(specs))):
+        if stop > start:
+            x_BSD, aux = run_part(slice_layers(stack, specs, start, stop), x_BSD, specs[start:stop])
+            auxes += [] if aux is None else [aux]
+    return x_BSD, _concat(auxes)
 
 
 class Decoder(nnx.Module):
@@ -206,7 +278,7 @@ class Decoder(nnx.Module):
         self.layers = nnx.Dict(
             {
                 name: param(
-                    (m.num_layers, *shape_fn(m)),
+                    (stack_size(m, name), *shape_fn(m)),
                     ("layers", *logical),
                     ones=name.endswith("norm"),
                     zeros=name.endswith("bias"),
@@ -233,6 +305,10 @@ class Decoder(nnx.Module):
 
     def hidden(self, tokens_BS, positions=None, segment_ids=None):
         """tokens int32 [B, S] -> final-normed hidden states [B, S, D] in the compute dtype."""
+        return self.hidden_and_aux(tokens_BS, positions, segment_ids)[0]
+
+    def hidden_and_aux(self, tokens_BS, positions=None, segment_ids=None):
+        """-> (final-normed hidden states [B, S, D], MoE statistics per MoE layer or None)."""
         m = self.cfg
         dtype = _dtype(m.dtype)
         B, S = tokens_BS.shape
@@ -250,8 +326,8 @@ class Decoder(nnx.Module):
         }
         x_BSD = constrain(self.embed_tokens(tokens_BS), ("act_batch", "act_seq", "act_embed"))
         stack = {name: p[...] for name, p in self.layers.items()}
-        x_BSD = run_layers(stack, x_BSD, ctx)
-        return rms_norm(x_BSD, self.final_norm[...], m.rms_norm_eps)
+        x_BSD, aux = run_layers(stack, x_BSD, ctx)
+        return rms_norm(x_BSD, self.final_norm[...], m.rms_norm_eps), aux
 
 
 def layer_ropes(m) -> dict:
@@ -267,9 +343,9 @@ def layer_ropes(m) -> dict:
 
 
 def param_count(m: config.ConfigDict) -> int:
-    per_layer = sum(math.prod(fn(m)) for fn, _ in layer_params(m).values())
+    layers = sum(stack_size(m, name) * math.prod(fn(m)) for name, (fn, _) in layer_params(m).items())
     embed = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-    return m.num_layers * per_layer + embed + m.d_model
+    return layers + embed + m.d_model
 
 
 def create(model_cfg: config.ConfigDict, seed: int = 0) -> Decoder:

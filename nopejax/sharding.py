@@ -1,9 +1,10 @@
 """The device mesh and the one table that maps logical axis names to mesh axes.
 
 Model code names logical axes only (`embed`, `heads`, ...), never mesh axes; this module alone
-decides where they go (MaxText `logical_axis_rules`, nanodo `fsdp.py`). The mesh has three axes:
-`data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state sharded)
-and `tensor` (Megatron-style heads / MLP split). DCN sizes (across slices or nodes) multiply the
+decides where they go (MaxText `logical_axis_rules`, nanodo `fsdp.py`). The mesh axes:
+`data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state sharded),
+`expert` (MoE experts split over it, the batch elsewhere) and `tensor` (Megatron-style heads /
+MLP split). DCN sizes (across slices or nodes) multiply the
 `data` and `fsdp` axes; the devices are laid out so that the DCN part is the slow, outer one.
 """
 
@@ -18,8 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nopejax.config import ConfigDict, ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the expert axis splits the batch outside MoE layers (MaxText)
 
 # logical axis -> mesh axis (or a tuple of mesh axes, or None = replicated)
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -30,6 +31,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
+    "expert": "expert",  # MoE: experts over the expert axis (nopejax/moe.py)
+    "expert_mlp": "tensor",  # MoE: each expert's width, Megatron-style
     "layers": None,
     "norm": None,
     # activations
@@ -68,7 +71,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 def resolve_mesh_shape(mesh_cfg: ConfigDict, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
     """-> (ici sizes, dcn sizes) per mesh axis, with the one -1 filled in."""
-    dcn = {"data": mesh_cfg.dcn_data, "fsdp": mesh_cfg.dcn_fsdp, "tensor": 1}
+    dcn = {"data": mesh_cfg.dcn_data, "fsdp": mesh_cfg.dcn_fsdp, "expert": 1, "tensor": 1}
     num_slices = math.prod(dcn.values())
     if num_devices % num_slices:
         raise ConfigError(
@@ -91,7 +94,7 @@ def resolve_mesh_shape(mesh_cfg: ConfigDict, num_devices: int) -> tuple[dict[str
     if math.prod(ici.values()) != per_slice:
         raise ConfigError(
             "mesh",
-            f"data * fsdp * tensor = {ici['data']} * {ici['fsdp']} * {ici['tensor']} = {math.prod(ici.values())}, "
+            f"{' * '.join(MESH_AXES)} = {' * '.join(str(ici[a]) for a in MESH_AXES)} = {math.prod(ici.values())}, "
             f"but there are {per_slice} devices per slice ({num_devices} in all)",
             "make the product match, or set one axis to -1 to take the rest",
         )

@@ -533,13 +533,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         )
     if m.head_dim % 2:
         raise ConfigError("model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}", "use an even head_dim")
-    if m.num_heads * m.head_dim != m.d_model:
-        raise ConfigError(
-            "model.head_dim",
-            f"num_heads * head_dim = {m.num_heads} * {m.head_dim} = {m.num_heads * m.head_dim} "
-            f"!= d_model = {m.d_model}",
-            f"set head_dim = {m.d_model // m.num_heads} or change d_model/num_heads",
-        )
+    # num_heads * head_dim may differ from d_model (Trinity Mini: 32 * 128 = 4096 over d_model 2048):
+    # wq is [D, H, E] and wo [H, E, D], and HF configs carry head_dim explicitly
     if m.no_rope_layers is not None:
         if len(m.no_rope_layers) != m.num_layers:
             raise ConfigError(

@@ -63,10 +63,14 @@ def top_k_numpy(p, h_BSD, m):
 
 CASES = {
     "softmax_k1": dict(router="softmax", experts_per_token=1),
-    "softmax_k2_shared2_normalized": dict(router="softmax", experts_per_token=2, num_shared_experts=2, router_normalize=True),
-    "sigmoid_k4_afmoe": dict(router="sigmoid", experts_per_token=4, num_shared_experts=1, router_normalize=True, routed_scale=2.5),
+    "softmax_k2_shared2_normalized": dict(
+        router="softmax", experts_per_token=2, num_shared_experts=2, router_normalize=True
+    ),
+    "sigmoid_k4_afmoe": dict(
+        router="sigmoid", experts_per_token=4, num_shared_experts=1, router_normalize=True, routed_scale=2.5
+    ),
     "sigmoid_k1_llama4": dict(router="sigmoid", experts_per_token=1, num_shared_experts=1, router_scale_input=True),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -282,7 +286,7 @@ def test_checkpoint_of_a_dense_model_does_not_restore_into_an_moe_model(tmp_path
     ckpt.close()
     cfg = small_moe_cfg()
     s2 = train.setup(cfg, jax.devices()[:1])
-    with pytest.raises(ConfigError, match="model.num_experts"):
+    with pytest.raises(ConfigError, match=r"model\.num_experts"):
         checkpoint.Checkpointer(str(tmp_path), cfg).restore_latest(s2.abstract_state)
 
 

@@ -1,7 +1,8 @@
 """Mixture-of-experts FFN: the router, dropless grouped matmuls, balance statistics, expert parallelism.
 
-Shape letters as in model.py, plus T tokens (B * S), E experts, X experts on this device, k
-experts per token, G width of a routed expert, C width of the shared experts.
+Shape letters as in model.py (B, S, D, F, L), plus T tokens (B * S), X experts, Y experts on
+this device, U experts per token (top-k; `k` in formulas), I width of one routed expert, A
+assignments (T * U, one per token and chosen expert).
 
 Routing (`route`): router logits in fp32, scores by softmax (Mixtral, Switch) or sigmoid
 (DeepSeek-V3, AFMoE, Llama 4); the top k of `scores + expert_bias` pick the experts, the unbiased
@@ -13,13 +14,13 @@ Dispatch (`_local_experts`) is dropless by default: the T * k (token, expert) as
 sorted by expert, each expert's SwiGLU runs on its contiguous rows with `jax.lax.ragged_dot`
 (one grouped matmul over all experts, no padding, no per-expert loop), and the inverse
 permutation brings the rows back to token order, where the k results of a token are summed.
-With `capacity_factor` > 0 an expert takes at most ceil(cf * S * k / E) assignments per
+With `capacity_factor` > 0 an expert takes at most ceil(cf * S * k / X) assignments per
 sequence, earlier tokens first (MaxText's per-sequence capacity); the rest are dropped (weight 0,
 sorted past every group so no matmul touches them) and counted.
 
 Expert parallelism (`_dispatch`): experts are split over the `expert` mesh axis, which also splits
 the batch everywhere else. Inside `shard_map` each device all-gathers the tokens of its expert
-group, runs its X = E / expert local experts on the assignments that chose them, and a
+group, runs its Y = X / expert local experts on the assignments that chose them, and a
 reduce-scatter sums the partial outputs and returns each device its own tokens (Megatron's
 "allgather" token dispatcher). It is dropless without a ragged all-to-all and works on every
 backend. Each device receives (expert - 1) * T_local * D values per layer and sends as many back,
@@ -29,7 +30,7 @@ weights are gathered inside, tensor-parallel expert widths are summed with a psu
 axes those are comes from the one logical-axis table (sharding.py).
 
 Balance statistics per MoE layer (`aux`): `load` (assignments each expert kept), the Switch /
-GShard loss E * sum_e f_e * P_e (f_e: share of assignments to e before drops, P_e: mean router
+GShard loss X * sum_e f_e * P_e (f_e: share of assignments to e before drops, P_e: mean router
 probability of e, sigmoid scores normalised per token), the ST-MoE z-loss mean(logsumexp(logits)^2)
 and `dropped` (assignments dropped by capacity).
 """
@@ -76,68 +77,68 @@ def capacity(m, seq_len: int) -> int:
 
 
 def route(p, h_BSD, m):
-    """-> (experts_BSK int32, weights_BSK fp32, aux). Dropped assignments get expert id E, weight 0."""
-    E, k = m.num_experts, m.experts_per_token
+    """-> (experts_BSU int32, weights_BSU fp32, aux). Dropped assignments get expert id X, weight 0."""
+    X, k = m.num_experts, m.experts_per_token
     B, S, _ = h_BSD.shape
-    logits_BSE = jnp.einsum("bsd,de->bse", h_BSD, p["router"].astype(h_BSD.dtype), preferred_element_type=jnp.float32)
+    logits_BSX = jnp.einsum("bsd,de->bse", h_BSD, p["router"].astype(h_BSD.dtype), preferred_element_type=jnp.float32)
     if m.router == "softmax":
-        scores_BSE = jax.nn.softmax(logits_BSE, axis=-1)
-        probs_BSE = scores_BSE
+        scores_BSX = jax.nn.softmax(logits_BSX, axis=-1)
+        probs_BSX = scores_BSX
     else:
-        scores_BSE = jax.nn.sigmoid(logits_BSE)
-        probs_BSE = scores_BSE / jnp.sum(scores_BSE, axis=-1, keepdims=True)
-    bias_E = jax.lax.stop_gradient(p["expert_bias"].astype(jnp.float32))
-    _, experts_BSK = jax.lax.top_k(jax.lax.stop_gradient(scores_BSE) + bias_E, k)
-    weights_BSK = jnp.take_along_axis(scores_BSE, experts_BSK, axis=-1)
+        scores_BSX = jax.nn.sigmoid(logits_BSX)
+        probs_BSX = scores_BSX / jnp.sum(scores_BSX, axis=-1, keepdims=True)
+    bias_X = jax.lax.stop_gradient(p["expert_bias"].astype(jnp.float32))
+    _, experts_BSU = jax.lax.top_k(jax.lax.stop_gradient(scores_BSX) + bias_X, k)
+    weights_BSU = jnp.take_along_axis(scores_BSX, experts_BSU, axis=-1)
     if m.router_normalize:
-        weights_BSK = weights_BSK / (jnp.sum(weights_BSK, axis=-1, keepdims=True) + 1e-20)
-    weights_BSK = weights_BSK * m.routed_scale
+        weights_BSU = weights_BSU / (jnp.sum(weights_BSU, axis=-1, keepdims=True) + 1e-20)
+    weights_BSU = weights_BSU * m.routed_scale
 
-    chosen_BSKE = jax.nn.one_hot(experts_BSK, E, dtype=jnp.float32)
-    chosen_E = jnp.sum(chosen_BSKE, axis=(0, 1, 2))
+    chosen_BSUX = jax.nn.one_hot(experts_BSU, X, dtype=jnp.float32)
+    chosen_X = jnp.sum(chosen_BSUX, axis=(0, 1, 2))
     if m.capacity_factor:
         # rank of each assignment among those of its row to the same expert, in (token, slot) order
-        flat_BNE = chosen_BSKE.reshape(B, S * k, E)
-        rank_BN = jnp.sum((jnp.cumsum(flat_BNE, axis=1) - 1.0) * flat_BNE, axis=-1)
-        keep_BSK = (rank_BN < capacity(m, S)).reshape(B, S, k)
-        experts_BSK = jnp.where(keep_BSK, experts_BSK, E)
-        weights_BSK = jnp.where(keep_BSK, weights_BSK, 0.0)
-        load_E = jnp.sum(chosen_BSKE * keep_BSK[..., None], axis=(0, 1, 2))
+        flat_BAX = chosen_BSUX.reshape(B, S * k, X)
+        rank_BA = jnp.sum((jnp.cumsum(flat_BAX, axis=1) - 1.0) * flat_BAX, axis=-1)
+        keep_BSU = (rank_BA < capacity(m, S)).reshape(B, S, k)
+        experts_BSU = jnp.where(keep_BSU, experts_BSU, X)
+        weights_BSU = jnp.where(keep_BSU, weights_BSU, 0.0)
+        load_X = jnp.sum(chosen_BSUX * keep_BSU[..., None], axis=(0, 1, 2))
     else:
-        load_E = chosen_E
+        load_X = chosen_X
     T = B * S
-    f_E = chosen_E / (T * k)
-    P_E = jnp.mean(probs_BSE, axis=(0, 1))
+    f_X = chosen_X / (T * k)
+    P_X = jnp.mean(probs_BSX, axis=(0, 1))
     aux = {
-        "load": load_E,
-        "balance": E * jnp.sum(f_E * P_E),
-        "z": jnp.mean(jnp.square(jax.nn.logsumexp(logits_BSE, axis=-1))),
-        "dropped": jnp.sum(chosen_E) - jnp.sum(load_E),
+        "load": load_X,
+        "balance": X * jnp.sum(f_X * P_X),
+        "z": jnp.mean(jnp.square(jax.nn.logsumexp(logits_BSX, axis=-1))),
+        "dropped": jnp.sum(chosen_X) - jnp.sum(load_X),
     }
-    return experts_BSK.astype(jnp.int32), weights_BSK, aux
+    return experts_BSU.astype(jnp.int32), weights_BSU, aux
 
 
-def _local_experts(x_TD, experts_TK, weights_TK, gate_XDG, up_XDG, down_XGD, first_expert, scale_input: bool):
-    """Sum over each token's assignments to experts first_expert .. first_expert + X - 1 of
+def _local_experts(x_TD, experts_TU, weights_TU, gate_YDI, up_YDI, down_YID, first_expert, scale_input: bool):
+    """Sum over each token's assignments to experts first_expert .. first_expert + Y - 1 of
     weight * SwiGLU_expert(token); other assignments contribute 0. Sorted, grouped, unsorted."""
-    X = gate_XDG.shape[0]
-    T, k = experts_TK.shape
-    local_N = (experts_TK - first_expert).reshape(T * k)
-    local_N = jnp.where((local_N >= 0) & (local_N < X), local_N, X)  # X: not here (or dropped), sorted last
-    order_N = jnp.argsort(local_N, stable=True)
-    group_sizes_X = jnp.bincount(local_N, length=X + 1)[:X].astype(jnp.int32)
-    x_ND = jnp.take(x_TD, order_N // k, axis=0)
-    w_N = jnp.take(weights_TK.reshape(T * k), order_N).astype(x_TD.dtype)
+    Y = gate_YDI.shape[0]
+    T, k = experts_TU.shape
+    local_A = (experts_TU - first_expert).reshape(T * k)
+    local_A = jnp.where((local_A >= 0) & (local_A < Y), local_A, Y)  # Y: not here (or dropped), sorted last
+    order_A = jnp.argsort(local_A, stable=True)
+    group_sizes_Y = jnp.bincount(local_A, length=Y + 1)[:Y].astype(jnp.int32)
+    x_AD = jnp.take(x_TD, order_A // k, axis=0)
+    w_A = jnp.take(weights_TU.reshape(T * k), order_A).astype(x_TD.dtype)
     if scale_input:
-        x_ND = x_ND * w_N[:, None]
+        x_AD = x_AD * w_A[:, None]
     # rows past sum(group_sizes) belong to no expert: ragged_dot leaves them 0
-    gate_NG = jax.lax.ragged_dot(x_ND, gate_XDG, group_sizes_X)
-    up_NG = jax.lax.ragged_dot(x_ND, up_XDG, group_sizes_X)
-    y_ND = jax.lax.ragged_dot(jax.nn.silu(gate_NG) * up_NG, down_XGD, group_sizes_X)
+    gate_AI = jax.lax.ragged_dot(x_AD, gate_YDI, group_sizes_Y)
+    up_AI = jax.lax.ragged_dot(x_AD, up_YDI, group_sizes_Y)
+    y_AD = jax.lax.ragged_dot(jax.nn.silu(gate_AI) * up_AI, down_YID, group_sizes_Y)
     if not scale_input:
-        y_ND = y_ND * w_N[:, None]
-    y_TKD = jnp.take(y_ND, jnp.argsort(order_N), axis=0).reshape(T, k, -1)
-    return jnp.sum(y_TKD, axis=1)
+        y_AD = y_AD * w_A[:, None]
+    y_TUD = jnp.take(y_AD, jnp.argsort(order_A), axis=0).reshape(T, k, -1)
+    return jnp.sum(y_TUD, axis=1)
 
 
 def _mesh_axes(spec_entry) -> tuple[str, ...]:
@@ -146,22 +147,22 @@ def _mesh_axes(spec_entry) -> tuple[str, ...]:
     return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
 
 
-def _dispatch(x_BSD, experts_BSK, weights_BSK, gate_EDG, up_EDG, down_EGD, scale_input: bool):
+def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, scale_input: bool):
     """Routed experts on the mesh: shard_map over every axis, the expert axis by all-gather /
     reduce-scatter of tokens. Without a mesh (or on one device), the same computation in place."""
-    D, k = x_BSD.shape[-1], experts_BSK.shape[-1]
+    D, k = x_BSD.shape[-1], experts_BSU.shape[-1]
 
-    def local(x_BSD, experts_BSK, weights_BSK, gate, up, down, first_expert):
+    def local(x_BSD, experts_BSU, weights_BSU, gate, up, down, first_expert):
         b, s = x_BSD.shape[:2]
         y_TD = _local_experts(
-            x_BSD.reshape(b * s, D), experts_BSK.reshape(b * s, k), weights_BSK.reshape(b * s, k),
+            x_BSD.reshape(b * s, D), experts_BSU.reshape(b * s, k), weights_BSU.reshape(b * s, k),
             gate, up, down, first_expert, scale_input,
         )  # fmt: skip
         return y_TD.reshape(b, s, D)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
-        return local(x_BSD, experts_BSK, weights_BSK, gate_EDG, up_EDG, down_EGD, 0)
+        return local(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, 0)
 
     token_spec = logical_to_spec(("act_batch", "act_seq", "act_embed"), mesh)
     route_spec = logical_to_spec(("act_batch", "act_seq", None), mesh)
@@ -169,18 +170,18 @@ def _dispatch(x_BSD, experts_BSK, weights_BSK, gate_EDG, up_EDG, down_EGD, scale
     out_spec = logical_to_spec(MOE_PARAMS["expert_down"][1], mesh)
     expert_axes, embed_axes, width_axes = (_mesh_axes(a) for a in in_spec)
 
-    def body(x_BSD, experts_BSK, weights_BSK, gate, up, down):
+    def body(x_BSD, experts_BSU, weights_BSU, gate, up, down):
         if embed_axes:  # FSDP: the D dimension of the expert weights, gathered for this layer
             gate = jax.lax.all_gather(gate, embed_axes, axis=1, tiled=True)
             up = jax.lax.all_gather(up, embed_axes, axis=1, tiled=True)
             down = jax.lax.all_gather(down, embed_axes, axis=2, tiled=True)
         first_expert = 0
         if expert_axes:  # the tokens of the whole expert group, each device running its experts on them
-            x_BSD, experts_BSK, weights_BSK = (
-                jax.lax.all_gather(a, expert_axes, axis=0, tiled=True) for a in (x_BSD, experts_BSK, weights_BSK)
+            x_BSD, experts_BSU, weights_BSU = (
+                jax.lax.all_gather(a, expert_axes, axis=0, tiled=True) for a in (x_BSD, experts_BSU, weights_BSU)
             )
             first_expert = jax.lax.axis_index(expert_axes) * gate.shape[0]
-        y_BSD = local(x_BSD, experts_BSK, weights_BSK, gate, up, down, first_expert)
+        y_BSD = local(x_BSD, experts_BSU, weights_BSU, gate, up, down, first_expert)
         if width_axes:  # tensor-parallel expert width: partial sums of the down projection
             y_BSD = jax.lax.psum(y_BSD, width_axes)
         if expert_axes:  # sum the experts' partial outputs, each device keeping its own tokens
@@ -192,7 +193,7 @@ def _dispatch(x_BSD, experts_BSK, weights_BSK, gate_EDG, up_EDG, down_EGD, scale
         mesh=mesh,
         in_specs=(token_spec, route_spec, route_spec, in_spec, in_spec, out_spec),
         out_specs=token_spec,
-    )(x_BSD, experts_BSK, weights_BSK, gate_EDG, up_EDG, down_EGD)
+    )(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID)
 
 
 def swiglu(h_BSD, gate_DF, up_DF, down_FD, dtype):
@@ -203,9 +204,9 @@ def swiglu(h_BSD, gate_DF, up_DF, down_FD, dtype):
 
 def moe_ffn(p, h_BSD, m, dtype):
     """The MoE FFN on normed inputs h [B, S, D] -> (output [B, S, D], aux). `p`: one layer's params."""
-    experts_BSK, weights_BSK, aux = route(p, h_BSD, m)
+    experts_BSU, weights_BSU, aux = route(p, h_BSD, m)
     y_BSD = _dispatch(
-        h_BSD, experts_BSK, weights_BSK,
+        h_BSD, experts_BSU, weights_BSU,
         p["expert_gate"].astype(dtype), p["expert_up"].astype(dtype), p["expert_down"].astype(dtype),
         m.router_scale_input,
     )  # fmt: skip
@@ -225,24 +226,24 @@ def aux_loss(aux, m):
 
 def load_metrics(aux) -> dict:
     """Per logged step: load of the least / most used expert relative to uniform (1 = balanced;
-    worst layer), the load entropy over log E (1 = balanced; mean over layers), dropped
+    worst layer), the load entropy over log X (1 = balanced; mean over layers), dropped
     assignments, and the unweighted aux losses (mean over layers)."""
-    load_LE = aux["load"]
-    E = load_LE.shape[-1]
-    share_LE = load_LE / jnp.maximum(jnp.sum(load_LE, axis=-1, keepdims=True), 1.0)
-    entropy_L = -jnp.sum(jnp.where(share_LE > 0, share_LE * jnp.log(jnp.maximum(share_LE, 1e-30)), 0.0), axis=-1)
+    load_LX = aux["load"]
+    X = load_LX.shape[-1]
+    share_LX = load_LX / jnp.maximum(jnp.sum(load_LX, axis=-1, keepdims=True), 1.0)
+    entropy_L = -jnp.sum(jnp.where(share_LX > 0, share_LX * jnp.log(jnp.maximum(share_LX, 1e-30)), 0.0), axis=-1)
     return {
-        "moe_load_min": jnp.min(share_LE) * E,
-        "moe_load_max": jnp.max(share_LE) * E,
-        "moe_load_entropy": jnp.mean(entropy_L) / math.log(E),
+        "moe_load_min": jnp.min(share_LX) * X,
+        "moe_load_max": jnp.max(share_LX) * X,
+        "moe_load_entropy": jnp.mean(entropy_L) / math.log(X),
         "moe_dropped": jnp.sum(aux["dropped"]),
         "moe_balance_loss": jnp.mean(aux["balance"]),
         "moe_z_loss": jnp.mean(aux["z"]),
     }
 
 
-def update_expert_bias(bias_LE, load_LE, rate: float):
+def update_expert_bias(bias_LX, load_LX, rate: float):
     """DeepSeek-V3's auxiliary-loss-free balancing: raise the bias of under-loaded experts and
     lower it for over-loaded ones by a fixed step, b += rate * sign(mean load - load), per layer."""
-    mean_L1 = jnp.mean(load_LE, axis=-1, keepdims=True)
-    return bias_LE + rate * jnp.sign(mean_L1 - load_LE).astype(bias_LE.dtype)
+    mean_L1 = jnp.mean(load_LX, axis=-1, keepdims=True)
+    return bias_LX + rate * jnp.sign(mean_L1 - load_LX).astype(bias_LX.dtype)

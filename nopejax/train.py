@@ -238,9 +238,9 @@ def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
 
     new_params = jax.tree.map(only_if_finite, optax.apply_updates(params, updates), params)
     if moe_aux is not None:  # the expert bias is no gradient's business: it follows the observed load
-        bias_LE = params["layers"]["expert_bias"]
-        new_bias = moe.update_expert_bias(bias_LE, moe_aux["load"], cfg.model.expert_bias_rate)
-        new_params["layers"] = {**new_params["layers"], "expert_bias": only_if_finite(new_bias, bias_LE)}
+        bias_LX = params["layers"]["expert_bias"]
+        new_bias = moe.update_expert_bias(bias_LX, moe_aux["load"], cfg.model.expert_bias_rate)
+        new_params["layers"] = {**new_params["layers"], "expert_bias": only_if_finite(new_bias, bias_LX)}
     new_state = {
         "step": state["step"] + 1,
         "rng": state["rng"],

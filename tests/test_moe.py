@@ -32,9 +32,9 @@ def init_layer(m, seed=0):
 def reference(p, h_BSD, m, chosen_BSK):
     """Every token through each of its chosen experts: that expert's weights gathered per token
     (no sorting, no grouped matmul), weighted as the formulas say, summed over the k choices."""
-    logits_BSE = h_BSD @ p["router"]
-    scores_BSE = jax.nn.softmax(logits_BSE, -1) if m.router == "softmax" else jax.nn.sigmoid(logits_BSE)
-    w_BSK = jnp.take_along_axis(scores_BSE, jnp.asarray(chosen_BSK), axis=-1)
+    logits_BSX = h_BSD @ p["router"]
+    scores_BSX = jax.nn.softmax(logits_BSX, -1) if m.router == "softmax" else jax.nn.sigmoid(logits_BSX)
+    w_BSK = jnp.take_along_axis(scores_BSX, jnp.asarray(chosen_BSK), axis=-1)
     if m.router_normalize:
         w_BSK = w_BSK / jnp.sum(w_BSK, -1, keepdims=True)
     w_BSK = w_BSK * m.routed_scale
@@ -175,13 +175,14 @@ def test_expert_bias_update_moves_a_skewed_router_toward_balance():
 
 
 def small_moe_cfg(**mesh):
-    """A 5-layer model: layer 0 dense, then MoE on every layer (E 4, k 2, one shared expert)."""
+    """A 3-layer model: layer 0 dense, then MoE (E 4, k 2, one shared expert); heads * head_dim
+    (2 * 24) differs from d_model (40), as in Trinity."""
     cfg = config.base_config()
-    cfg.model.update(vocab_size=384, d_model=64, num_layers=5, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=96)
-    cfg.model.update(num_experts=4, experts_per_token=2, expert_d_ff=24, num_shared_experts=1, num_dense_layers=1)
+    cfg.model.update(vocab_size=384, d_model=40, num_layers=3, num_heads=2, num_kv_heads=2, head_dim=24, d_ff=56)
+    cfg.model.update(num_experts=4, experts_per_token=2, expert_d_ff=12, num_shared_experts=1, num_dense_layers=1)
     cfg.model.update(router="sigmoid", router_normalize=True, balance_loss_weight=0.01, router_z_loss_weight=1e-3)
-    cfg.model.update(expert_bias_rate=1e-3, dtype="float32")
-    cfg.train.update(global_batch_size=16, seq_len=32, steps=20)
+    cfg.model.update(expert_bias_rate=1e-3, dtype="float32", scan_layers=False)
+    cfg.train.update(global_batch_size=8, seq_len=24, steps=20)
     cfg.optim.update(lr=1e-2, warmup_steps=2, decay_steps=5)
     cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
     cfg.mesh.update(**mesh)
@@ -190,20 +191,21 @@ def small_moe_cfg(**mesh):
 
 def test_layer_plan_scans_moe_period_after_the_dense_prefix():
     cfg = small_moe_cfg()
-    cfg.model.update(num_layers=9, num_dense_layers=2, moe_layer_interval=2)  # dense: 0, 1, 2, 4, 6, 8
+    cfg.model.update(num_layers=7, num_dense_layers=2, moe_layer_interval=2)  # dense: 0, 1, 2, 4, 6
     specs = config.layer_specs(cfg.model)
-    assert [s.ffn for s in specs] == ["dense"] * 3 + ["moe", "dense"] * 3
+    assert [s.ffn for s in specs] == ["dense"] * 3 + ["moe", "dense"] * 2
     shapes = {name: p.shape for name, p in model.create(cfg.model).layers.items()}
-    assert shapes["w_gate"][0] == 6 and shapes["expert_gate"][0] == 3 and shapes["wq"][0] == 9
+    assert shapes["w_gate"][0] == 5 and shapes["expert_gate"][0] == 2 and shapes["wq"][0] == 7
     tokens = jnp.arange(2 * 11).reshape(2, 11) % 300
     outs = []
     for scan in (True, False):
         cfg.model.scan_layers = scan
-        x, aux = model.create(cfg.model).hidden_and_aux(tokens)
+        graphdef, params = model.split(model.create(cfg.model))
+        x, aux = jax.jit(lambda p, g=graphdef: model.apply(g, p, tokens, method="hidden_and_aux"))(params)
         outs.append((x, aux["load"]))
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
-    assert outs[0][1].shape == (3, 4)
+    assert outs[0][1].shape == (2, 4)
 
 
 @pytest.fixture(scope="module")
@@ -212,9 +214,7 @@ def one_device_moe():
     return run_steps(cfg, random_batches(cfg, 5), jax.devices()[:1])
 
 
-@pytest.mark.parametrize(
-    "mesh", [dict(expert=2, data=4), dict(expert=4, data=2), dict(fsdp=2, expert=2, tensor=2)], ids=str
-)
+@pytest.mark.parametrize("mesh", [dict(expert=4, data=2), dict(fsdp=2, expert=2, tensor=2)], ids=str)
 def test_expert_parallel_losses_equal_one_device(mesh, one_device_moe):
     cfg = small_moe_cfg(**mesh)
     losses, state = run_steps(cfg, random_batches(cfg, 5), jax.devices())
@@ -260,18 +260,19 @@ def test_moe_checkpoint_resumes_bit_exactly_and_restores_on_another_expert_mesh(
                 saved_bias = np.asarray(state["params"]["layers"]["expert_bias"])
     assert np.any(saved_bias)
     for mesh, devices in ((dict(expert=2, data=2), jax.devices()[:4]), (dict(expert=4, fsdp=2), jax.devices())):
+        same = mesh == dict(expert=2, data=2)
         cfg2 = small_moe_cfg(**mesh)
-        s2 = train.setup(cfg2, devices)
+        s2 = s if same else train.setup(cfg2, devices)
         restored, step = checkpoint.Checkpointer(str(tmp_path), cfg2).restore_latest(s2.abstract_state)
         assert step == 2
         np.testing.assert_array_equal(restored["params"]["layers"]["expert_bias"], saved_bias)
-        step2, _ = train.compile_fns(s2)
+        step2 = step_fn if same else train.compile_fns(s2)[0]
         resumed = []
         with jax.set_mesh(s2.mesh):
             for b in batches[2:]:
                 restored, out = step2(restored, {k: jax.device_put(v, s2.batch_sharding) for k, v in b.items()})
                 resumed.append(float(out["loss"]))
-        if mesh == dict(expert=2, data=2):
+        if same:
             assert resumed == trace[2:]  # same mesh: bit-exact
         else:
             np.testing.assert_allclose(resumed, trace[2:], rtol=1e-4)

@@ -128,8 +128,8 @@ class DataRestore(grain.checkpoint.CheckpointRestore):
 # Optional per-layer params: whether they exist depends on these. Checkpoints written before they
 # were recorded have none of them, hence the defaults.
 OPTIONAL_PARAM_FIELDS = {"attention_bias": False, "mlp_bias": False, "qk_norm_weights": False,
-                         "block": "pre_norm", "norm": "rms"}  # fmt: skip
-FIELD_NAMES = {"rope_pattern": "model.no_rope_layers", "qk_norm_weights": "model.qk_norm"}
+                         "block": "pre_norm", "norm": "rms", "moe": None}  # fmt: skip
+FIELD_NAMES = {"rope_pattern": "model.no_rope_layers", "qk_norm_weights": "model.qk_norm", "moe": "model.num_experts"}
 
 
 def layout(m: ConfigDict) -> dict:
@@ -139,6 +139,14 @@ def layout(m: ConfigDict) -> dict:
     out["qk_norm_weights"] = m.qk_norm == "rms"  # learned q/k norm weights exist
     out["block"] = m.block  # which norm weights exist (model.BLOCK_NORMS) and where they apply
     out["norm"] = m.norm  # what the norm weights scale: RMS- or mean-normalised activations
+    out["moe"] = None  # which layers have experts, and their shapes (dense FFN / MoE params stack apart)
+    if m.num_experts:
+        out["moe"] = {
+            "ffn_pattern": list(config_lib.ffn_pattern(m)),
+            "num_experts": m.num_experts,
+            "expert_d_ff": m.expert_d_ff or m.d_ff,
+            "num_shared_experts": m.num_shared_experts,
+        }
     out["param_layout"] = "layer_stacked_v1"  # [L, ...] per layer param; independent of scan_layers
     return out
 

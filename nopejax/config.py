@@ -42,6 +42,7 @@ QK_NORMS = ("none", "rms", "l2")
 NORMS = ("rms", "layernorm")
 BLOCKS = ("pre_norm", "parallel", "post_norm", "sandwich")  # model.BLOCK_NORMS: the norm weights of each
 HF_FAMILIES = ("smollm3", "llama", "cohere2", "exaone4")  # what `nopejax export` can write
+ROUTERS = ("softmax", "sigmoid")
 
 
 class ConfigError(ValueError):
@@ -91,6 +92,23 @@ def base_config() -> ConfigDict:
     # q *= log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1. Unset = off.
     m.nope_temperature = config_dict.placeholder(tuple)
     m.qk_norm = "none"  # "rms": learned per-head RMSNorm before RoPE; "l2": weightless, after RoPE
+    # Mixture of experts (nopejax/moe.py); num_experts = 0 is a dense model. Layer i has an MoE
+    # FFN when i >= num_dense_layers and (i + 1) % moe_layer_interval == 0 (Llama 4's
+    # interleave_moe_layer_step; 1 = every layer), a dense SwiGLU of width d_ff otherwise.
+    m.num_experts = 0
+    m.experts_per_token = 2  # top-k
+    m.expert_d_ff = 0  # width of each routed expert (HF moe_intermediate_size); 0 = d_ff
+    m.num_shared_experts = 0  # always-on SwiGLU of width num_shared_experts * expert_d_ff
+    m.router = "softmax"  # "softmax" (Mixtral, Switch) or "sigmoid" (DeepSeek-V3, AFMoE, Llama 4)
+    m.router_normalize = False  # divide the top-k weights by their sum (AFMoE always does)
+    m.routed_scale = 1.0  # multiply the routed output (AFMoE route_scale, DeepSeek routed_scaling_factor)
+    m.router_scale_input = False  # Llama 4: scale each expert's input by its weight, not its output
+    m.num_dense_layers = 0  # the first layers keep a dense FFN (AFMoE num_dense_layers)
+    m.moe_layer_interval = 1
+    m.capacity_factor = 0.0  # 0 = dropless; else each expert takes ceil(cf * S * k / E) tokens per row
+    m.balance_loss_weight = 0.0  # Switch / GShard auxiliary load-balance loss
+    m.router_z_loss_weight = 0.0  # ST-MoE router z-loss
+    m.expert_bias_rate = 0.0  # aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load)
     m.max_position_embeddings = 4096  # written to the HF config; nothing is sized by it
     m.tie_embeddings = True
     m.attention_bias = False  # biases on the q, k, v and o projections (HF `attention_bias`)
@@ -115,6 +133,7 @@ def base_config() -> ConfigDict:
     mesh.fsdp = 1
     mesh.context = 1  # context parallelism: each row's sequence split over this many devices
     mesh.tensor = 1
+    mesh.expert = 1  # expert parallelism: experts split over it; the batch too, outside MoE layers
     mesh.dcn_data = 1  # across slices / nodes
     mesh.dcn_fsdp = 1
     mesh.dcn_context = 1
@@ -207,6 +226,7 @@ class LayerSpec:
     rope_layout: str = "half"  # "half" or "interleaved"
     qk_norm: str = "none"  # "none", "rms" (learned, before RoPE), "l2" (weightless, after RoPE)
     nope_temperature: tuple[float, float] | None = None  # (floor_scale, attn_scale), NoPE layers only
+    ffn: str = "dense"  # "dense" (SwiGLU, d_ff) or "moe" (routed experts, nopejax/moe.py)
 
     @property
     def use_rope(self) -> bool:
@@ -238,10 +258,18 @@ def layer_types(m: ConfigDict) -> tuple[str, ...]:
     return tuple("full_attention" if (i + 1) % interval == 0 else local for i in range(m.num_layers))
 
 
+def ffn_pattern(m: ConfigDict) -> tuple[str, ...]:
+    """Per layer: "moe" or "dense" (first num_dense_layers dense, then every moe_layer_interval-th MoE)."""
+    if not m.num_experts:
+        return ("dense",) * m.num_layers
+    moe = [i >= m.num_dense_layers and (i + 1) % m.moe_layer_interval == 0 for i in range(m.num_layers)]
+    return tuple("moe" if x else "dense" for x in moe)
+
+
 def layer_specs(m: ConfigDict) -> tuple[LayerSpec, ...]:
     """One frozen spec per layer, from a validated model config."""
     specs = []
-    for kind, use_rope in zip(layer_types(m), rope_pattern(m)):
+    for kind, use_rope, ffn in zip(layer_types(m), rope_pattern(m), ffn_pattern(m)):
         attention = kind.removesuffix("_attention")
         window = {"full": 0, "sliding": m.sliding_window, "chunked": m.attention_chunk_size}[attention]
         if use_rope:
@@ -251,7 +279,7 @@ def layer_specs(m: ConfigDict) -> tuple[LayerSpec, ...]:
             temperature = None if m.nope_temperature is None else tuple(float(x) for x in m.nope_temperature)
             qk_norm = "rms" if m.qk_norm == "rms" else "none"  # L2 QK-norm is for RoPE layers only (Llama 4)
             spec = LayerSpec(attention, window, "none", qk_norm=qk_norm, nope_temperature=temperature)
-        specs.append(spec)
+        specs.append(dataclasses.replace(spec, ffn=ffn))
     return tuple(specs)
 
 
@@ -500,6 +528,56 @@ def _validate_context(cfg: ConfigDict) -> None:
         )  # fmt: skip
 
 
+def _validate_moe(m: ConfigDict, mesh: ConfigDict) -> None:
+    """Mixture-of-experts fields; with num_experts = 0 the others must stay at their defaults."""
+    if not isinstance(m.num_experts, int) or isinstance(m.num_experts, bool) or m.num_experts < 0:
+        raise ConfigError("model.num_experts", f"must be an integer >= 0, got {m.num_experts!r}", "use 0 or e.g. 8")
+    if not m.num_experts:
+        if mesh.expert != 1:
+            raise ConfigError(
+                "mesh.expert", f"is {mesh.expert} but the model has no experts (model.num_experts = 0)",
+                "set mesh.expert = 1, or give the model experts",
+            )  # fmt: skip
+        return
+    E, k = m.num_experts, m.experts_per_token
+    for name in ("experts_per_token", "moe_layer_interval"):
+        if not isinstance(m[name], int) or isinstance(m[name], bool) or m[name] < 1:
+            raise ConfigError(f"model.{name}", f"must be a positive integer, got {m[name]!r}", "set it to 1 or more")
+    if k > E:
+        raise ConfigError(
+            "model.experts_per_token", f"top-{k} routing needs at least {k} experts, num_experts = {E}",
+            "lower experts_per_token or add experts",
+        )  # fmt: skip
+    for name in ("expert_d_ff", "num_shared_experts", "num_dense_layers"):
+        if not isinstance(m[name], int) or isinstance(m[name], bool) or m[name] < 0:
+            raise ConfigError(f"model.{name}", f"must be an integer >= 0, got {m[name]!r}", "use 0 or a positive count")
+    if "moe" not in ffn_pattern(m):
+        raise ConfigError(
+            "model.num_dense_layers", f"no layer is MoE (num_dense_layers = {m.num_dense_layers}, "
+            f"moe_layer_interval = {m.moe_layer_interval}, num_layers = {m.num_layers})",
+            "lower num_dense_layers / moe_layer_interval, or set num_experts = 0 for a dense model",
+        )  # fmt: skip
+    if m.router not in ROUTERS:
+        raise ConfigError("model.router", f"unknown router {m.router!r}", f"use one of {ROUTERS}")
+    if not m.routed_scale > 0:
+        raise ConfigError("model.routed_scale", f"must be positive, got {m.routed_scale}", "use 1.0 for no scaling")
+    if m.router_scale_input and (m.router_normalize or m.routed_scale != 1.0):
+        raise ConfigError(
+            "model.router_scale_input", "scales expert inputs by the raw router weights (Llama 4), so "
+            "router_normalize / routed_scale would be ignored", "unset router_normalize and routed_scale",
+        )  # fmt: skip
+    if m.capacity_factor != 0 and not m.capacity_factor > 0:
+        raise ConfigError("model.capacity_factor", f"must be >= 0, got {m.capacity_factor}", "use 0 or e.g. 1.25")
+    for name in ("balance_loss_weight", "router_z_loss_weight", "expert_bias_rate"):
+        if not m[name] >= 0:
+            raise ConfigError(f"model.{name}", f"must be >= 0, got {m[name]!r}", "use 0 to turn it off")
+    if not isinstance(mesh.expert, int) or mesh.expert < 1 or E % mesh.expert:
+        raise ConfigError(
+            "mesh.expert", f"{mesh.expert!r} does not divide num_experts = {E}",
+            "choose an expert-parallel size dividing the number of experts",
+        )  # fmt: skip
+
+
 def validate(cfg: ConfigDict) -> ConfigDict:
     """Reject configs that cannot run, naming the field and the fix. Returns `cfg`."""
     m = cfg.model
@@ -512,13 +590,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         )
     if m.head_dim % 2:
         raise ConfigError("model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}", "use an even head_dim")
-    if m.num_heads * m.head_dim != m.d_model:
-        raise ConfigError(
-            "model.head_dim",
-            f"num_heads * head_dim = {m.num_heads} * {m.head_dim} = {m.num_heads * m.head_dim} "
-            f"!= d_model = {m.d_model}",
-            f"set head_dim = {m.d_model // m.num_heads} or change d_model/num_heads",
-        )
+    # num_heads * head_dim may differ from d_model (Trinity Mini: 32 * 128 = 4096 over d_model 2048):
+    # wq is [D, H, E] and wo [H, E, D], and HF configs carry head_dim explicitly
     if m.no_rope_layers is not None:
         if len(m.no_rope_layers) != m.num_layers:
             raise ConfigError(
@@ -537,6 +610,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
             "use 0 for no NoPE layers",
         )
     _validate_layers(m)
+    _validate_moe(m, cfg.mesh)
     if not m.rope_theta > 0:
         raise ConfigError("model.rope_theta", f"must be positive, got {m.rope_theta}", "use e.g. 10000.0")
     if m.rope_scaling is not None:

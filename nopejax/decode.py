@@ -115,7 +115,7 @@ def _layer(p, x_BcD, i, k_LBTKE, v_LBTKE, *, spec: config.LayerSpec, slot, q_pos
         visible_BcT = visible(q_pos_Bc, q_seg_Bc, k_pos_BT, k_seg_BT, spec)
         return cached_attention(q_BcHE, k_new[i], v_new[i], visible_BcT), (k_new, v_new)
 
-    x_BcD, (k_LBTKE, v_LBTKE) = model.block(p, x_BcD, m, dtype, spec, attend)
+    x_BcD, (k_LBTKE, v_LBTKE), _ = model.block(p, x_BcD, m, dtype, spec, attend)
     return x_BcD, k_LBTKE, v_LBTKE
 
 
@@ -134,18 +134,19 @@ def forward(module: model.Decoder, cache: Cache, tokens_Bc, pos_Bc, seg_Bc, slot
               m=m, dtype=dtype)  # fmt: skip
     stack = {name: p[...] for name, p in module.layers.items()}
     x_BcD, k, v = module.embed_tokens(tokens_Bc), cache.k_LBTKE, cache.v_LBTKE
-    for start, length, spec in model.runs(config.layer_specs(m)):
+    specs = config.layer_specs(m)
+    for start, length, spec in model.runs(specs):
         layer = functools.partial(_layer, spec=spec, **kw)
+        part = model.slice_layers(stack, specs, start, start + length)  # dense FFN / MoE stacks by their own index
         if length == 1 or not m.scan_layers:
             for i in range(start, start + length):
-                x_BcD, k, v = layer(jax.tree.map(lambda a, i=i: a[i], stack), x_BcD, i, k, v)
+                x_BcD, k, v = layer(jax.tree.map(lambda a, j=i - start: a[j], part), x_BcD, i, k, v)
         else:
 
             def body(carry, xs, layer=layer):
                 (x_BcD, k, v), (p, i) = carry, xs
                 return layer(p, x_BcD, i, k, v), None
 
-            part = jax.tree.map(lambda a, s=start, n=length: a[s : s + n], stack)
             (x_BcD, k, v), _ = jax.lax.scan(body, (x_BcD, k, v), (part, jnp.arange(start, start + length)))
     x_B1D = model.norm(x_BcD[:, -1:], module.final_norm[...], m)
     return module.logits(x_B1D)[:, 0], Cache(k, v, pos_BT, seg_BT)

@@ -40,9 +40,14 @@ def train_flops_per_step(cfg: ConfigDict) -> float:
     m, t = cfg.model, cfg.train
     B, S = t.global_batch_size, t.seq_len
     tokens = B * S
-    per_layer = 3 * m.d_model * m.d_ff + m.d_model * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
+    per_layer = m.d_model * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
     per_layer += m.num_heads * m.head_dim * m.d_model
-    matmul = 2 * tokens * (m.num_layers * per_layer + m.d_model * m.vocab_size)
+    specs = config.layer_specs(m)
+    # an MoE layer counts its active params: k routed experts, the shared ones and the router
+    expert = m.expert_d_ff or m.d_ff
+    moe_ffn = 3 * m.d_model * expert * (m.experts_per_token + m.num_shared_experts) + m.d_model * m.num_experts
+    ffn = sum(moe_ffn if spec.ffn == "moe" else 3 * m.d_model * m.d_ff for spec in specs)
+    matmul = 2 * tokens * (m.num_layers * per_layer + ffn + m.d_model * m.vocab_size)
     pairs = sum(attended_pairs(spec, S) for spec in config.layer_specs(m))
     attention = 2 * 2 * B * pairs * m.num_heads * m.head_dim
     return 3.0 * (matmul + attention)

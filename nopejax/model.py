@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from nopejax import attention, config
+from nopejax import attention, config, moe
 from nopejax import rope as rope_lib
 from nopejax.sharding import constrain
 
@@ -80,6 +80,22 @@ BLOCK_NORMS = {
 }
 ALL_BLOCK_NORMS = {name for names in BLOCK_NORMS.values() for name in names}
 
+# Params of the dense FFN, stacked over the layers whose spec has ffn = "dense"; MoE params
+# (moe.moe_params) over the layers with ffn = "moe"; all others over every layer. A dense model's
+# dense FFN therefore stays [L, ...].
+DENSE_FFN_PARAMS = ("w_gate", "w_up", "w_down", "gate_bias", "up_bias", "down_bias")
+
+
+def param_group(name: str) -> str:
+    """Which layers a per-layer param is stacked over: "all", "dense" or "moe"."""
+    if name in moe.MOE_PARAMS or name in moe.SHARED_PARAMS:
+        return "moe"
+    return "dense" if name in DENSE_FFN_PARAMS else "all"
+
+
+def group_count(specs, group: str) -> int:
+    return len(specs) if group == "all" else sum(spec.ffn == group for spec in specs)
+
 
 def layer_params(m) -> dict:
     """The per-layer params this config has: name -> (shape fn, logical axes)."""
@@ -87,7 +103,27 @@ def layer_params(m) -> dict:
     base = {name: v for name, v in LAYER_PARAMS.items() if name not in ALL_BLOCK_NORMS or name in norms}
     post = {name: v for name, v in POST_NORM_PARAMS.items() if name in norms}
     biases = {name: (shape_fn, logical) for name, (shape_fn, logical, key) in BIAS_PARAMS.items() if m[key]}
-    return {**base, **post, **(QK_NORM_PARAMS if m.qk_norm == "rms" else {}), **biases}
+    out = {**base, **post, **(QK_NORM_PARAMS if m.qk_norm == "rms" else {}), **biases}
+    out.update(moe.moe_params(m) if m.num_experts else {})
+    specs = config.layer_specs(m)
+    return {name: v for name, v in out.items() if group_count(specs, param_group(name))}
+
+
+def stack_size(m, name: str) -> int:
+    """Leading size of a per-layer param: the number of layers it is stacked over."""
+    return group_count(config.layer_specs(m), param_group(name))
+
+
+def slice_layers(params: dict, specs, start: int, stop: int) -> dict:
+    """The params of layers start .. stop - 1 of `specs` (each stack cut by its own group's index);
+    params of a group with no layer in the range are left out."""
+    out = {}
+    for name, a in params.items():
+        group = param_group(name)
+        lo, hi = group_count(specs[:start], group), group_count(specs[:stop], group)
+        if hi > lo:
+            out[name] = a[lo:hi]
+    return out
 
 
 REMAT_POLICIES = {
@@ -150,12 +186,20 @@ def mlp(p, h_BSD, m, dtype):
     return _plus_bias(down_BSD, p, "down_bias")
 
 
+def ffn(p, h_BSD, m, dtype, spec: config.LayerSpec):
+    """The FFN sublayer `spec.ffn` names, on its (normed) input -> (output, MoE statistics or None)."""
+    if spec.ffn == "moe":
+        return moe.moe_ffn(p, h_BSD, m, dtype)
+    return mlp(p, h_BSD, m, dtype), None
+
+
 def block(p, x_BSD, m, dtype, spec: config.LayerSpec, attend):
-    """One layer in the form `model.block` names -> (x_BSD, whatever `attend` returned beside o).
+    """One layer in the form `model.block` names -> (x_BSD, what `attend` returned beside o, MoE stats).
 
     `attend(q, k, v) -> (o, aux)` is the attention itself: over the sequence in training, over
     the KV cache in decoding (aux: the updated cache). Norms present only when the block has them
-    (`BLOCK_NORMS`), so an absent key is a trace-time branch, not an op.
+    (`BLOCK_NORMS`), so an absent key is a trace-time branch, not an op. The FFN is dense or MoE
+    as `spec.ffn` says (MoE stats: None for a dense layer).
     """
     h_BSD = norm(x_BSD, p["attn_norm"], m) if "attn_norm" in p else x_BSD
     o_BSHE, aux = attend(*attention_inputs(p, h_BSD, m, dtype, spec))
@@ -163,16 +207,17 @@ def block(p, x_BSD, m, dtype, spec: config.LayerSpec, attend):
     if "attn_post_norm" in p:
         a_BSD = norm(a_BSD, p["attn_post_norm"], m)
     if m.block == "parallel":  # Cohere2: residual + attention + MLP, both from the one norm
-        return x_BSD + a_BSD + mlp(p, h_BSD, m, dtype), aux
+        f_BSD, stats = ffn(p, h_BSD, m, dtype, spec)
+        return x_BSD + a_BSD + f_BSD, aux, stats
     x_BSD = x_BSD + a_BSD
-    f_BSD = mlp(p, norm(x_BSD, p["mlp_norm"], m) if "mlp_norm" in p else x_BSD, m, dtype)
+    f_BSD, stats = ffn(p, norm(x_BSD, p["mlp_norm"], m) if "mlp_norm" in p else x_BSD, m, dtype, spec)
     if "mlp_post_norm" in p:
         f_BSD = norm(f_BSD, p["mlp_post_norm"], m)
-    return x_BSD + f_BSD, aux
+    return x_BSD + f_BSD, aux, stats
 
 
 def decoder_layer(p, x_BSD, *, spec: config.LayerSpec, ctx):
-    """One layer as `spec` and `model.block` say. `p` holds this layer's params (no `layers` axis)."""
+    """One layer as `spec` and `model.block` say -> (x, MoE stats or None). `p`: this layer's params."""
     m, dtype = ctx["model_cfg"], ctx["dtype"]
 
     def attend(q_BSHE, k_BSKE, v_BSKE):
@@ -190,8 +235,8 @@ def decoder_layer(p, x_BSD, *, spec: config.LayerSpec, ctx):
         )
         return o_BSHE, None
 
-    x_BSD, _ = block(p, x_BSD, m, dtype, spec, attend)
-    return constrain(x_BSD, ("act_batch", "act_seq", "act_embed"))
+    x_BSD, _, stats = block(p, x_BSD, m, dtype, spec, attend)
+    return constrain(x_BSD, ("act_batch", "act_seq", "act_embed")), stats
 
 
 def runs(specs: tuple) -> list[tuple[int, int, object]]:
@@ -205,13 +250,21 @@ def runs(specs: tuple) -> list[tuple[int, int, object]]:
     return out
 
 
-def run_layers(stack, x_BSD, ctx):
-    """Apply all L layers: scanned blocks of one period of the layer specs, then the exact tail.
+def _concat(auxes: list):
+    """Per-MoE-layer aux pieces (each [n, ...]) in layer order -> one [L_moe, ...] tree, or None."""
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *auxes) if auxes else None
 
+
+def run_layers(stack, x_BSD, ctx):
+    """Apply all L layers -> (x, MoE aux stacked over MoE layers, or None).
+
+    A dense prefix (model.num_dense_layers of an MoE model) is planned on its own, then the rest:
+    each part runs as scanned blocks of one period of its layer specs, then its exact tail.
     Inside a block, each run of equal specs is itself a scan, so the traced program holds one
     layer per run (SmolLM3's block RoPE x3 + NoPE traces 2 layers, not 4):
     compile time and the weights gathered at once stay those of about one layer. Remat wraps
-    each layer, so only layer inputs are kept for the backward pass.
+    each layer, so only layer inputs are kept for the backward pass. Each param stack is cut by
+    its own group's layer index (`slice_layers`: dense FFN, MoE or every layer).
     """
     m = ctx["model_cfg"]
     remat = REMAT_POLICIES.get(m.remat)
@@ -220,28 +273,46 @@ def run_layers(stack, x_BSD, ctx):
         fn = lambda p, x: decoder_layer(p, x, spec=spec, ctx=ctx)
         return jax.checkpoint(fn, policy=remat, prevent_cse=not m.scan_layers) if remat else fn
 
-    def run(params, x_BSD, specs):  # params: each [len(specs), ...]
+    def run(params, x_BSD, specs):  # params: each stacked over its group's layers of `specs`
+        auxes = []
         for start, length, spec in runs(specs):
             layer = layer_fn(spec)
+            part = slice_layers(params, specs, start, start + length)
             if length == 1 or not m.scan_layers:
-                for i in range(start, start + length):
-                    x_BSD = layer(jax.tree.map(lambda a, i=i: a[i], params), x_BSD)
+                for i in range(length):
+                    x_BSD, aux = layer(jax.tree.map(lambda a, i=i: a[i], part), x_BSD)
+                    auxes += [] if aux is None else [jax.tree.map(lambda a: a[None], aux)]
             else:
-                part = jax.tree.map(lambda a, s=start, n=length: a[s : s + n], params)
-                x_BSD, _ = jax.lax.scan(lambda x, p, layer=layer: (layer(p, x), None), x_BSD, part)
-        return x_BSD
+                x_BSD, aux = jax.lax.scan(lambda x, p, layer=layer: layer(p, x), x_BSD, part)
+                auxes += [] if aux is None else [aux]
+        return x_BSD, _concat(auxes)
+
+    def run_part(params, x_BSD, specs):
+        if not m.scan_layers:
+            return run(params, x_BSD, specs)
+        block, num_blocks, tail = config.block_structure(specs)
+        P, auxes = len(block), []
+        if num_blocks > 1:
+            body = slice_layers(params, specs, 0, num_blocks * P)
+            blocks = {name: a.reshape(num_blocks, a.shape[0] // num_blocks, *a.shape[1:]) for name, a in body.items()}
+            x_BSD, aux = jax.lax.scan(lambda x, p: run(p, x, block), x_BSD, blocks)
+            auxes += [] if aux is None else [jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), aux)]
+        elif num_blocks == 1:
+            x_BSD, aux = run(slice_layers(params, specs, 0, P), x_BSD, block)
+            auxes += [] if aux is None else [aux]
+        if tail:
+            x_BSD, aux = run(slice_layers(params, specs, num_blocks * P, len(specs)), x_BSD, tail)
+            auxes += [] if aux is None else [aux]
+        return x_BSD, _concat(auxes)
 
     specs = config.layer_specs(m)
-    if not m.scan_layers:
-        return run(stack, x_BSD, specs)
-    block, num_blocks, tail = config.block_structure(specs)
-    P = len(block)
-    if num_blocks > 1:
-        blocks = jax.tree.map(lambda a: a[: num_blocks * P].reshape(num_blocks, P, *a.shape[1:]), stack)
-        x_BSD, _ = jax.lax.scan(lambda x, p: (run(p, x, block), None), x_BSD, blocks)
-    elif num_blocks == 1:
-        x_BSD = run(jax.tree.map(lambda a: a[:P], stack), x_BSD, block)
-    return run(jax.tree.map(lambda a: a[num_blocks * P :], stack), x_BSD, tail) if tail else x_BSD
+    prefix = m.num_dense_layers if m.num_experts else 0
+    auxes = []
+    for start, stop in ((0, prefix), (prefix, len(specs))):
+        if stop > start:
+            x_BSD, aux = run_part(slice_layers(stack, specs, start, stop), x_BSD, specs[start:stop])
+            auxes += [] if aux is None else [aux]
+    return x_BSD, _concat(auxes)
 
 
 class Decoder(nnx.Module):
@@ -264,7 +335,7 @@ class Decoder(nnx.Module):
         self.layers = nnx.Dict(
             {
                 name: param(
-                    (m.num_layers, *shape_fn(m)),
+                    (stack_size(m, name), *shape_fn(m)),
                     ("layers", *logical),
                     ones=name.endswith("norm"),
                     zeros=name.endswith("bias"),
@@ -294,6 +365,10 @@ class Decoder(nnx.Module):
 
     def hidden(self, tokens_BS, positions=None, segment_ids=None):
         """tokens int32 [B, S] -> final-normed hidden states [B, S, D] in the compute dtype."""
+        return self.hidden_and_aux(tokens_BS, positions, segment_ids)[0]
+
+    def hidden_and_aux(self, tokens_BS, positions=None, segment_ids=None):
+        """-> (final-normed hidden states [B, S, D], MoE statistics per MoE layer or None)."""
         m = self.cfg
         dtype = _dtype(m.dtype)
         B, S = tokens_BS.shape
@@ -311,8 +386,8 @@ class Decoder(nnx.Module):
         }
         x_BSD = constrain(self.embed_tokens(tokens_BS), ("act_batch", "act_seq", "act_embed"))
         stack = {name: p[...] for name, p in self.layers.items()}
-        x_BSD = run_layers(stack, x_BSD, ctx)
-        return norm(x_BSD, self.final_norm[...], m)
+        x_BSD, aux = run_layers(stack, x_BSD, ctx)
+        return norm(x_BSD, self.final_norm[...], m), aux
 
 
 def layer_ropes(m) -> dict:
@@ -328,9 +403,9 @@ def layer_ropes(m) -> dict:
 
 
 def param_count(m: config.ConfigDict) -> int:
-    per_layer = sum(math.prod(fn(m)) for fn, _ in layer_params(m).values())
+    layers = sum(stack_size(m, name) * math.prod(fn(m)) for name, (fn, _) in layer_params(m).items())
     embed = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-    return m.num_layers * per_layer + embed + m.d_model
+    return layers + embed + m.d_model
 
 
 def create(model_cfg: config.ConfigDict, seed: int = 0) -> Decoder:

@@ -1,13 +1,13 @@
 """The device mesh and the one table that maps logical axis names to mesh axes.
 
 Model code names logical axes only (`embed`, `heads`, ...), never mesh axes; this module alone
-decides where they go (MaxText `logical_axis_rules`, nanodo `fsdp.py`). The mesh has four axes:
+decides where they go (MaxText `logical_axis_rules`, nanodo `fsdp.py`). The mesh has five axes:
 `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state sharded),
-`context` (the sequence of each row split across devices: context parallelism, nopejax/context.py)
-and `tensor` (Megatron-style heads / MLP split). Parameters shard over `fsdp` and `context`
-together, as MaxText and torchtitan do, so context-parallel devices hold no replicas. DCN sizes
-(across slices or nodes) multiply the `data`, `fsdp` and `context` axes; the devices are laid out
-so that the DCN part is the slow, outer one.
+`context` (the sequence of each row split across devices: context parallelism, nopejax/context.py),
+`expert` (MoE experts split over it, the batch elsewhere) and `tensor` (Megatron-style heads / MLP
+split). Parameters shard over `fsdp` and `context` together, as MaxText and torchtitan do, so
+context-parallel devices hold no replicas. DCN sizes (across slices or nodes) multiply the `data`,
+`fsdp` and `context` axes; the devices are laid out so that the DCN part is the slow, outer one.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nopejax.config import ConfigDict, ConfigError
 
-MESH_AXES = ("data", "fsdp", "context", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the expert axis splits the batch outside MoE layers (MaxText)
 CONTEXT_AXIS = "context"
 
 # logical axis -> mesh axis (or a tuple of mesh axes, or None = replicated)
@@ -34,6 +34,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
+    "expert": "expert",  # MoE: experts over the expert axis (nopejax/moe.py)
+    "expert_mlp": "tensor",  # MoE: each expert's width, Megatron-style
     "layers": None,
     "norm": None,
     # activations
@@ -80,7 +82,13 @@ def context_size(mesh=None) -> int:
 
 def resolve_mesh_shape(mesh_cfg: ConfigDict, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
     """-> (ici sizes, dcn sizes) per mesh axis, with the one -1 filled in."""
-    dcn = {"data": mesh_cfg.dcn_data, "fsdp": mesh_cfg.dcn_fsdp, "context": mesh_cfg.dcn_context, "tensor": 1}
+    dcn = {
+        "data": mesh_cfg.dcn_data,
+        "fsdp": mesh_cfg.dcn_fsdp,
+        "context": mesh_cfg.dcn_context,
+        "expert": 1,
+        "tensor": 1,
+    }
     num_slices = math.prod(dcn.values())
     if num_devices % num_slices:
         raise ConfigError(
@@ -103,8 +111,7 @@ def resolve_mesh_shape(mesh_cfg: ConfigDict, num_devices: int) -> tuple[dict[str
     if math.prod(ici.values()) != per_slice:
         raise ConfigError(
             "mesh",
-            f"data * fsdp * context * tensor = {' * '.join(str(ici[a]) for a in MESH_AXES)} "
-            f"= {math.prod(ici.values())}, "
+            f"{' * '.join(MESH_AXES)} = {' * '.join(str(ici[a]) for a in MESH_AXES)} = {math.prod(ici.values())}, "
             f"but there are {per_slice} devices per slice ({num_devices} in all)",
             "make the product match, or set one axis to -1 to take the rest",
         )

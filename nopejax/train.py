@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nopejax import attention, checkpoint, config, context, metrics, model, optimizer, sharding, stages
+from nopejax import attention, checkpoint, config, context, metrics, model, moe, optimizer, sharding, stages
 from nopejax.config import ConfigDict, ConfigError, RunError
 from nopejax.decode import training_sampler
 
@@ -175,13 +175,16 @@ def state_from(s: Setup, root: str, source_step: int) -> tuple[dict, dict]:
 
 
 def loss_sums(graphdef, params, batch, z_loss: float, chunk_len: int = 0):
-    """-> (sum of masked token losses incl. z-loss, sum of masked CE only, token count), fp32.
+    """-> (sum of masked token losses incl. z-loss, sum of masked CE only, token count, MoE
+    statistics per MoE layer or None), fp32.
 
     With `chunk_len`, the LM head and the loss run over sequence chunks of that length under a
     rematerialized scan: the [B, S, V] float32 logits (2 GiB per 4k-token row at SmolLM3's
     128k vocabulary) never exist at once, in the forward or the backward pass.
     """
-    x_BSD = model.apply(graphdef, params, batch["inputs"], batch["positions"], batch["segment_ids"], method="hidden")
+    x_BSD, moe_aux = model.apply(
+        graphdef, params, batch["inputs"], batch["positions"], batch["segment_ids"], method="hidden_and_aux"
+    )
 
     def chunk_sums(x_BcD, targets_Bc, mask_Bc):
         logits_BcV = model.apply_head(graphdef, params, x_BcD).astype(jnp.float32)
@@ -192,9 +195,12 @@ def loss_sums(graphdef, params, batch, z_loss: float, chunk_len: int = 0):
         z = z_loss * jnp.sum(jnp.square(log_z_Bc) * mask_Bc) if z_loss else 0.0
         return ce + z, ce, jnp.sum(mask_Bc)
 
+    def with_moe(sums):
+        return (*sums, moe_aux)
+
     S = x_BSD.shape[1]
     if not chunk_len or chunk_len >= S:
-        return chunk_sums(x_BSD, batch["targets"], batch["loss_mask"])
+        return with_moe(chunk_sums(x_BSD, batch["targets"], batch["loss_mask"]))
     n = S // chunk_len
 
     def to_chunks(a):  # [B, S, ...] -> [n, B, chunk, ...]
@@ -207,7 +213,7 @@ def loss_sums(graphdef, params, batch, z_loss: float, chunk_len: int = 0):
     sums, _ = jax.lax.scan(
         body, (zero, zero, zero), tuple(map(to_chunks, (x_BSD, batch["targets"], batch["loss_mask"])))
     )
-    return sums
+    return with_moe(sums)
 
 
 def loss_fault(step):
@@ -232,28 +238,32 @@ def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
 
     def sums_and_grads(params, micro):
         def f(p):
-            total, ce, count = loss_sums(graphdef, p, micro, cfg.train.z_loss, cfg.train.loss_chunk_len)
+            total, ce, count, moe_aux = loss_sums(graphdef, p, micro, cfg.train.z_loss, cfg.train.loss_chunk_len)
+            if moe_aux is not None:  # per-token losses: weighted by the tokens, divided by all tokens below
+                total = total + count * moe.aux_loss(moe_aux, cfg.model)
             if fault is not None:
                 total, ce = total * fault, ce * fault
-            return total, (ce, count)
+            return total, (ce, count, moe_aux)
 
-        (_, (ce, count)), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return grads, ce, count
+        (_, (ce, count, moe_aux)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return grads, ce, count, moe_aux
 
     params = state["params"]
     if A == 1:
-        grads, ce, count = sums_and_grads(params, batch)
+        grads, ce, count, moe_aux = sums_and_grads(params, batch)
     else:
         # rows i*A + a form microbatch a, so each device's shard splits evenly across microbatches
         micros = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def body(carry, micro):
             micro = jax.tree.map(lambda x: sharding.constrain(x, ("act_batch", None)), micro)
-            g, ce, count = sums_and_grads(params, micro)
-            return jax.tree.map(jnp.add, carry, (g, ce, count)), None
+            return jax.tree.map(jnp.add, carry, sums_and_grads(params, micro)), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, ce, count), _ = jax.lax.scan(body, zeros, micros)
+        shapes = jax.eval_shape(sums_and_grads, params, jax.tree.map(lambda x: x[0], micros))
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        (grads, ce, count, moe_aux), _ = jax.lax.scan(body, zeros, micros)
+        if moe_aux is not None:  # loads and drops add up over microbatches; the losses are means
+            moe_aux = {**moe_aux, "balance": moe_aux["balance"] / A, "z": moe_aux["z"] / A}
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     loss, grad_norm = ce / count, optax.tree.norm(grads)
@@ -263,19 +273,26 @@ def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
     def only_if_finite(new, old):
         return jnp.where(finite, new, old)
 
+    new_params = jax.tree.map(only_if_finite, optax.apply_updates(params, updates), params)
+    if moe_aux is not None:  # the expert bias is no gradient's business: it follows the observed load
+        bias_LX = params["layers"]["expert_bias"]
+        new_bias = moe.update_expert_bias(bias_LX, moe_aux["load"], cfg.model.expert_bias_rate)
+        new_params["layers"] = {**new_params["layers"], "expert_bias": only_if_finite(new_bias, bias_LX)}
     new_state = {
         "step": state["step"] + 1,
         "rng": state["rng"],
-        "params": jax.tree.map(only_if_finite, optax.apply_updates(params, updates), params),
+        "params": new_params,
         "opt_state": jax.tree.map(only_if_finite, opt_state, state["opt_state"]),
     }
     lr = optimizer.schedule(cfg)(state["step"])
     out = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": count, "nonfinite": (~finite).astype(jnp.int32)}
+    if moe_aux is not None:
+        out.update(moe.load_metrics(moe_aux))
     return new_state, out
 
 
 def eval_step(params, batch, *, graphdef, chunk_len: int = 0):
-    _, ce, count = loss_sums(graphdef, params, batch, 0.0, chunk_len)
+    _, ce, count, _ = loss_sums(graphdef, params, batch, 0.0, chunk_len)
     return ce, count
 
 
@@ -309,7 +326,7 @@ def to_device_batch(s: Setup, local_batch: dict) -> dict:
     from nopejax import data
 
     rows = context.reorder({k: np.asarray(local_batch[k]) for k in BATCH_KEYS}, sharding.context_size(s.mesh))
-    return data.global_batch(rows, s.mesh)
+    return data.global_batch(rows, s.mesh, sharding.BATCH_AXES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +502,7 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
         nonlocal t_mark, step_mark, last, nonfinite_logged
         done, out, eval_loss, counts_done = pending
         values = {k: host_scalar(out[k]) for k in ("loss", "lr", "grad_norm")}  # waits for step `done`
+        values.update({k: host_scalar(v) for k, v in out.items() if k.startswith("moe_")})
         streak, total = (int(x) for x in np.asarray(jax.device_get(counts_done)))
         values["nonfinite_steps"], nonfinite_logged = total - nonfinite_logged, total  # since the last line
         now = time.perf_counter()

@@ -7,7 +7,6 @@ from nopejax.config import ConfigError
 
 BAD = [
     ("model.num_kv_heads", dict(model=dict(num_heads=6, num_kv_heads=4)), "not a multiple"),
-    ("model.head_dim", dict(model=dict(head_dim=16)), "!= d_model"),
     ("model.head_dim", dict(model=dict(head_dim=33, d_model=198)), "even"),
     ("model.no_rope_layers", dict(model=dict(no_rope_layers=(1, 1, 0))), "num_layers = 6"),
     ("model.no_rope_layers", dict(model=dict(no_rope_layers=(1, 2, 1, 1, 1, 0))), "0 or 1"),

@@ -1,0 +1,227 @@
+"""Mixture-of-experts step time on CPU, and the Trinity Mini shape compiled for a TPU slice.
+
+    python benchmarks/moe.py [--steps 10] [--rounds 3] [--topology v5p:2x2x4]
+
+1. configs/tiny_moe.py's train step against a dense nopejax model with the same active
+   parameters (configs/tiny.py with d_ff = 405: 6 * 405 = 512 + 5 * (2 + 1) * 128, the widths
+   a token goes through in tiny_moe's dense layer and five MoE layers).
+2. The same tiny MoE step against a plain-JAX one written below (same params, same math:
+   sigmoid router with expert bias, dropless sort + ragged_dot, shared expert, balance loss,
+   AdamW, bias sign update), so the ratio is nopejax's overhead.
+3. With --topology: `train.dry_run` of configs/trinity_mini.py (expert axis 8, fsdp 2 on 16
+   chips) for that TPU slice: memory per chip and compile time (minutes on a loaded CPU).
+
+The steps are alternated in one process so machine noise hits all alike.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from configs_loader import load
+
+from nopejax import config, model, train
+
+# ---- the plain-JAX MoE baseline: no framework --------------------------------------------------
+
+
+def plain_step_fn(cfg):
+    m = cfg.model
+    H, K, E, k = m.num_heads, m.num_kv_heads, m.head_dim, m.experts_per_token
+    rope_layers = [(i + 1) % m.no_rope_layer_interval != 0 for i in range(m.num_layers)]
+    moe_layers = [i >= m.num_dense_layers for i in range(m.num_layers)]
+    inv = 1.0 / (m.rope_theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))
+
+    def norm(x, w):
+        return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + m.rms_norm_eps) * w
+
+    def rope(x, pos):
+        ang = pos[..., None] * inv
+        cos, sin = jnp.cos(jnp.concatenate([ang, ang], -1)), jnp.sin(jnp.concatenate([ang, ang], -1))
+        x1, x2 = jnp.split(x, 2, -1)
+        return x * cos[:, :, None] + jnp.concatenate([-x2, x1], -1) * sin[:, :, None]
+
+    def swiglu(h, g, u, d):
+        return (jax.nn.silu(h @ g) * (h @ u)) @ d
+
+    def moe(h, L):
+        B, S, D = h.shape
+        x = h.reshape(B * S, D)
+        scores = jax.nn.sigmoid(x @ L["router"])
+        _, idx = jax.lax.top_k(jax.lax.stop_gradient(scores) + L["expert_bias"], k)
+        w = jnp.take_along_axis(scores, idx, -1)
+        w = w / jnp.sum(w, -1, keepdims=True)
+        flat = idx.reshape(-1)
+        order = jnp.argsort(flat)
+        sizes = jnp.bincount(flat, length=m.num_experts)
+        xs = x[order // k]
+        gate, up = jax.lax.ragged_dot(xs, L["expert_gate"], sizes), jax.lax.ragged_dot(xs, L["expert_up"], sizes)
+        y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, L["expert_down"], sizes) * w.reshape(-1)[order][:, None]
+        y = jnp.zeros_like(x).at[order // k].add(y)
+        y = y + swiglu(x, L["shared_gate"], L["shared_up"], L["shared_down"])
+        load = jnp.bincount(flat, length=m.num_experts).astype(jnp.float32)
+        probs = scores / jnp.sum(scores, -1, keepdims=True)
+        balance = m.num_experts * jnp.sum(load / (B * S * k) * jnp.mean(probs, 0))
+        return y.reshape(B, S, D), load, balance
+
+    def loss_fn(p, b):
+        x = p["embed"][b["inputs"]]
+        B, S, _ = x.shape
+        seg = b["segment_ids"]
+        mask = jnp.tril(jnp.ones((S, S), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+        loads, balances = [], []
+        for i, (use_rope, is_moe) in enumerate(zip(rope_layers, moe_layers)):
+            j = sum(moe_layers[:i]) if is_moe else i - sum(moe_layers[:i])  # index in its own stack
+            L = {n: v[i] for n, v in p["layers"].items() if model.param_group(n) == "all"}
+            group = "moe" if is_moe else "dense"
+            L.update({n: v[j] for n, v in p["layers"].items() if model.param_group(n) == group})
+            h = norm(x, L["attn_norm"])
+            q, kk, v = (jnp.einsum("bsd,dhe->bshe", h, L[w]) for w in ("wq", "wk", "wv"))
+            if use_rope:
+                q, kk = rope(q, b["positions"]), rope(kk, b["positions"])
+            q = q.reshape(B, S, K, H // K, E)
+            s = jnp.einsum("bskge,btke->bkgst", q, kk) * E**-0.5
+            s = jnp.where(mask[:, None, None], s, -1e30)
+            o = jnp.einsum("bkgst,btke->bskge", jax.nn.softmax(s, -1), v).reshape(B, S, H, E)
+            x = x + jnp.einsum("bshe,hed->bsd", o, L["wo"])
+            h = norm(x, L["mlp_norm"])
+            if is_moe:
+                y, load, balance = moe(h, L)
+                x = x + y
+                loads.append(load)
+                balances.append(balance)
+            else:
+                x = x + swiglu(h, L["w_gate"], L["w_up"], L["w_down"])
+        logits = norm(x, p["final_norm"]) @ p["embed"].T
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, b["targets"])
+        loss = jnp.sum(ce * b["loss_mask"]) / jnp.maximum(jnp.sum(b["loss_mask"]), 1)
+        return loss + m.balance_loss_weight * jnp.mean(jnp.stack(balances)), jnp.stack(loads)
+
+    tx = optax.chain(optax.clip_by_global_norm(cfg.optim.clip_norm),
+                     optax.adamw(cfg.optim.lr, 0.9, 0.95, weight_decay=0.1))  # fmt: skip
+
+    @jax.jit
+    def step(p, opt, b):
+        (loss, load), g = jax.value_and_grad(loss_fn, has_aux=True)(p, b)
+        updates, opt = tx.update(g, opt, p)
+        new = optax.apply_updates(p, updates)
+        bias = p["layers"]["expert_bias"]
+        new["layers"]["expert_bias"] = bias + m.expert_bias_rate * jnp.sign(load.mean(-1, keepdims=True) - load)
+        return new, opt, loss
+
+    return step, tx
+
+
+# ---- measurement -----------------------------------------------------------------------------
+
+
+def make_batch(cfg):
+    rng = np.random.default_rng(0)
+    B, S = cfg.train.global_batch_size, cfg.train.seq_len
+    tok = rng.integers(0, 256, (B, S + 1)).astype(np.int32)
+    return jax.device_put({
+        "inputs": tok[:, :-1],
+        "targets": tok[:, 1:],
+        "segment_ids": np.ones((B, S), np.int32),
+        "positions": np.tile(np.arange(S, dtype=np.int32), (B, 1)),
+        "loss_mask": np.ones((B, S), np.float32),
+    })  # fmt: skip
+
+
+def nopejax_timer(cfg, batch, steps):
+    s = train.setup(cfg, jax.devices()[:1])
+    state = train.init_state(s)
+    step, _ = train.compile_fns(s)
+
+    def run():
+        nonlocal state
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, out = step(state, batch)
+        jax.block_until_ready(out["loss"])
+        return (time.perf_counter() - t0) / steps
+
+    return run, state
+
+
+def active_params(m) -> int:
+    """Params one token goes through (routed experts: k of E), embeddings once."""
+    total = model.param_count(m)
+    if not m.num_experts:
+        return total
+    width = m.expert_d_ff or m.d_ff
+    moe_layers = sum(spec.ffn == "moe" for spec in config.layer_specs(m))
+    return total - moe_layers * 3 * m.d_model * width * (m.num_experts - m.experts_per_token)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--topology", default=None, help="also compile Trinity Mini for this TPU slice, e.g. v5p:2x2x4")
+    args = parser.parse_args()
+
+    moe_cfg = load("tiny_moe")
+    dense_cfg = load("tiny")
+    dense_cfg.model.d_ff = 405
+    batch = make_batch(moe_cfg)
+    run_moe, state = nopejax_timer(moe_cfg, batch, args.steps)
+    run_dense, _ = nopejax_timer(dense_cfg, batch, args.steps)
+    plain, tx = plain_step_fn(moe_cfg)
+    params = jax.tree.map(jnp.copy, state["params"])
+    opt = tx.init(params)
+
+    def run_plain():
+        nonlocal params, opt
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            params, opt, loss = plain(params, opt, batch)
+        jax.block_until_ready(loss)
+        return (time.perf_counter() - t0) / args.steps
+
+    runs = {"moe": run_moe, "dense": run_dense, "plain": run_plain}
+    for fn in runs.values():
+        fn()  # compile and warm up
+    times = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, fn in runs.items():
+            times[name].append(fn())
+    t = {name: statistics.median(v) for name, v in times.items()}
+    result = {
+        "tiny_moe_step_ms": round(1e3 * t["moe"], 1),
+        "dense_same_active_step_ms": round(1e3 * t["dense"], 1),
+        "plain_jax_moe_step_ms": round(1e3 * t["plain"], 1),
+        "moe_over_dense": round(t["moe"] / t["dense"], 3),
+        "nopejax_over_plain": round(t["moe"] / t["plain"], 3),
+        "active_params_moe": active_params(moe_cfg.model),
+        "active_params_dense": active_params(dense_cfg.model),
+        "device": jax.devices()[0].device_kind,
+    }
+    print(
+        f"tiny MoE {result['tiny_moe_step_ms']} ms | dense, same active params {result['dense_same_active_step_ms']} "
+        f"ms | plain-JAX MoE {result['plain_jax_moe_step_ms']} ms | MoE/dense {result['moe_over_dense']} | "
+        f"nopejax/plain {result['nopejax_over_plain']}"
+    )
+    if args.topology:
+        aot = train.dry_run(load("trinity_mini"), args.topology)
+        result["trinity_mini_aot"] = aot
+        print(
+            f"Trinity Mini on {args.topology} (mesh {aot['mesh']}): {aot['memory_per_device_gib']} GiB per chip, "
+            f"compiled in {aot['compile_seconds']} s"
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

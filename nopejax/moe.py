@@ -1,0 +1,249 @@
+"""Mixture-of-experts FFN: the router, dropless grouped matmuls, balance statistics, expert parallelism.
+
+Shape letters as in model.py (B, S, D, F, L), plus T tokens (B * S), X experts, Y experts on
+this device, U experts per token (top-k; `k` in formulas), I width of one routed expert, A
+assignments (T * U, one per token and chosen expert).
+
+Routing (`route`): router logits in fp32, scores by softmax (Mixtral, Switch) or sigmoid
+(DeepSeek-V3, AFMoE, Llama 4); the top k of `scores + expert_bias` pick the experts, the unbiased
+scores of those k are the weights (DeepSeek-V3's auxiliary-loss-free balancing: the bias steers
+selection only), optionally divided by their sum and times `routed_scale`. Llama 4 instead
+multiplies each expert's input by its weight (`router_scale_input`).
+
+Dispatch (`_local_experts`) is dropless by default: the T * k (token, expert) assignments are
+sorted by expert, each expert's SwiGLU runs on its contiguous rows with `jax.lax.ragged_dot`
+(one grouped matmul over all experts, no padding, no per-expert loop), and the inverse
+permutation brings the rows back to token order, where the k results of a token are summed.
+With `capacity_factor` > 0 an expert takes at most ceil(cf * S * k / X) assignments per
+sequence, earlier tokens first (MaxText's per-sequence capacity); the rest are dropped (weight 0,
+sorted past every group so no matmul touches them) and counted.
+
+Expert parallelism (`_dispatch`): experts are split over the `expert` mesh axis, which also splits
+the batch everywhere else. Inside `shard_map` each device all-gathers the tokens of its expert
+group, runs its Y = X / expert local experts on the assignments that chose them, and a
+reduce-scatter sums the partial outputs and returns each device its own tokens (Megatron's
+"allgather" token dispatcher). It is dropless without a ragged all-to-all and works on every
+backend. Each device receives (expert - 1) * T_local * D values per layer and sends as many back,
+where a (ragged) all-to-all moves about k * T_local * D * (expert - 1) / expert: the same order
+for k near the expert-axis size, more for a wide axis and small k. FSDP shards of the expert
+weights are gathered inside, tensor-parallel expert widths are summed with a psum; which mesh
+axes those are comes from the one logical-axis table (sharding.py).
+
+Balance statistics per MoE layer (`aux`): `load` (assignments each expert kept), the Switch /
+GShard loss X * sum_e f_e * P_e (f_e: share of assignments to e before drops, P_e: mean router
+probability of e, sigmoid scores normalised per token), the ST-MoE z-loss mean(logsumexp(logits)^2)
+and `dropped` (assignments dropped by capacity).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from nopejax.sharding import logical_to_spec
+
+
+def expert_width(m) -> int:
+    """G: the width of one routed expert (model.expert_d_ff, or d_ff when 0)."""
+    return m.expert_d_ff or m.d_ff
+
+
+# name -> (shape given the model config, logical axes), one per MoE layer (leading `layers` implied)
+MOE_PARAMS = {
+    "router": (lambda m: (m.d_model, m.num_experts), ("embed", None)),
+    # not trained by gradients: the train step moves it toward balanced load (update_expert_bias)
+    "expert_bias": (lambda m: (m.num_experts,), (None,)),
+    "expert_gate": (lambda m: (m.num_experts, m.d_model, expert_width(m)), ("expert", "embed", "expert_mlp")),
+    "expert_up": (lambda m: (m.num_experts, m.d_model, expert_width(m)), ("expert", "embed", "expert_mlp")),
+    "expert_down": (lambda m: (m.num_experts, expert_width(m), m.d_model), ("expert", "expert_mlp", "embed")),
+}
+SHARED_PARAMS = {
+    "shared_gate": (lambda m: (m.d_model, m.num_shared_experts * expert_width(m)), ("embed", "mlp")),
+    "shared_up": (lambda m: (m.d_model, m.num_shared_experts * expert_width(m)), ("embed", "mlp")),
+    "shared_down": (lambda m: (m.num_shared_experts * expert_width(m), m.d_model), ("mlp", "embed")),
+}
+
+
+def moe_params(m) -> dict:
+    """The params of one MoE layer for this config: name -> (shape fn, logical axes)."""
+    return {**MOE_PARAMS, **(SHARED_PARAMS if m.num_shared_experts else {})}
+
+
+def capacity(m, seq_len: int) -> int:
+    """Assignments one expert takes per sequence in capacity mode."""
+    return math.ceil(m.capacity_factor * seq_len * m.experts_per_token / m.num_experts)
+
+
+def route(p, h_BSD, m):
+    """-> (experts_BSU int32, weights_BSU fp32, aux). Dropped assignments get expert id X, weight 0."""
+    X, k = m.num_experts, m.experts_per_token
+    B, S, _ = h_BSD.shape
+    logits_BSX = jnp.einsum("bsd,de->bse", h_BSD, p["router"].astype(h_BSD.dtype), preferred_element_type=jnp.float32)
+    if m.router == "softmax":
+        scores_BSX = jax.nn.softmax(logits_BSX, axis=-1)
+        probs_BSX = scores_BSX
+    else:
+        scores_BSX = jax.nn.sigmoid(logits_BSX)
+        probs_BSX = scores_BSX / jnp.sum(scores_BSX, axis=-1, keepdims=True)
+    bias_X = jax.lax.stop_gradient(p["expert_bias"].astype(jnp.float32))
+    _, experts_BSU = jax.lax.top_k(jax.lax.stop_gradient(scores_BSX) + bias_X, k)
+    weights_BSU = jnp.take_along_axis(scores_BSX, experts_BSU, axis=-1)
+    if m.router_normalize:
+        weights_BSU = weights_BSU / (jnp.sum(weights_BSU, axis=-1, keepdims=True) + 1e-20)
+    weights_BSU = weights_BSU * m.routed_scale
+
+    chosen_BSUX = jax.nn.one_hot(experts_BSU, X, dtype=jnp.float32)
+    chosen_X = jnp.sum(chosen_BSUX, axis=(0, 1, 2))
+    if m.capacity_factor:
+        # rank of each assignment among those of its row to the same expert, in (token, slot) order
+        flat_BAX = chosen_BSUX.reshape(B, S * k, X)
+        rank_BA = jnp.sum((jnp.cumsum(flat_BAX, axis=1) - 1.0) * flat_BAX, axis=-1)
+        keep_BSU = (rank_BA < capacity(m, S)).reshape(B, S, k)
+        experts_BSU = jnp.where(keep_BSU, experts_BSU, X)
+        weights_BSU = jnp.where(keep_BSU, weights_BSU, 0.0)
+        load_X = jnp.sum(chosen_BSUX * keep_BSU[..., None], axis=(0, 1, 2))
+    else:
+        load_X = chosen_X
+    T = B * S
+    f_X = chosen_X / (T * k)
+    P_X = jnp.mean(probs_BSX, axis=(0, 1))
+    aux = {
+        "load": load_X,
+        "balance": X * jnp.sum(f_X * P_X),
+        "z": jnp.mean(jnp.square(jax.nn.logsumexp(logits_BSX, axis=-1))),
+        "dropped": jnp.sum(chosen_X) - jnp.sum(load_X),
+    }
+    return experts_BSU.astype(jnp.int32), weights_BSU, aux
+
+
+def _local_experts(x_TD, experts_TU, weights_TU, gate_YDI, up_YDI, down_YID, first_expert, scale_input: bool):
+    """Sum over each token's assignments to experts first_expert .. first_expert + Y - 1 of
+    weight * SwiGLU_expert(token); other assignments contribute 0. Sorted, grouped, unsorted."""
+    Y = gate_YDI.shape[0]
+    T, k = experts_TU.shape
+    local_A = (experts_TU - first_expert).reshape(T * k)
+    local_A = jnp.where((local_A >= 0) & (local_A < Y), local_A, Y)  # Y: not here (or dropped), sorted last
+    order_A = jnp.argsort(local_A, stable=True)
+    group_sizes_Y = jnp.bincount(local_A, length=Y + 1)[:Y].astype(jnp.int32)
+    x_AD = jnp.take(x_TD, order_A // k, axis=0)
+    w_A = jnp.take(weights_TU.reshape(T * k), order_A).astype(x_TD.dtype)
+    if scale_input:
+        x_AD = x_AD * w_A[:, None]
+    # rows past sum(group_sizes) belong to no expert: ragged_dot leaves them 0
+    gate_AI = jax.lax.ragged_dot(x_AD, gate_YDI, group_sizes_Y)
+    up_AI = jax.lax.ragged_dot(x_AD, up_YDI, group_sizes_Y)
+    y_AD = jax.lax.ragged_dot(jax.nn.silu(gate_AI) * up_AI, down_YID, group_sizes_Y)
+    if not scale_input:
+        y_AD = y_AD * w_A[:, None]
+    y_TUD = jnp.take(y_AD, jnp.argsort(order_A), axis=0).reshape(T, k, -1)
+    return jnp.sum(y_TUD, axis=1)
+
+
+def _mesh_axes(spec_entry) -> tuple[str, ...]:
+    if spec_entry is None:
+        return ()
+    return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
+
+
+def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, scale_input: bool):
+    """Routed experts on the mesh: shard_map over every axis, the expert axis by all-gather /
+    reduce-scatter of tokens. Without a mesh (or on one device), the same computation in place."""
+    D, k = x_BSD.shape[-1], experts_BSU.shape[-1]
+
+    def local(x_BSD, experts_BSU, weights_BSU, gate, up, down, first_expert):
+        b, s = x_BSD.shape[:2]
+        y_TD = _local_experts(
+            x_BSD.reshape(b * s, D), experts_BSU.reshape(b * s, k), weights_BSU.reshape(b * s, k),
+            gate, up, down, first_expert, scale_input,
+        )  # fmt: skip
+        return y_TD.reshape(b, s, D)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return local(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, 0)
+
+    token_spec = logical_to_spec(("act_batch", "act_seq", "act_embed"), mesh)
+    route_spec = logical_to_spec(("act_batch", "act_seq", None), mesh)
+    in_spec = logical_to_spec(MOE_PARAMS["expert_gate"][1], mesh)
+    out_spec = logical_to_spec(MOE_PARAMS["expert_down"][1], mesh)
+    expert_axes, embed_axes, width_axes = (_mesh_axes(a) for a in in_spec)
+
+    def body(x_BSD, experts_BSU, weights_BSU, gate, up, down):
+        if embed_axes:  # FSDP: the D dimension of the expert weights, gathered for this layer
+            gate = jax.lax.all_gather(gate, embed_axes, axis=1, tiled=True)
+            up = jax.lax.all_gather(up, embed_axes, axis=1, tiled=True)
+            down = jax.lax.all_gather(down, embed_axes, axis=2, tiled=True)
+        first_expert = 0
+        if expert_axes:  # the tokens of the whole expert group, each device running its experts on them
+            x_BSD, experts_BSU, weights_BSU = (
+                jax.lax.all_gather(a, expert_axes, axis=0, tiled=True) for a in (x_BSD, experts_BSU, weights_BSU)
+            )
+            first_expert = jax.lax.axis_index(expert_axes) * gate.shape[0]
+        y_BSD = local(x_BSD, experts_BSU, weights_BSU, gate, up, down, first_expert)
+        if width_axes:  # tensor-parallel expert width: partial sums of the down projection
+            y_BSD = jax.lax.psum(y_BSD, width_axes)
+        if expert_axes:  # sum the experts' partial outputs, each device keeping its own tokens
+            y_BSD = jax.lax.psum_scatter(y_BSD, expert_axes, scatter_dimension=0, tiled=True)
+        return y_BSD
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(token_spec, route_spec, route_spec, in_spec, in_spec, out_spec),
+        out_specs=token_spec,
+    )(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID)
+
+
+def swiglu(h_BSD, gate_DF, up_DF, down_FD, dtype):
+    gate_BSF = jnp.einsum("bsd,df->bsf", h_BSD, gate_DF.astype(dtype))
+    up_BSF = jnp.einsum("bsd,df->bsf", h_BSD, up_DF.astype(dtype))
+    return jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, down_FD.astype(dtype))
+
+
+def moe_ffn(p, h_BSD, m, dtype):
+    """The MoE FFN on normed inputs h [B, S, D] -> (output [B, S, D], aux). `p`: one layer's params."""
+    experts_BSU, weights_BSU, aux = route(p, h_BSD, m)
+    y_BSD = _dispatch(
+        h_BSD, experts_BSU, weights_BSU,
+        p["expert_gate"].astype(dtype), p["expert_up"].astype(dtype), p["expert_down"].astype(dtype),
+        m.router_scale_input,
+    )  # fmt: skip
+    if m.num_shared_experts:
+        y_BSD = y_BSD + swiglu(h_BSD, p["shared_gate"], p["shared_up"], p["shared_down"], dtype)
+    return y_BSD, aux
+
+
+# ---------------------------------------------------------------------------------------------
+# Outside the forward pass: the aux loss, the metrics, the expert-bias update
+
+
+def aux_loss(aux, m):
+    """The weighted balance + z losses, averaged over MoE layers (aux leaves are [L_moe, ...])."""
+    return m.balance_loss_weight * jnp.mean(aux["balance"]) + m.router_z_loss_weight * jnp.mean(aux["z"])
+
+
+def load_metrics(aux) -> dict:
+    """Per logged step: load of the least / most used expert relative to uniform (1 = balanced;
+    worst layer), the load entropy over log X (1 = balanced; mean over layers), dropped
+    assignments, and the unweighted aux losses (mean over layers)."""
+    load_LX = aux["load"]
+    X = load_LX.shape[-1]
+    share_LX = load_LX / jnp.maximum(jnp.sum(load_LX, axis=-1, keepdims=True), 1.0)
+    entropy_L = -jnp.sum(jnp.where(share_LX > 0, share_LX * jnp.log(jnp.maximum(share_LX, 1e-30)), 0.0), axis=-1)
+    return {
+        "moe_load_min": jnp.min(share_LX) * X,
+        "moe_load_max": jnp.max(share_LX) * X,
+        "moe_load_entropy": jnp.mean(entropy_L) / math.log(X),
+        "moe_dropped": jnp.sum(aux["dropped"]),
+        "moe_balance_loss": jnp.mean(aux["balance"]),
+        "moe_z_loss": jnp.mean(aux["z"]),
+    }
+
+
+def update_expert_bias(bias_LX, load_LX, rate: float):
+    """DeepSeek-V3's auxiliary-loss-free balancing: raise the bias of under-loaded experts and
+    lower it for over-loaded ones by a fixed step, b += rate * sign(mean load - load), per layer."""
+    mean_L1 = jnp.mean(load_LX, axis=-1, keepdims=True)
+    return bias_LX + rate * jnp.sign(mean_L1 - load_LX).astype(bias_LX.dtype)

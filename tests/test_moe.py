@@ -1,0 +1,318 @@
+"""Mixture of experts: the layer against an explicit per-token reference, capacity drops, balance
+losses by their formulas, the expert-bias update, expert parallelism against one device, checkpoints."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nopejax import checkpoint, config, model, moe, train
+from nopejax.config import ConfigError
+from tests.test_train import random_batches, run_steps
+
+
+def moe_cfg(**changes):
+    """A model config for the layer alone: odd sizes (D 13, E 5, G 7)."""
+    m = config.base_config().model
+    m.update(d_model=13, num_experts=5, experts_per_token=2, expert_d_ff=7, d_ff=11)
+    m.update(**changes)
+    return m
+
+
+def init_layer(m, seed=0):
+    """One MoE layer's params (random router and experts; a nonzero expert bias)."""
+    keys = iter(jax.random.split(jax.random.key(seed), 16))
+    p = {name: 0.4 * jax.random.normal(next(keys), fn(m)) for name, (fn, _) in moe.moe_params(m).items()}
+    p["expert_bias"] = 0.1 * jax.random.normal(next(keys), (m.num_experts,))
+    return p
+
+
+def reference(p, h_BSD, m, chosen_BSK):
+    """Every token through each of its chosen experts: that expert's weights gathered per token
+    (no sorting, no grouped matmul), weighted as the formulas say, summed over the k choices."""
+    logits_BSX = h_BSD @ p["router"]
+    scores_BSX = jax.nn.softmax(logits_BSX, -1) if m.router == "softmax" else jax.nn.sigmoid(logits_BSX)
+    w_BSK = jnp.take_along_axis(scores_BSX, jnp.asarray(chosen_BSK), axis=-1)
+    if m.router_normalize:
+        w_BSK = w_BSK / jnp.sum(w_BSK, -1, keepdims=True)
+    w_BSK = w_BSK * m.routed_scale
+    y_BSD = jnp.zeros_like(h_BSD)
+    for j in range(chosen_BSK.shape[-1]):
+        e_BS, w_BS1 = chosen_BSK[..., j], w_BSK[..., j, None]
+        x_BSD = h_BSD * w_BS1 if m.router_scale_input else h_BSD
+        gate = jnp.einsum("bsd,bsdg->bsg", x_BSD, p["expert_gate"][e_BS])
+        up = jnp.einsum("bsd,bsdg->bsg", x_BSD, p["expert_up"][e_BS])
+        out_BSD = jnp.einsum("bsg,bsgd->bsd", jax.nn.silu(gate) * up, p["expert_down"][e_BS])
+        y_BSD = y_BSD + (out_BSD if m.router_scale_input else w_BS1 * out_BSD)
+    if m.num_shared_experts:
+        shared = jax.nn.silu(h_BSD @ p["shared_gate"]) * (h_BSD @ p["shared_up"])
+        y_BSD = y_BSD + shared @ p["shared_down"]
+    return y_BSD
+
+
+def top_k_numpy(p, h_BSD, m):
+    """The experts each token picks: top k of score + bias, computed in numpy."""
+    logits = np.asarray(h_BSD @ p["router"], np.float64)
+    scores = (
+        np.exp(logits) / np.exp(logits).sum(-1, keepdims=True) if m.router == "softmax" else 1 / (1 + np.exp(-logits))
+    )
+    return np.argsort(-(scores + np.asarray(p["expert_bias"])), axis=-1, kind="stable")[..., : m.experts_per_token]
+
+
+CASES = {
+    "softmax_k1": dict(router="softmax", experts_per_token=1),
+    "softmax_k2_shared2_normalized": dict(
+        router="softmax", experts_per_token=2, num_shared_experts=2, router_normalize=True
+    ),
+    "sigmoid_k4_afmoe": dict(
+        router="sigmoid", experts_per_token=4, num_shared_experts=1, router_normalize=True, routed_scale=2.5
+    ),
+    "sigmoid_k1_llama4": dict(router="sigmoid", experts_per_token=1, num_shared_experts=1, router_scale_input=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_equals_explicit_per_token_reference_forward_and_gradients(case):
+    m = moe_cfg(**CASES[case])
+    p = init_layer(m)
+    h_BSD = jax.random.normal(jax.random.key(7), (2, 5, m.d_model))
+    chosen = top_k_numpy(p, h_BSD, m)
+    r_BSD = jax.random.normal(jax.random.key(8), h_BSD.shape)
+
+    def ours(p, h):
+        y, aux = moe.moe_ffn(p, h, m, jnp.float32)
+        return jnp.sum(y * r_BSD), (y, aux)
+
+    def ref(p, h):
+        y = reference(p, h, m, chosen)
+        return jnp.sum(y * r_BSD), y
+
+    (_, (y, aux)), g = jax.jit(jax.value_and_grad(ours, argnums=(0, 1), has_aux=True))(p, h_BSD)
+    (_, y_ref), g_ref = jax.jit(jax.value_and_grad(ref, argnums=(0, 1), has_aux=True))(p, h_BSD)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    for name in g[0]:
+        np.testing.assert_allclose(g[0][name], g_ref[0][name], rtol=1e-4, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(g[1], g_ref[1], rtol=1e-4, atol=1e-6)
+    assert not np.any(g[0]["expert_bias"])  # steers selection only, never trained by gradients
+    # dropless: every assignment is computed and counted
+    assert float(aux["dropped"]) == 0
+    np.testing.assert_array_equal(aux["load"], np.bincount(chosen.ravel(), minlength=m.num_experts))
+
+
+def test_dropless_keeps_every_token_when_all_pick_one_expert():
+    m = moe_cfg(experts_per_token=1)
+    p = init_layer(m)
+    p["expert_bias"] = jnp.array([100.0, 0, 0, 0, 0])  # every token picks expert 0
+    h_BSD = jax.random.normal(jax.random.key(3), (3, 7, m.d_model))
+    y, aux = jax.jit(lambda p, h: moe.moe_ffn(p, h, m, jnp.float32))(p, h_BSD)
+    np.testing.assert_array_equal(aux["load"], [21, 0, 0, 0, 0])
+    np.testing.assert_allclose(y, reference(p, h_BSD, m, np.zeros((3, 7, 1), int)), rtol=1e-5, atol=1e-6)
+
+
+def test_capacity_mode_drops_later_tokens_and_counts_them():
+    # identity router on one-hot inputs: token s picks expert want[s]; capacity ceil(1.0 * 6 * 1 / 3) = 2
+    m = moe_cfg(d_model=3, num_experts=3, experts_per_token=1, capacity_factor=1.0)
+    assert moe.capacity(m, 6) == 2
+    p = init_layer(m)
+    p["router"], p["expert_bias"] = jnp.eye(3), jnp.zeros(3)
+    want = [0, 0, 1, 0, 0, 2]  # expert 0 gets tokens 0, 1, 3, 4: the last two are dropped
+    h_BSD = 3.0 * jax.nn.one_hot(jnp.array([want]), 3)
+    y, aux = jax.jit(lambda p, h: moe.moe_ffn(p, h, m, jnp.float32))(p, h_BSD)
+    assert float(aux["dropped"]) == 2
+    np.testing.assert_array_equal(aux["load"], [2, 1, 1])
+    kept = reference(p, h_BSD, m, np.array(want).reshape(1, 6, 1))
+    np.testing.assert_allclose(y[0, [0, 1, 2, 5]], kept[0, [0, 1, 2, 5]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(y[0, [3, 4]], 0.0)
+
+
+def test_balance_and_z_losses_equal_their_formulas_on_a_hand_made_routing():
+    m = moe_cfg(d_model=2, num_experts=2, experts_per_token=1)
+    p = init_layer(m)
+    p["router"], p["expert_bias"] = jnp.eye(2), jnp.zeros(2)
+    h_BSD = jnp.array([[[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 0.0]]])  # logits = h: 3 tokens to 0, 1 to 1
+    _, _, aux = moe.route(p, h_BSD, m)
+    p_hi = math.exp(2) / (math.exp(2) + 1)  # softmax([2, 0])[0]
+    f = [3 / 4, 1 / 4]
+    P = [(3 * p_hi + (1 - p_hi)) / 4, (3 * (1 - p_hi) + p_hi) / 4]
+    assert float(aux["balance"]) == pytest.approx(2 * (f[0] * P[0] + f[1] * P[1]), rel=1e-6)
+    assert float(aux["z"]) == pytest.approx(math.log(math.exp(2) + 1) ** 2, rel=1e-6)
+    # sigmoid router: P uses the scores normalised per token
+    m = moe_cfg(d_model=2, num_experts=2, experts_per_token=1, router="sigmoid")
+    _, _, aux = moe.route(p, h_BSD, m)
+    s_hi, s_lo = 1 / (1 + math.exp(-2)), 0.5
+    q = s_hi / (s_hi + s_lo)
+    P = [(3 * q + (1 - q)) / 4, (3 * (1 - q) + q) / 4]
+    assert float(aux["balance"]) == pytest.approx(2 * (f[0] * P[0] + f[1] * P[1]), rel=1e-6)
+    # perfectly balanced routing with uniform probabilities gives exactly 1
+    m = moe_cfg(d_model=2, num_experts=2, experts_per_token=1)
+    p["router"] = jnp.array([[1.0, -1.0], [-1.0, 1.0]]) * 1e-3
+    _, _, aux = moe.route(p, jnp.array([[[1.0, 0.0], [0.0, 1.0]]]), m)
+    assert float(aux["balance"]) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_expert_bias_update_moves_a_skewed_router_toward_balance():
+    m = moe_cfg(num_experts=4, experts_per_token=1, router="sigmoid")
+    p = init_layer(m)
+    p["router"] = p["router"].at[:, 0].add(0.5)  # expert 0 favoured: inputs have a positive mean
+    p["expert_bias"] = jnp.zeros(4)
+    h_BSD = jax.random.normal(jax.random.key(5), (4, 64, m.d_model)) + 0.5
+    route = jax.jit(lambda p: moe.route(p, h_BSD, m)[2])
+    metrics = []
+    for _ in range(40):
+        aux = jax.tree.map(lambda a: a[None], route(p))
+        metrics.append(moe.load_metrics(aux))
+        p["expert_bias"] = moe.update_expert_bias(p["expert_bias"][None], aux["load"], 0.05)[0]
+    assert float(metrics[0]["moe_load_max"]) > 2.0  # skewed at the start
+    assert float(metrics[-1]["moe_load_max"]) < 1.5
+    assert float(metrics[-1]["moe_load_entropy"]) > float(metrics[0]["moe_load_entropy"]) + 0.2
+    assert float(p["expert_bias"][0]) < 0  # the favoured expert is pushed down
+
+
+# ---------------------------------------------------------------------------------------------
+# In the model and the train step
+
+
+def small_moe_cfg(**mesh):
+    """A 3-layer model: layer 0 dense, then MoE (E 4, k 2, one shared expert); heads * head_dim
+    (2 * 24) differs from d_model (40), as in Trinity."""
+    cfg = config.base_config()
+    cfg.model.update(vocab_size=384, d_model=40, num_layers=3, num_heads=2, num_kv_heads=2, head_dim=24, d_ff=56)
+    cfg.model.update(num_experts=4, experts_per_token=2, expert_d_ff=12, num_shared_experts=1, num_dense_layers=1)
+    cfg.model.update(router="sigmoid", router_normalize=True, balance_loss_weight=0.01, router_z_loss_weight=1e-3)
+    cfg.model.update(expert_bias_rate=1e-3, dtype="float32", scan_layers=False)
+    cfg.train.update(global_batch_size=8, seq_len=24, steps=20)
+    cfg.optim.update(lr=1e-2, warmup_steps=2, decay_steps=5)
+    cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+    cfg.mesh.update(**mesh)
+    return cfg
+
+
+def test_layer_plan_scans_moe_period_after_the_dense_prefix():
+    cfg = small_moe_cfg()
+    cfg.model.update(num_layers=7, num_dense_layers=2, moe_layer_interval=2)  # dense: 0, 1, 2, 4, 6
+    specs = config.layer_specs(cfg.model)
+    assert [s.ffn for s in specs] == ["dense"] * 3 + ["moe", "dense"] * 2
+    shapes = {name: p.shape for name, p in model.create(cfg.model).layers.items()}
+    assert shapes["w_gate"][0] == 5 and shapes["expert_gate"][0] == 2 and shapes["wq"][0] == 7
+    tokens = jnp.arange(2 * 11).reshape(2, 11) % 300
+    outs = []
+    for scan in (True, False):
+        cfg.model.scan_layers = scan
+        graphdef, params = model.split(model.create(cfg.model))
+        x, aux = jax.jit(lambda p, g=graphdef: model.apply(g, p, tokens, method="hidden_and_aux"))(params)
+        outs.append((x, aux["load"]))
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    assert outs[0][1].shape == (2, 4)
+
+
+@pytest.fixture(scope="module")
+def one_device_moe():
+    cfg = small_moe_cfg()
+    return run_steps(cfg, random_batches(cfg, 5), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [dict(expert=4, data=2), dict(fsdp=2, expert=2, tensor=2)], ids=str)
+def test_expert_parallel_losses_equal_one_device(mesh, one_device_moe):
+    cfg = small_moe_cfg(**mesh)
+    losses, state = run_steps(cfg, random_batches(cfg, 5), jax.devices())
+    np.testing.assert_allclose(losses, one_device_moe[0], rtol=1e-4)
+    assert losses[-1] < losses[0]
+    gate = state["params"]["layers"]["expert_gate"]  # [layers, expert, embed, expert_mlp]
+    assert gate.sharding.spec[1] == "expert"
+    np.testing.assert_allclose(
+        state["params"]["layers"]["expert_bias"], one_device_moe[1]["params"]["layers"]["expert_bias"], atol=1e-6
+    )
+
+
+def test_train_step_reports_load_metrics_and_moves_the_expert_bias():
+    cfg = small_moe_cfg()
+    s = train.setup(cfg, jax.devices()[:1])
+    state = train.init_state(s)
+    step, _ = train.compile_fns(s)
+    batch = random_batches(cfg, 1)[0]
+    with jax.set_mesh(s.mesh):
+        new, out = step(state, batch)
+    for key in ("moe_load_min", "moe_load_max", "moe_load_entropy", "moe_dropped", "moe_balance_loss", "moe_z_loss"):
+        assert np.isfinite(float(out[key])), key
+    assert float(out["moe_load_min"]) <= 1.0 <= float(out["moe_load_max"])
+    bias = np.asarray(new["params"]["layers"]["expert_bias"])
+    assert set(np.unique(np.abs(bias))) <= {0.0, np.float32(1e-3)} and np.any(bias)  # one sign step
+
+
+def test_moe_checkpoint_resumes_bit_exactly_and_restores_on_another_expert_mesh(tmp_path):
+    cfg = small_moe_cfg(expert=2, data=2)
+    batches = random_batches(cfg, 4, seed=3)
+    s = train.setup(cfg, jax.devices()[:4])
+    step_fn, _ = train.compile_fns(s)
+    state = train.init_state(s)
+    trace = []
+    with jax.set_mesh(s.mesh):
+        for i, b in enumerate(batches):
+            state, out = step_fn(state, {k: jax.device_put(v, s.batch_sharding) for k, v in b.items()})
+            trace.append(float(out["loss"]))
+            if i == 1:
+                ckpt = checkpoint.Checkpointer(str(tmp_path), cfg)
+                ckpt.save(2, state)
+                ckpt.close()
+                saved_bias = np.asarray(state["params"]["layers"]["expert_bias"])
+    assert np.any(saved_bias)
+    for mesh, devices in ((dict(expert=2, data=2), jax.devices()[:4]), (dict(expert=4, fsdp=2), jax.devices())):
+        same = mesh == dict(expert=2, data=2)
+        cfg2 = small_moe_cfg(**mesh)
+        s2 = s if same else train.setup(cfg2, devices)
+        restored, step = checkpoint.Checkpointer(str(tmp_path), cfg2).restore_latest(s2.abstract_state)
+        assert step == 2
+        np.testing.assert_array_equal(restored["params"]["layers"]["expert_bias"], saved_bias)
+        step2 = step_fn if same else train.compile_fns(s2)[0]
+        resumed = []
+        with jax.set_mesh(s2.mesh):
+            for b in batches[2:]:
+                restored, out = step2(restored, {k: jax.device_put(v, s2.batch_sharding) for k, v in b.items()})
+                resumed.append(float(out["loss"]))
+        if same:
+            assert resumed == trace[2:]  # same mesh: bit-exact
+        else:
+            np.testing.assert_allclose(resumed, trace[2:], rtol=1e-4)
+
+
+def test_checkpoint_of_a_dense_model_does_not_restore_into_an_moe_model(tmp_path):
+    dense = small_moe_cfg()
+    dense.model.update(num_experts=0, num_shared_experts=0, num_dense_layers=0)
+    s = train.setup(dense, jax.devices()[:1])
+    ckpt = checkpoint.Checkpointer(str(tmp_path), dense)
+    ckpt.save(1, train.init_state(s), force=True)
+    ckpt.close()
+    cfg = small_moe_cfg()
+    s2 = train.setup(cfg, jax.devices()[:1])
+    with pytest.raises(ConfigError, match=r"model\.num_experts"):
+        checkpoint.Checkpointer(str(tmp_path), cfg).restore_latest(s2.abstract_state)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        (dict(experts_per_token=5), "model.experts_per_token"),
+        (dict(router="topk"), "model.router"),
+        (dict(num_dense_layers=5), "model.num_dense_layers"),
+        (dict(capacity_factor=-1.0), "model.capacity_factor"),
+        (dict(router_scale_input=True), "model.router_scale_input"),
+        (dict(expert_bias_rate=-0.1), "model.expert_bias_rate"),
+    ],
+)
+def test_bad_moe_configs_name_the_field(changes, field):
+    cfg = small_moe_cfg()
+    cfg.model.update(**changes)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        config.validate(cfg)
+
+
+def test_expert_axis_must_divide_experts_and_needs_experts():
+    with pytest.raises(ConfigError, match=r"mesh\.expert"):
+        config.validate(small_moe_cfg(expert=3))
+    dense = small_moe_cfg(expert=2)
+    dense.model.num_experts = 0
+    with pytest.raises(ConfigError, match=r"mesh\.expert"):
+        config.validate(dense)

@@ -214,33 +214,38 @@ def passkey_section(runs: list[dict], docs: str) -> list[str]:
         for n in PASSKEY_LENGTHS[1:]:
             cells.append(spread([np.mean([a for m, _, a in r["accuracy"] if m == n]) for r in ok]) if ok else "n/m")
         lines.append("| " + " | ".join(cells) + " |")
-        if ok:
-            depths = sorted({d for _, d, _ in ok[0]["accuracy"]})
-            grids[pattern] = (depths, np.mean([[[a for m, d, a in r["accuracy"] if m == n] for n in PASSKEY_LENGTHS]
-                                               for r in ok], axis=0), len(ok))  # fmt: skip
+        shown = ok or mine  # an arm that never learned is still drawn, marked as not meaningful
+        depths = sorted({d for _, d, _ in shown[0]["accuracy"]})
+        grid_LD = np.mean([passkey_grid(r) for r in shown], axis=0)
+        title = f"{LABELS[pattern]}\n({len(ok)} of {len(mine)} seeds learned{'' if ok else ': not meaningful'})"
+        grids[pattern] = (depths, grid_LD, title)
     if grids:
         head = ["arm", *(f"depth {d:g}" for d in next(iter(grids.values()))[0])]
-        lines += ["", "By needle depth (mean over lengths 256-1024 and learned seeds):", ""]
+        lines += ["", "By needle depth (mean over lengths 256-1024 and learned seeds; all seeds if none learned):", ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for pattern, (_, grid_LD, _) in grids.items():
             lines.append("| " + " | ".join([LABELS[pattern], *(f"{x:.3f}" for x in grid_LD[1:].mean(0))]) + " |")
         png = "length_generalization_passkey.png"
         passkey_plot(os.path.join(docs, png), grids)
         lines += ["", f"![passkey accuracy by length and depth]({png})", ""]
-    else:
-        lines += ["", "No arm learned the task, so there is no heat map.", ""]
     return lines
 
 
+def passkey_grid(r: dict) -> np.ndarray:
+    """A passkey run's accuracy [length, depth], lengths PASSKEY_LENGTHS, depths ascending."""
+    return np.array([[a for m, _, a in sorted(r["accuracy"]) if m == n] for n in PASSKEY_LENGTHS])
+
+
 def passkey_plot(path: str, grids: dict) -> None:
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.3 * len(grids) + 1, 3.4), squeeze=False)
-    for ax, (pattern, (depths, grid_LD, seeds)) in zip(axes[0], grids.items()):
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.3 * len(grids) + 1.5, 3.6), squeeze=False, sharey=True)
+    for ax, (depths, grid_LD, title) in zip(axes[0], grids.values()):
         image = ax.imshow(grid_LD, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
         for i, j in np.ndindex(grid_LD.shape):
             ax.text(j, i, f"{grid_LD[i, j]:.2f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_yticks(range(len(PASSKEY_LENGTHS)), [f"{n} ({n // 128}x)" for n in PASSKEY_LENGTHS])
-        ax.set(xlabel="needle depth", title=f"{LABELS[pattern]} ({seeds} seeds)")
+        ax.set(xlabel="needle depth")
+        ax.set_title(title, fontsize=9)
     axes[0][0].set_ylabel("row length (bytes)")
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (mean over seeds)")
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -287,6 +292,17 @@ def text_section(runs: list[dict], docs: str) -> list[str]:
     return [*lines, "", "![text: mean loss by window length](length_generalization_text.png)", ""]
 
 
+def longer(r: dict) -> str:
+    """A run's out-of-distribution numbers in one cell (shown even when not meaningful, so marked)."""
+    if r["task"] in ("copy", "reverse"):
+        cell = f"EM 21-25 {band(r['exact_match'], 21, 25):.3f}, 26-40 {band(r['exact_match'], 26, 40):.3f}"
+    elif r["task"] == "passkey":
+        cell = ", ".join(f"{n // 128}x {a:.2f}" for n, a in zip(PASSKEY_LENGTHS, passkey_grid(r).mean(1)))
+    else:
+        return f"ratio {r['text']['ratio']:.2f}"
+    return cell if r["in_distribution"] >= LEARNED else f"({cell})"
+
+
 def write_report(results: list[dict], args, elapsed: float, pending: int) -> str:
     import jax
 
@@ -312,14 +328,15 @@ def write_report(results: list[dict], args, elapsed: float, pending: int) -> str
             lines += passkey_section(runs, args.docs)
         else:
             lines += text_section(runs, args.docs)
-    head = ["task", "arm", "seed", "steps", "train s", "eval s", "final loss", "in-distribution", "learned"]
+    head = ["task", "arm", "seed", "steps", "train s", "eval s", "final loss", "in-distribution", "learned", "longer"]
     lines += ["## Every run", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(results, key=lambda r: (TASKS.index(r["task"]), PATTERNS.index(r["pattern"]), r["seed"])):
         score = r.get("in_distribution")
         learned = "-" if score is None else "yes" if score >= LEARNED else "**no**: longer inputs not meaningful"
         steps = str(r["steps"]) + ("" if r["steps"] == r["recipe_steps"] else f" of {r['recipe_steps']} (stopped)")
         cells = [r["task"], LABELS[r["pattern"]], str(r["seed"]), steps, str(r["train_seconds"])]
-        cells += [str(r["eval_seconds"]), f"{r['final_loss']:.4f}", "-" if score is None else f"{score:.3f}", learned]
+        cells += [str(r["eval_seconds"]), f"{r['final_loss']:.4f}", "-" if score is None else f"{score:.3f}"]
+        cells += [learned, longer(r)]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.docs, "length_generalization.md"), "w") as f:

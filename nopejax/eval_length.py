@@ -447,7 +447,7 @@ def passkey_plot(path: str, results: list[PasskeyResult]) -> None:
     plt = _pyplot()
     lengths = sorted({n for n, _ in results[0].accuracy})
     size = (3.2 * len(results) + 1, 0.45 * len(lengths) + 1.6)
-    fig, axes = plt.subplots(1, len(results), figsize=size, squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=size, squeeze=False, sharey=True)
     for ax, r in zip(axes[0], results):
         acc_LD = np.array([[r.accuracy[n, d] for d in PASSKEY_DEPTHS] for n in lengths])
         image = ax.imshow(acc_LD, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")

@@ -186,27 +186,23 @@ def make_task_iterator(cfg, split: str, process_index: int, process_count: int):
                 "train.seq_len", f"a passkey row needs >= {PASSKEY_MIN_LEN} tokens, got {seq_len}",
                 f"set train.seq_len >= {PASSKEY_MIN_LEN}",
             )  # fmt: skip
-        rows = cfg.train.global_batch_size // process_count
-        ds = grain.MapDataset.range(_NUM_EXAMPLES)[process_index::process_count]
-        ds = ds.map(TaskExample("passkey", cfg.train.seed, split, seq_len, seq_len, seq_len)).batch(rows)
-        return iter(ds.to_iter_dataset())
-    lo, hi = (
-        (d.task_train_min_len, d.task_train_max_len) if split == "train" else (d.task_test_min_len, d.task_test_max_len)
-    )
-    if lo < 1:
-        raise ConfigError("data.task_train_min_len", f"task lengths must be >= 1, got {lo}", "use 1 or more")
-    longest = hi + answer_length(d.source, hi) + 3
-    if longest > seq_len:
-        raise ConfigError(
-            "train.seq_len",
-            f"{d.source} examples of length {hi} ({split} split) need {longest} tokens but seq_len is {seq_len}",
-            f"set train.seq_len >= {longest} or shorten the task lengths",
-        )
+        make = TaskExample("passkey", cfg.train.seed, split, seq_len, seq_len, seq_len)
+    else:
+        lo, hi = (d.task_train_min_len, d.task_train_max_len) if split == "train" else (
+            d.task_test_min_len, d.task_test_max_len)  # fmt: skip
+        if lo < 1:
+            raise ConfigError("data.task_train_min_len", f"task lengths must be >= 1, got {lo}", "use 1 or more")
+        longest = hi + answer_length(d.source, hi) + 3
+        if longest > seq_len:
+            raise ConfigError(
+                "train.seq_len",
+                f"{d.source} examples of length {hi} ({split} split) need {longest} tokens but seq_len is {seq_len}",
+                f"set train.seq_len >= {longest} or shorten the task lengths",
+            )
+        make = (PackedTaskRow if d.task_packed else TaskExample)(d.source, cfg.train.seed, split, lo, hi, seq_len)
     rows = cfg.train.global_batch_size // process_count
     ds = grain.MapDataset.range(_NUM_EXAMPLES)[process_index::process_count]
-    ds = ds.map((PackedTaskRow if d.task_packed else TaskExample)(d.source, cfg.train.seed, split, lo, hi, seq_len))
-    ds = ds.batch(rows)
-    return iter(ds.to_iter_dataset())
+    return iter(ds.map(make).batch(rows).to_iter_dataset())
 
 
 def exact_match(logits_or_predictions, batch) -> jnp.ndarray:

@@ -1,178 +1,393 @@
-"""RoPE vs NoPE vs hybrid: does loss hold up past the training length? Trains, evaluates, reports.
+"""RoPE vs NoPE vs mixed stacks past the training length: trains, evaluates, reports over seeds.
 
-    python3 benchmarks/length_generalization.py [--runs-dir /tmp/nopejax_length_gen] [--docs docs]
-        [--seeds 0] [--text-steps 300] [--copy-steps 600] [--yarn-factor 8]
+    python benchmarks/length_generalization.py --seeds 0,1,2          # the whole study
+    python benchmarks/length_generalization.py --seeds 0 --tasks copy  # one task, one seed
+    python benchmarks/length_generalization.py --quick                 # 30-step smoke of the pipeline
 
-Three configs that differ only in the positional pattern (configs/experiments/rope.py,
-hybrid.py, nope.py: all RoPE, NoPE every 4th layer as SmolLM3, all NoPE) are trained twice:
-  text  the offline corpus at train.seq_len 128; `eval-length` at 128, 256, 512, 1024
-  copy  the copy task on inputs of length 1-20 (seq_len 83 fits the longest test example);
-        `eval-length` reports exact match for input lengths 1-40
+Tasks (configs/experiments/recipes.py; four arms each that differ only in the positional
+pattern: rope, hybrid, nope, local_global):
+  copy, reverse  inputs of 1-20 letters; `eval-length` gives exact match for input lengths 1-40
+  passkey        rows of 128 bytes; `eval-length` at 128-1024 by needle depth
+  text           configs/experiments/{rope,hybrid,nope}.py on the offline corpus at length 128,
+                 loss by position at 128-1024 (plus YaRN x8 on the RoPE layers)
 Training goes through `nopejax.train.run`, evaluation through `nopejax.eval_length.evaluate`
-(the code behind `nopejax eval-length`), so the numbers are the tool's own. The RoPE and hybrid
-text runs are evaluated once more with YaRN scaling (factor `--yarn-factor`, original length
-128): scaling changes RoPE layers only, so all-NoPE is left out of that row.
+(the code behind `nopejax eval-length`), so the numbers are the tool's own.
 
-Writes into `--docs`: length_generalization.md (setup, summary tables, the tool's full tables),
-length_generalization_text.{png,csv} and length_generalization_copy.{png,csv}. Runs live in
-`--runs-dir`; finished runs are reused (training resumes, so a rerun only evaluates).
+A task run "learned" its task when its in-distribution score (exact match averaged over input
+lengths 1-20; passkey accuracy at the training length) is >= 0.95; the out-of-distribution
+numbers of a run that did not are marked as not meaningful. Tables give the mean and [min-max]
+over seeds. Writes `--docs`/length_generalization.md and length_generalization_*.png, after
+every finished run (so a study stopped early still reports what finished). Runs live in
+`--runs-dir`; a finished run is reused (its result.json), so a rerun only adds what is missing.
+`--jobs 2` trains two runs at once (one per CPU core).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
-import shutil
+import signal
+import threading
 import time
 
-import jax
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt
 import numpy as np
 
-from nopejax import config, eval_length, train
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PATTERNS = ("rope", "hybrid", "nope")
-TEXT_LENGTHS = [128, 256, 512, 1024]
-# The copy task: same model and optimizer, another data source. Rows of 43 = 20 + 20 + BOS, '=',
-# EOS tokens fit the longest training example and waste no compute on padding; the test split
-# (inputs up to 40, 83 tokens) does not fit, so there is no in-training eval: eval-length
-# builds its own longer rows.
-COPY_OVERRIDES = {
-    "data.source": "copy",
-    "train.seq_len": 43,
-    "train.global_batch_size": 32,
-    "optim.decay_steps": 120,
-    "train.eval_every": 0,
+TASKS = ("copy", "reverse", "passkey", "text")
+PATTERNS = ("rope", "hybrid", "nope", "local_global")
+TEXT_PATTERNS = ("rope", "hybrid", "nope")  # the text study's configs (no local/global arm)
+LABELS = {
+    "rope": "all RoPE",
+    "hybrid": "NoPE every 4th",
+    "nope": "all NoPE",
+    "local_global": "local RoPE + global NoPE",
 }
+TEXT_LENGTHS = [128, 256, 512, 1024]
+PASSKEY_LENGTHS = [128, 256, 512, 1024]  # 1x, 2x, 4x, 8x the training length
+LEARNED = 0.95  # in-distribution score a run needs before its out-of-distribution numbers mean anything
+TEXT_STEPS = 300
 
 
-def make_config(pattern: str, task: str, steps: int, seed: int) -> config.ConfigDict:
-    cfg = config.load_config(os.path.join(ROOT, "configs", "experiments", f"{pattern}.py"))
-    overrides = {"train.steps": steps, "train.seed": seed, "train.eval_every": steps}
-    overrides["checkpoint.every_steps"] = steps  # one checkpoint, at the end
-    overrides.update(COPY_OVERRIDES if task == "copy" else {})
+def run_config(task: str, pattern: str, seed: int, quick: bool):
+    from nopejax import config
+
+    if task == "text":
+        path = os.path.join(ROOT, "configs", "experiments", f"{pattern}.py")
+        overrides = {"train.steps": TEXT_STEPS, "train.eval_every": TEXT_STEPS, "checkpoint.every_steps": TEXT_STEPS}
+    else:
+        path = os.path.join(ROOT, "configs", "experiments", task, f"{pattern}.py")
+        overrides = {}
+    overrides["train.seed"] = seed
+    if quick:
+        overrides.update({"train.steps": 30, "train.eval_every": 0, "checkpoint.every_steps": 0})
+    cfg = config.load_config(path)
     return config.validate(config.apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()]))
 
 
-def train_one(cfg, workdir: str) -> dict:
-    """Train (or find finished) one run; -> {seconds, final train loss, eval loss}."""
-    summary_path = os.path.join(workdir, "summary.json")
-    if os.path.isfile(summary_path):
-        with open(summary_path) as f:
-            summary = json.load(f)
-        if summary["steps"] == cfg.train.steps:
-            print(f"{workdir}: finished before, reusing it")
-            return summary
+def run_one(task: str, pattern: str, seed: int, runs_dir: str, quick: bool, batches: int, minutes: float) -> dict:
+    """Train one run (or resume it), evaluate it with eval-length, save and return result.json.
+
+    `minutes` > 0 stops training after that long (a SIGTERM to ourselves: the loop saves a
+    checkpoint and returns, as on preemption) and evaluates what was reached; a rerun resumes it.
+    """
+    from nopejax import eval_length, train
+
+    workdir = os.path.join(runs_dir, f"{task}_{pattern}_s{seed}")
+    path = os.path.join(workdir, "result.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    cfg = run_config(task, pattern, seed, quick)
     t0 = time.perf_counter()
+    timer = threading.Timer(60 * minutes, os.kill, (os.getpid(), signal.SIGTERM)) if minutes > 0 else None
+    if timer is not None:
+        timer.start()
     out = train.run(cfg, workdir, progress=False)
-    summary = {"steps": out["steps"], "seconds": round(time.perf_counter() - t0, 1),
-               "final_loss": out["final_loss"], "eval_loss": out["eval_loss"]}  # fmt: skip
-    with open(summary_path, "w") as f:
-        json.dump(summary, f)
-    print(f"{workdir}: {summary}")
-    return summary
+    if timer is not None:
+        timer.cancel()
+    seconds = time.perf_counter() - t0
+    result = {"task": task, "pattern": pattern, "seed": seed, "steps": out["steps"], "recipe_steps": cfg.train.steps,
+              "train_seconds": round(seconds), "final_loss": out["final_loss"]}  # fmt: skip
+    t0 = time.perf_counter()
+    if task in ("copy", "reverse"):
+        r = eval_length.evaluate([workdir], TEXT_LENGTHS, batches=batches, progress=False)["results"][0]
+        result.update(exact_match=r.exact_match, token_accuracy=r.token_accuracy, answer_loss=r.answer_loss)
+        result["in_distribution"] = band(r.exact_match, 1, cfg.data.task_train_max_len)
+    elif task == "passkey":
+        r = eval_length.evaluate([workdir], PASSKEY_LENGTHS, batches=batches, progress=False)["results"][0]
+        result["accuracy"] = [[n, d, a] for (n, d), a in sorted(r.accuracy.items())]
+        result["in_distribution"] = r.by_length(PASSKEY_LENGTHS[0])
+    else:
+        r = eval_length.evaluate([workdir], TEXT_LENGTHS, batches=batches, progress=False)["results"][0]
+        result["text"] = text_numbers(r)
+        if pattern != "nope":  # YaRN rescales RoPE layers only: nothing to change in all-NoPE
+            yarn = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 128}
+            r = eval_length.evaluate([workdir], TEXT_LENGTHS, batches=batches, rope_scaling=yarn, progress=False,
+                                     out_dir=os.path.join(workdir, "eval_length_yarn"))["results"][0]  # fmt: skip
+            result["text_yarn"] = text_numbers(r)
+    result["eval_seconds"] = round(time.perf_counter() - t0)
+    with open(path, "w") as f:
+        json.dump(result, f)
+    return result
 
 
-def copy_outputs(files: list[str], docs: str, name: str) -> None:
-    shutil.copy(files[0], os.path.join(docs, f"length_generalization_{name}.csv"))
-    shutil.copy(files[2], os.path.join(docs, f"length_generalization_{name}.png"))
+def text_numbers(r) -> dict:
+    """Mean loss per length; loss at positions 0-127 and 896-1023 of L=1024 windows, and their ratio."""
+    first, last = r.mean(1024, 0, 128)[0], r.mean(1024, 896, 1024)[0]
+    return {"mean": {str(n): r.mean(n)[0] for n in TEXT_LENGTHS}, "first": first, "last": last, "ratio": last / first}
 
 
-def text_summary(results, scaled) -> str:
-    """Mean loss per evaluated length and the ratio of the last 128 positions to the first 128."""
-    head = ["run", *(f"L={n}" for n in TEXT_LENGTHS), "L=1024: pos 0-127", "pos 896-1023", "ratio"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in [*results, *scaled]:
-        first, last = r.mean(1024, 0, 128)[0], r.mean(1024, 896, 1024)[0]
-        cells = [r.label, *(f"{r.mean(n)[0]:.3f}" for n in TEXT_LENGTHS), f"{first:.3f}", f"{last:.3f}"]
-        lines.append("| " + " | ".join([*cells, f"{last / first:.2f}"]) + " |")
-    return "\n".join(lines)
+def band(values: dict, lo: int, hi: int) -> float:
+    """Mean of per-length values (keys int or str) over lengths lo..hi."""
+    return float(np.mean([values[n] if n in values else values[str(n)] for n in range(lo, hi + 1)]))
 
 
-def copy_summary(results) -> str:
-    head = ["run", "exact match, n = 1-20 (trained)", "n = 21-30", "n = 31-40", "answer loss, n = 1-20", "n = 21-40"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        cells = [
-            f"{np.mean([r.exact_match[n] for n in range(lo, hi + 1)]):.3f}" for lo, hi in [(1, 20), (21, 30), (31, 40)]
-        ]
-        cells += [f"{np.mean([r.answer_loss[n] for n in range(lo, hi + 1)]):.3f}" for lo, hi in [(1, 20), (21, 40)]]
-        lines.append("| " + " | ".join([r.label, *cells]) + " |")
-    return "\n".join(lines)
+# ---------------------------------------------------------------------------------------------
+# Report
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
+def spread(xs: list[float], fmt: str = "{:.3f}") -> str:
+    """'mean [min-max]' over seeds; just the value for one seed."""
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(np.mean(xs))} [{fmt.format(min(xs))}-{fmt.format(max(xs))}]"
+
+
+def task_section(task: str, runs: list[dict], docs: str) -> list[str]:
+    """Summary table, per-run table and plot for copy / reverse."""
+    lines = [
+        f"## {task.capitalize()} (trained on input lengths 1-20, tested on 1-40)",
+        "",
+        "Exact match: greedy decoding of the whole answer exactly right; token accuracy: answer tokens right "
+        "given a correct prefix. Mean [min-max] over seeds; out-of-distribution columns count only runs that "
+        f"learned the task (exact match >= {LEARNED} on lengths 1-20).",
+        "",
+        "| arm | seeds learned | exact match, 1-20 (trained) | 21-25 | 26-40 | token accuracy, 21-40 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for pattern in PATTERNS:
+        mine = [r for r in runs if r["pattern"] == pattern]
+        if not mine:
+            continue
+        ok = [r for r in mine if r["in_distribution"] >= LEARNED]
+        cells = [LABELS[pattern], f"{len(ok)} of {len(mine)}", spread([r["in_distribution"] for r in mine])]
+        if ok:
+            cells += [spread([band(r["exact_match"], lo, hi) for r in ok]) for lo, hi in [(21, 25), (26, 40)]]
+            cells.append(spread([band(r["token_accuracy"], 21, 40) for r in ok]))
+        else:
+            cells += ["not meaningful (not learned)"] * 3
+        lines.append("| " + " | ".join(cells) + " |")
+    png = f"length_generalization_{task}.png"
+    task_plot(os.path.join(docs, png), task, runs)
+    lines += ["", f"![{task}: exact match by input length]({png})", ""]
+    return lines
+
+
+def task_plot(path: str, task: str, runs: list[dict]) -> None:
+    """Exact match and token accuracy vs input length: mean over learned seeds, min-max band."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for pattern in PATTERNS:
+        ok = [r for r in runs if r["pattern"] == pattern and r["in_distribution"] >= LEARNED]
+        if not ok:
+            continue
+        lengths = sorted(int(n) for n in ok[0]["exact_match"])
+        for ax, key in zip(axes, ("exact_match", "token_accuracy")):
+            ys = np.array([[r[key][str(n)] if str(n) in r[key] else r[key][n] for n in lengths] for r in ok])
+            line = ax.plot(lengths, ys.mean(0), "o-", ms=3, label=f"{LABELS[pattern]} ({len(ok)} seeds)")[0]
+            ax.fill_between(lengths, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+    for ax, name in zip(axes, ("exact match (greedy)", "answer-token accuracy")):
+        ax.axvline(20.5, color="k", ls=":", lw=1, label="longest training input")
+        ax.set(xlabel="input length n", ylabel=name, ylim=(-0.02, 1.02), title=f"{task}: {name}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def passkey_section(runs: list[dict], docs: str) -> list[str]:
+    lines = [
+        "## Passkey retrieval (trained on rows of 128 bytes, tested at 1x-8x)",
+        "",
+        "Accuracy: all 5 key digits right under greedy decoding, over 5 needle depths (0, 0.25, 0.5, 0.75, 1). "
+        f"Mean [min-max] over seeds; longer rows count only runs that learned the task (accuracy >= {LEARNED} "
+        "at length 128).",
+        "",
+        "| arm | seeds learned | " + " | ".join(f"L={n} ({n // 128}x)" for n in PASSKEY_LENGTHS) + " |",
+        "|---|---|" + "---|" * len(PASSKEY_LENGTHS),
+    ]
+    grids = {}
+    for pattern in PATTERNS:
+        mine = [r for r in runs if r["pattern"] == pattern]
+        if not mine:
+            continue
+        ok = [r for r in mine if r["in_distribution"] >= LEARNED]
+        cells = [LABELS[pattern], f"{len(ok)} of {len(mine)}", spread([r["in_distribution"] for r in mine])]
+        for n in PASSKEY_LENGTHS[1:]:
+            cells.append(spread([np.mean([a for m, _, a in r["accuracy"] if m == n]) for r in ok]) if ok else "n/m")
+        lines.append("| " + " | ".join(cells) + " |")
+        shown = ok or mine  # an arm that never learned is still drawn, marked as not meaningful
+        depths = sorted({d for _, d, _ in shown[0]["accuracy"]})
+        grid_LD = np.mean([passkey_grid(r) for r in shown], axis=0)
+        title = f"{LABELS[pattern]}\n({len(ok)} of {len(mine)} seeds learned{'' if ok else ': not meaningful'})"
+        grids[pattern] = (depths, grid_LD, title)
+    if grids:
+        head = ["arm", *(f"depth {d:g}" for d in next(iter(grids.values()))[0])]
+        lines += ["", "By needle depth (mean over lengths 256-1024 and learned seeds; all seeds if none learned):", ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for pattern, (_, grid_LD, _) in grids.items():
+            lines.append("| " + " | ".join([LABELS[pattern], *(f"{x:.3f}" for x in grid_LD[1:].mean(0))]) + " |")
+        png = "length_generalization_passkey.png"
+        passkey_plot(os.path.join(docs, png), grids)
+        lines += ["", f"![passkey accuracy by length and depth]({png})", ""]
+    return lines
+
+
+def passkey_grid(r: dict) -> np.ndarray:
+    """A passkey run's accuracy [length, depth], lengths PASSKEY_LENGTHS, depths ascending."""
+    return np.array([[a for m, _, a in sorted(r["accuracy"]) if m == n] for n in PASSKEY_LENGTHS])
+
+
+def passkey_plot(path: str, grids: dict) -> None:
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.3 * len(grids) + 1.5, 3.6), squeeze=False, sharey=True)
+    for ax, (depths, grid_LD, title) in zip(axes[0], grids.values()):
+        image = ax.imshow(grid_LD, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        for i, j in np.ndindex(grid_LD.shape):
+            ax.text(j, i, f"{grid_LD[i, j]:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_yticks(range(len(PASSKEY_LENGTHS)), [f"{n} ({n // 128}x)" for n in PASSKEY_LENGTHS])
+        ax.set(xlabel="needle depth")
+        ax.set_title(title, fontsize=9)
+    axes[0][0].set_ylabel("row length (bytes)")
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (mean over seeds)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def text_section(runs: list[dict], docs: str) -> list[str]:
+    head = ["run", "seeds", *(f"L={n}" for n in TEXT_LENGTHS), "L=1024: pos 0-127", "pos 896-1023", "ratio"]
+    lines = [
+        "## Text (offline corpus, trained at length 128; configs/experiments/{rope,hybrid,nope}.py)",
+        "",
+        "Loss in nats per byte on held-out text read as continuous windows; ratio = loss at positions "
+        "896-1023 / positions 0-127 of L=1024 windows. Mean [min-max] over seeds.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for key, suffix in (("text", ""), ("text_yarn", " + YaRN x8")):
+        for pattern in TEXT_PATTERNS:
+            mine = [r[key] for r in runs if r["pattern"] == pattern and key in r]
+            if not mine:
+                continue
+            cells = [LABELS[pattern] + suffix, str(len(mine))]
+            cells += [spread([m["mean"][str(n)] for m in mine]) for n in TEXT_LENGTHS]
+            cells += [
+                spread([m[k] for m in mine], "{:.3f}" if k != "ratio" else "{:.2f}") for k in ("first", "last", "ratio")
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pattern in TEXT_PATTERNS:
+        mine = [r["text"] for r in runs if r["pattern"] == pattern]
+        if mine:
+            ys = np.array([[m["mean"][str(n)] for n in TEXT_LENGTHS] for m in mine])
+            line = ax.plot(TEXT_LENGTHS, ys.mean(0), "o-", label=f"{LABELS[pattern]} ({len(mine)} seeds)")[0]
+            ax.fill_between(TEXT_LENGTHS, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+    ax.axvline(128, color="k", ls=":", lw=1, label="training length")
+    ax.set(xscale="log", xlabel="window length L", ylabel="mean loss over the window (nats/byte)", title="Text")
+    ax.set_xticks(TEXT_LENGTHS, [str(n) for n in TEXT_LENGTHS])
+    ax.minorticks_off()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(docs, "length_generalization_text.png"), dpi=110)
+    plt.close(fig)
+    return [*lines, "", "![text: mean loss by window length](length_generalization_text.png)", ""]
+
+
+def longer(r: dict) -> str:
+    """A run's out-of-distribution numbers in one cell (shown even when not meaningful, so marked)."""
+    if r["task"] in ("copy", "reverse"):
+        cell = f"EM 21-25 {band(r['exact_match'], 21, 25):.3f}, 26-40 {band(r['exact_match'], 26, 40):.3f}"
+    elif r["task"] == "passkey":
+        cell = ", ".join(f"{n // 128}x {a:.2f}" for n, a in zip(PASSKEY_LENGTHS, passkey_grid(r).mean(1)))
+    else:
+        return f"ratio {r['text']['ratio']:.2f}"
+    return cell if r["in_distribution"] >= LEARNED else f"({cell})"
+
+
+def write_report(results: list[dict], args, elapsed: float, pending: int) -> str:
+    import jax
+
+    lines = [
+        "# Length generalization: RoPE vs NoPE vs mixed stacks",
+        "",
+        f"Measured by `python benchmarks/length_generalization.py --seeds {args.seeds} --tasks {args.tasks}"
+        f"{' --quick' if args.quick else ''}` (CPU, JAX {jax.__version__}, {elapsed / 60:.0f} min so far"
+        f"{f', {pending} runs still to come' if pending else ''}). Recipes: configs/experiments/recipes.py; the "
+        "arms of a task differ only in the positional pattern. Evaluation: `nopejax eval-length`, fp32, XLA "
+        "attention.",
+        "",
+    ]
+    if args.quick:
+        lines += ["**Quick mode (30 training steps): these numbers only show that the pipeline runs.**", ""]
+    for task in TASKS:
+        runs = [r for r in results if r["task"] == task]
+        if not runs:
+            continue
+        if task in ("copy", "reverse"):
+            lines += task_section(task, runs, args.docs)
+        elif task == "passkey":
+            lines += passkey_section(runs, args.docs)
+        else:
+            lines += text_section(runs, args.docs)
+    head = ["task", "arm", "seed", "steps", "train s", "eval s", "final loss", "in-distribution", "learned", "longer"]
+    lines += ["## Every run", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(results, key=lambda r: (TASKS.index(r["task"]), PATTERNS.index(r["pattern"]), r["seed"])):
+        score = r.get("in_distribution")
+        learned = "-" if score is None else "yes" if score >= LEARNED else "**no**: longer inputs not meaningful"
+        steps = str(r["steps"]) + ("" if r["steps"] == r["recipe_steps"] else f" of {r['recipe_steps']} (stopped)")
+        cells = [r["task"], LABELS[r["pattern"]], str(r["seed"]), steps, str(r["train_seconds"])]
+        cells += [str(r["eval_seconds"]), f"{r['final_loss']:.4f}", "-" if score is None else f"{score:.3f}"]
+        cells += [learned, longer(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.docs, "length_generalization.md"), "w") as f:
+        f.write(text)
+    return text
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", default="0", help="comma-separated train.seed values")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated subset of the arms")
     p.add_argument("--runs-dir", default="/tmp/nopejax_length_gen")
     p.add_argument("--docs", default=os.path.join(ROOT, "docs"))
-    p.add_argument("--seeds", default="0", help="comma-separated train.seed values")
-    p.add_argument("--text-steps", type=int, default=300)
-    p.add_argument("--copy-steps", type=int, default=600)
-    p.add_argument("--yarn-factor", type=float, default=8.0, help="0 = no YaRN row")
-    p.add_argument("--batches", type=int, default=4, help="eval-length --batches")
-    p.add_argument("--tasks", default="text,copy")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (at most one per CPU core helps)")
+    p.add_argument("--batches", type=int, default=2, help="eval-length --batches")
+    p.add_argument(
+        "--max-train-minutes",
+        type=float,
+        default=0.0,
+        help="stop each run's training after this long and evaluate what it reached (0 = the full recipe)",
+    )
+    p.add_argument("--quick", action="store_true", help="30 steps per run, into --runs-dir/quick: checks the pipeline")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    tasks = args.tasks.split(",")
+    tasks, patterns = args.tasks.split(","), args.patterns.split(",")
+    for name, chosen, known in (("--tasks", tasks, TASKS), ("--patterns", patterns, PATTERNS)):
+        if not set(chosen) <= set(known):
+            p.error(f"{name}: unknown {sorted(set(chosen) - set(known))}; use some of {','.join(known)}")
+    if args.quick:
+        args.runs_dir = os.path.join(args.runs_dir, "quick")
+        args.batches = 1
     os.makedirs(args.docs, exist_ok=True)
+    jobs = [(task, pattern, seed) for seed in seeds for task in tasks for pattern in patterns
+            if task != "text" or pattern in TEXT_PATTERNS]  # fmt: skip
     t_start = time.perf_counter()
-
-    runs, summaries = {}, {}
-    for task in tasks:
-        steps = args.text_steps if task == "text" else args.copy_steps
-        for seed in seeds:
-            for pattern in PATTERNS:
-                name = f"{task}_{pattern}" + (f"_s{seed}" if len(seeds) > 1 else "")
-                workdir = os.path.join(args.runs_dir, name)
-                summaries[name] = train_one(make_config(pattern, task, steps, seed), workdir)
-                runs.setdefault(task, []).append(workdir)
-
-    sections = []
-    if "text" in runs:
-        text = eval_length.evaluate(runs["text"], TEXT_LENGTHS, batches=args.batches)
-        copy_outputs(text["files"], args.docs, "text")
-        scaled = []
-        if args.yarn_factor:
-            yarn = {"rope_type": "yarn", "factor": args.yarn_factor, "original_max_position_embeddings": 128}
-            with_rope = [w for w in runs["text"] if "_nope" not in os.path.basename(w)]
-            scaled = eval_length.evaluate(with_rope, TEXT_LENGTHS, batches=args.batches, rope_scaling=yarn,
-                                          out_dir=os.path.join(args.runs_dir, "yarn_eval"))["results"]  # fmt: skip
-        sections.append(("Text (offline corpus, trained at length 128)", text_summary(text["results"], scaled),
-                         text["markdown"], "length_generalization_text.png"))  # fmt: skip
-    if "copy" in runs:
-        copy = eval_length.evaluate(runs["copy"], TEXT_LENGTHS, batches=args.batches)
-        copy_outputs(copy["files"], args.docs, "copy")
-        sections.append(("Copy task (trained on inputs of length 1-20)", copy_summary(copy["results"]),
-                         copy["markdown"], "length_generalization_copy.png"))  # fmt: skip
-
-    cfg0 = make_config("hybrid", "text", args.text_steps, seeds[0])
-    lines = [
-        "# Length generalization: all RoPE vs NoPE every 4th layer vs all NoPE",
-        "",
-        f"Measured by `python3 benchmarks/length_generalization.py` in {time.perf_counter() - t_start:.0f} s "
-        f"(CPU, JAX {jax.__version__}). Model: configs/tiny.py "
-        f"({cfg0.model.num_layers} layers, d_model {cfg0.model.d_model}, byte tokens), only "
-        "`model.no_rope_layer_interval` differs (0 / 4 / 1). "
-        f"Text: {args.text_steps} steps x {cfg0.train.global_batch_size} x 128 tokens. "
-        f"Copy: {args.copy_steps} steps x {COPY_OVERRIDES['train.global_batch_size']} examples. "
-        f"Seeds: {args.seeds}. Evaluation: `nopejax eval-length`, fp32, XLA attention.",
-        "",
-        "| run | train seconds | final train loss | eval loss at the training length |",
-        "|---|---|---|---|",
-        *(f"| {k} | {v['seconds']} | {v['final_loss']:.3f} | {_fmt(v['eval_loss'])} |" for k, v in summaries.items()),
-    ]
-    for title, summary, full, png in sections:
-        lines += ["", f"## {title}", "", summary, "", f"![{title}]({png})", ""]
-        lines += ["<details><summary>Full table</summary>", "", full, "</details>"]
-    with open(os.path.join(args.docs, "length_generalization.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwrote {args.docs}/length_generalization.md and its PNG/CSV files")
+    results = []
+    # spawn: each run in a fresh process with its own JAX runtime
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        settings = (args.runs_dir, args.quick, args.batches, args.max_train_minutes)
+        futures = {pool.submit(run_one, *job, *settings): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            result = future.result()
+            results.append(result)
+            elapsed = time.perf_counter() - t_start
+            name = " ".join(map(str, futures[future]))
+            print(f"[{elapsed / 60:5.1f} min] {name}: train {result['train_seconds']} s, "
+                  f"in-distribution {result.get('in_distribution', '-')}", flush=True)  # fmt: skip
+            write_report(results, args, elapsed, len(jobs) - len(results))
+    print(write_report(results, args, time.perf_counter() - t_start, 0))
+    print(f"wrote {args.docs}/length_generalization.md and its PNG files")
     return 0
 
 

@@ -27,7 +27,7 @@ INIT_FROM_SCHEDULES = ("reset", "continue")
 HISTORY_KEY = "history"  # DIR/config.json's record of the run's stages; not a config field
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = (
-    "default", "text", "jsonl", "parquet", "arrayrecord", "prepared", "copy", "reverse", "parity",
+    "default", "text", "jsonl", "parquet", "arrayrecord", "prepared", "copy", "reverse", "parity", "passkey",
 )  # fmt: skip
 # rope_scaling type -> (required keys, optional keys) besides `rope_type` / `type`, as HF validates them
 ROPE_SCALING_TYPES = {
@@ -187,7 +187,9 @@ def base_config() -> ConfigDict:
     # process count; fewer (a multiple of the process count) only to cut per-shard overhead.
     d.num_shards = 0
     d.mixture_weights = config_dict.placeholder(tuple)  # one weight per entry of a comma-separated path
-    # Synthetic length-generalization tasks (data.source = copy / reverse / parity).
+    # Synthetic length-generalization tasks (data.source = copy / reverse / parity; passkey rows
+    # are train.seq_len long and ignore the lengths). Packed: several whole examples per train row.
+    d.task_packed = False
     d.task_train_min_len = 1
     d.task_train_max_len = 20
     d.task_test_min_len = 21
@@ -730,6 +732,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}", "use e.g. 0.02")
     if d.task_train_min_len > d.task_train_max_len or d.task_test_min_len > d.task_test_max_len:
         raise ConfigError("data.task_train_min_len", "a min length exceeds its max length", "order the bounds")
+    if not isinstance(d.task_packed, bool):
+        raise ConfigError("data.task_packed", f"must be True or False, got {d.task_packed!r}", "use True or False")
 
     if cfg.init_from_schedule not in INIT_FROM_SCHEDULES:
         raise ConfigError(

@@ -20,6 +20,11 @@ task_train_min_len to task_test_max_len, `batches * train.global_batch_size` fre
 examples of exactly length n (one example per row, positions from 0) give exact match (greedy
 decoding exactly right, `data.exact_match`) and the mean loss on answer tokens.
 
+Passkey (data.source passkey). For each of `--lengths` (row lengths in tokens, usually 1x-8x
+the training length) and each depth in PASSKEY_DEPTHS, `batches * train.global_batch_size`
+fresh eval-split rows with the needle at that depth give accuracy (all key digits right under
+greedy decoding) and the answer loss; the plot is a heat map of accuracy over length x depth.
+
 Either way the model runs in fp32 with `attention_impl = "xla"`, whatever the run trained
 with, so numbers compare across hardware. It runs on the run's own mesh (`mesh.*` of its
 config, `--config.mesh.KEY=VALUE` to change it): params sharded by the logical-axis table as in
@@ -52,11 +57,12 @@ import numpy as np
 from nopejax import checkpoint, config, data, hf, model, sharding, train
 from nopejax.config import ConfigDict, ConfigError
 from nopejax.data.pipeline import SYNTHETIC_SOURCES
-from nopejax.data.synthetic import TaskExample, answer_length
+from nopejax.data.synthetic import PASSKEY_MIN_LEN, TaskExample, answer_length
 
 FORWARD_TOKENS = 8192  # tokens per device per forward call: bounds the [B, H, S, S] attention scores
 OUT_DIR = "eval_length"
 FILES = ("loss_by_position.csv", "loss_by_position.md", "loss_by_position.png")
+PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # needle depth: 0 = right after BOS, 1 = right before the question
 
 
 @dataclasses.dataclass
@@ -86,6 +92,25 @@ class TaskResult:
     examples: dict[int, int]
     exact_match: dict[int, float]
     answer_loss: dict[int, float]
+    token_accuracy: dict[int, float] = dataclasses.field(default_factory=dict)  # answer tokens right (greedy)
+
+
+@dataclasses.dataclass
+class PasskeyResult:
+    """One run on passkey retrieval: per (row length, needle depth)."""
+
+    label: str
+    step: int
+    train_length: int
+    examples: int  # per cell
+    accuracy: dict[tuple[int, float], float]
+    answer_loss: dict[tuple[int, float], float]
+
+    def by_length(self, length: int) -> float:
+        return float(np.mean([a for (n, _), a in self.accuracy.items() if n == length]))
+
+    def by_depth(self, depth: float) -> float:
+        return float(np.mean([a for (_, d), a in self.accuracy.items() if d == depth]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,10 +272,10 @@ def task_batch(cfg: ConfigDict, n: int, rows: int) -> dict[str, np.ndarray]:
     return {k: np.stack([e[k] for e in examples]) for k in data.BATCH_KEYS}
 
 
-def eval_task(cfg, run_stats, examples: int, bar=None) -> tuple[dict, dict, dict]:
-    """-> (examples, exact match, answer loss), each keyed by input length."""
+def eval_task(cfg, run_stats, examples: int, bar=None) -> tuple[dict, dict, dict, dict]:
+    """-> (examples, exact match, answer loss, answer-token accuracy), each keyed by input length."""
     d = cfg.data
-    counts, em, loss = {}, {}, {}
+    counts, em, loss, token_acc = {}, {}, {}, {}
     for n in range(d.task_train_min_len, d.task_test_max_len + 1):
         batch = task_batch(cfg, n, examples)
         loss_BS, correct_BS = run_stats(batch)
@@ -259,9 +284,39 @@ def eval_task(cfg, run_stats, examples: int, bar=None) -> tuple[dict, dict, dict
         counts[n] = examples
         em[n] = float(right_B.mean())
         loss[n] = float((np.asarray(loss_BS, np.float64) * answer_BS).sum() / answer_BS.sum())
+        token_acc[n] = float((np.asarray(correct_BS) & answer_BS).sum() / answer_BS.sum())
         if bar is not None:
             bar.update(1)
-    return counts, em, loss
+    return counts, em, loss, token_acc
+
+
+def passkey_batch(cfg: ConfigDict, length: int, depth_index: int, rows: int) -> dict[str, np.ndarray]:
+    """`rows` eval-split passkey rows of `length` tokens, needle at PASSKEY_DEPTHS[depth_index]."""
+    make = TaskExample("passkey", cfg.train.seed, "eval", length, length, length, PASSKEY_DEPTHS[depth_index])
+    first = (length * len(PASSKEY_DEPTHS) + depth_index) * 1_000_003  # every cell its own random stream
+    examples = [make.map(first + i) for i in range(rows)]
+    return {k: np.stack([e[k] for e in examples]) for k in data.BATCH_KEYS}
+
+
+def eval_passkey(cfg, run_stats, lengths: list[int], examples: int, bar=None) -> tuple[dict, dict]:
+    """-> (accuracy, answer loss), each keyed by (length, depth)."""
+    acc, loss = {}, {}
+    for length in lengths:
+        rows = max(1, FORWARD_TOKENS // length)
+        for j, depth in enumerate(PASSKEY_DEPTHS):
+            batch = passkey_batch(cfg, length, j, examples)
+            right, loss_sum = 0, 0.0
+            for lo in range(0, examples, rows):
+                part = {k: v[lo : lo + rows] for k, v in batch.items()}
+                loss_BS, correct_BS = run_stats(part)
+                answer_BS = part["loss_mask"] > 0
+                right += int(np.all(np.asarray(correct_BS) | ~answer_BS, axis=1).sum())
+                loss_sum += float((np.asarray(loss_BS, np.float64) * answer_BS).sum())
+            acc[length, depth] = right / examples
+            loss[length, depth] = loss_sum / float(batch["loss_mask"].sum())
+            if bar is not None:
+                bar.update(1)
+    return acc, loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,9 +346,19 @@ def task_rows(results: list[TaskResult]) -> list[dict]:
     return [
         {"run": r.label, "step": r.step, "task": r.task, "input_length": n, "train_max_length": r.train_max_length,
          "examples": r.examples[n], "exact_match": round(r.exact_match[n], 6),
-         "answer_loss": round(r.answer_loss[n], 6)}
+         "token_accuracy": round(r.token_accuracy[n], 6), "answer_loss": round(r.answer_loss[n], 6)}
         for r in results
         for n in sorted(r.exact_match)
+    ]  # fmt: skip
+
+
+def passkey_rows(results: list[PasskeyResult]) -> list[dict]:
+    return [
+        {"run": r.label, "step": r.step, "task": "passkey", "length": n, "train_length": r.train_length,
+         "depth": d, "examples": r.examples, "accuracy": round(r.accuracy[n, d], 6),
+         "answer_loss": round(r.answer_loss[n, d], 6)}
+        for r in results
+        for n, d in sorted(r.accuracy)
     ]  # fmt: skip
 
 
@@ -337,6 +402,26 @@ def task_markdown(results: list[TaskResult]) -> str:
     for n in lengths:
         cells = [str(n), *(f"{r.exact_match[n]:.3f}" for r in results), *(f"{r.answer_loss[n]:.4f}" for r in results)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def passkey_markdown(results: list[PasskeyResult]) -> str:
+    r0 = results[0]
+    lengths = sorted({n for n, _ in r0.accuracy})
+    lines = [f"Passkey retrieval: accuracy (greedy, all {len(PASSKEY_DEPTHS)} depths x {r0.examples} rows per cell) "
+             f"by row length; trained at length {r0.train_length}.", ""]  # fmt: skip
+    head = ["run", *(f"L={n} ({n / r0.train_length:g}x)" for n in lengths)]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([r.label, *(f"{r.by_length(n):.3f}" for n in lengths)]) + " |" for r in results]
+    head = ["run", *(f"depth {d:g}" for d in PASSKEY_DEPTHS)]
+    lines += ["", "By needle depth (mean over lengths):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([r.label, *(f"{r.by_depth(d):.3f}" for d in PASSKEY_DEPTHS)]) + " |" for r in results]
+    head = ["run", "length", *(f"depth {d:g}" for d in PASSKEY_DEPTHS)]
+    lines += ["", "Every cell:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        for n in lengths:
+            cells = [r.label, str(n), *(f"{r.accuracy[n, d]:.3f}" for d in PASSKEY_DEPTHS)]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -408,6 +493,26 @@ def task_plot(path: str, results: list[TaskResult]) -> None:
     plt.close(fig)
 
 
+def passkey_plot(path: str, results: list[PasskeyResult]) -> None:
+    """One heat map per run: accuracy over row length (rows) x needle depth (columns)."""
+    plt = _pyplot()
+    lengths = sorted({n for n, _ in results[0].accuracy})
+    size = (3.2 * len(results) + 1, 0.45 * len(lengths) + 1.6)
+    fig, axes = plt.subplots(1, len(results), figsize=size, squeeze=False, sharey=True)
+    for ax, r in zip(axes[0], results):
+        acc_LD = np.array([[r.accuracy[n, d] for d in PASSKEY_DEPTHS] for n in lengths])
+        image = ax.imshow(acc_LD, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        for i, j in np.ndindex(acc_LD.shape):
+            ax.text(j, i, f"{acc_LD[i, j]:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(PASSKEY_DEPTHS)), [f"{d:g}" for d in PASSKEY_DEPTHS])
+        ax.set_yticks(range(len(lengths)), [f"{n} ({n / r.train_length:g}x)" for n in lengths])
+        ax.set(xlabel="needle depth", title=r.label)
+    axes[0][0].set_ylabel("row length (tokens)")
+    fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command
 
@@ -461,6 +566,11 @@ def evaluate(
     runs = [(root, run_step, mesh_config(cfg, mesh_overrides)) for root, run_step, cfg in runs]
     labels = _labels(workdirs, rope_scaling)
     kinds = {cfg.data.source if cfg.data.source in SYNTHETIC_SOURCES else "text" for _, _, cfg in runs}
+    if "passkey" in kinds and lengths[0] < PASSKEY_MIN_LEN:
+        raise ConfigError(
+            "--lengths", f"{lengths[0]} is too short for a passkey row ({PASSKEY_MIN_LEN} tokens at least)",
+            "use multiples of the training length, e.g. 128,256,512,1024",
+        )  # fmt: skip
     if len(kinds) > 1:
         raise ConfigError(
             "--compare",
@@ -486,15 +596,27 @@ def evaluate(
         write_csv(paths[0], text_rows(results, lengths, bucket))
         markdown = text_markdown(results, lengths, bucket)
         text_plot(paths[2], results, lengths, bucket)
+    elif kind == "passkey":
+        rows = [batches * cfg.train.global_batch_size for _, _, cfg in runs]
+        bar = tqdm(total=len(lengths) * len(PASSKEY_DEPTHS) * len(runs), unit="cell", disable=not progress,
+                   desc="eval-length passkey")  # fmt: skip
+        for (root, run_step, cfg), label, examples in zip(runs, labels, rows):
+            bar.set_postfix_str(label)
+            acc, loss = eval_passkey(cfg, stats_fn(root, run_step, cfg, devices), lengths, examples, bar)
+            results.append(PasskeyResult(label, run_step, cfg.train.seq_len, examples, acc, loss))
+        bar.close()
+        write_csv(paths[0], passkey_rows(results))
+        markdown = passkey_markdown(results)
+        passkey_plot(paths[2], results)
     else:
         d0 = runs[0][2].data
         span = d0.task_test_max_len - d0.task_train_min_len + 1
         bar = tqdm(total=span * len(runs), unit="len", disable=not progress, desc=f"eval-length {kind}")
         for (root, run_step, cfg), label in zip(runs, labels):
             bar.set_postfix_str(label)
-            run_stats = stats_fn(root, run_step, cfg, devices)
-            counts, em, loss = eval_task(cfg, run_stats, batches * cfg.train.global_batch_size, bar)
-            results.append(TaskResult(label, run_step, kind, cfg.data.task_train_max_len, counts, em, loss))
+            examples = batches * cfg.train.global_batch_size
+            counts, em, loss, acc = eval_task(cfg, stats_fn(root, run_step, cfg, devices), examples, bar)
+            results.append(TaskResult(label, run_step, kind, cfg.data.task_train_max_len, counts, em, loss, acc))
         bar.close()
         write_csv(paths[0], task_rows(results))
         markdown = task_markdown(results)
@@ -510,7 +632,7 @@ def main(args) -> int:
     lengths = parse_lengths(args.lengths)
     out = evaluate([args.workdir, *args.compare], lengths, step=args.step, bucket=args.bucket, batches=args.batches,
                    rope_scaling=rope_scaling, mesh_overrides=getattr(args, "overrides", []))  # fmt: skip
-    if out["kind"] != "text":
+    if out["kind"] not in ("text", "passkey"):
         print(f"(data.source={out['kind']}: evaluated input lengths task_train_min_len..task_test_max_len; "
               "--lengths applies to text runs)")  # fmt: skip
     print(out["markdown"])

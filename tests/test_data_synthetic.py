@@ -83,3 +83,28 @@ def test_exact_match_oracle_and_shifted():
 def test_seq_len_too_short_is_a_config_error():
     with pytest.raises(ConfigError, match="seq_len"):
         make_iterator(task_cfg("copy", seq_len=20), "eval", process_index=0, process_count=1)
+
+
+@pytest.mark.parametrize("task", ["copy", "reverse"])
+def test_packed_rows_hold_whole_correct_examples(task):
+    cfg = task_cfg(task, seq_len=53)
+    cfg.data.task_packed = True
+    batch = next(make_iterator(validate(cfg), process_index=0, process_count=1))
+    again = next(make_iterator(validate(cfg), process_index=0, process_count=1))
+    for k in batch:
+        np.testing.assert_array_equal(batch[k], again[k])  # a pure function of (seed, split, row)
+    examples = 0
+    for r in range(6):
+        seg = batch["segment_ids"][r]
+        used = seg > 0
+        assert used[: used.sum()].all()  # examples first, padding only at the end
+        for s in range(1, seg.max() + 1):
+            at = seg == s
+            x, y = parse(batch["inputs"][r], at.astype(np.int32))
+            assert 1 <= len(x) <= 7 and y == (x if task == "copy" else x[::-1])
+            np.testing.assert_array_equal(batch["positions"][r][at], np.arange(at.sum()))
+            mask = (batch["loss_mask"][r] > 0) & at
+            assert bytes(batch["targets"][r][mask].tolist()).decode() == y  # the answer, nothing else
+            examples += 1
+        assert (batch["loss_mask"][r][~used] == 0).all()
+    assert examples > 2 * 6  # rows of 53 hold several examples of at most 17 tokens

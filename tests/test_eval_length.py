@@ -3,6 +3,7 @@
 import csv
 import shutil
 
+import configs_loader
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from nopejax.data.pipeline import split_indices
 from nopejax.data.sources import JsonlSource
 
 TRAIN_LEN, LENGTHS, BUCKET = 24, (24, 56), 24  # 56 = 2 buckets + a partial third (48-55)
+DEFAULT_ARMS = {("copy", "hybrid"), ("reverse", "local_global"), ("passkey", "nope")}
 
 
 def tiny_cfg(**data_fields):
@@ -134,3 +136,32 @@ def test_copy_task_reports_exact_match_per_input_length(tmp_path):
     module = checkpoint.load_model(workdir)
     want = float(np.mean(np.asarray(data.exact_match(module(batch["inputs"]), batch))))
     assert float(rows[4]["exact_match"]) == pytest.approx(want)
+
+
+# One arm per task in the default run (each a different pattern); the whole matrix under -m slow.
+EXPERIMENTS = [
+    pytest.param(task, pattern, marks=() if (task, pattern) in DEFAULT_ARMS else pytest.mark.slow)
+    for task in ("copy", "reverse", "passkey")
+    for pattern in ("rope", "hybrid", "nope", "local_global")
+]
+
+
+@pytest.mark.parametrize("task,pattern", EXPERIMENTS)
+def test_experiment_config_trains_and_reports_per_length(task, pattern, tmp_path):
+    """30 steps of the real recipe (batch cut to 8 rows), then `eval-length` reports every length."""
+    path = configs_loader.ROOT / "configs" / "experiments" / task / f"{pattern}.py"
+    workdir = str(tmp_path / f"{task}_{pattern}")
+    overrides = ["train.steps=30", "train.global_batch_size=8", "checkpoint.async_save=False"]
+    args = ["train", "--config", str(path), "--workdir", workdir, *(f"--config.{o}" for o in overrides)]
+    assert cli.main(args) == 0
+    lengths = "128,256" if task == "passkey" else "1"  # passkey: row lengths; copy/reverse: the config's 1-40
+    assert cli.main(["eval-length", "--workdir", workdir, "--batches", "1", "--lengths", lengths]) == 0
+    rows = read_csv(f"{workdir}/eval_length/loss_by_position.csv")
+    if task == "passkey":
+        assert [(int(r["length"]), float(r["depth"])) for r in rows] == [
+            (n, d) for n in (128, 256) for d in eval_length.PASSKEY_DEPTHS
+        ]
+        assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)
+    else:
+        assert [int(r["input_length"]) for r in rows] == list(range(1, 41))
+        assert all(0 <= float(r["exact_match"]) <= 1 and 0 <= float(r["token_accuracy"]) <= 1 for r in rows)

@@ -1,10 +1,10 @@
 """Length-generalization experiment, all RoPE: every layer rotates q and k (Llama).
 
 configs/tiny.py with only `model.no_rope_layer_interval = 0` changed; the three experiment
-configs (rope.py, hybrid.py, nope.py) differ in nothing else. Text: train on the offline corpus
-at length 128, then `nopejax eval-length --lengths 128,256,512,1024`. The copy task is the same
-config with overrides (see benchmarks/length_generalization.py, which runs everything):
-`--config.data.source=copy --config.train.seq_len=83`.
+configs (rope.py, hybrid.py, nope.py) differ in nothing else. The text study: train on the
+offline corpus at length 128, then `nopejax eval-length --lengths 128,256,512,1024`
+(benchmarks/length_generalization.py runs it). The synthetic tasks have their own recipes:
+configs/experiments/{copy,reverse,passkey}/.
 """
 
 import os

@@ -47,7 +47,7 @@ from nopejax.data.synthetic import make_task_iterator
 from nopejax.data.tokenizer import make_tokenizer
 
 SPLITS = ("train", "eval")
-SYNTHETIC_SOURCES = ("copy", "reverse", "parity")
+SYNTHETIC_SOURCES = ("copy", "reverse", "parity", "passkey")
 
 
 def split_indices(num_documents: int, eval_fraction: float, split: str) -> np.ndarray:

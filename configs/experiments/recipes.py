@@ -1,0 +1,96 @@
+"""The length-generalization recipes: one model and optimizer per task, four positional patterns.
+
+    copy/{rope,hybrid,nope,local_global}.py      inputs of 1-20 letters, tested on 1-40
+    reverse/{rope,hybrid,nope,local_global}.py   the same, answer reversed
+    passkey/{rope,hybrid,nope,local_global}.py   rows of 128 bytes, tested at 128-1024
+
+An arm file is `recipe(task, pattern)`: the arms of a task differ in nothing but the pattern
+  rope          every layer rotates q and k (Llama)
+  hybrid        NoPE every 4th layer (SmolLM3): RoPE, RoPE, RoPE, NoPE
+  nope          no layer rotates q and k; the causal mask alone carries order
+  local_global  RoPE on sliding-window layers, NoPE on every 4th, global, layer (Command R7B,
+                EXAONE 4): the window (WINDOW) is shorter than the trained rows, so only the
+                global NoPE layer can reach the far part of the input
+
+What was tried (2 CPU cores shared with four other jobs, load 12-38: 2-4 s a step, so few runs):
+- the previous recipe, configs/tiny.py (6 layers x 192, 2.4 M params) at 600 steps x 32, lr 3e-3,
+  reached exact match 0.13-0.32 on lengths 1-20; 200 steps x 32: 0.10. Too few examples seen.
+- 4 layers x 128 (d_ff 512), 64 x 43-token rows, lr 1e-3: loss 2.1 at step 130 (stopped: slow).
+- this recipe, 4 layers x 64, batch 64, lr 3e-3, 5% warmup: answer loss (ln 26 = 3.3 is guessing)
+  copy/rope 0.02 by step 500, copy/nope 0.2 by step 750, reverse/rope 0.1 by step 575. Stopped at
+  798 / 851 / 624 steps (before the lr decay): exact match on 1-20 0.951 / 0.777 / 0.815.
+- data.num_shards = 1: a grain shard per row (64) cost 0.26 s per batch, more than the step.
+Not tried (no CPU left): lr 1e-2, packed rows (data.task_packed), a larger alphabet, more seeds,
+the hybrid / local_global arms and passkey to the end. 1500 steps is a guess from these curves.
+"""
+
+import copy
+
+from nopejax.config import ConfigDict, base_config
+
+PATTERNS = ("rope", "hybrid", "nope", "local_global")
+TASKS = ("copy", "reverse", "passkey")
+WINDOW = {"copy": 8, "reverse": 8, "passkey": 16}
+
+
+def model_config(cfg: ConfigDict) -> ConfigDict:
+    """The shared shape: 4 layers so that 'NoPE every 4th layer' has one NoPE layer."""
+    m = cfg.model
+    m.vocab_size = 384  # 256 bytes + specials, padded to a multiple of 128
+    m.d_model = 64
+    m.num_layers = 4
+    m.num_heads = 4
+    m.num_kv_heads = 2
+    m.head_dim = 16
+    m.d_ff = 256
+    m.dtype = "float32"  # CPUs have no fast bf16 matmul
+    m.scan_layers = False  # 4 layers compile fast unrolled, and run faster on CPU
+    return cfg
+
+
+def set_pattern(cfg: ConfigDict, pattern: str, window: int) -> ConfigDict:
+    m = cfg.model
+    if pattern == "rope":
+        m.no_rope_layer_interval = 0
+    elif pattern == "hybrid":
+        m.no_rope_layer_interval = 4
+    elif pattern == "nope":
+        m.no_rope_layer_interval = 1
+    elif pattern == "local_global":
+        m.no_rope_layer_interval = 4  # layers 3, 7, ... NoPE ...
+        m.global_attention_interval = 4  # ... and global; the others see `window` keys
+        m.sliding_window = window
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}; use one of {PATTERNS}")
+    return cfg
+
+
+def recipe(task: str, pattern: str) -> ConfigDict:
+    cfg = model_config(base_config())
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    d.source = task
+    d.num_shards = 1  # one example stream: a shard per row costs more in grain threads than the step
+    t.eval_every = 0  # eval-length tests afterwards, on longer rows than training uses
+    t.sample_every = 0
+    t.log_every = 25
+    cfg.checkpoint.every_steps = 0  # one checkpoint, at the end
+    cfg.checkpoint.keep = 1
+    o.schedule = "wsd"
+    o.warmup_steps = 0.05
+    o.decay_steps = 0.2
+    o.weight_decay = 0.1
+    if task in ("copy", "reverse"):
+        d.task_train_min_len, d.task_train_max_len = 1, 20
+        d.task_test_min_len, d.task_test_max_len = 21, 40
+        t.seq_len = 43  # 20 + 20 + BOS, '=', EOS: the longest training example
+        t.global_batch_size = 64
+        t.steps = 1500
+        o.lr = 3e-3
+    elif task == "passkey":
+        t.seq_len = 128
+        t.global_batch_size = 32
+        t.steps = 600
+        o.lr = 3e-3
+    else:
+        raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
+    return set_pattern(copy.deepcopy(cfg), pattern, WINDOW[task])

@@ -1,0 +1,13 @@
+"""Reverse task (inputs of 1-20 letters, tested on 1-40), RoPE on sliding-window layers,
+NoPE on every 4th, global, layer.
+
+The recipe shared by the four arms, and what was tried: configs/experiments/recipes.py.
+"""
+
+import os
+import runpy
+
+
+def get_config():
+    recipes = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "recipes.py"))
+    return recipes["recipe"]("reverse", "local_global")

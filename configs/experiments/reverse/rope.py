@@ -1,0 +1,12 @@
+"""Reverse task (inputs of 1-20 letters, tested on 1-40), all RoPE: every layer rotates q and k (Llama).
+
+The recipe shared by the four arms, and what was tried: configs/experiments/recipes.py.
+"""
+
+import os
+import runpy
+
+
+def get_config():
+    recipes = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "recipes.py"))
+    return recipes["recipe"]("reverse", "rope")

@@ -198,6 +198,8 @@ def test_damaged_newest_checkpoint_is_retrained_exactly(tmp_path, uninterrupted_
         (dict(no_rope_layer_interval=2), "model.no_rope_layers"),
         (dict(attention_bias=True), "model.attention_bias"),
         (dict(qk_norm="rms"), "model.qk_norm"),
+        (dict(block="post_norm"), "model.block"),
+        (dict(norm="layernorm"), "model.norm"),
     ],
 )
 def test_restore_into_an_incompatible_model_names_the_field(tmp_path, change, field):

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nopejax import checkpoint, config, data, hf, model, sharding, train
+from nopejax import checkpoint, config, context, data, hf, model, sharding, train
 from nopejax.config import ConfigDict, ConfigError
 from nopejax.data.pipeline import SYNTHETIC_SOURCES
 from nopejax.data.synthetic import PASSKEY_MIN_LEN, TaskExample, answer_length
@@ -174,15 +174,21 @@ class Stats:
     shards: int  # devices the batch rows are spread over: B is padded to a multiple
 
     def __call__(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
-        B = len(batch["inputs"])
+        B, S = batch["inputs"].shape
+        C = sharding.context_size(self.mesh)
+        if S % (2 * C):
+            raise ConfigError(
+                "--lengths", f"{S} is not divisible by 2 x context = {2 * C} (the mesh splits each row in zig-zag "
+                "chunks)", f"use lengths that are multiples of {2 * C}, or --config.mesh.context=1",
+            )  # fmt: skip
         pad = -B % self.shards  # rows copied from row 0, computed and dropped
-        placed = {
-            k: jax.device_put(np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) if pad else v, self.batch_sharding)
-            for k, v in batch.items()
-        }
+        # under context parallelism rows go in zig-zag order, as in training (nopejax/context.py)
+        rows = context.reorder({k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in batch.items()}, C)
+        placed = {k: jax.device_put(v, self.batch_sharding) for k, v in rows.items()}
         with jax.set_mesh(self.mesh):
             loss_BS, correct_BS = self.fn(placed)
-        return np.asarray(loss_BS)[:B], np.asarray(correct_BS)[:B]
+        out = context.restore({"loss": np.asarray(loss_BS), "correct": np.asarray(correct_BS)}, C)
+        return out["loss"][:B], out["correct"][:B]
 
 
 def stats_fn(root: str, step: int, cfg: ConfigDict, devices=None) -> Stats:

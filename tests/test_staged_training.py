@@ -227,7 +227,9 @@ def test_eval_length_on_a_sharded_mesh_equals_one_device(stage1, tmp_path):
     lengths = [40]  # past the training length, windows 0..39
     one = eval_length.evaluate([stage1], lengths, batches=1, progress=False, devices=jax.devices()[:1],
                                out_dir=str(tmp_path / "one"))["results"][0]  # fmt: skip
-    for mesh in (["mesh.data=1", "mesh.fsdp=8"], ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]):
+    meshes = (["mesh.data=1", "mesh.fsdp=8"], ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+              ["mesh.data=2", "mesh.context=4"])  # the last: each row in zig-zag chunks over 4 devices # fmt: skip
+    for mesh in meshes:
         sharded = eval_length.evaluate([stage1], lengths, batches=1, progress=False, mesh_overrides=mesh,
                                        out_dir=str(tmp_path / "sharded"))["results"][0]  # fmt: skip
         for length in lengths:
@@ -245,6 +247,9 @@ def test_eval_length_on_a_sharded_mesh_equals_one_device(stage1, tmp_path):
     with pytest.raises(ConfigError) as err:
         eval_length.evaluate([stage1], lengths, progress=False, mesh_overrides=["train.seq_len=8"])
     assert err.value.field == "train.seq_len"
+    with pytest.raises(ConfigError) as err:  # a window the zig-zag cannot cut in 2 x context chunks
+        eval_length.evaluate([stage1], [36], progress=False, mesh_overrides=["mesh.data=2", "mesh.context=4"])
+    assert err.value.field == "--lengths"
 
 
 def test_staged_configs_validate():

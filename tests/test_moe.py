@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import nopejax
 from nopejax import checkpoint, config, model, moe, train
 from nopejax.config import ConfigError
 from tests.test_train import random_batches, run_steps
@@ -316,3 +317,16 @@ def test_expert_axis_must_divide_experts_and_needs_experts():
     dense.model.num_experts = 0
     with pytest.raises(ConfigError, match=r"mesh\.expert"):
         config.validate(dense)
+
+
+def test_kv_cache_decoding_of_an_moe_model_equals_full_recomputation():
+    """nopejax.generate reads the dense-FFN and MoE stacks by their own layer index (scanned runs)."""
+    cfg = small_moe_cfg()
+    cfg.model.update(num_layers=4, scan_layers=True, init_std=0.2, num_shared_experts=0, router="softmax")
+    module = model.create(cfg.model, seed=3)
+    prompt = np.array([5, 17, 200, 33, 9, 120, 7], np.int32)
+    ids, logits = nopejax.generate(module, prompt, max_new_tokens=6, return_logits=True)
+    full = np.asarray(module(jnp.asarray(np.concatenate([prompt, ids])[None])))[0]
+    expected = full[len(prompt) - 1 : -1]
+    np.testing.assert_allclose(logits, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+    np.testing.assert_array_equal(ids, expected.argmax(-1))

@@ -142,6 +142,17 @@ def spread(xs: list[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(np.mean(xs))} [{fmt.format(min(xs))}-{fmt.format(max(xs))}]"
 
 
+def arm_rows(runs: list[dict]):
+    """Per arm with runs: (pattern, its runs, those that learned, its first table cells: arm,
+    seeds learned, in-distribution score over all seeds)."""
+    for pattern in PATTERNS:
+        mine = [r for r in runs if r["pattern"] == pattern]
+        if mine:
+            ok = [r for r in mine if r["in_distribution"] >= LEARNED]
+            cells = [LABELS[pattern], f"{len(ok)} of {len(mine)}", spread([r["in_distribution"] for r in mine])]
+            yield pattern, mine, ok, cells
+
+
 def task_section(task: str, runs: list[dict], docs: str) -> list[str]:
     """Summary table, per-run table and plot for copy / reverse."""
     lines = [
@@ -154,12 +165,7 @@ def task_section(task: str, runs: list[dict], docs: str) -> list[str]:
         "| arm | seeds learned | exact match, 1-20 (trained) | 21-25 | 26-40 | token accuracy, 21-40 |",
         "|---|---|---|---|---|---|",
     ]
-    for pattern in PATTERNS:
-        mine = [r for r in runs if r["pattern"] == pattern]
-        if not mine:
-            continue
-        ok = [r for r in mine if r["in_distribution"] >= LEARNED]
-        cells = [LABELS[pattern], f"{len(ok)} of {len(mine)}", spread([r["in_distribution"] for r in mine])]
+    for _, _, ok, cells in arm_rows(runs):
         if ok:
             cells += [spread([band(r["exact_match"], lo, hi) for r in ok]) for lo, hi in [(21, 25), (26, 40)]]
             cells.append(spread([band(r["token_accuracy"], 21, 40) for r in ok]))
@@ -205,12 +211,7 @@ def passkey_section(runs: list[dict], docs: str) -> list[str]:
         "|---|---|" + "---|" * len(PASSKEY_LENGTHS),
     ]
     grids = {}
-    for pattern in PATTERNS:
-        mine = [r for r in runs if r["pattern"] == pattern]
-        if not mine:
-            continue
-        ok = [r for r in mine if r["in_distribution"] >= LEARNED]
-        cells = [LABELS[pattern], f"{len(ok)} of {len(mine)}", spread([r["in_distribution"] for r in mine])]
+    for pattern, mine, ok, cells in arm_rows(runs):
         for n in PASSKEY_LENGTHS[1:]:
             cells.append(spread([np.mean([a for m, _, a in r["accuracy"] if m == n]) for r in ok]) if ok else "n/m")
         lines.append("| " + " | ".join(cells) + " |")

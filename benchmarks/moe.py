@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+import plain_jax  # benchmarks/, the script's own folder
 from configs_loader import load
 
 from nopejax import config, model, train
@@ -41,16 +42,7 @@ def plain_step_fn(cfg):
     H, K, E, k = m.num_heads, m.num_kv_heads, m.head_dim, m.experts_per_token
     rope_layers = [(i + 1) % m.no_rope_layer_interval != 0 for i in range(m.num_layers)]
     moe_layers = [i >= m.num_dense_layers for i in range(m.num_layers)]
-    inv = 1.0 / (m.rope_theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))
-
-    def norm(x, w):
-        return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + m.rms_norm_eps) * w
-
-    def rope(x, pos):
-        ang = pos[..., None] * inv
-        cos, sin = jnp.cos(jnp.concatenate([ang, ang], -1)), jnp.sin(jnp.concatenate([ang, ang], -1))
-        x1, x2 = jnp.split(x, 2, -1)
-        return x * cos[:, :, None] + jnp.concatenate([-x2, x1], -1) * sin[:, :, None]
+    norm, rope = plain_jax.rms_norm_fn(m), plain_jax.rope_fn(m)
 
     def swiglu(h, g, u, d):
         return (jax.nn.silu(h @ g) * (h @ u)) @ d

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import nopejax
-from nopejax import checkpoint, config, model, moe, train
+from nopejax import checkpoint, config, context, model, moe, train
 from nopejax.config import ConfigError
 from tests.test_train import random_batches, run_steps
 
@@ -223,6 +223,18 @@ def test_expert_parallel_losses_equal_one_device(mesh, one_device_moe):
     assert losses[-1] < losses[0]
     gate = state["params"]["layers"]["expert_gate"]  # [layers, expert, embed, expert_mlp]
     assert gate.sharding.spec[1] == "expert"
+    np.testing.assert_allclose(
+        state["params"]["layers"]["expert_bias"], one_device_moe[1]["params"]["layers"]["expert_bias"], atol=1e-6
+    )
+
+
+def test_expert_parallel_composes_with_context_parallelism(one_device_moe):
+    """expert 2 x context 2 x data 2: rows in zig-zag order (as train.to_device_batch puts them), the
+    experts' all-gather over the expert axis sees sequence shards; losses equal one device."""
+    cfg = small_moe_cfg(expert=2, context=2, data=2)
+    batches = [context.reorder(b, 2) for b in random_batches(cfg, 5)]
+    losses, state = run_steps(cfg, batches, jax.devices())
+    np.testing.assert_allclose(losses, one_device_moe[0], rtol=1e-4)
     np.testing.assert_allclose(
         state["params"]["layers"]["expert_bias"], one_device_moe[1]["params"]["layers"]["expert_bias"], atol=1e-6
     )

@@ -39,10 +39,10 @@ from nopejax import config, model, train
 
 def plain_step_fn(cfg):
     m = cfg.model
-    H, K, E, k = m.num_heads, m.num_kv_heads, m.head_dim, m.experts_per_token
+    k = m.experts_per_token
     rope_layers = [(i + 1) % m.no_rope_layer_interval != 0 for i in range(m.num_layers)]
     moe_layers = [i >= m.num_dense_layers for i in range(m.num_layers)]
-    norm, rope = plain_jax.rms_norm_fn(m), plain_jax.rope_fn(m)
+    norm, attention = plain_jax.rms_norm_fn(m), plain_jax.attention_fn(m)
 
     def swiglu(h, g, u, d):
         return (jax.nn.silu(h @ g) * (h @ u)) @ d
@@ -69,7 +69,7 @@ def plain_step_fn(cfg):
 
     def loss_fn(p, b):
         x = p["embed"][b["inputs"]]
-        B, S, _ = x.shape
+        S = x.shape[1]
         seg = b["segment_ids"]
         mask = jnp.tril(jnp.ones((S, S), bool))[None] & (seg[:, :, None] == seg[:, None, :])
         loads, balances = [], []
@@ -78,15 +78,7 @@ def plain_step_fn(cfg):
             L = {n: v[i] for n, v in p["layers"].items() if model.param_group(n) == "all"}
             group = "moe" if is_moe else "dense"
             L.update({n: v[j] for n, v in p["layers"].items() if model.param_group(n) == group})
-            h = norm(x, L["attn_norm"])
-            q, kk, v = (jnp.einsum("bsd,dhe->bshe", h, L[w]) for w in ("wq", "wk", "wv"))
-            if use_rope:
-                q, kk = rope(q, b["positions"]), rope(kk, b["positions"])
-            q = q.reshape(B, S, K, H // K, E)
-            s = jnp.einsum("bskge,btke->bkgst", q, kk) * E**-0.5
-            s = jnp.where(mask[:, None, None], s, -1e30)
-            o = jnp.einsum("bkgst,btke->bskge", jax.nn.softmax(s, -1), v).reshape(B, S, H, E)
-            x = x + jnp.einsum("bshe,hed->bsd", o, L["wo"])
+            x = x + attention(norm(x, L["attn_norm"]), L, mask, b["positions"], use_rope)
             h = norm(x, L["mlp_norm"])
             if is_moe:
                 y, load, balance = moe(h, L)

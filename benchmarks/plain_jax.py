@@ -29,3 +29,23 @@ def rope_fn(m):
         return x * cos[:, :, None] + jnp.concatenate([-x2, x1], -1) * sin[:, :, None]
 
     return rope
+
+
+def attention_fn(m):
+    """h [B, S, D] (normed), one layer's params, mask [B, S, S], positions [B, S], RoPE or not ->
+    the attention sublayer's output [B, S, D]: GQA, dense scores, softmax over the mask."""
+    H, K, E = m.num_heads, m.num_kv_heads, m.head_dim
+    rope = rope_fn(m)
+
+    def attention(h, L, mask, positions, use_rope):
+        B, S = h.shape[:2]
+        q, k, v = (jnp.einsum("bsd,dhe->bshe", h, L[w]) for w in ("wq", "wk", "wv"))
+        if use_rope:
+            q, k = rope(q, positions), rope(k, positions)
+        q = q.reshape(B, S, K, H // K, E)
+        s = jnp.einsum("bskge,btke->bkgst", q, k) * E**-0.5
+        s = jnp.where(mask[:, None, None], s, -1e30)
+        o = jnp.einsum("bkgst,btke->bskge", jax.nn.softmax(s, -1), v).reshape(B, S, H, E)
+        return jnp.einsum("bshe,hed->bsd", o, L["wo"])
+
+    return attention

@@ -31,26 +31,17 @@ from nopejax import config, train
 
 def plain_step_fn(cfg):
     m = cfg.model
-    H, K, E = m.num_heads, m.num_kv_heads, m.head_dim
     pattern = [(i + 1) % m.no_rope_layer_interval != 0 for i in range(m.num_layers)]
-    norm, rope = plain_jax.rms_norm_fn(m), plain_jax.rope_fn(m)
+    norm, attention = plain_jax.rms_norm_fn(m), plain_jax.attention_fn(m)
 
     def loss_fn(p, b):
         x = p["embed"][b["inputs"]]
-        B, S, _ = x.shape
+        S = x.shape[1]
         seg = b["segment_ids"]
         mask = jnp.tril(jnp.ones((S, S), bool))[None] & (seg[:, :, None] == seg[:, None, :])
         for i, use_rope in enumerate(pattern):
             L = {k: v[i] for k, v in p["layers"].items()}
-            h = norm(x, L["attn_norm"])
-            q, k, v = (jnp.einsum("bsd,dhe->bshe", h, L[w]) for w in ("wq", "wk", "wv"))
-            if use_rope:
-                q, k = rope(q, b["positions"]), rope(k, b["positions"])
-            q = q.reshape(B, S, K, H // K, E)
-            s = jnp.einsum("bskge,btke->bkgst", q, k) * E**-0.5
-            s = jnp.where(mask[:, None, None], s, -1e30)
-            o = jnp.einsum("bkgst,btke->bskge", jax.nn.softmax(s, -1), v).reshape(B, S, H, E)
-            x = x + jnp.einsum("bshe,hed->bsd", o, L["wo"])
+            x = x + attention(norm(x, L["attn_norm"]), L, mask, b["positions"], use_rope)
             h = norm(x, L["mlp_norm"])
             x = x + (jax.nn.silu(h @ L["w_gate"]) * (h @ L["w_up"])) @ L["w_down"]
         logits = norm(x, p["final_norm"]) @ p["embed"].T

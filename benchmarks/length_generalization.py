@@ -19,7 +19,9 @@ numbers of a run that did not are marked as not meaningful. Tables give the mean
 over seeds. Writes `--docs`/length_generalization.md and length_generalization_*.png, after
 every finished run (so a study stopped early still reports what finished). Runs live in
 `--runs-dir`; a finished run is reused (its result.json), so a rerun only adds what is missing.
-`--jobs 2` trains two runs at once (one per CPU core).
+`--jobs 2` trains two runs at once, each process pinned to its own CPU core: pinned, XLA sizes
+its thread pool to that one core, so a run never waits on a pool thread that another process
+holds.
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ def run_config(task: str, pattern: str, seed: int, quick: bool):
         overrides.update({"train.steps": 30, "train.eval_every": 0, "checkpoint.every_steps": 0})
     cfg = config.load_config(path)
     return config.validate(config.apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()]))
+
+
+def pin_to_core(slots) -> None:
+    """Pool initializer: take the next free core and run on it alone (before JAX starts)."""
+    cores = sorted(os.sched_getaffinity(0))
+    with slots.get_lock():
+        slot, slots.value = slots.value, slots.value + 1
+    os.sched_setaffinity(0, {cores[slot % len(cores)]})
 
 
 def run_one(task: str, pattern: str, seed: int, runs_dir: str, quick: bool, batches: int, minutes: float) -> dict:
@@ -376,7 +386,9 @@ def main() -> int:
     t_start = time.perf_counter()
     results = []
     # spawn: each run in a fresh process with its own JAX runtime
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    pinning = {"initializer": pin_to_core, "initargs": (context.Value("i", 0),)} if args.jobs > 1 else {}
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, **pinning) as pool:
         settings = (args.runs_dir, args.quick, args.batches, args.max_train_minutes)
         futures = {pool.submit(run_one, *job, *settings): job for job in jobs}
         for future in concurrent.futures.as_completed(futures):

@@ -12,6 +12,7 @@ for the largest compiled program, `memory_analysis()` summed as the nopejax dry 
 
 import collections
 import json
+import os
 import runpy
 import sys
 
@@ -62,7 +63,11 @@ def report(module: str) -> dict:
         out["step_backend_compile_s"] = round(seconds, 2)
         out["memory_per_device_gib"] = memory_gib(biggest)
         # per chip and step: what the collectives of the step's program move (hlo_collectives.py)
-        out["collective_gib"] = summary_gib(collective_bytes(biggest.as_text()))
+        hlo = biggest.as_text()
+        out["collective_gib"] = summary_gib(collective_bytes(hlo))
+        if os.environ.get("COMPILE_TIMER_HLO"):  # keep the step's compiled HLO for a closer look
+            with open(os.environ["COMPILE_TIMER_HLO"], "w") as f:
+                f.write(hlo)
     return out
 
 

@@ -22,7 +22,9 @@ KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all
 OPCODE = re.compile(r"\s(" + "|".join(sorted(KINDS, key=len, reverse=True)) + r")(-start)?\(")
 SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
 COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-CALLEE = re.compile(r"\b(body|condition|calls|to_apply|branch_computations)=\{?([%\w.\-, ]+)\}?")
+CALLEE = re.compile(r"\b(body|condition|calls|to_apply)=%?([\w.\-]+)|\b(branch|called)_computations=\{([^}]*)\}")
+DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s[a-z][\w\-]*\(")
+OPERAND = re.compile(r"%([\w.\-]+)")
 TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
@@ -76,21 +78,24 @@ def collective_bytes(hlo_text: str) -> dict:
     for name, lines in computations.items():
         for line in lines:
             trip = TRIP.search(line)
-            for role, callees in CALLEE.findall(line):
+            for role, single, _, listed in CALLEE.findall(line):
                 factor = int(trip.group(1)) if trip and role in ("body", "condition") else 1
-                for callee in callees.replace("%", "").replace(" ", "").split(","):
+                for callee in [single] if single else listed.replace("%", "").replace(" ", "").split(","):
                     if callee in computations:
                         edges[name].append((callee, factor))
     runs = _runs(entry, edges)
 
     out = {}
     for name, lines in computations.items():
+        # compiled HLO names operands without their shapes: look them up where they are defined
+        shapes = {d.group(1): d.group(2) for d in map(DEFINITION.match, lines) if d}
         for line in lines:
             op = OPCODE.search(line)
             if not op or runs[name] == 0:
                 continue
             kind = op.group(1)
-            operand = _bytes(_operands(line, op.end() - 1))
+            operands = _operands(line, op.end() - 1)
+            operand = sum(_bytes(shapes.get(ref, "")) for ref in OPERAND.findall(operands)) or _bytes(operands)
             n = _group_size(line)
             moved = {
                 "all-gather": operand * (n - 1),

@@ -196,13 +196,17 @@ def layer_on_mesh(p, h_BSD, r_BSD, m, mesh_sizes=None):
 
 @pytest.mark.parametrize(
     ("mesh", "capacity_factor"),
-    [(dict(expert=4, data=2), 1.0), (dict(fsdp=2, expert=2, tensor=2), 0.0), (dict(expert=2, context=2, tensor=2), 0)],
+    [
+        (dict(expert=4, data=2), 1.0),
+        (dict(fsdp=2, expert=2, tensor=2), 0.0),
+        (dict(expert=2, context=2, tensor=2), 0.0),
+    ],
     ids=["expert4_data2_capacity", "fsdp2_expert2_tensor2_dropless", "expert2_context2_tensor2_dropless"],
 )
 def test_all_to_all_dispatch_equals_allgather_and_one_device(mesh, capacity_factor):
     """Forward and gradients, for a random router and one where every token picks experts 0 and 1
     (all on the expert group's first device: its buffer is full, the dropless worst case; in
-    capacity mode the bound rows * Y * capacity is reached). Capacity 1.0 gives each expert 2 of a
+    capacity mode the buffers hold rows * Y * capacity tokens). Capacity 1.0 gives each expert 2 of a
     row's 12 assignments, so on expert 4 x data 2 the all-to-all buffers (1 row * 2 experts * 2 slots)
     are below the 6 local tokens."""
     m = moe_cfg(d_model=14, num_experts=8, expert_d_ff=10, num_shared_experts=1, router="sigmoid")

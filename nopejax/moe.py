@@ -24,8 +24,13 @@ group, runs its Y = X / expert local experts on the assignments that chose them,
 reduce-scatter sums the partial outputs and returns each device its own tokens (Megatron's
 "allgather" token dispatcher). It is dropless without a ragged all-to-all and works on every
 backend. Each device receives (expert - 1) * T_local * D values per layer and sends as many back,
-where a (ragged) all-to-all moves about k * T_local * D * (expert - 1) / expert: the same order
-for k near the expert-axis size, more for a wide axis and small k. FSDP shards of the expert
+where a ragged all-to-all would move about k * T_local * D * (expert - 1) / expert: the same order
+for k near the expert-axis size, less for a wide axis and small k. `model.moe_dispatch =
+"all_to_all"` (`_all_to_all_experts`) sends each token only to the devices owning its experts,
+through `jax.lax.all_to_all` with fixed buffers (XLA:CPU has no ragged all-to-all, so a ragged one
+could not be tested here): sized for the worst case when dropless, which moves as many bytes as
+the all-gather, and by the capacity bound in capacity mode, which moves fewer when
+capacity_factor * k / expert < 1 / context. FSDP shards of the expert
 weights are gathered inside, tensor-parallel expert widths are summed with a psum; which mesh
 axes those are comes from the one logical-axis table (sharding.py).
 

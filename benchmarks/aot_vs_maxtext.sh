@@ -52,7 +52,9 @@ export ALLOW_MULTIPLE_LIBTPU_LOAD=1
 versions() { "$1" -c "import importlib.metadata as m, jax; print(jax.__version__, m.version('libtpu'))"; }
 NOPEJAX_V="$(versions "$NOPEJAX_PY")"
 MAXTEXT_V="$(versions "$MAXTEXT_PY")"
-echo "seq_len $SEQ_LEN, context $CONTEXT, nopejax config $NOPEJAX_CONFIG; moe $MOE (layers $LAYERS, dispatch $DISPATCH); jax, libtpu: nopejax venv $NOPEJAX_V; maxtext venv $MAXTEXT_V; load $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
+SHOWN_CONFIG="$NOPEJAX_CONFIG"
+if [[ "$MOE" == 1 ]]; then SHOWN_CONFIG="configs/trinity_mini.py ($LAYERS layers, dispatch $DISPATCH) vs MaxText qwen3-30b-a3b"; fi
+echo "seq_len $SEQ_LEN, context $CONTEXT, nopejax config $SHOWN_CONFIG; jax, libtpu: nopejax venv $NOPEJAX_V; maxtext venv $MAXTEXT_V; load $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
 if [[ "$NOPEJAX_V" != "$MAXTEXT_V" ]]; then
   echo "the two venvs must have the same jax and libtpu" >&2
   exit 1

@@ -49,6 +49,13 @@ def _operands(line: str, start: int) -> str:
 
 
 def _group_size(line: str) -> int:
+    named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if named:  # mesh['data'=1,'expert'=8,...] {'expert'}: the product of the listed axes
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", named.group(1)))
+        n = 1
+        for axis in re.findall(r"'([^']+)'", named.group(2)):
+            n *= int(sizes[axis])
+        return n
     iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
     if iota:
         return int(iota.group(2))

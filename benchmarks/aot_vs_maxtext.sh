@@ -10,6 +10,18 @@
 #   CONTEXT=4 SEQ_LEN=32768 benchmarks/aot_vs_maxtext.sh 1
 #   CONTEXT=4 SEQ_LEN=32768 TOOLS=nopejax NOPEJAX_CONFIG=configs/local_global_3b.py benchmarks/aot_vs_maxtext.sh 1
 #
+# Mixture of experts (MOE=1): Arcee Trinity Mini's shape (configs/trinity_mini.py: 128 experts of
+# 1024, top 8 sigmoid + 1 shared, 2 dense first layers; expert 8 x fsdp 2, 4 rows of 4096 per chip)
+# beside MaxText's closest MoE config, qwen3-30b-a3b (the same attention: d 2048, 32 query / 4 KV
+# heads of 128, QK-norm; 128 experts top 8), its expert width set to Trinity's 1024 and its vocab
+# to 200192, ici_expert_parallelism=8, per_device_batch_size=4. MaxText's qwen3_moe block has no
+# shared expert, no dense first layers and no sliding window, so it has 1 shared expert less per
+# layer. LAYERS (default 4) reduces both depths so the compile fits a small CPU; nopejax keeps
+# 1 dense first layer, MaxText none. DISPATCH picks nopejax's model.moe_dispatch.
+#
+#   MOE=1 benchmarks/aot_vs_maxtext.sh 1
+#   MOE=1 LAYERS=4 DISPATCH=all_to_all TOOLS=nopejax benchmarks/aot_vs_maxtext.sh 1
+#
 # Two Python 3.12 venvs with the same jax[tpu] (and so the same libtpu):
 #   NOPEJAX_PY  (default /work/venv312/bin/python):      pip install -e '.[tpu]' 'jax[tpu]==0.12.0.1'
 #   MAXTEXT_PY  (default /work/venv_maxtext/bin/python): pip install 'maxtext[tpu]==0.2.5'; pip install 'jax[tpu]==0.12.0.1'
@@ -29,6 +41,9 @@ SEQ_LEN="${SEQ_LEN:-4096}"
 CONTEXT="${CONTEXT:-1}"
 NOPEJAX_CONFIG="${NOPEJAX_CONFIG:-configs/smollm3_3b.py}"
 TOOLS="${TOOLS:-nopejax maxtext}"
+MOE="${MOE:-0}"
+LAYERS="${LAYERS:-4}"
+DISPATCH="${DISPATCH:-allgather}"
 TIMER="$ROOT/benchmarks/compile_timer.py"
 LOG="$(mktemp -d)"
 # both tools only compile (no TPU is attached); let libtpu load while another process holds its lockfile
@@ -37,7 +52,9 @@ export ALLOW_MULTIPLE_LIBTPU_LOAD=1
 versions() { "$1" -c "import importlib.metadata as m, jax; print(jax.__version__, m.version('libtpu'))"; }
 NOPEJAX_V="$(versions "$NOPEJAX_PY")"
 MAXTEXT_V="$(versions "$MAXTEXT_PY")"
-echo "seq_len $SEQ_LEN, context $CONTEXT, nopejax config $NOPEJAX_CONFIG; jax, libtpu: nopejax venv $NOPEJAX_V; maxtext venv $MAXTEXT_V; load $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
+SHOWN_CONFIG="$NOPEJAX_CONFIG"
+if [[ "$MOE" == 1 ]]; then SHOWN_CONFIG="configs/trinity_mini.py ($LAYERS layers, dispatch $DISPATCH) vs MaxText qwen3-30b-a3b"; fi
+echo "seq_len $SEQ_LEN, context $CONTEXT, nopejax config $SHOWN_CONFIG; jax, libtpu: nopejax venv $NOPEJAX_V; maxtext venv $MAXTEXT_V; load $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
 if [[ "$NOPEJAX_V" != "$MAXTEXT_V" ]]; then
   echo "the two venvs must have the same jax and libtpu" >&2
   exit 1
@@ -45,6 +62,12 @@ fi
 MAXTEXT_DIR="$("$MAXTEXT_PY" -c "import maxtext, os; print(os.path.dirname(maxtext.__file__))")"
 
 run_nopejax() {
+  if [[ "$MOE" == 1 ]]; then
+    PYTHONPATH="$ROOT" "$NOPEJAX_PY" "$TIMER" nopejax.cli train --config "$ROOT/configs/trinity_mini.py" \
+      --dry-run --topology v5p:2x2x4 --config.model.num_layers="$LAYERS" --config.model.num_dense_layers=1 \
+      --config.model.moe_dispatch="$DISPATCH"
+    return
+  fi
   PYTHONPATH="$ROOT" "$NOPEJAX_PY" "$TIMER" nopejax.cli train --config "$ROOT/$NOPEJAX_CONFIG" \
     --dry-run --topology v5p:2x2x4 --config.train.seq_len="$SEQ_LEN" --config.mesh.context="$CONTEXT"
 }
@@ -54,6 +77,16 @@ maxtext_context() {  # nothing extra at CONTEXT=1, so the default run stays what
 }
 
 run_maxtext() {
+  if [[ "$MOE" == 1 ]]; then
+    "$MAXTEXT_PY" "$TIMER" maxtext.trainers.pre_train.train_compile "$MAXTEXT_DIR/configs/base.yml" \
+      compile_topology=v5p-16 compile_topology_num_slices=1 run_name=aot_vs_nopejax_moe \
+      model_name=qwen3-30b-a3b override_model_config=true base_num_decoder_layers="$LAYERS" \
+      base_moe_mlp_dim=1024 vocab_size=200192 logits_via_embedding=false \
+      max_target_length=4096 per_device_batch_size=4 remat_policy=full scan_layers=true \
+      dtype=bfloat16 weight_dtype=float32 ici_expert_parallelism=8 ici_fsdp_parallelism=-1 \
+      enable_dropout=false dataset_type=synthetic enable_checkpointing=false
+    return
+  fi
   "$MAXTEXT_PY" "$TIMER" maxtext.trainers.pre_train.train_compile "$MAXTEXT_DIR/configs/base.yml" \
     compile_topology=v5p-16 compile_topology_num_slices=1 run_name=aot_vs_nopejax \
     decoder_block=llama2 base_emb_dim=2048 base_num_query_heads=16 base_num_kv_heads=4 base_mlp_dim=11008 \
@@ -85,12 +118,14 @@ rows = {t: [json.loads(line) for line in open(f"{log}/{t}.jsonl")] for t in ("no
 keys = ("trace_s", "lower_s", "backend_compile_s", "memory_per_device_gib")
 med = {t: {k: statistics.median(r[k] for r in rows[t]) for k in keys} for t in rows}
 print(f"\nmedian of {len(next(iter(rows.values())))} alternated runs each (seconds are JAX's monitoring events, summed):")
-print("| tool | trace (s) | lower (s) | backend compile (s) | trace+lower+compile (s) | memory per chip (GiB) |")
-print("|---|---|---|---|---|---|")
+coll = {t: statistics.median(r.get("collective_gib", {}).get("total", float("nan")) for r in rows[t]) for t in rows}
+print("| tool | trace (s) | lower (s) | backend compile (s) | trace+lower+compile (s) | memory per chip (GiB) "
+      "| collectives per chip and step (GiB) |")
+print("|---|---|---|---|---|---|---|")
 for t, m in med.items():
     total = m["trace_s"] + m["lower_s"] + m["backend_compile_s"]
     print(f"| {t} | {m['trace_s']:.1f} | {m['lower_s']:.1f} | {m['backend_compile_s']:.1f} | {total:.1f} "
-          f"| {m['memory_per_device_gib']:.2f} |")
+          f"| {m['memory_per_device_gib']:.2f} | {coll[t]:.2f} |")
 if len(med) < 2:
     sys.exit(0)
 n, x = med["nopejax"], med["maxtext"]

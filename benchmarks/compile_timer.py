@@ -6,16 +6,19 @@
 Used by benchmarks/aot_vs_maxtext.sh so that nopejax and MaxText are measured by one instrument:
 JAX's own `jax.monitoring` duration events (tracing, lowering to MLIR, XLA backend compile) and,
 for the largest compiled program, `memory_analysis()` summed as the nopejax dry run sums it
-(arguments + temporaries + outputs - aliased). The last stdout line is JSON.
+(arguments + temporaries + outputs - aliased), and the bytes its collectives move per chip
+(benchmarks/hlo_collectives.py, from the compiled HLO). The last stdout line is JSON.
 """
 
 import collections
 import json
+import os
 import runpy
 import sys
 
 import jax
 import jax.stages
+from hlo_collectives import collective_bytes, summary_gib  # benchmarks/, the script's own folder
 
 EVENTS = {
     "trace_s": "/jax/core/compile/jaxpr_trace_duration",
@@ -59,6 +62,12 @@ def report(module: str) -> dict:
         seconds, biggest = max(compiled_programs, key=lambda p: p[0])
         out["step_backend_compile_s"] = round(seconds, 2)
         out["memory_per_device_gib"] = memory_gib(biggest)
+        # per chip and step: what the collectives of the step's program move (hlo_collectives.py)
+        hlo = biggest.as_text()
+        out["collective_gib"] = summary_gib(collective_bytes(hlo))
+        if os.environ.get("COMPILE_TIMER_HLO"):  # keep the step's compiled HLO for a closer look
+            with open(os.environ["COMPILE_TIMER_HLO"], "w") as f:
+                f.write(hlo)
     return out
 
 

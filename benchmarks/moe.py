@@ -1,6 +1,7 @@
 """Mixture-of-experts step time on CPU, and the Trinity Mini shape compiled for a TPU slice.
 
     python benchmarks/moe.py [--steps 10] [--rounds 3] [--topology v5p:2x2x4]
+    python benchmarks/moe.py --dispatch [--expert 8] [--steps 3] [--rounds 3]
 
 1. configs/tiny_moe.py's train step against a dense nopejax model with the same active
    parameters (configs/tiny.py with d_ff = 405: 6 * 405 = 512 + 5 * (2 + 1) * 128, the widths
@@ -10,6 +11,11 @@
    AdamW, bias sign update), so the ratio is nopejax's overhead.
 3. With --topology: `train.dry_run` of configs/trinity_mini.py (expert axis 8, fsdp 2 on 16
    chips) for that TPU slice: memory per chip and compile time (minutes on a loaded CPU).
+
+4. With --dispatch: the two token dispatchers over the expert axis (model.moe_dispatch, allgather
+   and all_to_all), tiny_moe's train step on 8 fake CPU devices, mesh expert x data = 8. The bytes
+   they move on a TPU slice come from the compiled program instead (benchmarks/aot_vs_maxtext.sh
+   with MOE=1 and DISPATCH=..., which reads them from the HLO: benchmarks/hlo_collectives.py).
 
 The steps are alternated in one process so machine noise hits all alike.
 """
@@ -22,6 +28,8 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--dispatch" in sys.argv:  # the expert-parallel comparison needs a mesh: 8 fake CPU devices, before jax loads
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax
 import jax.numpy as jnp
@@ -123,20 +131,53 @@ def make_batch(cfg):
     })  # fmt: skip
 
 
-def nopejax_timer(cfg, batch, steps):
-    s = train.setup(cfg, jax.devices()[:1])
+def nopejax_timer(cfg, batch, steps, devices=None):
+    s = train.setup(cfg, devices or jax.devices()[:1])
     state = train.init_state(s)
     step, _ = train.compile_fns(s)
+    batch = {k: jax.device_put(v, s.batch_sharding) for k, v in batch.items()}
 
     def run():
         nonlocal state
         t0 = time.perf_counter()
-        for _ in range(steps):
-            state, out = step(state, batch)
-        jax.block_until_ready(out["loss"])
+        with jax.set_mesh(s.mesh):
+            for _ in range(steps):
+                state, out = step(state, batch)
+            jax.block_until_ready(out["loss"])
         return (time.perf_counter() - t0) / steps
 
     return run, state
+
+
+def alternate(runs: dict, rounds: int) -> dict:
+    """Median seconds per step of each run, measured in alternation after two warm-up calls each
+    (the second compiles for the step's own output layout)."""
+    for fn in [*runs.values()] * 2:
+        fn()
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            times[name].append(fn())
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def compare_dispatchers(args):
+    """tiny_moe on 8 CPU devices, expert x data = 8, with each token dispatcher; same batch, same init."""
+    runs = {}
+    for dispatch in config.MOE_DISPATCHERS:
+        cfg = load("tiny_moe")
+        cfg.model.moe_dispatch = dispatch
+        cfg.mesh.update(expert=args.expert, data=8 // args.expert)
+        runs[dispatch], _ = nopejax_timer(cfg, make_batch(cfg), args.steps, jax.devices())
+    t = alternate(runs, args.rounds)
+    result = {f"{name}_step_ms": round(1e3 * v, 1) for name, v in t.items()}
+    result.update(all_to_all_over_allgather=round(t["all_to_all"] / t["allgather"], 3), expert=args.expert)
+    result["devices"] = f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
+    print(
+        f"tiny_moe, expert {args.expert} x data {8 // args.expert}: allgather {result['allgather_step_ms']} ms | "
+        f"all_to_all {result['all_to_all_step_ms']} ms | all_to_all / allgather {result['all_to_all_over_allgather']}"
+    )
+    print(json.dumps(result))
 
 
 def active_params(m) -> int:
@@ -154,7 +195,12 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--topology", default=None, help="also compile Trinity Mini for this TPU slice, e.g. v5p:2x2x4")
+    parser.add_argument("--dispatch", action="store_true", help="compare the token dispatchers on 8 CPU devices")
+    parser.add_argument("--expert", type=int, default=8, help="--dispatch: expert-axis size (divides 8)")
     args = parser.parse_args()
+    if args.dispatch:
+        compare_dispatchers(args)
+        return
 
     moe_cfg = load("tiny_moe")
     dense_cfg = load("tiny")
@@ -174,14 +220,7 @@ def main():
         jax.block_until_ready(loss)
         return (time.perf_counter() - t0) / args.steps
 
-    runs = {"moe": run_moe, "dense": run_dense, "plain": run_plain}
-    for fn in [*runs.values()] * 2:  # compile and warm up; the second call compiles for the step's own output layout
-        fn()
-    times = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, fn in runs.items():
-            times[name].append(fn())
-    t = {name: statistics.median(v) for name, v in times.items()}
+    t = alternate({"moe": run_moe, "dense": run_dense, "plain": run_plain}, args.rounds)
     result = {
         "tiny_moe_step_ms": round(1e3 * t["moe"], 1),
         "dense_same_active_step_ms": round(1e3 * t["dense"], 1),

@@ -43,6 +43,7 @@ NORMS = ("rms", "layernorm")
 BLOCKS = ("pre_norm", "parallel", "post_norm", "sandwich")  # model.BLOCK_NORMS: the norm weights of each
 HF_FAMILIES = ("smollm3", "llama", "cohere2", "exaone4")  # what `nopejax export` can write
 ROUTERS = ("softmax", "sigmoid")
+MOE_DISPATCHERS = ("allgather", "all_to_all")  # nopejax/moe.py: token dispatch over the expert axis
 
 
 class ConfigError(ValueError):
@@ -106,6 +107,7 @@ def base_config() -> ConfigDict:
     m.num_dense_layers = 0  # the first layers keep a dense FFN (AFMoE num_dense_layers)
     m.moe_layer_interval = 1
     m.capacity_factor = 0.0  # 0 = dropless; else each expert takes ceil(cf * S * k / E) tokens per row
+    m.moe_dispatch = "allgather"  # tokens to the experts' devices under mesh.expert: "allgather" or "all_to_all"
     m.balance_loss_weight = 0.0  # Switch / GShard auxiliary load-balance loss
     m.router_z_loss_weight = 0.0  # ST-MoE router z-loss
     m.expert_bias_rate = 0.0  # aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load)
@@ -567,6 +569,11 @@ def _validate_moe(m: ConfigDict, mesh: ConfigDict) -> None:
         raise ConfigError(
             "model.router_scale_input", "scales expert inputs by the raw router weights (Llama 4), so "
             "router_normalize / routed_scale would be ignored", "unset router_normalize and routed_scale",
+        )  # fmt: skip
+    if m.moe_dispatch not in MOE_DISPATCHERS:
+        raise ConfigError(
+            "model.moe_dispatch", f"unknown token dispatcher {m.moe_dispatch!r}",
+            f"use one of {MOE_DISPATCHERS} (they compute the same; see README, Mixture of experts)",
         )  # fmt: skip
     if m.capacity_factor != 0 and not m.capacity_factor > 0:
         raise ConfigError("model.capacity_factor", f"must be >= 0, got {m.capacity_factor}", "use 0 or e.g. 1.25")

@@ -24,8 +24,13 @@ group, runs its Y = X / expert local experts on the assignments that chose them,
 reduce-scatter sums the partial outputs and returns each device its own tokens (Megatron's
 "allgather" token dispatcher). It is dropless without a ragged all-to-all and works on every
 backend. Each device receives (expert - 1) * T_local * D values per layer and sends as many back,
-where a (ragged) all-to-all moves about k * T_local * D * (expert - 1) / expert: the same order
-for k near the expert-axis size, more for a wide axis and small k. FSDP shards of the expert
+where a ragged all-to-all would move about k * T_local * D * (expert - 1) / expert: the same order
+for k near the expert-axis size, less for a wide axis and small k. `model.moe_dispatch =
+"all_to_all"` (`_all_to_all_experts`) sends each token only to the devices owning its experts,
+through `jax.lax.all_to_all` with fixed buffers (XLA:CPU has no ragged all-to-all, so a ragged one
+could not be tested here): sized for the worst case when dropless, which moves as many bytes as
+the all-gather, and by the capacity bound in capacity mode, which moves fewer when
+capacity_factor * k / expert < 1 / context. FSDP shards of the expert
 weights are gathered inside, tensor-parallel expert widths are summed with a psum; which mesh
 axes those are comes from the one logical-axis table (sharding.py).
 
@@ -147,10 +152,51 @@ def _mesh_axes(spec_entry) -> tuple[str, ...]:
     return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
 
 
-def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, scale_input: bool):
+def _all_to_all_experts(x_BSD, experts_BSU, weights_BSU, gate_YDI, up_YDI, down_YID, axes, devices, slots, scale_input):
+    """The expert-group step of the all-to-all dispatcher (inside shard_map, on this device's tokens).
+
+    N = `devices` in the expert group, each owning Y consecutive experts. Each token is sent once
+    to every device owning at least one of its experts, with all k (expert, weight) pairs (the
+    receiver ignores those it does not own), into a fixed buffer of C slots per destination: C =
+    `slots`, at most the T local tokens. Every device computes its experts' weighted sum for the
+    N * C tokens it received, the reverse all-to-all returns them, and each token sums its N partial
+    outputs. Dropless: no device can be sent more than the T local tokens.
+    """
+    b, s, D = x_BSD.shape
+    k, Y, T = experts_BSU.shape[-1], gate_YDI.shape[0], b * s
+    C = min(T, slots)
+    x_TD, experts_TU, weights_TU = x_BSD.reshape(T, D), experts_BSU.reshape(T, k), weights_BSU.reshape(T, k)
+    # dropped assignments (expert X) map to device N: none
+    wants_NT = jnp.any((experts_TU // Y)[None] == jnp.arange(devices)[:, None, None], axis=-1)
+    # slot c of destination n holds token_NC[n, c]: the tokens wanting n first, in token order
+    token_NC = jnp.argsort(~wants_NT, axis=-1, stable=True)[:, :C]
+    filled_NC = jnp.take_along_axis(wants_NT, token_NC, axis=-1)
+    send_experts_NCU = jnp.where(filled_NC[..., None], jnp.take(experts_TU, token_NC, axis=0), -1)
+    send_weights_NCU = jnp.where(filled_NC[..., None], jnp.take(weights_TU, token_NC, axis=0), 0.0)
+
+    def exchange(a):  # [N, C, ...] -> [N * C, ...]: block n goes to device n; block n comes from device n
+        a = a.reshape(devices * C, *a.shape[2:])
+        return jax.lax.all_to_all(a, axes, split_axis=0, concat_axis=0, tiled=True)
+
+    x_RD = exchange(jnp.take(x_TD, token_NC, axis=0))  # R = N * C received slots
+    first_expert = jax.lax.axis_index(axes) * Y
+    y_RD = _local_experts(
+        x_RD, exchange(send_experts_NCU), exchange(send_weights_NCU), gate_YDI, up_YDI, down_YID,
+        first_expert, scale_input,
+    )  # fmt: skip
+    back_ND = exchange(y_RD.reshape(devices, C, D))  # the partial outputs for token_NC, from each n
+    back_ND = jnp.where(filled_NC.reshape(-1, 1), back_ND, 0)
+    y_TD = jnp.zeros_like(x_TD).at[token_NC.reshape(-1)].add(back_ND)
+    return y_TD.reshape(b, s, D)
+
+
+def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, m):
     """Routed experts on the mesh: shard_map over every axis, the expert axis by all-gather /
-    reduce-scatter of tokens. Without a mesh (or on one device), the same computation in place."""
+    reduce-scatter of tokens (`model.moe_dispatch = "allgather"`) or by all-to-all of the tokens
+    each device's experts chose (`"all_to_all"`). Without a mesh (or on one device), the same
+    computation in place."""
     D, k = x_BSD.shape[-1], experts_BSU.shape[-1]
+    scale_input = m.router_scale_input
 
     def local(x_BSD, experts_BSU, weights_BSU, gate, up, down, first_expert):
         b, s = x_BSD.shape[:2]
@@ -169,12 +215,25 @@ def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, scale
     in_spec = logical_to_spec(MOE_PARAMS["expert_gate"][1], mesh)
     out_spec = logical_to_spec(MOE_PARAMS["expert_down"][1], mesh)
     expert_axes, embed_axes, width_axes = (_mesh_axes(a) for a in in_spec)
+    devices = math.prod(mesh.shape[a] for a in expert_axes)
+    # capacity mode bounds what one device can be sent: its Y experts keep at most `capacity` of a
+    # (whole) row's assignments each, so a device receives at most rows * Y * capacity tokens
+    cap = capacity(m, x_BSD.shape[1]) if m.capacity_factor else None
 
     def body(x_BSD, experts_BSU, weights_BSU, gate, up, down):
         if embed_axes:  # FSDP: the D dimension of the expert weights, gathered for this layer
             gate = jax.lax.all_gather(gate, embed_axes, axis=1, tiled=True)
             up = jax.lax.all_gather(up, embed_axes, axis=1, tiled=True)
             down = jax.lax.all_gather(down, embed_axes, axis=2, tiled=True)
+        if expert_axes and m.moe_dispatch == "all_to_all":
+            b, s = x_BSD.shape[:2]
+            slots = b * s if cap is None else b * gate.shape[0] * cap
+            y_BSD = _all_to_all_experts(
+                x_BSD, experts_BSU, weights_BSU, gate, up, down, expert_axes, devices, slots, scale_input
+            )
+            if width_axes:  # tensor-parallel expert width: partial sums of the down projection
+                y_BSD = jax.lax.psum(y_BSD, width_axes)
+            return y_BSD
         first_expert = 0
         if expert_axes:  # the tokens of the whole expert group, each device running its experts on them
             x_BSD, experts_BSU, weights_BSU = (
@@ -207,8 +266,7 @@ def moe_ffn(p, h_BSD, m, dtype):
     experts_BSU, weights_BSU, aux = route(p, h_BSD, m)
     y_BSD = _dispatch(
         h_BSD, experts_BSU, weights_BSU,
-        p["expert_gate"].astype(dtype), p["expert_up"].astype(dtype), p["expert_down"].astype(dtype),
-        m.router_scale_input,
+        p["expert_gate"].astype(dtype), p["expert_up"].astype(dtype), p["expert_down"].astype(dtype), m,
     )  # fmt: skip
     if m.num_shared_experts:
         y_BSD = y_BSD + swiglu(h_BSD, p["shared_gate"], p["shared_up"], p["shared_down"], dtype)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import nopejax
-from nopejax import checkpoint, config, context, model, moe, train
+from nopejax import checkpoint, config, context, model, moe, sharding, train
 from nopejax.config import ConfigError
 from tests.test_train import random_batches, run_steps
 
@@ -172,6 +172,67 @@ def test_expert_bias_update_moves_a_skewed_router_toward_balance():
 
 
 # ---------------------------------------------------------------------------------------------
+# Token dispatchers over the expert axis
+
+
+def layer_on_mesh(p, h_BSD, r_BSD, m, mesh_sizes=None):
+    """(output, aux, gradients of sum(output * r) wrt (params, inputs)), on a mesh of 8 fake
+    devices with these axis sizes, or on one device (no mesh) when mesh_sizes is None."""
+
+    def f(p, h):
+        y, aux = moe.moe_ffn(p, h, m, jnp.float32)
+        return jnp.sum(y * r_BSD), (y, aux)
+
+    fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+    if mesh_sizes is None:
+        (_, (y, aux)), g = fn(p, h_BSD)
+        return y, aux, g
+    mesh_cfg = config.base_config().mesh
+    mesh_cfg.update({"data": 1, **mesh_sizes})
+    with jax.set_mesh(sharding.make_mesh(mesh_cfg)):
+        (_, (y, aux)), g = fn(p, h_BSD)
+    return y, aux, g
+
+
+@pytest.mark.parametrize(
+    ("mesh", "capacity_factor"),
+    [
+        (dict(expert=4, data=2), 1.0),
+        (dict(fsdp=2, expert=2, tensor=2), 0.0),
+        (dict(expert=2, context=2, tensor=2), 0.0),
+    ],
+    ids=["expert4_data2_capacity", "fsdp2_expert2_tensor2_dropless", "expert2_context2_tensor2_dropless"],
+)
+def test_all_to_all_dispatch_equals_allgather_and_one_device(mesh, capacity_factor):
+    """Forward and gradients, for a random router and one where every token picks experts 0 and 1
+    (all on the expert group's first device: its buffer is full, the dropless worst case; in
+    capacity mode the buffers hold rows * Y * capacity tokens). Capacity 1.0 gives each expert 2 of a
+    row's 12 assignments, so on expert 4 x data 2 the all-to-all buffers (1 row * 2 experts * 2 slots)
+    are below the 6 local tokens."""
+    m = moe_cfg(d_model=14, num_experts=8, expert_d_ff=10, num_shared_experts=1, router="sigmoid")
+    m.update(router_normalize=True, capacity_factor=capacity_factor)
+    p = init_layer(m)
+    h_BSD = jax.random.normal(jax.random.key(7), (8, 6, m.d_model))
+    r_BSD = jax.random.normal(jax.random.key(8), h_BSD.shape)
+    for skew in (0.0, 100.0):
+        p["expert_bias"] = p["expert_bias"].at[:2].add(skew)
+        y_one, aux, g_one = layer_on_mesh(p, h_BSD, r_BSD, m)
+        if not capacity_factor:  # dropless: every assignment computed, as the explicit reference says
+            assert float(aux["dropped"]) == 0
+            np.testing.assert_allclose(y_one, reference(p, h_BSD, m, top_k_numpy(p, h_BSD, m)), rtol=1e-5, atol=1e-5)
+        elif skew:
+            assert float(aux["dropped"]) > 0
+        for dispatch in ("all_to_all", "allgather"):
+            m.moe_dispatch = dispatch
+            y, aux_mesh, g = layer_on_mesh(p, h_BSD, r_BSD, m, mesh)
+            np.testing.assert_allclose(y, y_one, rtol=1e-5, atol=1e-5, err_msg=dispatch)
+            assert float(aux_mesh["dropped"]) == float(aux["dropped"])
+            for name in g[0]:
+                np.testing.assert_allclose(g[0][name], g_one[0][name], rtol=1e-4, atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(g[1], g_one[1], rtol=1e-4, atol=1e-5, err_msg=dispatch)
+
+
+# ---------------------------------------------------------------------------------------------
 # In the model and the train step
 
 
@@ -215,9 +276,11 @@ def one_device_moe():
     return run_steps(cfg, random_batches(cfg, 5), jax.devices()[:1])
 
 
+@pytest.mark.parametrize("dispatch", ["allgather", "all_to_all"])
 @pytest.mark.parametrize("mesh", [dict(expert=4, data=2), dict(fsdp=2, expert=2, tensor=2)], ids=str)
-def test_expert_parallel_losses_equal_one_device(mesh, one_device_moe):
+def test_expert_parallel_losses_equal_one_device(mesh, dispatch, one_device_moe):
     cfg = small_moe_cfg(**mesh)
+    cfg.model.moe_dispatch = dispatch
     losses, state = run_steps(cfg, random_batches(cfg, 5), jax.devices())
     np.testing.assert_allclose(losses, one_device_moe[0], rtol=1e-4)
     assert losses[-1] < losses[0]
@@ -313,6 +376,7 @@ def test_checkpoint_of_a_dense_model_does_not_restore_into_an_moe_model(tmp_path
         (dict(capacity_factor=-1.0), "model.capacity_factor"),
         (dict(router_scale_input=True), "model.router_scale_input"),
         (dict(expert_bias_rate=-0.1), "model.expert_bias_rate"),
+        (dict(moe_dispatch="alltoall"), "model.moe_dispatch"),
     ],
 )
 def test_bad_moe_configs_name_the_field(changes, field):

@@ -104,6 +104,7 @@ def test_chunked_loss_equals_whole_sequence_loss():
 
 def test_grad_accumulation_equals_full_batch():
     cfg = small_cfg(data=2, fsdp=2)
+    cfg.model.num_layers = 2  # accumulation is over the batch, not the layers: one scanned run compiles fastest
     batches = random_batches(cfg, 2, seed=3)
     full_losses, full = run_steps(cfg, batches, jax.devices()[:4])
     cfg.train.grad_accum = 4

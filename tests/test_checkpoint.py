@@ -45,7 +45,7 @@ def uninterrupted(uninterrupted_run):
 
 
 def start(workdir):
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": os.environ["NOPEJAX_TEST_XLA_FLAGS"], "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen([sys.executable, "-m", "nopejax.cli", "train", "--workdir", str(workdir), *RUN],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 

@@ -48,6 +48,7 @@ def test_max_nonfinite_steps_must_be_a_positive_integer(value):
 
 def test_a_nan_step_applies_no_update_and_is_counted(monkeypatch):
     cfg = small_cfg()
+    cfg.model.num_layers = 2  # the skip is in the update, not the layers: one scanned run compiles fastest
     batches = random_batches(cfg, 5, seed=3)
     monkeypatch.setattr(train, "loss_fault", nan_at([2]))
     outs, params, state = run_batches(cfg, batches)
@@ -66,6 +67,7 @@ def test_a_nan_step_applies_no_update_and_is_counted(monkeypatch):
 
 def test_consecutive_nan_steps_stop_the_run_and_nothing_non_finite_is_saved(tmp_path, monkeypatch):
     cfg = small_cfg(data=-1)
+    cfg.model.num_layers = 2
     cfg.train.update(steps=12, log_every=1, eval_every=0, max_nonfinite_steps=3)
     cfg.optim.update(warmup_steps=2, decay_steps=2)
     cfg.checkpoint.every_steps = 2

@@ -231,7 +231,7 @@ def test_bad_settings_are_config_errors():
 
 
 def nopejax_cli(*args):
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": os.environ["NOPEJAX_TEST_XLA_FLAGS"], "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-m", "nopejax.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
 

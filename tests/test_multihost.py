@@ -38,7 +38,8 @@ def free_port() -> int:
 
 
 def cpu_env(devices: int, **extra) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    flags = f"{os.environ['NOPEJAX_TEST_XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     for k in ("NOPEJAX_COORDINATOR", "NOPEJAX_NUM_PROCESSES", "NOPEJAX_PROCESS_ID"):
         env.pop(k, None)
     return {**env, **extra}

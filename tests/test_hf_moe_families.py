@@ -272,6 +272,6 @@ def test_llama4_export_refuses_a_nonzero_expert_bias(tmp_path):
     params = {"layers": {"expert_bias": np.zeros((4, 5), np.float32)}}  # all the check reads
     params["layers"]["expert_bias"][2, 1] = 0.5
     out = tmp_path / "out"
-    with pytest.raises(config.ConfigError, match="nonzero expert bias.*Fix:"):
+    with pytest.raises(config.ConfigError, match=r"nonzero expert bias.*Fix:"):
         hf.to_hf(params, str(out), m)
     assert not out.exists()

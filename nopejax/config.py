@@ -642,9 +642,9 @@ def validate(cfg: ConfigDict) -> ConfigDict:
             )  # fmt: skip
         if not float(m.rope_scaling["factor"]) >= 1.0:
             raise ConfigError("model.rope_scaling", "needs a `factor` >= 1", "add factor, e.g. 4.0")
-        if kind == "llama3" and not m.rope_scaling["high_freq_factor"] > m.rope_scaling["low_freq_factor"]:
+        if kind == "llama3" and not m.rope_scaling["high_freq_factor"] >= m.rope_scaling["low_freq_factor"]:
             raise ConfigError(
-                "model.rope_scaling", "llama3 needs high_freq_factor > low_freq_factor",
+                "model.rope_scaling", "llama3 needs high_freq_factor >= low_freq_factor",
                 "use e.g. low_freq_factor=1.0, high_freq_factor=4.0 (Llama 3.1)",
             )  # fmt: skip
     for field in ("dtype", "param_dtype"):

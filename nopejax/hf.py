@@ -883,7 +883,7 @@ def _read_llama4_qk_norm(name, value, hf):
 
 def _read_llama4_temperature(name, value, hf):
     """attn_temperature_tuning: q *= log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1 on NoPE layers."""
-    if not isinstance(value, bool):
+    if not isinstance(value, (bool, int)):  # the hub's Scout config says 4: transformers 4 read it as true
         raise HFConfigError(name, value, "expected a bool", "fix the value in config.json")
     floor_scale, attn_scale = hf["floor_scale"], hf["attn_scale"]
     if not value or all(_llama4_rope_flags(hf)) or attn_scale == 0:  # no NoPE layer, or a scale of exactly 1
@@ -1043,6 +1043,18 @@ AFMOE = Family(
         "global_attn_every_n_layers": Field(4, harmless),  # read by the layer_types row
         "sliding_window": Field(1024, harmless),  # read by the layer_types row
         "mup_enabled": Field(False, _read_mup),
+        # the hub checkpoints' config.json carries these (Arcee's remote code); transformers' AFMoE
+        # ignores them, so they are accepted only where they say what transformers computes anyway
+        "auto_map": Field(None, harmless),  # remote-code class names; nopejax computes transformers' own
+        "use_grouped_mm": Field(None, harmless),  # a kernel choice
+        "load_balance_coeff": Field(None, harmless),  # a training loss weight
+        "score_func": Field(None, _only(None, "sigmoid", problem="transformers' AFMoE router is sigmoid",
+                                        fix="remove it")),
+        "route_norm": Field(None, _only(None, True, problem="transformers' AFMoE normalises the top-k weights",
+                                        fix="remove it")),
+        **{name: Field(None, _only(None, 1, problem="transformers' AFMoE routes without expert groups",
+                                   fix="remove it"))
+           for name in ("n_group", "topk_group", "num_expert_groups", "num_limited_groups")},
     },
     {"block": "sandwich", "qk_norm": "rms", "attention_gate": True, "router": "sigmoid", "router_normalize": True,
      "hf_family": "afmoe"},
@@ -1078,6 +1090,9 @@ LLAMA4 = Family(
         "output_router_logits": Field(False, harmless),
         "router_aux_loss_coef": Field(0.001, harmless),  # a training loss weight, not in the forward
         "router_jitter_noise": Field(0.0, harmless),  # not read by Llama4TextMoe
+        # the hub's Llama 4 text configs carry these; transformers' Llama 4 does not read them
+        "for_llm_compressor": Field(None, harmless),
+        "cache_implementation": Field(None, harmless),  # generation only
     },
     {"block": "pre_norm", "router": "sigmoid", "router_scale_input": True, "num_shared_experts": 1,
      "hf_family": "llama4"},

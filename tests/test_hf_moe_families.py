@@ -29,8 +29,9 @@ AFMOE = dict(intermediate_size=37, moe_intermediate_size=11, num_hidden_layers=5
              rope_parameters={"rope_type": "default", "rope_theta": 100.0})  # fmt: skip
 LLAMA4 = dict(intermediate_size=11, intermediate_size_mlp=37, num_hidden_layers=5, num_local_experts=5,
               attention_chunk_size=4, rope_parameters={"rope_type": "default", "rope_theta": 100.0})  # fmt: skip
-LLAMA3 = {"rope_type": "llama3", "rope_theta": 100.0, "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 32}  # fmt: skip
+# Llama 4 Scout's RoPE scaling form: low_freq_factor == high_freq_factor (no interpolated band)
+SCOUT_ROPE = {"rope_type": "llama3", "rope_theta": 100.0, "factor": 16.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 1.0, "original_max_position_embeddings": 8}  # fmt: skip
 CASES = {
     # 2 dense layers then MoE; sliding RoPE x2 : global NoPE (L L G L L); muP on; gate always
     "afmoe-dense2-mup-untied": ("afmoe", dict(num_key_value_heads=1, num_dense_layers=2, num_experts_per_tok=2,
@@ -43,9 +44,9 @@ CASES = {
     "llama4-step2-top1": ("llama4_text", dict(num_key_value_heads=1, interleave_moe_layer_step=2,
                                               num_experts_per_tok=1, floor_scale=3, attn_scale=0.5,
                                               tie_word_embeddings=False)),
-    "llama4-top2-tied-llama3": ("llama4_text", dict(num_key_value_heads=3, num_experts_per_tok=2, floor_scale=2,
+    "llama4-top2-tied-scout-rope": ("llama4_text", dict(num_key_value_heads=3, num_experts_per_tok=2, floor_scale=2,
                                                     attn_scale=0.3, no_rope_layers=[1, 0, 1, 1, 0],
-                                                    tie_word_embeddings=True, rope_parameters=LLAMA3)),
+                                                    tie_word_embeddings=True, rope_parameters=SCOUT_ROPE)),
 }  # fmt: skip
 CLASSES = {"afmoe": transformers.AfmoeConfig, "llama4_text": transformers.Llama4TextConfig}
 

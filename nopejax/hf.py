@@ -2,8 +2,9 @@
 
 Families: SmolLM3 and Llama (pre-norm RMSNorm), Cohere2 (Command R7B, Tiny Aya: parallel block,
 LayerNorm without bias, interleaved RoPE on the sliding layers only, logit scale) and EXAONE 4
-(post-norm RMSNorm, per-head RMS QK-norm, RoPE on the sliding layers only). `from_hf` picks the
-family by config.json's `model_type`; `to_hf` writes `model.hf_family`.
+(post-norm RMSNorm, per-head RMS QK-norm, RoPE on the sliding layers only), and the MoE families
+AFMoE (Arcee Trinity) and Llama 4 text (their maps are below, beside their rows). `from_hf` picks
+the family by config.json's `model_type`; `to_hf` writes `model.hf_family`.
 
 nopejax keeps layer params stacked [L, ...] and attention projections split by head;
 HF keeps one `nn.Linear` per layer with weight [out, in]. The SmolLM3 / Llama map (layer i):

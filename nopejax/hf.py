@@ -1118,7 +1118,8 @@ def model_config_from_hf(hf: dict) -> config.ConfigDict:
             ".language_model.save_pretrained(text_dir), then import text_dir",
         )  # fmt: skip
     if family is None:
-        raise HFConfigError("model_type", hf.get("model_type"), f"nopejax imports {sorted(FAMILIES)} only",
+        types = sorted({f.model_type for f in FAMILIES.values()})  # config.json's names, not the aliases
+        raise HFConfigError("model_type", hf.get("model_type"), f"nopejax imports {types} only",
                             "convert a checkpoint of a supported family")  # fmt: skip
     unknown = [name for name in hf if name not in family.fields]
     if unknown:

@@ -12,11 +12,11 @@ rms_norm_eps 1e-5, untied embeddings.
 Router as transformers' Llama4TextMoe: top-1 of the router logits, sigmoid of that logit as the
 weight, which multiplies the expert's *input* (router_scale_input), plus the shared expert.
 
-Not expressed: the published rope scaling ({"rope_type": "llama3", "factor": 16,
-"low_freq_factor": 1, "high_freq_factor": 1, "original_max_position_embeddings": 8192}) is left
-out, because nopejax (as HF's own formula, which divides by their difference) needs
-high_freq_factor > low_freq_factor. Training hyperparameters are not published; those below are
-nopejax's defaults at this scale.
+RoPE scaling as published: llama3 with factor 16, low_freq_factor = high_freq_factor = 1 (no
+interpolated band: wavelengths past 8192 are divided by 16, the others kept). `nopejax export`
+writes a Llama4ForCausalLM checkpoint (model.hf_family = "llama4"); tests/test_hf_moe_families.py
+imports this text config and gets this config back. Training hyperparameters are not published;
+those below are nopejax's defaults at this scale.
 """
 
 from nopejax.config import base_config
@@ -37,6 +37,8 @@ def get_config():
     m.attention_chunk_size = 8192  # ... the RoPE layers within chunks of 8192
     m.rope_layout = "interleaved"
     m.rope_theta = 500000.0
+    m.rope_scaling = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192}  # fmt: skip
     m.qk_norm = "l2"
     m.nope_temperature = (8192.0, 0.1)
     m.rms_norm_eps = 1e-5
@@ -49,6 +51,7 @@ def get_config():
     m.router = "sigmoid"
     m.router_scale_input = True
     m.moe_layer_interval = 1
+    m.hf_family = "llama4"
     m.remat = "full"
     cfg.train.seq_len = 8192
     cfg.train.global_batch_size = 256

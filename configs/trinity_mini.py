@@ -2,21 +2,24 @@
 
 Source: config.json of arcee-ai/Trinity-Mini (https://huggingface.co/arcee-ai/Trinity-Mini,
 model card: "128 total, 8 active, 1 shared" experts; the config fields as quoted in public
-AFMoE loaders' tests): hidden 2048, 32 layers, 32 heads / 4 KV heads of 128 (so heads * head_dim
-= 4096 != d_model), dense intermediate_size 6144 on the first num_dense_layers = 2 layers,
-128 experts of moe_intermediate_size 1024, top 8, num_shared_experts 1, score_func sigmoid,
-route_norm true, route_scale 2.826, sliding_window 2048 with global_attn_every_n_layers 4
-(sliding layers RoPE, global layers NoPE), rope_theta 10000, rms_norm_eps 1e-5, vocab 200192,
-untied embeddings, max_position_embeddings 131072.
+AFMoE loaders' tests): hidden 2048, 32 layers, 32 heads / 4 KV heads of 128 (so heads *
+head_dim = 4096 != d_model), dense intermediate_size 6144 on the first num_dense_layers = 2
+layers, 128 experts of moe_intermediate_size 1024, top 8, num_shared_experts 1, score_func
+sigmoid, route_norm true, route_scale 2.826, sliding_window 2048 with
+global_attn_every_n_layers 4 (sliding layers RoPE, global layers NoPE), mup_enabled true,
+rope_theta 10000, rms_norm_eps 1e-5, vocab 200192, untied embeddings,
+max_position_embeddings 131072.
 
 Router as transformers' AfmoeTokenChoiceRouter: sigmoid scores, top 8 of score + expert_bias,
 the unbiased scores of those 8 normalised and times 2.826; the expert bias (a buffer, not
 trained) is nopejax's `expert_bias`, updated from the load (auxiliary-loss-free balancing).
 
-Not expressed yet: AFMoE's per-head QK RMSNorm is (model.qk_norm = "rms"), but its gated
-attention output (sigmoid gate projection), the four norms per layer (sandwich norm) and the
-muP embedding scale are not; those weights and ops are missing, so this is the Trinity Mini
-*shape* (parameter count, FLOPs, memory), not a loadable checkpoint layout.
+The rest of the published layout, as transformers' AfmoeForCausalLM computes it: the four norms
+per layer (model.block = "sandwich"), the sigmoid gate on the attention output
+(model.attention_gate), the per-head RMS QK-norm and, with mup_enabled true, the embeddings times
+sqrt(2048) (model.embed_scale). `nopejax export` writes an AfmoeForCausalLM checkpoint
+(model.hf_family = "afmoe"); tests/test_hf_moe_families.py imports this config.json and gets
+this config back.
 """
 
 from nopejax.config import base_config
@@ -37,6 +40,10 @@ def get_config():
     m.sliding_window = 2048
     m.rope_theta = 10000.0
     m.qk_norm = "rms"
+    m.block = "sandwich"  # input / post-attention / pre-MLP / post-MLP RMSNorms
+    m.attention_gate = True
+    m.embed_scale = 2048**0.5  # mup_enabled
+    m.hf_family = "afmoe"
     m.rms_norm_eps = 1e-5
     m.tie_embeddings = False
     m.max_position_embeddings = 131072

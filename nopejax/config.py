@@ -41,7 +41,7 @@ ROPE_LAYOUTS = ("half", "interleaved")
 QK_NORMS = ("none", "rms", "l2")
 NORMS = ("rms", "layernorm")
 BLOCKS = ("pre_norm", "parallel", "post_norm", "sandwich")  # model.BLOCK_NORMS: the norm weights of each
-HF_FAMILIES = ("smollm3", "llama", "cohere2", "exaone4")  # what `nopejax export` can write
+HF_FAMILIES = ("smollm3", "llama", "cohere2", "exaone4", "afmoe", "llama4")  # what `nopejax export` can write
 ROUTERS = ("softmax", "sigmoid")
 MOE_DISPATCHERS = ("allgather", "all_to_all")  # nopejax/moe.py: token dispatch over the expert axis
 
@@ -122,6 +122,10 @@ def base_config() -> ConfigDict:
     # "sandwich" (Gemma 3, Arcee Trinity: both)
     m.block = "pre_norm"
     m.logit_scale = 1.0  # logits are multiplied by it (Cohere2's logit_scale)
+    m.embed_scale = 1.0  # token embeddings are multiplied by it (AFMoE mup_enabled: sqrt(d_model))
+    # AFMoE: the attended values times sigmoid(h @ W_gate) (h: the normed layer input), per head and
+    # dim, before the output projection
+    m.attention_gate = False
     m.hf_family = "smollm3"  # the transformers class `nopejax export` writes; import-hf sets its own
     m.init_std = 0.02
     m.dtype = "bfloat16"  # compute
@@ -506,6 +510,14 @@ def _validate_block(m: ConfigDict) -> None:
             "model.logit_scale", f"must be a positive finite number, got {scale!r}",
             "use 1.0 (no scaling) or the model's value, e.g. 0.0625 (Command R)",
         )  # fmt: skip
+    scale = m.embed_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise ConfigError(
+            "model.embed_scale", f"must be a positive finite number, got {scale!r}",
+            "use 1.0 (no scaling) or sqrt(d_model) (AFMoE's muP input scale)",
+        )  # fmt: skip
+    if not isinstance(m.attention_gate, bool):
+        raise ConfigError("model.attention_gate", f"must be True or False, got {m.attention_gate!r}", "use a bool")
 
 
 def _validate_context(cfg: ConfigDict) -> None:
@@ -637,9 +649,9 @@ def validate(cfg: ConfigDict) -> ConfigDict:
             )  # fmt: skip
         if not float(m.rope_scaling["factor"]) >= 1.0:
             raise ConfigError("model.rope_scaling", "needs a `factor` >= 1", "add factor, e.g. 4.0")
-        if kind == "llama3" and not m.rope_scaling["high_freq_factor"] > m.rope_scaling["low_freq_factor"]:
+        if kind == "llama3" and not m.rope_scaling["high_freq_factor"] >= m.rope_scaling["low_freq_factor"]:
             raise ConfigError(
-                "model.rope_scaling", "llama3 needs high_freq_factor > low_freq_factor",
+                "model.rope_scaling", "llama3 needs high_freq_factor >= low_freq_factor",
                 "use e.g. low_freq_factor=1.0, high_freq_factor=4.0 (Llama 3.1)",
             )  # fmt: skip
     for field in ("dtype", "param_dtype"):

@@ -2,8 +2,9 @@
 
 Families: SmolLM3 and Llama (pre-norm RMSNorm), Cohere2 (Command R7B, Tiny Aya: parallel block,
 LayerNorm without bias, interleaved RoPE on the sliding layers only, logit scale) and EXAONE 4
-(post-norm RMSNorm, per-head RMS QK-norm, RoPE on the sliding layers only). `from_hf` picks the
-family by config.json's `model_type`; `to_hf` writes `model.hf_family`.
+(post-norm RMSNorm, per-head RMS QK-norm, RoPE on the sliding layers only), and the MoE families
+AFMoE (Arcee Trinity) and Llama 4 text (their maps are below, beside their rows). `from_hf` picks
+the family by config.json's `model_type`; `to_hf` writes `model.hf_family`.
 
 nopejax keeps layer params stacked [L, ...] and attention projections split by head;
 HF keeps one `nn.Linear` per layer with weight [out, in]. The SmolLM3 / Llama map (layer i):
@@ -45,6 +46,7 @@ before anything is written, naming the first feature the format lacks.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -55,7 +57,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from nopejax import config, model, tensorfile
+from nopejax import config, model, moe, tensorfile
 
 
 class Tensor(NamedTuple):
@@ -117,13 +119,53 @@ EXAONE4_LAYER_MAP = {
 }
 
 
+class Joint(NamedTuple):
+    """Several nopejax params of one layer <-> several HF tensors (fused or per-expert MoE weights)."""
+
+    shapes: Callable  # model cfg -> {suffix: HF shape}
+    to_hf: Callable  # ({name: our array (one layer)}, m) -> {suffix: HF array}
+    from_hf: Callable  # ({suffix: HF array}, m) -> {name: our array (one layer)}
+
+
+def _as_joint(name: str, row: Tensor) -> Joint:
+    return Joint(
+        lambda m: {row.suffix: row.shape(m)},
+        lambda a, m: {row.suffix: row.to_hf(a[name])},
+        lambda w, m: {name: row.from_hf(w[row.suffix], m)},
+    )
+
+
+def layer_rows(m: config.ConfigDict) -> list[list[tuple[dict, Joint]]]:
+    """Per layer i: the rows of the family's map that apply, each with {param name: index of layer
+    i in that param's stack} (dense-FFN and MoE params stack over their own layers only).
+
+    A map key is a param name (a `Tensor` row) or a tuple of names (a `Joint` row); a row applies
+    to a layer that has all its params, and every param of the layer is in exactly one row."""
+    layer_map, specs, names = FAMILIES[m.hf_family].layer_map, config.layer_specs(m), model.layer_params(m)
+    out = []
+    for i, spec in enumerate(specs):
+        index = {
+            name: model.group_count(specs[:i], model.param_group(name))
+            for name in names
+            if model.param_group(name) in ("all", spec.ffn)
+        }
+        rows = []
+        for key, row in layer_map.items():
+            keys = key if isinstance(key, tuple) else (key,)
+            if all(k in index for k in keys):
+                rows.append(({k: index[k] for k in keys}, row if isinstance(row, Joint) else _as_joint(key, row)))
+        covered = sorted(k for used, _ in rows for k in used)
+        assert covered == sorted(index), f"{m.hf_family} map covers {covered}, layer {i} has {sorted(index)}"
+        out.append(rows)
+    return out
+
+
 def hf_tensor_shapes(m: config.ConfigDict) -> dict[str, tuple[int, ...]]:
     """Every tensor of the HF checkpoint of model config `m` (its `hf_family`), with its shape, in file order."""
-    layer_map = FAMILIES[m.hf_family].layer_map
     shapes = {"model.embed_tokens.weight": (m.vocab_size, m.d_model)}
-    for i in range(m.num_layers):
-        for name in model.layer_params(m):
-            shapes[f"model.layers.{i}.{layer_map[name].suffix}"] = layer_map[name].shape(m)
+    for i, rows in enumerate(layer_rows(m)):
+        for _, row in rows:
+            shapes.update({f"model.layers.{i}.{suffix}": shape for suffix, shape in row.shapes(m).items()})
     shapes["model.norm.weight"] = (m.d_model,)
     if not m.tie_embeddings:
         shapes["lm_head.weight"] = (m.vocab_size, m.d_model)
@@ -449,6 +491,8 @@ class Family(NamedTuple):
     # what the format cannot hold: (model field, does `m` use it, what the format lacks), checked in order
     lacks: tuple
     config: Callable  # model cfg -> the family's own config.json entries
+    # refuses (config.ConfigError) params the format cannot hold, before anything is written
+    check_params: Callable = lambda m, params: None
 
 
 def _defaults(**defaults) -> dict[str, Field]:
@@ -470,6 +514,9 @@ NOBODY_HAS = (
     ("partial_rotary_factor", lambda m: m.partial_rotary_factor != 1.0, "partial RoPE"),
     ("rope_theta_local", lambda m: m.rope_theta_local is not None, "a separate RoPE base for local layers"),
     ("nope_temperature", lambda m: m.nope_temperature is not None, "a NoPE query temperature"),
+    ("num_experts", lambda m: m.num_experts != 0, "mixture-of-experts layers"),
+    ("attention_gate", lambda m: m.attention_gate, "gated attention output"),
+    ("embed_scale", lambda m: m.embed_scale != 1.0, "embedding scale"),
 )
 _ROPE_LAYERS = lambda m: any(config.rope_pattern(m))
 PRE_NORM_LACKS = (
@@ -644,14 +691,435 @@ EXAONE4 = Family(
     _exaone4_config,
 )  # fmt: skip
 
-FAMILIES = {family.model_type: family for family in (SMOLLM3, LLAMA, COHERE2, EXAONE4)}
+# ---------------------------------------------------------------------------------------------
+# The MoE families: AFMoE (Arcee Trinity) and Llama 4 text
+#
+# AFMoE layer i (sandwich block, gated attention, per-head RMS QK-norm; MoE from num_dense_layers on):
+#
+# | HF tensor (model.layers.i.)                       | nopejax                        | transform          |
+# |---------------------------------------------------|--------------------------------|--------------------|
+# | input_layernorm / post_attention_layernorm        | attn_norm / attn_post_norm     | -                  |
+# | pre_mlp_layernorm / post_mlp_layernorm            | mlp_norm / mlp_post_norm       | -                  |
+# | self_attn.{q,k,v,o}_proj.weight, q_norm, k_norm   | as the Llama / EXAONE 4 rows   |                    |
+# | self_attn.gate_proj.weight [H*E, D]               | attn_gate [D, H, E]            | W.T reshaped       |
+# | mlp.{gate,up,down}_proj.weight (dense layers)     | w_gate, w_up, w_down           | W.T                |
+# | mlp.router.gate.weight [X, D]                     | router [D, X]                  | W.T                |
+# | mlp.expert_bias [X] (fp32 on disk)                | expert_bias [X]                | -                  |
+# | mlp.experts.e.{gate,up}_proj.weight [I, D]        | expert_{gate,up}[e] [D, I]     | W.T, one per expert|
+# | mlp.experts.e.down_proj.weight [D, I]             | expert_down[e] [I, D]          | W.T, one per expert|
+# | mlp.shared_experts.{gate,up,down}_proj.weight     | shared_{gate,up,down}          | W.T                |
+#
+# (transformers fuses the experts in memory, gate_up_proj [X, 2I, D], and saves them per expert, as
+# the hub checkpoints are.) Llama 4 layer i (pre-norm; `feed_forward` in place of `mlp`):
+#
+# | HF tensor (model.layers.i.)                       | nopejax                        | transform          |
+# |---------------------------------------------------|--------------------------------|--------------------|
+# | input_layernorm / post_attention_layernorm        | attn_norm / mlp_norm           | -                  |
+# | self_attn.{q,k,v,o}_proj.weight                   | as the Llama rows              |                    |
+# | feed_forward.{gate,up,down}_proj.weight (dense)   | w_gate, w_up, w_down           | W.T                |
+# | feed_forward.router.weight [X, D]                 | router [D, X]                  | W.T                |
+# | feed_forward.experts.gate_up_proj [X, D, 2I]      | expert_gate, expert_up [X,D,I] | split the last axis|
+# | feed_forward.experts.down_proj [X, I, D]          | expert_down [X, I, D]          | -                  |
+# | feed_forward.shared_expert.{gate,up,down}_proj    | shared_{gate,up,down}          | W.T                |
+# | (none: Llama 4 has no expert bias)                | expert_bias [X]                | zeros (export: 0)  |
+
+
+KEEP_FP32 = ("mlp.expert_bias",)  # transformers keeps AFMoE's expert bias in fp32 whatever the dtype
+_X = lambda m: m.num_experts
+_I = moe.expert_width
+_T = lambda a: a.T
+_TT = lambda w, m: w.T
+
+
+def _ffn_rows(prefix: str, shared: str) -> dict:
+    """Dense MLP, router and shared-expert rows under `prefix` (mlp / feed_forward)."""
+    dense = {k: PROJECTIONS[k]._replace(suffix=PROJECTIONS[k].suffix.replace("mlp.", f"{prefix}."))
+             for k in ("w_gate", "w_up", "w_down")}  # fmt: skip
+    S = lambda m: m.num_shared_experts * moe.expert_width(m)
+    return {
+        **dense,
+        "shared_gate": Tensor(f"{prefix}.{shared}.gate_proj.weight", lambda m: (S(m), m.d_model), _T, _TT),
+        "shared_up": Tensor(f"{prefix}.{shared}.up_proj.weight", lambda m: (S(m), m.d_model), _T, _TT),
+        "shared_down": Tensor(f"{prefix}.{shared}.down_proj.weight", lambda m: (m.d_model, S(m)), _T, _TT),
+    }
+
+
+AFMOE_EXPERTS = Joint(
+    lambda m: {
+        f"mlp.experts.{e}.{kind}_proj.weight": (m.d_model, _I(m)) if kind == "down" else (_I(m), m.d_model)
+        for e in range(m.num_experts)
+        for kind in ("gate", "up", "down")
+    },
+    lambda a, m: {
+        f"mlp.experts.{e}.{kind}_proj.weight": a[f"expert_{kind}"][e].T
+        for e in range(m.num_experts)
+        for kind in ("gate", "up", "down")
+    },
+    lambda w, m: {
+        f"expert_{kind}": np.stack([w[f"mlp.experts.{e}.{kind}_proj.weight"].T for e in range(m.num_experts)])
+        for kind in ("gate", "up", "down")
+    },
+)
+AFMOE_LAYER_MAP = {
+    **PROJECTIONS,
+    "attn_gate": Tensor("self_attn.gate_proj.weight", lambda m: (m.num_heads * m.head_dim, m.d_model),
+                        lambda a: a.reshape(a.shape[0], -1).T,
+                        lambda w, m: w.T.reshape(m.d_model, m.num_heads, m.head_dim)),
+    "q_norm": _same("self_attn.q_norm.weight", _E),
+    "k_norm": _same("self_attn.k_norm.weight", _E),
+    "attn_norm": _same("input_layernorm.weight", _D),
+    "attn_post_norm": _same("post_attention_layernorm.weight", _D),
+    "mlp_norm": _same("pre_mlp_layernorm.weight", _D),
+    "mlp_post_norm": _same("post_mlp_layernorm.weight", _D),
+    **_ffn_rows("mlp", "shared_experts"),
+    "router": Tensor("mlp.router.gate.weight", lambda m: (m.num_experts, m.d_model), _T, _TT),
+    "expert_bias": _same("mlp.expert_bias", lambda m: (m.num_experts,)),
+    ("expert_gate", "expert_up", "expert_down"): AFMOE_EXPERTS,
+}  # fmt: skip
+
+LLAMA4_LAYER_MAP = {
+    **{k: PROJECTIONS[k] for k in ("wq", "wk", "wv", "wo", "q_bias", "k_bias", "v_bias", "o_bias")},
+    "attn_norm": _same("input_layernorm.weight", _D),
+    "mlp_norm": _same("post_attention_layernorm.weight", _D),
+    **_ffn_rows("feed_forward", "shared_expert"),
+    "router": Tensor("feed_forward.router.weight", lambda m: (m.num_experts, m.d_model), _T, _TT),
+    ("expert_gate", "expert_up"): Joint(
+        lambda m: {"feed_forward.experts.gate_up_proj": (m.num_experts, m.d_model, 2 * _I(m))},
+        lambda a, m: {"feed_forward.experts.gate_up_proj": np.concatenate([a["expert_gate"], a["expert_up"]], -1)},
+        lambda w, m: dict(zip(("expert_gate", "expert_up"), np.split(w["feed_forward.experts.gate_up_proj"], 2, -1))),
+    ),
+    "expert_down": Tensor("feed_forward.experts.down_proj", lambda m: (m.num_experts, _I(m), m.d_model),
+                          lambda a: a, lambda w, m: w),
+    "expert_bias": Joint(lambda m: {}, lambda a, m: {}, lambda w, m: {"expert_bias": np.zeros(m.num_experts)}),
+}  # fmt: skip
+
+
+def _read_head_dim_free(name, value, hf):
+    """head_dim as given (heads * head_dim may differ from hidden_size: Trinity Mini), else hidden // heads."""
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"] if value is None else value
+    return _to("head_dim", int)(name, head_dim, hf)
+
+
+def _read_afmoe_head_dim(name, value, hf):
+    if value is None:  # AfmoeAttention reads config.head_dim as is
+        raise HFConfigError(name, value, "transformers' AFMoE attention needs an explicit head_dim",
+                            "set head_dim in config.json")  # fmt: skip
+    return _read_head_dim_free(name, value, hf)
+
+
+def _positive_int(key: str):
+    def read(name, value, hf):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise HFConfigError(name, value, "must be a positive integer", "fix the value in config.json")
+        return {key: value}
+
+    return read
+
+
+def _read_afmoe_shared(name, value, hf):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise HFConfigError(name, value, "nopejax maps AFMoE with at least one shared expert",
+                            "import a checkpoint with num_shared_experts >= 1")  # fmt: skip
+    return {"num_shared_experts": value}
+
+
+def _read_afmoe_layers(name, value, hf):
+    """AFMoE: layer_types as given, else sliding except every global_attn_every_n_layers-th layer.
+    RoPE on exactly the sliding layers (AfmoeAttention rotates only `is_local_attention` layers)."""
+    L = hf["num_hidden_layers"]
+    if value is None:
+        n = _interval("global_attn_every_n_layers", hf["global_attn_every_n_layers"], "when layer_types is absent")
+        value = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(L)]
+    types = _kinds(name, value, L, "AFMoE")
+    if hf["sliding_window"] is None:  # transformers builds the sliding mask for every AFMoE model
+        raise HFConfigError("sliding_window", None, "transformers' AFMoE cannot run without a window",
+                            "set sliding_window in config.json")  # fmt: skip
+    return _rope_on_sliding(types, _window("sliding_window", hf["sliding_window"]))
+
+
+def _read_mup(name, value, hf):
+    """AFMoE mup_enabled: the embeddings times sqrt(hidden_size), as AfmoeModel computes it."""
+    if not isinstance(value, bool):
+        raise HFConfigError(name, value, "expected a bool", "fix the value in config.json")
+    return {"embed_scale": float(hf["hidden_size"] ** 0.5)} if value else {}
+
+
+def _read_llama4_rope(name, value, hf):
+    """Llama 4: no_rope_layers (1 = RoPE) when non-empty, else NoPE every no_rope_layer_interval-th layer;
+    RoPE layers rotate interleaved pairs (complex multiplication)."""
+    out = _read_rope_pattern(name, value or None, hf)
+    return {**out, "rope_layout": "interleaved"} if any(out["no_rope_layers"]) else out
+
+
+def _read_llama4_layers(name, value, hf):
+    """Llama 4: layer_types as given, else chunked on the RoPE layers when attention_chunk_size is set."""
+    L, chunk = hf["num_hidden_layers"], hf["attention_chunk_size"]
+    if value is None:
+        rope = _read_rope_pattern("no_rope_layers", hf["no_rope_layers"] or None, hf)["no_rope_layers"]
+        value = ["chunked_attention" if r and chunk is not None else "full_attention" for r in rope]
+    kinds = ("full_attention", "chunked_attention")
+    if not isinstance(value, list) or len(value) < L or any(t not in kinds for t in value[:L]):
+        raise HFConfigError(name, value, f"Llama 4 layers are one of {list(kinds)}, one per layer ({L} layers)",
+                            "fix the list")  # fmt: skip
+    types = tuple(value[:L])
+    if "chunked_attention" not in types:
+        return {"layer_types": types}
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise HFConfigError("attention_chunk_size", chunk, "chunked_attention layers need a chunk size >= 1",
+                            "set attention_chunk_size in config.json")  # fmt: skip
+    return {"layer_types": types, "attention_chunk_size": chunk}
+
+
+def _llama4_rope_flags(hf) -> tuple:
+    rope = _read_rope_pattern("no_rope_layers", hf["no_rope_layers"] or None, hf)["no_rope_layers"]
+    return tuple(rope[: hf["num_hidden_layers"]])
+
+
+def _read_llama4_qk_norm(name, value, hf):
+    """use_qk_norm: the weightless L2 norm, on the RoPE layers only (none there: nothing to norm)."""
+    if not isinstance(value, bool):
+        raise HFConfigError(name, value, "expected a bool", "fix the value in config.json")
+    return {"qk_norm": "l2"} if value and any(_llama4_rope_flags(hf)) else {}
+
+
+def _read_llama4_temperature(name, value, hf):
+    """attn_temperature_tuning: q *= log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1 on NoPE layers."""
+    if not isinstance(value, (bool, int)):  # the hub's Scout config says 4: transformers 4 read it as true
+        raise HFConfigError(name, value, "expected a bool", "fix the value in config.json")
+    floor_scale, attn_scale = hf["floor_scale"], hf["attn_scale"]
+    if not value or all(_llama4_rope_flags(hf)) or attn_scale == 0:  # no NoPE layer, or a scale of exactly 1
+        return {}
+    if not isinstance(floor_scale, int) or isinstance(floor_scale, bool) or floor_scale < 1:
+        raise HFConfigError("floor_scale", floor_scale, "must be a positive integer", "fix the value")
+    if isinstance(attn_scale, bool) or not isinstance(attn_scale, (int, float)) or not attn_scale > 0:
+        raise HFConfigError("attn_scale", attn_scale, "nopejax takes a positive attn_scale (or 0: off)", "fix it")
+    return {"nope_temperature": (float(floor_scale), float(attn_scale))}
+
+
+def _read_llama4_moe_layers(name, value, hf):
+    """moe_layers as given, else every interleave_moe_layer_step-th layer; nopejax's MoE layers are
+    those with (i + 1) % moe_layer_interval == 0, so an explicit list must be such a pattern."""
+    L, step = hf["num_hidden_layers"], hf["interleave_moe_layer_step"]
+    if value is None:
+        step = _interval("interleave_moe_layer_step", step, "when moe_layers is absent")
+        value = list(range(step - 1, L, step))
+    patterns = {tuple(range(s - 1, L, s)): s for s in range(1, L + 1)}
+    if not isinstance(value, list) or tuple(value) not in patterns:
+        raise HFConfigError(
+            name, value, "nopejax places MoE layers every k-th layer ((i + 1) % k == 0), at least one",
+            "import a checkpoint whose moe_layers is such a pattern",
+        )  # fmt: skip
+    return {"moe_layer_interval": patterns[tuple(value)]}
+
+
+def _sliding_rope_only(m) -> bool:
+    return all(spec.use_rope == (spec.attention == "sliding") for spec in config.layer_specs(m))
+
+
+MOE_LACKS = (
+    ("num_experts", lambda m: m.num_experts == 0, "dense-only model (nopejax maps its MoE layers)"),
+    ("capacity_factor", lambda m: m.capacity_factor != 0, "capacity-limited routing (transformers is dropless)"),
+    ("partial_rotary_factor", lambda m: m.partial_rotary_factor != 1.0, "partial RoPE"),
+    ("rope_theta_local", lambda m: m.rope_theta_local is not None, "a separate RoPE base for local layers"),
+    ("norm", lambda m: m.norm != "rms", "LayerNorm (its norms are RMSNorm)"),
+    ("logit_scale", lambda m: m.logit_scale != 1.0, "a logit scale"),
+    ("mlp_bias", lambda m: m.mlp_bias, "MLP biases"),
+    ("router", lambda m: m.router != "sigmoid", "softmax router (its router is sigmoid)"),
+)
+AFMOE_LACKS = (
+    *MOE_LACKS,
+    ("attention_chunk_size", lambda m: m.attention_chunk_size is not None, "chunked attention"),
+    ("nope_temperature", lambda m: m.nope_temperature is not None, "a NoPE query temperature"),
+    ("block", lambda m: m.block != "sandwich", "block other than sandwich"),
+    ("qk_norm", lambda m: m.qk_norm != "rms", "layer without the per-head RMS QK-norm"),
+    ("attention_gate", lambda m: not m.attention_gate, "attention without the output gate"),
+    ("embed_scale", lambda m: not (m.embed_scale == 1.0 or math.isclose(m.embed_scale, m.d_model**0.5, rel_tol=1e-12)),
+     "embedding scale other than 1 or sqrt(hidden_size) (mup_enabled)"),
+    ("rope_layout", lambda m: m.rope_layout != "half" and _ROPE_LAYERS(m), "the interleaved RoPE layout"),
+    ("no_rope_layers", lambda m: not _sliding_rope_only(m),
+     "RoPE/NoPE pattern other than RoPE on exactly the sliding layers"),
+    ("moe_layer_interval", lambda m: m.moe_layer_interval != 1, "interleaved dense layers past num_dense_layers"),
+    ("router_normalize", lambda m: not m.router_normalize, "unnormalised top-k weights"),
+    ("router_scale_input", lambda m: m.router_scale_input, "expert inputs scaled by the router weight"),
+    ("num_shared_experts", lambda m: m.num_shared_experts == 0, "mapping without a shared expert in nopejax"),
+)  # fmt: skip
+LLAMA4_LACKS = (
+    *MOE_LACKS,
+    ("layer_types", lambda m: any(spec.attention == "sliding" for spec in config.layer_specs(m)),
+     "sliding-window layers"),
+    ("block", lambda m: m.block != "pre_norm", "block other than pre_norm"),
+    ("qk_norm", lambda m: m.qk_norm == "rms", "learned RMS QK-norm (its QK-norm is the weightless L2)"),
+    ("attention_gate", lambda m: m.attention_gate, "gated attention output"),
+    ("embed_scale", lambda m: m.embed_scale != 1.0, "embedding scale"),
+    ("rope_layout", lambda m: m.rope_layout != "interleaved" and _ROPE_LAYERS(m), "the half-split RoPE layout"),
+    ("nope_temperature", lambda m: m.nope_temperature is not None and not float(m.nope_temperature[0]).is_integer(),
+     "non-integer floor_scale"),
+    ("num_dense_layers", lambda m: m.num_dense_layers != 0, "dense first layers (moe_layers is periodic here)"),
+    ("router_scale_input", lambda m: not m.router_scale_input, "router weights on the expert outputs"),
+    ("num_shared_experts", lambda m: m.num_shared_experts != 1, "shared experts other than exactly one"),
+    ("expert_bias_rate", lambda m: m.expert_bias_rate != 0, "expert bias (the update would make one)"),
+)  # fmt: skip
+
+
+def _global_every(m) -> int:
+    """AFMoE's global_attn_every_n_layers giving the layer types, or its default when none does."""
+    types = _types(m)
+    for n in range(1, m.num_layers + 2):
+        if types == ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(m.num_layers)]:
+            return n
+    return 4
+
+
+def _afmoe_config(m) -> dict:
+    return {
+        "intermediate_size": m.d_ff,
+        "moe_intermediate_size": moe.expert_width(m),
+        "num_dense_layers": m.num_dense_layers,
+        "num_experts": m.num_experts,
+        "num_experts_per_tok": m.experts_per_token,
+        "num_shared_experts": m.num_shared_experts,
+        "route_scale": float(m.routed_scale),
+        "layer_types": _types(m),
+        "global_attn_every_n_layers": _global_every(m),
+        # transformers builds the sliding mask even when no layer slides; it then masks nothing
+        "sliding_window": m.sliding_window or m.max_position_embeddings,
+        "mup_enabled": m.embed_scale != 1.0,
+        "rms_norm_eps": m.rms_norm_eps,
+        "attention_bias": bool(m.attention_bias),
+    }
+
+
+def _llama4_config(m) -> dict:
+    t = m.nope_temperature
+    rope = [int(x) for x in config.rope_pattern(m)]
+    return {
+        "intermediate_size": moe.expert_width(m),
+        "intermediate_size_mlp": m.d_ff,
+        "num_local_experts": m.num_experts,
+        "num_experts_per_tok": m.experts_per_token,
+        "moe_layers": [i for i, spec in enumerate(config.layer_specs(m)) if spec.ffn == "moe"],
+        "interleave_moe_layer_step": m.moe_layer_interval,
+        "no_rope_layers": rope,
+        "no_rope_layer_interval": m.no_rope_layer_interval or 4,  # read only when no_rope_layers is empty
+        "layer_types": _types(m),
+        "attention_chunk_size": m.attention_chunk_size,
+        "use_qk_norm": m.qk_norm == "l2",
+        "attn_temperature_tuning": t is not None,
+        "floor_scale": int(t[0]) if t else 8192,
+        "attn_scale": float(t[1]) if t else 0.1,
+        "rms_norm_eps": m.rms_norm_eps,
+        "attention_bias": bool(m.attention_bias),
+    }
+
+
+def _llama4_params(m, params) -> None:
+    """Llama 4 has no expert bias: a nonzero one (trained with expert_bias_rate) cannot be written."""
+    bias = np.asarray(params["layers"]["expert_bias"])
+    if np.any(bias != 0):
+        raise config.ConfigError(
+            "model.expert_bias_rate", f"the params hold a nonzero expert bias (max |b| = {np.abs(bias).max():.3g}), "
+            "but the Llama4 format has no expert bias, so transformers would route differently",
+            "export to afmoe, or train Llama 4 models with expert_bias_rate = 0",
+        )  # fmt: skip
+
+
+AFMOE = Family(
+    "afmoe",
+    "AfmoeForCausalLM",
+    {
+        **_without("mlp_bias"),  # AFMoE's MLPs have no biases: refused
+        **_defaults(vocab_size=200192, hidden_size=2048, intermediate_size=6144, num_hidden_layers=32,
+                    num_attention_heads=16, max_position_embeddings=16384, rms_norm_eps=1e-5,
+                    tie_word_embeddings=False, rope_theta=10_000.0),
+        "architectures": Field(None, _architectures("AfmoeForCausalLM")),
+        "head_dim": Field(128, _read_afmoe_head_dim),
+        "moe_intermediate_size": Field(1408, _positive_int("expert_d_ff")),
+        "num_dense_layers": Field(1, _to("num_dense_layers", int)),
+        "num_experts": Field(64, _positive_int("num_experts")),
+        "num_experts_per_tok": Field(6, _positive_int("experts_per_token")),
+        "num_shared_experts": Field(2, _read_afmoe_shared),
+        "route_scale": Field(1.0, _positive_float("routed_scale")),
+        "output_router_logits": Field(False, harmless),
+        "layer_types": Field(None, _read_afmoe_layers),
+        "global_attn_every_n_layers": Field(4, harmless),  # read by the layer_types row
+        "sliding_window": Field(1024, harmless),  # read by the layer_types row
+        "mup_enabled": Field(False, _read_mup),
+        # the hub checkpoints' config.json carries these (Arcee's remote code); transformers' AFMoE
+        # ignores them, so they are accepted only where they say what transformers computes anyway
+        "auto_map": Field(None, harmless),  # remote-code class names; nopejax computes transformers' own
+        "use_grouped_mm": Field(None, harmless),  # a kernel choice
+        "load_balance_coeff": Field(None, harmless),  # a training loss weight
+        "score_func": Field(None, _only(None, "sigmoid", problem="transformers' AFMoE router is sigmoid",
+                                        fix="remove it")),
+        "route_norm": Field(None, _only(None, True, problem="transformers' AFMoE normalises the top-k weights",
+                                        fix="remove it")),
+        **{name: Field(None, _only(None, 1, problem="transformers' AFMoE routes without expert groups",
+                                   fix="remove it"))
+           for name in ("n_group", "topk_group", "num_expert_groups", "num_limited_groups")},
+    },
+    {"block": "sandwich", "qk_norm": "rms", "attention_gate": True, "router": "sigmoid", "router_normalize": True,
+     "hf_family": "afmoe"},
+    AFMOE_LAYER_MAP,
+    AFMOE_LACKS,
+    _afmoe_config,
+)  # fmt: skip
+
+LLAMA4 = Family(
+    "llama4_text",
+    "Llama4ForCausalLM",
+    {
+        **_without("mlp_bias"),  # Llama 4's MLPs have no biases: refused
+        **_defaults(vocab_size=202048, hidden_size=5120, num_hidden_layers=48, num_attention_heads=40,
+                    num_key_value_heads=8, max_position_embeddings=4096 * 32, rms_norm_eps=1e-5,
+                    tie_word_embeddings=False, rope_theta=500_000.0, bos_token_id=1, eos_token_id=2),
+        "architectures": Field(None, _architectures("Llama4ForCausalLM")),
+        "head_dim": Field(128, _read_head_dim_free),
+        "intermediate_size": Field(8192, _positive_int("expert_d_ff")),  # routed and shared experts
+        "intermediate_size_mlp": Field(16384, _positive_int("d_ff")),  # the dense layers
+        "num_local_experts": Field(16, _positive_int("num_experts")),
+        "num_experts_per_tok": Field(1, _positive_int("experts_per_token")),
+        "moe_layers": Field(None, _read_llama4_moe_layers),
+        "interleave_moe_layer_step": Field(1, harmless),  # read by the moe_layers row
+        "no_rope_layers": Field(None, _read_llama4_rope),
+        "no_rope_layer_interval": Field(4, harmless),  # read by the no_rope_layers row
+        "layer_types": Field(None, _read_llama4_layers),
+        "attention_chunk_size": Field(8192, harmless),  # read by the layer_types row
+        "use_qk_norm": Field(True, _read_llama4_qk_norm),
+        "attn_temperature_tuning": Field(True, _read_llama4_temperature),
+        "floor_scale": Field(8192, harmless),  # read by the attn_temperature_tuning row
+        "attn_scale": Field(0.1, harmless),  # read by the attn_temperature_tuning row
+        "output_router_logits": Field(False, harmless),
+        "router_aux_loss_coef": Field(0.001, harmless),  # a training loss weight, not in the forward
+        "router_jitter_noise": Field(0.0, harmless),  # not read by Llama4TextMoe
+        # the hub's Llama 4 text configs carry these; transformers' Llama 4 does not read them
+        "for_llm_compressor": Field(None, harmless),
+        "cache_implementation": Field(None, harmless),  # generation only
+    },
+    {"block": "pre_norm", "router": "sigmoid", "router_scale_input": True, "num_shared_experts": 1,
+     "hf_family": "llama4"},
+    LLAMA4_LAYER_MAP,
+    LLAMA4_LACKS,
+    _llama4_config,
+    _llama4_params,
+)  # fmt: skip
+
+FAMILIES = {family.model_type: family for family in (SMOLLM3, LLAMA, COHERE2, EXAONE4, AFMOE, LLAMA4)}
+FAMILIES["llama4"] = LLAMA4  # nopejax's name for it (model.hf_family); config.json says llama4_text
 
 
 def model_config_from_hf(hf: dict) -> config.ConfigDict:
     """The nopejax model config of a transformers config.json, exact or refused (HFConfigError)."""
     family = FAMILIES.get(hf.get("model_type"))
+    if hf.get("model_type") == "llama4":  # Llama4ForConditionalGeneration: a vision tower beside the text model
+        raise HFConfigError(
+            "model_type", "llama4", "a multimodal Llama 4 checkpoint; nopejax imports the text model only "
+            "(Llama4ForCausalLM, model_type llama4_text), and never skips a weight (the vision tower's)",
+            "save its language model alone: Llama4ForConditionalGeneration.from_pretrained(dir)"
+            ".language_model.save_pretrained(text_dir), then import text_dir",
+        )  # fmt: skip
     if family is None:
-        raise HFConfigError("model_type", hf.get("model_type"), f"nopejax imports {sorted(FAMILIES)} only",
+        types = sorted({f.model_type for f in FAMILIES.values()})  # config.json's names, not the aliases
+        raise HFConfigError("model_type", hf.get("model_type"), f"nopejax imports {types} only",
                             "convert a checkpoint of a supported family")  # fmt: skip
     unknown = [name for name in hf if name not in family.fields]
     if unknown:
@@ -679,9 +1147,13 @@ EXPORTED_FIELDS = {
     "tie_embeddings", "rms_norm_eps", "attention_bias", "mlp_bias", "layer_types", "global_attention_interval",
     "sliding_window", "rope_layout", "qk_norm", "norm", "block", "logit_scale",
     *(field for field, _, _ in NOBODY_HAS),
+    # MoE: each family's lacks refuses what it cannot hold
+    "experts_per_token", "expert_d_ff", "num_shared_experts", "router", "router_normalize", "routed_scale",
+    "router_scale_input", "num_dense_layers", "moe_layer_interval", "capacity_factor",
 }  # fmt: skip
 # ... and those that only say how nopejax trains or runs it, not what it computes.
-RUNTIME_FIELDS = {"init_std", "dtype", "param_dtype", "attention_impl", "scan_layers", "remat", "hf_family"}
+RUNTIME_FIELDS = {"init_std", "dtype", "param_dtype", "attention_impl", "scan_layers", "remat", "hf_family",
+                  "balance_loss_weight", "router_z_loss_weight", "expert_bias_rate"}  # fmt: skip
 
 
 def check_exportable(m: config.ConfigDict, family: str | None = None) -> None:
@@ -804,15 +1276,15 @@ def load_params(path: str, m: config.ConfigDict) -> dict:
             "(transformers would use the embedding)",
             "set tie_word_embeddings false if the head was trained separately, or delete lm_head.weight",
         )  # fmt: skip
-    layers, layer_map = {}, FAMILIES[m.hf_family].layer_map
-    for name in model.layer_params(m):
-        stacked = None
-        for i in range(m.num_layers):
-            w = layer_map[name].from_hf(reader.get(f"model.layers.{i}.{layer_map[name].suffix}"), m)
-            if stacked is None:
-                stacked = np.empty((m.num_layers, *w.shape), pdtype)
-            stacked[i] = w
-        layers[name] = stacked
+    layers = {
+        name: np.empty((model.stack_size(m, name), *shape_fn(m)), pdtype)
+        for name, (shape_fn, _) in model.layer_params(m).items()
+    }
+    for i, rows in enumerate(layer_rows(m)):
+        for index, row in rows:
+            got = row.from_hf({suffix: reader.get(f"model.layers.{i}.{suffix}") for suffix in row.shapes(m)}, m)
+            for name, w in got.items():
+                layers[name][index[name]] = w
     params["layers"] = layers
     params["final_norm"] = reader.get("model.norm.weight").astype(pdtype)
     if not m.tie_embeddings:
@@ -852,23 +1324,37 @@ def to_hf(
     else:
         m, params = model_cfg, module_or_params
     check_exportable(m)  # the mirror rule, before anything is written
+    FAMILIES[m.hf_family].check_params(m, params)  # what the config cannot tell (Llama 4: no expert bias)
     dtype = dtype or m.param_dtype
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     os.makedirs(out_dir, exist_ok=True)
 
-    producers, layer_map = {"model.embed_tokens.weight": lambda: params["embed"]}, FAMILIES[m.hf_family].layer_map
-    for i in range(m.num_layers):
-        for name in model.layer_params(m):
-            producers[f"model.layers.{i}.{layer_map[name].suffix}"] = lambda name=name, i=i: layer_map[name].to_hf(
-                np.asarray(params["layers"][name][i])
-            )
-    producers["model.norm.weight"] = lambda: params["final_norm"]
+    producers = {"model.embed_tokens.weight": lambda: {"model.embed_tokens.weight": params["embed"]}}
+    for i, rows in enumerate(layer_rows(m)):
+        for index, row in rows:
+
+            def produce(i=i, index=index, row=row):  # all the row's tensors at once (fused / per expert)
+                ours = {name: np.asarray(params["layers"][name][j]) for name, j in index.items()}
+                return {f"model.layers.{i}.{suffix}": a for suffix, a in row.to_hf(ours, m).items()}
+
+            for suffix in row.shapes(m):
+                producers[f"model.layers.{i}.{suffix}"] = produce
+    producers["model.norm.weight"] = lambda: {"model.norm.weight": params["final_norm"]}
     if not m.tie_embeddings:
-        producers["lm_head.weight"] = lambda: np.asarray(params["lm_head"]).T
+        producers["lm_head.weight"] = lambda: {"lm_head.weight": np.asarray(params["lm_head"]).T}
+    pending = {}  # tensors a row produced together, handed out one by one (the file order keeps them adjacent)
+
+    def produce_one(name):
+        if name not in pending:
+            pending.update(producers[name]())
+        return pending.pop(name)
 
     # shapes from the config alone: nothing is materialised to plan the files
-    specs = [(name, shape, np_dtype) for name, shape in hf_tensor_shapes(m).items()]
-    tensorfile.write(out_dir, specs, lambda name: producers[name]())  # write() converts to np_dtype
+    specs = [
+        (name, shape, np.dtype(np.float32) if name.endswith(KEEP_FP32) else np_dtype)
+        for name, shape in hf_tensor_shapes(m).items()
+    ]
+    tensorfile.write(out_dir, specs, produce_one)  # write() converts to each spec's dtype
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(m, token_ids, dtype), f, indent=2)
     if tokenizer is not None:

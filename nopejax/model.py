@@ -52,6 +52,10 @@ QK_NORM_PARAMS = {
     "k_norm": (lambda m: (m.head_dim,), ("head_dim",)),
 }
 
+# model.attention_gate (AFMoE): a projection of the normed layer input whose sigmoid multiplies the
+# attended values, per head and dim, before wo
+ATTENTION_GATE_PARAMS = {"attn_gate": (lambda m: (m.d_model, m.num_heads, m.head_dim), ("embed", "heads", "head_dim"))}
+
 # Optional projection biases (HF `attention_bias`, `mlp_bias`): name -> (shape, logical axes, the
 # config switch). They exist as params only when switched on; added after the matmul, so the
 # attention kernel never sees them.
@@ -104,6 +108,7 @@ def layer_params(m) -> dict:
     post = {name: v for name, v in POST_NORM_PARAMS.items() if name in norms}
     biases = {name: (shape_fn, logical) for name, (shape_fn, logical, key) in BIAS_PARAMS.items() if m[key]}
     out = {**base, **post, **(QK_NORM_PARAMS if m.qk_norm == "rms" else {}), **biases}
+    out.update(ATTENTION_GATE_PARAMS if m.attention_gate else {})
     out.update(moe.moe_params(m) if m.num_experts else {})
     specs = config.layer_specs(m)
     return {name: v for name, v in out.items() if group_count(specs, param_group(name))}
@@ -173,8 +178,12 @@ def attention_inputs(p, h_BSD, m, dtype, spec: config.LayerSpec):
     return q_BSHE, k_BSKE, v_BSKE
 
 
-def attention_output(p, o_BSHE, dtype):
-    """Output projection (+ bias) of the attended values: the attention sublayer's output."""
+def attention_output(p, o_BSHE, h_BSD, dtype):
+    """Output projection (+ bias) of the attended values, gated first when the model has a gate
+    (AFMoE: o * sigmoid(h @ W_gate), h the sublayer's input): the attention sublayer's output."""
+    if "attn_gate" in p:
+        gate_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, p["attn_gate"].astype(dtype))
+        o_BSHE = o_BSHE * jax.nn.sigmoid(gate_BSHE)
     return _plus_bias(jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype)), p, "o_bias")
 
 
@@ -203,7 +212,7 @@ def block(p, x_BSD, m, dtype, spec: config.LayerSpec, attend):
     """
     h_BSD = norm(x_BSD, p["attn_norm"], m) if "attn_norm" in p else x_BSD
     o_BSHE, aux = attend(*attention_inputs(p, h_BSD, m, dtype, spec))
-    a_BSD = attention_output(p, o_BSHE, dtype)
+    a_BSD = attention_output(p, o_BSHE, h_BSD, dtype)
     if "attn_post_norm" in p:
         a_BSD = norm(a_BSD, p["attn_post_norm"], m)
     if m.block == "parallel":  # Cohere2: residual + attention + MLP, both from the one norm
@@ -360,8 +369,10 @@ class Decoder(nnx.Module):
         return constrain(logits_BSV, ("act_batch", "act_seq", "act_vocab"))
 
     def embed_tokens(self, tokens_BS):
-        """tokens int32 [B, S] -> embeddings [B, S, D] in the compute dtype."""
-        return jnp.take(self.embed[...], tokens_BS, axis=0).astype(_dtype(self.cfg.dtype))
+        """tokens int32 [B, S] -> embeddings [B, S, D] in the compute dtype, times `model.embed_scale`
+        (AFMoE's muP input scale; HF scales in the compute dtype too)."""
+        x_BSD = jnp.take(self.embed[...], tokens_BS, axis=0).astype(_dtype(self.cfg.dtype))
+        return x_BSD * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x_BSD
 
     def hidden(self, tokens_BS, positions=None, segment_ids=None):
         """tokens int32 [B, S] -> final-normed hidden states [B, S, D] in the compute dtype."""

@@ -62,6 +62,8 @@ def _llama3(inv_freq: np.ndarray, scaling: dict, factor: float) -> np.ndarray:
     wavelen = (2 * math.pi / inv_freq).astype(np.float32)
     # longer than the original context: interpolate (divide by factor); shorter than the high bound: keep
     scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
+    if high_freq_factor == low_freq_factor:  # Llama 4 Scout: no band to interpolate (HF's 0/0 there is unused)
+        return scaled
     smooth = ((old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).astype(np.float32)
     smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)

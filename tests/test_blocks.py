@@ -24,6 +24,8 @@ def family_cfg(kind: str, **kw) -> config.ConfigDict:
             "cohere2": dict(block="parallel", norm="layernorm", rope_layout="interleaved", logit_scale=0.5),
             "exaone4": dict(block="post_norm", qk_norm="rms"),
             "sandwich": dict(block="sandwich", qk_norm="rms"),
+            # AFMoE's attention: sandwich + the sigmoid output gate + muP's embedding scale
+            "trinity": dict(block="sandwich", qk_norm="rms", attention_gate=True, embed_scale=30**0.5),
         }[kind],
         **kw,
     )
@@ -68,7 +70,7 @@ def test_packed_equals_separate_and_scanned_equals_unrolled(kind):
     np.testing.assert_allclose(unrolled(packed, pos, seg), together, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["cohere2", "exaone4"])
+@pytest.mark.parametrize("kind", ["cohere2", "exaone4", "trinity"])
 def test_sharded_equals_one_device(kind):
     cfg = family_cfg(kind)
     cfg.mesh.update(data=2, fsdp=2, tensor=1)
@@ -92,7 +94,7 @@ def test_sharded_equals_one_device(kind):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g_sharded, g_one)
 
 
-@pytest.mark.parametrize("kind", BLOCKS)
+@pytest.mark.parametrize("kind", [*BLOCKS, "trinity"])
 def test_generate_equals_full_recomputation(kind):
     module = random_module(family_cfg(kind, scan_layers=kind != "exaone4").model, seed=4)
     prompt = np.asarray([1, 5, 9, 2, 33, 7], np.int32)

@@ -438,17 +438,24 @@ def _rope_on_sliding(types: tuple, window: int) -> dict:
     return out
 
 
+def _sliding_every(name, value, hf, interval_key: str, family: str) -> tuple[str, ...]:
+    """layer_types as given, else sliding except every `hf[interval_key]`-th layer, full; the family's
+    transformers code builds a sliding mask for every model, so a window must be set."""
+    L = hf["num_hidden_layers"]
+    if value is None:
+        n = _interval(interval_key, hf[interval_key], "when layer_types is absent")
+        value = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(L)]
+    types = _kinds(name, value, L, family)
+    if hf["sliding_window"] is None:
+        raise HFConfigError("sliding_window", None, f"transformers' {family} cannot run without a window",
+                            "set sliding_window in config.json")  # fmt: skip
+    return types
+
+
 def _read_cohere2_layers(name, value, hf):
     """Cohere2: layer_types as given, else derived from sliding_window_pattern (default 4: layer i is
     full when (i + 1) % 4 == 0). Sliding layers rotate interleaved pairs; full layers are NoPE."""
-    L = hf["num_hidden_layers"]
-    if value is None:
-        p = _interval("sliding_window_pattern", hf["sliding_window_pattern"], "when layer_types is absent")
-        value = ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(L)]
-    types = _kinds(name, value, L, "Cohere2")
-    if hf["sliding_window"] is None:  # transformers builds the sliding mask for every Cohere2 model
-        raise HFConfigError("sliding_window", None, "transformers' Cohere2 cannot run without a window",
-                            "set sliding_window in config.json")  # fmt: skip
+    types = _sliding_every(name, value, hf, "sliding_window_pattern", "Cohere2")
     out = _rope_on_sliding(types, _window("sliding_window", hf["sliding_window"]))
     return {**out, "rope_layout": "interleaved"} if "sliding_attention" in types else out
 
@@ -826,14 +833,7 @@ def _read_afmoe_shared(name, value, hf):
 def _read_afmoe_layers(name, value, hf):
     """AFMoE: layer_types as given, else sliding except every global_attn_every_n_layers-th layer.
     RoPE on exactly the sliding layers (AfmoeAttention rotates only `is_local_attention` layers)."""
-    L = hf["num_hidden_layers"]
-    if value is None:
-        n = _interval("global_attn_every_n_layers", hf["global_attn_every_n_layers"], "when layer_types is absent")
-        value = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(L)]
-    types = _kinds(name, value, L, "AFMoE")
-    if hf["sliding_window"] is None:  # transformers builds the sliding mask for every AFMoE model
-        raise HFConfigError("sliding_window", None, "transformers' AFMoE cannot run without a window",
-                            "set sliding_window in config.json")  # fmt: skip
+    types = _sliding_every(name, value, hf, "global_attn_every_n_layers", "AFMoE")
     return _rope_on_sliding(types, _window("sliding_window", hf["sliding_window"]))
 
 

@@ -21,6 +21,7 @@ from configs_loader import ROOT
 
 import nopejax
 from nopejax import cli, config, hf, model, tensorfile
+from tests.test_hf_families import logits_of
 
 SEQ = 13
 COMMON = dict(vocab_size=61, hidden_size=40, num_attention_heads=3, head_dim=14, max_position_embeddings=64,
@@ -68,11 +69,6 @@ def hf_model(model_type: str, seed: int = 0, **kw):
             if name.endswith("expert_bias"):
                 p.normal_(0.0, 0.2)
     return ref
-
-
-def logits_of(ref, tokens_BS):
-    with torch.no_grad():
-        return ref(torch.tensor(np.asarray(tokens_BS), dtype=torch.long)).logits.numpy()
 
 
 @pytest.fixture(scope="module", params=list(CASES))

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 from jax.sharding import NamedSharding
 
 import nopejax
 from nopejax import attention, cli, config, metrics, model, sharding, tensorfile, train
 from nopejax.config import ConfigError, LayerSpec
+from tests.test_model import assert_scanned_equals_unrolled
 
 # ---------------------------------------------------------------------------------------------
 # The reference: dense masked attention and a decoder, from the definitions
@@ -231,19 +231,7 @@ def test_scanned_equals_unrolled_with_local_layers(overrides):
     m = tiny(**overrides)
     block, reps, tail = config.block_structure(config.layer_specs(m))
     assert reps >= 1 and block * reps + tail == config.layer_specs(m)
-    scanned = model.create(m, seed=1)
-    m.scan_layers = False
-    unrolled = model.create(m, seed=1)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 67, (2, 19)), jnp.int32)
-
-    @nnx.jit  # logits and grads in one compile per stack: eager op-by-op dispatch costs more on CPU
-    def logits_and_grads(module):
-        return module(tokens), nnx.grad(lambda mod: jnp.mean(mod(tokens) ** 2))(module)
-
-    (out1, g1), (out2, g2) = logits_and_grads(scanned), logits_and_grads(unrolled)
-    np.testing.assert_allclose(out1, out2, atol=1e-6, rtol=0)
-    g1, g2 = nnx.to_pure_dict(g1), nnx.to_pure_dict(g2)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g1, g2)
+    assert_scanned_equals_unrolled(m, seq_len=19)
 
 
 def test_block_structure_of_a_local_global_stack():

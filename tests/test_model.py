@@ -26,12 +26,12 @@ def tiny(**overrides):
         dict(num_layers=4, no_rope_layer_interval=0, remat="save_dots"),
     ],
 )
-def test_scanned_equals_unrolled(overrides):
-    m = tiny(**overrides)
+def assert_scanned_equals_unrolled(m, seq_len: int) -> None:
+    """The scanned stack of `m` gives the unrolled stack's logits and parameter gradients."""
     scanned = model.create(m, seed=1)
     m.scan_layers = False
     unrolled = model.create(m, seed=1)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 67, (2, 13)), jnp.int32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 67, (2, seq_len)), jnp.int32)
 
     @nnx.jit  # logits and grads in one compile per stack: eager op-by-op dispatch costs more on CPU
     def logits_and_grads(module):
@@ -41,6 +41,10 @@ def test_scanned_equals_unrolled(overrides):
     np.testing.assert_allclose(out1, out2, atol=1e-6, rtol=0)
     g1, g2 = nnx.to_pure_dict(g1), nnx.to_pure_dict(g2)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g1, g2)
+
+
+def test_scanned_equals_unrolled(overrides):
+    assert_scanned_equals_unrolled(tiny(**overrides), seq_len=13)
 
 
 def test_packed_documents_equal_documents_alone():

@@ -16,16 +16,6 @@ def tiny(**overrides):
     return config.validate(cfg).model
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        dict(num_layers=8, no_rope_layer_interval=4),
-        dict(num_layers=7, no_rope_layer_interval=4),  # a 3-layer tail after one block of 4
-        dict(num_layers=5, no_rope_layers=(1, 0, 0, 1, 1)),  # not periodic at all
-        dict(num_layers=6, no_rope_layer_interval=2, remat="full"),
-        dict(num_layers=4, no_rope_layer_interval=0, remat="save_dots"),
-    ],
-)
 def assert_scanned_equals_unrolled(m, seq_len: int) -> None:
     """The scanned stack of `m` gives the unrolled stack's logits and parameter gradients."""
     scanned = model.create(m, seed=1)
@@ -43,6 +33,16 @@ def assert_scanned_equals_unrolled(m, seq_len: int) -> None:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g1, g2)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(num_layers=8, no_rope_layer_interval=4),
+        dict(num_layers=7, no_rope_layer_interval=4),  # a 3-layer tail after one block of 4
+        dict(num_layers=5, no_rope_layers=(1, 0, 0, 1, 1)),  # not periodic at all
+        dict(num_layers=6, no_rope_layer_interval=2, remat="full"),
+        dict(num_layers=4, no_rope_layer_interval=0, remat="save_dots"),
+    ],
+)
 def test_scanned_equals_unrolled(overrides):
     assert_scanned_equals_unrolled(tiny(**overrides), seq_len=13)
 

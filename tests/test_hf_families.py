@@ -56,14 +56,17 @@ def logits_of(ref, tokens_BS):
         return ref(torch.tensor(np.asarray(tokens_BS), dtype=torch.long)).logits.numpy()
 
 
+def saved_and_imported(case: str, ref, tmp_path_factory):
+    """(case, transformers model, its saved dir, nopejax.from_hf of that dir)."""
+    path = tmp_path_factory.mktemp(case) / "hf"
+    ref.save_pretrained(path)
+    return case, ref, path, nopejax.from_hf(str(path))
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def imported(request, tmp_path_factory):
-    """(case, transformers model, its saved dir, nopejax.from_hf of that dir)."""
     family, kw = CASES[request.param]
-    ref = hf_model(family, seed=len(request.param), **kw)
-    path = tmp_path_factory.mktemp(request.param) / "hf"
-    ref.save_pretrained(path)
-    return request.param, ref, path, nopejax.from_hf(str(path))
+    return saved_and_imported(request.param, hf_model(family, seed=len(request.param), **kw), tmp_path_factory)
 
 
 def test_logits_match_transformers(imported):

@@ -21,7 +21,7 @@ from configs_loader import ROOT
 
 import nopejax
 from nopejax import cli, config, hf, model, tensorfile
-from tests.test_hf_families import logits_of
+from tests.test_hf_families import logits_of, saved_and_imported
 
 SEQ = 13
 COMMON = dict(vocab_size=61, hidden_size=40, num_attention_heads=3, head_dim=14, max_position_embeddings=64,
@@ -73,12 +73,8 @@ def hf_model(model_type: str, seed: int = 0, **kw):
 
 @pytest.fixture(scope="module", params=list(CASES))
 def imported(request, tmp_path_factory):
-    """(case, transformers model, its saved dir, nopejax.from_hf of that dir)."""
     model_type, kw = CASES[request.param]
-    ref = hf_model(model_type, seed=len(request.param), **kw)
-    path = tmp_path_factory.mktemp(request.param) / "hf"
-    ref.save_pretrained(path)
-    return request.param, ref, path, nopejax.from_hf(str(path))
+    return saved_and_imported(request.param, hf_model(model_type, seed=len(request.param), **kw), tmp_path_factory)
 
 
 def test_logits_match_transformers(imported):

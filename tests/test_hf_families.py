@@ -86,16 +86,22 @@ def test_logits_match_transformers(imported):
         assert all(s.use_rope for s in specs)
 
 
-def test_round_trip_reproduces_every_tensor(imported, tmp_path):
+def assert_export_reproduces_every_tensor(imported, out) -> None:
+    """Export the imported model to `out`: the same tensor names, dtypes and values as the HF original."""
     _, ref, path, ours = imported
-    out = tmp_path / "back"
     nopejax.to_hf(ours, str(out))
     a, b = tensorfile.Reader(str(path)), tensorfile.Reader(str(out))
     tied = ref.config.tie_word_embeddings
     names = [n for n in a.names() if not (tied and n == "lm_head.weight")]
     assert sorted(names) == sorted(b.names())
     for name in names:
+        assert a.dtype(name) == b.dtype(name), name
         np.testing.assert_array_equal(a.get(name), b.get(name), err_msg=name)
+
+
+def test_round_trip_reproduces_every_tensor(imported, tmp_path):
+    ref, out = imported[1], tmp_path / "back"
+    assert_export_reproduces_every_tensor(imported, out)
     again = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(again) is type(ref) and again.config.layer_types == ref.config.layer_types
     tokens_BS = np.arange(SEQ).reshape(1, SEQ) % 61

@@ -62,7 +62,8 @@ def run_config(task: str, pattern: str, seed: int, quick: bool):
 
     if task == "text":
         path = os.path.join(ROOT, "configs", "experiments", f"{pattern}.py")
-        overrides = {"train.steps": TEXT_STEPS, "train.eval_every": TEXT_STEPS, "checkpoint.every_steps": TEXT_STEPS}
+        overrides = {"train.steps": TEXT_STEPS, "train.eval_every": TEXT_STEPS, "checkpoint.every_steps": TEXT_STEPS,
+                     "train.sample_every": 0}  # fmt: skip
     else:
         path = os.path.join(ROOT, "configs", "experiments", task, f"{pattern}.py")
         overrides = {}
@@ -362,7 +363,8 @@ def main() -> int:
     p.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated subset of the arms")
     p.add_argument("--runs-dir", default="/tmp/nopejax_length_gen")
     p.add_argument("--docs", default=os.path.join(ROOT, "docs"))
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (at most one per CPU core helps)")
+    cores = len(os.sched_getaffinity(0))
+    p.add_argument("--jobs", type=int, default=cores, help=f"runs trained at once, one per CPU core (default {cores})")
     p.add_argument("--batches", type=int, default=2, help="eval-length --batches")
     p.add_argument(
         "--max-train-minutes",

@@ -38,7 +38,7 @@ from nopejax.config import ConfigDict, base_config
 
 PATTERNS = ("rope", "hybrid", "nope", "local_global")
 TASKS = ("copy", "reverse", "passkey")
-WINDOW = {"copy": 8, "reverse": 8, "passkey": 16}
+WINDOW = {"copy": 12, "reverse": 12, "passkey": 16}
 
 
 def model_config(cfg: ConfigDict) -> ConfigDict:
@@ -98,8 +98,10 @@ def recipe(task: str, pattern: str) -> ConfigDict:
     elif task == "passkey":
         t.seq_len = 128
         t.global_batch_size = 8
-        t.steps = 2400
+        t.grad_accum = 2  # 2 x 4 rows: same gradient, ~1.7x faster than 8 rows at once on CPU
+        t.steps = 6500  # ~9 min on one core: a passkey row supervises 5 tokens, a packed copy row ~30
         o.lr = 2e-3
+        o.decay_steps = 0.3  # most of the answer loss falls in the decay
     else:
         raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
     return set_pattern(copy.deepcopy(cfg), pattern, WINDOW[task])

@@ -93,8 +93,8 @@ def run_one(task: str, pattern: str, seed: int, runs_dir: str, quick: bool, batc
     workdir = os.path.join(runs_dir, f"{task}_{pattern}_s{seed}")
     path = os.path.join(workdir, "result.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
+        with open(path) as f:  # finished by an earlier invocation
+            return {**json.load(f), "reused": True, "finished": finished(path)}
     cfg = run_config(task, pattern, seed, quick)
     t0 = time.perf_counter()
     timer = threading.Timer(60 * minutes, os.kill, (os.getpid(), signal.SIGTERM)) if minutes > 0 else None
@@ -126,7 +126,12 @@ def run_one(task: str, pattern: str, seed: int, runs_dir: str, quick: bool, batc
     result["eval_seconds"] = round(time.perf_counter() - t0)
     with open(path, "w") as f:
         json.dump(result, f)
-    return result
+    return {**result, "finished": finished(path)}
+
+
+def finished(path: str) -> str:
+    """When a run's result.json was written (UTC)."""
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(os.path.getmtime(path)))
 
 
 def text_numbers(r) -> dict:
@@ -322,12 +327,20 @@ def write_report(results: list[dict], args, elapsed: float, pending: int) -> str
         "# Length generalization: RoPE vs NoPE vs mixed stacks",
         "",
         f"Measured by `python benchmarks/length_generalization.py --seeds {args.seeds} --tasks {args.tasks}"
-        f"{' --quick' if args.quick else ''}` (CPU, JAX {jax.__version__}, {elapsed / 60:.0f} min so far"
+        f"{' --quick' if args.quick else ''}` (CPU, JAX {jax.__version__}; this invocation trained "
+        f"{sum(not r.get('reused') for r in results)} runs in {elapsed / 60:.0f} min"
         f"{f', {pending} runs still to come' if pending else ''}). Recipes: configs/experiments/recipes.py; the "
         "arms of a task differ only in the positional pattern. Evaluation: `nopejax eval-length`, fp32, XLA "
         "attention.",
         "",
+        f"Training time summed over the {len(results)} runs: {sum(r['train_seconds'] for r in results) / 60:.0f} "
+        f"min, each run on one CPU core.",
     ]
+    reused = [r for r in results if r.get("reused")]
+    if reused:
+        lines[-1] += (f" {len(reused)} of them were finished by earlier invocations into the same --runs-dir and "
+                      "reused: the last table says when each run finished.")  # fmt: skip
+    lines.append("")
     if args.quick:
         lines += ["**Quick mode (30 training steps): these numbers only show that the pipeline runs.**", ""]
     for task in TASKS:
@@ -340,7 +353,8 @@ def write_report(results: list[dict], args, elapsed: float, pending: int) -> str
             lines += passkey_section(runs, args.docs)
         else:
             lines += text_section(runs, args.docs)
-    head = ["task", "arm", "seed", "steps", "train s", "eval s", "final loss", "in-distribution", "learned", "longer"]
+    head = ["task", "arm", "seed", "steps", "train s", "eval s", "final loss", "in-distribution", "learned", "longer",
+            "finished (UTC)"]  # fmt: skip
     lines += ["## Every run", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(results, key=lambda r: (TASKS.index(r["task"]), PATTERNS.index(r["pattern"]), r["seed"])):
         score = r.get("in_distribution")
@@ -348,7 +362,7 @@ def write_report(results: list[dict], args, elapsed: float, pending: int) -> str
         steps = str(r["steps"]) + ("" if r["steps"] == r["recipe_steps"] else f" of {r['recipe_steps']} (stopped)")
         cells = [r["task"], LABELS[r["pattern"]], str(r["seed"]), steps, str(r["train_seconds"])]
         cells += [str(r["eval_seconds"]), f"{r['final_loss']:.4f}", "-" if score is None else f"{score:.3f}"]
-        cells += [learned, longer(r)]
+        cells += [learned, longer(r), r["finished"]]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.docs, "length_generalization.md"), "w") as f:

@@ -148,10 +148,12 @@ EXPERIMENTS = [
 
 @pytest.mark.parametrize("task,pattern", EXPERIMENTS)
 def test_experiment_config_trains_and_reports_per_length(task, pattern, tmp_path):
-    """30 steps of the real recipe (batch cut to 8 rows), then `eval-length` reports every length."""
+    """30 steps of the real recipe (batch cut to one row per device and microbatch), then `eval-length`
+    reports every length."""
     path = configs_loader.ROOT / "configs" / "experiments" / task / f"{pattern}.py"
     workdir = str(tmp_path / f"{task}_{pattern}")
-    overrides = ["train.steps=30", "train.global_batch_size=8", "checkpoint.async_save=False"]
+    batch_rows = 8 * config.load_config(str(path)).train.grad_accum  # each microbatch split over the 8 test devices
+    overrides = ["train.steps=30", f"train.global_batch_size={batch_rows}", "checkpoint.async_save=False"]
     args = ["train", "--config", str(path), "--workdir", workdir, *(f"--config.{o}" for o in overrides)]
     assert cli.main(args) == 0
     lengths = "128,256" if task == "passkey" else "1"  # passkey: row lengths; copy/reverse: the config's 1-40

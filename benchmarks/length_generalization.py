@@ -19,9 +19,10 @@ numbers of a run that did not are marked as not meaningful. Tables give the mean
 over seeds. Writes `--docs`/length_generalization.md and length_generalization_*.png, after
 every finished run (so a study stopped early still reports what finished). Runs live in
 `--runs-dir`; a finished run is reused (its result.json), so a rerun only adds what is missing.
-`--jobs 2` trains two runs at once, each process pinned to its own CPU core: pinned, XLA sizes
-its thread pool to that one core, so a run never waits on a pool thread that another process
-holds.
+`--jobs N` (default: one per usable core) trains N runs at once, each process pinned to its own
+CPU core: pinned, XLA sizes its thread pool to that one core, so a run never waits on a pool
+thread that another process holds. On 2 cores the three-seed study is ~2.7 h of wall time from
+an empty --runs-dir (326 min of training summed over its 45 runs, measured).
 """
 
 from __future__ import annotations

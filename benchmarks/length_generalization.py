@@ -235,7 +235,7 @@ def passkey_section(runs: list[dict], docs: str) -> list[str]:
         shown = ok or mine  # an arm that never learned is still drawn, marked as not meaningful
         depths = sorted({d for _, d, _ in shown[0]["accuracy"]})
         grid_LD = np.mean([passkey_grid(r) for r in shown], axis=0)
-        title = f"{LABELS[pattern]}\n{len(ok)} of {len(mine)} seeds learned{'' if ok else chr(10) + '(not meaningful)'}"
+        title = f"{LABELS[pattern]}\n{len(ok)} of {len(mine)} seeds learned" + ("" if ok else "\n(not meaningful)")
         grids[pattern] = (depths, grid_LD, title)
     if grids:
         head = ["arm", *(f"depth {d:g}" for d in next(iter(grids.values()))[0])]

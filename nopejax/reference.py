@@ -1,0 +1,344 @@
+"""The generated reference: every config key and every command-line flag, as Markdown.
+
+Types and defaults come from `config.base_config()` and flags from the argparse parsers, so the
+reference cannot drift from the code; what each key means is in `FIELD_DOCS`, one line per leaf
+key of `base_config()`. tests/test_docs.py regenerates both pages and compares them with
+docs/reference/, and fails when a key has no line here or a line names no key.
+
+    python -m nopejax.reference            # rewrite docs/reference/config.md and cli.md
+    python -m nopejax.reference --check    # exit 1 when they are out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pathlib
+import sys
+
+from ml_collections import config_dict
+
+from nopejax import config
+
+DOCS_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "reference"
+
+FIELD_DOCS = {
+    # model: shapes
+    "model.vocab_size": "Embedding rows and LM-head width; at least the tokenizer's vocabulary (byte: 259).",
+    "model.d_model": "Width of the residual stream (D).",
+    "model.num_layers": "Number of decoder layers (L).",
+    "model.num_heads": "Query heads per layer (H).",
+    "model.num_kv_heads": "Key/value heads per layer (K); must divide `num_heads` (GQA).",
+    "model.head_dim": "Width of one attention head (E).",
+    "model.d_ff": "Width of the dense SwiGLU FFN (F).",
+    # model: positions
+    "model.no_rope_layer_interval": "SmolLM3 semantics: layer i is NoPE when `(i + 1) % interval == 0`; "
+    "0 = no NoPE layers.",
+    "model.no_rope_layers": "Explicit per-layer list, 1 = RoPE, 0 = NoPE (SmolLM3's `no_rope_layers`); "
+    "overrides the interval.",
+    "model.rope_theta": "RoPE base of the RoPE layers.",
+    "model.rope_scaling": 'HF `rope_scaling` dict (`linear`, `yarn`, `llama3`), e.g. `{"rope_type": "yarn", '
+    '"factor": 4.0, "original_max_position_embeddings": 128}`; RoPE layers only.',
+    "model.layer_types": "Attention kind per layer, HF names: `full_attention`, `sliding_attention`, "
+    "`chunked_attention`; unset = all full.",
+    "model.global_attention_interval": "Shorthand (HF `sliding_window_pattern`): layer i is full when "
+    "`(i + 1) % k == 0`, local otherwise (sliding, or chunked when only `attention_chunk_size` is set); 0 = off.",
+    "model.sliding_window": "W of sliding layers: key j is visible to query i iff `pos_i - W < pos_j <= pos_i`.",
+    "model.attention_chunk_size": "C of chunked layers (Llama 4): query and key in the same chunk, "
+    "`pos_i // C == pos_j // C`.",
+    "model.partial_rotary_factor": "Rotate the first `int(f * head_dim)` dims, frequencies over that width.",
+    "model.rope_layout": "`half` (rotate_half: Llama, SmolLM3) or `interleaved` (adjacent pairs: Cohere2, Llama 4).",
+    "model.rope_theta_local": "RoPE base of local (sliding or chunked) RoPE layers (Gemma 3), unscaled; "
+    "unset = `rope_theta`.",
+    "model.nope_temperature": "Llama 4 query temperature on NoPE layers, `(floor_scale, attn_scale)`: "
+    "q times `log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1`; unset = off.",
+    "model.qk_norm": "`none`; `rms` (learned per-head RMSNorm before RoPE, all layers); "
+    "`l2` (weightless, after RoPE, RoPE layers).",
+    # model: mixture of experts
+    "model.num_experts": "Routed experts X; 0 = a dense model.",
+    "model.experts_per_token": "Top-k: experts each token is sent to.",
+    "model.expert_d_ff": "Width of one routed expert (HF `moe_intermediate_size`); 0 = `d_ff`.",
+    "model.num_shared_experts": "Always-on SwiGLU of width `num_shared_experts * expert_d_ff`.",
+    "model.router": "`softmax` (Mixtral, Switch) or `sigmoid` (DeepSeek-V3, AFMoE, Llama 4) scores.",
+    "model.router_normalize": "Divide the top-k weights by their sum (AFMoE `route_norm`).",
+    "model.routed_scale": "Multiply the routed output (AFMoE `route_scale`, DeepSeek `routed_scaling_factor`).",
+    "model.router_scale_input": "Llama 4: the weight multiplies the expert's input, not its output.",
+    "model.num_dense_layers": "The first layers keep a dense FFN (AFMoE `num_dense_layers`).",
+    "model.moe_layer_interval": "After the dense layers, layer i is MoE when `(i + 1) % interval == 0` "
+    "(Llama 4 `interleave_moe_layer_step`; 1 = every layer).",
+    "model.capacity_factor": "0 = dropless; else at most `ceil(cf * S * k / X)` assignments per expert and "
+    "sequence, earlier tokens first.",
+    "model.moe_dispatch": "How tokens reach the experts' devices under `mesh.expert`: `allgather` or "
+    "`all_to_all` (same results).",
+    "model.balance_loss_weight": "Switch/GShard load-balance loss `X * sum_e f_e * P_e`, averaged over MoE layers.",
+    "model.router_z_loss_weight": "ST-MoE router z-loss `mean(logsumexp(logits)^2)`, averaged over MoE layers.",
+    "model.expert_bias_rate": "Auxiliary-loss-free balancing (DeepSeek-V3): "
+    "`bias += rate * sign(mean load - load)` after each step; 0 = off.",
+    # model: the rest
+    "model.max_position_embeddings": "Written to the HF config on export; nothing is sized by it.",
+    "model.tie_embeddings": "The LM head is the transposed embedding.",
+    "model.attention_bias": "Biases on the q, k, v and o projections (HF `attention_bias`).",
+    "model.mlp_bias": "Biases on the gate, up and down projections (HF `mlp_bias`).",
+    "model.rms_norm_eps": "Epsilon of every norm, whichever `model.norm` is.",
+    "model.norm": "Block and final norms: `rms` or `layernorm` (mean-subtracted, no bias: Cohere2).",
+    "model.block": "Where the norms sit: `pre_norm` (Llama, SmolLM3), `parallel` (Cohere2), "
+    "`post_norm` (EXAONE 4), `sandwich` (Gemma 3, Arcee Trinity).",
+    "model.logit_scale": "The logits are multiplied by it (Cohere2 `logit_scale`).",
+    "model.embed_scale": "Token embeddings are multiplied by it (AFMoE `mup_enabled`: sqrt(d_model)).",
+    "model.attention_gate": "AFMoE: attended values times `sigmoid(h @ W_gate)` per head and dim before the "
+    "output projection.",
+    "model.hf_family": "The transformers family `nopejax export` writes: "
+    + ", ".join(f"`{f}`" for f in config.HF_FAMILIES)
+    + "; `import-hf` sets its own.",
+    "model.init_std": "Standard deviation of the normal initializer.",
+    "model.dtype": "Compute dtype: " + ", ".join(f"`{d}`" for d in config.DTYPES) + ".",
+    "model.param_dtype": "Dtype of the master weights and optimizer state.",
+    "model.attention_impl": "`auto` (Pallas kernel on TPU, cuDNN on GPU for head dims 64/128, XLA on CPU), "
+    "`xla`, `cudnn` or `pallas`.",
+    "model.scan_layers": "Run the stack as a `lax.scan` over blocks of one layer-pattern period; "
+    "False unrolls every layer. Checkpoints do not depend on it.",
+    "model.remat": "Rematerialization per layer: " + ", ".join(f"`{r}`" for r in config.REMAT_POLICIES) + ".",
+    # mesh
+    "mesh.data": "Data-parallel axis; -1 = the devices the other axes leave.",
+    "mesh.fsdp": "Fully sharded data parallel axis: params and optimizer state sharded over it.",
+    "mesh.context": "Context parallelism: each row's sequence split over this many devices.",
+    "mesh.tensor": "Tensor parallelism: heads, MLP width and vocab split over it.",
+    "mesh.expert": "Expert parallelism: experts split over it; outside MoE layers it splits the batch.",
+    "mesh.dcn_data": "Data parallelism across slices or nodes (the slow network).",
+    "mesh.dcn_fsdp": "FSDP across slices or nodes.",
+    "mesh.dcn_context": "Context parallelism across slices or nodes.",
+    # train
+    "train.steps": "Optimizer steps of the run (counted from the source's start with "
+    '`init_from_schedule = "continue"`).',
+    "train.global_batch_size": "Rows per step, over all devices and processes.",
+    "train.seq_len": "Tokens per row.",
+    "train.grad_accum": "Microbatches per step under a scan; the same gradient as the full batch.",
+    "train.log_every": "Steps between `metrics.jsonl` lines.",
+    "train.eval_every": "Steps between held-out evaluations (`eval_loss`).",
+    "train.eval_batches": "Held-out batches per evaluation.",
+    "train.sample_every": 'Steps between greedy 48-token continuations of `"The "` to TensorBoard and '
+    "`metrics.jsonl`; 0 = off.",
+    "train.seed": "Seed of the parameter init and the data order.",
+    "train.z_loss": "Weight of the logit z-loss `logsumexp(logits)^2`; 0 = off.",
+    "train.loss_chunk_len": "LM head and loss over sequence chunks of this length, so the [B, S, V] fp32 logits "
+    "never exist at once; 0 = whole sequence; must divide `seq_len`.",
+    "train.max_nonfinite_steps": "A step with a non-finite loss or gradient norm applies no update; this many "
+    "in a row stop the run.",
+    # optim
+    "optim.lr": "Peak learning rate of AdamW.",
+    "optim.schedule": "Learning-rate schedule: " + ", ".join(f"`{s}`" for s in config.SCHEDULES) + ".",
+    "optim.warmup_steps": "Linear warmup; below 1 a fraction of `train.steps`, 1 or more a number of steps.",
+    "optim.decay_steps": "wsd: length of the final decay; cosine/linear: total decay length (0 = to the end); "
+    "below 1 a fraction of `train.steps`.",
+    "optim.min_lr_ratio": "Final learning rate as a fraction of `lr`.",
+    "optim.weight_decay": "AdamW weight decay (never on norms).",
+    "optim.decay_embeddings": "Apply weight decay to the embeddings too.",
+    "optim.b1": "AdamW beta1.",
+    "optim.b2": "AdamW beta2.",
+    "optim.eps": "AdamW epsilon.",
+    "optim.clip_norm": "Global gradient-norm clipping threshold; 0 = no clipping.",
+    # data
+    "data.source": "What to read: " + ", ".join(f"`{s}`" for s in config.DATA_SOURCES) + " (docs/guides/data.md).",
+    "data.path": "A file glob (several comma-separated for a mixture), or a directory of prepared shards.",
+    "data.text_field": "The JSONL field / Parquet column holding the text.",
+    "data.text_unit": "Plain text: one document per `file` or per blank-line-separated `block`.",
+    "data.packing": "`concat`: fill rows, split documents at row ends; `pad`: split only over-long documents.",
+    "data.eval_fraction": "Fraction of the documents (hash-chosen) held out for evaluation.",
+    "data.tokenizer": "`byte` (256 bytes + pad/bos/eos) or the path of a HuggingFace `tokenizer.json`.",
+    "data.add_bos": "Put BOS at each document's start.",
+    "data.add_eos": "Put EOS at each document's end.",
+    "data.shuffle": "Shuffle the documents, seeded, per epoch.",
+    "data.num_workers": "grain worker processes; 0 = in the main process.",
+    "data.num_shards": "Disjoint data shards, each one packed stream; 0 = one per row of the global batch "
+    "(fits any process count).",
+    "data.mixture_weights": "One weight per entry of a comma-separated `data.path`.",
+    "data.task_packed": "Synthetic tasks: several whole examples per training row, each its own segment.",
+    "data.task_train_min_len": "Synthetic tasks: shortest input in training.",
+    "data.task_train_max_len": "Synthetic tasks: longest input in training.",
+    "data.task_test_min_len": "Synthetic tasks: shortest input beyond the training lengths in evaluation.",
+    "data.task_test_max_len": "Synthetic tasks: longest input in evaluation.",
+    # checkpoint
+    "checkpoint.every_steps": "Steps between checkpoints.",
+    "checkpoint.keep": "Newest checkpoints kept.",
+    "checkpoint.keep_period": "Also keep every N-th step forever; 0 = off.",
+    "checkpoint.async_save": "Write the arrays in the background while training goes on.",
+    # staged training
+    "init_from": "A workdir (its newest checkpoint) or a `checkpoints/STEP` dir whose params a new run starts from.",
+    "init_from_optimizer": "With `init_from`: bring the source's AdamW moments too.",
+    "init_from_schedule": "With `init_from`: `reset` starts at step 0 with a new warmup; `continue` starts at "
+    "the source's step.",
+}
+
+
+def leaf_keys(cfg: config_dict.ConfigDict, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf of a config, in definition order (`items()` sorts them)."""
+    keys = []
+    for k in cfg._fields:
+        name, v = f"{prefix}{k}", cfg[k]
+        if isinstance(v, config_dict.ConfigDict):
+            keys += leaf_keys(v, name + ".")
+        else:
+            keys.append(name)
+    return keys
+
+
+def _field(cfg: config_dict.ConfigDict, key: str) -> tuple[str, str]:
+    """(type, default) of one leaf, as shown in the table."""
+    *path, leaf = key.split(".")
+    node = cfg
+    for part in path:
+        node = node[part]
+    value = node[leaf]
+    if value is None:  # a placeholder: typed, unset
+        return f"{node._fields[leaf].get_type().__name__} or None", "None"
+    text = json.dumps(value) if isinstance(value, str) else repr(value)
+    return type(value).__name__, text
+
+
+def config_markdown() -> str:
+    cfg = config.base_config()
+    lines = [
+        "# Config reference",
+        "",
+        "Generated by `python -m nopejax.reference` from `nopejax.config.base_config()` (types and defaults)",
+        "and `nopejax.reference.FIELD_DOCS` (meanings); `tests/test_docs.py` fails when this page is out of date.",
+        "Override any key on the command line: `--config.SECTION.KEY=VALUE` (e.g. `--config.train.steps=100`);",
+        "config files set the same keys and never add new ones.",
+    ]
+    section = None
+    for key in leaf_keys(cfg):
+        top = key.split(".")[0] if "." in key else "top level"
+        if top != section:
+            section = top
+            lines += ["", f"## {section}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        kind, default = _field(cfg, key)
+        lines.append(f"| `{key}` | {kind} | `{default}` | {FIELD_DOCS[key]} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+class _Parsed(Exception):
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+
+
+@contextlib.contextmanager
+def _capture_parser():
+    """`nopejax data prepare` and `nopejax tokenizer` build their parsers inside their main
+    functions; stop them at parse time to read the parser they built."""
+
+    def stop(self, *args, **kwargs):
+        raise _Parsed(self)
+
+    original = argparse.ArgumentParser.parse_known_args
+    argparse.ArgumentParser.parse_known_args = stop
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_known_args = original
+
+
+def _parser_of(main) -> argparse.ArgumentParser:
+    with _capture_parser():
+        try:
+            main([])
+        except _Parsed as p:
+            return p.parser
+    raise RuntimeError(f"{main.__name__} parsed no arguments")
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[str, argparse.ArgumentParser]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            return {name: (helps.get(name, ""), p) for name, p in action.choices.items()}
+    return {}
+
+
+def _arguments_table(parser: argparse.ArgumentParser) -> list[str]:
+    rows = []
+    for a in parser._actions:
+        if isinstance(a, argparse._HelpAction | argparse._SubParsersAction):
+            continue
+        name = ", ".join(a.option_strings) if a.option_strings else a.dest.upper()
+        if a.choices is not None:
+            value = " \\| ".join(str(c) for c in a.choices)
+        elif a.nargs == 0:
+            value = "(flag)"
+        else:
+            value = (a.type.__name__ if a.type else "str") + (" ..." if a.nargs == "*" else "")
+        required = a.required or not a.option_strings
+        unset = a.default is None or a.default is False
+        default = "required" if required else ("" if unset else f"`{a.default}`")
+        meaning = (a.help or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | {value} | {default} | {meaning} |")
+    if not rows:
+        return []
+    return ["| argument | value | default | meaning |", "|---|---|---|---|", *rows]
+
+
+def _command(title: str, summary: str, parser: argparse.ArgumentParser) -> list[str]:
+    lines = ["", f"## `{title}`", ""]
+    for text in (summary, parser.description, parser.epilog):
+        if text:
+            lines += [text, ""]
+    return lines + _arguments_table(parser)
+
+
+def cli_markdown() -> str:
+    from nopejax import cli
+    from nopejax.data import commands
+
+    lines = [
+        "# Command-line reference",
+        "",
+        "Generated by `python -m nopejax.reference` from the argparse parsers in `nopejax/cli.py` and",
+        "`nopejax/data/commands.py`; `tests/test_docs.py` fails when this page is out of date. Every command",
+        "also takes `--help`. `train`, `import-hf`, `eval-length` and `data prepare` take config overrides",
+        "`--config.SECTION.KEY=VALUE` (docs/reference/config.md) after their own arguments.",
+    ]
+    delegated = {"data": ("prepare", commands.prepare_main), "tokenizer": (None, commands.tokenizer_main)}
+    for name, (summary, parser) in _subcommands(cli.build_parser()).items():
+        if name not in delegated:
+            lines += _command(f"nopejax {name}", summary, parser)
+            continue
+        action, main = delegated[name]
+        own = _parser_of(main)
+        if action is not None:  # the parser of the action itself
+            lines += _command(f"nopejax {name} {action}", summary, own)
+        else:  # a parser with its own subcommands
+            for sub, (sub_summary, sub_parser) in _subcommands(own).items():
+                lines += _command(f"nopejax {name} {sub}", sub_summary, sub_parser)
+    return "\n".join(lines) + "\n"
+
+
+PAGES = {"config.md": config_markdown, "cli.md": cli_markdown}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nopejax.reference", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when a page differs from the generated text")
+    parser.add_argument("--out", default=str(DOCS_DIR), help="directory of the pages (default: docs/reference)")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    stale = []
+    for name, make in PAGES.items():
+        path, text = out / name, make()
+        if args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(str(path))
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    if stale:
+        print(f"out of date: {', '.join(stale)}. Fix: python -m nopejax.reference", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

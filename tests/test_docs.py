@@ -1,0 +1,71 @@
+"""The docs cannot drift: the generated reference equals the code, links resolve, results name their commands."""
+
+import argparse
+import pathlib
+import re
+
+import pytest
+
+from nopejax import cli, config, reference
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+
+
+@pytest.mark.parametrize("name", sorted(reference.PAGES))
+def test_generated_reference_is_current(name):
+    text = (DOCS / "reference" / name).read_text()
+    assert text == reference.PAGES[name](), f"docs/reference/{name} is out of date: run python -m nopejax.reference"
+
+
+def _leaves(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out |= _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
+def test_every_config_key_has_a_meaning_and_a_row():
+    keys = _leaves(config.base_config().to_dict())  # independent of reference.leaf_keys
+    assert set(reference.FIELD_DOCS) - keys == set(), "FIELD_DOCS names keys base_config() does not have"
+    assert keys - set(reference.FIELD_DOCS) == set(), "base_config() keys without a line in FIELD_DOCS"
+    assert all(doc.strip() for doc in reference.FIELD_DOCS.values())
+    rows = re.findall(r"^\| `([^`]+)` \|", (DOCS / "reference" / "config.md").read_text(), re.M)
+    assert sorted(rows) == sorted(keys)
+
+
+def test_every_command_and_flag_is_in_the_cli_reference():
+    text = (DOCS / "reference" / "cli.md").read_text()
+    (sub,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, parser in sub.choices.items():
+        assert f"## `nopejax {name}" in text
+        for action in parser._actions:
+            for flag in action.option_strings:
+                assert flag in ("-h", "--help") or f"`{flag}`" in text, (name, flag)
+
+
+def test_readme_is_short():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 150, f"README.md has {len(lines)} lines; move detail into docs/"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
+
+
+def test_every_results_table_names_command_date_machine_versions():
+    pages = sorted((DOCS / "results").glob("*.md"))
+    assert pages
+    for page in pages:
+        for section in re.split(r"^## ", page.read_text(), flags=re.M)[1:]:
+            if not re.search(r"^\|.*\|$", section, re.M):
+                continue
+            title = section.splitlines()[0]
+            for field in ("Command", "Date", "Machine", "Versions"):
+                assert re.search(rf"^{field}: \S", section, re.M), f"{page.name}, {title!r}: no {field}: line"

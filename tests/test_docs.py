@@ -68,4 +68,4 @@ def test_every_results_table_names_command_date_machine_versions():
                 continue
             title = section.splitlines()[0]
             for field in ("Command", "Date", "Machine", "Versions"):
-                assert re.search(rf"^{field}: \S", section, re.M), f"{page.name}, {title!r}: no {field}: line"
+                assert re.search(rf"^- {field}: \S", section, re.M), f"{page.name}, {title!r}: no '- {field}:' line"

@@ -53,10 +53,19 @@ def test_readme_is_short():
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(page):
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
-    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
         if re.match(r"[a-z]+://", target):
             continue
-        assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
+        path = page.parent / target if target else page
+        assert path.exists(), f"{page.relative_to(ROOT)} links to missing {target}"
+        if anchor:
+            assert anchor in _anchors(path), f"{page.relative_to(ROOT)} links to missing {target}#{anchor}"
+
+
+def _anchors(path: pathlib.Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", path.read_text(), flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
 
 
 def test_every_results_table_names_command_date_machine_versions():

@@ -21,7 +21,10 @@ def test_unknown_key_in_config_file(tmp_path, capsys):
     path = tmp_path / "typo.py"
     path.write_text("from nopejax.config import base_config\n\n\ndef get_config():\n"
                     "    cfg = base_config()\n    cfg.train.stepz = 5\n    return cfg\n")  # fmt: skip
-    line = one_line_error(capsys, "train", "--config", str(path), "--workdir", str(tmp_path / "run"))
+    # train.steps=0 stops a config that slipped through at validate, before any work
+    line = one_line_error(
+        capsys, "train", "--config", str(path), "--workdir", str(tmp_path / "run"), "--config.train.steps=0"
+    )
     assert "`train.stepz`" in line and "`train.steps`" in line
     assert not (tmp_path / "run").exists()
 

@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import grain
 import numpy as np
@@ -33,6 +34,23 @@ def test_train_on_a_file_without_text_fails_in_one_line(tmp_path, content):
     assert "`data.path`" in lines[0] and str(path) in lines[0] and "Fix: point data.path at files with text" in lines[0]
 
 
+def next_within(it, seconds=60):
+    """next(it) on a watchdog thread: a spinning iterator fails the test instead of hanging it."""
+    out = {}
+
+    def read():
+        try:
+            out["batch"] = next(it)
+        except Exception as e:  # handed to the test
+            out["error"] = e
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"next() did not return in {seconds} s: the iterator spins"
+    return out
+
+
 def documents(texts):
     """An endless stream of tokenized documents, as the pipeline feeds the packer."""
     tokens = [np.frombuffer(t.encode(), np.uint8).astype(np.int32) for t in texts]
@@ -42,9 +60,8 @@ def documents(texts):
 
 def test_packer_fed_only_empty_documents_raises():
     it = iter(PackedBatchIterDataset(documents([""] * 5), 2, 16, 0, max_empty_run=_max_empty_run([5], None)))
-    with pytest.raises(ConfigError, match="empty documents in a row") as err:
-        next(it)
-    assert err.value.field == "data.path"
+    error = next_within(it)["error"]
+    assert isinstance(error, ConfigError) and error.field == "data.path" and "empty documents in a row" in str(error)
     assert it.stats["empty_documents"] == 11  # 2 x 5 + 1: bounded, not spinning
 
 
@@ -76,6 +93,5 @@ def test_data_shard_with_only_empty_documents_raises(tmp_path):
     cfg = base_config()
     cfg.data.update(source="jsonl", path=str(path), eval_fraction=0.0, shuffle=False, num_shards=2)
     cfg.train.update(global_batch_size=2, seq_len=16, eval_every=0)
-    it = make_iterator(validate(cfg), "train")
-    with pytest.raises(ConfigError, match="data shard 1 of 2"):
-        next(it)
+    error = next_within(make_iterator(validate(cfg), "train"))["error"]
+    assert isinstance(error, ConfigError) and "data shard 1 of 2" in str(error)

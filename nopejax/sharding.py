@@ -123,8 +123,8 @@ def resolve_mesh_shape(
     if math.prod(ici.values()) != per_slice:
         raise ConfigError(
             _fields(sized),
-            f"{' x '.join(f'{a} {ici[a]}' for a in MESH_AXES)} = {math.prod(ici.values())} devices, but there are "
-            f"{per_slice}{slices}",
+            f"{' * '.join(MESH_AXES)} = {' * '.join(str(ici[a]) for a in MESH_AXES)} = {math.prod(ici.values())}, "
+            f"but there are {per_slice} devices per slice ({num_devices} in all)",
             "make the product match, or set one axis to -1 to take the rest" + more,
         )
     return ici, dcn

@@ -1,12 +1,11 @@
 """Bad configs fail in validate(), before anything compiles, naming the field and the fix."""
 
-import json
 import logging
 import pathlib
 
 import pytest
 
-from nopejax import config
+from nopejax import config, stages
 from nopejax.config import ConfigError
 
 BAD = [
@@ -147,8 +146,7 @@ def test_config_file_with_known_keys_loads(tmp_path):
 def test_run_config_json_loads_as_a_config(tmp_path):
     cfg = config.base_config()
     cfg.train.steps, cfg.model.no_rope_layers = 7, (1, 1, 0, 1, 1, 0)
-    saved = {**config.to_dict(cfg), config.HISTORY_KEY: [{"step": 0, "stage": "new run"}]}  # as a workdir's
-    (tmp_path / "config.json").write_text(json.dumps(saved))
+    stages.write_config(str(tmp_path), cfg, 0, {"step": 0, "stage": "new run"})  # as `nopejax train` does
     back = config.load_config(str(tmp_path / "config.json"))
     assert config.to_dict(back) == config.to_dict(cfg)
 

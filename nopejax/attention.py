@@ -30,29 +30,34 @@ import jax.numpy as jnp
 
 from nopejax import context, sharding
 from nopejax import rope as rope_lib
-from nopejax.config import LayerSpec
+from nopejax.config import PALLAS_CONTEXT_BLOCK, LayerSpec
 
 PALLAS_HEAD_DIMS = (64, 128, 256)  # what the kernel tiles support (nopejax.kernels.SUPPORTED_HEAD_DIMS)
 CUDNN_HEAD_DIMS = (64, 128)
 FULL = LayerSpec()
 
 
-def resolve_impl(impl: str, head_dim: int | None = None, platform: str | None = None) -> str:
+def resolve_impl(impl: str, head_dim: int | None = None, platform: str | None = None, context_chunk=None) -> str:
     """`auto` -> what is fastest on the platform for this head dim.
 
     TPU: the Pallas kernel (RoPE fused, local layers walk only their band). GPU: cuDNN with RoPE
     applied by XLA, when it takes the head dim: measured on an H200 (README, "GPU"), the Triton
     form of the kernel is correct but slower, 0.89x cuDNN's tokens/s in a SmolLM3-shaped training
-    step. CPU and anything unsupported: plain XLA.
+    step. CPU and anything unsupported: plain XLA. Under context parallelism (`context_chunk`: the
+    rows of each zig-zag chunk) the kernel runs only on TPU and in chunks of a multiple of 128 rows,
+    so elsewhere XLA attention per device.
     """
     if impl != "auto":
         return impl
     platform = platform or jax.default_backend()
-    if platform == "tpu" and (head_dim is None or head_dim in PALLAS_HEAD_DIMS):
+    pallas = head_dim is None or head_dim in PALLAS_HEAD_DIMS
+    if context_chunk is not None:
+        pallas = pallas and platform == "tpu" and context_chunk % PALLAS_CONTEXT_BLOCK == 0
+    if platform == "tpu" and pallas:
         return "pallas"
     if platform == "gpu" and (head_dim is None or head_dim in CUDNN_HEAD_DIMS):
         return "cudnn"
-    if platform == "gpu" and head_dim in PALLAS_HEAD_DIMS:
+    if platform == "gpu" and pallas:
         return "pallas"
     return "xla"
 
@@ -217,7 +222,8 @@ def attend(
     `rope` and `cos_sin` are this layer's frequencies (None on NoPE layers). An L2 QK-norm
     follows RoPE, so its layers are rotated here on every path, and the kernel gets rope=False.
     """
-    impl = resolve_impl(impl, q_BSHD.shape[-1])
+    C = sharding.context_size()
+    impl = resolve_impl(impl, q_BSHD.shape[-1], context_chunk=q_BSHD.shape[1] // (2 * C) if C > 1 else None)
     rotate_here = spec.use_rope and (impl != "pallas" or spec.qk_norm == "l2")
     if rotate_here:
         cos_BSR, sin_BSR = cos_sin

@@ -25,6 +25,8 @@ def cmd_train(args) -> int:
 
     distributed.maybe_initialize(args)
     cfg = _config(args)
+    if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        raise _usage(f"--workdir {args.workdir!r} is a file; give a directory (new, or a run's to resume)")
     if args.dry_run:
         report = train.dry_run(cfg, args.topology)
         mem = report["memory_per_device_gib"]
@@ -55,6 +57,8 @@ def cmd_train(args) -> int:
 def cmd_export(args) -> int:
     from nopejax import checkpoint, data, hf
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise _usage(f"--out {args.out!r} is a file; export writes a directory of files, so give a directory path")
     root, step = checkpoint.find_checkpoint(args.workdir, args.step)
     cfg = checkpoint.read_config(root, step)
     params = checkpoint.restore_params(root, step)
@@ -125,7 +129,11 @@ def _usage(message: str) -> _UsageError:
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--config", required=required, help="a config file defining get_config(), e.g. configs/tiny.py")
+    p.add_argument(
+        "--config",
+        required=required,
+        help="a config file defining get_config() (e.g. configs/tiny.py), or a run's config.json",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["tokenizer"]:
         return _delegate("tokenizer_main", argv[1:])
     # --config.KEY=VALUE overrides are ours, not argparse's
+    for i, a in enumerate(argv):
+        if a.startswith("--config.") and "=" not in a:  # `--config.train.steps 5`: say how to write it
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else "VALUE"
+            problem = ConfigError(
+                a.removeprefix("--config."), "an override needs the form KEY=VALUE", f"write {a}={value}"
+            )
+            print(f"nopejax {argv[0]}: error: {problem}", file=sys.stderr)
+            return 2
     overrides = [a for a in argv if a.startswith("--config.")]
     argv = [a for a in argv if not a.startswith("--config.")]
     parser = build_parser()

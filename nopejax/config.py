@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -44,6 +46,12 @@ BLOCKS = ("pre_norm", "parallel", "post_norm", "sandwich")  # model.BLOCK_NORMS:
 HF_FAMILIES = ("smollm3", "llama", "cohere2", "exaone4", "afmoe", "llama4")  # what `nopejax export` can write
 ROUTERS = ("softmax", "sigmoid")
 MOE_DISPATCHERS = ("allgather", "all_to_all")  # nopejax/moe.py: token dispatch over the expert axis
+# Under context parallelism the Pallas kernel takes each zig-zag chunk as suffix queries, on its TPU
+# form only (nopejax/kernels/flash.py), in blocks of 128 rows: chunks must be multiples of it.
+PALLAS_CONTEXT_BLOCK = 128
+
+_log = logging.getLogger(__name__)
+_said: set[str] = set()  # warnings already given in this process
 
 
 class ConfigError(ValueError):
@@ -317,15 +325,54 @@ def block_structure(pattern: Sequence) -> tuple[tuple, int, tuple]:
 
 
 def load_config(path: str) -> ConfigDict:
-    """Import a config file that defines `get_config()`."""
+    """A config file: a Python file defining `get_config()`, or a run's DIR/config.json (complete,
+    as `nopejax train` wrote it). Keys that `base_config()` does not have are refused, as on the
+    command line: a misspelt field would otherwise be carried along and never read."""
     if not os.path.isfile(path):
         raise ConfigError("--config", f"file {path!r} does not exist", "pass a path such as configs/tiny.py")
+    if path.endswith(".json"):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError("--config", f"{path} is not valid JSON ({e})", "pass a run's config.json") from None
+        if not isinstance(saved, dict):
+            raise ConfigError("--config", f"{path} holds no config object", "pass a run's config.json")
+        return from_dict(saved, source=path)
+    if not path.endswith(".py"):
+        raise ConfigError(
+            "--config", f"{path} is neither a Python config (.py) nor a run's config.json",
+            "pass e.g. configs/tiny.py or WORKDIR/config.json",
+        )  # fmt: skip
     spec = importlib.util.spec_from_file_location("_nopejax_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError("--config", f"{path} has no get_config()", "define get_config() returning a ConfigDict")
-    return module.get_config()
+    cfg = module.get_config()
+    if not isinstance(cfg, ConfigDict):
+        raise ConfigError(
+            "--config",
+            f"get_config() in {path} returned {type(cfg).__name__}",
+            "return the ConfigDict of base_config()",
+        )
+    _check_known_keys(cfg, base_config(), "", path)
+    return cfg
+
+
+def _unknown_key(key: str, known: Iterable[str], prefix: str, where: str) -> ConfigError:
+    """The error for a key the schema lacks, naming the nearest one that exists."""
+    nearest = difflib.get_close_matches(key, list(known), n=1, cutoff=0.0)
+    fix = f"use `{prefix}{nearest[0]}`, the nearest existing key" if nearest else "remove it"
+    return ConfigError(prefix + key, f"no such config key ({where})", fix)
+
+
+def _check_known_keys(cfg: ConfigDict, base: ConfigDict, prefix: str, where: str) -> None:
+    for key in cfg:
+        if key not in base:
+            raise _unknown_key(key, base.keys(), prefix, f"set in {where}")
+        if isinstance(base[key], ConfigDict) and isinstance(cfg[key], ConfigDict):
+            _check_known_keys(cfg[key], base[key], f"{prefix}{key}.", where)
 
 
 def _parse_value(text: str):
@@ -338,18 +385,25 @@ def _parse_value(text: str):
 def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
     """Apply `KEY=VALUE` strings (`model.d_model=256`, `optim.schedule=cosine`) to `cfg`."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(item, "an override needs the form KEY=VALUE", f"write --config.{item}=VALUE")
-        key, text = item.split("=", 1)
+        key, eq, text = item.partition("=")
         key = key.removeprefix("--config.").removeprefix("config.")
+        if not eq:
+            raise ConfigError(key, "an override needs the form KEY=VALUE", f"write --config.{key}=VALUE")
         *parents, leaf = key.split(".")
-        node = cfg
+        node, prefix = cfg, ""
         for part in parents:
-            if part not in node or not isinstance(node[part], ConfigDict):
-                raise ConfigError(key, "no such config section", f"sections are {sorted(cfg.keys())}")
-            node = node[part]
+            if part in node and not isinstance(node[part], ConfigDict):
+                raise ConfigError(
+                    key, f"`{prefix}{part}` is a field, not a section", f"write --config.{prefix}{part}=VALUE"
+                )
+            if part not in node:
+                sections = [k for k in node if isinstance(node[k], ConfigDict)]
+                nearest = difflib.get_close_matches(part, sections, n=1, cutoff=0.0)
+                fix = f"use `{prefix}{nearest[0]}`, the nearest existing section" if nearest else "remove it"
+                raise ConfigError(key, "no such config section", fix)
+            node, prefix = node[part], f"{prefix}{part}."
         if leaf not in node:
-            raise ConfigError(key, "no such config key", f"keys here are {sorted(node.keys())}")
+            raise _unknown_key(leaf, node.keys(), prefix, "on the command line")
         value = _parse_value(text)
         old = node[leaf]
         if isinstance(old, bool):
@@ -373,23 +427,28 @@ def to_dict(cfg: ConfigDict) -> dict:
     return json.loads(cfg.to_json_best_effort())
 
 
-def from_dict(d: dict) -> ConfigDict:
+def from_dict(d: dict, source: str = "a saved config") -> ConfigDict:
     """Rebuild a config from `to_dict` output (e.g. a workdir's config.json) over the defaults."""
     cfg = base_config()
-    _merge(cfg, d, prefix="")
+    _merge(cfg, d, prefix="", source=source)
     return cfg
 
 
-def _merge(cfg: ConfigDict, d: dict, prefix: str) -> None:
+def _merge(cfg: ConfigDict, d: dict, prefix: str, source: str) -> None:
     for k, v in d.items():
         if k == HISTORY_KEY and not prefix:  # a workdir's config.json carries its stage history
             continue
         if k not in cfg:
-            raise ConfigError(prefix + k, "unknown key in a saved config", "remove it or upgrade nopejax")
+            raise ConfigError(prefix + k, f"unknown key in {source}", "remove it or upgrade nopejax")
         if isinstance(cfg[k], ConfigDict):
-            _merge(cfg[k], v, prefix + k + ".")
+            if not isinstance(v, dict):
+                raise ConfigError(prefix + k, f"is a section but {source} gives {v!r}", "give a JSON object")
+            _merge(cfg[k], v, prefix + k + ".", source)
         else:
-            cfg[k] = tuple(v) if isinstance(v, list) else v
+            try:
+                cfg[k] = tuple(v) if isinstance(v, list) else v
+            except TypeError as e:
+                raise ConfigError(prefix + k, f"{v!r} in {source} has the wrong type ({e})", "fix the value") from None
 
 
 def schedule_lengths(optim: ConfigDict, total_steps: int) -> tuple[int, int]:
@@ -534,6 +593,14 @@ def _validate_context(cfg: ConfigDict) -> None:
             "gives each context device two equal chunks of every row)",
             f"use a seq_len that is a multiple of {2 * C}, or change mesh.context",
         )  # fmt: skip
+    chunk = context_chunk(cfg)
+    if cfg.model.attention_impl == "pallas" and chunk is not None and chunk % PALLAS_CONTEXT_BLOCK:
+        raise ConfigError(
+            "train.seq_len", f"the Pallas kernel under context parallelism needs zig-zag chunks of a multiple of "
+            f"{PALLAS_CONTEXT_BLOCK} rows, but seq_len {t.seq_len} / (2 x context {C}) = {chunk}",
+            f"use a seq_len that is a multiple of {2 * C * PALLAS_CONTEXT_BLOCK}, a smaller mesh.context, or "
+            "model.attention_impl=auto (which then takes XLA attention)",
+        )  # fmt: skip
     rows = t.global_batch_size // t.grad_accum
     data_parallel = [mesh[a] * mesh[f"dcn_{a}"] for a in ("data", "fsdp") if mesh[a] != -1]
     if C > 1 and rows % max(1, math.prod(data_parallel)):
@@ -542,6 +609,40 @@ def _validate_context(cfg: ConfigDict) -> None:
             f"{math.prod(data_parallel)} (context devices split the sequence, not the batch)",
             "raise the global batch, or move devices from data/fsdp to mesh.context",
         )  # fmt: skip
+
+
+def context_chunk(cfg: ConfigDict) -> int | None:
+    """Rows of each zig-zag chunk (seq_len / (2 x context devices)); None without context parallelism."""
+    C = cfg.mesh.context * cfg.mesh.dcn_context
+    return cfg.train.seq_len // (2 * C) if C > 1 else None
+
+
+def check_platform(cfg: ConfigDict, platform: str) -> None:
+    """What `validate` cannot know: whether the attention path runs on these devices ("cpu",
+    "gpu" or "tpu"). `auto` always picks one that does (nopejax.attention.resolve_impl)."""
+    impl = cfg.model.attention_impl
+    if impl == "cudnn" and platform != "gpu":
+        raise ConfigError("model.attention_impl", f"cudnn needs a GPU, these devices are {platform}", "use auto or xla")
+    if impl == "pallas" and platform == "gpu" and context_chunk(cfg) is not None:
+        raise ConfigError(
+            "model.attention_impl", "the Pallas kernel runs context parallelism (suffix queries) on TPU only, "
+            f"these devices are {platform}", "use auto or xla (XLA attention per device), or set mesh.context=1",
+        )  # fmt: skip
+
+
+def _warn_windows(cfg: ConfigDict) -> None:
+    """A window or chunk that covers the whole training row makes its layers global while training.
+    Legal (the window still limits attention at longer lengths, e.g. in eval-length), so a warning."""
+    m, S = cfg.model, cfg.train.seq_len
+    for field, kind in (("sliding_window", "sliding_attention"), ("attention_chunk_size", "chunked_attention")):
+        if m[field] is not None and m[field] >= S and kind in layer_types(m):
+            message = (
+                f"model.{field} = {m[field]} >= train.seq_len = {S}: the {kind} layers see the whole row, so they "
+                f"train as global attention; use a {field} below {S} for local layers"
+            )
+            if message not in _said:
+                _said.add(message)
+                _log.warning(message)
 
 
 def _validate_moe(m: ConfigDict, mesh: ConfigDict) -> None:
@@ -706,6 +807,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     if t.z_loss < 0:
         raise ConfigError("train.z_loss", "must be >= 0", "use e.g. 1e-4, or 0 to turn it off")
     _positive(cfg, "train", ["max_nonfinite_steps"])
+    _warn_windows(cfg)
 
     o = cfg.optim
     if not o.lr > 0:

@@ -80,8 +80,13 @@ def context_size(mesh=None) -> int:
 # Mesh
 
 
-def resolve_mesh_shape(mesh_cfg: ConfigDict, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
-    """-> (ici sizes, dcn sizes) per mesh axis, with the one -1 filled in."""
+def resolve_mesh_shape(
+    mesh_cfg: ConfigDict, num_devices: int, platform: str | None = None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """-> (ici sizes, dcn sizes) per mesh axis, with the one -1 filled in.
+
+    Errors name the axes the user sized (not the -1 axis that merely takes the rest); on CPU they
+    say how to get more (fake) devices."""
     dcn = {
         "data": mesh_cfg.dcn_data,
         "fsdp": mesh_cfg.dcn_fsdp,
@@ -89,38 +94,52 @@ def resolve_mesh_shape(mesh_cfg: ConfigDict, num_devices: int) -> tuple[dict[str
         "expert": 1,
         "tensor": 1,
     }
+    more = "; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices" if platform == "cpu" else ""
     num_slices = math.prod(dcn.values())
     if num_devices % num_slices:
+        sized = [f"dcn_{a}" for a in ("data", "fsdp", "context") if dcn[a] != 1]
         raise ConfigError(
-            "mesh.dcn_data",
+            _fields(sized),
             f"dcn_data * dcn_fsdp * dcn_context = {num_slices} does not divide the {num_devices} devices",
-            "set the DCN sizes to the number of slices / nodes",
+            "set the DCN sizes to the number of slices / nodes" + more,
         )
     per_slice = num_devices // num_slices
     ici = {a: mesh_cfg[a] for a in MESH_AXES}
+    # the axes given a size (data defaults to -1, the others to 1)
+    sized = [a for a in MESH_AXES if ici[a] != -1 and ici[a] != (-1 if a == "data" else 1)]
+    product = " x ".join(f"mesh.{a} = {ici[a]}" for a in sized)
+    slices = f" per slice ({num_devices} in all)" if num_slices > 1 else ""
     known = math.prod(v for v in ici.values() if v != -1)
     for axis, v in ici.items():
         if v == -1:
             if per_slice % known:
+                sizes = f"{product} gives {known}, which" if len(sized) > 1 else product
                 raise ConfigError(
-                    f"mesh.{axis}",
-                    f"the other axes ({known}) do not divide the {per_slice} devices per slice",
-                    "fix the sizes",
+                    _fields(sized),
+                    f"{sizes} does not divide the {per_slice} devices{slices}, so mesh.{axis} = -1 has nothing to take",
+                    f"choose sizes whose product divides {per_slice}" + more,
                 )
             ici[axis] = per_slice // known
     if math.prod(ici.values()) != per_slice:
         raise ConfigError(
-            "mesh",
+            _fields(sized),
             f"{' * '.join(MESH_AXES)} = {' * '.join(str(ici[a]) for a in MESH_AXES)} = {math.prod(ici.values())}, "
             f"but there are {per_slice} devices per slice ({num_devices} in all)",
-            "make the product match, or set one axis to -1 to take the rest",
+            "make the product match, or set one axis to -1 to take the rest" + more,
         )
     return ici, dcn
 
 
+def _fields(axes: list[str]) -> str:
+    """The config field(s) an error is about: `mesh.tensor`, or `mesh (fsdp, tensor)`."""
+    if len(axes) == 1:
+        return f"mesh.{axes[0]}"
+    return f"mesh ({', '.join(axes)})" if axes else "mesh"
+
+
 def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
-    ici, dcn = resolve_mesh_shape(mesh_cfg, len(devices))
+    ici, dcn = resolve_mesh_shape(mesh_cfg, len(devices), devices[0].platform)
     ici_shape = [ici[a] for a in MESH_AXES]
     dcn_shape = [dcn[a] for a in MESH_AXES]
     if math.prod(dcn_shape) > 1:

@@ -73,9 +73,9 @@ def setup(cfg: ConfigDict, devices=None) -> Setup:
     mesh = sharding.make_mesh(cfg.mesh, devices)
     platform = mesh.devices.flat[0].platform
     cfg = cfg.copy_and_resolve_references()  # `auto` attention is decided for the target devices
-    cfg.model.attention_impl = attention.resolve_impl(cfg.model.attention_impl, cfg.model.head_dim, platform)
-    if cfg.model.attention_impl == "cudnn" and platform != "gpu":
-        raise ConfigError("model.attention_impl", f"cudnn needs a GPU, these devices are {platform}", "use auto or xla")
+    config.check_platform(cfg, platform)
+    m = cfg.model
+    m.attention_impl = attention.resolve_impl(m.attention_impl, m.head_dim, platform, config.context_chunk(cfg))
     tx = optimizer.make(cfg)
     axes = param_logical_axes(cfg.model)
     graphdef = nnx.split(nnx.eval_shape(lambda: model.create(cfg.model)))[0]

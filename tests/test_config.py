@@ -1,8 +1,11 @@
 """Bad configs fail in validate(), before anything compiles, naming the field and the fix."""
 
+import logging
+import pathlib
+
 import pytest
 
-from nopejax import config
+from nopejax import config, stages
 from nopejax.config import ConfigError
 
 BAD = [
@@ -71,6 +74,12 @@ BAD = [
         dict(model=dict(nope_temperature=(8192.0, 0.1), no_rope_layer_interval=0)),
         "no NoPE layer",
     ),
+    # the Pallas kernel takes zig-zag chunks of 128-row multiples: 256 / (2 x 4) = 32 rows
+    (
+        "train.seq_len",
+        dict(model=dict(attention_impl="pallas", head_dim=64), mesh=dict(context=4), train=dict(seq_len=256)),
+        "multiple of 128 rows",
+    ),
 ]
 
 
@@ -86,12 +95,98 @@ def test_bad_config_is_rejected_with_field_and_fix(field, changes, words):
     assert "Fix:" in str(err.value)
 
 
-def test_default_and_shipped_configs_are_valid():
-    from configs_loader import load
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+SHIPPED = sorted(p for p in CONFIGS.rglob("*.py") if "def get_config" in p.read_text())
 
+
+def test_shipped_config_files_are_all_found():
+    names = {str(p.relative_to(CONFIGS)) for p in SHIPPED}
+    assert {"tiny.py", "smollm3_3b.py", "experiments/copy/hybrid.py", "experiments/passkey/nope.py"} <= names
+    assert len(names) >= 20
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(CONFIGS)) for p in SHIPPED])
+def test_shipped_config_loads_and_validates(path):
+    config.validate(config.load_config(str(path)))
+
+
+def test_default_config_is_valid():
     config.validate(config.base_config())
-    for name in ("tiny", "smollm3_3b", "tiny_local_global", "local_global_3b"):
-        config.validate(load(name))
+
+
+def write_config(tmp_path, body: str) -> str:
+    path = tmp_path / "my_config.py"
+    path.write_text("from nopejax.config import base_config\n\n\ndef get_config():\n    cfg = base_config()\n"
+                    + "".join(f"    {line}\n" for line in body.splitlines()) + "    return cfg\n")  # fmt: skip
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "line, field, nearest",
+    [
+        ("cfg.train.stepz = 5", "train.stepz", "train.steps"),
+        ("cfg.model.sliding_windw = 8", "model.sliding_windw", "model.sliding_window"),
+        ("cfg.init_frm = 'x'", "init_frm", "init_from"),
+    ],
+)
+def test_config_file_with_unknown_key_is_refused_naming_the_nearest(tmp_path, line, field, nearest):
+    with pytest.raises(ConfigError) as err:
+        config.load_config(write_config(tmp_path, line))
+    assert err.value.field == field
+    assert f"`{nearest}`" in err.value.fix and "my_config.py" in err.value.problem
+
+
+def test_config_file_with_known_keys_loads(tmp_path):
+    cfg = config.load_config(
+        write_config(tmp_path, "cfg.train.steps = 5\ncfg.model.rope_scaling = {'rope_type': 'linear', 'factor': 2.0}")
+    )
+    assert cfg.train.steps == 5 and config.validate(cfg).model.rope_scaling["factor"] == 2.0
+
+
+def test_run_config_json_loads_as_a_config(tmp_path):
+    cfg = config.base_config()
+    cfg.train.steps, cfg.model.no_rope_layers = 7, (1, 1, 0, 1, 1, 0)
+    stages.write_config(str(tmp_path), cfg, 0, {"step": 0, "stage": "new run"})  # as `nopejax train` does
+    back = config.load_config(str(tmp_path / "config.json"))
+    assert config.to_dict(back) == config.to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "name, text, words",
+    [("config.json", '{"train": {"stepz": 3}}', "train.stepz"), ("config.json", "{not json", "not valid JSON"),
+     ("config.yaml", "train: {}", "neither a Python config")],
+)  # fmt: skip
+def test_bad_config_files_are_refused_in_one_line(tmp_path, name, text, words):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as err:
+        config.load_config(str(tmp_path / name))
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_window_covering_the_row_warns_once(caplog):
+    cfg = config.base_config()
+    cfg.model.update(global_attention_interval=2, sliding_window=32)
+    with caplog.at_level(logging.WARNING, logger="nopejax.config"):
+        config.validate(cfg)  # window 32 < seq_len 128: local layers stay local
+        assert not caplog.records
+        cfg.train.seq_len = 32
+        config.validate(cfg)
+        config.validate(cfg)
+    assert len(caplog.records) == 1, caplog.text
+    assert "model.sliding_window = 32 >= train.seq_len = 32" in caplog.records[0].getMessage()
+
+
+def test_pallas_with_context_parallelism_is_refused_on_gpu():
+    cfg = config.base_config()
+    cfg.model.update(attention_impl="pallas", head_dim=64)
+    cfg.mesh.context, cfg.train.seq_len = 2, 512
+    config.validate(cfg)
+    config.check_platform(cfg, "tpu")
+    with pytest.raises(ConfigError) as err:
+        config.check_platform(cfg, "gpu")
+    assert err.value.field == "model.attention_impl" and "mesh.context=1" in err.value.fix
+    cfg.mesh.context = 1
+    config.check_platform(cfg, "gpu")
 
 
 def test_overrides_parse_types_and_reject_unknown_keys():
@@ -102,10 +197,15 @@ def test_overrides_parse_types_and_reject_unknown_keys():
     )  # fmt: skip
     assert cfg.model.d_model == 256 and cfg.optim.lr == 1e-3 and cfg.model.scan_layers is False
     assert cfg.model.no_rope_layers == (1, 0, 1, 1, 1, 0) and cfg.optim.schedule == "cosine"
-    with pytest.raises(ConfigError, match="no such config key"):
+    with pytest.raises(ConfigError, match="no such config key") as err:
         config.apply_overrides(config.base_config(), ["model.d_modle=3"])
-    with pytest.raises(ConfigError, match="no such config section"):
+    assert "`model.d_model`" in err.value.fix
+    with pytest.raises(ConfigError, match="no such config section") as err:
         config.apply_overrides(config.base_config(), ["modle.d_model=3"])
+    assert "`model`" in err.value.fix
+    with pytest.raises(ConfigError, match="KEY=VALUE") as err:
+        config.apply_overrides(config.base_config(), ["--config.train.steps"])
+    assert err.value.fix == "write --config.train.steps=VALUE"
     with pytest.raises(ConfigError, match="not a boolean"):
         config.apply_overrides(config.base_config(), ["model.scan_layers=maybe"])
     with pytest.raises(ConfigError, match="wrong type"):

@@ -116,7 +116,7 @@ def test_grad_accumulation_equals_full_batch():
 @pytest.mark.parametrize(
     "changes, field, words",
     [
-        (dict(mesh=dict(data=3)), "mesh", "devices per slice"),
+        (dict(mesh=dict(data=3)), "mesh.data", "devices per slice"),
         (
             dict(mesh=dict(data=1, fsdp=8), model=dict(d_model=60, num_heads=6, head_dim=10)),
             "mesh",

@@ -18,7 +18,9 @@ is no loss on padding or from one document into the next. Every document token a
 
 `PackedBatchIterator` is the checkpointable grain iterator around this: its state is the
 upstream state from before the document being split plus an offset into it (JSON-able ints),
-so no token buffer is ever stored.
+so no token buffer is ever stored. Empty documents are skipped; an endless stream of nothing
+but empty ones (a data shard with no text) would never fill a batch, so after `max_empty_run`
+of them in a row the iterator raises instead of spinning.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any
 
 import grain
 import numpy as np
+
+from nopejax.config import ConfigError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -108,11 +112,25 @@ def pack_documents(docs: list[np.ndarray], seq_len: int, pad_id: int, split_docu
 
 
 class PackedBatchIterDataset(grain.IterDataset):
-    """IterDataset of {"tokens": int32 [L], "invalid_utf8": bool} -> packed [rows, seq_len] batches."""
+    """IterDataset of {"tokens": int32 [L], "invalid_utf8": bool} -> packed [rows, seq_len] batches.
 
-    def __init__(self, parent: grain.IterDataset, rows: int, seq_len: int, pad_id: int, split_documents: bool = True):
+    `max_empty_run`: this many empty documents in a row mean the stream holds no text (the caller
+    knows its size: e.g. two passes over a shard's documents); `name` says which stream in the error.
+    """
+
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        rows: int,
+        seq_len: int,
+        pad_id: int,
+        split_documents: bool = True,
+        *,
+        max_empty_run: int,
+        name: str = "the data stream",
+    ):
         super().__init__(parent)
-        self._args = (rows, seq_len, pad_id, split_documents)
+        self._args = (rows, seq_len, pad_id, split_documents, max_empty_run, name)
 
     def __iter__(self) -> PackedBatchIterator:
         return PackedBatchIterator(self._parent.__iter__(), *self._args)
@@ -124,9 +142,21 @@ class PackedBatchIterDataset(grain.IterDataset):
 class PackedBatchIterator(grain.DatasetIterator):
     """Checkpointable: state = upstream state before the pending document + offset into it."""
 
-    def __init__(self, parent: grain.DatasetIterator, rows: int, seq_len: int, pad_id: int, split_documents: bool):
+    def __init__(
+        self,
+        parent: grain.DatasetIterator,
+        rows: int,
+        seq_len: int,
+        pad_id: int,
+        split_documents: bool,
+        max_empty_run: int,
+        name: str,
+    ):
         super().__init__(parent)
+        if max_empty_run < 1:
+            raise ValueError(f"max_empty_run must be >= 1, got {max_empty_run}")
         self._packer = BatchPacker(rows, seq_len, pad_id, split_documents)
+        self._max_empty_run, self._name = max_empty_run, name
         self._pending: np.ndarray | None = None  # the document being placed, int32 [L]
         self._pending_state: Any = None  # upstream state from before it was read
         self._offset = 0
@@ -135,7 +165,7 @@ class PackedBatchIterator(grain.DatasetIterator):
 
     def _read(self) -> bool:
         """Read the next non-empty document into `_pending`; False at the end of the stream."""
-        while True:
+        for _ in range(self._max_empty_run + 1):
             state = self._parent.get_state()
             try:
                 item = next(self._parent)
@@ -152,6 +182,11 @@ class PackedBatchIterator(grain.DatasetIterator):
             self.stats["tokens"] += len(tokens)
             self._pending, self._pending_state, self._offset = tokens, state, 0
             return True
+        raise ConfigError(
+            "data.path", f"{self._name} gave {self._max_empty_run + 1} empty documents in a row (no text after "
+            "tokenization), more than a full pass over its documents, so it holds no text to train on",
+            "remove the empty documents, check data.text_field, or use fewer data shards (data.num_shards)",
+        )  # fmt: skip
 
     def __next__(self) -> dict[str, np.ndarray]:
         while not self._packer.full:

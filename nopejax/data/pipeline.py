@@ -30,6 +30,7 @@ unshuffled and repeats too: a fresh eval iterator always yields the same batches
 from __future__ import annotations
 
 import atexit
+import math
 import weakref
 
 import grain
@@ -97,16 +98,49 @@ class ReadAndTokenize(grain.transforms.Map):
 
 
 def open_sources(data_cfg) -> list:
-    """One source per entry of the comma-separated `data.path` (the default corpus: one)."""
+    """One source per entry of the comma-separated `data.path` (the default corpus: one).
+
+    A source whose documents are all empty (an empty file, only blank lines) is refused here,
+    before anything compiles: packing skips empty documents, so it could never fill a batch."""
     if data_cfg.source == "default":
         return [sources.JsonlSource([default_corpus_path()], "text")]
     patterns = [p for p in data_cfg.path.split(",") if p.strip()]
     if not patterns:
         raise ConfigError("data.path", f"data.source={data_cfg.source!r} needs a path", "set --config.data.path=GLOB")
-    return [
-        sources.open_documents(data_cfg.source, p, text_field=data_cfg.text_field, text_unit=data_cfg.text_unit)
-        for p in patterns
-    ]
+    opened = []
+    for p in patterns:
+        source = sources.open_documents(
+            data_cfg.source, p, text_field=data_cfg.text_field, text_unit=data_cfg.text_unit
+        )
+        if len(source) and not _has_text(source):
+            field = data_cfg.source in ("jsonl", "parquet")
+            raise ConfigError(
+                "data.path", f"{p.strip()!r} holds no text: its {len(source)} document(s) are empty or blank",
+                "point data.path at files with text" + (" or data.text_field at the text" if field else ""),
+            )  # fmt: skip
+        opened.append(source)
+    return opened
+
+
+def _has_text(source) -> bool:
+    """Whether any document has text; reads documents only until the first that does."""
+    for i in range(len(source)):
+        raw = source[i]
+        if len(raw) if isinstance(raw, np.ndarray) else sources.to_text(raw)[0].strip():
+            return True
+    return False
+
+
+def _max_empty_run(lengths: list[int], weights) -> int:
+    """Empty documents in a row after which a packed stream surely holds no text at all.
+
+    A component of n documents repeats in a fresh order each epoch, so 2n - 1 draws from it in a
+    row span a whole epoch. grain's mixture draws component k in proportion p_k, within one draw
+    in any window, so ceil((2 n_k + 1) / p_k) draws of the mixture hold 2 n_k - 1 draws of k."""
+    if len(lengths) == 1:
+        return 2 * lengths[0]
+    w = [1.0] * len(lengths) if weights is None else [float(x) for x in weights]
+    return sum(math.ceil((2 * n + 1) * sum(w) / wk) for n, wk in zip(lengths, w))
 
 
 def document_indices(num_documents: int, data_cfg, split: str, shard: int, num_shards: int) -> np.ndarray:
@@ -360,7 +394,11 @@ def _shard_iterators(cfg, split: str, shards: list[int], num_shards: int) -> lis
         if d.num_workers > 0 and split == "train":
             _ensure_absl_flags_parsed()
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
-        packed = PackedBatchIterDataset(it_ds, rows, seq_len, tokenizer.pad_id, split_documents=d.packing == "concat")
+        lengths = [len(_shard_of(docs, shard, num_shards)) for docs in split_docs]
+        packed = PackedBatchIterDataset(
+            it_ds, rows, seq_len, tokenizer.pad_id, split_documents=d.packing == "concat",
+            max_empty_run=_max_empty_run(lengths, weights), name=f"data shard {shard} of {num_shards} ({split} split)",
+        )  # fmt: skip
         iterators.append(iter(packed))
     return iterators
 

@@ -223,7 +223,8 @@ class Mamba2(nnx.Module):
 
 def from_hf(state_dict: dict, d: Mamba2Dims, prefix: str = "") -> dict:
     """A transformers mixer's tensors (numpy or torch, names under `prefix`) -> our params."""
-    return {
-        name: jnp.asarray(fn(np.asarray(state_dict[prefix + HF_TENSORS[name][0]], dtype=np.float32)))
-        for name in mamba2_params(d)
-    }
+    out = {}
+    for name in mamba2_params(d):
+        hf_name, to_ours = HF_TENSORS[name]
+        out[name] = jnp.asarray(to_ours(np.asarray(state_dict[prefix + hf_name], dtype=np.float32)))
+    return out

@@ -5,6 +5,8 @@ Tiny odd sizes: 6 heads in 2 groups, head dim 3, state 5, S = 13 with chunks tha
 divide it.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,7 +97,7 @@ def test_packed_row_equals_documents_alone(chunk):
     del args["initial_state_BHPN"]
     y, final = ssd(**args, chunk=chunk, segment_ids_BS=jnp.asarray(seg))
     for b, row in enumerate(docs):
-        for doc, start, stop in row:
+        for _, start, stop in row:
             y_doc, final_doc = _alone(args, b, start, stop, chunk)
             np.testing.assert_allclose(y[b : b + 1, start:stop], y_doc, atol=1e-5, rtol=0)
         # padding after the last document leaves its state
@@ -110,7 +112,7 @@ def test_pieces_combine_to_the_whole(cuts):
     x, dt, A, B, C, D, state_in = args.values()
     y, final = ssd(x, dt, A, B, C, chunk=4, D_H=D, segment_ids_BS=seg, initial_state_BHPN=state_in)
     bounds = (0, *cuts, 17)
-    pieces = [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    pieces = list(itertools.pairwise(bounds))
 
     def before(a):
         return None if a == 0 else seg[:, a - 1]

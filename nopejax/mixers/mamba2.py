@@ -133,8 +133,8 @@ def _ssm_inputs(p, xbc_XE, dt_XH, d: Mamba2Dims):
     dt_XH = jax.nn.softplus(dt_XH.astype(F32) + p["dt_bias"].astype(F32))
     dt_XH = jnp.clip(dt_XH, *d.time_step_limit)
     A_H = -jnp.exp(p["A_log"].astype(F32))
-    shape = lambda t, *tail: t.reshape(*lead, *tail)  # noqa: E731
-    return shape(x_XI, d.heads, d.head_dim), dt_XH, A_H, shape(B_XGN, d.groups, d.state), shape(C_XGN, d.groups, d.state)
+    x_XHP = x_XI.reshape(*lead, d.heads, d.head_dim)
+    return x_XHP, dt_XH, A_H, B_XGN.reshape(*lead, d.groups, d.state), C_XGN.reshape(*lead, d.groups, d.state)
 
 
 def _out(p, y_XHP, z_XI, d: Mamba2Dims, dtype):

@@ -147,8 +147,7 @@ def ssd(
 
 def ssd_step(x_BHP, dt_BH, A_H, B_BGN, C_BGN, state_BHPN, *, D_H=None):
     """One token of the recurrence, O(1) in the position -> (y_BHP in x's dtype, state_BHPN in fp32)."""
-    Bsz, H, P = x_BHP.shape
-    G, N = B_BGN.shape[-2:]
+    H, G = x_BHP.shape[1], B_BGN.shape[1]
     R = H // G
     dt_BH = dt_BH.astype(F32)
     B_BHN = jnp.repeat(B_BGN.astype(F32), R, axis=1)

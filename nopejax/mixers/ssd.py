@@ -87,6 +87,8 @@ def ssd(
     """
     Bsz, S, H, P = x_BSHP.shape
     G, N = B_BSGN.shape[-2:]
+    if H % G or chunk < 1:
+        raise ValueError(f"ssd: heads={H} must be a multiple of groups={G} and chunk={chunk} at least 1")
     R = H // G
     Q = min(chunk, S)
     pad = -S % Q

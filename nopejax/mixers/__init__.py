@@ -1,0 +1,1 @@
+"""Non-attention sequence mixers: the chunked scan, its state for decode and context parallelism."""

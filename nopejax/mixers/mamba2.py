@@ -1,0 +1,230 @@
+"""The Mamba2 mixer layer (Dao & Gu 2024, "Transformers are SSMs"), as transformers computes it.
+
+Numerical reference: transformers' `Mamba2Mixer.forward` on its torch path (`causal_conv1d_fn`,
+`mamba2_chunk_scan`, `Mamba2RMSNormGated`); GraniteMoeHybrid and NemotronH use the same layer.
+
+    zxbcdt = h @ in_proj                       split into z [I], xBC [I + 2 G N], dt [H]
+    xBC    = silu(causal_conv(xBC))            split into x [H, P], B [G, N], C [G, N]
+    dt     = clip(softplus(dt + dt_bias), time_step_limit);  A = -exp(A_log)
+    y      = ssd(x, dt, A, B, C) + D x         (ssd.py, fp32)
+    out    = (rms_norm_per_group(y * silu(z)) * norm) @ out_proj      (G groups of I / G, fp32)
+
+Shape letters: B batch, S sequence, D model width, H heads, P head dim, I = H P inner width,
+G groups, N state size, K conv kernel, W = K - 1, E = I + 2 G N conv channels, Z = I + E + H.
+
+Parameters map 1:1 onto transformers' (`HF_TENSORS`); ours are [in, out] where torch's Linear is
+[out, in], and the conv weight is [K, E] where torch's depthwise Conv1d is [E, 1, K].
+
+Decode carries a `Mamba2Cache` per layer: the conv window (last W conv inputs) and the SSM state.
+`mamba2` on S tokens (a prefill, or a chunk of one) takes and returns it; `mamba2_step` advances
+it by one token in O(1). Batched prompts of different lengths are left-padded (segment id 0), so
+every row's cache describes its last position. Unlike transformers' decode path, the step clamps dt
+to `time_step_limit` as the chunked form does, so a step equals the chunked forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nopejax.mixers.conv import causal_conv, conv_step
+from nopejax.mixers.ssd import ssd, ssd_step
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Dims:
+    """One Mamba2 layer's sizes and constants (transformers' Mamba2Config names in comments)."""
+
+    d_model: int  # hidden_size
+    heads: int  # num_heads
+    head_dim: int  # head_dim; heads * head_dim = expand * hidden_size
+    groups: int  # n_groups
+    state: int  # state_size
+    conv_kernel: int = 4  # conv_kernel
+    chunk: int = 256  # chunk_size
+    time_step_limit: tuple[float, float] = (0.0, math.inf)  # time_step_limit
+    norm_eps: float = 1e-5  # layer_norm_epsilon
+    use_bias: bool = False  # use_bias: in_proj and out_proj
+    conv_bias: bool = True  # use_conv_bias
+
+    def __post_init__(self):
+        if self.heads % self.groups:
+            raise ValueError(f"mamba2 heads={self.heads} must be a multiple of groups={self.groups}: change either")
+
+    @property
+    def inner(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.inner + 2 * self.groups * self.state
+
+    @property
+    def proj_dim(self) -> int:
+        return self.inner + self.conv_dim + self.heads
+
+
+# name -> (shape given the dims, logical axes)
+MAMBA2_PARAMS = {
+    "in_proj": (lambda d: (d.d_model, d.proj_dim), ("embed", None)),
+    "conv1d_weight": (lambda d: (d.conv_kernel, d.conv_dim), (None, None)),
+    "dt_bias": (lambda d: (d.heads,), (None,)),
+    "A_log": (lambda d: (d.heads,), (None,)),
+    "D": (lambda d: (d.heads,), (None,)),
+    "norm": (lambda d: (d.inner,), (None,)),
+    "out_proj": (lambda d: (d.inner, d.d_model), (None, "embed")),
+}
+BIAS_PARAMS = {
+    "in_proj_bias": (lambda d: (d.proj_dim,), (None,)),
+    "out_proj_bias": (lambda d: (d.d_model,), ("embed",)),
+}
+CONV_BIAS_PARAMS = {"conv1d_bias": (lambda d: (d.conv_dim,), (None,))}
+
+# ours -> (transformers' name inside the mixer, torch tensor -> ours); the inverse is the same transpose
+HF_TENSORS = {
+    "in_proj": ("in_proj.weight", lambda t: t.T),
+    "in_proj_bias": ("in_proj.bias", lambda t: t),
+    "conv1d_weight": ("conv1d.weight", lambda t: t[:, 0, :].T),
+    "conv1d_bias": ("conv1d.bias", lambda t: t),
+    "dt_bias": ("dt_bias", lambda t: t),
+    "A_log": ("A_log", lambda t: t),
+    "D": ("D", lambda t: t),
+    "norm": ("norm.weight", lambda t: t),
+    "out_proj": ("out_proj.weight", lambda t: t.T),
+    "out_proj_bias": ("out_proj.bias", lambda t: t),
+}
+
+
+def mamba2_params(d: Mamba2Dims) -> dict:
+    """The params of one Mamba2 layer for these dims: name -> (shape fn, logical axes)."""
+    return {**MAMBA2_PARAMS, **(BIAS_PARAMS if d.use_bias else {}), **(CONV_BIAS_PARAMS if d.conv_bias else {})}
+
+
+class Mamba2Cache(NamedTuple):
+    conv_window_BWE: jax.Array
+    ssm_state_BHPN: jax.Array  # fp32
+
+
+def empty_cache(d: Mamba2Dims, batch: int, dtype=F32) -> Mamba2Cache:
+    return Mamba2Cache(
+        jnp.zeros((batch, d.conv_kernel - 1, d.conv_dim), dtype), jnp.zeros((batch, d.heads, d.head_dim, d.state), F32)
+    )
+
+
+def _in_proj(p, h_XD, d: Mamba2Dims):
+    zxbcdt_XZ = h_XD @ p["in_proj"].astype(h_XD.dtype)
+    if "in_proj_bias" in p:
+        zxbcdt_XZ += p["in_proj_bias"].astype(h_XD.dtype)
+    return jnp.split(zxbcdt_XZ, [d.inner, d.inner + d.conv_dim], axis=-1)  # z, xBC, dt
+
+
+def _ssm_inputs(p, xbc_XE, dt_XH, d: Mamba2Dims):
+    """silu'd conv output -> x [.., H, P], B, C [.., G, N] in fp32; dt after softplus and clamp; A."""
+    x_XI, B_XGN, C_XGN = jnp.split(jax.nn.silu(xbc_XE.astype(F32)), [d.inner, d.inner + d.groups * d.state], -1)
+    lead = x_XI.shape[:-1]
+    dt_XH = jax.nn.softplus(dt_XH.astype(F32) + p["dt_bias"].astype(F32))
+    dt_XH = jnp.clip(dt_XH, *d.time_step_limit)
+    A_H = -jnp.exp(p["A_log"].astype(F32))
+    x_XHP = x_XI.reshape(*lead, d.heads, d.head_dim)
+    return x_XHP, dt_XH, A_H, B_XGN.reshape(*lead, d.groups, d.state), C_XGN.reshape(*lead, d.groups, d.state)
+
+
+def _out(p, y_XHP, z_XI, d: Mamba2Dims, dtype):
+    """Gated RMSNorm over groups of I / G (transformers' Mamba2RMSNormGated, fp32), then out_proj."""
+    lead = y_XHP.shape[:-2]
+    g_XI = y_XHP.reshape(*lead, d.inner).astype(F32) * jax.nn.silu(z_XI.astype(F32))
+    g_XGF = g_XI.reshape(*lead, d.groups, d.inner // d.groups)
+    g_XGF = g_XGF * jax.lax.rsqrt(jnp.mean(g_XGF * g_XGF, axis=-1, keepdims=True) + d.norm_eps)
+    out_XD = (g_XGF.reshape(*lead, d.inner) * p["norm"].astype(F32)).astype(dtype) @ p["out_proj"].astype(dtype)
+    if "out_proj_bias" in p:
+        out_XD += p["out_proj_bias"].astype(dtype)
+    return out_XD
+
+
+def mamba2(p: dict, h_BSD, d: Mamba2Dims, *, segment_ids_BS=None, cache: Mamba2Cache | None = None):
+    """The mixer over S positions (after `cache`, if given) -> (out_BSD, the cache after position S - 1)."""
+    z_BSI, xbc_BSE, dt_BSH = _in_proj(p, h_BSD, d)
+    window = None if cache is None else cache.conv_window_BWE
+    xbc_BSE, window_BWE = causal_conv(
+        xbc_BSE, p["conv1d_weight"], p.get("conv1d_bias"), segment_ids_BS=segment_ids_BS, window_BWE=window
+    )
+    x_BSHP, dt_BSH, A_H, B_BSGN, C_BSGN = _ssm_inputs(p, xbc_BSE, dt_BSH, d)
+    y_BSHP, state_BHPN = ssd(
+        x_BSHP,
+        dt_BSH,
+        A_H,
+        B_BSGN,
+        C_BSGN,
+        chunk=d.chunk,
+        D_H=p["D"],
+        segment_ids_BS=segment_ids_BS,
+        initial_state_BHPN=None if cache is None else cache.ssm_state_BHPN,
+    )
+    return _out(p, y_BSHP, z_BSI, d, h_BSD.dtype), Mamba2Cache(window_BWE, state_BHPN)
+
+
+def mamba2_step(p: dict, h_BD, d: Mamba2Dims, cache: Mamba2Cache):
+    """One decode token per row -> (out_BD, cache), O(1) in the position."""
+    z_BI, xbc_BE, dt_BH = _in_proj(p, h_BD, d)
+    xbc_BE, window_BWE = conv_step(xbc_BE, p["conv1d_weight"], p.get("conv1d_bias"), cache.conv_window_BWE)
+    x_BHP, dt_BH, A_H, B_BGN, C_BGN = _ssm_inputs(p, xbc_BE, dt_BH, d)
+    y_BHP, state_BHPN = ssd_step(x_BHP, dt_BH, A_H, B_BGN, C_BGN, cache.ssm_state_BHPN, D_H=p["D"])
+    return _out(p, y_BHP, z_BI, d, h_BD.dtype), Mamba2Cache(window_BWE, state_BHPN)
+
+
+def init_params(d: Mamba2Dims, key, dtype=F32, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4) -> dict:
+    """transformers' Mamba2 init: A = 1..H, D = 1, dt log-uniform in [dt_min, dt_max] through dt_bias,
+    projections normal(0.02), conv uniform(+-1/sqrt(K)) as torch's Conv1d default."""
+    k_in, k_out, k_conv, k_cb, k_dt = jax.random.split(key, 5)
+    dt_H = jnp.exp(jax.random.uniform(k_dt, (d.heads,)) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt_H = jnp.maximum(dt_H, dt_floor)
+    bound = 1 / math.sqrt(d.conv_kernel)
+    values = {
+        "in_proj": 0.02 * jax.random.normal(k_in, (d.d_model, d.proj_dim)),
+        "conv1d_weight": jax.random.uniform(k_conv, (d.conv_kernel, d.conv_dim), minval=-bound, maxval=bound),
+        "dt_bias": dt_H + jnp.log(-jnp.expm1(-dt_H)),  # softplus^-1
+        "A_log": jnp.log(jnp.arange(1, d.heads + 1, dtype=F32)),
+        "D": jnp.ones((d.heads,)),
+        "norm": jnp.ones((d.inner,)),
+        "out_proj": 0.02 * jax.random.normal(k_out, (d.inner, d.d_model)),
+        "in_proj_bias": jnp.zeros((d.proj_dim,)),
+        "out_proj_bias": jnp.zeros((d.d_model,)),
+        "conv1d_bias": jax.random.uniform(k_cb, (d.conv_dim,), minval=-bound, maxval=bound),
+    }
+    return {name: values[name].astype(dtype) for name in mamba2_params(d)}
+
+
+class Mamba2(nnx.Module):
+    """The mixer as an NNX module: one `nnx.Param` per `mamba2_params` entry, with its logical axes."""
+
+    def __init__(self, dims: Mamba2Dims, *, rngs: nnx.Rngs, param_dtype=F32):
+        self.dims = dims
+        values = init_params(dims, rngs.params(), param_dtype)
+        for name, (_, logical) in mamba2_params(dims).items():
+            setattr(self, name, nnx.Param(values[name], logical_axes=logical))
+
+    def params(self) -> dict:
+        return {name: getattr(self, name)[...] for name in mamba2_params(self.dims)}
+
+    def __call__(self, h_BSD, segment_ids_BS=None, cache: Mamba2Cache | None = None):
+        return mamba2(self.params(), h_BSD, self.dims, segment_ids_BS=segment_ids_BS, cache=cache)
+
+    def step(self, h_BD, cache: Mamba2Cache):
+        return mamba2_step(self.params(), h_BD, self.dims, cache)
+
+
+def from_hf(state_dict: dict, d: Mamba2Dims, prefix: str = "") -> dict:
+    """A transformers mixer's tensors (numpy or torch, names under `prefix`) -> our params."""
+    out = {}
+    for name in mamba2_params(d):
+        hf_name, to_ours = HF_TENSORS[name]
+        out[name] = jnp.asarray(to_ours(np.asarray(state_dict[prefix + hf_name], dtype=np.float32)))
+    return out

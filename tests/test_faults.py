@@ -49,6 +49,7 @@ def test_max_nonfinite_steps_must_be_a_positive_integer(value):
 def test_a_nan_step_applies_no_update_and_is_counted(monkeypatch):
     cfg = small_cfg()
     cfg.model.num_layers = 2  # the skip is in the update, not the layers: one scanned run compiles fastest
+    cfg.optim.warmup_steps = 8  # the rate moves every step: lr = 1e-2 * count / 8
     batches = random_batches(cfg, 5, seed=3)
     monkeypatch.setattr(train, "loss_fault", nan_at([2]))
     outs, params, state = run_batches(cfg, batches)
@@ -56,11 +57,14 @@ def test_a_nan_step_applies_no_update_and_is_counted(monkeypatch):
     assert np.isnan(outs[2]["loss"]) and np.isnan(outs[2]["grad_norm"])
     jax.tree.map(np.testing.assert_array_equal, params[2], params[1])  # the NaN step changed nothing
     assert int(state["step"]) == 5  # its batch was consumed all the same
+    # the logged rate is the applied one: the skipped step did not advance the schedule
+    np.testing.assert_allclose([o["lr"] for o in outs], [1e-2 * c / 8 for c in (0, 1, 2, 2, 3)], rtol=1e-6)
 
     # independent reference: a clean run that never saw batch 2 ends with the same params
     monkeypatch.setattr(train, "loss_fault", lambda step: None)
     ref_outs, ref_params, _ = run_batches(cfg, batches[:2] + batches[3:])
     np.testing.assert_allclose([o["loss"] for o in outs[:2] + outs[3:]], [o["loss"] for o in ref_outs], rtol=1e-6)
+    assert [o["lr"] for o in outs[:2] + outs[3:]] == [o["lr"] for o in ref_outs]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), params[-1], ref_params[-1])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 

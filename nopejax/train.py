@@ -460,8 +460,8 @@ class Preemption:
     def _expired(self) -> None:
         what = ("the step in progress did not finish" if self.stopping_at is None
                 else f"the checkpoint of step {self.stopping_at} was not complete")  # fmt: skip
-        self._exit(1, f"error: {what} within {self._grace} s of {self.signal_name} (train.stop_grace_seconds); "
-                      f"stopped without saving. {self._newest()}")  # fmt: skip
+        self._exit(1, f"error: {what} within {self._grace} s of {self.signal_name}; stopped without saving, "
+                      f"{self._newest()}. If it only needs longer, raise train.stop_grace_seconds")  # fmt: skip
 
     def _newest(self) -> str:
         steps = checkpoint.complete_steps(self._dir)

@@ -1,19 +1,24 @@
 """Faults inside one process: non-finite losses are skipped, counted and stop the run; a save
-that fails stops the run with one line and leaves the earlier checkpoints readable.
+that fails stops the run with one line and leaves the earlier checkpoints readable; a step that
+never finishes cannot keep a stopping process alive.
 
-NaNs are injected through `train.loss_fault`, a hook the step calls at trace time (production
-leaves it returning None); the reference for a skipped step is a run that never saw its batch.
+NaNs and hung steps are injected through `train.loss_fault`, a hook the step calls at trace time
+(production leaves it returning None); the reference for a skipped step is a run that never saw
+its batch.
 """
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import nopejax, random_batches, small_cfg
+from test_train import ROOT, nopejax, random_batches, small_cfg
 
 from nopejax import checkpoint, config, train
 from nopejax.config import ConfigError, RunError
@@ -163,3 +168,73 @@ def test_a_full_disk_stops_the_save_with_the_os_reason(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, restored, jax.tree.map(np.asarray, state["params"]))
     finally:
         subprocess.run(["umount", ckpts], check=True)
+
+
+# `nopejax train` whose step at state step 4 (step 5 in metrics.jsonl) never finishes, as on a hung
+# collective: the host callback blocks, and the main thread waits for the step's result for ever
+HANGING_STEP = """
+import sys, threading
+import jax, jax.numpy as jnp, numpy as np
+from nopejax import cli, train
+
+def factor(step):
+    if step >= 4:
+        threading.Event().wait()
+    return np.float32(1.0)
+
+train.loss_fault = lambda step: jax.pure_callback(factor, jax.ShapeDtypeStruct((), jnp.float32), step)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def start_hanging(workdir, *extra):
+    """The hanging trainer, once step 3 is logged and checkpointed."""
+    env = {**os.environ, "XLA_FLAGS": os.environ["NOPEJAX_TEST_XLA_FLAGS"], "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_STEP, "train", "--workdir", str(workdir), *RUN,
+                             "--config.train.steps=10", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics, step_3 = workdir / "metrics.jsonl", workdir / "checkpoints" / "3"
+    t0 = time.time()
+    while not (step_3.is_dir() and metrics.exists() and '"step": 3,' in metrics.read_text()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - t0 < 300, "step 3 not reached"
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_step_that_never_finishes_ends_the_stop_after_the_grace_period(tmp_path):
+    proc = start_hanging(tmp_path, "--config.train.stop_grace_seconds=3")
+    try:
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+        waited = time.time() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and 3 <= waited < 30, (proc.returncode, waited, err[-3000:])
+    assert err.splitlines() == [
+        "nopejax train: error: the step in progress did not finish within 3 s of SIGTERM; stopped without saving, "
+        f"the newest complete checkpoint is step 3 ({tmp_path}/checkpoints/3). If it only needs longer, raise "
+        "train.stop_grace_seconds"
+    ]
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    proc = start_hanging(tmp_path)  # the grace period is 10 minutes
+    try:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)  # the first is taken as "stop after this step", which never comes
+        assert proc.poll() is None
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+        waited = time.time() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and waited < 10, (proc.returncode, waited, err[-3000:])
+    assert err.splitlines() == [
+        "nopejax train: interrupted: stopping after this step with a checkpoint; Ctrl-C again stops at once, "
+        "without one",
+        "nopejax train: interrupted again: stopped at once, without saving; the newest complete checkpoint is "
+        f"step 3 ({tmp_path}/checkpoints/3)",
+    ]

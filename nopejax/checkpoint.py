@@ -527,7 +527,7 @@ class WorkdirLock:
         if jax.process_count() > 1:
             taken = bool(np.min(multihost_utils.process_allgather(np.int32(taken))))
         if not taken:
-            who = holder or "held by another trainer, as process 0 found"
+            who = holder or "another trainer (process 0 names it)"
             raise RunError(f"the workdir {os.path.dirname(self.path)} is in use: {self.path} is locked by {who}; "
                            "wait for that run to end (or stop it), or train in another --workdir")  # fmt: skip
         return self

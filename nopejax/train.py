@@ -404,8 +404,8 @@ class Preemption:
     handlers only between bytecodes of the main thread, which a stuck step never returns to.
 
     Multi-process runs must agree on the step to stop at: JAX's preemption sync point gives
-    every process the same answer (its coordination service watches SIGTERM itself, so the
-    signals are left to it there).
+    every process the same answer. Its coordination service watches SIGTERM itself, so there the
+    signals are left to it: Ctrl-C and the grace period are for single-process runs.
     """
 
     def __init__(self, checkpoints_dir: str, grace_seconds: float):
@@ -415,6 +415,7 @@ class Preemption:
         self.multi = jax.process_count() > 1
         self._dir, self._grace = checkpoints_dir, grace_seconds
         self._handlers, self._timer = {}, None
+        self._lock, self._closed = threading.Lock(), False  # no timer outlives the run it watches
 
     def __enter__(self) -> Preemption:
         if self.multi:
@@ -430,10 +431,13 @@ class Preemption:
     def __exit__(self, *exc) -> None:
         if self.multi:
             return
-        if self._timer is not None:
-            self._timer.cancel()
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
         for signum, handler in self._handlers.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(signum, handler)
         signal.set_wakeup_fd(self._old_wakeup_fd)
         os.close(self._write_fd)  # the watcher reads end-of-file and returns
 
@@ -445,23 +449,29 @@ class Preemption:
         os.close(self._read_fd)
 
     def _on_signal(self, signum: signal.Signals) -> None:
-        if self.requested:  # a scheduler may repeat SIGTERM; a second Ctrl-C means "now"
+        with self._lock:
+            if self._closed:
+                return
+            if self.requested:  # a scheduler may repeat SIGTERM; a second Ctrl-C means "now"
+                if signum == signal.SIGINT:
+                    self._exit(130, f"interrupted again: stopped at once, without saving; {self._newest()}")
+                return
+            self.requested, self.signal_name = True, signum.name
             if signum == signal.SIGINT:
-                self._exit(130, f"interrupted again: stopped at once, without saving; {self._newest()}")
-            return
-        self.requested, self.signal_name = True, signum.name
-        if signum == signal.SIGINT:
-            print("nopejax train: interrupted: stopping after this step with a checkpoint; Ctrl-C again stops at "
-                  "once, without one", file=sys.stderr, flush=True)  # fmt: skip
-        self._timer = threading.Timer(self._grace, self._expired)
-        self._timer.daemon = True
-        self._timer.start()
+                print("nopejax train: interrupted: stopping after this step with a checkpoint; Ctrl-C again stops "
+                      "at once, without one", file=sys.stderr, flush=True)  # fmt: skip
+            self._timer = threading.Timer(self._grace, self._expired)
+            self._timer.daemon = True
+            self._timer.start()
 
     def _expired(self) -> None:
-        what = ("the step in progress did not finish" if self.stopping_at is None
-                else f"the checkpoint of step {self.stopping_at} was not complete")  # fmt: skip
-        self._exit(1, f"error: {what} within {self._grace} s of {self.signal_name}; stopped without saving, "
-                      f"{self._newest()}. If it only needs longer, raise train.stop_grace_seconds")  # fmt: skip
+        with self._lock:
+            if self._closed:
+                return
+            what = ("the step in progress did not finish" if self.stopping_at is None
+                    else f"the checkpoint of step {self.stopping_at} was not complete")  # fmt: skip
+            self._exit(1, f"error: {what} within {self._grace} s of {self.signal_name}; stopped without saving, "
+                          f"{self._newest()}. If it only needs longer, raise train.stop_grace_seconds")  # fmt: skip
 
     def _newest(self) -> str:
         steps = checkpoint.complete_steps(self._dir)

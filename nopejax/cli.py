@@ -42,16 +42,19 @@ def cmd_train(args) -> int:
     summary = train.run(cfg, args.workdir, progress=not args.no_progress)
     import jax
 
-    done = "stopped by SIGTERM at" if summary["preempted"] else "finished"
+    done = f"stopped by {summary['stopped_by']} at" if summary["preempted"] else "finished"
     if jax.process_index() > 0:  # one line each, so every process's stop step can be checked
         print(f"process {jax.process_index()}: {done} step {summary['steps']}")
     else:
-        print(f"\n{done} step {summary['steps']} in {summary['seconds']} s: loss {summary['final_loss']:.4f}"
-              + (f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else ""))  # fmt: skip
+        if summary["steps"] > summary["start"]:  # else train.run said there was nothing to do
+            evaluated = summary["eval_loss"] is not None
+            at = f" (step {summary['eval_step']})" if evaluated and summary["eval_step"] != summary["steps"] else ""
+            print(f"\n{done} step {summary['steps']} in {summary['seconds']} s: loss {summary['final_loss']:.4f}"
+                  + (f", eval loss {summary['eval_loss']:.4f}{at}" if evaluated else ""))  # fmt: skip
         print(f"checkpoints {summary['checkpoints']} in {os.path.join(args.workdir, 'checkpoints')}; "
               f"metrics in {os.path.join(args.workdir, 'metrics.jsonl')}; "
               f"tensorboard --logdir {os.path.join(args.workdir, 'tensorboard')}")  # fmt: skip
-    return 0
+    return 130 if summary["stopped_by"] == "SIGINT" else 0  # the shell's code for an interrupted command
 
 
 def cmd_export(args) -> int:
@@ -239,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:  # not a user mistake, but still one line: what happened, what to do
         print(f"nopejax {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before training started (or outside it): nothing to save
+        print(f"nopejax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -168,6 +168,9 @@ def base_config() -> ConfigDict:
     t.loss_chunk_len = 0
     # a step with a non-finite loss or gradient norm applies no update; this many in a row stop the run
     t.max_nonfinite_steps = 5
+    # after SIGTERM or a first Ctrl-C, the step in progress and its checkpoint get this many seconds;
+    # past them (a hung step) the process exits non-zero, naming the newest complete checkpoint
+    t.stop_grace_seconds = 600
 
     cfg.optim = o = ConfigDict()
     o.lr = 3e-3
@@ -806,7 +809,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         )  # fmt: skip
     if t.z_loss < 0:
         raise ConfigError("train.z_loss", "must be >= 0", "use e.g. 1e-4, or 0 to turn it off")
-    _positive(cfg, "train", ["max_nonfinite_steps"])
+    _positive(cfg, "train", ["max_nonfinite_steps", "stop_grace_seconds"])
     _warn_windows(cfg)
 
     o = cfg.optim

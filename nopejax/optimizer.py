@@ -68,16 +68,23 @@ def make(cfg: ConfigDict) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def _is_schedule(x) -> bool:
+    return isinstance(x, optax.ScaleByScheduleState)
+
+
 def with_schedule_step(opt_state, step):
     """The optimizer state with the LR schedule at `step`: optax keeps the schedule's own count in
     each ScaleByScheduleState, apart from the train state's step; a stage that resets or carries
     over the step must move it too. Adam's bias-correction count is left as it is (it belongs to
     the moments)."""
 
-    def is_schedule(x):
-        return isinstance(x, optax.ScaleByScheduleState)
-
     def move(x):
-        return x._replace(count=jnp.full_like(x.count, step)) if is_schedule(x) else x
+        return x._replace(count=jnp.full_like(x.count, step)) if _is_schedule(x) else x
 
-    return jax.tree.map(move, opt_state, is_leaf=is_schedule)
+    return jax.tree.map(move, opt_state, is_leaf=_is_schedule)
+
+
+def schedule_count(opt_state):
+    """The step the LR schedule is at, i.e. the one whose rate the next update applies. A skipped
+    (non-finite) step keeps the old optimizer state, so this count stays behind the train step."""
+    return next(x.count for x in jax.tree.leaves(opt_state, is_leaf=_is_schedule) if _is_schedule(x))

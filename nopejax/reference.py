@@ -125,6 +125,8 @@ FIELD_DOCS = {
     "never exist at once; 0 = whole sequence; must divide `seq_len`.",
     "train.max_nonfinite_steps": "A step with a non-finite loss or gradient norm applies no update; this many "
     "in a row stop the run.",
+    "train.stop_grace_seconds": "After SIGTERM or the first Ctrl-C, seconds the step in progress and its save may "
+    "take; past that the process exits 1 naming the newest complete checkpoint.",
     # optim
     "optim.lr": "Peak learning rate of AdamW.",
     "optim.schedule": "Learning-rate schedule: " + ", ".join(f"`{s}`" for s in config.SCHEDULES) + ".",

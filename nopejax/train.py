@@ -13,6 +13,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import signal
+import sys
+import threading
 import time
 
 import jax
@@ -284,7 +288,7 @@ def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
         "params": new_params,
         "opt_state": jax.tree.map(only_if_finite, opt_state, state["opt_state"]),
     }
-    lr = optimizer.schedule(cfg)(state["step"])
+    lr = optimizer.schedule(cfg)(optimizer.schedule_count(state["opt_state"]))  # the rate this update applies
     out = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": count, "nonfinite": (~finite).astype(jnp.int32)}
     if moe_aux is not None:
         out.update(moe.load_metrics(moe_aux))
@@ -385,39 +389,129 @@ def tally_nonfinite(counts_2, nonfinite):
     return jnp.stack([streak, counts_2[1] + nonfinite])
 
 
+def _ignore_here(signum, frame):
+    """The Python-level handler: it only has to exist, so Python catches the signal; the watcher
+    thread of `Preemption` acts on it."""
+
+
 class Preemption:
-    """SIGTERM (what GCE/TPU and SLURM send before preemption) asks the loop to stop cleanly.
+    """SIGTERM (what GCE/TPU and SLURM send before preemption) and a first Ctrl-C ask the loop to
+    stop cleanly: finish the step, save, exit. A second Ctrl-C stops at once, without saving. A stop
+    that does not complete within `train.stop_grace_seconds` (a step that never finishes: a hung
+    collective, a stuck device) ends the process with one line naming the newest complete checkpoint.
+
+    The signals reach a watcher thread through `signal.set_wakeup_fd`, because Python runs signal
+    handlers only between bytecodes of the main thread, which a stuck step never returns to.
 
     Multi-process runs must agree on the step to stop at: JAX's preemption sync point gives
-    every process the same answer (its coordination service watches SIGTERM itself).
+    every process the same answer. Its coordination service watches SIGTERM itself, so there the
+    signals are left to it: Ctrl-C and the grace period are for single-process runs.
     """
 
-    def __init__(self):
+    def __init__(self, checkpoints_dir: str, grace_seconds: float):
         self.requested = False
+        self.signal_name: str | None = None  # the signal that asked to stop
+        self.stopping_at: int | None = None  # the step the loop stops after, once it has seen the request
         self.multi = jax.process_count() > 1
-        if not self.multi:
-            import signal
+        self._dir, self._grace = checkpoints_dir, grace_seconds
+        self._handlers, self._timer = {}, None
+        self._lock, self._closed = threading.Lock(), False  # no timer outlives the run it watches
 
-            self._old = signal.signal(signal.SIGTERM, self._on_signal)
+    def __enter__(self) -> Preemption:
+        if self.multi:
+            return self
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)  # written from a signal handler: never block there
+        self._old_wakeup_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._handlers[signum] = signal.signal(signum, _ignore_here)
+        threading.Thread(target=self._watch, name="nopejax-signals", daemon=True).start()
+        return self
 
-    def _on_signal(self, signum, frame):
-        self.requested = True
+    def __exit__(self, *exc) -> None:
+        if self.multi:
+            return
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+        for signum, handler in self._handlers.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(signum, handler)
+        signal.set_wakeup_fd(self._old_wakeup_fd)
+        os.close(self._write_fd)  # the watcher reads end-of-file and returns
+
+    def _watch(self) -> None:
+        while data := os.read(self._read_fd, 64):  # one byte per signal: its number
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self._on_signal(signal.Signals(signum))
+        os.close(self._read_fd)
+
+    def _on_signal(self, signum: signal.Signals) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if self.requested:  # a scheduler may repeat SIGTERM; a second Ctrl-C means "now"
+                if signum == signal.SIGINT:
+                    self._exit(130, f"interrupted again: stopped at once, without saving; {self._newest()}")
+                return
+            self.requested, self.signal_name = True, signum.name
+            if signum == signal.SIGINT:
+                print("nopejax train: interrupted: stopping after this step with a checkpoint; Ctrl-C again stops "
+                      "at once, without one", file=sys.stderr, flush=True)  # fmt: skip
+            self._timer = threading.Timer(self._grace, self._expired)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _expired(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            what = ("the step in progress did not finish" if self.stopping_at is None
+                    else f"the checkpoint of step {self.stopping_at} was not complete")  # fmt: skip
+            self._exit(1, f"error: {what} within {self._grace} s of {self.signal_name}; stopped without saving, "
+                          f"{self._newest()}. If it only needs longer, raise train.stop_grace_seconds")  # fmt: skip
+
+    def _newest(self) -> str:
+        steps = checkpoint.complete_steps(self._dir)
+        if not steps:
+            return "there is no complete checkpoint yet"
+        return f"the newest complete checkpoint is step {steps[-1]} ({os.path.join(self._dir, str(steps[-1]))})"
+
+    @staticmethod
+    def _exit(code: int, message: str) -> None:
+        """End the process from the watcher: the main thread may be stuck where no exception reaches."""
+        sys.stdout.flush()
+        print(f"nopejax train: {message}", file=sys.stderr, flush=True)
+        os._exit(code)
 
     def should_stop(self, step: int) -> bool:
         if self.multi:
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+            stop = multihost_utils.reached_preemption_sync_point(step)
+            self.signal_name = self.signal_name or ("SIGTERM" if stop else None)
+        else:
+            stop = self.requested
+        if stop and self.stopping_at is None:
+            self.stopping_at = step
+        return stop
 
 
 def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
-    """Train (or resume) in `workdir`. Returns the summary that is also printed."""
+    """Train (or resume) in `workdir`. Returns the summary that is also printed. One trainer per
+    workdir: while one runs there, another is refused before it reads anything (WorkdirLock)."""
+    s = setup(cfg)
+    with checkpoint.WorkdirLock(workdir, take=jax.process_index() == 0):
+        return _run(s, cfg, workdir, progress)
+
+
+def _run(s: Setup, cfg: ConfigDict, workdir: str, progress: bool) -> dict:
     from tqdm import tqdm
 
     from nopejax import data
 
-    s = setup(cfg)
     t = cfg.train
     is_main = jax.process_index() == 0
     step_fn, eval_fn = compile_fns(s)
@@ -429,6 +523,15 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
     state, start = ckpt.restore_latest(s.abstract_state, None if restart_data else train_iter)
     if state is not None:
         entry = stages.resume_entry(ckpt.restored_config, cfg, start, restart_data)
+        if start >= t.steps:
+            if is_main:
+                print(f"already at step {start} of {t.steps}: nothing to do", flush=True)
+            ckpt.close()
+            return {"steps": start, "start": start, "final_loss": None, "eval_loss": None, "eval_step": None,
+                    "seconds": 0.0, "preempted": False, "stopped_by": None, "checkpoints": ckpt.steps(),
+                    "workdir": workdir}  # fmt: skip
+        if is_main:
+            print(f"resuming from step {start} ({ckpt.directory / str(start)})", flush=True)
     elif cfg.init_from:
         state, entry = state_from(s, *checkpoint.find_checkpoint(cfg.init_from, field="init_from"))
         start = int(host_scalar(state["step"]))
@@ -452,11 +555,10 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
     peak = metrics.peak_flops(jax.devices()[0])
     flops = metrics.train_flops_per_step(cfg)
     tokens_per_step = t.global_batch_size * t.seq_len
-    preempt = Preemption()
     bar = tqdm(total=t.steps, initial=start, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
     pending, last = None, {"loss": float("nan")}
     t_mark, step_mark = time.perf_counter(), start
-    last_eval = None
+    last_eval = eval_step = None
     stopped_early = False
     replicated = NamedSharding(s.mesh, PartitionSpec())
     tally = jax.jit(tally_nonfinite, out_shardings=replicated)
@@ -525,7 +627,7 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
         bar.set_postfix(shown, refresh=False)
 
     t_start = time.perf_counter()
-    with jax.set_mesh(s.mesh):
+    with jax.set_mesh(s.mesh), Preemption(str(ckpt.directory), t.stop_grace_seconds) as preempt:
         for step in range(start, t.steps):
             batch = to_device_batch(s, next(train_iter))
             state, out = step_fn(state, batch)
@@ -535,8 +637,9 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
                 flush(pending)
                 pending = None
             eval_loss = None
-            if t.eval_every and done % t.eval_every == 0:
+            if t.eval_every and (done % t.eval_every == 0 or done == t.steps):  # the summary reports the end
                 eval_loss = last_eval = evaluate(state["params"])
+                eval_step = done
             if sample_text and done % t.sample_every == 0:
                 writer.write_text(done, "sample", sample_text(state["params"]))
             if done % t.log_every == 0 or done == t.steps or eval_loss is not None:
@@ -551,16 +654,19 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
                 break
         if pending is not None:
             flush(pending)
-    bar.close()
-    writer.close()
-    ckpt.close()  # waits until the last save is durable; a RunError if it failed
+        bar.close()
+        writer.close()
+        ckpt.close()  # waits until the last save is durable (within the grace of a stop); RunError if it failed
     elapsed = time.perf_counter() - t_start
     summary = {
         "steps": int(host_scalar(state["step"])),
+        "start": start,
         "final_loss": last.get("loss"),
         "eval_loss": last_eval,
+        "eval_step": eval_step,
         "seconds": round(elapsed, 1),
         "preempted": stopped_early,
+        "stopped_by": preempt.signal_name if stopped_early else None,
         "checkpoints": ckpt.steps(),
         "workdir": workdir,
     }

@@ -1,10 +1,12 @@
-"""Checkpoints: kill -9 and SIGTERM resume bit-exactly, restore onto other meshes, damaged files,
-layout mismatches, and export to transformers from a checkpoint."""
+"""Checkpoints: kill -9 and SIGTERM resume bit-exactly, Ctrl-C saves, one trainer per workdir,
+restore onto other meshes, damaged files set aside and other read errors not, layout mismatches,
+and export to transformers from a checkpoint."""
 
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ import pytest
 from test_train import ROOT, nopejax, random_batches, small_cfg
 
 from nopejax import checkpoint, cli, train
-from nopejax.config import ConfigError
+from nopejax.config import ConfigError, RunError
 
 RUN = ["--config", "configs/tiny.py", "--config.train.steps=24", "--config.train.log_every=1",
        "--config.train.eval_every=0", "--config.checkpoint.every_steps=4", "--config.optim.warmup_steps=4",
@@ -44,9 +46,9 @@ def uninterrupted(uninterrupted_run):
     return losses(uninterrupted_run)
 
 
-def start(workdir):
+def start(workdir, *extra):
     env = {**os.environ, "XLA_FLAGS": os.environ["NOPEJAX_TEST_XLA_FLAGS"], "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "nopejax.cli", "train", "--workdir", str(workdir), *RUN],
+    return subprocess.Popen([sys.executable, "-m", "nopejax.cli", "train", "--workdir", str(workdir), *RUN, *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
@@ -82,8 +84,37 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(tmp_path, uninterrupted):
     assert "stopped by SIGTERM" in out
     stopped = int(out.split("stopped by SIGTERM at step ")[1].split()[0])
     assert stopped < 24 and stopped in checkpoint.Checkpointer(str(tmp_path), small_cfg()).steps()
-    nopejax("train", "--workdir", str(tmp_path), *RUN)
-    assert losses(tmp_path) == uninterrupted
+    # resumed with evaluation every 5 steps, which 24 is not a multiple of: the end is evaluated too
+    proc = nopejax("train", "--workdir", str(tmp_path), *RUN, "--config.train.eval_every=5")
+    assert f"resuming from step {stopped} ({tmp_path}/checkpoints/{stopped})" in proc.stdout
+    assert losses(tmp_path) == uninterrupted  # evaluating changes nothing in training
+    last = json.loads(read_lines(tmp_path)[-1])
+    assert last["step"] == 24 and "eval_loss" in last
+    summary = next(line for line in proc.stdout.splitlines() if line.startswith("finished step 24 "))
+    assert summary.endswith(f"eval loss {last['eval_loss']:.4f}"), summary
+
+
+def test_ctrl_c_saves_and_a_second_trainer_is_refused_until_the_first_exits(tmp_path):
+    proc = start(tmp_path, "--config.train.steps=100000")  # runs until stopped
+    try:
+        wait_for_step(tmp_path, 1, proc)
+        second = nopejax("train", "--workdir", str(tmp_path), *RUN, check=False, timeout=300)
+        assert proc.poll() is None  # the first went on training
+        assert second.returncode == 1 and len(second.stderr.strip().splitlines()) == 1, second.stderr[-3000:]
+        assert f"train.lock is locked by pid {proc.pid} on host {socket.gethostname()}" in second.stderr
+        wait_for_step(tmp_path, 5, proc)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: as SIGTERM, then the shell's exit code for an interrupt
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines() == ["nopejax train: interrupted: stopping after this step with a checkpoint; "
+                                        "Ctrl-C again stops at once, without one"]  # fmt: skip
+    stopped = int(out.split("stopped by SIGINT at step ")[1].split()[0])
+    assert stopped in checkpoint.Checkpointer(str(tmp_path), small_cfg()).steps() and max(losses(tmp_path)) == stopped
+    # the lock went with the first trainer: a third runs, and finds its work done
+    third = nopejax("train", "--workdir", str(tmp_path), *RUN, f"--config.train.steps={stopped}", timeout=300)
+    assert f"already at step {stopped} of {stopped}: nothing to do" in third.stdout and "finished" not in third.stdout
 
 
 @pytest.mark.slow  # long end-to-end; `python -m pytest -m slow`
@@ -129,7 +160,7 @@ def _save_steps(workdir, cfg, steps):
 
 
 def damage(step_dir):
-    """Truncate the array data of a checkpoint's state item to a third."""
+    """Truncate the array data and metadata of a checkpoint's state item to a third."""
     data_files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir / "state") for f in fs
                   if os.path.getsize(os.path.join(r, f)) > 1000]  # fmt: skip
     assert data_files
@@ -160,8 +191,10 @@ def test_damaged_checkpoints_are_set_aside_and_named_by_export(tmp_path, caplog,
     assert step == 1 and restored is not None and ckpt.steps() == [1]
     aside = sorted(n for n in os.listdir(tmp_path / "checkpoints") if ".damaged-" in n)
     assert [n.split(".")[0] for n in aside] == ["2", "3"]
-    for name in aside:  # each warning names the folder it was moved to
-        assert f"checkpoints/{name}" in caplog.text
+    for name in aside:  # each warning names the step, the folder it was moved to and the step the run continues from
+        step = name.split(".")[0]
+        assert f"checkpoint step {step}: {tmp_path}/checkpoints/{step} is damaged (JSONDecodeError: " in caplog.text
+        assert f"set aside as {tmp_path}/checkpoints/{name}; continuing from step 1" in caplog.text
     # set aside: never restored again, never counted by retention (keep=3), the steps save anew
     for step in (2, 3, 4):
         ckpt.save(step, restored, force=True)
@@ -178,9 +211,15 @@ def test_damaged_checkpoints_are_set_aside_and_named_by_export(tmp_path, caplog,
 def test_damaged_newest_checkpoint_is_retrained_exactly(tmp_path, uninterrupted_run, uninterrupted):
     wd = tmp_path / "run"
     shutil.copytree(uninterrupted_run, wd)
-    damage(wd / "checkpoints" / "24")  # kept: 16, 20, 24
+    manifest = wd / "checkpoints" / "24" / "state" / "manifest.ocdbt"  # kept: 16, 20, 24
+    os.truncate(manifest, os.path.getsize(manifest) // 2)
     proc = nopejax("train", "--workdir", str(wd), *RUN)
-    assert "checkpoints/24 is unreadable" in proc.stderr and "set aside as" in proc.stderr, proc.stderr[-2000:]
+    # one line, not the tracebacks of orbax's abandoned reads: the step, what is wrong, where it went, what next
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"WARNING nopejax: checkpoint step 24: {wd}/checkpoints/24 is damaged (ValueError: "
+                           "DATA_LOSS: ") and "manifest.ocdbt" in line, line  # fmt: skip
+    assert f"; set aside as {wd}/checkpoints/24.damaged-" in line and line.endswith("; continuing from step 20")
+    assert "resuming from step 20 (" in proc.stdout
     names = sorted(os.listdir(wd / "checkpoints"))
     assert [n for n in names if n.isdigit()] == ["16", "20", "24"]  # retention kept 16
     assert len([n for n in names if n.startswith("24.damaged-")]) == 1
@@ -189,6 +228,75 @@ def test_damaged_newest_checkpoint_is_retrained_exactly(tmp_path, uninterrupted_
     # and the new step 24 restores to the undamaged run's params
     jax.tree.map(np.testing.assert_array_equal, checkpoint.restore_params(str(wd), 24),
                  checkpoint.restore_params(str(uninterrupted_run), 24))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("two_steps")
+    return wd, _save_steps(wd, small_cfg(), [1, 2])
+
+
+def failing_state_reads(monkeypatch, ckpt, error, times):
+    """Make the first `times` reads of a state item raise `error`. -> the steps they were for."""
+    restore, failed = ckpt.manager.restore, []
+
+    def flaky(step, args=None):
+        if "state" in args and len(failed) < times:
+            failed.append(step)
+            raise error
+        return restore(step, args=args)
+
+    monkeypatch.setattr(ckpt.manager, "restore", flaky)
+    return failed
+
+
+def wrapped(inner):
+    """As orbax raises it: a generic error, from tensorstore's precise one."""
+    outer = Exception("Encountered error while reading array index: (slice(0, 384, 1), slice(0, 64, 1)).")
+    outer.__cause__ = inner
+    return outer
+
+
+UNAVAILABLE = ValueError('UNAVAILABLE: Error reading "params.embed/0.0" in OCDBT database: Connection reset by peer')
+
+
+def test_a_transient_read_error_is_retried_and_the_checkpoint_kept(tmp_path, two_steps, monkeypatch, caplog):
+    source, s = two_steps
+    shutil.copytree(source, tmp_path, dirs_exist_ok=True)
+    monkeypatch.setattr(checkpoint, "RETRY_SECONDS", (0.0, 0.0))
+    ckpt = checkpoint.Checkpointer(str(tmp_path), small_cfg())
+    failed = failing_state_reads(monkeypatch, ckpt, wrapped(UNAVAILABLE), times=2)
+    with caplog.at_level("WARNING"):
+        restored, step = ckpt.restore_latest(s.abstract_state)
+    assert failed == [2, 2] and step == 2 and int(restored["step"]) == 0  # the third read of step 2 worked
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"] and ckpt.steps() == [1, 2]
+    assert caplog.text.count("reading checkpoint step 2 failed (ValueError: UNAVAILABLE: ") == 2
+    ckpt.close()
+
+
+@pytest.mark.parametrize(
+    "error, words",
+    [
+        (PermissionError(13, "Permission denied", "checkpoints/2/state/manifest.ocdbt"), "make it readable"),
+        (wrapped(UNAVAILABLE), "failed 3 times (ValueError: UNAVAILABLE: "),  # transient, and it persists
+        (RuntimeError("an error that says nothing about the files"), "nothing in the error shows damage"),
+    ],
+    ids=["permission", "persisting", "unclassified"],
+)
+def test_a_read_error_without_evidence_of_damage_stops_and_keeps_the_checkpoint(
+    tmp_path, two_steps, monkeypatch, error, words
+):
+    source, s = two_steps
+    shutil.copytree(source, tmp_path, dirs_exist_ok=True)
+    monkeypatch.setattr(checkpoint, "RETRY_SECONDS", (0.0, 0.0))
+    ckpt = checkpoint.Checkpointer(str(tmp_path), small_cfg())
+    failing_state_reads(monkeypatch, ckpt, error, times=100)
+    with pytest.raises(RunError) as err:
+        ckpt.restore_latest(s.abstract_state)
+    assert f"checkpoint step 2 at {tmp_path}/checkpoints/2" in str(err.value) and words in str(err.value)
+    assert str(err.value).endswith("the checkpoint was left in place")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]  # nothing set aside, no silent step back
+    ckpt.close()
 
 
 @pytest.mark.parametrize(

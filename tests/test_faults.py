@@ -1,19 +1,24 @@
 """Faults inside one process: non-finite losses are skipped, counted and stop the run; a save
-that fails stops the run with one line and leaves the earlier checkpoints readable.
+that fails stops the run with one line and leaves the earlier checkpoints readable; a step that
+never finishes cannot keep a stopping process alive.
 
-NaNs are injected through `train.loss_fault`, a hook the step calls at trace time (production
-leaves it returning None); the reference for a skipped step is a run that never saw its batch.
+NaNs and hung steps are injected through `train.loss_fault`, a hook the step calls at trace time
+(production leaves it returning None); the reference for a skipped step is a run that never saw
+its batch.
 """
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import nopejax, random_batches, small_cfg
+from test_train import ROOT, nopejax, random_batches, small_cfg
 
 from nopejax import checkpoint, config, train
 from nopejax.config import ConfigError, RunError
@@ -49,6 +54,7 @@ def test_max_nonfinite_steps_must_be_a_positive_integer(value):
 def test_a_nan_step_applies_no_update_and_is_counted(monkeypatch):
     cfg = small_cfg()
     cfg.model.num_layers = 2  # the skip is in the update, not the layers: one scanned run compiles fastest
+    cfg.optim.warmup_steps = 8  # the rate moves every step: lr = 1e-2 * count / 8
     batches = random_batches(cfg, 5, seed=3)
     monkeypatch.setattr(train, "loss_fault", nan_at([2]))
     outs, params, state = run_batches(cfg, batches)
@@ -56,11 +62,14 @@ def test_a_nan_step_applies_no_update_and_is_counted(monkeypatch):
     assert np.isnan(outs[2]["loss"]) and np.isnan(outs[2]["grad_norm"])
     jax.tree.map(np.testing.assert_array_equal, params[2], params[1])  # the NaN step changed nothing
     assert int(state["step"]) == 5  # its batch was consumed all the same
+    # the logged rate is the applied one: the skipped step did not advance the schedule
+    np.testing.assert_allclose([o["lr"] for o in outs], [1e-2 * c / 8 for c in (0, 1, 2, 2, 3)], rtol=1e-6)
 
     # independent reference: a clean run that never saw batch 2 ends with the same params
     monkeypatch.setattr(train, "loss_fault", lambda step: None)
     ref_outs, ref_params, _ = run_batches(cfg, batches[:2] + batches[3:])
     np.testing.assert_allclose([o["loss"] for o in outs[:2] + outs[3:]], [o["loss"] for o in ref_outs], rtol=1e-6)
+    assert [o["lr"] for o in outs[:2] + outs[3:]] == [o["lr"] for o in ref_outs]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), params[-1], ref_params[-1])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
@@ -159,3 +168,74 @@ def test_a_full_disk_stops_the_save_with_the_os_reason(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, restored, jax.tree.map(np.asarray, state["params"]))
     finally:
         subprocess.run(["umount", ckpts], check=True)
+
+
+# `nopejax train` whose step at state step 4 (step 5 in metrics.jsonl) never finishes, as on a hung
+# collective: its host callback blocks, and the main thread waits for the step for ever. The callback
+# leaves DIR/hanging when it starts, so a test signals only once the process is past any step boundary.
+HANGING_STEP = """
+import os, sys, threading
+import jax, jax.numpy as jnp, numpy as np
+from nopejax import cli, train
+
+def factor(step):
+    if step >= 4:
+        open(os.path.join(sys.argv[sys.argv.index("--workdir") + 1], "hanging"), "w").close()
+        threading.Event().wait()
+    return np.float32(1.0)
+
+train.loss_fault = lambda step: jax.pure_callback(factor, jax.ShapeDtypeStruct((), jnp.float32), step)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def start_hanging(workdir, *extra):
+    """The hanging trainer, once it hangs with step 3 checkpointed."""
+    env = {**os.environ, "XLA_FLAGS": os.environ["NOPEJAX_TEST_XLA_FLAGS"], "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_STEP, "train", "--workdir", str(workdir), *RUN,
+                             "--config.train.steps=10", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    t0 = time.time()
+    while not ((workdir / "hanging").exists() and (workdir / "checkpoints" / "3").is_dir()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - t0 < 300, "the step did not start hanging"
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_step_that_never_finishes_ends_the_stop_after_the_grace_period(tmp_path):
+    proc = start_hanging(tmp_path, "--config.train.stop_grace_seconds=3")
+    try:
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+        waited = time.time() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and 3 <= waited < 30, (proc.returncode, waited, err[-3000:])
+    assert err.splitlines() == [
+        "nopejax train: error: the step in progress did not finish within 3 s of SIGTERM; stopped without saving, "
+        f"the newest complete checkpoint is step 3 ({tmp_path}/checkpoints/3). If it only needs longer, raise "
+        "train.stop_grace_seconds"
+    ]
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    proc = start_hanging(tmp_path)  # the grace period is 10 minutes
+    try:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)  # the first is taken as "stop after this step", which never comes
+        assert proc.poll() is None
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+        waited = time.time() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and waited < 10, (proc.returncode, waited, err[-3000:])
+    assert err.splitlines() == [
+        "nopejax train: interrupted: stopping after this step with a checkpoint; Ctrl-C again stops at once, "
+        "without one",
+        "nopejax train: interrupted again: stopped at once, without saving; the newest complete checkpoint is "
+        f"step 3 ({tmp_path}/checkpoints/3)",
+    ]

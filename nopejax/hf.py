@@ -1358,13 +1358,15 @@ def to_hf(
     token_ids: dict | None = None,
     dtype: str | None = None,
     tokenizer=None,
+    add_bos: bool = True,
 ) -> str:
     """Write a transformers directory of `model.hf_family` (config.json + safetensors), one tensor at a time.
 
     Accepts a Decoder, or a pure param dict (numpy or jax arrays, e.g. restored from a checkpoint
     to host memory) together with its model config. With a `tokenizer` (a `nopejax.data`
     tokenizer) it also writes tokenizer.json, tokenizer_config.json and generation_config.json,
-    and the special token ids default to the tokenizer's.
+    and the special token ids default to the tokenizer's; `add_bos` (the run's data.add_bos) makes
+    the HF tokenizer prepend BOS as nopejax did in training and does in `generate`.
     """
     if tokenizer is not None and token_ids is None:
         token_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
@@ -1408,5 +1410,5 @@ def to_hf(
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(m, token_ids, dtype), f, indent=2)
     if tokenizer is not None:
-        tokenizer.save_for_hf(out_dir, model_max_length=m.max_position_embeddings)
+        tokenizer.save_for_hf(out_dir, model_max_length=m.max_position_embeddings, add_bos=add_bos)
     return out_dir

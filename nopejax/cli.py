@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, help="multi-process: this process's id (or NOPEJAX_PROCESS_ID)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="write a HuggingFace checkpoint of the run's model.hf_family")
+    p = sub.add_parser("export", help="write a HuggingFace checkpoint of the run's model.hf_family",
+                       epilog="--config.model.hf_family=FAMILY writes another family that holds the same model "
+                              "(refused, with the reason, where it cannot); no other --config.* applies")  # fmt: skip
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     p.add_argument("--out", required=True, help="output directory (config.json, safetensors, tokenizer files)")

@@ -16,8 +16,22 @@ import sys
 def _config(args) -> object:
     from nopejax import config
 
-    cfg = config.load_config(args.config) if args.config else config.base_config()
+    cfg = config.load_config(args.config) if args.config else _workdir_config(args) or config.base_config()
     return config.validate(config.apply_overrides(cfg, args.overrides))
+
+
+def _workdir_config(args):
+    """Without --config, a workdir's newest checkpoint (an imported or earlier run) gives the config."""
+    from nopejax import checkpoint
+    from nopejax.config import ConfigError
+
+    workdir = getattr(args, "workdir", None)
+    if not workdir or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return None
+    try:
+        return checkpoint.read_config(*checkpoint.find_checkpoint(workdir))
+    except ConfigError:  # no complete checkpoint yet: a new run
+        return None
 
 
 def cmd_train(args) -> int:
@@ -57,16 +71,29 @@ def cmd_train(args) -> int:
     return 130 if summary["stopped_by"] == "SIGINT" else 0  # the shell's code for an interrupted command
 
 
-def cmd_export(args) -> int:
-    from nopejax import checkpoint, data, hf
+def _refuse_overrides(args, used: tuple[str, ...] = ()) -> list[str]:
+    """The --config.* overrides a command reads from the checkpoint's config; any other is refused, not ignored."""
+    unused = [o for o in args.overrides if o.split("=", 1)[0].removeprefix("--config.") not in used]
+    if unused:
+        takes = f"only --config.{used[0]}=..." if used else "no --config.* overrides"
+        raise _usage(f"{args.command} takes {takes}: the model, data and tokenizer are the checkpoint's own; "
+                     f"got {unused[0]}")  # fmt: skip
+    return args.overrides
 
+
+def cmd_export(args) -> int:
+    from nopejax import checkpoint, config, data, hf
+
+    overrides = _refuse_overrides(args, used=("model.hf_family",))  # another family that can hold the model
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise _usage(f"--out {args.out!r} is a file; export writes a directory of files, so give a directory path")
     root, step = checkpoint.find_checkpoint(args.workdir, args.step)
-    cfg = checkpoint.read_config(root, step)
+    cfg = config.apply_overrides(checkpoint.read_config(root, step), overrides)
+    config.validate(cfg)
+    hf.check_exportable(cfg.model)  # before the params are read
     params = checkpoint.restore_params(root, step)
     tokenizer = data.make_tokenizer(cfg.data)  # written beside the weights, so AutoTokenizer loads it
-    hf.to_hf(params, args.out, cfg.model, dtype=args.dtype, tokenizer=tokenizer)
+    hf.to_hf(params, args.out, cfg.model, dtype=args.dtype, tokenizer=tokenizer, add_bos=cfg.data.add_bos)
     print(f"wrote {args.out} from {root} step {step}: load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({args.out!r})")  # fmt: skip
     return 0
@@ -92,8 +119,8 @@ def cmd_import_hf(args) -> int:
     ckpt.save(0, state, None, force=True)
     ckpt.close()
     print(f"wrote step-0 checkpoint of {args.hf_dir} to {args.workdir}/checkpoints; "
-          f"continue with: nopejax train --config YOUR_CONFIG --workdir {args.workdir}, or start "
-          f"a new run from it with --config.init_from={args.workdir}")  # fmt: skip
+          f"continue with: nopejax train --workdir {args.workdir} (the imported config; override fields "
+          f"with --config.KEY=VALUE), or start a new run from it with --config.init_from={args.workdir}")  # fmt: skip
     return 0
 
 
@@ -101,6 +128,7 @@ def cmd_generate(args) -> int:
     from nopejax import checkpoint, data, hf
     from nopejax.decode import check_sampling, encode_prompt, generate
 
+    _refuse_overrides(args)
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading
     root, step = checkpoint.find_checkpoint(args.workdir, args.step)
     cfg = checkpoint.read_config(root, step)
@@ -156,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, help="multi-process: this process's id (or NOPEJAX_PROCESS_ID)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="write a HuggingFace checkpoint of the run's model.hf_family")
+    p = sub.add_parser("export", help="write a HuggingFace checkpoint of the run's model.hf_family",
+                       epilog="--config.model.hf_family=FAMILY writes another family that holds the same model "
+                              "(refused, with the reason, where it cannot); no other --config.* applies")  # fmt: skip
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     p.add_argument("--out", required=True, help="output directory (config.json, safetensors, tokenizer files)")

@@ -244,6 +244,19 @@ def _architectures(*causal_lms: str):
     return read
 
 
+def _read_quantization(name, value, hf):
+    """A quantized checkpoint stores packed integers (and scales) in place of the float weights: nopejax
+    does not dequantize, and deleting the field would not turn the weights back into floats."""
+    if value is None:
+        return {}
+    method = value.get("quant_method", "unknown") if isinstance(value, dict) else "unknown"
+    raise HFConfigError(
+        name, f"{{quant_method: {method!r}, ...}}", "a quantized checkpoint; nopejax imports float weights only "
+        f"({sorted(tensorfile.FLOAT_DTYPES)}) and does not dequantize",
+        "import the unquantized checkpoint this one was made from (its bf16 / fp16 / fp32 release)",
+    )  # fmt: skip
+
+
 def _read_kv_heads(name, value, hf):
     return _to("num_kv_heads", int)(name, hf["num_attention_heads"] if value is None else value, hf)
 
@@ -257,6 +270,12 @@ def _read_head_dim(name, value, hf):
             "nopejax needs num_attention_heads * head_dim == hidden_size; this checkpoint cannot be imported",
         )  # fmt: skip
     return {"head_dim": int(head_dim)}
+
+
+def _read_head_dim_free(name, value, hf):
+    """head_dim as given (heads * head_dim may differ from hidden_size: Trinity Mini), else hidden // heads."""
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"] if value is None else value
+    return _to("head_dim", int)(name, head_dim, hf)
 
 
 def _read_rope(name, value, hf):
@@ -373,6 +392,7 @@ COMMON_FIELDS = {
     **{key: Field(None, harmless) for key in ("pad_token_id", "bos_token_id", "eos_token_id")},  # tokenizer's
     **{key: Field(None, harmless) for key in GENERATION_FIELDS},  # transformers moves them to GenerationConfig
     "is_encoder_decoder": Field(False, _only(False, problem="nopejax is decoder-only", fix="import a decoder")),
+    "quantization_config": Field(None, _read_quantization),  # packed integer weights: refused
     # the model
     "vocab_size": Field(None, _to("vocab_size", int)),
     "hidden_size": Field(None, _to("d_model", int)),
@@ -452,10 +472,15 @@ def _sliding_every(name, value, hf, interval_key: str, family: str) -> tuple[str
     return types
 
 
+def _cohere2_pattern(hf) -> dict:
+    """Cohere2Config pops sliding_window_pattern with a default of 4 (absent, it is no claim to check)."""
+    return hf if hf["sliding_window_pattern"] is not None else {**hf, "sliding_window_pattern": 4}
+
+
 def _read_cohere2_layers(name, value, hf):
     """Cohere2: layer_types as given, else derived from sliding_window_pattern (default 4: layer i is
     full when (i + 1) % 4 == 0). Sliding layers rotate interleaved pairs; full layers are NoPE."""
-    types = _sliding_every(name, value, hf, "sliding_window_pattern", "Cohere2")
+    types = _sliding_every(name, value, _cohere2_pattern(hf), "sliding_window_pattern", "Cohere2")
     out = _rope_on_sliding(types, _window("sliding_window", hf["sliding_window"]))
     return {**out, "rope_layout": "interleaved"} if "sliding_attention" in types else out
 
@@ -476,6 +501,26 @@ def _read_exaone4_layers(name, value, hf):
                                 "set sliding_window, or make every layer full_attention")  # fmt: skip
         return {"no_rope_layer_interval": 0}
     return _rope_on_sliding(types, _window("sliding_window", window))
+
+
+def _read_cohere2_period(name, value, hf):
+    """Cohere's layer_switch and sliding_window_pattern: one full layer every `value` layers. transformers
+    derives layer_types from sliding_window_pattern when layer_types is absent and otherwise reads neither,
+    so either is accepted only where it says what layer_types does."""
+    if value is None:
+        return {}
+    n = _interval(name, value, "(the period of the full-attention layers)")
+    L = hf["num_hidden_layers"]
+    types = hf["layer_types"]
+    if types is None:
+        types = _sliding_every("layer_types", None, _cohere2_pattern(hf), "sliding_window_pattern", "Cohere2")
+    period = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(L)]
+    if list(types[:L]) != period:
+        raise HFConfigError(
+            name, value, f"it puts a full-attention layer every {n} layers, but transformers runs the layer_types "
+            f"{list(types[:L])}", "make it agree with layer_types (or remove it if layer_types is what was trained)",
+        )  # fmt: skip
+    return {}
 
 
 def _agrees_with(other: str, problem: str):
@@ -652,15 +697,26 @@ COHERE2 = Family(
                     num_attention_heads=64, max_position_embeddings=8192, tie_word_embeddings=True,
                     rope_theta=10_000.0, pad_token_id=0, bos_token_id=5, eos_token_id=255001),
         "architectures": Field(None, _architectures("Cohere2ForCausalLM")),
+        "head_dim": Field(None, _read_head_dim_free),  # Cohere2Attention reads config.head_dim as is
         "layer_norm_eps": Field(1e-5, _to("rms_norm_eps", float)),  # nopejax's one eps, for LayerNorm too
         "rms_norm_eps": Field(None, harmless),  # not read by Cohere2
         "logit_scale": Field(0.0625, _positive_float("logit_scale")),
         "layer_types": Field(None, _read_cohere2_layers),
         "sliding_window": Field(4096, harmless),  # read by the layer_types row
-        "sliding_window_pattern": Field(4, harmless),  # read by the layer_types row (hub configs carry it)
-        # Command R7B's config.json carries these; transformers' Cohere2 ignores them, so they are
-        # accepted only where they say what transformers computes anyway
+        "sliding_window_pattern": Field(None, _read_cohere2_period),  # also read by the layer_types row (default 4)
+        # Command R7B's, Command A's and Tiny Aya's config.json carry these; transformers' Cohere2 ignores
+        # them, so they are accepted only where they say what transformers computes anyway
         "cache_implementation": Field(None, harmless),  # generation only
+        "_sliding_window_pattern": Field(None, harmless),  # written by transformers 5.0; Cohere2 does not read it
+        "use_parallel_embedding": Field(None, harmless),  # Cohere's tensor-parallel split of the embedding table
+        "layer_switch": Field(None, _read_cohere2_period),
+        "use_parallel_block": Field(None, _only(None, True, problem="transformers' Cohere2 block is parallel "
+                                                "(attention and MLP read one norm's output)",
+                                                fix="a sequential-block model is not a Cohere2 model; it cannot "
+                                                "be imported as one")),
+        "use_qk_norm": Field(None, _only(None, False, problem="transformers' Cohere2 has no QK-norm (it has no "
+                                         "q_norm / k_norm weights)", fix="a model trained with QK-norm is not a "
+                                         "Cohere2 model; it cannot be imported as one")),
         "order_of_interleaved_layers": Field(None, _only(None, "local_attn_first", problem="transformers puts the "
                                              "sliding layers first in each period", fix="remove it")),
         "position_embedding_type": Field(None, _only(None, "rope_gptj", problem="transformers' Cohere2 rotates "
@@ -799,12 +855,6 @@ LLAMA4_LAYER_MAP = {
                           lambda a: a, lambda w, m: w),
     "expert_bias": Joint(lambda m: {}, lambda a, m: {}, lambda w, m: {"expert_bias": np.zeros(m.num_experts)}),
 }  # fmt: skip
-
-
-def _read_head_dim_free(name, value, hf):
-    """head_dim as given (heads * head_dim may differ from hidden_size: Trinity Mini), else hidden // heads."""
-    head_dim = hf["hidden_size"] // hf["num_attention_heads"] if value is None else value
-    return _to("head_dim", int)(name, head_dim, hf)
 
 
 def _read_afmoe_head_dim(name, value, hf):
@@ -1308,13 +1358,15 @@ def to_hf(
     token_ids: dict | None = None,
     dtype: str | None = None,
     tokenizer=None,
+    add_bos: bool = True,
 ) -> str:
     """Write a transformers directory of `model.hf_family` (config.json + safetensors), one tensor at a time.
 
     Accepts a Decoder, or a pure param dict (numpy or jax arrays, e.g. restored from a checkpoint
     to host memory) together with its model config. With a `tokenizer` (a `nopejax.data`
     tokenizer) it also writes tokenizer.json, tokenizer_config.json and generation_config.json,
-    and the special token ids default to the tokenizer's.
+    and the special token ids default to the tokenizer's; `add_bos` (the run's data.add_bos) makes
+    the HF tokenizer prepend BOS as nopejax did in training and does in `generate`.
     """
     if tokenizer is not None and token_ids is None:
         token_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
@@ -1358,5 +1410,5 @@ def to_hf(
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(m, token_ids, dtype), f, indent=2)
     if tokenizer is not None:
-        tokenizer.save_for_hf(out_dir, model_max_length=m.max_position_embeddings)
+        tokenizer.save_for_hf(out_dir, model_max_length=m.max_position_embeddings, add_bos=add_bos)
     return out_dir

@@ -79,6 +79,8 @@ def check_resume(saved: dict | None, cfg: ConfigDict, shards: int | None) -> boo
     -> True when the data stream must start over. Refuses a batch its saved shards cannot fill."""
     if saved is None:
         return False
+    if shards is None:  # a checkpoint without a data position (import-hf's step 0): the stream starts here
+        return True
     restart = stream_changes(saved, cfg)
     if restart:
         log.warning("resuming with changed %s: the data position of the checkpoint does not apply to the new "

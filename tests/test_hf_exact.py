@@ -238,7 +238,9 @@ def test_unsupported_field_is_refused_before_any_weight_is_read(tmp_path, family
 
 def test_unknown_field_and_family_are_refused():
     cfg = json.loads(transformers.SmolLM3Config(**TINY).to_json_string())
-    with pytest.raises(hf.HFConfigError, match=r"`quantization_config`.*Fix: add one to nopejax\.hf\.SMOLLM3"):
+    with pytest.raises(hf.HFConfigError, match=r"`attn_logit_softcapping`.*Fix: add one to nopejax\.hf\.SMOLLM3"):
+        hf.model_config_from_hf({**cfg, "attn_logit_softcapping": 50.0})  # Gemma's, unknown to SmolLM3
+    with pytest.raises(hf.HFConfigError, match=r"`quantization_config`.*'fp8'.*quantized.*Fix: import the unquantized"):
         hf.model_config_from_hf({**cfg, "quantization_config": {"quant_method": "fp8"}})
     with pytest.raises(hf.HFConfigError, match="`model_type` = 'qwen2'"):
         hf.model_config_from_hf({**cfg, "model_type": "qwen2"})

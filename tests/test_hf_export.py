@@ -10,7 +10,7 @@ import transformers
 from configs_loader import ROOT
 from tokenizers import Tokenizer
 
-from nopejax import cli
+from nopejax import cli, config, hf
 from nopejax.data import train_tokenizer
 
 # ASCII, accents, CJK, emoji (a ZWJ sequence and a skin tone), controls, and a special's spelling
@@ -44,14 +44,16 @@ def test_auto_tokenizer_encodes_and_decodes_as_nopejax(export):
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).is_file()
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    assert tok(MIXED)["input_ids"] == ids
+    assert tok(MIXED)["input_ids"] == [tok.bos_token_id, *ids]  # BOS first, as the run trained (data.add_bos)
+    assert tok(MIXED, add_special_tokens=False)["input_ids"] == ids
     assert tok.decode(ids) == MIXED
     if kind == "byte":
         assert max(ids) < 256 and len(ids) == len(MIXED.encode())  # one id per byte, the byte itself
         assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (256, 257, 258)
         assert tok.decode([257, *ids, 258, 256], skip_special_tokens=True) == MIXED
     else:
-        assert (out / "tokenizer.json").read_bytes() == pathlib.Path(tokenizer_json).read_bytes()  # copied as is
+        exported, original = (json.loads(pathlib.Path(p).read_text()) for p in (out / "tokenizer.json", tokenizer_json))
+        assert {**exported, "post_processor": None} == {**original, "post_processor": None}  # only the BOS rule added
         assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     hf_config = json.loads((out / "config.json").read_text())
     generation = json.loads((out / "generation_config.json").read_text())
@@ -83,4 +85,80 @@ def test_import_hf_reads_the_tokenizer_into_the_run_config(export):
         assert spec == "byte"  # recognised as nopejax's byte serialization
     else:  # a copy inside the workdir, identical to the run's tokenizer
         assert spec.startswith(str(workdir))
-        assert pathlib.Path(spec).read_bytes() == pathlib.Path(tokenizer_json).read_bytes()
+        copied, trained = (json.loads(pathlib.Path(p).read_text()) for p in (spec, tokenizer_json))
+        assert {**copied, "post_processor": None} == {**trained, "post_processor": None}  # the export's BOS rule
+
+
+@pytest.mark.parametrize("prompt", ["The causal mask", MIXED])
+def test_pipeline_greedy_reproduces_nopejax_generate_token_for_token(export, prompt, capsys):
+    """pipeline("text-generation") on the export, with nothing prepended by hand, feeds the model the ids
+    `nopejax generate` feeds it (BOS first, as the run trained) and continues them with the same tokens."""
+    _, _, _, out, root = export
+    capsys.readouterr()
+    assert cli.main(["generate", "--workdir", str(root / "run"), "--prompt", prompt, "--max-new-tokens", "12",
+                     "--json"]) == 0  # fmt: skip
+    ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    generate = transformers.pipeline("text-generation", model=str(out), device="cpu")
+    theirs = generate(prompt, max_new_tokens=12, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    theirs = [int(i) for i in theirs]
+    assert ours["prompt_ids"][0] == json.loads((out / "config.json").read_text())["bos_token_id"]
+    assert theirs == ours["prompt_ids"] + ours["completion_ids"]
+
+
+def test_export_and_generate_refuse_overrides_they_do_not_use(export, capsys):
+    _, _, _, _, root = export
+    run = str(root / "run")
+    for argv in (["export", "--workdir", run, "--out", str(root / "unused"), "--config.model.d_model=64"],
+                 ["generate", "--workdir", run, "--prompt", "x", "--config.model.hf_family=llama"]):  # fmt: skip
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--config.model." in err and "checkpoint" in err, err
+    assert not (root / "unused").exists()
+
+
+def test_export_to_another_family_is_used_or_refused_with_the_reason(export, tmp_path, capsys):
+    """--config.model.hf_family picks the format: the 2-layer tiny run has no NoPE layer, so Llama holds
+    it and is written; Cohere2's blocks are parallel, so it is refused naming that, before anything is written."""
+    _, _, _, _, root = export
+    run = str(root / "run")
+    assert (
+        cli.main(["export", "--workdir", run, "--out", str(tmp_path / "llama"), "--config.model.hf_family=llama"]) == 0
+    )
+    assert json.loads((tmp_path / "llama" / "config.json").read_text())["model_type"] == "llama"
+    capsys.readouterr()
+    argv = ["export", "--workdir", run, "--out", str(tmp_path / "cohere2"), "--config.model.hf_family=cohere2"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model.block" in err and "Cohere2" in err and not (tmp_path / "cohere2").exists()
+
+
+def test_train_continues_an_import_with_only_the_workdir(export, capsys):
+    """import-hf writes the imported config with its step-0 checkpoint; `nopejax train --workdir` then
+    trains that model from those weights (no --config, whose shape would not match), overrides applying."""
+    _, _, _, out, root = export
+    workdir = root / "continued"
+    assert cli.main(["import-hf", str(out), "--workdir", str(workdir)]) == 0
+    imported = json.loads((workdir / "config.json").read_text())
+    assert cli.main(["train", "--workdir", str(workdir), "--config.train.steps=2", "--config.train.global_batch_size=8",
+                     "--config.train.seq_len=32", "--config.train.eval_every=0", "--no-progress"]) == 0  # fmt: skip
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"] == imported["model"] and saved["train"]["steps"] == 2
+    # step 0 was restored: a checkpoint that cannot be read is renamed to 0.damaged-* and training starts fresh
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["0", "2"]
+
+
+SHIPPED = sorted(
+    str(p.relative_to(ROOT))
+    for p in [*(ROOT / "configs").glob("*.py"), *(ROOT / "configs" / "experiments").rglob("*.py")]
+    if "def get_config" in p.read_text()  # experiments/recipes.py is a helper the experiment configs import
+)
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_every_shipped_config_exports_to_its_family(path):
+    """Every config the project ships trains a model its model.hf_family can hold, so `nopejax export`
+    works on every run made from one (the check export runs before reading any weight)."""
+    m = config.validate(config.load_config(str(ROOT / path))).model
+    hf.check_exportable(m)
+    assert hf.hf_config(m)["model_type"] == hf.FAMILIES[m.hf_family].model_type

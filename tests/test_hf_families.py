@@ -31,6 +31,8 @@ CASES = {
                                                logit_scale=0.7)),
     "cohere2-mha-untied-pattern3": ("cohere2", dict(num_key_value_heads=3, tie_word_embeddings=False,
                                                     sliding_window_pattern=3, logit_scale=1.3)),
+    # heads * head_dim != hidden_size, as Cohere2Attention allows (the published tiny random Tiny Aya has it)
+    "cohere2-head-dim-14": ("cohere2", dict(num_key_value_heads=1, head_dim=14, logit_scale=1.0)),
     "exaone4-gqa3-untied-llama3": ("exaone4", dict(num_key_value_heads=1, head_dim=10, tie_word_embeddings=False,
                                                    rope_parameters=LLAMA3)),
     "exaone4-mha-tied": ("exaone4", dict(num_key_value_heads=3, head_dim=10, tie_word_embeddings=True)),

@@ -10,13 +10,17 @@ BOS=257, EOS=258 (vocab 259, below the default model vocab of 384). `train_token
 byte-level BPE (GPT-2 style pre-tokenization, so any byte string is encodable) on the user's
 own files with the `tokenizers` library.
 
-`save_for_hf(out_dir)` writes a tokenizer as transformers loads it (`AutoTokenizer`):
-tokenizer.json, tokenizer_config.json (bos/eos/pad) and generation_config.json. A HuggingFace
-tokenizer.json is copied. The byte tokenizer is written as a `tokenizers` serialization that
-gives each byte its nopejax id: GPT-2's byte-to-character table (ByteLevel pre-tokenizer,
-no regex split) and a BPE vocabulary of the 256 byte characters with no merges, so every
-UTF-8 string encodes to its bytes and decodes back; the specials are added tokens at 256-258,
-which `split_special_tokens` keeps from matching inside text, as nopejax never does.
+`save_for_hf(out_dir, model_max_length, add_bos)` writes a tokenizer as transformers loads it
+(`AutoTokenizer`): tokenizer.json, tokenizer_config.json (bos/eos/pad) and generation_config.json. A
+HuggingFace tokenizer.json is copied with one change: its post-processor prepends BOS exactly when
+the run did (`data.add_bos`; nopejax training puts BOS before each document and `nopejax generate`
+before the prompt, never EOS after a prompt), so `pipeline("text-generation")` feeds the model what
+nopejax feeds it, and never what the original file's post-processor added instead. The byte
+tokenizer is written as a `tokenizers` serialization that gives each byte its nopejax id: GPT-2's
+byte-to-character table (ByteLevel pre-tokenizer, no regex split) and a BPE vocabulary of the 256
+byte characters with no merges, so every UTF-8 string encodes to its bytes and decodes back; the
+specials are added tokens at 256-258, which `split_special_tokens` keeps from matching inside text,
+as nopejax never does.
 `tokenizer_from_hf(hf_dir, workdir)` goes the other way for `nopejax import-hf`.
 """
 
@@ -29,7 +33,7 @@ import os
 import shutil
 
 import numpy as np
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _RustTokenizer
 
 from nopejax.config import ConfigError
@@ -62,12 +66,13 @@ class ByteTokenizer:
         ids = np.asarray(ids).reshape(-1)
         return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
-    def save_for_hf(self, out_dir: str, model_max_length: int) -> None:
+    def save_for_hf(self, out_dir: str, model_max_length: int, add_bos: bool) -> None:
         """tokenizer.json (the byte table, see the module docstring), tokenizer_config.json, generation_config.json."""
         os.makedirs(out_dir, exist_ok=True)
-        byte_hf_tokenizer().save(os.path.join(out_dir, "tokenizer.json"))
+        tok = _with_bos(byte_hf_tokenizer(), BYTE_SPECIALS[1], self.bos_id, add_bos)
+        tok.save(os.path.join(out_dir, "tokenizer.json"))
         # nopejax encodes "<|bos|>" typed in text as its 7 bytes: keep HF from matching it as a special
-        _write_hf_configs(out_dir, self, BYTE_SPECIALS, model_max_length, split_special_tokens=True)
+        _write_hf_configs(out_dir, self, BYTE_SPECIALS, model_max_length, add_bos, split_special_tokens=True)
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
@@ -117,14 +122,14 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True)
 
-    def save_for_hf(self, out_dir: str, model_max_length: int) -> None:
-        """A copy of the tokenizer.json, plus tokenizer_config.json and generation_config.json."""
+    def save_for_hf(self, out_dir: str, model_max_length: int, add_bos: bool) -> None:
+        """A copy of the tokenizer.json with nopejax's BOS rule as its post-processor, plus
+        tokenizer_config.json and generation_config.json."""
         os.makedirs(out_dir, exist_ok=True)
-        target = os.path.join(out_dir, "tokenizer.json")
-        if not (os.path.exists(target) and os.path.samefile(self.path, target)):
-            shutil.copyfile(self.path, target)
         names = [self._tok.id_to_token(i) for i in (self.pad_id, self.bos_id, self.eos_id)]
-        _write_hf_configs(out_dir, self, names, model_max_length, split_special_tokens=False)
+        tok = _RustTokenizer.from_file(self.path)  # as the file is: its own padding and truncation settings
+        _with_bos(tok, names[1], self.bos_id, add_bos).save(os.path.join(out_dir, "tokenizer.json"))
+        _write_hf_configs(out_dir, self, names, model_max_length, add_bos, split_special_tokens=False)
 
     def __getstate__(self):  # grain workers receive a pickled copy; the Rust object pickles as JSON
         return {"path": self.path}
@@ -185,7 +190,19 @@ def byte_hf_tokenizer() -> _RustTokenizer:
     return tok
 
 
-def _write_hf_configs(out_dir: str, tok, names, model_max_length: int, split_special_tokens: bool) -> None:
+def _with_bos(tok: _RustTokenizer, bos: str, bos_id: int, add_bos: bool) -> _RustTokenizer:
+    """`tok` with a post-processor that prepends BOS when `add_bos` and adds nothing otherwise (no EOS:
+    a prompt is continued, not ended)."""
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+        )
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+    return tok
+
+
+def _write_hf_configs(out_dir: str, tok, names, model_max_length: int, add_bos: bool, split_special_tokens: bool):
     """tokenizer_config.json and generation_config.json; `names`: the pad, bos, eos strings."""
     pad, bos, eos = names
     tokenizer_config = {
@@ -193,6 +210,9 @@ def _write_hf_configs(out_dir: str, tok, names, model_max_length: int, split_spe
         "bos_token": bos,
         "eos_token": eos,
         "pad_token": pad,
+        # as nopejax trains and generates; transformers rebuilds tokenizer.json's post-processor from these
+        "add_bos_token": bool(add_bos),
+        "add_eos_token": False,
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,  # decode exactly, as nopejax does
         "split_special_tokens": split_special_tokens,
@@ -214,7 +234,9 @@ def tokenizer_from_hf(hf_dir: str, workdir: str) -> str | None:
         return None
     with open(path) as f:
         theirs = json.load(f)
-    if theirs == json.loads(byte_hf_tokenizer().to_str()):
+    ours = json.loads(byte_hf_tokenizer().to_str())
+    # the post-processor carries the exporting run's BOS rule, not the id mapping
+    if {**theirs, "post_processor": None} == {**ours, "post_processor": None}:
         return "byte"
     os.makedirs(workdir, exist_ok=True)
     copy = os.path.abspath(os.path.join(workdir, "tokenizer.json"))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import nopejax
+from benchmarks.hlo_collectives import collective_bytes
 from nopejax import checkpoint, config, context, model, moe, sharding, train
 from nopejax.config import ConfigError
 from tests.test_train import random_batches, run_steps
@@ -258,6 +259,38 @@ def test_capacity_under_context_parallelism_equals_one_device(mesh):
         for name in g[0]:
             np.testing.assert_allclose(g[0][name], g_one[0][name], rtol=1e-4, atol=1e-5, err_msg=name)
         np.testing.assert_allclose(g[1][:, natural], g_one[1], rtol=1e-4, atol=1e-5, err_msg=dispatch)
+
+
+@pytest.mark.parametrize(
+    ("dispatch", "capacity_factor"), [("allgather", 0.0), ("all_to_all", 0.0), ("all_to_all", 1.0)]
+)
+def test_dispatcher_moves_tokens_by_its_own_collectives(dispatch, capacity_factor):
+    """The compiled dispatcher alone on expert 4 x data 2 (one row of 7 tokens per device): the
+    all-gather dispatcher gathers the group's tokens and reduce-scatters their outputs; the
+    all-to-all one moves fixed buffers by all-to-all only (no gather to fall back on), T slots per
+    destination when dropless and rows * Y * capacity in capacity mode. Bytes from the shapes."""
+    m = moe_cfg(num_experts=8, expert_d_ff=10, moe_dispatch=dispatch, capacity_factor=capacity_factor)
+    B, S, D, k, N = 8, 7, m.d_model, m.experts_per_token, 4
+    keys = jax.random.split(jax.random.key(0), 2)
+    experts_BSU = jax.random.randint(keys[0], (B, S, k), 0, m.num_experts)
+    weights_BSU = jax.random.uniform(keys[1], (B, S, k))
+    p = init_layer(m)
+    mesh_cfg = config.base_config().mesh
+    mesh_cfg.update(data=2, expert=N)
+    with jax.set_mesh(sharding.make_mesh(mesh_cfg)):
+        dispatch_fn = jax.jit(lambda x, e, w, gate, up, down: moe._dispatch(x, e, w, gate, up, down, m))
+        args = (jnp.ones((B, S, D)), experts_BSU, weights_BSU, p["expert_gate"], p["expert_up"], p["expert_down"])
+        table = collective_bytes(dispatch_fn.lower(*args).compile().as_text())
+    T = B // 8 * S  # tokens per device
+    if dispatch == "allgather":  # x [T, D], expert ids and weights [T, k] in; the group's N * T outputs back
+        assert set(table) == {"all-gather", "reduce-scatter"}
+        assert table["all-gather"]["operand_bytes"] == T * (D + 2 * k) * 4
+        assert table["reduce-scatter"]["operand_bytes"] == N * T * D * 4
+    else:  # N buffers of C slots: x, ids and weights out, outputs back
+        C = T if not capacity_factor else B // 8 * (m.num_experts // N) * moe.capacity(m, S)
+        assert C < T or not capacity_factor
+        assert set(table) == {"all-to-all"}
+        assert table["all-to-all"]["operand_bytes"] == N * C * (2 * D + 2 * k) * 4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -264,23 +264,20 @@ def test_capacity_under_context_parallelism_equals_one_device(mesh):
 @pytest.mark.parametrize(
     ("dispatch", "capacity_factor"), [("allgather", 0.0), ("all_to_all", 0.0), ("all_to_all", 1.0)]
 )
-def test_dispatcher_moves_tokens_by_its_own_collectives(dispatch, capacity_factor):
-    """The compiled dispatcher alone on expert 4 x data 2 (one row of 7 tokens per device): the
-    all-gather dispatcher gathers the group's tokens and reduce-scatters their outputs; the
-    all-to-all one moves fixed buffers by all-to-all only (no gather to fall back on), T slots per
-    destination when dropless and rows * Y * capacity in capacity mode. Bytes from the shapes."""
+def test_layer_moves_tokens_by_its_dispatchers_collectives(dispatch, capacity_factor):
+    """The compiled layer (router and dispatcher) on expert 4 x data 2, one row of 7 tokens per
+    device: the all-gather dispatcher gathers the group's tokens and reduce-scatters their outputs;
+    the all-to-all one moves fixed buffers by all-to-all only (no gather to fall back on), T slots
+    per destination when dropless and rows * Y * capacity in capacity mode. The router's top k
+    stays on each device's tokens. Bytes from the shapes."""
     m = moe_cfg(num_experts=8, expert_d_ff=10, moe_dispatch=dispatch, capacity_factor=capacity_factor)
     B, S, D, k, N = 8, 7, m.d_model, m.experts_per_token, 4
-    keys = jax.random.split(jax.random.key(0), 2)
-    experts_BSU = jax.random.randint(keys[0], (B, S, k), 0, m.num_experts)
-    weights_BSU = jax.random.uniform(keys[1], (B, S, k))
     p = init_layer(m)
     mesh_cfg = config.base_config().mesh
     mesh_cfg.update(data=2, expert=N)
     with jax.set_mesh(sharding.make_mesh(mesh_cfg)):
-        dispatch_fn = jax.jit(lambda x, e, w, gate, up, down: moe._dispatch(x, e, w, gate, up, down, m))
-        args = (jnp.ones((B, S, D)), experts_BSU, weights_BSU, p["expert_gate"], p["expert_up"], p["expert_down"])
-        table = collective_bytes(dispatch_fn.lower(*args).compile().as_text())
+        layer = jax.jit(lambda p, h: moe.moe_ffn(p, h, m, jnp.float32)[0])
+        table = collective_bytes(layer.lower(p, jnp.ones((B, S, D))).compile().as_text())
     T = B // 8 * S  # tokens per device
     if dispatch == "allgather":  # x [T, D], expert ids and weights [T, k] in; the group's N * T outputs back
         assert set(table) == {"all-gather", "reduce-scatter"}

@@ -110,8 +110,8 @@ def _top_k(x_BSX, k: int):
     """-> [B, S, k] int32: the indices of each token's k largest entries, per shard under a mesh.
 
     Left to the SPMD partitioner, top_k of batch-sharded scores all-gathers the scores of the whole
-    global batch onto every device, one all-gather per MoE layer (seen with jax 0.10 on CPU); tokens
-    are independent, so each device takes the top k of its own.
+    global batch onto every device, one all-gather per MoE layer (XLA:CPU, jax 0.10; a TPU compile
+    keeps it local either way); tokens are independent, so each device takes the top k of its own.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:

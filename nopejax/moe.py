@@ -16,7 +16,9 @@ sorted by expert, each expert's SwiGLU runs on its contiguous rows with `jax.lax
 permutation brings the rows back to token order, where the k results of a token are summed.
 With `capacity_factor` > 0 an expert takes at most ceil(cf * S * k / X) assignments per
 sequence, earlier tokens first (MaxText's per-sequence capacity); the rest are dropped (weight 0,
-sorted past every group so no matmul touches them) and counted.
+sorted past every group so no matmul touches them) and counted. "Earlier" is the true sequence
+order, also under context parallelism, whose rows arrive in zig-zag order (`_ranks`): a token's
+fate depends only on the tokens before it, and every mesh drops what one device drops.
 
 Expert parallelism (`_dispatch`): experts are split over the `expert` mesh axis, which also splits
 the batch everywhere else. Inside `shard_map` each device all-gathers the tokens of its expert
@@ -46,8 +48,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from nopejax.sharding import logical_to_spec
+from nopejax import context, sharding
 
 
 def expert_width(m) -> int:
@@ -81,6 +84,42 @@ def capacity(m, seq_len: int) -> int:
     return math.ceil(m.capacity_factor * seq_len * m.experts_per_token / m.num_experts)
 
 
+def _ranks(chosen_BSUX):
+    """-> [B, S, U]: the rank of each assignment among those of its row to the same expert, in true
+    (token, slot) order: how many come before it in the sequence.
+
+    Under context parallelism the rows are in zig-zag order (nopejax/context.py): N = 2C blocks of
+    S / N tokens (A = S / N * U assignments), block i holding the true chunk `chunks[i]`; without it,
+    N = 1. The rank is the count before it within its block plus the assignments of the chunks
+    before its chunk in the sequence, so whether a token is dropped depends only on earlier tokens
+    (causal) and equals the one-device result; only the per-block totals [B, N, X] cross devices.
+    """
+    B, S, k, X = chosen_BSUX.shape
+    C = sharding.context_size()
+    chunks = context.zigzag_order(2 * C, C) if C > 1 else np.zeros(1, int)  # true chunk of each block
+    n = len(chunks)
+    blocks_BNAX = chosen_BSUX.reshape(B, n, S // n * k, X)
+    within_BNAX = jnp.cumsum(blocks_BNAX, axis=2) - blocks_BNAX
+    totals_BNX = jnp.sum(blocks_BNAX, axis=2)[:, np.argsort(chunks)]  # in true chunk order
+    before_BNX = (jnp.cumsum(totals_BNX, axis=1) - totals_BNX)[:, chunks]  # back in block order
+    rank_BNA = jnp.sum((within_BNAX + before_BNX[:, :, None]) * blocks_BNAX, axis=-1)
+    return rank_BNA.reshape(B, S, k)
+
+
+def _top_k(x_BSX, k: int):
+    """-> [B, S, k] int32: the indices of each token's k largest entries, per shard under a mesh.
+
+    Left to the SPMD partitioner, top_k of batch-sharded scores all-gathers the scores of the whole
+    global batch onto every device, one all-gather per MoE layer (XLA:CPU, jax 0.10; a TPU compile
+    keeps it local either way); tokens are independent, so each device takes the top k of its own.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return jax.lax.top_k(x_BSX, k)[1]
+    spec = sharding.logical_to_spec(("act_batch", "act_seq", None), mesh)
+    return jax.shard_map(lambda x: jax.lax.top_k(x, k)[1], mesh=mesh, in_specs=spec, out_specs=spec)(x_BSX)
+
+
 def route(p, h_BSD, m):
     """-> (experts_BSU int32, weights_BSU fp32, aux). Dropped assignments get expert id X, weight 0."""
     X, k = m.num_experts, m.experts_per_token
@@ -93,7 +132,7 @@ def route(p, h_BSD, m):
         scores_BSX = jax.nn.sigmoid(logits_BSX)
         probs_BSX = scores_BSX / jnp.sum(scores_BSX, axis=-1, keepdims=True)
     bias_X = jax.lax.stop_gradient(p["expert_bias"].astype(jnp.float32))
-    _, experts_BSU = jax.lax.top_k(jax.lax.stop_gradient(scores_BSX) + bias_X, k)
+    experts_BSU = _top_k(jax.lax.stop_gradient(scores_BSX) + bias_X, k)
     weights_BSU = jnp.take_along_axis(scores_BSX, experts_BSU, axis=-1)
     if m.router_normalize:
         weights_BSU = weights_BSU / (jnp.sum(weights_BSU, axis=-1, keepdims=True) + 1e-20)
@@ -102,10 +141,7 @@ def route(p, h_BSD, m):
     chosen_BSUX = jax.nn.one_hot(experts_BSU, X, dtype=jnp.float32)
     chosen_X = jnp.sum(chosen_BSUX, axis=(0, 1, 2))
     if m.capacity_factor:
-        # rank of each assignment among those of its row to the same expert, in (token, slot) order
-        flat_BAX = chosen_BSUX.reshape(B, S * k, X)
-        rank_BA = jnp.sum((jnp.cumsum(flat_BAX, axis=1) - 1.0) * flat_BAX, axis=-1)
-        keep_BSU = (rank_BA < capacity(m, S)).reshape(B, S, k)
+        keep_BSU = _ranks(chosen_BSUX) < capacity(m, S)
         experts_BSU = jnp.where(keep_BSU, experts_BSU, X)
         weights_BSU = jnp.where(keep_BSU, weights_BSU, 0.0)
         load_X = jnp.sum(chosen_BSUX * keep_BSU[..., None], axis=(0, 1, 2))
@@ -210,10 +246,10 @@ def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, m):
     if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
         return local(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, 0)
 
-    token_spec = logical_to_spec(("act_batch", "act_seq", "act_embed"), mesh)
-    route_spec = logical_to_spec(("act_batch", "act_seq", None), mesh)
-    in_spec = logical_to_spec(MOE_PARAMS["expert_gate"][1], mesh)
-    out_spec = logical_to_spec(MOE_PARAMS["expert_down"][1], mesh)
+    token_spec = sharding.logical_to_spec(("act_batch", "act_seq", "act_embed"), mesh)
+    route_spec = sharding.logical_to_spec(("act_batch", "act_seq", None), mesh)
+    in_spec = sharding.logical_to_spec(MOE_PARAMS["expert_gate"][1], mesh)
+    out_spec = sharding.logical_to_spec(MOE_PARAMS["expert_down"][1], mesh)
     expert_axes, embed_axes, width_axes = (_mesh_axes(a) for a in in_spec)
     devices = math.prod(mesh.shape[a] for a in expert_axes)
     # capacity mode bounds what one device can be sent: its Y experts keep at most `capacity` of a

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_train import _libtpu, nopejax, random_batches, small_cfg
 
+from benchmarks.hlo_collectives import collective_bytes
 from nopejax import attention, checkpoint, config, context, sharding, train
 from nopejax import rope as rope_lib
 from nopejax.config import ConfigError, LayerSpec
@@ -135,18 +136,29 @@ def test_train_step_with_the_kernel_under_context_parallelism_compiles_for_tpu()
     assert report["memory_per_device_gib"] > 0 and "'context': 4" in proc.stdout
 
 
-def test_context_parallel_attention_does_not_gather_sliding_layers():
-    """A sliding layer whose window fits a chunk exchanges only its halo: no all-gather in the program."""
-    S, B, H, K, D = 64, 2, 4, 2, 16
-    x = jnp.ones((B, S, H, D))
-    kv = jnp.ones((B, S, K, D))
+def test_context_parallel_sliding_layers_exchange_only_their_halo():
+    """Compiled on context 4: a sliding layer whose window fits a chunk (W - 1 = 5 <= 8 rows) only
+    passes each chunk's last W - 1 keys to the device holding the next chunk (collective-permute, no
+    all-gather): per device two halos of W - 1 tokens of K and V, with their positions and document
+    ids. A global layer all-gathers K and V instead, and permutes nothing."""
+    S, B, H, K, D, C, W = 64, 2, 6, 3, 8, 4, 6
+    x, kv = jnp.ones((B, S, H, D)), jnp.ones((B, S, K, D))
     seg, pos = _rows("packed", S)
-    with jax.set_mesh(_mesh(context=4)):
-        for spec, gathers in ((LayerSpec("sliding", 5), False), (LayerSpec(), True)):
-            hlo = jax.jit(lambda q, k, v, spec=spec: _attend(spec, "xla", q, k, v, pos, seg)).lower(x, kv, kv)
-            text = hlo.as_text()
-            assert ("all_gather" in text or "all-gather" in text) == gathers
-            assert ("collective_permute" in text or "collective-permute" in text) != gathers
+    with jax.set_mesh(_mesh(context=C)):
+        tables = {
+            spec.attention: collective_bytes(
+                jax.jit(lambda q, k, v, pos, seg, spec=spec: _attend(spec, "xla", q, k, v, pos, seg))
+                .lower(x, kv, kv, pos, seg)
+                .compile()
+                .as_text()
+            )
+            for spec in (LayerSpec("sliding", W), LayerSpec())
+        }
+    halo_bytes = 2 * (W - 1) * B * (2 * K * D * 4 + 2 * 4)  # K, V f32 [B, W-1, K, D]; positions, ids s32 [B, W-1]
+    assert set(tables["sliding"]) == {"collective-permute"}
+    assert tables["sliding"]["collective-permute"]["operand_bytes"] == halo_bytes
+    assert "collective-permute" not in tables["full"]
+    assert tables["full"]["all-gather"]["operand_bytes"] >= 2 * B * (S // C) * K * D * 4  # this device's K and V
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import nopejax
+from benchmarks.hlo_collectives import collective_bytes
 from nopejax import checkpoint, config, context, model, moe, sharding, train
 from nopejax.config import ConfigError
 from tests.test_train import random_batches, run_steps
@@ -232,6 +233,63 @@ def test_all_to_all_dispatch_equals_allgather_and_one_device(mesh, capacity_fact
             np.testing.assert_allclose(g[1], g_one[1], rtol=1e-4, atol=1e-5, err_msg=dispatch)
 
 
+@pytest.mark.parametrize("mesh", [dict(context=2, expert=2, data=2), dict(context=4, expert=2)], ids=str)
+def test_capacity_under_context_parallelism_equals_one_device(mesh):
+    """Capacity mode keeps each expert's earliest assignments of the true sequence, also when the
+    rows arrive in zig-zag order (nopejax/context.py): forward, load, drops and gradients equal one
+    device in natural order, for both dispatchers. The skewed bias sends every token to experts
+    0 and 1, so the cut falls inside the row and zig-zag order would keep later tokens."""
+    m = moe_cfg(d_model=12, num_experts=8, expert_d_ff=10, router="sigmoid", router_normalize=True)
+    m.update(capacity_factor=1.5)  # D 12: the expert weights' embed axis is split over context 4
+    p = init_layer(m)
+    p["expert_bias"] = p["expert_bias"].at[:2].add(100.0)
+    B, S = 4, 16  # capacity ceil(1.5 * 16 * 2 / 8) = 6 of a row's 16 assignments to expert 0: past a chunk
+    h_BSD = jax.random.normal(jax.random.key(7), (B, S, m.d_model))
+    r_BSD = jax.random.normal(jax.random.key(8), h_BSD.shape)
+    y_one, aux_one, g_one = layer_on_mesh(p, h_BSD, r_BSD, m)
+    assert float(aux_one["dropped"]) == B * 2 * (S - moe.capacity(m, S))
+    order = context.zigzag_order(S, mesh["context"])
+    natural = np.argsort(order)
+    for dispatch in ("allgather", "all_to_all"):
+        m.moe_dispatch = dispatch
+        y, aux, g = layer_on_mesh(p, h_BSD[:, order], r_BSD[:, order], m, mesh)
+        np.testing.assert_allclose(y[:, natural], y_one, rtol=1e-5, atol=1e-5, err_msg=dispatch)
+        np.testing.assert_array_equal(aux["load"], aux_one["load"])
+        assert float(aux["dropped"]) == float(aux_one["dropped"])
+        for name in g[0]:
+            np.testing.assert_allclose(g[0][name], g_one[0][name], rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(g[1][:, natural], g_one[1], rtol=1e-4, atol=1e-5, err_msg=dispatch)
+
+
+@pytest.mark.parametrize(
+    ("dispatch", "capacity_factor"), [("allgather", 0.0), ("all_to_all", 0.0), ("all_to_all", 1.0)]
+)
+def test_layer_moves_tokens_by_its_dispatchers_collectives(dispatch, capacity_factor):
+    """The compiled layer (router and dispatcher) on expert 4 x data 2, one row of 7 tokens per
+    device: the all-gather dispatcher gathers the group's tokens and reduce-scatters their outputs;
+    the all-to-all one moves fixed buffers by all-to-all only (no gather to fall back on), T slots
+    per destination when dropless and rows * Y * capacity in capacity mode. The router's top k
+    stays on each device's tokens. Bytes from the shapes."""
+    m = moe_cfg(num_experts=8, expert_d_ff=10, moe_dispatch=dispatch, capacity_factor=capacity_factor)
+    B, S, D, k, N = 8, 7, m.d_model, m.experts_per_token, 4
+    p = init_layer(m)
+    mesh_cfg = config.base_config().mesh
+    mesh_cfg.update(data=2, expert=N)
+    with jax.set_mesh(sharding.make_mesh(mesh_cfg)):
+        layer = jax.jit(lambda p, h: moe.moe_ffn(p, h, m, jnp.float32)[0])
+        table = collective_bytes(layer.lower(p, jnp.ones((B, S, D))).compile().as_text())
+    T = B // 8 * S  # tokens per device
+    if dispatch == "allgather":  # x [T, D], expert ids and weights [T, k] in; the group's N * T outputs back
+        assert set(table) == {"all-gather", "reduce-scatter"}
+        assert table["all-gather"]["operand_bytes"] == T * (D + 2 * k) * 4
+        assert table["reduce-scatter"]["operand_bytes"] == N * T * D * 4
+    else:  # N buffers of C slots: x, ids and weights out, outputs back
+        C = T if not capacity_factor else B // 8 * (m.num_experts // N) * moe.capacity(m, S)
+        assert C < T or not capacity_factor
+        assert set(table) == {"all-to-all"}
+        assert table["all-to-all"]["operand_bytes"] == N * C * (2 * D + 2 * k) * 4
+
+
 # ---------------------------------------------------------------------------------------------
 # In the model and the train step
 
@@ -308,6 +366,54 @@ def test_expert_parallel_composes_with_context_parallelism(one_device_moe):
     np.testing.assert_allclose(
         state["params"]["layers"]["expert_bias"], one_device_moe[1]["params"]["layers"]["expert_bias"], atol=1e-6
     )
+
+
+@pytest.fixture(scope="module")
+def one_device_capacity():
+    """Capacity 0.75: each expert keeps 9 of a row's 48 assignments, so most rows drop some; init std
+    0.2 makes the experts' outputs large enough that a different cut moves the loss (by ~2e-3)."""
+    cfg = small_moe_cfg()
+    cfg.model.update(capacity_factor=0.75, init_std=0.2)
+    batches = random_batches(cfg, 3, seed=1)
+    return batches, run_steps(cfg, batches, jax.devices()[:1])
+
+
+@pytest.mark.parametrize(
+    ("mesh", "dispatch"),
+    [(dict(context=2, expert=2, data=2), "allgather"), (dict(context=4, expert=2), "all_to_all")],
+    ids=str,
+)
+def test_capacity_under_context_parallelism_losses_equal_one_device(mesh, dispatch, one_device_capacity):
+    """Train steps on zig-zag rows (as train.to_device_batch puts them) keep the same assignments as
+    one device: losses and the load-driven expert bias agree."""
+    batches, (want_losses, want_state) = one_device_capacity
+    cfg = small_moe_cfg(**mesh)
+    cfg.model.update(capacity_factor=0.75, init_std=0.2, moe_dispatch=dispatch)
+    C = mesh["context"]
+    losses, state = run_steps(cfg, [context.reorder(b, C) for b in batches], jax.devices())
+    np.testing.assert_allclose(losses, want_losses, rtol=2e-6)  # measured 2.2e-7; a wrong cut moves it ~2e-3
+    np.testing.assert_allclose(
+        state["params"]["layers"]["expert_bias"], want_state["params"]["layers"]["expert_bias"], atol=1e-6
+    )
+
+
+def test_capacity_mode_under_context_parallelism_is_causal():
+    """Changing the last chunk of a row (tokens 12-15 of 16, stored second under zig-zag on context
+    2) leaves the hidden states of tokens 0-11 unchanged: no expert's capacity is spent on a later
+    token before an earlier one."""
+    cfg = small_moe_cfg(context=2, expert=2)
+    cfg.model.capacity_factor = 0.5  # each expert keeps 4 of a row's 32 assignments
+    graphdef, params = model.split(model.create(cfg.model, seed=1))
+    B, S = 2, 16
+    tokens = np.random.default_rng(0).integers(0, 384, (2, B, S)).astype(np.int32)
+    tokens[1, :, :12] = tokens[0, :, :12]  # the second batch differs only in tokens 12-15
+    order, natural = context.zigzag_order(S, 2), np.argsort(context.zigzag_order(S, 2))
+    positions = np.broadcast_to(order, (B, S)).astype(np.int32)
+    hidden = jax.jit(lambda p, t, pos: model.apply(graphdef, p, t, pos, method="hidden"))
+    with jax.set_mesh(sharding.make_mesh(cfg.mesh, jax.devices()[:4])):
+        h0, h1 = (np.asarray(hidden(params, t[:, order], positions))[:, natural] for t in tokens)
+    np.testing.assert_allclose(h1[:, :12], h0[:, :12], rtol=0, atol=1e-6)
+    assert np.abs(h1[:, 12:] - h0[:, 12:]).max() > 0.1
 
 
 def test_train_step_reports_load_metrics_and_moves_the_expert_bias():

@@ -27,7 +27,6 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental.pallas import tpu as pltpu
 
 from nopejax.kernels import cost, gpu, tile, tpu
 from nopejax.kernels.tile import TileConfig
@@ -287,18 +286,10 @@ def _impl(plan: _Plan):
     return tpu if plan.backend == "tpu" else gpu
 
 
-def _interpret_arg(plan: _Plan):
-    if not plan.interpret:
-        return False
-    if plan.backend == "tpu" and hasattr(pltpu, "InterpretParams"):
-        return pltpu.InterpretParams()
-    return True
-
-
 def _flash_fwd(q, k, v, extras, plan: _Plan):
     bq, bk, _, _ = plan.blocks
     side = tile.side_inputs(plan.cfg, *extras)
-    o, lse = _impl(plan).forward(q, k, v, side, plan.cfg, bq, bk, _interpret_arg(plan))
+    o, lse = _impl(plan).forward(q, k, v, side, plan.cfg, bq, bk, plan.interpret)
     return o, (q, k, v, extras, o, lse)
 
 
@@ -308,7 +299,7 @@ def _flash_bwd(plan: _Plan, res, do):
     do = do.astype(q.dtype)
     # di = rowsum(dO * O), the softmax-backward correction; one fused XLA reduction.
     di = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))[..., None]
-    impl, interpret = _impl(plan), _interpret_arg(plan)
+    impl, interpret = _impl(plan), plan.interpret
     side = tile.side_inputs(plan.cfg, *extras)
     args = (q, k, v, do, lse, di, side, plan.cfg, bq, bk, interpret)
     dk, dv = impl.backward_dkv(*args)

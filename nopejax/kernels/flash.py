@@ -80,8 +80,9 @@ def flash_attention(
     then the last Sq tokens of k's sequence (q row i is token S - Sq + i), positions and
     segment ids are given for all S tokens, and on TPU Sq and S must be multiples of 128.
     On CPU pass interpret=True: the TPU kernel form under Pallas's HLO interpreter, which turns the
-    kernel body into XLA ops. (The TPU interpreter, pltpu.InterpretParams, runs it through host
-    callbacks that block XLA:CPU's device threads: a multi-device step with the kernel deadlocks.)
+    kernel body into XLA ops. (Not the TPU interpreter, pltpu.InterpretParams: it runs the body
+    through io_callbacks, and XLA:CPU deadlocks when several devices each run independent
+    io_callbacks on arguments of 100 KiB or more, as a multi-device train step with the kernel does.)
     `positions`, `segment_ids` and `inv_freq` are not differentiated. All layer options are static.
 
     Layer options (HF semantics, each document of a packed row behaving as if it were alone):

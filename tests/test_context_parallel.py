@@ -235,8 +235,8 @@ def test_checkpoint_from_data_8_continues_on_data_2_context_4(tmp_path, one_devi
 
 
 # The kernel's train step under context parallelism, end to end. In subprocesses with a timeout: a
-# deadlock between the devices' threads (as Pallas's TPU interpreter, whose host callbacks block
-# XLA:CPU's device threads, produced) fails the test instead of hanging the suite.
+# deadlock between the devices' threads fails the test instead of hanging the suite (Pallas's TPU
+# interpreter deadlocks this step under jax 0.10: its host callbacks block XLA:CPU's device threads).
 
 KERNEL_RUN = ("--config", "configs/tiny_local_global.py", "--config.train.steps=3", "--config.train.seq_len=512",
               "--config.train.global_batch_size=2", "--config.train.log_every=1", "--config.train.eval_every=0",

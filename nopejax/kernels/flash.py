@@ -81,7 +81,7 @@ def flash_attention(
     segment ids are given for all S tokens, and on TPU Sq and S must be multiples of 128.
     On CPU pass interpret=True: the TPU kernel form under Pallas's HLO interpreter, which turns the
     kernel body into XLA ops. (Not the TPU interpreter, pltpu.InterpretParams: it runs the body
-    through io_callbacks, and XLA:CPU deadlocks when several devices each run independent
+    through io_callbacks, and XLA:CPU (jax 0.10) deadlocks when several devices each run independent
     io_callbacks on arguments of 100 KiB or more, as a multi-device train step with the kernel does.)
     `positions`, `segment_ids` and `inv_freq` are not differentiated. All layer options are static.
 

@@ -27,7 +27,6 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental.pallas import tpu as pltpu
 
 from nopejax.kernels import cost, gpu, tile, tpu
 from nopejax.kernels.tile import TileConfig
@@ -80,7 +79,10 @@ def flash_attention(
     Suffix queries (context parallelism): q may have fewer rows than k when causal; they are
     then the last Sq tokens of k's sequence (q row i is token S - Sq + i), positions and
     segment ids are given for all S tokens, and on TPU Sq and S must be multiples of 128.
-    On CPU pass interpret=True (TPU kernel form under Pallas's TPU interpreter).
+    On CPU pass interpret=True: the TPU kernel form under Pallas's HLO interpreter, which turns the
+    kernel body into XLA ops. (Not the TPU interpreter, pltpu.InterpretParams: it runs the body
+    through io_callbacks, and XLA:CPU (jax 0.10) deadlocks when several devices each run independent
+    io_callbacks on arguments of 100 KiB or more, as a multi-device train step with the kernel does.)
     `positions`, `segment_ids` and `inv_freq` are not differentiated. All layer options are static.
 
     Layer options (HF semantics, each document of a packed row behaving as if it were alone):
@@ -287,18 +289,10 @@ def _impl(plan: _Plan):
     return tpu if plan.backend == "tpu" else gpu
 
 
-def _interpret_arg(plan: _Plan):
-    if not plan.interpret:
-        return False
-    if plan.backend == "tpu" and hasattr(pltpu, "InterpretParams"):
-        return pltpu.InterpretParams()
-    return True
-
-
 def _flash_fwd(q, k, v, extras, plan: _Plan):
     bq, bk, _, _ = plan.blocks
     side = tile.side_inputs(plan.cfg, *extras)
-    o, lse = _impl(plan).forward(q, k, v, side, plan.cfg, bq, bk, _interpret_arg(plan))
+    o, lse = _impl(plan).forward(q, k, v, side, plan.cfg, bq, bk, plan.interpret)
     return o, (q, k, v, extras, o, lse)
 
 
@@ -308,7 +302,7 @@ def _flash_bwd(plan: _Plan, res, do):
     do = do.astype(q.dtype)
     # di = rowsum(dO * O), the softmax-backward correction; one fused XLA reduction.
     di = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))[..., None]
-    impl, interpret = _impl(plan), _interpret_arg(plan)
+    impl, interpret = _impl(plan), plan.interpret
     side = tile.side_inputs(plan.cfg, *extras)
     args = (q, k, v, do, lse, di, side, plan.cfg, bq, bk, interpret)
     dk, dv = impl.backward_dkv(*args)

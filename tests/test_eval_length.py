@@ -130,12 +130,16 @@ def test_copy_task_reports_exact_match_per_input_length(tmp_path):
     assert all(0 <= float(r["exact_match"]) <= 1 and float(r["answer_loss"]) > 0 for r in rows)
     with open(f"{workdir}/eval_length/loss_by_position.md") as f:
         assert "exact match, lengths > 3" in f.read()
-    # exact match agrees with the data package's own definition on the same examples
+    # exact match and token accuracy from the definition: argmax of the logits at every answer position
     run_cfg = checkpoint.read_config(*checkpoint.find_checkpoint(workdir))
     batch = eval_length.task_batch(run_cfg, 5, 8)
-    module = checkpoint.load_model(workdir)
-    want = float(np.mean(np.asarray(data.exact_match(module(batch["inputs"]), batch))))
+    predicted_BS = np.argmax(np.asarray(checkpoint.load_model(workdir)(batch["inputs"])), axis=-1)
+    answer_BS = batch["loss_mask"] > 0
+    right_BS = predicted_BS == batch["targets"]
+    assert answer_BS.any(axis=1).all()
+    want = np.mean([right_BS[b][answer_BS[b]].all() for b in range(len(right_BS))])
     assert float(rows[4]["exact_match"]) == pytest.approx(want)
+    assert float(rows[4]["token_accuracy"]) == pytest.approx(right_BS[answer_BS].mean())
 
 
 # One arm per task in the default run (each a different pattern); the whole matrix under -m slow.

@@ -148,6 +148,7 @@ def test_local_xla_attention_matches_dense_reference(kind, window, lengths):
         return attention.xla_attention(q, k, v, jnp.asarray(seg), positions_BS=jnp.asarray(pos), spec=spec)
 
     np.testing.assert_allclose(ours(q, k, v), ref_attention(q, k, v, ok), atol=1e-5)
+
     # gradients against dense attention written here in jnp (float32): the reference above, differentiable
     def dense(q, k, v):
         G = q.shape[2] // k.shape[2]

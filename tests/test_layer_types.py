@@ -226,12 +226,11 @@ def test_each_option_matches_the_reference_decoder(name):
 @pytest.mark.parametrize(
     "overrides",
     [
-        pytest.param(dict(num_layers=9, global_attention_interval=4, sliding_window=3),  # 2 blocks of 4 + 1 tail
-                     marks=pytest.mark.slow),
+        dict(num_layers=5, global_attention_interval=2, sliding_window=3),  # 2 blocks of 2 + 1 tail
         dict(num_layers=7, layer_types=("sliding_attention", "full_attention") * 3 + ("chunked_attention",),
              sliding_window=5, attention_chunk_size=4, no_rope_layer_interval=2, remat="full"),
-        pytest.param(dict(num_layers=6, global_attention_interval=3, sliding_window=4, rope_theta_local=99.0,
-                          qk_norm="rms", no_rope_layer_interval=0), marks=pytest.mark.slow),
+        dict(num_layers=4, global_attention_interval=2, sliding_window=4, rope_theta_local=99.0, qk_norm="rms",
+             no_rope_layer_interval=0),  # 2 blocks of 2
     ],
 )  # fmt: skip
 def test_scanned_equals_unrolled_with_local_layers(overrides):

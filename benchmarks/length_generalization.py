@@ -4,6 +4,9 @@
     python benchmarks/length_generalization.py --seeds 0 --tasks copy  # one task, one seed
     python benchmarks/length_generalization.py --quick                 # 30-step smoke of the pipeline
 
+`--quick` trains and evaluates every arm; the test suite checks all arm configs without training
+and trains one arm per task (tests/test_eval_length.py).
+
 Tasks (configs/experiments/recipes.py; four arms each that differ only in the positional
 pattern: rope, hybrid, nope, local_global):
   copy, reverse  inputs of 1-20 letters; `eval-length` gives exact match for input lengths 1-40

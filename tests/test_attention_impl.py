@@ -6,6 +6,17 @@ import numpy as np
 
 from nopejax import config, model, sharding
 
+# Pallas (interpret mode) vs XLA at `highest` matmul precision (conftest): the largest error measured,
+# relative to each array's largest value, is 3.0e-7 for logits and 6.2e-7 for a gradient leaf (the
+# smallest leaves included), in both tests below. The bound is ~10x that.
+PALLAS_VS_XLA = 5e-6
+
+
+def assert_close_at_scale(got, want):
+    """|got - want| <= PALLAS_VS_XLA x the largest |want| of the array: small gradient leaves stay tight."""
+    want = np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=PALLAS_VS_XLA * float(np.abs(want).max()))
+
 
 def test_pallas_model_matches_xla_on_a_2x2_mesh_through_shard_map():
     cfg = config.base_config()
@@ -35,8 +46,8 @@ def test_pallas_model_matches_xla_on_a_2x2_mesh_through_shard_map():
         g_pallas, logits_pallas = grad(params, graphdef_pallas)
         jaxpr = str(jax.make_jaxpr(lambda p: loss(p, graphdef_pallas))(params))
     assert "shard_map" in jaxpr and "pallas_call" in jaxpr
-    np.testing.assert_allclose(logits_pallas, logits_xla, atol=2e-3)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-2), g_pallas, g_xla)
+    assert_close_at_scale(logits_pallas, logits_xla)
+    jax.tree.map(assert_close_at_scale, g_pallas, g_xla)
 
 
 def test_query_chunked_xla_attention_equals_the_reference():
@@ -82,8 +93,8 @@ def test_pallas_model_with_every_layer_option_matches_xla():
     grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
     g_xla, logits_xla = grad(params, graphdef)
     g_pallas, logits_pallas = grad(params, graphdef_pallas)
-    np.testing.assert_allclose(logits_pallas, logits_xla, atol=2e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-3), g_pallas, g_xla)
+    assert_close_at_scale(logits_pallas, logits_xla)
+    jax.tree.map(assert_close_at_scale, g_pallas, g_xla)
 
 
 def test_auto_picks_per_platform():

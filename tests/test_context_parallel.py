@@ -124,7 +124,7 @@ def test_kernel_suffix_queries_need_whole_tpu_tiles():
         flash_attention(q, kv, kv, interpret=True, causal=False)
 
 
-@pytest.mark.slow  # a Mosaic compile of the whole step, ~40 s of CPU
+@pytest.mark.slow  # a Mosaic compile of the whole step, ~50 s of CPU
 @pytest.mark.skipif(not _libtpu(), reason="libtpu not installed (pip install -e '.[tpu]')")
 def test_train_step_with_the_kernel_under_context_parallelism_compiles_for_tpu():
     """Suffix-query kernels (global layers: gathered span; sliding layers: 128-key halo) through Mosaic."""

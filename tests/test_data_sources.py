@@ -58,7 +58,7 @@ def test_arrayrecord(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["text", "jsonl", "parquet", "arrayrecord"])
-def test_every_source_trains_end_to_end(tmp_path, kind):
+def test_every_source_feeds_batches_of_its_documents(tmp_path, kind):
     path = tmp_path / "data"
     if kind == "text":
         path.write_text("\n\n".join(DOCS))
@@ -76,6 +76,15 @@ def test_every_source_trains_end_to_end(tmp_path, kind):
     cfg.train.global_batch_size, cfg.train.seq_len = 2, 17
     batch = next(make_iterator(validate(cfg), process_index=0, process_count=1))
     assert batch["inputs"].shape == (2, 17) and batch["loss_mask"].sum() > 0
+    # every document piece in the rows is a run of one document's UTF-8 bytes (byte ids are 0-255)
+    pieces = [
+        bytes(int(t) for t in row[seg_row == s] if t < 256)
+        for row, seg_row in zip(batch["inputs"], batch["segment_ids"])
+        for s in set(seg_row.tolist()) - {0}
+    ]
+    assert sum(map(len, pieces)) >= 17
+    for piece in pieces:
+        assert any(piece in d.encode() for d in DOCS), piece
 
 
 def test_missing_path_and_empty_glob_name_the_path(tmp_path):

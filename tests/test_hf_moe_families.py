@@ -19,7 +19,7 @@ import torch
 import transformers
 from configs_loader import ROOT
 
-from nopejax import cli, config, hf, model, tensorfile
+from nopejax import cli, config, hf, layers, model, tensorfile
 from tests.test_hf_families import assert_export_reproduces_every_tensor, logits_of, saved_and_imported
 
 SEQ = 13
@@ -84,16 +84,16 @@ def test_logits_match_transformers(imported):
     graphdef, params = model.split(ours)  # one compiled forward: faster than op-by-op here
     logits = jax.jit(lambda p, t: model.apply(graphdef, p, t))(params, jnp.asarray(tokens_BS))
     np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=0)
-    m, specs = ours.cfg, config.layer_specs(ours.cfg)
+    m, specs = ours.cfg, layers.layer_specs(ours.cfg)
     if case.startswith("afmoe"):
         assert m.attention_gate and m.block == "sandwich" and m.qk_norm == "rms"
         assert m.embed_scale == (40**0.5 if ref.config.mup_enabled else 1.0)
         assert [s.ffn for s in specs] == ["dense" if i < ref.config.num_dense_layers else "moe" for i in range(5)]
-        assert [s.use_rope for s in specs] == [t == "sliding_attention" for t in ref.config.layer_types]
+        assert [s.use_rope for s in specs] == [t == "sliding_attention" for t in ref.layers.layer_types]
     else:
         assert [s.ffn == "moe" for s in specs] == [i in ref.config.moe_layers for i in range(5)]
         assert [s.use_rope for s in specs] == [bool(x) for x in ref.config.no_rope_layers[:5]]
-        assert [s.attention for s in specs] == [t.removesuffix("_attention") for t in ref.config.layer_types]
+        assert [s.attention for s in specs] == [t.removesuffix("_attention") for t in ref.layers.layer_types]
         assert all(s.nope_temperature == (float(ref.config.floor_scale), ref.config.attn_scale)
                    for s in specs if not s.use_rope)  # fmt: skip
         assert "chunked" in {s.attention for s in specs} and m.qk_norm == "l2"
@@ -238,7 +238,7 @@ def test_published_configs_import_as_the_configs(name, published):
     """The hub config.json imports to the model configs/<name>.py describes, and exports back to it."""
     ours = config.validate(config.load_config(str(ROOT / "configs" / f"{name}.py"))).model
     imported = hf.model_config_from_hf(published)
-    assert config.layer_specs(imported) == config.layer_specs(ours)
+    assert layers.layer_specs(imported) == layers.layer_specs(ours)
     assert hf.hf_config(imported) == hf.hf_config(ours)
     for field in ("d_model", "head_dim", "num_experts", "expert_d_ff", "d_ff", "routed_scale", "embed_scale"):
         assert imported[field] == ours[field], field

@@ -77,7 +77,7 @@ def test_logits_match_transformers(imported):
     want = logits_of(ref, tokens_BS)
     assert np.abs(want).max() > 1.0
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(tokens_BS))), want, atol=1e-4, rtol=0)
-    types = ref.layers.layer_types
+    types = ref.config.layer_types
     specs = layers.layer_specs(ours.cfg)
     assert [s.attention == "sliding" for s in specs] == [t == "sliding_attention" for t in types]
     if ref.config.sliding_window is not None:  # both families rotate exactly their sliding layers
@@ -103,7 +103,7 @@ def test_round_trip_reproduces_every_tensor(imported, tmp_path):
     ref, out = imported[1], tmp_path / "back"
     assert_export_reproduces_every_tensor(imported, out)
     again = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert type(again) is type(ref) and again.layers.layer_types == ref.layers.layer_types
+    assert type(again) is type(ref) and again.config.layer_types == ref.config.layer_types
     tokens_BS = np.arange(SEQ).reshape(1, SEQ) % 61
     np.testing.assert_allclose(logits_of(again, tokens_BS), logits_of(ref, tokens_BS), atol=1e-6, rtol=0)
 

@@ -89,11 +89,11 @@ def test_logits_match_transformers(imported):
         assert m.attention_gate and m.block == "sandwich" and m.qk_norm == "rms"
         assert m.embed_scale == (40**0.5 if ref.config.mup_enabled else 1.0)
         assert [s.ffn for s in specs] == ["dense" if i < ref.config.num_dense_layers else "moe" for i in range(5)]
-        assert [s.use_rope for s in specs] == [t == "sliding_attention" for t in ref.layers.layer_types]
+        assert [s.use_rope for s in specs] == [t == "sliding_attention" for t in ref.config.layer_types]
     else:
         assert [s.ffn == "moe" for s in specs] == [i in ref.config.moe_layers for i in range(5)]
         assert [s.use_rope for s in specs] == [bool(x) for x in ref.config.no_rope_layers[:5]]
-        assert [s.attention for s in specs] == [t.removesuffix("_attention") for t in ref.layers.layer_types]
+        assert [s.attention for s in specs] == [t.removesuffix("_attention") for t in ref.config.layer_types]
         assert all(s.nope_temperature == (float(ref.config.floor_scale), ref.config.attn_scale)
                    for s in specs if not s.use_rope)  # fmt: skip
         assert "chunked" in {s.attention for s in specs} and m.qk_norm == "l2"

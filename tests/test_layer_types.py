@@ -331,7 +331,7 @@ def test_hf_smollm3_sliding_logits_and_round_trip(tmp_path, case):
     hf_model, path = make_hf(tmp_path, **HF_CASES[case])
     ours = nopejax.from_hf(str(path))
     specs = layers.layer_specs(ours.cfg)
-    assert [f"{s.attention}_attention" for s in specs] == list(hf_model.layers.layer_types)
+    assert [f"{s.attention}_attention" for s in specs] == list(hf_model.config.layer_types)
     assert [s.use_rope for s in specs] == [bool(x) for x in hf_model.config.no_rope_layers]
     tokens = np.random.default_rng(0).integers(0, 97, (2, 29))  # S = 29 > W
     with torch.no_grad():

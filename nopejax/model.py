@@ -403,9 +403,9 @@ def layer_ropes(m) -> dict:
 
 
 def param_count(m: config.ConfigDict) -> int:
-    layers = sum(stack_size(m, name) * math.prod(fn(m)) for name, (fn, _) in layer_params(m).items())
+    stacked = sum(stack_size(m, name) * math.prod(fn(m)) for name, (fn, _) in layer_params(m).items())
     embed = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-    return layers + embed + m.d_model
+    return stacked + embed + m.d_model
 
 
 def create(model_cfg: config.ConfigDict, seed: int = 0) -> Decoder:

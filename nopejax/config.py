@@ -2,7 +2,8 @@
 
 Every config file under `configs/` starts from `base_config()` and changes fields; nothing
 outside this module decides whether a config is legal. `validate()` runs before any array
-is created or any function is compiled, so a typo costs a second, not a compile.
+is created or any function is compiled, so a typo costs a second, not a compile. What each
+layer is, read from these fields, is nopejax/layers.py.
 """
 
 from __future__ import annotations

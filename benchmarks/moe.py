@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import plain_jax  # benchmarks/, the script's own folder
 from configs_loader import load
 
-from nopejax import config, model, train
+from nopejax import config, layers, model, train
 
 # ---- the plain-JAX MoE baseline: no framework --------------------------------------------------
 
@@ -186,7 +186,7 @@ def active_params(m) -> int:
     if not m.num_experts:
         return total
     width = m.expert_d_ff or m.d_ff
-    moe_layers = sum(spec.ffn == "moe" for spec in config.layer_specs(m))
+    moe_layers = sum(spec.ffn == "moe" for spec in layers.layer_specs(m))
     return total - moe_layers * 3 * m.d_model * width * (m.num_experts - m.experts_per_token)
 
 

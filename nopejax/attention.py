@@ -3,7 +3,7 @@
 Shape letters: B batch, S sequence, K kv heads, G query heads per kv head (GQA group),
 H = K * G query heads, D head dim, c query rows of a chunk, L keys a chunk sees.
 
-`attend` runs one layer as its `config.LayerSpec` says: full, sliding-window or chunked
+`attend` runs one layer as its `layers.LayerSpec` says: full, sliding-window or chunked
 attention; RoPE or not (full or partial, rotate-half or interleaved pairs); L2 QK-norm after
 RoPE; Llama 4's query temperature on NoPE layers. The `xla` and `cudnn` paths rotate q and k
 here; the `pallas` path hands the rotation to the kernel, which applies it to tiles as they are
@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from nopejax import context, sharding
 from nopejax import rope as rope_lib
-from nopejax.config import PALLAS_CONTEXT_BLOCK, LayerSpec
+from nopejax.config import PALLAS_CONTEXT_BLOCK
+from nopejax.layers import LayerSpec
 
 PALLAS_HEAD_DIMS = (64, 128, 256)  # what the kernel tiles support (nopejax.kernels.SUPPORTED_HEAD_DIMS)
 CUDNN_HEAD_DIMS = (64, 128)

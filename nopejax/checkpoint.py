@@ -46,6 +46,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from nopejax import config as config_lib
+from nopejax import layers
 from nopejax.config import ConfigDict, ConfigError, RunError
 
 log = logging.getLogger("nopejax")
@@ -251,7 +252,7 @@ FIELD_NAMES = {"rope_pattern": "model.no_rope_layers", "qk_norm_weights": "model
 
 def layout(m: ConfigDict) -> dict:
     out = {f: m[f] for f in LAYOUT_FIELDS}
-    out["rope_pattern"] = [int(x) for x in config_lib.rope_pattern(m)]
+    out["rope_pattern"] = [int(x) for x in layers.rope_pattern(m)]
     out["attention_bias"], out["mlp_bias"] = bool(m.attention_bias), bool(m.mlp_bias)
     out["qk_norm_weights"] = m.qk_norm == "rms"  # learned q/k norm weights exist
     out["attention_gate"] = bool(m.attention_gate)  # the attn_gate projection exists
@@ -260,7 +261,7 @@ def layout(m: ConfigDict) -> dict:
     out["moe"] = None  # which layers have experts, and their shapes (dense FFN / MoE params stack apart)
     if m.num_experts:
         out["moe"] = {
-            "ffn_pattern": list(config_lib.ffn_pattern(m)),
+            "ffn_pattern": list(layers.ffn_pattern(m)),
             "num_experts": m.num_experts,
             "expert_d_ff": m.expert_d_ff or m.d_ff,
             "num_shared_experts": m.num_shared_experts,

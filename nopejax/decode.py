@@ -13,7 +13,7 @@ absolute position once, when written), NoPE layers cache raw keys.
 Which keys a query sees is computed from absolute positions and document ids stored next to the
 cache (`visible`), not from the slot layout, plus the layer's sliding window or chunk
 (`attention.local_visible`, the term the training paths use). Every layer option of
-`config.LayerSpec` is applied as `attention.attend` applies it. Prompts of different lengths
+`layers.LayerSpec` is applied as `attention.attend` applies it. Prompts of different lengths
 are left-padded: padding slots belong to document 0, which no real query sees, and each row's
 positions start at 0 at its first real token, as in training and as transformers' generate does with an attention mask.
 
@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from nopejax import attention, config, model
+from nopejax import attention, layers, model
 from nopejax import rope as rope_lib
 from nopejax.config import ConfigError
 
@@ -73,7 +73,7 @@ class Cache(NamedTuple):
 # Attention over the cache
 
 
-def visible(q_pos_Bc, q_seg_Bc, k_pos_BT, k_seg_BT, spec: config.LayerSpec = attention.FULL):
+def visible(q_pos_Bc, q_seg_Bc, k_pos_BT, k_seg_BT, spec: layers.LayerSpec = attention.FULL):
     """[B, c, T] bool: causal and same document from absolute positions, plus the layer's window or chunk."""
     q_pos, k_pos = q_pos_Bc[:, :, None], k_pos_BT[:, None, :]
     ok = (k_pos <= q_pos) & (k_seg_BT[:, None, :] == q_seg_Bc[:, :, None])
@@ -93,7 +93,7 @@ def cached_attention(q_BcHE, k_BTKE, v_BTKE, visible_BcT):
     return out_BcKGE.reshape(B, c, H, E).astype(q_BcHE.dtype)
 
 
-def _layer(p, x_BcD, i, k_LBTKE, v_LBTKE, *, spec: config.LayerSpec, slot, q_pos_Bc, q_seg_Bc, k_pos_BT, k_seg_BT,
+def _layer(p, x_BcD, i, k_LBTKE, v_LBTKE, *, spec: layers.LayerSpec, slot, q_pos_Bc, q_seg_Bc, k_pos_BT, k_seg_BT,
            cos_sin, m, dtype):  # fmt: skip
     """Layer i on c new rows, in model.py's own block form: write their k/v at `slot`, attend over
     the cache as `spec` says (the order of attention.attend: RMS QK-norm, RoPE, L2 QK-norm, NoPE
@@ -134,8 +134,8 @@ def forward(module: model.Decoder, cache: Cache, tokens_Bc, pos_Bc, seg_Bc, slot
               m=m, dtype=dtype)  # fmt: skip
     stack = {name: p[...] for name, p in module.layers.items()}
     x_BcD, k, v = module.embed_tokens(tokens_Bc), cache.k_LBTKE, cache.v_LBTKE
-    specs = config.layer_specs(m)
-    for start, length, spec in model.runs(specs):
+    specs = layers.layer_specs(m)
+    for start, length, spec in layers.runs(specs):
         layer = functools.partial(_layer, spec=spec, **kw)
         part = model.slice_layers(stack, specs, start, start + length)  # dense FFN / MoE stacks by their own index
         if length == 1 or not m.scan_layers:

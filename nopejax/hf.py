@@ -57,7 +57,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from nopejax import config, model, moe, tensorfile
+from nopejax import config, layers, model, moe, tensorfile
 
 
 class Tensor(NamedTuple):
@@ -141,7 +141,7 @@ def layer_rows(m: config.ConfigDict) -> list[list[tuple[dict, Joint]]]:
 
     A map key is a param name (a `Tensor` row) or a tuple of names (a `Joint` row); a row applies
     to a layer that has all its params, and every param of the layer is in exactly one row."""
-    layer_map, specs, names = FAMILIES[m.hf_family].layer_map, config.layer_specs(m), model.layer_params(m)
+    layer_map, specs, names = FAMILIES[m.hf_family].layer_map, layers.layer_specs(m), model.layer_params(m)
     out = []
     for i, spec in enumerate(specs):
         index = {
@@ -557,7 +557,7 @@ def _without(*names) -> dict[str, Field]:
 
 def _sliding_rope(m) -> bool:
     """Does every layer rotate exactly when it is sliding (Cohere2, EXAONE 4 with a window)?"""
-    return all(spec.use_rope == (spec.attention == "sliding") for spec in config.layer_specs(m))
+    return all(spec.use_rope == (spec.attention == "sliding") for spec in layers.layer_specs(m))
 
 
 # No family here has these (Llama 4, Gemma 3 and Qwen-style features nopejax computes).
@@ -570,7 +570,7 @@ NOBODY_HAS = (
     ("attention_gate", lambda m: m.attention_gate, "gated attention output"),
     ("embed_scale", lambda m: m.embed_scale != 1.0, "embedding scale"),
 )
-_ROPE_LAYERS = lambda m: any(config.rope_pattern(m))
+_ROPE_LAYERS = lambda m: any(layers.rope_pattern(m))
 PRE_NORM_LACKS = (
     *NOBODY_HAS,
     ("rope_layout", lambda m: m.rope_layout != "half" and _ROPE_LAYERS(m), "the interleaved RoPE layout"),
@@ -581,8 +581,8 @@ PRE_NORM_LACKS = (
 )
 LLAMA_LACKS = (
     *PRE_NORM_LACKS,
-    ("no_rope_layers", lambda m: not all(config.rope_pattern(m)), "NoPE layers (every Llama layer rotates)"),
-    ("layer_types", lambda m: any(spec.local for spec in config.layer_specs(m)), "sliding-window layers"),
+    ("no_rope_layers", lambda m: not all(layers.rope_pattern(m)), "NoPE layers (every Llama layer rotates)"),
+    ("layer_types", lambda m: any(spec.local for spec in layers.layer_specs(m)), "sliding-window layers"),
 )
 COHERE2_LACKS = (
     *NOBODY_HAS,
@@ -603,21 +603,21 @@ EXAONE4_LACKS = (
     ("mlp_bias", lambda m: m.mlp_bias, "MLP biases"),
     ("logit_scale", lambda m: m.logit_scale != 1.0, "a logit scale"),
     ("rope_layout", lambda m: m.rope_layout != "half" and _ROPE_LAYERS(m), "the interleaved RoPE layout"),
-    ("no_rope_layers", lambda m: not (_sliding_rope(m) or (all(config.rope_pattern(m))
-                                                         and not any(s.local for s in config.layer_specs(m)))),
+    ("no_rope_layers", lambda m: not (_sliding_rope(m) or (all(layers.rope_pattern(m))
+                                                         and not any(s.local for s in layers.layer_specs(m)))),
      "RoPE/NoPE pattern other than RoPE on exactly the sliding layers (or on every layer of an all-global model)"),
 )  # fmt: skip
 
 
 def _types(m) -> list[str]:
-    return [f"{spec.attention}_attention" for spec in config.layer_specs(m)]
+    return [f"{spec.attention}_attention" for spec in layers.layer_specs(m)]
 
 
 def _smollm3_config(m) -> dict:
     sliding = "sliding_attention" in _types(m)
     return {
         "rms_norm_eps": m.rms_norm_eps,
-        "no_rope_layers": [int(x) for x in config.rope_pattern(m)],
+        "no_rope_layers": [int(x) for x in layers.rope_pattern(m)],
         "no_rope_layer_interval": m.no_rope_layer_interval or m.num_layers + 1,
         # HF masks by layer_types; use_sliding_window also sets each layer's window for flash kernels
         "use_sliding_window": sliding,
@@ -646,7 +646,7 @@ def _cohere2_config(m) -> dict:
 def _exaone4_config(m) -> dict:
     # without sliding layers the window says whether global layers rotate: null = all RoPE, set = all NoPE
     window = m.sliding_window
-    if window is None and not all(config.rope_pattern(m)):
+    if window is None and not all(layers.rope_pattern(m)):
         window = m.max_position_embeddings
     return {"rms_norm_eps": m.rms_norm_eps, "layer_types": _types(m), "sliding_window": window}
 
@@ -963,7 +963,7 @@ def _read_llama4_moe_layers(name, value, hf):
 
 
 def _sliding_rope_only(m) -> bool:
-    return all(spec.use_rope == (spec.attention == "sliding") for spec in config.layer_specs(m))
+    return all(spec.use_rope == (spec.attention == "sliding") for spec in layers.layer_specs(m))
 
 
 MOE_LACKS = (
@@ -995,7 +995,7 @@ AFMOE_LACKS = (
 )  # fmt: skip
 LLAMA4_LACKS = (
     *MOE_LACKS,
-    ("layer_types", lambda m: any(spec.attention == "sliding" for spec in config.layer_specs(m)),
+    ("layer_types", lambda m: any(spec.attention == "sliding" for spec in layers.layer_specs(m)),
      "sliding-window layers"),
     ("block", lambda m: m.block != "pre_norm", "block other than pre_norm"),
     ("qk_norm", lambda m: m.qk_norm == "rms", "learned RMS QK-norm (its QK-norm is the weightless L2)"),
@@ -1041,13 +1041,13 @@ def _afmoe_config(m) -> dict:
 
 def _llama4_config(m) -> dict:
     t = m.nope_temperature
-    rope = [int(x) for x in config.rope_pattern(m)]
+    rope = [int(x) for x in layers.rope_pattern(m)]
     return {
         "intermediate_size": moe.expert_width(m),
         "intermediate_size_mlp": m.d_ff,
         "num_local_experts": m.num_experts,
         "num_experts_per_tok": m.experts_per_token,
-        "moe_layers": [i for i, spec in enumerate(config.layer_specs(m)) if spec.ffn == "moe"],
+        "moe_layers": [i for i, spec in enumerate(layers.layer_specs(m)) if spec.ffn == "moe"],
         "interleave_moe_layer_step": m.moe_layer_interval,
         "no_rope_layers": rope,
         "no_rope_layer_interval": m.no_rope_layer_interval or 4,  # read only when no_rope_layers is empty
@@ -1211,7 +1211,7 @@ def check_exportable(m: config.ConfigDict, family: str | None = None) -> None:
     `m.hf_family`): the first feature it has no field for, then any other field away from its default."""
     fam = FAMILIES[family or m.hf_family]
     name = fam.architecture.removesuffix("ForCausalLM")
-    derived = {"no_rope_layers": [int(x) for x in config.rope_pattern(m)], "layer_types": _types(m)}
+    derived = {"no_rope_layers": [int(x) for x in layers.rope_pattern(m)], "layer_types": _types(m)}
     for field, in_use, lacks in fam.lacks:
         if in_use(m):
             value = derived[field] if field in derived else m[field]  # the per-layer lists as resolved

@@ -13,7 +13,7 @@ import os
 
 import jax
 
-from nopejax import config
+from nopejax import layers
 from nopejax.config import ConfigDict
 
 # bf16 dense peak FLOP/s per chip, by `device_kind` substring (first match wins).
@@ -42,18 +42,18 @@ def train_flops_per_step(cfg: ConfigDict) -> float:
     tokens = B * S
     per_layer = m.d_model * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
     per_layer += m.num_heads * m.head_dim * m.d_model
-    specs = config.layer_specs(m)
+    specs = layers.layer_specs(m)
     # an MoE layer counts its active params: k routed experts, the shared ones and the router
     expert = m.expert_d_ff or m.d_ff
     moe_ffn = 3 * m.d_model * expert * (m.experts_per_token + m.num_shared_experts) + m.d_model * m.num_experts
     ffn = sum(moe_ffn if spec.ffn == "moe" else 3 * m.d_model * m.d_ff for spec in specs)
     matmul = 2 * tokens * (m.num_layers * per_layer + ffn + m.d_model * m.vocab_size)
-    pairs = sum(attended_pairs(spec, S) for spec in config.layer_specs(m))
+    pairs = sum(attended_pairs(spec, S) for spec in layers.layer_specs(m))
     attention = 2 * 2 * B * pairs * m.num_heads * m.head_dim
     return 3.0 * (matmul + attention)
 
 
-def attended_pairs(spec: config.LayerSpec, S: int) -> float:
+def attended_pairs(spec: layers.LayerSpec, S: int) -> float:
     """(query, key) pairs one layer scores in a row of S tokens: S^2 / 2 causal (MaxText's count),
     about S * W for a sliding window W and S * C / 2 for chunks of C."""
     if spec.attention == "sliding" and spec.window < S:

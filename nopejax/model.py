@@ -5,12 +5,12 @@ V vocab, L layers, N scanned blocks, P layers per block.
 
 Parameters of all layers are stacked along a leading `layers` axis ([L, ...]), whatever the
 execution plan; the checkpoint layout therefore never depends on `scan_layers`. At call time
-the stack is cut into N blocks of one period P of the layer specs (`config.LayerSpec`: attention
+the stack is cut into N blocks of one period P of the layer specs (`layers.LayerSpec`: attention
 kind and window, RoPE or not and how, QK-norm, temperature; SmolLM3: RoPE, RoPE, RoPE, NoPE;
 local/global stacks: sliding RoPE x3, full NoPE) and `lax.scan` runs the blocks, so the traced
 program holds one block whatever the depth. Inside a block each sub-layer's spec is a Python
 constant. A depth that is not a multiple of the period leaves a tail of layers that are
-unrolled with their own specs (`config.block_structure`); `scan_layers=False` unrolls every
+unrolled with their own specs (`layers.block_structure`); `scan_layers=False` unrolls every
 layer, for debugging.
 
 Where the norms sit is `model.block` (`block` below), one function for training and decoding:
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from nopejax import attention, config, moe
+from nopejax import attention, config, layers, moe
 from nopejax import rope as rope_lib
 from nopejax.sharding import constrain
 
@@ -110,13 +110,13 @@ def layer_params(m) -> dict:
     out = {**base, **post, **(QK_NORM_PARAMS if m.qk_norm == "rms" else {}), **biases}
     out.update(ATTENTION_GATE_PARAMS if m.attention_gate else {})
     out.update(moe.moe_params(m) if m.num_experts else {})
-    specs = config.layer_specs(m)
+    specs = layers.layer_specs(m)
     return {name: v for name, v in out.items() if group_count(specs, param_group(name))}
 
 
 def stack_size(m, name: str) -> int:
     """Leading size of a per-layer param: the number of layers it is stacked over."""
-    return group_count(config.layer_specs(m), param_group(name))
+    return group_count(layers.layer_specs(m), param_group(name))
 
 
 def slice_layers(params: dict, specs, start: int, stop: int) -> dict:
@@ -167,7 +167,7 @@ def _plus_bias(x, p, name: str):
     return x + p[name].astype(x.dtype) if name in p else x
 
 
-def attention_inputs(p, h_BSD, m, dtype, spec: config.LayerSpec):
+def attention_inputs(p, h_BSD, m, dtype, spec: layers.LayerSpec):
     """The q, k, v projections (+ biases) of the sublayer's input and the RMS QK-norm, un-rotated."""
     q_BSHE = _plus_bias(jnp.einsum("bsd,dhe->bshe", h_BSD, p["wq"].astype(dtype)), p, "q_bias")
     k_BSKE = _plus_bias(jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype)), p, "k_bias")
@@ -195,14 +195,14 @@ def mlp(p, h_BSD, m, dtype):
     return _plus_bias(down_BSD, p, "down_bias")
 
 
-def ffn(p, h_BSD, m, dtype, spec: config.LayerSpec):
+def ffn(p, h_BSD, m, dtype, spec: layers.LayerSpec):
     """The FFN sublayer `spec.ffn` names, on its (normed) input -> (output, MoE statistics or None)."""
     if spec.ffn == "moe":
         return moe.moe_ffn(p, h_BSD, m, dtype)
     return mlp(p, h_BSD, m, dtype), None
 
 
-def block(p, x_BSD, m, dtype, spec: config.LayerSpec, attend):
+def block(p, x_BSD, m, dtype, spec: layers.LayerSpec, attend):
     """One layer in the form `model.block` names -> (x_BSD, what `attend` returned beside o, MoE stats).
 
     `attend(q, k, v) -> (o, aux)` is the attention itself: over the sequence in training, over
@@ -225,7 +225,7 @@ def block(p, x_BSD, m, dtype, spec: config.LayerSpec, attend):
     return x_BSD + f_BSD, aux, stats
 
 
-def decoder_layer(p, x_BSD, *, spec: config.LayerSpec, ctx):
+def decoder_layer(p, x_BSD, *, spec: layers.LayerSpec, ctx):
     """One layer as `spec` and `model.block` say -> (x, MoE stats or None). `p`: this layer's params."""
     m, dtype = ctx["model_cfg"], ctx["dtype"]
 
@@ -248,17 +248,6 @@ def decoder_layer(p, x_BSD, *, spec: config.LayerSpec, ctx):
     return constrain(x_BSD, ("act_batch", "act_seq", "act_embed")), stats
 
 
-def runs(specs: tuple) -> list[tuple[int, int, object]]:
-    """Maximal runs of equal specs: (start, length, spec). (R, R, R, N) -> [(0, 3, R), (3, 1, N)]."""
-    out = []
-    for i, spec in enumerate(specs):
-        if out and out[-1][2] == spec:
-            out[-1] = (out[-1][0], out[-1][1] + 1, spec)
-        else:
-            out.append((i, 1, spec))
-    return out
-
-
 def _concat(auxes: list):
     """Per-MoE-layer aux pieces (each [n, ...]) in layer order -> one [L_moe, ...] tree, or None."""
     return jax.tree.map(lambda *a: jnp.concatenate(a), *auxes) if auxes else None
@@ -278,13 +267,13 @@ def run_layers(stack, x_BSD, ctx):
     m = ctx["model_cfg"]
     remat = REMAT_POLICIES.get(m.remat)
 
-    def layer_fn(spec: config.LayerSpec):
+    def layer_fn(spec: layers.LayerSpec):
         fn = lambda p, x: decoder_layer(p, x, spec=spec, ctx=ctx)
         return jax.checkpoint(fn, policy=remat, prevent_cse=not m.scan_layers) if remat else fn
 
     def run(params, x_BSD, specs):  # params: each stacked over its group's layers of `specs`
         auxes = []
-        for start, length, spec in runs(specs):
+        for start, length, spec in layers.runs(specs):
             layer = layer_fn(spec)
             part = slice_layers(params, specs, start, start + length)
             if length == 1 or not m.scan_layers:
@@ -299,7 +288,7 @@ def run_layers(stack, x_BSD, ctx):
     def run_part(params, x_BSD, specs):
         if not m.scan_layers:
             return run(params, x_BSD, specs)
-        block, num_blocks, tail = config.block_structure(specs)
+        block, num_blocks, tail = layers.block_structure(specs)
         P, auxes = len(block), []
         if num_blocks > 1:
             body = slice_layers(params, specs, 0, num_blocks * P)
@@ -314,7 +303,7 @@ def run_layers(stack, x_BSD, ctx):
             auxes += [] if aux is None else [aux]
         return x_BSD, _concat(auxes)
 
-    specs = config.layer_specs(m)
+    specs = layers.layer_specs(m)
     prefix = m.num_dense_layers if m.num_experts else 0
     auxes = []
     for start, stop in ((0, prefix), (prefix, len(specs))):
@@ -404,7 +393,7 @@ class Decoder(nnx.Module):
 def layer_ropes(m) -> dict:
     """One frequency table per RoPE base in use, keyed by LayerSpec.rope: "global" (rope_theta +
     rope_scaling) and "local" (rope_theta_local, unscaled)."""
-    kinds = {spec.rope for spec in config.layer_specs(m)} - {"none"}
+    kinds = {spec.rope for spec in layers.layer_specs(m)} - {"none"}
     f = m.partial_rotary_factor
     make = {
         "global": lambda: rope_lib.make_rope(m.head_dim, m.rope_theta, m.rope_scaling, f),
@@ -414,9 +403,9 @@ def layer_ropes(m) -> dict:
 
 
 def param_count(m: config.ConfigDict) -> int:
-    layers = sum(stack_size(m, name) * math.prod(fn(m)) for name, (fn, _) in layer_params(m).items())
+    stacked = sum(stack_size(m, name) * math.prod(fn(m)) for name, (fn, _) in layer_params(m).items())
     embed = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-    return layers + embed + m.d_model
+    return stacked + embed + m.d_model
 
 
 def create(model_cfg: config.ConfigDict, seed: int = 0) -> Decoder:

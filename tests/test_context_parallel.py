@@ -13,8 +13,9 @@ from test_train import _libtpu, nopejax, random_batches, small_cfg
 from benchmarks.hlo_collectives import collective_bytes
 from nopejax import attention, checkpoint, config, context, sharding, train
 from nopejax import rope as rope_lib
-from nopejax.config import ConfigError, LayerSpec
+from nopejax.config import ConfigError
 from nopejax.kernels import flash_attention
+from nopejax.layers import LayerSpec
 
 
 def test_zigzag_reorder_then_restore_is_identity():

@@ -10,7 +10,7 @@ import pytest
 import transformers
 from configs_loader import ROOT
 
-from nopejax import config, hf
+from nopejax import config, hf, layers
 
 DATA = ROOT / "tests" / "data" / "hf_configs"
 
@@ -26,7 +26,7 @@ def transformers_layer_types(hf_config: dict) -> list[str]:
 
 def assert_runs_what_transformers_runs(m, hf_config: dict) -> None:
     types = transformers_layer_types(hf_config)
-    specs = config.layer_specs(m)
+    specs = layers.layer_specs(m)
     assert [s.attention == "sliding" for s in specs] == [t == "sliding_attention" for t in types]
     assert [s.use_rope for s in specs] == [t == "sliding_attention" for t in types]  # NoPE on the full layers
     ref = transformers.Cohere2Config(**hf_config)
@@ -55,7 +55,7 @@ def test_tiny_aya_imports_as_configs_tiny_aya_3b():
     m = hf.model_config_from_hf(hf_config)
     assert_runs_what_transformers_runs(m, hf_config)
     ours = config.validate(config.load_config(str(ROOT / "configs" / "tiny_aya_3b.py"))).model
-    assert config.layer_specs(m) == config.layer_specs(ours)
+    assert layers.layer_specs(m) == layers.layer_specs(ours)
     assert hf.hf_config(m) == hf.hf_config(ours)
 
 

@@ -16,7 +16,7 @@ import transformers
 from configs_loader import ROOT
 
 import nopejax
-from nopejax import cli, config, hf, model, tensorfile
+from nopejax import cli, config, hf, layers, model, tensorfile
 
 CLASSES = {"cohere2": transformers.Cohere2Config, "exaone4": transformers.Exaone4Config}
 # odd sizes: vocab 61, 3 heads of 10, d_ff 37, 5 layers (L L L G L), window 5 < the 13-token sequences
@@ -80,7 +80,7 @@ def test_logits_match_transformers(imported):
     assert np.abs(want).max() > 1.0
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(tokens_BS))), want, atol=1e-4, rtol=0)
     types = ref.config.layer_types
-    specs = config.layer_specs(ours.cfg)
+    specs = layers.layer_specs(ours.cfg)
     assert [s.attention == "sliding" for s in specs] == [t == "sliding_attention" for t in types]
     if ref.config.sliding_window is not None:  # both families rotate exactly their sliding layers
         assert [s.use_rope for s in specs] == [t == "sliding_attention" for t in types]

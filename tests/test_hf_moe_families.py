@@ -19,7 +19,7 @@ import torch
 import transformers
 from configs_loader import ROOT
 
-from nopejax import cli, config, hf, model, tensorfile
+from nopejax import cli, config, hf, layers, model, tensorfile
 from tests.test_hf_families import assert_export_reproduces_every_tensor, logits_of, saved_and_imported
 
 SEQ = 13
@@ -84,7 +84,7 @@ def test_logits_match_transformers(imported):
     graphdef, params = model.split(ours)  # one compiled forward: faster than op-by-op here
     logits = jax.jit(lambda p, t: model.apply(graphdef, p, t))(params, jnp.asarray(tokens_BS))
     np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=0)
-    m, specs = ours.cfg, config.layer_specs(ours.cfg)
+    m, specs = ours.cfg, layers.layer_specs(ours.cfg)
     if case.startswith("afmoe"):
         assert m.attention_gate and m.block == "sandwich" and m.qk_norm == "rms"
         assert m.embed_scale == (40**0.5 if ref.config.mup_enabled else 1.0)
@@ -238,7 +238,7 @@ def test_published_configs_import_as_the_configs(name, published):
     """The hub config.json imports to the model configs/<name>.py describes, and exports back to it."""
     ours = config.validate(config.load_config(str(ROOT / "configs" / f"{name}.py"))).model
     imported = hf.model_config_from_hf(published)
-    assert config.layer_specs(imported) == config.layer_specs(ours)
+    assert layers.layer_specs(imported) == layers.layer_specs(ours)
     assert hf.hf_config(imported) == hf.hf_config(ours)
     for field in ("d_model", "head_dim", "num_experts", "expert_d_ff", "d_ff", "routed_scale", "embed_scale"):
         assert imported[field] == ours[field], field

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import nopejax
-from nopejax import config, hf, tensorfile
+from nopejax import config, hf, layers, tensorfile
 
 # (layers, heads, kv_heads, interval or explicit list, tied): odd sizes hide fewer shape bugs
 CASES = {
@@ -71,7 +71,7 @@ def test_logits_match_transformers(tmp_path, case):
     assert ours.shape == (2, 23, 97)
     np.testing.assert_allclose(ours, hf_logits(hf_model, tokens), atol=1e-4, rtol=0)
     # the pattern survived the trip into our config
-    assert list(config.rope_pattern(model.cfg)) == [bool(x) for x in hf_model.config.no_rope_layers]
+    assert list(layers.rope_pattern(model.cfg)) == [bool(x) for x in hf_model.config.no_rope_layers]
 
 
 @pytest.mark.parametrize("case", ["interval4_gqa4_tied", "depth_not_multiple"])

@@ -16,8 +16,9 @@ import transformers
 from jax.sharding import NamedSharding
 
 import nopejax
-from nopejax import attention, cli, config, metrics, model, sharding, tensorfile, train
-from nopejax.config import ConfigError, LayerSpec
+from nopejax import attention, cli, config, layers, metrics, model, sharding, tensorfile, train
+from nopejax.config import ConfigError
+from nopejax.layers import LayerSpec
 from tests.test_model import assert_scanned_equals_unrolled
 
 # ---------------------------------------------------------------------------------------------
@@ -235,18 +236,19 @@ def test_each_option_matches_the_reference_decoder(name):
 )  # fmt: skip
 def test_scanned_equals_unrolled_with_local_layers(overrides):
     m = tiny(**overrides)
-    block, reps, tail = config.block_structure(config.layer_specs(m))
-    assert reps >= 1 and block * reps + tail == config.layer_specs(m)
+    block, reps, tail = layers.block_structure(layers.layer_specs(m))
+    assert reps >= 1 and block * reps + tail == layers.layer_specs(m)
     assert_scanned_equals_unrolled(m, seq_len=19)
 
 
 def test_block_structure_of_a_local_global_stack():
     """3 local RoPE : 1 global NoPE over 36 layers: one block of 4 scanned 9 times, 2 traced runs."""
     m = tiny(num_layers=36, global_attention_interval=4, sliding_window=8)
-    specs = config.layer_specs(m)
-    block, reps, tail = config.block_structure(specs)
+    specs = layers.layer_specs(m)
+    block, reps, tail = layers.block_structure(specs)
     assert (len(block), reps, tail) == (4, 9, ())
-    assert [(n, s.attention, s.use_rope) for _, n, s in model.runs(block)] == [(3, "sliding", True), (1, "full", False)]
+    runs = [(n, s.attention, s.use_rope) for _, n, s in layers.runs(block)]
+    assert runs == [(3, "sliding", True), (1, "full", False)]
 
 
 @pytest.mark.parametrize(
@@ -334,7 +336,7 @@ HF_CASES = {
 def test_hf_smollm3_sliding_logits_and_round_trip(tmp_path, case):
     hf_model, path = make_hf(tmp_path, **HF_CASES[case])
     ours = nopejax.from_hf(str(path))
-    specs = config.layer_specs(ours.cfg)
+    specs = layers.layer_specs(ours.cfg)
     assert [f"{s.attention}_attention" for s in specs] == list(hf_model.config.layer_types)
     assert [s.use_rope for s in specs] == [bool(x) for x in hf_model.config.no_rope_layers]
     tokens = np.random.default_rng(0).integers(0, 97, (2, 29))  # S = 29 > W
@@ -401,7 +403,7 @@ def test_flops_count_only_the_keys_a_local_layer_sees():
     cfg.model.update(global_attention_interval=4, sliding_window=32)
     local = metrics.train_flops_per_step(cfg)
     B, H, E = cfg.train.global_batch_size, cfg.model.num_heads, cfg.model.head_dim
-    local_layers = sum(s.local for s in config.layer_specs(cfg.model))
+    local_layers = sum(s.local for s in layers.layer_specs(cfg.model))
     saved = local_layers * 3 * 2 * 2 * B * H * E * (128 * 128 / 2 - (32 * 128 - 32 * 32 / 2))
     assert local_layers == 5 and abs((full - local) - saved) < 1e-6 * full
     cfg.model.sliding_window = 128  # a window as long as the row sees everything a causal layer sees

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nopejax import config, model
+from nopejax import config, layers, model
 
 
 def tiny(**overrides):
@@ -103,7 +103,7 @@ def test_nope_layer_is_position_independent():
 )
 def test_block_structure(pattern, block, reps, tail):
     pattern = tuple(map(bool, pattern))
-    b, n, t = config.block_structure(pattern)
+    b, n, t = layers.block_structure(pattern)
     assert (b, n, t) == (tuple(map(bool, block)), reps, tuple(map(bool, tail)))
     assert b * n + t == pattern
 
@@ -112,6 +112,6 @@ def test_smollm3_pattern_and_size():
     from configs_loader import load
 
     m = config.validate(load("smollm3_3b")).model
-    assert config.rope_pattern(m)[:8] == (True, True, True, False) * 2
-    assert config.block_structure(config.rope_pattern(m))[1] == 9
+    assert layers.rope_pattern(m)[:8] == (True, True, True, False) * 2
+    assert layers.block_structure(layers.rope_pattern(m))[1] == 9
     assert abs(model.param_count(m) - 3.075e9) < 0.01e9  # SmolLM3-3B: 3.08B parameters, tied

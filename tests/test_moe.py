@@ -10,7 +10,7 @@ import pytest
 
 import nopejax
 from benchmarks.hlo_collectives import collective_bytes
-from nopejax import checkpoint, config, context, model, moe, sharding, train
+from nopejax import checkpoint, config, context, layers, model, moe, sharding, train
 from nopejax.config import ConfigError
 from tests.test_train import random_batches, run_steps
 
@@ -312,7 +312,7 @@ def small_moe_cfg(**mesh):
 def test_layer_plan_scans_moe_period_after_the_dense_prefix():
     cfg = small_moe_cfg()
     cfg.model.update(num_layers=7, num_dense_layers=2, moe_layer_interval=2)  # dense: 0, 1, 2, 4, 6
-    specs = config.layer_specs(cfg.model)
+    specs = layers.layer_specs(cfg.model)
     assert [s.ffn for s in specs] == ["dense"] * 3 + ["moe", "dense"] * 2
     shapes = {name: p.shape for name, p in model.create(cfg.model).layers.items()}
     assert shapes["w_gate"][0] == 5 and shapes["expert_gate"][0] == 2 and shapes["wq"][0] == 7

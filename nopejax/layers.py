@@ -1,0 +1,151 @@
+"""The layer spec: what each layer is, and the block plan that runs the stack.
+
+A `LayerSpec` is one small frozen record of everything that makes one layer differ from another,
+in three groups: the mixer (attention kind and window), the positions (RoPE or NoPE, its base,
+width and layout) with the query/key treatment (QK-norm, NoPE temperature), and the FFN (dense
+or routed experts). `layer_specs(model_cfg)` gives one per layer; the block plan, the attention
+call, the KV-cache decoder and the HF maps all read these specs, so a new layer kind is a field
+here, not a branch in each of them. Equal specs trace to the same program.
+
+The block plan: the spec tuple's period is the unit scanned over (MaxText's
+`Llama4ScannableBlock`; SmolLM3's 36 layers, NoPE every 4th, are a 4-layer block x 9). The
+stack is `block` repeated `num_blocks` times by `lax.scan`, then a `tail` of the layers a
+non-periodic depth leaves, unrolled with their own specs (10 layers with NoPE every 4th: a
+4-layer block x 2, then 2 layers). Inside a block each maximal run of equal specs is one traced
+layer (`runs`). nopejax/model.py executes the plan; nothing here touches arrays.
+
+This module reads validated model configs and imports nothing of nopejax: nopejax.config
+validates with these functions, so the imports run config -> layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from ml_collections import ConfigDict
+
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # HF's names, model.layer_types
+ROPE_LAYOUTS = ("half", "interleaved")
+QK_NORMS = ("none", "rms", "l2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Everything that makes one layer differ from another; the block plan, the attention call
+    and the HF maps all read this. Equal specs trace to the same program.
+
+    NoPE layers carry the RoPE fields at their defaults, so they compare equal whatever the
+    model's RoPE options are.
+    """
+
+    # the mixer
+    attention: str = "full"  # "full", "sliding" or "chunked"
+    window: int = 0  # sliding: W keys including the query itself; chunked: chunk size C; full: 0
+    # positions
+    rope: str = "global"  # "none" (NoPE), "global" (rope_theta + rope_scaling), "local" (rope_theta_local)
+    rotary_fraction: float = 1.0  # partial_rotary_factor
+    rope_layout: str = "half"  # "half" or "interleaved"
+    # queries and keys
+    qk_norm: str = "none"  # "none", "rms" (learned, before RoPE), "l2" (weightless, after RoPE)
+    nope_temperature: tuple[float, float] | None = None  # (floor_scale, attn_scale), NoPE layers only
+    # the FFN
+    ffn: str = "dense"  # "dense" (SwiGLU, d_ff) or "moe" (routed experts, nopejax/moe.py)
+
+    @property
+    def use_rope(self) -> bool:
+        return self.rope != "none"
+
+    @property
+    def local(self) -> bool:
+        return self.attention != "full"
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer patterns from the config fields, then the specs
+
+
+def rope_pattern(m: ConfigDict) -> tuple[bool, ...]:
+    """Per layer: True = RoPE layer, False = NoPE layer."""
+    if m.no_rope_layers is not None:
+        return tuple(bool(x) for x in m.no_rope_layers)
+    interval = m.no_rope_layer_interval
+    if interval == 0:
+        return (True,) * m.num_layers
+    return tuple((i + 1) % interval != 0 for i in range(m.num_layers))
+
+
+def layer_types(m: ConfigDict) -> tuple[str, ...]:
+    """Per layer, HF's attention kind name: explicit list, periodic shorthand, or all full."""
+    if m.layer_types is not None:
+        return tuple(m.layer_types)
+    interval = m.global_attention_interval
+    if not interval:
+        return ("full_attention",) * m.num_layers
+    local = "chunked_attention" if m.sliding_window is None and m.attention_chunk_size else "sliding_attention"
+    return tuple("full_attention" if (i + 1) % interval == 0 else local for i in range(m.num_layers))
+
+
+def ffn_pattern(m: ConfigDict) -> tuple[str, ...]:
+    """Per layer: "moe" or "dense" (first num_dense_layers dense, then every moe_layer_interval-th MoE)."""
+    if not m.num_experts:
+        return ("dense",) * m.num_layers
+    moe = [i >= m.num_dense_layers and (i + 1) % m.moe_layer_interval == 0 for i in range(m.num_layers)]
+    return tuple("moe" if x else "dense" for x in moe)
+
+
+def _positions(m: ConfigDict, attention: str, use_rope: bool) -> dict:
+    """The position and query/key fields of one layer."""
+    if use_rope:
+        rope = "local" if attention != "full" and m.rope_theta_local is not None else "global"
+        return dict(rope=rope, rotary_fraction=float(m.partial_rotary_factor), rope_layout=m.rope_layout,
+                    qk_norm=m.qk_norm)  # fmt: skip
+    temperature = None if m.nope_temperature is None else tuple(float(x) for x in m.nope_temperature)
+    qk_norm = "rms" if m.qk_norm == "rms" else "none"  # L2 QK-norm is for RoPE layers only (Llama 4)
+    return dict(rope="none", qk_norm=qk_norm, nope_temperature=temperature)
+
+
+def layer_specs(m: ConfigDict) -> tuple[LayerSpec, ...]:
+    """One frozen spec per layer, from a validated model config."""
+    specs = []
+    for kind, use_rope, ffn in zip(layer_types(m), rope_pattern(m), ffn_pattern(m)):
+        attention = kind.removesuffix("_attention")
+        window = {"full": 0, "sliding": m.sliding_window, "chunked": m.attention_chunk_size}[attention]
+        specs.append(LayerSpec(attention, window, **_positions(m, attention, use_rope), ffn=ffn))
+    return tuple(specs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The block plan
+
+
+def block_structure(pattern: Sequence) -> tuple[tuple, int, tuple]:
+    """Split a per-layer pattern (flags or LayerSpecs) into (block, num_blocks, tail).
+
+    `block` repeated `num_blocks` times followed by `tail` reproduces the pattern exactly.
+    The period is chosen to minimise the traced layers (len(block) + len(tail)), ties going to
+    the shorter block: SmolLM3's 36 layers give a 4-layer block x 9 and no tail; 10 layers with
+    NoPE every 4th give a block of 4 x 2 and a 2-layer tail that is unrolled.
+    """
+    n = len(pattern)
+    best = None
+    for p in range(1, n + 1):
+        reps = n // p
+        body = pattern[: reps * p]
+        if all(body[i] == body[i % p] for i in range(len(body))):
+            traced = p + n - reps * p
+            if best is None or traced < best[0]:
+                best = (traced, p, reps)
+    _, p, reps = best
+    return tuple(pattern[:p]), reps, tuple(pattern[reps * p :])
+
+
+def runs(specs: Sequence) -> list[tuple[int, int, object]]:
+    """Maximal runs of equal specs: (start, length, spec). (R, R, R, N) -> [(0, 3, R), (3, 1, N)]."""
+    out = []
+    for i, spec in enumerate(specs):
+        if out and out[-1][2] == spec:
+            out[-1] = (out[-1][0], out[-1][1] + 1, spec)
+        else:
+            out.append((i, 1, spec))
+    return out

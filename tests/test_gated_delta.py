@@ -149,7 +149,7 @@ def test_bf16_inputs_keep_an_fp32_state():
     low = {name: t.astype(jnp.bfloat16) for name, t in args.items()}
     o, final = gated_delta(**low, chunk=4, normalize_qk=True)
     assert o.dtype == jnp.bfloat16 and final.dtype == jnp.float32
-    o_ref, final_ref = jax.jit(recurrence)(*(t.astype(jnp.float32) for t in low.values()))
+    _, final_ref = jax.jit(recurrence)(*(t.astype(jnp.float32) for t in low.values()))
     np.testing.assert_allclose(final, final_ref, atol=3e-6, rtol=0)
 
 

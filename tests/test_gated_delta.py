@@ -1,0 +1,169 @@
+"""The chunked gated delta rule (nopejax/mixers/gated_delta.py) against a plain token-by-token recurrence.
+
+Reference, as transformers' `torch_recurrent_gated_delta_rule`: q, k L2-normalised, q / sqrt(K), then per
+token  S <- exp(g) S;  S <- S + k (beta (v - S^T k))^T;  o = S^T q.
+Tiny odd sizes: 2 key heads serving 6 value heads, key dim 5, value dim 3, S = 13 with chunks that do and
+do not divide it; beta in (0, 1) and in (0, 2) (negative eigenvalues).
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nopejax.mixers import gated_delta as gd
+
+# jitted: one compile per shape instead of one per primitive
+gated_delta = jax.jit(gd.gated_delta, static_argnames=("chunk", "normalize_qk"))
+summarize = jax.jit(gd.summarize, static_argnames=("chunk", "normalize_qk"))
+step = jax.jit(gd.gated_delta_step, static_argnames="normalize_qk")
+
+Bsz, G, H, K, V = 2, 2, 6, 5, 3
+
+
+def inputs(S, seed=0, batch=Bsz, neg_eigval=False):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    return dict(
+        q_BSGK=jax.random.normal(ks[0], (batch, S, G, K)),
+        k_BSGK=jax.random.normal(ks[1], (batch, S, G, K)),
+        v_BSHV=jax.random.normal(ks[2], (batch, S, H, V)),
+        g_BSH=-jax.nn.softplus(jax.random.normal(ks[3], (batch, S, H))),
+        beta_BSH=jax.nn.sigmoid(jax.random.normal(ks[4], (batch, S, H))) * (2.0 if neg_eigval else 1.0),
+        initial_state_BHKV=jax.random.normal(ks[5], (batch, H, K, V)),
+    )
+
+
+def recurrence(q_BSGK, k_BSGK, v_BSHV, g_BSH, beta_BSH, initial_state_BHKV):
+    def norm(x):
+        return x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-6)
+
+    q_BSHK = jnp.repeat(norm(q_BSGK), H // G, axis=2) / jnp.sqrt(K)
+    k_BSHK = jnp.repeat(norm(k_BSGK), H // G, axis=2)
+
+    def tok(s_BHKV, t):
+        q, k, v, g, beta = t
+        s_BHKV = jnp.exp(g)[..., None, None] * s_BHKV
+        delta_BHV = beta[..., None] * (v - jnp.einsum("bhkv,bhk->bhv", s_BHKV, k))
+        s_BHKV = s_BHKV + k[..., None] * delta_BHV[..., None, :]
+        return s_BHKV, jnp.einsum("bhkv,bhk->bhv", s_BHKV, q)
+
+    seq = [jnp.moveaxis(t, 1, 0) for t in (q_BSHK, k_BSHK, v_BSHV, g_BSH, beta_BSH)]
+    final, o_SBHV = jax.lax.scan(tok, initial_state_BHKV, seq)
+    return jnp.moveaxis(o_SBHV, 0, 1), final
+
+
+def _chunked(chunk):
+    return lambda *a: gated_delta(*a[:5], chunk=chunk, normalize_qk=True, initial_state_BHKV=a[5])
+
+
+@pytest.mark.parametrize("chunk, neg_eigval", [(4, False), (5, True), (13, False), (16, True)])
+def test_forward_matches_recurrence(chunk, neg_eigval):
+    args = tuple(inputs(13, neg_eigval=neg_eigval).values())
+    o, final = _chunked(chunk)(*args)
+    o_ref, final_ref = jax.jit(recurrence)(*args)
+    np.testing.assert_allclose(o, o_ref, atol=3e-6, rtol=0)
+    np.testing.assert_allclose(final, final_ref, atol=3e-6, rtol=0)
+
+
+@pytest.mark.parametrize("chunk, neg_eigval", [(4, True), (5, False)])
+def test_gradients_match_recurrence(chunk, neg_eigval):
+    args = tuple(inputs(13, neg_eigval=neg_eigval).values())
+    ko, kf = jax.random.split(jax.random.key(1))
+    wo = jax.random.normal(ko, args[2].shape)
+    wf = jax.random.normal(kf, args[5].shape)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a)[0] * wo) + jnp.sum(fn(*a)[1] * wf)
+
+    grads = jax.jit(jax.grad(loss(_chunked(chunk)), argnums=range(6)))(*args)
+    grads_ref = jax.jit(jax.grad(loss(recurrence), argnums=range(6)))(*args)
+    for name, g, g_ref in zip(inputs(1), grads, grads_ref):
+        scale = float(jnp.max(jnp.abs(g_ref)))
+        np.testing.assert_allclose(g, g_ref, atol=3e-6 * scale, rtol=0, err_msg=name)
+
+
+def test_step_matches_recurrence():
+    args = inputs(3)
+    o_ref, final_ref = jax.jit(recurrence)(*args.values())
+    state = args["initial_state_BHKV"]
+    for t in range(3):
+        piece = [args[k][:, t] for k in ("q_BSGK", "k_BSGK", "v_BSHV", "g_BSH", "beta_BSH")]
+        o, state = step(*piece, state, normalize_qk=True)
+        np.testing.assert_allclose(o, o_ref[:, t], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(state, final_ref, atol=1e-6, rtol=0)
+
+
+def _alone(args, b, start, stop, chunk):
+    piece = {k: v[b : b + 1, start:stop] for k, v in args.items()}
+    return gated_delta(**piece, chunk=chunk, normalize_qk=True)
+
+
+def test_packed_row_equals_documents_alone(chunk=4):
+    # row 0: documents of 4, 4 (boundaries on chunk edges) and 5 tokens, then 4 of padding;
+    # row 1: 2 of left padding, then three documents of 5 (boundaries inside chunks);
+    # two document lengths, so the documents alone compile twice
+    docs = [[(1, 0, 4), (2, 4, 8), (3, 8, 13)], [(5, 2, 7), (6, 7, 12), (7, 12, 17)]]
+    seg = np.zeros((2, 17), np.int32)
+    for b, row in enumerate(docs):
+        for doc, start, stop in row:
+            seg[b, start:stop] = doc
+    args = inputs(17, neg_eigval=True)
+    del args["initial_state_BHKV"]
+    o, final = gated_delta(**args, chunk=chunk, normalize_qk=True, segment_ids_BS=jnp.asarray(seg))
+    for b, row in enumerate(docs):
+        for _, start, stop in row:
+            o_doc, final_doc = _alone(args, b, start, stop, chunk)
+            np.testing.assert_allclose(o[b : b + 1, start:stop], o_doc, atol=3e-6, rtol=0)
+        # padding after the last document leaves its state
+        np.testing.assert_allclose(final[b : b + 1], final_doc, atol=3e-6, rtol=0)
+
+
+@pytest.mark.parametrize("cuts", [(8,), (4, 8, 12)])
+def test_pieces_combine_to_the_whole(cuts):
+    # documents 1 (0..6), 2 (7..11, starting inside a piece), 3 (12..15, starting exactly on the last cut);
+    # pieces of equal length, as context shards are
+    seg = jnp.asarray(np.repeat([[1] * 7 + [2] * 5 + [3] * 4], Bsz, 0), jnp.int32)
+    args = inputs(16, neg_eigval=True)
+    q, k, v, g, beta, state_in = args.values()
+    o, final = gated_delta(q, k, v, g, beta, chunk=4, normalize_qk=True, segment_ids_BS=seg,
+                           initial_state_BHKV=state_in)  # fmt: skip
+    os_ = []
+    for a, b in itertools.pairwise((0, *cuts, 16)):
+        piece = [t[:, a:b] for t in (q, k, v, g, beta)]
+        segments = dict(segment_ids_BS=seg[:, a:b], segment_id_before_B=None if a == 0 else seg[:, a - 1])
+        # each piece summarised on its own (as a context shard would), then chained
+        transition, state_from_zero = summarize(*piece, chunk=4, normalize_qk=True, **segments)
+        o_piece, final_piece = gated_delta(*piece, chunk=4, normalize_qk=True, initial_state_BHKV=state_in,
+                                           **segments)  # fmt: skip
+        state_in = gd.combine(transition, state_in, state_from_zero)
+        np.testing.assert_allclose(final_piece, state_in, atol=3e-6, rtol=0)
+        os_.append(o_piece)
+    np.testing.assert_allclose(jnp.concatenate(os_, axis=1), o, atol=3e-6, rtol=0)
+    np.testing.assert_allclose(state_in, final, atol=3e-6, rtol=0)
+
+
+def test_bf16_inputs_keep_an_fp32_state():
+    args = inputs(13)
+    low = {name: t.astype(jnp.bfloat16) for name, t in args.items()}
+    o, final = gated_delta(**low, chunk=4, normalize_qk=True)
+    assert o.dtype == jnp.bfloat16 and final.dtype == jnp.float32
+    _, final_ref = jax.jit(recurrence)(*(t.astype(jnp.float32) for t in low.values()))
+    np.testing.assert_allclose(final, final_ref, atol=3e-6, rtol=0)
+
+
+def test_gradient_memory_is_linear_in_sequence():
+    def temp_bytes(S):
+        args = inputs(S, batch=1)
+        del args["initial_state_BHKV"]
+        seg = jnp.ones((1, S), jnp.int32)
+
+        def loss(a):
+            return jnp.sum(gd.gated_delta(**a, chunk=8, normalize_qk=True, segment_ids_BS=seg)[0])
+
+        return jax.jit(jax.grad(loss)).lower(args).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(256), temp_bytes(1024)
+    # linear: about 4x for 4x the length (a quadratic S x S term would give about 16x)
+    assert 3 < large / small < 5, (small, large)

@@ -11,14 +11,13 @@ Odd sizes: vocab 61, d_model 40, 3 heads of 14 (42 != 40), dense width 37, exper
 import dataclasses
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from nopejax import cli, config, hf, model, tensorfile
+from nopejax import cli, config, hf, tensorfile
+from tests.hf.test_hf_contract import assert_same_logits
 from tests.test_hf_families import assert_export_reproduces_every_tensor, logits_of, saved_and_imported
 
 SEQ = 13
@@ -77,12 +76,7 @@ def imported(request, tmp_path_factory):
 
 def test_logits_match_transformers(imported):
     case, ref, _, ours = imported
-    tokens_BS = np.random.default_rng(0).integers(0, 61, (2, SEQ)).astype(np.int32)
-    want = logits_of(ref, tokens_BS)
-    assert np.abs(want).max() > 1.0
-    graphdef, params = model.split(ours)  # one compiled forward: faster than op-by-op here
-    logits = jax.jit(lambda p, t: model.apply(graphdef, p, t))(params, jnp.asarray(tokens_BS))
-    np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=0)
+    assert_same_logits(ref, ours)
     m, specs = ours.cfg, config.layer_specs(ours.cfg)
     if case.startswith("afmoe"):
         assert m.attention_gate and m.block == "sandwich" and m.qk_norm == "rms"

@@ -10,6 +10,7 @@ each with its source) convert, validate, and export back to themselves. The refe
 transformers and the published files, never nopejax.
 """
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -108,6 +109,23 @@ def test_to_hf_round_trip_loads_in_transformers(imported, tmp_path):
     assert type(again).__name__ == family.architecture
     tokens_BS = np.arange(SEQ).reshape(1, SEQ) % 61
     np.testing.assert_allclose(logits_of(again, tokens_BS), logits_of(ref, tokens_BS), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_config_class_field_has_a_row_with_the_class_default(name):
+    """The rows enumerate transformers' config class: its fields (with its defaults, where the row
+    reads the value), what its to_dict writes, and the generation fields it moves to GenerationConfig."""
+    family = registry.BY_NAME[name]
+    cls = type(transformers.AutoConfig.for_model(family.model_type))
+    for f in dataclasses.fields(cls):
+        assert f.name in family.fields, f"{cls.__name__}.{f.name} has no row in nopejax/hf/{name}.py"
+        if family.fields[f.name].read is not nopejax.hf.harmless:  # a harmless row accepts any value
+            assert family.fields[f.name].default == f.default, f.name
+    for field in cls().to_dict():
+        assert field in family.fields, f"{cls.__name__}.{field} has no row in nopejax/hf/{name}.py"
+    for field in transformers.GenerationConfig._get_default_generation_params():
+        assert field in family.fields, field
+    assert family.fields["rope_theta"].default == cls.default_theta
 
 
 def test_unknown_field_is_refused_with_its_name_before_any_weight_is_read(imported, tmp_path):

@@ -14,7 +14,7 @@ weight, which multiplies the expert's *input* (router_scale_input), plus the sha
 
 RoPE scaling as published: llama3 with factor 16, low_freq_factor = high_freq_factor = 1 (no
 interpolated band: wavelengths past 8192 are divided by 16, the others kept). `nopejax export`
-writes a Llama4ForCausalLM checkpoint (model.hf_family = "llama4"); tests/test_hf_moe_families.py
+writes a Llama4ForCausalLM checkpoint (model.hf_family = "llama4"); tests/hf/test_hf_contract.py
 imports this text config and gets this config back. Training hyperparameters are not published;
 those below are nopejax's defaults at this scale.
 """

@@ -18,7 +18,7 @@ The rest of the published layout, as transformers' AfmoeForCausalLM computes it:
 per layer (model.block = "sandwich"), the sigmoid gate on the attention output
 (model.attention_gate), the per-head RMS QK-norm and, with mup_enabled true, the embeddings times
 sqrt(2048) (model.embed_scale). `nopejax export` writes an AfmoeForCausalLM checkpoint
-(model.hf_family = "afmoe"); tests/test_hf_moe_families.py imports this config.json and gets
+(model.hf_family = "afmoe"); tests/hf/test_hf_contract.py imports this config.json and gets
 this config back.
 """
 

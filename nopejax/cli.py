@@ -168,6 +168,9 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nopejax.hf import registry as hf_registry  # the family list, for the help of import-hf and export
+
+    hf_labels = hf_registry.labels()
     parser = argparse.ArgumentParser(prog="nopejax", description="Pretrain decoder LMs that mix RoPE and NoPE layers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -185,17 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a HuggingFace checkpoint of the run's model.hf_family",
-                       epilog="--config.model.hf_family=FAMILY writes another family that holds the same model "
-                              "(refused, with the reason, where it cannot); no other --config.* applies")  # fmt: skip
+                       epilog=f"--config.model.hf_family=FAMILY (one of {', '.join(hf_registry.NAMES)}) writes another "
+                              "family that holds the same model (refused, with the reason, where it cannot); no other "
+                              "--config.* applies")  # fmt: skip
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     p.add_argument("--out", required=True, help="output directory (config.json, safetensors, tokenizer files)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="tensor dtype (default: the param dtype)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser(
-        "import-hf", help="write a step-0 checkpoint from a HuggingFace checkpoint (SmolLM3, Llama, Cohere2, Exaone4)"
-    )
+    p = sub.add_parser("import-hf", help=f"write a step-0 checkpoint from a HuggingFace checkpoint ({hf_labels})")
     p.add_argument("hf_dir")
     p.add_argument("--workdir", required=True)
     _add_config_args(p)

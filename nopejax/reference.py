@@ -20,6 +20,7 @@ import sys
 from ml_collections import config_dict
 
 from nopejax import config
+from nopejax.hf import registry
 
 DOCS_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "reference"
 
@@ -89,7 +90,7 @@ FIELD_DOCS = {
     "model.attention_gate": "AFMoE: attended values times `sigmoid(h @ W_gate)` per head and dim before the "
     "output projection.",
     "model.hf_family": "The transformers family `nopejax export` writes: "
-    + ", ".join(f"`{f}`" for f in config.HF_FAMILIES)
+    + ", ".join(f"`{f}`" for f in registry.NAMES)
     + "; `import-hf` sets its own.",
     "model.init_std": "Standard deviation of the normal initializer.",
     "model.dtype": "Compute dtype: " + ", ".join(f"`{d}`" for d in config.DTYPES) + ".",

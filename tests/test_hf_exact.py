@@ -21,8 +21,8 @@ import nopejax
 from nopejax import cli, config, hf, model, optimizer, tensorfile
 
 FAMILIES = {
-    "smollm3": (transformers.SmolLM3Config, hf.SMOLLM3),
-    "llama": (transformers.LlamaConfig, hf.LLAMA),
+    "smollm3": (transformers.SmolLM3Config, hf.FAMILIES["smollm3"]),
+    "llama": (transformers.LlamaConfig, hf.FAMILIES["llama"]),
 }
 # tiny and odd: 5 layers (SmolLM3: RoPE x3, NoPE, RoPE), GQA 4 -> 2, head_dim 8, vocab 61
 TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=29, num_hidden_layers=5, num_attention_heads=4,
@@ -178,7 +178,7 @@ def transformers_logits(path, tokens_BS):
 def test_every_class_field_has_a_row_with_the_class_default(family):
     cls, fam = FAMILIES[family]
     for name, default in class_defaults(cls).items():
-        assert name in fam.fields, f"{cls.__name__}.{name} has no row in nopejax.hf.{family.upper()}"
+        assert name in fam.fields, f"{cls.__name__}.{name} has no row in nopejax/hf/{family}.py"
         if fam.fields[name].read is not hf.harmless:  # a harmless row accepts any value, default or not
             assert fam.fields[name].default == default, name
     for name in cls().to_dict():  # what transformers writes, e.g. model_type, output_attentions
@@ -238,7 +238,7 @@ def test_unsupported_field_is_refused_before_any_weight_is_read(tmp_path, family
 
 def test_unknown_field_and_family_are_refused():
     cfg = json.loads(transformers.SmolLM3Config(**TINY).to_json_string())
-    with pytest.raises(hf.HFConfigError, match=r"`attn_logit_softcapping`.*Fix: add one to nopejax\.hf\.SMOLLM3"):
+    with pytest.raises(hf.HFConfigError, match=r"`attn_logit_softcapping`.*Fix: add one to nopejax/hf/smollm3\.py"):
         hf.model_config_from_hf({**cfg, "attn_logit_softcapping": 50.0})  # Gemma's, unknown to SmolLM3
     with pytest.raises(hf.HFConfigError, match=r"`quantization_config`.*'fp8'.*quantized.*Fix: import the unquantized"):
         hf.model_config_from_hf({**cfg, "quantization_config": {"quant_method": "fp8"}})

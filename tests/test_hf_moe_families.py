@@ -8,18 +8,15 @@ Odd sizes: vocab 61, d_model 40, 3 heads of 14 (42 != 40), dense width 37, exper
 5 experts; windows and chunks of 4 under 13-token sequences.
 """
 
-import dataclasses
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-from configs_loader import ROOT
 
-from nopejax import cli, config, hf, layers, model, tensorfile
+from nopejax import cli, config, hf, layers, tensorfile
+from tests.hf.test_hf_contract import assert_same_logits
 from tests.test_hf_families import assert_export_reproduces_every_tensor, logits_of, saved_and_imported
 
 SEQ = 13
@@ -78,12 +75,7 @@ def imported(request, tmp_path_factory):
 
 def test_logits_match_transformers(imported):
     case, ref, _, ours = imported
-    tokens_BS = np.random.default_rng(0).integers(0, 61, (2, SEQ)).astype(np.int32)
-    want = logits_of(ref, tokens_BS)
-    assert np.abs(want).max() > 1.0
-    graphdef, params = model.split(ours)  # one compiled forward: faster than op-by-op here
-    logits = jax.jit(lambda p, t: model.apply(graphdef, p, t))(params, jnp.asarray(tokens_BS))
-    np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=0)
+    assert_same_logits(ref, ours)
     m, specs = ours.cfg, layers.layer_specs(ours.cfg)
     if case.startswith("afmoe"):
         assert m.attention_gate and m.block == "sandwich" and m.qk_norm == "rms"
@@ -165,18 +157,6 @@ def test_cli_import_then_export(imported, tmp_path):
 # config.json rows and refusals
 
 
-@pytest.mark.parametrize("model_type", list(CLASSES))
-def test_every_class_field_has_a_row(model_type):
-    cls, fam = CLASSES[model_type], hf.FAMILIES[model_type]
-    for f in dataclasses.fields(cls):
-        assert f.name in fam.fields, f"{cls.__name__}.{f.name} has no row"
-        if fam.fields[f.name].read is not hf.harmless:
-            assert fam.fields[f.name].default == f.default, f.name
-    for name in cls().to_dict():
-        assert name in fam.fields, f"{cls.__name__}.{name} has no row"
-    assert fam.fields["rope_theta"].default == cls.default_theta
-
-
 @pytest.mark.parametrize(
     "model_type,field,value",
     [
@@ -201,47 +181,6 @@ def test_what_nopejax_cannot_compute_is_refused(model_type, field, value):
     with pytest.raises(hf.HFConfigError) as err:
         hf.model_config_from_hf(cfg)
     assert err.value.field.split(".")[0] == field and "Fix:" in str(err.value) and "\n" not in str(err.value)
-
-
-# The published config.json files configs/trinity_mini.py and configs/llama4_scout.py cite: Trinity
-# Mini as public AFMoE loaders' tests quote it (arcee-ai/Trinity-Mini), Llama 4 Scout's text_config
-# (meta-llama/Llama-4-Scout-17B-16E, hub fields included).
-TRINITY_MINI_JSON = {
-    "architectures": ["AfmoeForCausalLM"], "auto_map": {"AutoConfig": "configuration_afmoe.AfmoeConfig"},
-    "dtype": "bfloat16", "global_attn_every_n_layers": 4, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
-    "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 131072, "model_type": "afmoe",
-    "moe_intermediate_size": 1024, "mup_enabled": True, "n_group": 1, "num_attention_heads": 32,
-    "num_dense_layers": 2, "num_expert_groups": 1, "num_experts": 128, "num_experts_per_tok": 8,
-    "num_hidden_layers": 32, "num_key_value_heads": 4, "num_limited_groups": 1, "num_shared_experts": 1,
-    "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000, "route_norm": True, "route_scale": 2.826,
-    "score_func": "sigmoid", "sliding_window": 2048, "tie_word_embeddings": False, "topk_group": 1,
-    "transformers_version": "4.57.3", "use_cache": True, "use_grouped_mm": True, "vocab_size": 200192,
-}  # fmt: skip
-SCOUT_TEXT_JSON = {
-    "architectures": ["Llama4ForCausalLM"], "attention_bias": False, "attention_chunk_size": 8192,
-    "attention_dropout": 0.0, "attn_scale": 0.1, "attn_temperature_tuning": 4, "bos_token_id": 200000,
-    "eos_token_id": [200001, 200007, 200008], "floor_scale": 8192, "for_llm_compressor": False, "head_dim": 128,
-    "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02, "interleave_moe_layer_step": 1,
-    "intermediate_size": 8192, "intermediate_size_mlp": 16384, "max_position_embeddings": 10485760,
-    "model_type": "llama4_text", "moe_layers": list(range(48)), "no_rope_layers": [1, 1, 1, 0] * 12,
-    "num_attention_heads": 40, "num_experts_per_tok": 1, "num_hidden_layers": 48, "num_key_value_heads": 8,
-    "num_local_experts": 16, "output_router_logits": False, "pad_token_id": 200018, "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "torch_dtype": "bfloat16",
-    "use_cache": True, "use_qk_norm": True, "vocab_size": 202048,
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("name,published", [("trinity_mini", TRINITY_MINI_JSON), ("llama4_scout", SCOUT_TEXT_JSON)])
-def test_published_configs_import_as_the_configs(name, published):
-    """The hub config.json imports to the model configs/<name>.py describes, and exports back to it."""
-    ours = config.validate(config.load_config(str(ROOT / "configs" / f"{name}.py"))).model
-    imported = hf.model_config_from_hf(published)
-    assert layers.layer_specs(imported) == layers.layer_specs(ours)
-    assert hf.hf_config(imported) == hf.hf_config(ours)
-    for field in ("d_model", "head_dim", "num_experts", "expert_d_ff", "d_ff", "routed_scale", "embed_scale"):
-        assert imported[field] == ours[field], field
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Published Cohere2 config.json files (Command R7B, Tiny Aya) import, or are refused with the reason.
 
-The files are in tests/data/hf_configs/, each with the address it was read from and what of it could be
-read. The reference for what a file means is transformers' own Cohere2Config, built from the same dict.
+The files are in tests/data/hf_configs/ (whole config.json files in cohere2/), each with the address it
+was read from and what of it could be read. The reference for what a file means is transformers' own
+Cohere2Config, built from the same dict.
 """
 
 import json
@@ -16,7 +17,9 @@ DATA = ROOT / "tests" / "data" / "hf_configs"
 
 
 def published(name: str) -> dict:
-    with open(DATA / f"{name}.json") as f:
+    """A file of tests/data/hf_configs/, whole config.json files under their family's directory."""
+    (path,) = DATA.rglob(f"{name}.json")
+    with open(path) as f:
         return json.load(f)
 
 

@@ -1,0 +1,76 @@
+"""The HF families nopejax converts: one line each, read by the CLI help, the docs, the error
+messages and tests/hf/. A family is its line here plus its module nopejax/hf/<name>.py, which holds
+the family's config.json rows (FIELDS, BASE, LACKS, config_json) and tensor map (LAYER_MAP) only;
+a line whose module is absent registers nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+from nopejax.hf.fields import Field, architectures
+
+
+class Entry(NamedTuple):
+    name: str  # model.hf_family, and the module nopejax/hf/<name>.py
+    model_type: str  # config.json's model_type
+    architecture: str  # the causal-LM class transformers builds
+    label: str  # how the CLI help and the docs name it
+
+
+ENTRIES = (
+    Entry("smollm3", "smollm3", "SmolLM3ForCausalLM", "SmolLM3"),
+    Entry("llama", "llama", "LlamaForCausalLM", "Llama"),
+    Entry("cohere2", "cohere2", "Cohere2ForCausalLM", "Cohere2"),
+    Entry("exaone4", "exaone4", "Exaone4ForCausalLM", "EXAONE 4"),
+    Entry("afmoe", "afmoe", "AfmoeForCausalLM", "AFMoE (Arcee Trinity)"),
+    Entry("llama4", "llama4_text", "Llama4ForCausalLM", "Llama 4"),
+)
+
+
+class Family(NamedTuple):
+    name: str  # model.hf_family
+    label: str
+    model_type: str
+    architecture: str
+    fields: dict[str, Field]  # every config.json field: its row
+    base: dict  # nopejax model fields the family fixes before its rows are read
+    layer_map: dict  # param name (or names) -> its HF tensor row(s), see hf/tensors.py
+    # what the format cannot hold: (model field, does `m` use it, what the format lacks), checked in order
+    lacks: tuple
+    config: Callable  # model cfg -> the family's own config.json entries
+    # refuses (config.ConfigError) params the format cannot hold, before anything is written
+    check_params: Callable
+    keep_fp32: tuple  # HF tensor name suffixes stored in fp32 whatever the export dtype
+
+
+def _load(entry: Entry) -> Family:
+    module = importlib.import_module(f"nopejax.hf.{entry.name}")
+    return Family(
+        name=entry.name,
+        label=entry.label,
+        model_type=entry.model_type,
+        architecture=entry.architecture,
+        fields={**module.FIELDS, "architectures": Field(None, architectures(entry.architecture))},
+        base={**module.BASE, "hf_family": entry.name},
+        layer_map=module.LAYER_MAP,
+        lacks=module.LACKS,
+        config=module.config_json,
+        check_params=getattr(module, "check_params", lambda m, params: None),
+        keep_fp32=getattr(module, "KEEP_FP32", ()),
+    )
+
+
+_HERE = os.path.dirname(__file__)
+REGISTERED = tuple(_load(e) for e in ENTRIES if os.path.exists(os.path.join(_HERE, f"{e.name}.py")))
+BY_NAME = {family.name: family for family in REGISTERED}  # model.hf_family -> family
+BY_MODEL_TYPE = {family.model_type: family for family in REGISTERED}  # config.json's model_type -> family
+NAMES = tuple(BY_NAME)
+
+
+def labels() -> str:
+    """The registered families as prose: "SmolLM3, Llama, ..."."""
+    return ", ".join(family.label for family in REGISTERED)

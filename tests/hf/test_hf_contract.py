@@ -1,0 +1,219 @@
+"""The contract every registered HF family keeps, parametrized over nopejax/hf/registry.py: a family
+gets all of it by registering.
+
+For each family: a tiny random transformers model (its own class, built from the family's config
+class with odd sizes, fp32, norms in [0.5, 1.5] and sharp weights) -> `from_hf` gives its logits
+(1e-4) -> `to_hf` writes back every tensor bit for bit -> `AutoModelForCausalLM` loads the export
+and computes the same logits -> a config.json field without a row is refused, naming it, before
+any weight is read -> the family's published config.json files (tests/data/hf_configs/<family>/,
+each with its source) convert, validate, and export back to themselves. The references are
+transformers and the published files, never nopejax.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from configs_loader import ROOT
+
+import nopejax
+from nopejax import cli, config, layers, model, tensorfile
+from nopejax.hf import registry
+
+PUBLISHED = ROOT / "tests" / "data" / "hf_configs"
+SEQ = 13
+# Odd sizes (vocab 61, 3 heads of 10, widths 37 and 11, 5 experts, 5 layers), windows and chunks under
+# the 13-token sequences. Each family's model gets the keys its config.json has a row for.
+TINY = dict(
+    vocab_size=61, hidden_size=30, intermediate_size=37, num_hidden_layers=5, num_attention_heads=3,
+    num_key_value_heads=1, head_dim=10, max_position_embeddings=64, sliding_window=5, attention_chunk_size=4,
+    moe_intermediate_size=11, intermediate_size_mlp=37, num_experts=5, num_local_experts=5, num_experts_per_tok=2,
+    floor_scale=3, attn_scale=0.5, logit_scale=0.7, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2,
+    rope_parameters={"rope_type": "default", "rope_theta": 100.0},
+)  # fmt: skip
+NAMES = [family.name for family in registry.REGISTERED]
+
+
+def tiny_reference(family: registry.Family, seed: int = 0):
+    """The family's transformers causal LM at the TINY sizes, random, fp32, eager attention and experts."""
+    kw = {key: value for key, value in TINY.items() if key in family.fields}
+    cfg = transformers.AutoConfig.for_model(family.model_type, **kw)
+    cfg._attn_implementation, cfg._experts_implementation = "eager", "eager"
+    torch.manual_seed(seed)
+    ref = getattr(transformers, family.architecture)(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # a tied head is the embedding, listed once
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.25)
+        for name, b in [*ref.named_buffers(), *ref.named_parameters()]:
+            if name.endswith("expert_bias"):  # steers the choice of experts (AFMoE)
+                b.normal_(0.0, 0.2)
+    return ref
+
+
+def logits_of(ref, tokens_BS):
+    with torch.no_grad():
+        return ref(torch.tensor(np.asarray(tokens_BS), dtype=torch.long)).logits.numpy()
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def imported(request, tmp_path_factory):
+    """(family, transformers model, its saved dir, nopejax.from_hf of that dir)."""
+    family = registry.BY_NAME[request.param]
+    ref = tiny_reference(family, seed=len(family.name))
+    path = tmp_path_factory.mktemp(family.name) / "hf"
+    ref.save_pretrained(path)
+    return family, ref, path, nopejax.from_hf(str(path))
+
+
+def assert_same_logits(ref, ours) -> None:
+    """nopejax's fp32 logits are transformers' (1e-4; measured: at most 2.2e-5, SmolLM3), on logits that are
+    not all small (a lost scale or norm would show)."""
+    tokens_BS = np.random.default_rng(0).integers(0, 61, (2, SEQ)).astype(np.int32)
+    want = logits_of(ref, tokens_BS)
+    assert np.abs(want).max() > 1.0
+    graphdef, params = model.split(ours)  # one compiled forward: faster than op-by-op here
+    logits = jax.jit(lambda p, t: model.apply(graphdef, p, t))(params, jnp.asarray(tokens_BS))
+    np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=0)
+
+
+def test_from_hf_gives_transformers_logits(imported):
+    family, ref, _, ours = imported
+    assert ours.cfg.hf_family == family.name
+    assert_same_logits(ref, ours)
+
+
+def test_to_hf_round_trip_loads_in_transformers(imported, tmp_path):
+    """The export holds the original's tensors (names, dtypes, values) and transformers' Auto class
+    builds the family's model from it, with the original's logits."""
+    family, ref, path, ours = imported
+    out = tmp_path / "back"
+    nopejax.to_hf(ours, str(out))
+    a, b = tensorfile.Reader(str(path)), tensorfile.Reader(str(out))
+    assert sorted(a.names()) == sorted(b.names())
+    for name in a.names():
+        assert a.dtype(name) == b.dtype(name), name
+        np.testing.assert_array_equal(a.get(name), b.get(name), err_msg=name)
+    again = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    )
+    again.eval()
+    assert type(again).__name__ == family.architecture
+    tokens_BS = np.arange(SEQ).reshape(1, SEQ) % 61
+    np.testing.assert_allclose(logits_of(again, tokens_BS), logits_of(ref, tokens_BS), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_config_class_field_has_a_row_with_the_class_default(name):
+    """The rows enumerate transformers' config class: its fields (with its defaults, where the row
+    reads the value), what its to_dict writes, and the generation fields it moves to GenerationConfig."""
+    family = registry.BY_NAME[name]
+    cls = type(transformers.AutoConfig.for_model(family.model_type))
+    for f in dataclasses.fields(cls):
+        assert f.name in family.fields, f"{cls.__name__}.{f.name} has no row in nopejax/hf/{name}.py"
+        if family.fields[f.name].read is not nopejax.hf.harmless:  # a harmless row accepts any value
+            assert family.fields[f.name].default == f.default, f.name
+    for field in cls().to_dict():
+        assert field in family.fields, f"{cls.__name__}.{field} has no row in nopejax/hf/{name}.py"
+    for field in transformers.GenerationConfig._get_default_generation_params():
+        assert field in family.fields, field
+    assert family.fields["rope_theta"].default == cls.default_theta
+
+
+def test_unknown_field_is_refused_with_its_name_before_any_weight_is_read(imported, tmp_path):
+    family, _, path, _ = imported
+    hf_config = json.loads((path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config, "attn_logit_softcapping": 50.0}))
+    with pytest.raises(nopejax.hf.HFConfigError) as err:
+        nopejax.from_hf(str(tmp_path))  # no safetensors here: refused on config.json alone
+    message = str(err.value)
+    assert err.value.field == "attn_logit_softcapping" and "\n" not in message
+    assert f"Fix: add one to nopejax/hf/{family.name}.py" in message
+
+
+def _published():
+    return [(name, p) for name in NAMES for p in sorted((PUBLISHED / name).glob("*.json"))]
+
+
+@pytest.mark.parametrize("name,path", _published(), ids=lambda x: x.stem if isinstance(x, pathlib.Path) else x)
+def test_published_configs_convert_validate_and_export_back(name, path):
+    """A published config.json imports as the family, validates, and the export's config.json imports
+    to the same model; where a configs/*.py describes the model, it is that model."""
+    published = json.loads(path.read_text())
+    assert published["source"].startswith("https://huggingface.co/"), path
+    m = nopejax.hf.model_config_from_hf(published["config"])
+    assert m.hf_family == name
+    cfg = config.base_config()
+    cfg.model = m
+    config.validate(cfg)
+    assert nopejax.hf.model_config_from_hf(nopejax.hf.hf_config(m)) == m
+    if "nopejax_config" in published:
+        ours = config.validate(config.load_config(str(ROOT / published["nopejax_config"]))).model
+        assert layers.layer_specs(m) == layers.layer_specs(ours)
+        assert nopejax.hf.hf_config(m) == nopejax.hf.hf_config(ours)
+        for field in ("d_model", "head_dim", "num_experts", "expert_d_ff", "d_ff", "routed_scale", "embed_scale"):
+            assert m[field] == ours[field], field
+
+
+def test_published_configs_are_filed_under_registered_families():
+    """A directory of published configs names a registered family (a typo would test nothing)."""
+    dirs = {p.name for p in PUBLISHED.iterdir() if p.is_dir()}
+    assert dirs <= set(NAMES), dirs - set(NAMES)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry is the one list
+
+
+def test_every_family_module_is_registered():
+    """A module in nopejax/hf/ that holds a family's rows and map has its registry line."""
+    machinery = {"__init__", "fields", "tensors", "registry"}
+    modules = {p.stem for p in (ROOT / "nopejax" / "hf").glob("*.py")} - machinery
+    assert modules == set(NAMES)
+
+
+def test_the_cli_help_names_the_registered_families(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert f"({registry.labels()})" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        cli.main(["export", "--help"])
+    assert f"one of {', '.join(registry.NAMES)}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_config_accepts_exactly_the_registered_families():
+    assert tuple(config.HF_FAMILIES) == registry.NAMES
+
+
+def test_the_readme_and_the_guide_name_exactly_the_registered_families():
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"HuggingFace transformers: {registry.labels()}." in readme
+    guide = (ROOT / "docs" / "guides" / "huggingface.md").read_text()
+    rows = [line.split("|")[1].split()[0].strip("`") for line in guide.splitlines() if line.startswith("| `")]
+    assert rows == [family.model_type for family in registry.REGISTERED]
+
+
+def test_an_unregistered_model_type_is_refused_naming_the_registered_ones():
+    with pytest.raises(nopejax.hf.HFConfigError) as err:
+        nopejax.hf.model_config_from_hf({"model_type": "qwen2"})
+    assert all(family.model_type in str(err.value) for family in registry.REGISTERED)
+
+
+def test_a_family_without_its_module_is_not_registered(tmp_path):
+    """Deleting a family's module takes it out of every list read from the registry, with no other edit."""
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(ROOT / "nopejax" / "hf", hf_dir)
+    (hf_dir / "exaone4.py").unlink()
+    spec = importlib.util.spec_from_file_location("registry_copy", hf_dir / "registry.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert tuple(n for n in registry.NAMES if n != "exaone4") == copy.NAMES
+    assert "EXAONE 4" not in copy.labels() and "exaone4" not in copy.BY_MODEL_TYPE

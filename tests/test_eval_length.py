@@ -153,14 +153,14 @@ POSITIONAL_FIELDS = ("no_rope_layer_interval", "global_attention_interval", "sli
 
 
 def experiment_path(task, pattern):
-    return configs_loader.ROOT / "configs" / "experiments" / task / f"{pattern}.py"
+    return configs_loader.ROOT / "experiments" / "length_generalization" / task / f"{pattern}.py"
 
 
 @pytest.mark.parametrize("task", ["copy", "reverse", "passkey"])
 def test_study_arms_differ_only_in_the_positional_pattern(task):
     """All 12 arm configs, without training: each validates, has its pattern's layers, and shares every
     other field with its task's other arms. Training and evaluating every arm (30 steps each) is the
-    study runner's smoke run, `python benchmarks/length_generalization.py --quick`; the suite trains
+    study runner's smoke run, `python -m experiments.length_generalization.run --quick`; the suite trains
     one arm per task below."""
     cfgs = {pattern: config.load_config(str(experiment_path(task, pattern))) for pattern in PATTERN_LAYERS}
     for pattern, cfg in cfgs.items():

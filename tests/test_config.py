@@ -96,7 +96,9 @@ def test_bad_config_is_rejected_with_field_and_fix(field, changes, words):
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHIPPED = sorted(p for d in ("configs", "experiments") for p in (ROOT / d).rglob("*.py") if "def get_config" in p.read_text())
+SHIPPED = sorted(
+    p for d in ("configs", "experiments") for p in (ROOT / d).rglob("*.py") if "def get_config" in p.read_text()
+)
 
 
 def test_shipped_config_files_are_all_found():

@@ -242,6 +242,7 @@ def test_study_report_from_finished_runs_names_command_date_machine_versions(tmp
     sections = text.split("\n## ")[1:]
     assert [s.split(" ")[0] for s in sections] == ["Copy", "Passkey", "Text", "Every"]
     command = "python -m experiments.length_generalization.run --seeds 0,1 --tasks copy,passkey,text"
+    command += " --patterns rope,nope"
     for section in sections:
         assert f"- Command: `{command}`" in section
         assert re.search(r"^- Date: \d{4}-\d\d-\d\d \(the report; the runs finished \d{4}-\d\d-\d\d\)$", section, re.M)

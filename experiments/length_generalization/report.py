@@ -298,10 +298,13 @@ def write_report(results: list[dict], docs: str, command: str, quick: bool = Fal
 def study_command(results: list[dict], quick: bool = False) -> str:
     """The runner command that trains and evaluates exactly these runs."""
     seeds = ",".join(str(s) for s in sorted({r["seed"] for r in results}))
-    tasks = ",".join(t for t in TASKS if any(r["task"] == t for r in results))
-    return f"python -m experiments.length_generalization.run --seeds {seeds} --tasks {tasks}" + (
-        " --quick" if quick else ""
-    )
+    tasks = [t for t in TASKS if any(r["task"] == t for r in results)]
+    patterns = [p for p in PATTERNS if any(r["pattern"] == p for r in results)]
+    every = TEXT_PATTERNS if tasks == ["text"] else PATTERNS  # the text study has no local/global arm
+    command = f"python -m experiments.length_generalization.run --seeds {seeds} --tasks {','.join(tasks)}"
+    if len(patterns) < len(every):
+        command += f" --patterns {','.join(patterns)}"
+    return command + (" --quick" if quick else "")
 
 
 def main() -> int:

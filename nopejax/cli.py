@@ -146,9 +146,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval_length(args) -> int:
-    from nopejax import eval_length
+    from nopejax.eval import command
 
-    return eval_length.main(args)
+    return command.main(args)
 
 
 class _UsageError(Exception):

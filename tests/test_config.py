@@ -95,17 +95,20 @@ def test_bad_config_is_rejected_with_field_and_fix(field, changes, words):
     assert "Fix:" in str(err.value)
 
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
-SHIPPED = sorted(p for p in CONFIGS.rglob("*.py") if "def get_config" in p.read_text())
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHIPPED = sorted(
+    p for d in ("configs", "experiments") for p in (ROOT / d).rglob("*.py") if "def get_config" in p.read_text()
+)
 
 
 def test_shipped_config_files_are_all_found():
-    names = {str(p.relative_to(CONFIGS)) for p in SHIPPED}
-    assert {"tiny.py", "smollm3_3b.py", "experiments/copy/hybrid.py", "experiments/passkey/nope.py"} <= names
+    names = {str(p.relative_to(ROOT)) for p in SHIPPED}
+    study = "experiments/length_generalization"
+    assert {"configs/tiny.py", "configs/smollm3_3b.py", f"{study}/copy/hybrid.py", f"{study}/text/nope.py"} <= names
     assert len(names) >= 20
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(CONFIGS)) for p in SHIPPED])
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
 def test_shipped_config_loads_and_validates(path):
     config.validate(config.load_config(str(path)))
 

@@ -1,12 +1,15 @@
 """`nopejax eval-length` on tiny trained checkpoints: files, rows, and numbers recomputed directly."""
 
 import csv
+import json
+import re
 import shutil
 
 import configs_loader
 import numpy as np
 import pytest
 
+from experiments.length_generalization import report
 from nopejax import checkpoint, cli, config, data, eval_length, layers, train
 from nopejax.data.corpus import default_corpus_path
 from nopejax.data.pipeline import split_indices
@@ -153,14 +156,14 @@ POSITIONAL_FIELDS = ("no_rope_layer_interval", "global_attention_interval", "sli
 
 
 def experiment_path(task, pattern):
-    return configs_loader.ROOT / "configs" / "experiments" / task / f"{pattern}.py"
+    return configs_loader.ROOT / "experiments" / "length_generalization" / task / f"{pattern}.py"
 
 
 @pytest.mark.parametrize("task", ["copy", "reverse", "passkey"])
 def test_study_arms_differ_only_in_the_positional_pattern(task):
     """All 12 arm configs, without training: each validates, has its pattern's layers, and shares every
     other field with its task's other arms. Training and evaluating every arm (30 steps each) is the
-    study runner's smoke run, `python benchmarks/length_generalization.py --quick`; the suite trains
+    study runner's smoke run, `python -m experiments.length_generalization.run --quick`; the suite trains
     one arm per task below."""
     cfgs = {pattern: config.load_config(str(experiment_path(task, pattern))) for pattern in PATTERN_LAYERS}
     for pattern, cfg in cfgs.items():
@@ -201,3 +204,54 @@ def test_experiment_config_trains_and_reports_per_length(task, pattern, tmp_path
     else:
         assert [int(r["input_length"]) for r in rows] == list(range(1, 41))
         assert all(0 <= float(r["exact_match"]) <= 1 and 0 <= float(r["token_accuracy"]) <= 1 for r in rows)
+
+
+def fake_result(task, pattern, seed, score, **numbers):
+    """A finished run's result.json as the study runner writes it, numbers chosen by the test."""
+    return {"task": task, "pattern": pattern, "seed": seed, "steps": 30, "recipe_steps": 30, "train_seconds": 60,
+            "eval_seconds": 5, "final_loss": 0.5, "in_distribution": score, "machine": "2 CPU cores (test)",
+            "versions": "JAX test", **numbers}  # fmt: skip
+
+
+def test_study_report_from_finished_runs_names_command_date_machine_versions(tmp_path, monkeypatch):
+    """The report writer alone (no training): tables over seeds from the runs' result.json files, each
+    section with its command, date, machine and versions, and nothing about which invocation ran what."""
+
+    def copy_numbers(short, long):  # exact match `short` on input lengths 1-20, `long` on 21-40
+        em = {str(n): short if n <= 20 else long for n in range(1, 41)}
+        return {"exact_match": em, "token_accuracy": em, "answer_loss": {n: 0.1 for n in em}}
+
+    passkey = [[n, d, 1.0 if n == 128 else 0.5] for n in (128, 256, 512, 1024) for d in (0.0, 0.5, 1.0)]
+    text_numbers = {"mean": {"128": 2.0, "256": 2.5, "512": 3.0, "1024": 3.5}, "first": 2.0, "last": 4.0, "ratio": 2.0}
+    runs = {
+        "copy_rope_s0": fake_result("copy", "rope", 0, 1.0, **copy_numbers(1.0, 0.5)),
+        "copy_rope_s1": fake_result("copy", "rope", 1, 0.96, **copy_numbers(0.96, 0.25)),
+        "copy_nope_s0": fake_result("copy", "nope", 0, 0.5, **copy_numbers(0.5, 0.0)),  # not learned
+        "passkey_nope_s0": fake_result("passkey", "nope", 0, 1.0, accuracy=passkey),
+        "text_rope_s0": fake_result("text", "rope", 0, None, text=text_numbers),
+    }
+    runs["copy_rope_s1"].pop("machine")  # a run that did not record its machine
+    for name, result in runs.items():
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "result.json").write_text(json.dumps(result))
+    docs = tmp_path / "docs"
+    monkeypatch.setattr("sys.argv", ["report", "--runs-dir", str(tmp_path / "runs"), "--docs", str(docs)])
+    assert report.main() == 0
+    text = (docs / "report.md").read_text()
+    assert "invocation" not in text and "reused" not in text
+    sections = text.split("\n## ")[1:]
+    assert [s.split(" ")[0] for s in sections] == ["Copy", "Passkey", "Text", "Every"]
+    command = "python -m experiments.length_generalization.run --seeds 0,1 --tasks copy,passkey,text"
+    command += " --patterns rope,nope"
+    for section in sections:
+        assert f"- Command: `{command}`" in section
+        assert re.search(r"^- Date: \d{4}-\d\d-\d\d \(the report; the runs finished \d{4}-\d\d-\d\d\)$", section, re.M)
+        assert "- Machine: 2 CPU cores (test); not recorded, each run on one CPU core" in section
+        assert "- Versions: JAX test\n" in section
+    # all RoPE: 2 of 2 seeds learned; exact match 1-20 mean of 1.0 and 0.96, 21-25 of 0.5 and 0.25
+    assert "| all RoPE | 2 of 2 | 0.980 [0.960-1.000] | 0.375 [0.250-0.500] | 0.375 [0.250-0.500] |" in text
+    assert "| all NoPE | 0 of 1 | 0.500 | not meaningful (not learned) |" in text
+    assert "| all NoPE | 1 of 1 | 1.000 | 0.500 | 0.500 | 0.500 |" in text  # passkey, by row length
+    assert "| all RoPE | 1 | 2.000 | 2.500 | 3.000 | 3.500 | 2.000 | 4.000 | 2.00 |" in text
+    for png in ("copy.png", "passkey.png", "text.png"):
+        assert f"]({png})" in text and (docs / png).stat().st_size > 0

@@ -150,8 +150,8 @@ def test_train_continues_an_import_with_only_the_workdir(export, capsys):
 
 SHIPPED = sorted(
     str(p.relative_to(ROOT))
-    for p in [*(ROOT / "configs").glob("*.py"), *(ROOT / "configs" / "experiments").rglob("*.py")]
-    if "def get_config" in p.read_text()  # experiments/recipes.py is a helper the experiment configs import
+    for p in [*(ROOT / "configs").glob("*.py"), *(ROOT / "experiments").rglob("*.py")]
+    if "def get_config" in p.read_text()  # experiments/*/recipes.py is a helper the experiment configs import
 )
 
 

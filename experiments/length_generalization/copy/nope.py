@@ -1,7 +1,7 @@
 """Copy task (inputs of 1-20 letters, tested on 1-40), all NoPE: no layer rotates q and k;
 the causal mask alone carries order.
 
-The recipe shared by the four arms, and what was tried: configs/experiments/recipes.py.
+The recipe shared by the four arms, and what was tried: experiments/length_generalization/recipes.py.
 """
 
 import os

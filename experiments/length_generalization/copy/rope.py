@@ -1,6 +1,6 @@
 """Copy task (inputs of 1-20 letters, tested on 1-40), all RoPE: every layer rotates q and k (Llama).
 
-The recipe shared by the four arms, and what was tried: configs/experiments/recipes.py.
+The recipe shared by the four arms, and what was tried: experiments/length_generalization/recipes.py.
 """
 
 import os

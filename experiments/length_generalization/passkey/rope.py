@@ -1,6 +1,6 @@
 """Passkey retrieval (rows of 128 bytes, tested at 128-1024), all RoPE: every layer rotates q and k (Llama).
 
-The recipe shared by the four arms, and what was tried: configs/experiments/recipes.py.
+The recipe shared by the four arms, and what was tried: experiments/length_generalization/recipes.py.
 """
 
 import os

@@ -1,7 +1,7 @@
 """Copy task (inputs of 1-20 letters, tested on 1-40), NoPE every 4th layer as SmolLM3:
 RoPE, RoPE, RoPE, NoPE.
 
-The recipe shared by the four arms, and what was tried: configs/experiments/recipes.py.
+The recipe shared by the four arms, and what was tried: experiments/length_generalization/recipes.py.
 """
 
 import os

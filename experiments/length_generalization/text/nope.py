@@ -1,10 +1,10 @@
 """Length-generalization experiment, all NoPE: no layer rotates q and k; the causal mask alone carries order.
 
 configs/tiny.py with only `model.no_rope_layer_interval = 1` changed; the three experiment
-configs (rope.py, hybrid.py, nope.py) differ in nothing else. The text study: train on the
+configs (text/rope.py, text/hybrid.py, text/nope.py) differ in nothing else. The text study: train on the
 offline corpus at length 128, then `nopejax eval-length --lengths 128,256,512,1024`
-(benchmarks/length_generalization.py runs it). The synthetic tasks have their own recipes:
-configs/experiments/{copy,reverse,passkey}/.
+(`python -m experiments.length_generalization.run --tasks text` runs it). The synthetic tasks have
+their own recipes: experiments/length_generalization/{copy,reverse,passkey}/.
 """
 
 import os
@@ -13,6 +13,6 @@ from nopejax.config import load_config
 
 
 def get_config():
-    cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tiny.py"))
+    cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), *[os.pardir] * 3, "configs", "tiny.py"))
     cfg.model.no_rope_layer_interval = 1
     return cfg

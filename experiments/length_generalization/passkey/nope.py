@@ -1,7 +1,7 @@
 """Passkey retrieval (rows of 128 bytes, tested at 128-1024), all NoPE: no layer rotates q and k;
 the causal mask alone carries order.
 
-The recipe shared by the four arms, and what was tried: configs/experiments/recipes.py.
+The recipe shared by the four arms, and what was tried: experiments/length_generalization/recipes.py.
 """
 
 import os

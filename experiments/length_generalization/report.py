@@ -1,42 +1,22 @@
-"""RoPE vs NoPE vs mixed stacks past the training length: trains, evaluates, reports over seeds.
+"""The length study's report: tables and plots over seeds from the runs' result.json files.
 
-    python benchmarks/length_generalization.py --seeds 0,1,2          # the whole study
-    python benchmarks/length_generalization.py --seeds 0 --tasks copy  # one task, one seed
-    python benchmarks/length_generalization.py --quick                 # 30-step smoke of the pipeline
+    python -m experiments.length_generalization.report --runs-dir /tmp/nopejax_length_gen
 
-`--quick` trains and evaluates every arm; the test suite checks all arm configs without training
-and trains one arm per task (tests/test_eval_length.py).
-
-Tasks (configs/experiments/recipes.py; four arms each that differ only in the positional
-pattern: rope, hybrid, nope, local_global):
-  copy, reverse  inputs of 1-20 letters; `eval-length` gives exact match for input lengths 1-40
-  passkey        rows of 128 bytes; `eval-length` at 128-1024 by needle depth
-  text           configs/experiments/{rope,hybrid,nope}.py on the offline corpus at length 128,
-                 loss by position at 128-1024 (plus YaRN x8 on the RoPE layers)
-Training goes through `nopejax.train.run`, evaluation through `nopejax.eval_length.evaluate`
-(the code behind `nopejax eval-length`), so the numbers are the tool's own.
-
-A task run "learned" its task when its in-distribution score (exact match averaged over input
-lengths 1-20; passkey accuracy at the training length) is >= 0.95; the out-of-distribution
-numbers of a run that did not are marked as not meaningful. Tables give the mean and [min-max]
-over seeds. Writes `--docs`/length_generalization.md and length_generalization_*.png, after
-every finished run (so a study stopped early still reports what finished). Runs live in
-`--runs-dir`; a finished run is reused (its result.json), so a rerun only adds what is missing.
-`--jobs N` (default: one per usable core) trains N runs at once, each process pinned to its own
-CPU core: pinned, XLA sizes its thread pool to that one core, so a run never waits on a pool
-thread that another process holds. On 2 cores the three-seed study is ~2.7 h of wall time from
-an empty --runs-dir (326 min of training summed over its 45 runs, measured).
+rewrites the report from finished runs without training (`run.py` calls `write_report` after
+every run). A task run "learned" its task when its in-distribution score (exact match averaged
+over input lengths 1-20; passkey accuracy at the training length) is >= LEARNED; the
+out-of-distribution numbers of a run that did not are marked as not meaningful. Tables give the
+mean and [min-max] over seeds, and each section names the command, date, machine and versions.
+Writes `--docs`/report.md and {copy,reverse,passkey,text}.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import glob
 import json
-import multiprocessing
 import os
-import signal
-import threading
+import platform
 import time
 
 import matplotlib
@@ -45,7 +25,9 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DOCS = os.path.join(ROOT, "docs", "results", "length-study")
+REPORT = "report.md"
 TASKS = ("copy", "reverse", "passkey", "text")
 PATTERNS = ("rope", "hybrid", "nope", "local_global")
 TEXT_PATTERNS = ("rope", "hybrid", "nope")  # the text study's configs (no local/global arm)
@@ -58,90 +40,6 @@ LABELS = {
 TEXT_LENGTHS = [128, 256, 512, 1024]
 PASSKEY_LENGTHS = [128, 256, 512, 1024]  # 1x, 2x, 4x, 8x the training length
 LEARNED = 0.95  # in-distribution score a run needs before its out-of-distribution numbers mean anything
-TEXT_STEPS = 300
-
-
-def run_config(task: str, pattern: str, seed: int, quick: bool):
-    from nopejax import config
-
-    if task == "text":
-        path = os.path.join(ROOT, "configs", "experiments", f"{pattern}.py")
-        overrides = {"train.steps": TEXT_STEPS, "train.eval_every": TEXT_STEPS, "checkpoint.every_steps": TEXT_STEPS,
-                     "train.sample_every": 0}  # fmt: skip
-    else:
-        path = os.path.join(ROOT, "configs", "experiments", task, f"{pattern}.py")
-        overrides = {}
-    overrides["train.seed"] = seed
-    if quick:
-        overrides.update({"train.steps": 30, "train.eval_every": 0, "checkpoint.every_steps": 0})
-    cfg = config.load_config(path)
-    return config.validate(config.apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()]))
-
-
-def pin_to_core(slots) -> None:
-    """Pool initializer: take the next free core and run on it alone (before JAX starts)."""
-    cores = sorted(os.sched_getaffinity(0))
-    with slots.get_lock():
-        slot, slots.value = slots.value, slots.value + 1
-    os.sched_setaffinity(0, {cores[slot % len(cores)]})
-
-
-def run_one(task: str, pattern: str, seed: int, runs_dir: str, quick: bool, batches: int, minutes: float) -> dict:
-    """Train one run (or resume it), evaluate it with eval-length, save and return result.json.
-
-    `minutes` > 0 stops training after that long (a SIGTERM to ourselves: the loop saves a
-    checkpoint and returns, as on preemption) and evaluates what was reached; a rerun resumes it.
-    """
-    from nopejax import eval_length, train
-
-    workdir = os.path.join(runs_dir, f"{task}_{pattern}_s{seed}")
-    path = os.path.join(workdir, "result.json")
-    if os.path.isfile(path):
-        with open(path) as f:  # finished by an earlier invocation
-            return {**json.load(f), "reused": True, "finished": finished(path)}
-    cfg = run_config(task, pattern, seed, quick)
-    t0 = time.perf_counter()
-    timer = threading.Timer(60 * minutes, os.kill, (os.getpid(), signal.SIGTERM)) if minutes > 0 else None
-    if timer is not None:
-        timer.start()
-    out = train.run(cfg, workdir, progress=False)
-    if timer is not None:
-        timer.cancel()
-    seconds = time.perf_counter() - t0
-    result = {"task": task, "pattern": pattern, "seed": seed, "steps": out["steps"], "recipe_steps": cfg.train.steps,
-              "train_seconds": round(seconds), "final_loss": out["final_loss"]}  # fmt: skip
-    t0 = time.perf_counter()
-    if task in ("copy", "reverse"):
-        r = eval_length.evaluate([workdir], TEXT_LENGTHS, batches=batches, progress=False)["results"][0]
-        result.update(exact_match=r.exact_match, token_accuracy=r.token_accuracy, answer_loss=r.answer_loss)
-        result["in_distribution"] = band(r.exact_match, 1, cfg.data.task_train_max_len)
-    elif task == "passkey":
-        r = eval_length.evaluate([workdir], PASSKEY_LENGTHS, batches=batches, progress=False)["results"][0]
-        result["accuracy"] = [[n, d, a] for (n, d), a in sorted(r.accuracy.items())]
-        result["in_distribution"] = r.by_length(PASSKEY_LENGTHS[0])
-    else:
-        r = eval_length.evaluate([workdir], TEXT_LENGTHS, batches=batches, progress=False)["results"][0]
-        result["text"] = text_numbers(r)
-        if pattern != "nope":  # YaRN rescales RoPE layers only: nothing to change in all-NoPE
-            yarn = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 128}
-            r = eval_length.evaluate([workdir], TEXT_LENGTHS, batches=batches, rope_scaling=yarn, progress=False,
-                                     out_dir=os.path.join(workdir, "eval_length_yarn"))["results"][0]  # fmt: skip
-            result["text_yarn"] = text_numbers(r)
-    result["eval_seconds"] = round(time.perf_counter() - t0)
-    with open(path, "w") as f:
-        json.dump(result, f)
-    return {**result, "finished": finished(path)}
-
-
-def finished(path: str) -> str:
-    """When a run's result.json was written (UTC)."""
-    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(os.path.getmtime(path)))
-
-
-def text_numbers(r) -> dict:
-    """Mean loss per length; loss at positions 0-127 and 896-1023 of L=1024 windows, and their ratio."""
-    first, last = r.mean(1024, 0, 128)[0], r.mean(1024, 896, 1024)[0]
-    return {"mean": {str(n): r.mean(n)[0] for n in TEXT_LENGTHS}, "first": first, "last": last, "ratio": last / first}
 
 
 def band(values: dict, lo: int, hi: int) -> float:
@@ -192,7 +90,7 @@ def task_section(task: str, runs: list[dict], docs: str) -> list[str]:
         else:
             cells += ["not meaningful (not learned)"] * 3
         lines.append("| " + " | ".join(cells) + " |")
-    png = f"length_generalization_{task}.png"
+    png = f"{task}.png"
     task_plot(os.path.join(docs, png), task, runs)
     lines += ["", f"![{task}: exact match by input length]({png})", ""]
     return lines
@@ -246,7 +144,7 @@ def passkey_section(runs: list[dict], docs: str) -> list[str]:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for pattern, (_, grid_LD, _) in grids.items():
             lines.append("| " + " | ".join([LABELS[pattern], *(f"{x:.3f}" for x in grid_LD[1:].mean(0))]) + " |")
-        png = "length_generalization_passkey.png"
+        png = "passkey.png"
         passkey_plot(os.path.join(docs, png), grids)
         lines += ["", f"![passkey accuracy by length and depth]({png})", ""]
     return lines
@@ -276,7 +174,7 @@ def passkey_plot(path: str, grids: dict) -> None:
 def text_section(runs: list[dict], docs: str) -> list[str]:
     head = ["run", "seeds", *(f"L={n}" for n in TEXT_LENGTHS), "L=1024: pos 0-127", "pos 896-1023", "ratio"]
     lines = [
-        "## Text (offline corpus, trained at length 128; configs/experiments/{rope,hybrid,nope}.py)",
+        "## Text (offline corpus, trained at length 128; text/{rope,hybrid,nope}.py)",
         "",
         "Loss in nats per byte on held-out text read as continuous windows; ratio = loss at positions "
         "896-1023 / positions 0-127 of L=1024 windows. Mean [min-max] over seeds.",
@@ -308,9 +206,9 @@ def text_section(runs: list[dict], docs: str) -> list[str]:
     ax.minorticks_off()
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(docs, "length_generalization_text.png"), dpi=110)
+    fig.savefig(os.path.join(docs, "text.png"), dpi=110)
     plt.close(fig)
-    return [*lines, "", "![text: mean loss by window length](length_generalization_text.png)", ""]
+    return [*lines, "", "![text: mean loss by window length](text.png)", ""]
 
 
 def longer(r: dict) -> str:
@@ -324,42 +222,65 @@ def longer(r: dict) -> str:
     return cell if r["in_distribution"] >= LEARNED else f"({cell})"
 
 
-def write_report(results: list[dict], args, elapsed: float, pending: int) -> str:
+def machine() -> str:
+    """This machine in words, stored with each run so a report names where its runs trained."""
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.processor() or platform.system()})"
+
+
+def versions() -> str:
     import jax
 
+    return f"JAX {jax.__version__}, Python {platform.python_version()}"
+
+
+def load_result(path: str) -> dict:
+    """A run's result.json, with when it was written (UTC)."""
+    with open(path) as f:
+        result = json.load(f)
+    return {**result, "finished": time.strftime("%Y-%m-%d %H:%M", time.gmtime(os.path.getmtime(path)))}
+
+
+def provenance(results: list[dict], command: str) -> list[str]:
+    """The '- Command/Date/Machine/Versions' lines every table of the report carries."""
+    days = sorted({r["finished"][:10] for r in results})
+    ran = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+    recorded = lambda key: "; ".join(sorted({r.get(key, "not recorded") for r in results}))
+    return [
+        f"- Command: `{command}`",
+        f"- Date: {time.strftime('%Y-%m-%d', time.gmtime())} (the report; the runs finished {ran})",
+        f"- Machine: {recorded('machine')}, each run on one CPU core",
+        f"- Versions: {recorded('versions')}",
+    ]
+
+
+def write_report(results: list[dict], docs: str, command: str, quick: bool = False) -> str:
+    """Write `docs`/report.md and its plots from finished runs' results; -> the Markdown."""
+    about = ["", *provenance(results, command)]
     lines = [
         "# Length generalization: RoPE vs NoPE vs mixed stacks",
         "",
-        f"Measured by `python benchmarks/length_generalization.py --seeds {args.seeds} --tasks {args.tasks}"
-        f"{' --quick' if args.quick else ''}` (CPU, JAX {jax.__version__}; this invocation trained "
-        f"{sum(not r.get('reused') for r in results)} runs in {elapsed / 60:.0f} min"
-        f"{f', {pending} runs still to come' if pending else ''}). Recipes: configs/experiments/recipes.py; the "
-        "arms of a task differ only in the positional pattern. Evaluation: `nopejax eval-length`, fp32, XLA "
-        "attention.",
+        "Recipes: experiments/length_generalization/recipes.py; the arms of a task differ only in the positional "
+        "pattern. Evaluation: `nopejax eval-length`, fp32, XLA attention. Training time summed over the "
+        f"{len(results)} runs: {sum(r['train_seconds'] for r in results) / 60:.0f} min.",
         "",
-        f"Training time summed over the {len(results)} runs: {sum(r['train_seconds'] for r in results) / 60:.0f} "
-        f"min, each run on one CPU core.",
     ]
-    reused = [r for r in results if r.get("reused")]
-    if reused:
-        lines[-1] += (f" {len(reused)} of them were finished by earlier invocations into the same --runs-dir and "
-                      "reused: the last table says when each run finished.")  # fmt: skip
-    lines.append("")
-    if args.quick:
+    if quick:
         lines += ["**Quick mode (30 training steps): these numbers only show that the pipeline runs.**", ""]
+    os.makedirs(docs, exist_ok=True)
     for task in TASKS:
         runs = [r for r in results if r["task"] == task]
         if not runs:
             continue
         if task in ("copy", "reverse"):
-            lines += task_section(task, runs, args.docs)
+            section = task_section(task, runs, docs)
         elif task == "passkey":
-            lines += passkey_section(runs, args.docs)
+            section = passkey_section(runs, docs)
         else:
-            lines += text_section(runs, args.docs)
+            section = text_section(runs, docs)
+        lines += [section[0], *about, *section[1:]]
     head = ["task", "arm", "seed", "steps", "train s", "eval s", "final loss", "in-distribution", "learned", "longer",
             "finished (UTC)"]  # fmt: skip
-    lines += ["## Every run", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["## Every run", *about, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(results, key=lambda r: (TASKS.index(r["task"]), PATTERNS.index(r["pattern"]), r["seed"])):
         score = r.get("in_distribution")
         learned = "-" if score is None else "yes" if score >= LEARNED else "**no**: longer inputs not meaningful"
@@ -369,58 +290,35 @@ def write_report(results: list[dict], args, elapsed: float, pending: int) -> str
         cells += [learned, longer(r), r["finished"]]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(args.docs, "length_generalization.md"), "w") as f:
+    with open(os.path.join(docs, REPORT), "w") as f:
         f.write(text)
     return text
 
 
+def study_command(results: list[dict], quick: bool = False) -> str:
+    """The runner command that trains and evaluates exactly these runs."""
+    seeds = ",".join(str(s) for s in sorted({r["seed"] for r in results}))
+    tasks = [t for t in TASKS if any(r["task"] == t for r in results)]
+    patterns = [p for p in PATTERNS if any(r["pattern"] == p for r in results)]
+    every = TEXT_PATTERNS if tasks == ["text"] else PATTERNS  # the text study has no local/global arm
+    command = f"python -m experiments.length_generalization.run --seeds {seeds} --tasks {','.join(tasks)}"
+    if len(patterns) < len(every):
+        command += f" --patterns {','.join(patterns)}"
+    return command + (" --quick" if quick else "")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", default="0", help="comma-separated train.seed values")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-    p.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated subset of the arms")
-    p.add_argument("--runs-dir", default="/tmp/nopejax_length_gen")
-    p.add_argument("--docs", default=os.path.join(ROOT, "docs"))
-    cores = len(os.sched_getaffinity(0))
-    p.add_argument("--jobs", type=int, default=cores, help=f"runs trained at once, one per CPU core (default {cores})")
-    p.add_argument("--batches", type=int, default=2, help="eval-length --batches")
-    p.add_argument(
-        "--max-train-minutes",
-        type=float,
-        default=0.0,
-        help="stop each run's training after this long and evaluate what it reached (0 = the full recipe)",
-    )
-    p.add_argument("--quick", action="store_true", help="30 steps per run, into --runs-dir/quick: checks the pipeline")
+    p.add_argument("--runs-dir", default="/tmp/nopejax_length_gen", help="the runner's --runs-dir")
+    p.add_argument("--docs", default=DOCS)
+    p.add_argument("--quick", action="store_true", help="report the runner's --quick runs (--runs-dir/quick)")
     args = p.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    tasks, patterns = args.tasks.split(","), args.patterns.split(",")
-    for name, chosen, known in (("--tasks", tasks, TASKS), ("--patterns", patterns, PATTERNS)):
-        if not set(chosen) <= set(known):
-            p.error(f"{name}: unknown {sorted(set(chosen) - set(known))}; use some of {','.join(known)}")
-    if args.quick:
-        args.runs_dir = os.path.join(args.runs_dir, "quick")
-        args.batches = 1
-    os.makedirs(args.docs, exist_ok=True)
-    jobs = [(task, pattern, seed) for seed in seeds for task in tasks for pattern in patterns
-            if task != "text" or pattern in TEXT_PATTERNS]  # fmt: skip
-    t_start = time.perf_counter()
-    results = []
-    # spawn: each run in a fresh process with its own JAX runtime
-    context = multiprocessing.get_context("spawn")
-    pinning = {"initializer": pin_to_core, "initargs": (context.Value("i", 0),)} if args.jobs > 1 else {}
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, **pinning) as pool:
-        settings = (args.runs_dir, args.quick, args.batches, args.max_train_minutes)
-        futures = {pool.submit(run_one, *job, *settings): job for job in jobs}
-        for future in concurrent.futures.as_completed(futures):
-            result = future.result()
-            results.append(result)
-            elapsed = time.perf_counter() - t_start
-            name = " ".join(map(str, futures[future]))
-            print(f"[{elapsed / 60:5.1f} min] {name}: train {result['train_seconds']} s, "
-                  f"in-distribution {result.get('in_distribution', '-')}", flush=True)  # fmt: skip
-            write_report(results, args, elapsed, len(jobs) - len(results))
-    print(write_report(results, args, time.perf_counter() - t_start, 0))
-    print(f"wrote {args.docs}/length_generalization.md and its PNG files")
+    runs_dir = os.path.join(args.runs_dir, "quick") if args.quick else args.runs_dir
+    results = [load_result(path) for path in sorted(glob.glob(os.path.join(runs_dir, "*", "result.json")))]
+    if not results:
+        p.error(f"--runs-dir: no */result.json under {runs_dir}; train them with experiments.length_generalization.run")
+    print(write_report(results, args.docs, study_command(results, args.quick), args.quick))
+    print(f"wrote {os.path.join(args.docs, REPORT)} and its PNG files")
     return 0
 
 

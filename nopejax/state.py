@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nopejax import attention, config, context, model, optimizer, sharding
+from nopejax import attention, config, context, data, model, optimizer, sharding
 from nopejax.config import ConfigDict, ConfigError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -133,7 +133,5 @@ def abstract_batch(s: Setup) -> dict:
 def to_device_batch(s: Setup, local_batch: dict) -> dict:
     """Host rows -> global arrays; under context parallelism each row is reordered once, here,
     into zig-zag order (causal load balancing: nopejax/context.py)."""
-    from nopejax import data
-
     rows = context.reorder({k: np.asarray(local_batch[k]) for k in BATCH_KEYS}, sharding.context_size(s.mesh))
     return data.global_batch(rows, s.mesh, sharding.BATCH_AXES)

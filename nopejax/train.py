@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
 
-from nopejax import checkpoint, metrics, model, moe, optimizer, restore, sharding, signals, stages
+from nopejax import checkpoint, data, metrics, model, moe, optimizer, restore, sharding, signals, stages
 from nopejax.config import ConfigDict, ConfigError, RunError
 from nopejax.decode import training_sampler
 from nopejax.lock import WorkdirLock
@@ -243,7 +245,7 @@ def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
 
 
 class Trainer:
-    """One run in one workdir. `run` reads top to bottom: build (here), restore, loop, finish.
+    """One run in one workdir. `run` reads top to bottom: build (here), the restore plan, loop, finish.
 
     `cfg` is the config as given, which checkpoints and DIR/config.json record; `s.cfg` is the
     one resolved for the devices. What changes while training lives on the object: the state and
@@ -257,7 +259,7 @@ class Trainer:
         self.ckpt = checkpoint.Checkpointer(workdir, cfg)
 
     def run(self) -> dict:
-        start = self.restore()
+        start = self.starting_point()
         if start.resumed and start.step >= self.t.steps:
             return self.nothing_to_do(start.step)
         if start.resumed:
@@ -270,13 +272,11 @@ class Trainer:
             self.close()  # waits until the last save is durable (within the grace of a stop)
         return self.finish(start.step, time.perf_counter() - t_start, preempt.signal_name if stopped_early else None)
 
-    # --- restore -------------------------------------------------------------------------------
+    # --- the restore plan ------------------------------------------------------------------------
 
-    def restore(self) -> restore.Start:
+    def starting_point(self) -> restore.Start:
         """Plan from the workdir and the config, open the data stream where the plan says, then
         restore the state (and the stream's position) or build it."""
-        from nopejax import data
-
         plan = restore.plan(self.cfg, self.ckpt)
         self.train_iter = data.make_iterator(self.cfg, "train", num_shards=plan.data_shards)
         start = restore.execute(plan, self.s, self.cfg, self.ckpt, self.train_iter)
@@ -292,10 +292,6 @@ class Trainer:
 
     def prepare(self, start: restore.Start) -> None:
         """Record the stage, open the metrics, and zero what the loop counts."""
-        from tqdm import tqdm
-
-        from nopejax import data
-
         cfg, t = self.cfg, self.t
         if self.is_main:
             stages.write_config(self.workdir, cfg, start.step, start.entry)
@@ -326,7 +322,7 @@ class Trainer:
             self.state, out = self.step_fn(self.state, batch)
             self.counts = self.tally(self.counts, out["nonfinite"])
             done = step + 1
-            self.write_pending()  # step `done` - 1's line: the host waits for it while step `done` runs
+            self.write_pending()  # an earlier step's line: the host waits for that step while step `done` runs
             eval_loss = None
             if t.eval_every and (done % t.eval_every == 0 or done == t.steps):  # the summary reports the end
                 eval_loss = self.last_eval = self.evaluate(self.state["params"])
@@ -345,8 +341,6 @@ class Trainer:
         return False
 
     def evaluate(self, params) -> float:
-        from nopejax import data
-
         ce = count = 0.0
         eval_iter = data.make_iterator(self.cfg, "eval")
         for _ in range(self.t.eval_batches):
@@ -439,8 +433,6 @@ class Trainer:
             "workdir": self.workdir,
         }
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("nopejax_train_end")  # no host exits while others save
         return summary
 

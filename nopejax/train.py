@@ -270,7 +270,7 @@ class Trainer:
         with jax.set_mesh(self.s.mesh), preempt:
             stopped_early = self.loop(start.step, preempt)
             self.close()  # waits until the last save is durable (within the grace of a stop)
-        return self.finish(start.step, time.perf_counter() - t_start, preempt.signal_name if stopped_early else None)
+        return self.finish(start.step, time.perf_counter() - t_start, stopped_early, preempt.signal_name)
 
     # --- the restore plan ------------------------------------------------------------------------
 
@@ -419,7 +419,7 @@ class Trainer:
         self.writer.close()
         self.ckpt.close()
 
-    def finish(self, start: int, seconds: float, stopped_by: str | None) -> dict:
+    def finish(self, start: int, seconds: float, stopped_early: bool, signal_name: str | None) -> dict:
         summary = {
             "steps": int(host_scalar(self.state["step"])),
             "start": start,
@@ -427,8 +427,8 @@ class Trainer:
             "eval_loss": self.last_eval,
             "eval_step": self.eval_step,
             "seconds": round(seconds, 1),
-            "preempted": stopped_by is not None,
-            "stopped_by": stopped_by,
+            "preempted": stopped_early,
+            "stopped_by": signal_name if stopped_early else None,
             "checkpoints": self.ckpt.steps(),
             "workdir": self.workdir,
         }

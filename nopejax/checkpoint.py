@@ -10,33 +10,19 @@ The layout is recorded, not implied: params are layer-stacked [L, ...] whatever 
 says, and `config.layout` names the model fields that fix the array shapes and the pattern.
 Restoring into a model that differs in one of them is an error naming that field.
 
-Faults are handled where they are found. A checkpoint whose read error shows damage (corrupt
-metadata, a truncated or missing file: `read_error_kind`) is renamed `<step>.damaged-<UTC time>`
-next to the others: orbax no longer lists it, so it is never restored again nor counted by
-retention (which would otherwise delete a good step in its place), and the retrained step is saved
-normally. A transient error (I/O, memory) is retried; one that persists, a permission problem, or
-an error that shows nothing about the files stops the run with one line and leaves the checkpoint
-where it is. A save that fails (read-only or full disk, quota) stops the run with one line naming
-the directory and the cause; the earlier checkpoints stay as they were.
-
-One trainer per workdir: process 0 holds an exclusive lock on `DIR/train.lock` while it trains
-(`WorkdirLock`), and the OS releases it when the process ends, however it ends.
+Faults are handled where they are found (`checkpoint_faults`): a damaged checkpoint is set aside
+and the one before is restored; a transient read error is retried; a save that fails (read-only or
+full disk, quota) stops the run with one line naming the directory and the cause; the earlier
+checkpoints stay as they were.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import gc
-import inspect
 import json
 import logging
 import os
 import re
-import socket
-import sys
-import time
 
 import grain
 import jax
@@ -45,6 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from nopejax import checkpoint_faults as faults
 from nopejax import config as config_lib
 from nopejax import layers
 from nopejax.config import ConfigDict, ConfigError, RunError
@@ -56,138 +43,6 @@ LAYOUT_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_hea
                  "tie_embeddings")  # fmt: skip
 ITEMS = ("state", "data", "config")
 DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
-DAMAGED = re.compile(r"(\d+)\.damaged-.+")  # a quarantined step dir: <step>.damaged-<UTC time>
-
-
-# Read errors, by what they show. tensorstore and XLA prefix theirs with an absl status code.
-DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")  # lost, truncated, missing, garbled
-TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED")  # storage or memory, for now
-TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ENOMEM, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE,
-                    errno.ECONNRESET, errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH}  # fmt: skip
-STATUS_CODE = re.compile(r"([A-Z][A-Z_]+): ")
-RETRY_SECONDS = (2.0, 10.0)  # the waits before the second and third read of a checkpoint after a transient error
-LOCK_FILE = "train.lock"
-TENSORSTORE_SPEC = re.compile(r"\s*\[(tensorstore_spec|source locations)='.*?'\]", re.DOTALL)
-
-
-def _chain(e: BaseException) -> list[BaseException]:
-    """e and the exceptions it was raised from or while handling, outermost first."""
-    out = []
-    while e is not None and e not in out:
-        out.append(e)
-        e = e.__cause__ or e.__context__
-    return out
-
-
-def read_error_kind(e: BaseException) -> tuple[str, BaseException]:
-    """-> ("damaged" | "transient" | "denied" | "unknown", the exception in e's chain that shows it).
-    The innermost evidence wins: orbax wraps tensorstore's precise error in a generic one."""
-    for x in reversed(_chain(e)):
-        if isinstance(x, json.JSONDecodeError | FileNotFoundError | NotADirectoryError | IsADirectoryError):
-            return "damaged", x
-        if isinstance(x, PermissionError):
-            return "denied", x
-        if isinstance(x, MemoryError) or (isinstance(x, OSError) and x.errno in TRANSIENT_ERRNOS):
-            return "transient", x
-        code = STATUS_CODE.match(str(x))
-        code = code and code[1]
-        if code in DAMAGE_CODES:
-            return "damaged", x
-        if code in TRANSIENT_CODES:
-            return "transient", x
-        if code == "PERMISSION_DENIED":
-            return "denied", x
-    return "unknown", _chain(e)[-1]
-
-
-def _read_debris(unraisable) -> bool:
-    """What a failed orbax read leaves behind: tensorstore callbacks aimed at its closed asyncio loop,
-    and its read coroutines, finalized with the error they never returned."""
-    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-        return True
-    obj = unraisable.object
-    return inspect.iscoroutine(obj) and "orbax" in obj.cr_code.co_filename
-
-
-@contextlib.contextmanager
-def _quiet_failed_read():
-    """Python prints each piece of `_read_debris` as a traceback: hundreds of lines around the one line
-    that matters, which the caller writes. Dropped while reading, and collected before leaving."""
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        if not _read_debris(unraisable):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
-    try:
-        yield
-    except BaseException:
-        gc.collect()  # finalizes the abandoned coroutines now, under this hook
-        raise
-    finally:
-        sys.unraisablehook = previous
-
-
-def _read(read, step: int, where: str):
-    """-> (read(), None), or (None, the error) when it shows the checkpoint is damaged. Transient
-    errors are retried; a permission problem, a transient error that persists or one that shows
-    nothing about the files raise RunError, and the checkpoint stays where it is."""
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            with _quiet_failed_read():
-                return read(), None
-        except ConfigError:  # a process count that cannot continue: not about the files
-            raise
-        except Exception as e:  # orbax / tensorstore / the OS raise many types; read_error_kind sorts them
-            kind, shown = read_error_kind(e)
-            if kind == "damaged":
-                return None, e
-            if kind == "transient" and attempt <= len(RETRY_SECONDS):
-                wait = RETRY_SECONDS[attempt - 1]
-                log.warning("reading checkpoint step %d failed (%s); trying again in %g s", step, _cause(shown), wait)
-                time.sleep(wait)
-                continue
-            what = f"checkpoint step {step} at {where}"
-            if kind == "denied":
-                message = f"cannot read {what} ({_cause(shown)}): make it readable by this user and rerun"
-            elif kind == "transient":
-                message = (f"reading {what} failed {attempt} times ({_cause(shown)}): rerun when the storage "
-                           "(or memory) is back")  # fmt: skip
-            else:
-                message = (f"reading {what} failed ({_cause(shown)}), and nothing in the error shows damage: if "
-                           f"it is damaged, rename it to {where}.damaged-manual and rerun to resume from the step "
-                           "before")  # fmt: skip
-            raise RunError(f"{message}; the checkpoint was left in place") from None
-
-
-def _cause(e: BaseException) -> str:
-    """One line for an exception from orbax / tensorstore / the OS (theirs span many lines).
-    A long one keeps both ends: tensorstore puts the OS reason ("No space left") last. The spec
-    of the store tensorstore quotes (~1,000 characters of JSON) says nothing a user can act on."""
-    message = " ".join(TENSORSTORE_SPEC.sub("", str(e)).split())
-    if len(message) > 400:
-        message = f"{message[:180]} ... {message[-200:]}"
-    return f"{type(e).__name__}: {message}"
-
-
-def damaged_steps(checkpoints_dir) -> dict[int, str]:
-    """step -> the name of its quarantined folder (the newest, if a step was set aside twice)."""
-    directory = epath.Path(checkpoints_dir)
-    if not directory.is_dir():
-        return {}
-    found = sorted(p.name for p in directory.iterdir() if DAMAGED.fullmatch(p.name))
-    return {int(DAMAGED.fullmatch(name)[1]): name for name in found}
-
-
-def quarantine(checkpoints_dir, step: int) -> str:
-    """Rename an unreadable step aside; orbax ignores names that are not a step number."""
-    directory = epath.Path(checkpoints_dir)
-    name = f"{step}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    (directory / str(step)).rename(directory / name)
-    return name
 
 
 def _data_files(directory) -> list[tuple[int, int, epath.Path]]:
@@ -355,7 +210,7 @@ class Checkpointer:
         kept = complete_steps(self.directory, exclude=self._saving)
         resume = f"rerun to resume from step {kept[-1]}" if kept else "rerun"
         return RunError(
-            f"saving checkpoint step {self._saving} to {self.directory} failed ({_cause(e)}); the earlier "
+            f"saving checkpoint step {self._saving} to {self.directory} failed ({faults.cause(e)}); the earlier "
             f"checkpoints {kept} are intact. Make the directory writable or free space there, then {resume}"
         )
 
@@ -415,10 +270,10 @@ class Checkpointer:
         return str(self.directory / str(step))
 
     def _read_config_item(self, step: int) -> tuple[dict | None, Exception | None]:
-        def read():
+        def read_item():
             return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
-        return _read(read, step, self._where(step))
+        return faults.read(read_item, step, self._where(step))
 
     def latest_config(self) -> dict | None:
         """The config the newest readable checkpoint was trained with (None without one)."""
@@ -431,11 +286,11 @@ class Checkpointer:
 
     def _try_restore(self, step: int, abstract_state: dict, data_iter) -> tuple[dict | None, Exception | None]:
         """-> (restored items, None), or (None, the error that shows it damaged). A config mismatch
-        raises ConfigError; any other failure to read raises RunError (`_read`)."""
+        raises ConfigError; any other failure to read raises RunError (`checkpoint_faults.read`)."""
         where = self._where(step)
         saved, error = self._read_config_item(step)
         if error is None:
-            state_meta, error = _read(lambda: self.manager.item_metadata(step)["state"], step, where)
+            state_meta, error = faults.read(lambda: self.manager.item_metadata(step)["state"], step, where)
         if error is not None:
             return None, error
         check_compatible(saved["layout"], self.cfg.model, where)
@@ -447,7 +302,7 @@ class Checkpointer:
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             args["data"] = DataRestore(data_iter)
-        return _read(lambda: self.manager.restore(step, args=ocp.args.Composite(**args)), step, where)
+        return faults.read(lambda: self.manager.restore(step, args=ocp.args.Composite(**args)), step, where)
 
     def _set_aside(self, step: int, error: Exception | None) -> tuple[int, str, str]:
         """Quarantine a damaged step (process 0 renames; every process then sees it gone).
@@ -456,13 +311,13 @@ class Checkpointer:
         moved = f"set aside as {self.directory / f'{step}.damaged-*'}"
         if jax.process_index() == 0:
             try:
-                moved = f"set aside as {self.directory / quarantine(self.directory, step)}"
+                moved = f"set aside as {self.directory / faults.quarantine(self.directory, step)}"
             except OSError as e:  # a read-only workdir: the run's first save there will say so
-                moved = f"could not be set aside ({_cause(e)})"
+                moved = f"could not be set aside ({faults.cause(e)})"
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"nopejax_set_aside_{step}")
         self.manager.reload()
-        cause = _cause(read_error_kind(error)[1]) if error is not None else "unreadable on another process"
+        cause = faults.cause(faults.read_error_kind(error)[1]) if error is not None else "unreadable on another process"
         return step, f"{where} is damaged ({cause})", moved
 
     def restore_latest(self, abstract_state: dict, data_iter=None):
@@ -498,47 +353,6 @@ def _report_set_aside(aside: list[tuple[int, str, str]], then: str) -> None:
         log.warning("checkpoint step %d: %s; %s; %s", step, what, moved, then)
 
 
-class WorkdirLock:
-    """One trainer per workdir: an exclusive `flock` on DIR/train.lock, taken by process 0 (the
-    one that writes metrics and config.json) and released by the OS when the process ends, however
-    it ends. Another trainer on the same workdir, on any host sharing the filesystem, is refused
-    with one line naming the holder. All processes agree, so none trains without the lock."""
-
-    def __init__(self, workdir: str, take: bool = True):
-        self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
-        self.take = take
-        self._fd = None
-
-    def __enter__(self) -> WorkdirLock:
-        holder = None
-        if self.take:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 400).decode(errors="replace").strip() or "a process that has not said which"
-                os.close(fd)
-            else:
-                self._fd = fd
-                os.ftruncate(fd, 0)
-                started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {started}\n".encode())
-        taken = holder is None
-        if jax.process_count() > 1:
-            taken = bool(np.min(multihost_utils.process_allgather(np.int32(taken))))
-        if not taken:
-            who = holder or "another trainer (process 0 names it)"
-            raise RunError(f"the workdir {os.path.dirname(self.path)} is in use: {self.path} is locked by {who}; "
-                           "wait for that run to end (or stop it), or train in another --workdir")  # fmt: skip
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # releases the lock; the file stays (deleting it would race a new taker)
-            self._fd = None
-
-
 def complete_steps(directory, exclude: int | None = None) -> list[int]:
     """Steps whose folder is complete on disk (orbax renames a save's temporary folder last)."""
     directory = epath.Path(directory)
@@ -554,7 +368,7 @@ def _unreadable(root: str, step: int, error: Exception) -> ConfigError:
     nearest = next((s for s in others if _params_readable(root, s)), None)
     fix = (f"use --step {nearest}, the nearest readable checkpoint" if nearest is not None
            else "no readable checkpoint is left there; train again or restore the folder from a copy")  # fmt: skip
-    return ConfigError("--step", f"checkpoint {root}/checkpoints/{step} is unreadable ({_cause(error)})", fix)
+    return ConfigError("--step", f"checkpoint {root}/checkpoints/{step} is unreadable ({faults.cause(error)})", fix)
 
 
 def _params_readable(root: str, step: int) -> bool:
@@ -585,7 +399,7 @@ def find_checkpoint(path: str, step: int | None = None, field: str = "--workdir"
     if step is None:
         return path, steps[-1]
     if step not in steps:
-        damaged = damaged_steps(os.path.join(path, "checkpoints")).get(step)
+        damaged = faults.damaged_steps(os.path.join(path, "checkpoints")).get(step)
         if damaged:
             nearest = min(steps, key=lambda s: (abs(s - step), -s))
             raise ConfigError(

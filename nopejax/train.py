@@ -1,178 +1,40 @@
-"""Sharded training: state created already sharded, one pure jitted step, and the loop.
+"""Training: one pure jitted step, and the loop that drives it, phase by phase.
 
-The train state is a plain pytree {step, rng, params, opt_state}. Shardings come from the
-params' logical axes through `sharding.LOGICAL_RULES`; the optimizer state mirrors its params.
-Init follows nanodo: `eval_shape` -> shardings -> `jit(init, out_shardings)`, so no device ever
-holds an unsharded copy. The step is jitted with explicit in/out shardings and donates the
-state; the loop dispatches step n before it reads step n-1's metrics, so the host never stalls
-the device.
+The step is jitted with explicit in/out shardings and donates the state (built already sharded:
+nopejax/state.py). `Trainer` runs one workdir top to bottom: build (compile, open the
+checkpoints) -> restore (`restore.plan`, executed: resume, init_from or new) -> loop (step,
+metrics, eval, sample, checkpoint, signals) -> finish (the summary). The loop dispatches step n
+before it reads step n-1's metrics, so the host never stalls the device.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-import os
-import signal
-import sys
-import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
 
-from nopejax import attention, checkpoint, config, context, metrics, model, moe, optimizer, sharding, stages
+from nopejax import checkpoint, data, metrics, model, moe, optimizer, restore, sharding, signals, stages
 from nopejax.config import ConfigDict, ConfigError, RunError
 from nopejax.decode import training_sampler
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
-
-# ---------------------------------------------------------------------------------------------
-# State and shardings
-
-
-def param_logical_axes(m: ConfigDict) -> dict:
-    """Pure dict mirroring the params: each leaf a tuple of logical axis names."""
-    abstract = nnx.eval_shape(lambda: model.create(m))
-    state = nnx.state(abstract, nnx.Param)
-    axes = jax.tree.map(lambda v: v.logical_axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.to_pure_dict(axes) if not isinstance(axes, dict) else axes
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """Everything static about a run: built once, before any compile."""
-
-    cfg: ConfigDict
-    mesh: jax.sharding.Mesh
-    graphdef: object
-    tx: optax.GradientTransformation
-    state_shardings: dict
-    abstract_state: dict  # ShapeDtypeStructs carrying shardings
-    batch_sharding: NamedSharding
-
-
-def _init_fn(cfg: ConfigDict, tx):
-    def init(seed):
-        _, params = model.split(model.create(cfg.model, seed))
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed)),
-            "params": params,
-            "opt_state": tx.init(params),
-        }
-
-    return init
-
-
-def setup(cfg: ConfigDict, devices=None) -> Setup:
-    """Validate, build the mesh, and derive every sharding. Raises ConfigError before compiling."""
-    config.validate(cfg)
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    platform = mesh.devices.flat[0].platform
-    cfg = cfg.copy_and_resolve_references()  # `auto` attention is decided for the target devices
-    config.check_platform(cfg, platform)
-    m = cfg.model
-    m.attention_impl = attention.resolve_impl(m.attention_impl, m.head_dim, platform, config.context_chunk(cfg))
-    tx = optimizer.make(cfg)
-    axes = param_logical_axes(cfg.model)
-    graphdef = nnx.split(nnx.eval_shape(lambda: model.create(cfg.model)))[0]
-    abstract = jax.eval_shape(_init_fn(cfg, tx), 0)
-
-    flat_axes = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0]
-    flat_shapes = jax.tree.leaves(abstract["params"])
-    sharding.check_divisible([(jax.tree_util.keystr(p), s.shape, a) for (p, a), s in zip(flat_axes, flat_shapes)], mesh)
-    batch_spec = sharding.logical_to_spec(["act_batch", None], mesh)
-    batch_axes = batch_spec[0] or ()
-    batch_shards = math.prod(mesh.shape[a] for a in ((batch_axes,) if isinstance(batch_axes, str) else batch_axes))
-    micro = cfg.train.global_batch_size // cfg.train.grad_accum
-    if micro % batch_shards:
-        raise ConfigError(
-            "train.global_batch_size",
-            f"each microbatch has {micro} rows, not divisible by the {batch_shards} data-parallel shards",
-            f"use a global batch that is a multiple of grad_accum * {batch_shards}",
-        )
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-    param_shardings = jax.tree.map(lambda a: sharding.named(mesh, a), axes, is_leaf=lambda x: isinstance(x, tuple))
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract["opt_state"],
-        param_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
-    state_shardings = {"step": replicated, "rng": replicated, "params": param_shardings, "opt_state": opt_shardings}
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_shardings
-    )
-    return Setup(cfg, mesh, graphdef, tx, state_shardings, abstract, NamedSharding(mesh, batch_spec))
-
-
-def init_state(s: Setup) -> dict:
-    init = jax.jit(_init_fn(s.cfg, s.tx), static_argnums=0, out_shardings=s.state_shardings)
-    with jax.set_mesh(s.mesh):
-        return init(s.cfg.train.seed)
-
-
-def fresh_opt_state(s: Setup, params: dict) -> dict:
-    """A new state around given params (init_from / import-hf): step 0, new optimizer state."""
-
-    def build(params):
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(s.cfg.train.seed)),
-            "params": params,
-            "opt_state": s.tx.init(params),
-        }
-
-    with jax.set_mesh(s.mesh):
-        return jax.jit(build, out_shardings=s.state_shardings)(params)
-
-
-def state_from(s: Setup, root: str, source_step: int) -> tuple[dict, dict]:
-    """init_from: a new run's state from another run's checkpoint, placed on this run's mesh.
-    -> (state, its history entry). Params always; the AdamW moments with init_from_optimizer;
-    the step with init_from_schedule="continue" (else 0). The schedule's count in the optimizer
-    state is set to that step either way, so the learning rate follows the step."""
-    cfg, where = s.cfg, f"{root} step {source_step}"
-    fix = "init_from carries params into a model of the same shape and RoPE/NoPE pattern"
-    checkpoint.check_compatible(checkpoint.checkpoint_layout(root, source_step), cfg.model, where, fix)
-    step = source_step if cfg.init_from_schedule == "continue" else 0
-    if step >= cfg.train.steps:
-        raise ConfigError(
-            "train.steps",
-            f"init_from_schedule=continue starts at the source's step {step}, and train.steps={cfg.train.steps} "
-            "counts from the source's start",
-            f"set train.steps above {step}, or init_from_schedule=reset",
-        )
-    if cfg.init_from_optimizer:
-        source = checkpoint.restore_state(root, source_step, s.abstract_state)
-        params, opt_state = source["params"], source["opt_state"]
-    else:
-        params, opt_state = checkpoint.restore_params(root, source_step, s.state_shardings["params"]), None
-
-    def build(params, opt_state):
-        opt_state = s.tx.init(params) if opt_state is None else opt_state
-        return {
-            "step": jnp.asarray(step, jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(cfg.train.seed)),
-            "params": params,
-            "opt_state": optimizer.with_schedule_step(opt_state, step),
-        }
-
-    with jax.set_mesh(s.mesh):
-        state = jax.jit(build, out_shardings=s.state_shardings, donate_argnums=(0, 1))(params, opt_state)
-    source_cfg = config.to_dict(checkpoint.read_config(root, source_step))
-    return state, stages.init_from_entry(source_cfg, cfg, root, source_step, step)
-
+from nopejax.lock import WorkdirLock
+from nopejax.restore import state_from  # noqa: F401 (public here: the state of an init_from run)
+from nopejax.state import (  # noqa: F401 (public here: train.setup, train.init_state, ...)
+    BATCH_KEYS,
+    Setup,
+    abstract_batch,
+    fresh_opt_state,
+    init_state,
+    param_logical_axes,
+    setup,
+    to_device_batch,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Loss and steps
@@ -318,21 +180,6 @@ def compile_fns(s: Setup):
     return step, evaluate
 
 
-def abstract_batch(s: Setup) -> dict:
-    shape = (s.cfg.train.global_batch_size, s.cfg.train.seq_len)
-    dtypes = {"loss_mask": jnp.float32}
-    return {k: jax.ShapeDtypeStruct(shape, dtypes.get(k, jnp.int32), sharding=s.batch_sharding) for k in BATCH_KEYS}
-
-
-def to_device_batch(s: Setup, local_batch: dict) -> dict:
-    """Host rows -> global arrays; under context parallelism each row is reordered once, here,
-    into zig-zag order (causal load balancing: nopejax/context.py)."""
-    from nopejax import data
-
-    rows = context.reorder({k: np.asarray(local_batch[k]) for k in BATCH_KEYS}, sharding.context_size(s.mesh))
-    return data.global_batch(rows, s.mesh, sharding.BATCH_AXES)
-
-
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compile: memory and FLOPs before a pod is booked
 
@@ -389,289 +236,206 @@ def tally_nonfinite(counts_2, nonfinite):
     return jnp.stack([streak, counts_2[1] + nonfinite])
 
 
-def _ignore_here(signum, frame):
-    """The Python-level handler: it only has to exist, so Python catches the signal; the watcher
-    thread of `Preemption` acts on it."""
-
-
-class Preemption:
-    """SIGTERM (what GCE/TPU and SLURM send before preemption) and a first Ctrl-C ask the loop to
-    stop cleanly: finish the step, save, exit. A second Ctrl-C stops at once, without saving. A stop
-    that does not complete within `train.stop_grace_seconds` (a step that never finishes: a hung
-    collective, a stuck device) ends the process with one line naming the newest complete checkpoint.
-
-    The signals reach a watcher thread through `signal.set_wakeup_fd`, because Python runs signal
-    handlers only between bytecodes of the main thread, which a stuck step never returns to.
-
-    Multi-process runs must agree on the step to stop at: JAX's preemption sync point gives
-    every process the same answer. Its coordination service watches SIGTERM itself, so there the
-    signals are left to it: Ctrl-C and the grace period are for single-process runs.
-    """
-
-    def __init__(self, checkpoints_dir: str, grace_seconds: float):
-        self.requested = False
-        self.signal_name: str | None = None  # the signal that asked to stop
-        self.stopping_at: int | None = None  # the step the loop stops after, once it has seen the request
-        self.multi = jax.process_count() > 1
-        self._dir, self._grace = checkpoints_dir, grace_seconds
-        self._handlers, self._timer = {}, None
-        self._lock, self._closed = threading.Lock(), False  # no timer outlives the run it watches
-
-    def __enter__(self) -> Preemption:
-        if self.multi:
-            return self
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._write_fd, False)  # written from a signal handler: never block there
-        self._old_wakeup_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._handlers[signum] = signal.signal(signum, _ignore_here)
-        threading.Thread(target=self._watch, name="nopejax-signals", daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.multi:
-            return
-        with self._lock:
-            self._closed = True
-            if self._timer is not None:
-                self._timer.cancel()
-        for signum, handler in self._handlers.items():
-            if handler is not None:  # None: a handler not set from Python, which cannot be put back
-                signal.signal(signum, handler)
-        signal.set_wakeup_fd(self._old_wakeup_fd)
-        os.close(self._write_fd)  # the watcher reads end-of-file and returns
-
-    def _watch(self) -> None:
-        while data := os.read(self._read_fd, 64):  # one byte per signal: its number
-            for signum in data:
-                if signum in (signal.SIGTERM, signal.SIGINT):
-                    self._on_signal(signal.Signals(signum))
-        os.close(self._read_fd)
-
-    def _on_signal(self, signum: signal.Signals) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            if self.requested:  # a scheduler may repeat SIGTERM; a second Ctrl-C means "now"
-                if signum == signal.SIGINT:
-                    self._exit(130, f"interrupted again: stopped at once, without saving; {self._newest()}")
-                return
-            self.requested, self.signal_name = True, signum.name
-            if signum == signal.SIGINT:
-                print("nopejax train: interrupted: stopping after this step with a checkpoint; Ctrl-C again stops "
-                      "at once, without one", file=sys.stderr, flush=True)  # fmt: skip
-            self._timer = threading.Timer(self._grace, self._expired)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def _expired(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            what = ("the step in progress did not finish" if self.stopping_at is None
-                    else f"the checkpoint of step {self.stopping_at} was not complete")  # fmt: skip
-            self._exit(1, f"error: {what} within {self._grace} s of {self.signal_name}; stopped without saving, "
-                          f"{self._newest()}. If it only needs longer, raise train.stop_grace_seconds")  # fmt: skip
-
-    def _newest(self) -> str:
-        steps = checkpoint.complete_steps(self._dir)
-        if not steps:
-            return "there is no complete checkpoint yet"
-        return f"the newest complete checkpoint is step {steps[-1]} ({os.path.join(self._dir, str(steps[-1]))})"
-
-    @staticmethod
-    def _exit(code: int, message: str) -> None:
-        """End the process from the watcher: the main thread may be stuck where no exception reaches."""
-        sys.stdout.flush()
-        print(f"nopejax train: {message}", file=sys.stderr, flush=True)
-        os._exit(code)
-
-    def should_stop(self, step: int) -> bool:
-        if self.multi:
-            from jax.experimental import multihost_utils
-
-            stop = multihost_utils.reached_preemption_sync_point(step)
-            self.signal_name = self.signal_name or ("SIGTERM" if stop else None)
-        else:
-            stop = self.requested
-        if stop and self.stopping_at is None:
-            self.stopping_at = step
-        return stop
-
-
 def run(cfg: ConfigDict, workdir: str, *, progress: bool = True) -> dict:
     """Train (or resume) in `workdir`. Returns the summary that is also printed. One trainer per
     workdir: while one runs there, another is refused before it reads anything (WorkdirLock)."""
     s = setup(cfg)
-    with checkpoint.WorkdirLock(workdir, take=jax.process_index() == 0):
-        return _run(s, cfg, workdir, progress)
+    with WorkdirLock(workdir, take=jax.process_index() == 0):
+        return Trainer(s, cfg, workdir, progress=progress).run()
 
 
-def _run(s: Setup, cfg: ConfigDict, workdir: str, progress: bool) -> dict:
-    from tqdm import tqdm
+class Trainer:
+    """One run in one workdir. `run` reads top to bottom: build (here), the restore plan, loop, finish.
 
-    from nopejax import data
+    `cfg` is the config as given, which checkpoints and DIR/config.json record; `s.cfg` is the
+    one resolved for the devices. What changes while training lives on the object: the state and
+    data iterator, the metrics line waiting for its step, the throughput marks, the non-finite tally.
+    """
 
-    t = cfg.train
-    is_main = jax.process_index() == 0
-    step_fn, eval_fn = compile_fns(s)
-    ckpt = checkpoint.Checkpointer(workdir, cfg)
-    # a resumed run keeps the data shards it was saved with, so the process count may change;
-    # a stage that changes what the data stream is starts the new stream (nopejax.stages)
-    restart_data = stages.check_resume(ckpt.latest_config(), cfg, ckpt.data_shards())
-    train_iter = data.make_iterator(cfg, "train", num_shards=None if restart_data else ckpt.data_shards())
-    state, start = ckpt.restore_latest(s.abstract_state, None if restart_data else train_iter)
-    if state is not None:
-        entry = stages.resume_entry(ckpt.restored_config, cfg, start, restart_data)
-        if start >= t.steps:
-            if is_main:
-                print(f"already at step {start} of {t.steps}: nothing to do", flush=True)
-            ckpt.close()
-            return {"steps": start, "start": start, "final_loss": None, "eval_loss": None, "eval_step": None,
-                    "seconds": 0.0, "preempted": False, "stopped_by": None, "checkpoints": ckpt.steps(),
-                    "workdir": workdir}  # fmt: skip
-        if is_main:
-            print(f"resuming from step {start} ({ckpt.directory / str(start)})", flush=True)
-    elif cfg.init_from:
-        state, entry = state_from(s, *checkpoint.find_checkpoint(cfg.init_from, field="init_from"))
-        start = int(host_scalar(state["step"]))
-    else:
-        state, entry = init_state(s), {"step": 0, "stage": "new run"}
-    if is_main:
-        stages.write_config(workdir, cfg, start, entry)
-    writer = metrics.Writer(workdir, is_main)
-    sample_text = t.sample_every and training_sampler(s.graphdef, cfg.data, data.make_tokenizer(cfg.data))
-    if is_main:
-        metrics.truncate_after(workdir, start)
+    def __init__(self, s: Setup, cfg: ConfigDict, workdir: str, *, progress: bool = True):
+        self.s, self.cfg, self.t, self.workdir, self.progress = s, cfg, cfg.train, workdir, progress
+        self.is_main = jax.process_index() == 0
+        self.step_fn, self.eval_fn = compile_fns(s)
+        self.ckpt = checkpoint.Checkpointer(workdir, cfg)
 
-    def evaluate(params) -> float:
+    def run(self) -> dict:
+        start = self.starting_point()
+        if start.resumed and start.step >= self.t.steps:
+            return self.nothing_to_do(start.step)
+        if start.resumed:
+            self.say(f"resuming from step {start.step} ({self.ckpt.directory / str(start.step)})")
+        self.prepare(start)
+        t_start = time.perf_counter()
+        preempt = signals.Preemption(str(self.ckpt.directory), self.t.stop_grace_seconds)
+        with jax.set_mesh(self.s.mesh), preempt:
+            stopped_early = self.loop(start.step, preempt)
+            self.close()  # waits until the last save is durable (within the grace of a stop)
+        return self.finish(start.step, time.perf_counter() - t_start, stopped_early, preempt.signal_name)
+
+    # --- the restore plan ------------------------------------------------------------------------
+
+    def starting_point(self) -> restore.Start:
+        """Plan from the workdir and the config, open the data stream where the plan says, then
+        restore the state (and the stream's position) or build it."""
+        plan = restore.plan(self.cfg, self.ckpt)
+        self.train_iter = data.make_iterator(self.cfg, "train", num_shards=plan.data_shards)
+        start = restore.execute(plan, self.s, self.cfg, self.ckpt, self.train_iter)
+        self.state = start.state
+        return start
+
+    def nothing_to_do(self, step: int) -> dict:
+        self.say(f"already at step {step} of {self.t.steps}: nothing to do")
+        self.ckpt.close()
+        return {"steps": step, "start": step, "final_loss": None, "eval_loss": None, "eval_step": None,
+                "seconds": 0.0, "preempted": False, "stopped_by": None, "checkpoints": self.ckpt.steps(),
+                "workdir": self.workdir}  # fmt: skip
+
+    def prepare(self, start: restore.Start) -> None:
+        """Record the stage, open the metrics, and zero what the loop counts."""
+        cfg, t = self.cfg, self.t
+        if self.is_main:
+            stages.write_config(self.workdir, cfg, start.step, start.entry)
+        self.writer = metrics.Writer(self.workdir, self.is_main)
+        self.sample_text = t.sample_every and training_sampler(self.s.graphdef, cfg.data, data.make_tokenizer(cfg.data))
+        if self.is_main:
+            metrics.truncate_after(self.workdir, start.step)
+        self.peak, self.flops = metrics.peak_flops(jax.devices()[0]), metrics.train_flops_per_step(cfg)
+        self.tokens_per_step = t.global_batch_size * t.seq_len
+        self.bar = tqdm(total=t.steps, initial=start.step, disable=not (self.progress and self.is_main), unit="step",
+                        dynamic_ncols=True)  # fmt: skip
+        self.pending = None  # (step, its metrics, eval loss, non-finite counts): written once the next step is queued
+        self.last, self.last_eval, self.eval_step = {"loss": float("nan")}, None, None
+        self.t_mark, self.step_mark = time.perf_counter(), start.step
+        replicated = NamedSharding(self.s.mesh, PartitionSpec())
+        self.tally = jax.jit(tally_nonfinite, out_shardings=replicated)
+        with jax.set_mesh(self.s.mesh):
+            self.counts = jax.jit(lambda: jnp.zeros(2, jnp.int32), out_shardings=replicated)()
+        self.nonfinite_logged = 0
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def loop(self, start: int, preempt: signals.Preemption) -> bool:
+        """Steps `start` .. train.steps, or until a signal asks to stop. -> whether it stopped early."""
+        t = self.t
+        for step in range(start, t.steps):
+            batch = to_device_batch(self.s, next(self.train_iter))
+            self.state, out = self.step_fn(self.state, batch)
+            self.counts = self.tally(self.counts, out["nonfinite"])
+            done = step + 1
+            self.write_pending()  # an earlier step's line: the host waits for that step while step `done` runs
+            eval_loss = None
+            if t.eval_every and (done % t.eval_every == 0 or done == t.steps):  # the summary reports the end
+                eval_loss = self.last_eval = self.evaluate(self.state["params"])
+                self.eval_step = done
+            if self.sample_text and done % t.sample_every == 0:
+                self.writer.write_text(done, "sample", self.sample_text(self.state["params"]))
+            if done % t.log_every == 0 or done == t.steps or eval_loss is not None:
+                self.pending = (done, out, eval_loss, self.counts)
+            stop = preempt.should_stop(done)
+            every = self.cfg.checkpoint.every_steps
+            if stop or done == t.steps or (every and done % every == 0):
+                self.save(done, force=stop or done == t.steps)
+            self.bar.update(1)
+            if stop:
+                return done < t.steps
+        return False
+
+    def evaluate(self, params) -> float:
         ce = count = 0.0
-        eval_iter = data.make_iterator(cfg, "eval")
-        for _ in range(t.eval_batches):
-            c, n = eval_fn(params, to_device_batch(s, next(eval_iter)))
+        eval_iter = data.make_iterator(self.cfg, "eval")
+        for _ in range(self.t.eval_batches):
+            c, n = self.eval_fn(params, to_device_batch(self.s, next(eval_iter)))
             ce, count = ce + host_scalar(c), count + host_scalar(n)
         return ce / max(count, 1.0)
 
-    peak = metrics.peak_flops(jax.devices()[0])
-    flops = metrics.train_flops_per_step(cfg)
-    tokens_per_step = t.global_batch_size * t.seq_len
-    bar = tqdm(total=t.steps, initial=start, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
-    pending, last = None, {"loss": float("nan")}
-    t_mark, step_mark = time.perf_counter(), start
-    last_eval = eval_step = None
-    stopped_early = False
-    replicated = NamedSharding(s.mesh, PartitionSpec())
-    tally = jax.jit(tally_nonfinite, out_shardings=replicated)
-    with jax.set_mesh(s.mesh):
-        counts = jax.jit(lambda: jnp.zeros(2, jnp.int32), out_shardings=replicated)()
-    nonfinite_logged = 0
-
-    def stop_run(error: Exception):
-        """Finish what can be finished (the in-flight save becomes durable), then stop."""
-        bar.close()
-        writer.close()
+    def write_pending(self) -> None:
+        """Write the waiting metrics line (reading it waits for its step), then stop on what it shows:
+        too many non-finite steps, or an async save that failed since."""
+        if self.pending is None:
+            return
+        (done, out, eval_loss, counts_done), self.pending = self.pending, None
+        values = {k: host_scalar(out[k]) for k in ("loss", "lr", "grad_norm")}  # waits for step `done`
+        values.update({k: host_scalar(v) for k, v in out.items() if k.startswith("moe_")})
+        streak, total = (int(x) for x in np.asarray(jax.device_get(counts_done)))
+        values["nonfinite_steps"], self.nonfinite_logged = total - self.nonfinite_logged, total  # since the last line
+        now = time.perf_counter()
+        tps = (done - self.step_mark) * self.tokens_per_step / max(now - self.t_mark, 1e-9)
+        self.t_mark, self.step_mark = now, done
+        values["tokens_per_sec"] = tps
+        values["mfu"] = (None if self.peak is None
+                         else tps / self.tokens_per_step * self.flops / (self.peak * jax.device_count()))  # fmt: skip
+        if eval_loss is not None:
+            values["eval_loss"] = eval_loss
+        self.writer.write(done, values)
+        self.last = values
+        self.check_finite(done, streak)
         try:
-            ckpt.close()
-        except RunError as save_error:  # that save failed too: the older cause is the one to fix first
-            raise save_error from error
-        raise error
+            self.ckpt.check_for_errors()  # an async save that failed since: stop now, not at the next save
+        except RunError as e:
+            self.stop_run(e)
+        shown = {"loss": f"{values['loss']:.4f}", "tok/s": f"{tps:,.0f}"}
+        if values["mfu"] is not None:
+            shown["mfu"] = f"{100 * values['mfu']:.1f}%"
+        self.bar.set_postfix(shown, refresh=False)
 
-    def check_finite(done: int, streak: int) -> None:
+    def save(self, done: int, force: bool) -> None:
+        self.write_pending()  # its line first, so a stop below still leaves it in metrics.jsonl
+        # reading the count costs nothing here: the save waits for step `done` anyway
+        self.check_finite(done, int(np.asarray(jax.device_get(self.counts))[0]))
+        try:
+            self.ckpt.save(done, self.state, self.train_iter, force=force)
+        except RunError as e:
+            self.stop_run(e)
+
+    def check_finite(self, done: int, streak: int) -> None:
         """Stop after `train.max_nonfinite_steps` non-finite steps in a row."""
-        if streak >= t.max_nonfinite_steps:
-            saved = ckpt.steps()
-            stop_run(RunError(
+        limit = self.t.max_nonfinite_steps
+        if streak >= limit:
+            saved = self.ckpt.steps()
+            self.stop_run(RunError(
                 f"{streak} consecutive steps up to step {done} had a non-finite loss or gradient norm "
-                f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); their updates were skipped and no "
+                f"(train.max_nonfinite_steps={limit}); their updates were skipped and no "
                 f"non-finite state was saved. The newest checkpoint, "
                 f"{f'step {saved[-1]}' if saved else 'none yet'}, is the last good state: lower optim.lr, "
                 f"lengthen optim.warmup_steps or check the data near step {done}, then rerun to resume"
             ))  # fmt: skip
 
-    def save(done: int, force: bool) -> None:
-        nonlocal pending
-        if pending is not None:  # its line first, so a stop below still leaves it in metrics.jsonl
-            flush(pending)
-            pending = None
-        # reading the count costs nothing here: the save waits for step `done` anyway
-        check_finite(done, int(np.asarray(jax.device_get(counts))[0]))
+    def stop_run(self, error: Exception):
+        """Finish what can be finished (the in-flight save becomes durable), then raise `error`."""
+        self.bar.close()
+        self.writer.close()
         try:
-            ckpt.save(done, state, train_iter, force=force)
-        except RunError as e:
-            stop_run(e)
+            self.ckpt.close()
+        except RunError as save_error:  # that save failed too: the older cause is the one to fix first
+            raise save_error from error
+        raise error
 
-    def flush(pending):
-        nonlocal t_mark, step_mark, last, nonfinite_logged
-        done, out, eval_loss, counts_done = pending
-        values = {k: host_scalar(out[k]) for k in ("loss", "lr", "grad_norm")}  # waits for step `done`
-        values.update({k: host_scalar(v) for k, v in out.items() if k.startswith("moe_")})
-        streak, total = (int(x) for x in np.asarray(jax.device_get(counts_done)))
-        values["nonfinite_steps"], nonfinite_logged = total - nonfinite_logged, total  # since the last line
-        now = time.perf_counter()
-        tps = (done - step_mark) * tokens_per_step / max(now - t_mark, 1e-9)
-        t_mark, step_mark = now, done
-        values["tokens_per_sec"] = tps
-        values["mfu"] = None if peak is None else tps / tokens_per_step * flops / (peak * jax.device_count())
-        if eval_loss is not None:
-            values["eval_loss"] = eval_loss
-        writer.write(done, values)
-        last = values
-        check_finite(done, streak)
-        try:
-            ckpt.check_for_errors()  # an async save that failed since: stop now, not at the next save
-        except RunError as e:
-            stop_run(e)
-        shown = {"loss": f"{values['loss']:.4f}", "tok/s": f"{tps:,.0f}"}
-        if values["mfu"] is not None:
-            shown["mfu"] = f"{100 * values['mfu']:.1f}%"
-        bar.set_postfix(shown, refresh=False)
+    # --- finish --------------------------------------------------------------------------------
 
-    t_start = time.perf_counter()
-    with jax.set_mesh(s.mesh), Preemption(str(ckpt.directory), t.stop_grace_seconds) as preempt:
-        for step in range(start, t.steps):
-            batch = to_device_batch(s, next(train_iter))
-            state, out = step_fn(state, batch)
-            counts = tally(counts, out["nonfinite"])
-            done = step + 1
-            if pending is not None:
-                flush(pending)
-                pending = None
-            eval_loss = None
-            if t.eval_every and (done % t.eval_every == 0 or done == t.steps):  # the summary reports the end
-                eval_loss = last_eval = evaluate(state["params"])
-                eval_step = done
-            if sample_text and done % t.sample_every == 0:
-                writer.write_text(done, "sample", sample_text(state["params"]))
-            if done % t.log_every == 0 or done == t.steps or eval_loss is not None:
-                pending = (done, out, eval_loss, counts)
-            stop = preempt.should_stop(done)
-            every = cfg.checkpoint.every_steps
-            if stop or done == t.steps or (every and done % every == 0):
-                save(done, force=stop or done == t.steps)
-            bar.update(1)
-            if stop:
-                stopped_early = done < t.steps
-                break
-        if pending is not None:
-            flush(pending)
-        bar.close()
-        writer.close()
-        ckpt.close()  # waits until the last save is durable (within the grace of a stop); RunError if it failed
-    elapsed = time.perf_counter() - t_start
-    summary = {
-        "steps": int(host_scalar(state["step"])),
-        "start": start,
-        "final_loss": last.get("loss"),
-        "eval_loss": last_eval,
-        "eval_step": eval_step,
-        "seconds": round(elapsed, 1),
-        "preempted": stopped_early,
-        "stopped_by": preempt.signal_name if stopped_early else None,
-        "checkpoints": ckpt.steps(),
-        "workdir": workdir,
-    }
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    def close(self) -> None:
+        """The last metrics line, then the checkpoints: RunError if the last save failed."""
+        self.write_pending()
+        self.bar.close()
+        self.writer.close()
+        self.ckpt.close()
 
-        multihost_utils.sync_global_devices("nopejax_train_end")  # no host exits while others save
-    return summary
+    def finish(self, start: int, seconds: float, stopped_early: bool, signal_name: str | None) -> dict:
+        summary = {
+            "steps": int(host_scalar(self.state["step"])),
+            "start": start,
+            "final_loss": self.last.get("loss"),
+            "eval_loss": self.last_eval,
+            "eval_step": self.eval_step,
+            "seconds": round(seconds, 1),
+            "preempted": stopped_early,
+            "stopped_by": signal_name if stopped_early else None,
+            "checkpoints": self.ckpt.steps(),
+            "workdir": self.workdir,
+        }
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("nopejax_train_end")  # no host exits while others save
+        return summary
+
+    def say(self, line: str) -> None:
+        if self.is_main:
+            print(line, flush=True)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from test_train import ROOT, nopejax, random_batches, small_cfg
 
-from nopejax import checkpoint, cli, train
+from nopejax import checkpoint, checkpoint_faults, cli, train
 from nopejax.config import ConfigError, RunError
 
 RUN = ["--config", "configs/tiny.py", "--config.train.steps=24", "--config.train.log_every=1",
@@ -270,7 +270,7 @@ UNAVAILABLE = ValueError('UNAVAILABLE: Error reading "params.embed/0.0" in OCDBT
 def test_a_transient_read_error_is_retried_and_the_checkpoint_kept(tmp_path, two_steps, monkeypatch, caplog):
     source, s = two_steps
     shutil.copytree(source, tmp_path, dirs_exist_ok=True)
-    monkeypatch.setattr(checkpoint, "RETRY_SECONDS", (0.0, 0.0))
+    monkeypatch.setattr(checkpoint_faults, "RETRY_SECONDS", (0.0, 0.0))
     ckpt = checkpoint.Checkpointer(str(tmp_path), small_cfg())
     failed = failing_state_reads(monkeypatch, ckpt, wrapped(UNAVAILABLE), times=2)
     with caplog.at_level("WARNING"):
@@ -295,7 +295,7 @@ def test_a_read_error_without_evidence_of_damage_stops_and_keeps_the_checkpoint(
 ):
     source, s = two_steps
     shutil.copytree(source, tmp_path, dirs_exist_ok=True)
-    monkeypatch.setattr(checkpoint, "RETRY_SECONDS", (0.0, 0.0))
+    monkeypatch.setattr(checkpoint_faults, "RETRY_SECONDS", (0.0, 0.0))
     ckpt = checkpoint.Checkpointer(str(tmp_path), small_cfg())
     failing_state_reads(monkeypatch, ckpt, error, times=100)
     with pytest.raises(RunError) as err:

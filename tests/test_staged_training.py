@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from configs_loader import load
 
-from nopejax import checkpoint, config, data, eval_length, optimizer, stages, train
+from nopejax import checkpoint, config, data, eval_length, optimizer, restore, stages, train
 from nopejax.config import ConfigError
 
 SEQ, STEPS = 24, 6
@@ -134,6 +134,22 @@ def test_resume_same_workdir_with_longer_sequences_records_history(stage1, tmp_p
     assert stages.check_resume(config.to_dict(saved_cfg), cfg, 8)
     assert stages.resume_entry(config.to_dict(saved_cfg), cfg, STEPS + 3, True) == {
         "step": STEPS + 3, "stage": "resumed", "changes": {"train.seed": [0, 1]}, "data": "restarted"}  # fmt: skip
+
+
+def test_the_restore_plan_prefers_the_workdir_then_init_from_then_a_new_state(stage1, tmp_path):
+    """One decision, from the workdir's checkpoints and the config, made before the data iterator exists."""
+    cfg = tiny(init_from=stage1)
+    new = checkpoint.Checkpointer(str(tmp_path / "new"), cfg)
+    assert restore.plan(cfg, new) == restore.Plan(resume=False, restart_data=False, data_shards=None, init_from=stage1)
+    assert restore.plan(tiny(), new).init_from is None
+    new.close()
+    shutil.copytree(stage1, tmp_path / "old")
+    old = checkpoint.Checkpointer(str(tmp_path / "old"), cfg)
+    same = restore.plan(tiny(train__seq_len=2 * SEQ), old)  # the stream continues: its shards are kept
+    assert same.resume and not same.restart_data and same.data_shards == old.data_shards() is not None
+    other = restore.plan(tiny(train__seed=7), old)  # another stream starts at its beginning, in this run's shards
+    assert other.resume and other.restart_data and other.data_shards is None
+    old.close()
 
 
 def test_data_stream_continues_at_the_next_token_when_seq_len_doubles():

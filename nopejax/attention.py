@@ -1,7 +1,7 @@
 """Attention: the plain-XLA path and the dispatch to cuDNN or the Pallas kernel.
 
 Shape letters: B batch, S sequence, K kv heads, G query heads per kv head (GQA group),
-H = K * G query heads, D head dim, c query rows of a chunk, L keys a chunk sees.
+H = K * G query heads, E head dim, c query rows of a chunk, J keys a chunk sees.
 
 `attend` runs one layer as its `layers.LayerSpec` says: full, sliding-window or chunked
 attention; RoPE or not (full or partial, rotate-half or interleaved pairs); L2 QK-norm after
@@ -63,21 +63,21 @@ def resolve_impl(impl: str, head_dim: int | None = None, platform: str | None = 
     return "xla"
 
 
-def visible(q_idx_c, k_idx_L, S: int, seg_q_Bc, seg_k_BL, pos_q_Bc, pos_k_BL, spec: LayerSpec, causal=True):
-    """[B or 1, c, L] bool: may query row q_idx see key k_idx (indices into the S tokens).
+def visible(q_idx_c, k_idx_J, S: int, seg_q_Bc, seg_k_BJ, pos_q_Bc, pos_k_BJ, spec: LayerSpec, causal=True):
+    """[B or 1, c, J] bool: may query row q_idx see key k_idx (indices into the S tokens).
 
     Keys outside [0, S) are band padding and never visible. Causality is by index; windows and
     chunks are by position, so they restart with each packed document.
     """
-    ok_cL = (k_idx_L[None, :] >= 0) & (k_idx_L[None, :] < S)
+    ok_cJ = (k_idx_J[None, :] >= 0) & (k_idx_J[None, :] < S)
     if causal:
-        ok_cL = ok_cL & (k_idx_L[None, :] <= q_idx_c[:, None])
+        ok_cJ = ok_cJ & (k_idx_J[None, :] <= q_idx_c[:, None])
     if spec.attention == "sliding":  # the index band too, so rows whose positions stand still (padding)
-        ok_cL = ok_cL & (k_idx_L[None, :] > q_idx_c[:, None] - spec.window)  # agree on every path
-    ok = ok_cL[None]
+        ok_cJ = ok_cJ & (k_idx_J[None, :] > q_idx_c[:, None] - spec.window)  # agree on every path
+    ok = ok_cJ[None]
     if seg_q_Bc is not None:
-        ok = ok & (seg_q_Bc[:, :, None] == seg_k_BL[:, None, :])
-    local = local_visible(pos_q_Bc[:, :, None], pos_k_BL[:, None, :], spec)
+        ok = ok & (seg_q_Bc[:, :, None] == seg_k_BJ[:, None, :])
+    local = local_visible(pos_q_Bc[:, :, None], pos_k_BJ[:, None, :], spec)
     return ok if local is None else ok & local
 
 
@@ -96,7 +96,7 @@ MIN_LOCAL_CHUNK = 8  # a local layer's query chunk is about its window, not belo
 
 
 def xla_attention(
-    q_BSHD, k_BSKD, v_BSKD, segment_ids_BS=None, causal=True, *, positions_BS=None, spec=FULL, q_chunk=Q_CHUNK
+    q_BSHE, k_BSKE, v_BSKE, segment_ids_BS=None, causal=True, *, positions_BS=None, spec=FULL, q_chunk=Q_CHUNK
 ):
     """Softmax attention in fp32 (as HF's eager path), GQA by grouping query heads.
 
@@ -108,8 +108,8 @@ def xla_attention(
     Suffix queries (context parallelism): q may hold only the last Sq of the S tokens k holds;
     positions and segment ids are then the keys' [B, S].
     """
-    B, S = k_BSKD.shape[:2]
-    Sq = q_BSHD.shape[1]
+    B, S = k_BSKE.shape[:2]
+    Sq = q_BSHE.shape[1]
     offset = S - Sq  # sequence index of query row 0
     if positions_BS is None:
         positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
@@ -118,22 +118,22 @@ def xla_attention(
         lookback = spec.window - 1  # keys further back than this (by index) are never visible
         c = min(q_chunk, max(MIN_LOCAL_CHUNK, spec.window))
         if c + lookback < S:  # else the band is the whole sequence
-            return _banded(q_BSHD, k_BSKD, v_BSKD, pos_BS, seg_BS, spec, c, lookback)
+            return _banded(q_BSHE, k_BSKE, v_BSKE, pos_BS, seg_BS, spec, c, lookback)
     idx = jnp.arange(S)
     seg_q, pos_q = None if seg_BS is None else seg_BS[:, offset:], pos_BS[:, offset:]
     if 2 * q_chunk >= Sq or Sq % q_chunk:
         allowed = visible(offset + jnp.arange(Sq), idx, S, seg_q, seg_BS, pos_q, pos_BS, spec, causal)
-        return _attend_rows(q_BSHD, k_BSKD, v_BSKD, allowed)
+        return _attend_rows(q_BSHE, k_BSKE, v_BSKE, allowed)
     n = Sq // q_chunk
 
     @jax.checkpoint
     def one_chunk(xs):
-        q_BcHD, start, seg_Bc, pos_Bc = xs
+        q_BcHE, start, seg_Bc, pos_Bc = xs
         allowed = visible(start + jnp.arange(q_chunk), idx, S, seg_Bc, seg_BS, pos_Bc, pos_BS, spec, causal)
-        return _attend_rows(q_BcHD, k_BSKD, v_BSKD, allowed)
+        return _attend_rows(q_BcHE, k_BSKE, v_BSKE, allowed)
 
     starts = offset + jnp.arange(n, dtype=jnp.int32) * q_chunk
-    chunks = (_to_chunks(q_BSHD, n), starts, None if seg_q is None else _to_chunks(seg_q, n), _to_chunks(pos_q, n))
+    chunks = (_to_chunks(q_BSHE, n), starts, None if seg_q is None else _to_chunks(seg_q, n), _to_chunks(pos_q, n))
     return _from_chunks(jax.lax.map(one_chunk, chunks))
 
 
@@ -145,62 +145,62 @@ def _from_chunks(a):  # [n, B, c, ...] -> [B, n * c, ...]
     return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1, *a.shape[3:])
 
 
-def _banded(q_BSHD, k_BSKD, v_BSKD, pos_BS, seg_BS, spec, c, lookback):
+def _banded(q_BSHE, k_BSKE, v_BSKE, pos_BS, seg_BS, spec, c, lookback):
     """A local layer in O(S * (c + lookback)): query rows [s, s + c) see keys [s - lookback, s + c).
 
     Keys are padded with `lookback` in front (and queries and keys at the end up to a whole
-    number of chunks), so every chunk slices a band of the same static length L = c + lookback.
+    number of chunks), so every chunk slices a band of the same static length J = c + lookback.
     """
-    S = q_BSHD.shape[1]
+    S = q_BSHE.shape[1]
     n = -(-S // c)
     tail = n * c - S
 
     def pad(a, front, back):
         return jnp.pad(a, [(0, 0), (front, back)] + [(0, 0)] * (a.ndim - 2))
 
-    L = c + lookback
-    k_pad, v_pad, pos_k_pad = pad(k_BSKD, lookback, tail), pad(v_BSKD, lookback, tail), pad(pos_BS, lookback, tail)
+    J = c + lookback
+    k_pad, v_pad, pos_k_pad = pad(k_BSKE, lookback, tail), pad(v_BSKE, lookback, tail), pad(pos_BS, lookback, tail)
     seg_k_pad = None if seg_BS is None else pad(seg_BS, lookback, tail)
 
-    def band(a, start):  # padded index start .. start + L is key index start - lookback .. start + c
-        return None if a is None else jax.lax.dynamic_slice_in_dim(a, start, L, axis=1)
+    def band(a, start):  # padded index start .. start + J is key index start - lookback .. start + c
+        return None if a is None else jax.lax.dynamic_slice_in_dim(a, start, J, axis=1)
 
     @jax.checkpoint
     def one_chunk(xs):
-        q_BcHD, start, seg_Bc, pos_Bc = xs
-        k_idx_L = start - lookback + jnp.arange(L)
+        q_BcHE, start, seg_Bc, pos_Bc = xs
+        k_idx_J = start - lookback + jnp.arange(J)
         allowed = visible(
-            start + jnp.arange(c), k_idx_L, S, seg_Bc, band(seg_k_pad, start), pos_Bc, band(pos_k_pad, start), spec
+            start + jnp.arange(c), k_idx_J, S, seg_Bc, band(seg_k_pad, start), pos_Bc, band(pos_k_pad, start), spec
         )
-        return _attend_rows(q_BcHD, band(k_pad, start), band(v_pad, start), allowed)
+        return _attend_rows(q_BcHE, band(k_pad, start), band(v_pad, start), allowed)
 
     starts = jnp.arange(n, dtype=jnp.int32) * c
     seg_q = None if seg_BS is None else _to_chunks(pad(seg_BS, 0, tail), n)
-    chunks = (_to_chunks(pad(q_BSHD, 0, tail), n), starts, seg_q, _to_chunks(pad(pos_BS, 0, tail), n))
+    chunks = (_to_chunks(pad(q_BSHE, 0, tail), n), starts, seg_q, _to_chunks(pad(pos_BS, 0, tail), n))
     return _from_chunks(jax.lax.map(one_chunk, chunks))[:, :S]
 
 
-def _attend_rows(q_BcHD, k_BLKD, v_BLKD, allowed_BcL):
-    """c query rows against L keys, masked by `allowed` ([B or 1, c, L])."""
-    B, c, H, D = q_BcHD.shape
-    K = k_BLKD.shape[2]
-    q_BcKGD = q_BcHD.reshape(B, c, K, H // K, D)
-    scores_BKGcL = jnp.einsum("bckgd,blkd->bkgcl", q_BcKGD, k_BLKD, preferred_element_type=jnp.float32)
-    scores_BKGcL = scores_BKGcL * (D**-0.5)
-    scores_BKGcL = jnp.where(allowed_BcL[:, None, None], scores_BKGcL, jnp.finfo(jnp.float32).min)
-    probs_BKGcL = jax.nn.softmax(scores_BKGcL, axis=-1).astype(v_BLKD.dtype)
-    out_BcKGD = jnp.einsum("bkgcl,blkd->bckgd", probs_BKGcL, v_BLKD, preferred_element_type=jnp.float32)
-    return out_BcKGD.reshape(B, c, H, D).astype(q_BcHD.dtype)
+def _attend_rows(q_BcHE, k_BJKE, v_BJKE, allowed_BcJ):
+    """c query rows against J keys, masked by `allowed` ([B or 1, c, J])."""
+    B, c, H, E = q_BcHE.shape
+    K = k_BJKE.shape[2]
+    q_BcKGE = q_BcHE.reshape(B, c, K, H // K, E)
+    scores_BKGcJ = jnp.einsum("bckgd,blkd->bkgcl", q_BcKGE, k_BJKE, preferred_element_type=jnp.float32)
+    scores_BKGcJ = scores_BKGcJ * (E**-0.5)
+    scores_BKGcJ = jnp.where(allowed_BcJ[:, None, None], scores_BKGcJ, jnp.finfo(jnp.float32).min)
+    probs_BKGcJ = jax.nn.softmax(scores_BKGcJ, axis=-1).astype(v_BJKE.dtype)
+    out_BcKGE = jnp.einsum("bkgcl,blkd->bckgd", probs_BKGcJ, v_BJKE, preferred_element_type=jnp.float32)
+    return out_BcKGE.reshape(B, c, H, E).astype(q_BcHE.dtype)
 
 
-def cudnn_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS=None, positions_BS=None, spec=FULL):
-    S = q_BSHD.shape[1]
+def cudnn_attention(q_BSHE, k_BSKE, v_BSKE, segment_ids_BS=None, positions_BS=None, spec=FULL):
+    S = q_BSHE.shape[1]
     m = None
     if segment_ids_BS is not None or spec.local:  # cuDNN takes a dense mask: O(S^2), but exact
         idx = jnp.arange(S)
-        pos = positions_BS if positions_BS is not None else jnp.broadcast_to(idx, q_BSHD.shape[:2])
+        pos = positions_BS if positions_BS is not None else jnp.broadcast_to(idx, q_BSHE.shape[:2])
         m = visible(idx, idx, S, segment_ids_BS, segment_ids_BS, pos, pos, spec)[:, None]
-    return jax.nn.dot_product_attention(q_BSHD, k_BSKD, v_BSKD, mask=m, is_causal=True, implementation="cudnn")
+    return jax.nn.dot_product_attention(q_BSHE, k_BSKE, v_BSKE, mask=m, is_causal=True, implementation="cudnn")
 
 
 def nope_temperature_scale(positions_BS, floor_scale: float, attn_scale: float):
@@ -209,14 +209,14 @@ def nope_temperature_scale(positions_BS, floor_scale: float, attn_scale: float):
     return jnp.log1p(jnp.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
 
 
-def l2_norm(x_BSHD, eps: float):
+def l2_norm(x_BSHE, eps: float):
     """Llama 4's weightless QK-norm: x * rsqrt(mean(x^2) + eps) in fp32, cast back."""
-    x = x_BSHD.astype(jnp.float32)
-    return (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)).astype(x_BSHD.dtype)
+    x = x_BSHE.astype(jnp.float32)
+    return (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)).astype(x_BSHE.dtype)
 
 
 def attend(
-    q_BSHD, k_BSKD, v_BSKD, *, positions_BS, segment_ids_BS, spec: LayerSpec, cos_sin, rope, impl: str, norm_eps=1e-6
+    q_BSHE, k_BSKE, v_BSKE, *, positions_BS, segment_ids_BS, spec: LayerSpec, cos_sin, rope, impl: str, norm_eps=1e-6
 ):
     """Causal attention of one layer as `spec` says. q and k arrive un-rotated.
 
@@ -224,26 +224,26 @@ def attend(
     follows RoPE, so its layers are rotated here on every path, and the kernel gets rope=False.
     """
     C = sharding.context_size()
-    impl = resolve_impl(impl, q_BSHD.shape[-1], context_chunk=q_BSHD.shape[1] // (2 * C) if C > 1 else None)
+    impl = resolve_impl(impl, q_BSHE.shape[-1], context_chunk=q_BSHE.shape[1] // (2 * C) if C > 1 else None)
     rotate_here = spec.use_rope and (impl != "pallas" or spec.qk_norm == "l2")
     if rotate_here:
         cos_BSR, sin_BSR = cos_sin
-        q_BSHD = rope_lib.apply_rope(q_BSHD, cos_BSR, sin_BSR, spec.rope_layout)
-        k_BSKD = rope_lib.apply_rope(k_BSKD, cos_BSR, sin_BSR, spec.rope_layout)
+        q_BSHE = rope_lib.apply_rope(q_BSHE, cos_BSR, sin_BSR, spec.rope_layout)
+        k_BSKE = rope_lib.apply_rope(k_BSKE, cos_BSR, sin_BSR, spec.rope_layout)
     if spec.qk_norm == "l2":
-        q_BSHD, k_BSKD = l2_norm(q_BSHD, norm_eps), l2_norm(k_BSKD, norm_eps)
+        q_BSHE, k_BSKE = l2_norm(q_BSHE, norm_eps), l2_norm(k_BSKE, norm_eps)
     if impl == "pallas":
         rotate = spec.use_rope and not rotate_here
-        return _pallas(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, spec, rope, rotate)
+        return _pallas(q_BSHE, k_BSKE, v_BSKE, positions_BS, segment_ids_BS, spec, rope, rotate)
     if spec.nope_temperature is not None:
         scale_BS = nope_temperature_scale(positions_BS, *spec.nope_temperature)
-        q_BSHD = (q_BSHD.astype(jnp.float32) * scale_BS[:, :, None, None]).astype(q_BSHD.dtype)
+        q_BSHE = (q_BSHE.astype(jnp.float32) * scale_BS[:, :, None, None]).astype(q_BSHE.dtype)
     if sharding.context_size() > 1:  # cuDNN takes no suffix queries: XLA per device
         inner = lambda q, k, v, pos, seg: xla_attention(q, k, v, seg, positions_BS=pos, spec=spec)
-        return context.attend(inner, q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, lookback=_lookback(spec))
+        return context.attend(inner, q_BSHE, k_BSKE, v_BSKE, positions_BS, segment_ids_BS, lookback=_lookback(spec))
     if impl == "cudnn":
-        return cudnn_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS, positions_BS, spec)
-    return xla_attention(q_BSHD, k_BSKD, v_BSKD, segment_ids_BS, positions_BS=positions_BS, spec=spec)
+        return cudnn_attention(q_BSHE, k_BSKE, v_BSKE, segment_ids_BS, positions_BS, spec)
+    return xla_attention(q_BSHE, k_BSKE, v_BSKE, segment_ids_BS, positions_BS=positions_BS, spec=spec)
 
 
 def _lookback(spec: LayerSpec, align: int = 1) -> int | None:
@@ -280,7 +280,7 @@ def kernel_options(spec: LayerSpec, rotate: bool) -> dict:
     return options
 
 
-def _pallas(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, spec, rope, rotate):
+def _pallas(q_BSHE, k_BSKE, v_BSKE, positions_BS, segment_ids_BS, spec, rope, rotate):
     """The fused-RoPE flash kernel; under a mesh it runs per shard (batch and heads split).
 
     Inside `shard_map` each device sees its batch rows and its heads. With a `context` axis the
@@ -303,14 +303,14 @@ def _pallas(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, spec, rope, ro
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
-        return kernel(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS)
+        return kernel(q_BSHE, k_BSKE, v_BSKE, positions_BS, segment_ids_BS)
     if sharding.context_size(mesh) > 1:
         lookback = _lookback(spec, align=128)
-        return context.attend(kernel, q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, lookback=lookback)
+        return context.attend(kernel, q_BSHE, k_BSKE, v_BSKE, positions_BS, segment_ids_BS, lookback=lookback)
     heads = sharding.logical_to_spec(["act_batch", "act_seq", "act_heads", None], mesh)
     rows = sharding.logical_to_spec(["act_batch", "act_seq"], mesh)
     has_segments = segment_ids_BS is not None
-    operands = (q_BSHD, k_BSKD, v_BSKD, positions_BS) + ((segment_ids_BS,) if has_segments else ())
+    operands = (q_BSHE, k_BSKE, v_BSKE, positions_BS) + ((segment_ids_BS,) if has_segments else ())
     specs = (heads, heads, heads, rows) + ((rows,) if has_segments else ())
 
     @functools.partial(jax.shard_map, in_specs=specs, out_specs=heads, check_vma=False)

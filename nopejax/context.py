@@ -17,8 +17,8 @@ ends with itself: `inner(q, k, v, positions, segment_ids)` with the queries bein
 the keys (XLA path or the flash kernel). Differentiating all_gather gives the reduce-scatter of
 dK and dV; ppermute's transpose sends the halo's gradient back.
 
-Shape letters: B batch, S sequence (T = S / C per device, c = T / 2 per chunk), H query heads,
-K kv heads, D head dim, L keys of a span.
+Shape letters: B batch, S sequence (s = S / C per device, c = s / 2 per chunk), H query heads,
+K kv heads, E head dim, J keys of a span.
 """
 
 from __future__ import annotations
@@ -62,17 +62,17 @@ def restore(batch: dict, num_shards: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inside shard_map: one device's rows [B, T = 2c] are chunks (d, 2C-1-d) of the row
+# Inside shard_map: one device's rows [B, s = 2c] are chunks (d, 2C-1-d) of the row
 
 
-def _natural(x_BT, C: int, axis: str):
-    """All-gather a zig-zag-sharded [B, T, ...] array over `axis` and return it in natural order [B, S, ...].
+def _natural(x_Bs, C: int, axis: str):
+    """All-gather a zig-zag-sharded [B, s, ...] array over `axis` and return it in natural order [B, S, ...].
 
     Gathered, device i's block [chunk i, chunk 2C-1-i] comes i-th: chunks 0..C-1 are the first
     halves in device order, chunks C..2C-1 the second halves in reverse device order.
     """
-    g = jax.lax.all_gather(x_BT, axis, axis=1, tiled=True)  # [B, C * T, ...]
-    B, c = g.shape[0], x_BT.shape[1] // 2
+    g = jax.lax.all_gather(x_Bs, axis, axis=1, tiled=True)  # [B, C * s, ...]
+    B, c = g.shape[0], x_Bs.shape[1] // 2
     halves = g.reshape(B, C, 2, c, *g.shape[2:])
     first = halves[:, :, 0].reshape(B, C * c, *g.shape[2:])
     second = halves[:, ::-1, 1].reshape(B, C * c, *g.shape[2:])
@@ -87,18 +87,18 @@ def _prefix_span(x_BS, end, span: int, fill):
     return jax.lax.dynamic_slice_in_dim(padded, end, span, axis=1)
 
 
-def _halos(x_BT, lookback: int, C: int, d, axis: str, fill):
+def _halos(x_Bs, lookback: int, C: int, d, axis: str, fill):
     """The `lookback` entries before each of this device's two chunks: ([B, lookback, ...] x 2).
 
     Chunk d's come from the end of chunk d-1 (first half of device d-1; nothing for d = 0: `fill`);
     chunk 2C-1-d's from the end of chunk 2C-2-d: the second half of device d+1, or for d = C-1 this
     device's own first half. Needs lookback <= c.
     """
-    c = x_BT.shape[1] // 2
-    tail_a, tail_b = x_BT[:, c - lookback : c], x_BT[:, 2 * c - lookback :]
+    c = x_Bs.shape[1] // 2
+    tail_a, tail_b = x_Bs[:, c - lookback : c], x_Bs[:, 2 * c - lookback :]
     from_left = jax.lax.ppermute(tail_a, axis, [(i, i + 1) for i in range(C - 1)])
     from_right = jax.lax.ppermute(tail_b, axis, [(i + 1, i) for i in range(C - 1)])
-    halo_a = jnp.where(d == 0, jnp.asarray(fill, x_BT.dtype), from_left)
+    halo_a = jnp.where(d == 0, jnp.asarray(fill, x_Bs.dtype), from_left)
     halo_b = jnp.where(d == C - 1, tail_a, from_right)
     return halo_a, halo_b
 
@@ -121,11 +121,11 @@ def _spans(arrays, lookback: int | None, C: int, d, axis: str):
     return [tuple(_prefix_span(a, end, S, f) for a, f in zip(natural, fills)) for end in ends]
 
 
-def attend(inner, q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, *, lookback: int | None = None):
+def attend(inner, q_BSHE, k_BSKE, v_BSKE, positions_BS, segment_ids_BS, *, lookback: int | None = None):
     """Attention of zig-zag-ordered rows under the abstract mesh's `context` axis.
 
-    `inner(q [B, c, H, D], k [B, L, K, D], v, positions [B, L], segment_ids [B, L]) -> [B, c, H, D]`
-    attends causally with the queries being the last c of the L keys (masks by index within the
+    `inner(q [B, c, H, E], k [B, J, K, E], v, positions [B, J], segment_ids [B, J]) -> [B, c, H, E]`
+    attends causally with the queries being the last c of the J keys (masks by index within the
     span, windows by position, documents by id). `lookback`: keys further back than this are never
     visible (W - 1 for a sliding window of W), so a halo suffices; None for global layers.
     """
@@ -145,4 +145,4 @@ def attend(inner, q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS, *, lookb
         outs = [inner(q[:, i * c : (i + 1) * c], *span) for i, span in enumerate(spans)]
         return jnp.concatenate(outs, axis=1)
 
-    return per_shard(q_BSHD, k_BSKD, v_BSKD, positions_BS, segment_ids_BS)
+    return per_shard(q_BSHE, k_BSKE, v_BSKE, positions_BS, segment_ids_BS)

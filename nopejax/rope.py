@@ -26,12 +26,12 @@ import numpy as np
 
 
 class Rope(NamedTuple):
-    inv_freq: np.ndarray  # [D/2] float32
+    inv_freq: np.ndarray  # [E/2] float32
     attention_factor: float  # multiplies cos and sin (YaRN); 1.0 otherwise
 
 
 def default_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    # float32 exactly as HF: 1 / theta ** (arange(0, D, 2) / D) in torch.float
+    # float32 exactly as HF: 1 / theta ** (arange(0, E, 2) / E) in torch.float
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
 
@@ -118,10 +118,10 @@ def cos_sin(positions, rope: Rope, layout: str = "half"):
     return jnp.cos(angles_BSR) * rope.attention_factor, jnp.sin(angles_BSR) * rope.attention_factor
 
 
-def apply_rope(x_BSHD, cos_BSR, sin_BSR, layout: str = "half"):
-    """x * cos + rotate(x) * sin on the first R dims, in float32; the other D - R pass through."""
+def apply_rope(x_BSHE, cos_BSR, sin_BSR, layout: str = "half"):
+    """x * cos + rotate(x) * sin on the first R dims, in float32; the other E - R pass through."""
     R = cos_BSR.shape[-1]
-    x = x_BSHD.astype(jnp.float32)
+    x = x_BSHE.astype(jnp.float32)
     x_rot, x_pass = x[..., :R], x[..., R:]
     if layout == "interleaved":
         x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
@@ -130,4 +130,4 @@ def apply_rope(x_BSHD, cos_BSR, sin_BSR, layout: str = "half"):
         x1, x2 = jnp.split(x_rot, 2, axis=-1)
         rotated = jnp.concatenate([-x2, x1], axis=-1)
     out = x_rot * cos_BSR[:, :, None, :] + rotated * sin_BSR[:, :, None, :]
-    return jnp.concatenate([out, x_pass], axis=-1).astype(x_BSHD.dtype)
+    return jnp.concatenate([out, x_pass], axis=-1).astype(x_BSHE.dtype)

@@ -270,9 +270,9 @@ def test_grid_and_cost_estimate_cover_only_the_band():
 @pytest.mark.parametrize(
     ("shapes", "kwargs", "match"),
     [
-        (((1, 128, 4, 96), (1, 128, 4, 96)), {}, r"head_dim D=96 is not supported"),
+        (((1, 128, 4, 96), (1, 128, 4, 96)), {}, r"head_dim E=96 is not supported"),
         (((1, 128, 6, 64), (1, 128, 4, 64)), {}, r"Hq=6 must be a multiple of num kv heads Hkv=4"),
-        (((1, 128, 4, 64), (1, 64, 4, 64)), {}, r"k/v must be \[B, S, Hkv, D\]"),
+        (((1, 128, 4, 64), (1, 64, 4, 64)), {}, r"k/v must be \[B, S, Hkv, E\]"),
         (((1, 128, 4, 64), (1, 128, 4, 64)), {"positions": jnp.zeros((1, 64), jnp.int32)}, r"positions must be"),
         (((1, 128, 4, 64), (1, 128, 4, 64)), {"segment_ids": jnp.zeros((128,), jnp.int32)}, r"segment_ids must be"),
         (((1, 128, 4, 64), (1, 128, 4, 64)), {"block_q": 96}, r"block_q=96 must be a multiple of 128"),

@@ -21,7 +21,7 @@ def _computed_tiles(cfg: TileConfig, bq: int, bk: int) -> int:
 
 
 def _rope_elems(cfg: TileConfig, rows: int) -> tuple[int, int, int]:
-    """(flops, transcendentals, bytes) to rotate a [rows, D] tile."""
+    """(flops, transcendentals, bytes) to rotate a [rows, E] tile."""
     if not cfg.rope:
         return 0, 0, 0
     R = cfg.rot_dim
@@ -31,16 +31,16 @@ def _rope_elems(cfg: TileConfig, rows: int) -> tuple[int, int, int]:
 
 
 def forward(q, k, cfg: TileConfig, bq: int, bk: int) -> pl.CostEstimate:
-    B, S, Hq, D = q.shape
+    B, S, Hq, E = q.shape
     pairs = _computed_tiles(cfg, bq, bk) * B * Hq
     rope_q = _rope_elems(cfg, S)
     rope_k = _rope_elems(cfg, bk)
     it = q.dtype.itemsize
     return pl.CostEstimate(
-        flops=pairs * (4 * bq * bk * D + 6 * bq * bk) + B * Hq * rope_q[0] + pairs * rope_k[0],
+        flops=pairs * (4 * bq * bk * E + 6 * bq * bk) + B * Hq * rope_q[0] + pairs * rope_k[0],
         transcendentals=pairs * bq * bk + B * Hq * rope_q[1] + pairs * rope_k[1],
-        bytes_accessed=2 * B * S * Hq * D * it
-        + pairs * 2 * bk * D * it
+        bytes_accessed=2 * B * S * Hq * E * it
+        + pairs * 2 * bk * E * it
         + 4 * B * Hq * S
         + B * Hq * rope_q[2]
         + pairs * rope_k[2],
@@ -48,34 +48,34 @@ def forward(q, k, cfg: TileConfig, bq: int, bk: int) -> pl.CostEstimate:
 
 
 def backward_dkv(q, k, cfg: TileConfig, bq: int, bk: int) -> pl.CostEstimate:
-    B, S, Hq, D = q.shape
+    B, S, Hq, E = q.shape
     Hkv = k.shape[2]
     pairs = _computed_tiles(cfg, bq, bk) * B * Hq
     rope_q = _rope_elems(cfg, bq)
     rope_k = _rope_elems(cfg, S)
     it = q.dtype.itemsize
     return pl.CostEstimate(
-        flops=pairs * (8 * bq * bk * D + 6 * bq * bk) + pairs * rope_q[0] + 2 * B * Hkv * rope_k[0],
+        flops=pairs * (8 * bq * bk * E + 6 * bq * bk) + pairs * rope_q[0] + 2 * B * Hkv * rope_k[0],
         transcendentals=pairs * bq * bk + pairs * rope_q[1] + 2 * B * Hkv * rope_k[1],
-        bytes_accessed=4 * B * S * Hkv * D * it
-        + pairs * (2 * bq * D * it + 8 * bq)
+        bytes_accessed=4 * B * S * Hkv * E * it
+        + pairs * (2 * bq * E * it + 8 * bq)
         + pairs * rope_q[2]
         + 2 * B * Hkv * rope_k[2],
     )
 
 
 def backward_dq(q, k, cfg: TileConfig, bq: int, bk: int) -> pl.CostEstimate:
-    B, S, Hq, D = q.shape
+    B, S, Hq, E = q.shape
     pairs = _computed_tiles(cfg, bq, bk) * B * Hq
     rope_q = _rope_elems(cfg, S)
     rope_k = _rope_elems(cfg, bk)
     it = q.dtype.itemsize
     return pl.CostEstimate(
-        flops=pairs * (6 * bq * bk * D + 4 * bq * bk) + 2 * B * Hq * rope_q[0] + pairs * rope_k[0],
+        flops=pairs * (6 * bq * bk * E + 4 * bq * bk) + 2 * B * Hq * rope_q[0] + pairs * rope_k[0],
         transcendentals=pairs * bq * bk + 2 * B * Hq * rope_q[1] + pairs * rope_k[1],
-        bytes_accessed=3 * B * S * Hq * D * it
+        bytes_accessed=3 * B * S * Hq * E * it
         + 8 * B * Hq * S
-        + pairs * 2 * bk * D * it
+        + pairs * 2 * bk * E * it
         + 2 * B * Hq * rope_q[2]
         + pairs * rope_k[2],
     )

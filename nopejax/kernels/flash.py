@@ -35,7 +35,7 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 # (forward block_q, block_k, backward block_q, block_k) per backend.
 _DEFAULT_BLOCKS = {"tpu": (512, 512, 512, 512), "gpu": (128, 64, 64, 64)}
-# GPU rows of 512 bytes or more (D = 256 in bf16 or fp32): half the tiles, or Triton's double-buffered k/v
+# GPU rows of 512 bytes or more (E = 256 in bf16 or fp32): half the tiles, or Triton's double-buffered k/v
 # (forward) and q/dO (dK/dV) tiles exceed an H100/H200's 227 KiB of shared memory (measured on an H200:
 # 289 KiB requested in fp32, 240 KiB in bf16; fp32 passes the --check matrix with these blocks, and bf16
 # at the same blocks needs half its bytes).
@@ -51,9 +51,9 @@ class _Plan:
 
 
 def flash_attention(
-    q,  # [B, S, Hq, D], or [B, Sq, Hq, D]: the last Sq of the S tokens (suffix queries)
-    k,  # [B, S, Hkv, D]
-    v,  # [B, S, Hkv, D]
+    q,  # [B, S, Hq, E], or [B, Sq, Hq, E]: the last Sq of the S tokens (suffix queries)
+    k,  # [B, S, Hkv, E]
+    v,  # [B, S, Hkv, E]
     *,
     segment_ids=None,  # [B, S] int: packed documents never attend across ids
     positions=None,  # [B, S] int: RoPE positions (restarting per document); default arange(S) per row
@@ -73,7 +73,7 @@ def flash_attention(
     block_k: int | None = None,
     backend: str | None = None,
 ):
-    """Flash attention over [B, S, H, D] inputs; returns o [B, S, Hq, D] in q's dtype.
+    """Flash attention over [B, S, H, E] inputs; returns o [B, S, Hq, E] in q's dtype.
 
     GQA: q head h attends with kv head h // (Hq // Hkv); k and v are never repeated.
     Suffix queries (context parallelism): q may have fewer rows than k when causal; they are
@@ -93,7 +93,7 @@ def flash_attention(
         as positions grow by at least 1 per token inside a document (arange, or restarting at 0 per
         document); keys visible by position but outside that band (e.g. repeated positions) are
         not seen. Both need causal=True.
-      partial_rotary_factor=f: rotate the first rot_dim = int(f * D) dims (even), frequencies
+      partial_rotary_factor=f: rotate the first rot_dim = int(f * E) dims (even), frequencies
         over rot_dim (inv_freq then has rot_dim // 2 entries); the rest pass through.
       rope_layout: "half" rotates (x[i], x[i + rot_dim/2]) (rotate_half, Llama / SmolLM3);
         "interleaved" rotates adjacent pairs (x[2i], x[2i+1]) (Cohere2, Llama 4). The kernel runs
@@ -103,16 +103,16 @@ def flash_attention(
         query at position p are scaled by log1p(floor((p + 1) / floor_scale)) * attn_scale + 1,
         the same as scaling q (Llama 4).
     """
-    B, S, Hq, D, Hkv = _check_shapes(q, k, v, segment_ids, positions, causal)
+    B, S, Hq, E, Hkv = _check_shapes(q, k, v, segment_ids, positions, causal)
     backend = _resolve_backend(backend, interpret)
     Sq = q.shape[1]
     if Sq != S and backend != "tpu":
         raise ValueError("suffix queries (fewer q rows than k rows) run on the TPU form only; use the XLA path")
     rot_dim = _check_layer_options(
-        D, rope, causal, sliding_window, chunk_size, partial_rotary_factor, rope_layout, nope_temperature, backend
+        E, rope, causal, sliding_window, chunk_size, partial_rotary_factor, rope_layout, nope_temperature, backend
     )
     if sm_scale is None:
-        sm_scale = D**-0.5
+        sm_scale = E**-0.5
     positions_given = positions is not None
     needs_positions = rope or chunk_size is not None or nope_temperature is not None
     if needs_positions or (sliding_window is not None and positions_given):
@@ -127,7 +127,7 @@ def flash_attention(
         inv_freq = jnp.asarray(inv_freq, jnp.float32)
         if inv_freq.shape != (rot_dim // 2,):
             raise ValueError(
-                f"inv_freq must have shape (rot_dim//2,) = ({rot_dim // 2},) for head_dim {D} and "
+                f"inv_freq must have shape (rot_dim//2,) = ({rot_dim // 2},) for head_dim {E} and "
                 f"partial_rotary_factor {partial_rotary_factor}; got {inv_freq.shape}"
             )
         if rope_layout == "interleaved":
@@ -143,10 +143,10 @@ def flash_attention(
         temperature = jnp.log1p(jnp.floor((positions.astype(jnp.float32) + 1.0) / floor_scale)) * attn_scale + 1.0
 
     plan = _make_plan(
-        S, D, Hq // Hkv, backend, block_q, block_k, bool(interpret), causal=causal, sm_scale=sm_scale, rope=rope,
+        S, E, Hq // Hkv, backend, block_q, block_k, bool(interpret), causal=causal, sm_scale=sm_scale, rope=rope,
         rope_factor=rope_attention_factor, rot_dim=rot_dim, has_segments=segment_ids is not None,
         window=sliding_window, chunk=chunk_size, positions_given=positions_given,
-        has_temperature=temperature is not None, row_bytes=D * q.dtype.itemsize, q_len=Sq,
+        has_temperature=temperature is not None, row_bytes=E * q.dtype.itemsize, q_len=Sq,
     )  # fmt: skip
     Sp = plan.cfg.padded_len
     if Sp != S:  # pad to whole blocks; padded keys are masked, padded query rows dropped
@@ -158,15 +158,15 @@ def flash_attention(
     return o[:, :S] if Sp != S else o
 
 
-def _deinterleave(x_BSHD, rot_dim: int):
+def _deinterleave(x_BSHE, rot_dim: int):
     """Rotated dims from pair order (x0, x1, x2, x3, ...) to half order (x0, x2, ..., x1, x3, ...)."""
-    B, S, H, D = x_BSHD.shape
-    rot = x_BSHD[..., :rot_dim].reshape(B, S, H, rot_dim // 2, 2).swapaxes(-1, -2).reshape(B, S, H, rot_dim)
-    return rot if rot_dim == D else jnp.concatenate([rot, x_BSHD[..., rot_dim:]], axis=-1)
+    B, S, H, E = x_BSHE.shape
+    rot = x_BSHE[..., :rot_dim].reshape(B, S, H, rot_dim // 2, 2).swapaxes(-1, -2).reshape(B, S, H, rot_dim)
+    return rot if rot_dim == E else jnp.concatenate([rot, x_BSHE[..., rot_dim:]], axis=-1)
 
 
 def _make_plan(
-    S, D, num_groups, backend, block_q, block_k, interpret, *, causal, sm_scale, rope, rope_factor, rot_dim,
+    S, E, num_groups, backend, block_q, block_k, interpret, *, causal, sm_scale, rope, rope_factor, rot_dim,
     has_segments, window, chunk, positions_given, has_temperature, row_bytes, q_len=None,
 ) -> _Plan:  # fmt: skip
     suffix = q_len is not None and q_len != S
@@ -179,7 +179,7 @@ def _make_plan(
         sm_scale=float(sm_scale),
         rope=bool(rope),
         rope_factor=float(rope_factor),
-        head_dim=D,
+        head_dim=E,
         num_groups=num_groups,
         seq_len=S,
         padded_len=_round_up(S, math.lcm(*blocks)),
@@ -234,17 +234,17 @@ def describe(
     pl.CostEstimate fields "flops", "transcendentals", "bytes_accessed". `packed` = positions
     are passed (windows and chunks then compare positions, and chunks use the band grid).
     """
-    D = head_dim
-    _check_layer_options(D, rope, causal, sliding_window, chunk_size, 1.0, "half", None, backend)
+    E = head_dim
+    _check_layer_options(E, rope, causal, sliding_window, chunk_size, 1.0, "half", None, backend)
     plan = _make_plan(
-        seq_len, D, num_heads // num_kv_heads, backend, block_q, block_k, False, causal=causal, sm_scale=D**-0.5,
-        rope=rope, rope_factor=1.0, rot_dim=D, has_segments=packed, window=sliding_window, chunk=chunk_size,
-        positions_given=packed, has_temperature=False, row_bytes=D * jnp.dtype(dtype).itemsize,
+        seq_len, E, num_heads // num_kv_heads, backend, block_q, block_k, False, causal=causal, sm_scale=E**-0.5,
+        rope=rope, rope_factor=1.0, rot_dim=E, has_segments=packed, window=sliding_window, chunk=chunk_size,
+        positions_given=packed, has_temperature=False, row_bytes=E * jnp.dtype(dtype).itemsize,
     )  # fmt: skip
     cfg, (bq, bk, bq_b, bk_b) = plan.cfg, plan.blocks
     Sp = cfg.padded_len
-    q = jax.ShapeDtypeStruct((batch, Sp, num_heads, D), dtype)
-    kv = jax.ShapeDtypeStruct((batch, Sp, num_kv_heads, D), dtype)
+    q = jax.ShapeDtypeStruct((batch, Sp, num_heads, E), dtype)
+    kv = jax.ShapeDtypeStruct((batch, Sp, num_kv_heads, E), dtype)
     costs = {
         "forward": cost.forward(q, kv, cfg, bq, bk),
         "dkv": cost.backward_dkv(q, kv, cfg, bq_b, bk_b),
@@ -322,19 +322,19 @@ def _check_shapes(q, k, v, segment_ids, positions, causal=True):
             "q, k, v must be [batch, seq, heads, head_dim]; "
             f"got q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
         )
-    B, Sq, Hq, D = q.shape
+    B, Sq, Hq, E = q.shape
     S = k.shape[1]
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got k{tuple(k.shape)}, v{tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[3] != D or not (Sq == S or (causal and Sq < S)):
+    if k.shape[0] != B or k.shape[3] != E or not (Sq == S or (causal and Sq < S)):
         raise ValueError(
-            f"k/v must be [B, S, Hkv, D] with q's B={B}, S={Sq}, D={D} (self-attention; or, causal, more "
+            f"k/v must be [B, S, Hkv, E] with q's B={B}, S={Sq}, E={E} (self-attention; or, causal, more "
             f"rows than q: q is then their suffix); got k{tuple(k.shape)}"
         )
     Hkv = k.shape[2]
-    if D not in SUPPORTED_HEAD_DIMS:
+    if E not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
-            f"head_dim D={D} is not supported by the flash kernel; use one of {SUPPORTED_HEAD_DIMS} "
+            f"head_dim E={E} is not supported by the flash kernel; use one of {SUPPORTED_HEAD_DIMS} "
             "or the XLA attention path"
         )
     if Hq % Hkv:
@@ -346,11 +346,11 @@ def _check_shapes(q, k, v, segment_ids, positions, causal=True):
     for name, x in (("segment_ids", segment_ids), ("positions", positions)):
         if x is not None and tuple(x.shape) != (B, S):
             raise ValueError(f"{name} must be [B, S] = [{B}, {S}]; got {tuple(x.shape)}")
-    return B, S, Hq, D, Hkv
+    return B, S, Hq, E, Hkv
 
 
 def _check_layer_options(
-    D, rope, causal, sliding_window, chunk_size, partial_rotary_factor, rope_layout, nope_temperature, backend
+    E, rope, causal, sliding_window, chunk_size, partial_rotary_factor, rope_layout, nope_temperature, backend
 ) -> int:
     """Validate the static layer options; returns the rotated width rot_dim."""
     for name, value in (("sliding_window", sliding_window), ("chunk_size", chunk_size)):
@@ -366,10 +366,10 @@ def _check_layer_options(
         )
     if not 0.0 < partial_rotary_factor <= 1.0:
         raise ValueError(f"partial_rotary_factor must be in (0, 1]; got {partial_rotary_factor}")
-    rot_dim = int(D * partial_rotary_factor)
+    rot_dim = int(E * partial_rotary_factor)
     if rot_dim < 2 or rot_dim % 2:
         raise ValueError(
-            f"partial_rotary_factor {partial_rotary_factor} gives rot_dim = int({D} * f) = {rot_dim}; "
+            f"partial_rotary_factor {partial_rotary_factor} gives rot_dim = int({E} * f) = {rot_dim}; "
             "it must be even and >= 2: choose f so that f * head_dim is even"
         )
     if nope_temperature is not None:
@@ -381,11 +381,11 @@ def _check_layer_options(
         if len(nope_temperature) != 2 or not float(nope_temperature[0]) > 0:
             raise ValueError(f"nope_temperature must be (floor_scale > 0, attn_scale); got {nope_temperature!r}")
     if backend == "gpu" and rope:
-        half, rest = rot_dim // 2, D - rot_dim
+        half, rest = rot_dim // 2, E - rot_dim
         # Triton tiles are powers of two, and tl.dot needs at least 16 along the contraction.
         if half < 16 or half & (half - 1) or (rest and rest % 16):
             raise ValueError(
-                f"on GPU, rot_dim = {rot_dim} (partial_rotary_factor {partial_rotary_factor} of head_dim {D}) "
+                f"on GPU, rot_dim = {rot_dim} (partial_rotary_factor {partial_rotary_factor} of head_dim {E}) "
                 "must make rot_dim/2 a power of two >= 16 and head_dim - rot_dim a multiple of 16; "
                 "use the XLA attention path for this layer"
             )

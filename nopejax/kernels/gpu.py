@@ -12,7 +12,7 @@ Differences from that kernel: RoPE tiles stay as two halves (Triton cannot
 concatenate along the last axis, so q.k is two half-width dots); GQA is read
 through the kv head index (h // group) in the forward and dQ kernels, and the
 dK/dV kernel runs per kv head looping over its q-head group, whose heads are
-adjacent in the [B, S, H*D] view; di = rowsum(dO * O) comes from XLA.
+adjacent in the [B, S, H*E] view; di = rowsum(dO * O) comes from XLA.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ def _compiler_params(cfg: TileConfig, rows: int):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
 
 
-def _flat(x_BSHD):
-    B, S, H, D = x_BSHD.shape
-    return x_BSHD.reshape(B, S, H * D)
+def _flat(x_BSHE):
+    B, S, H, E = x_BSHE.shape
+    return x_BSHE.reshape(B, S, H * E)
 
 
 def _side_specs(side, q_rows: int, k_rows: int, q_index, k_index):
@@ -116,8 +116,8 @@ def _fwd_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
 
 
 def forward(q, k, v, side, cfg: TileConfig, bq: int, bk: int, interpret):
-    """q [B,S,Hq,D], k/v [B,S,Hkv,D] (S padded) -> o [B,S,Hq,D], lse [B,Hq,S,1] (base 2)."""
-    B, S, Hq, D = q.shape
+    """q [B,S,Hq,E], k/v [B,S,Hkv,E] (S padded) -> o [B,S,Hq,E], lse [B,Hq,S,1] (base 2)."""
+    B, S, Hq, E = q.shape
     G = cfg.num_groups
     nq = S // bq
     names = ["q", "k", "v", *(n for n, _, _ in side), "o", "lse"]
@@ -125,17 +125,17 @@ def forward(q, k, v, side, cfg: TileConfig, bq: int, bk: int, interpret):
         functools.partial(_fwd_kernel, names=names, side=side, cfg=cfg, bq=bq, bk=bk),
         grid=(nq, B, Hq),
         in_specs=[
-            pl.BlockSpec((None, bq, D), lambda i, b, h: (b, i, h)),
-            pl.BlockSpec((None, S, D), lambda i, b, h: (b, 0, h // G)),
-            pl.BlockSpec((None, S, D), lambda i, b, h: (b, 0, h // G)),
+            pl.BlockSpec((None, bq, E), lambda i, b, h: (b, i, h)),
+            pl.BlockSpec((None, S, E), lambda i, b, h: (b, 0, h // G)),
+            pl.BlockSpec((None, S, E), lambda i, b, h: (b, 0, h // G)),
             *_side_specs(side, bq, S, lambda i, b, h: (b, i), lambda i, b, h: (b, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, bq, D), lambda i, b, h: (b, i, h)),
+            pl.BlockSpec((None, bq, E), lambda i, b, h: (b, i, h)),
             pl.BlockSpec((None, None, bq, 1), lambda i, b, h: (b, h, i, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((B, S, Hq * D), q.dtype),
+            jax.ShapeDtypeStruct((B, S, Hq * E), q.dtype),
             jax.ShapeDtypeStruct((B, Hq, S, 1), jnp.float32),
         ],
         compiler_params=_compiler_params(cfg, bq),
@@ -151,7 +151,7 @@ def forward(q, k, v, side, cfg: TileConfig, bq: int, bk: int, interpret):
 
 def _dkv_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
     r = dict(zip(names, refs))
-    D = cfg.head_dim
+    E = cfg.head_dim
     k_start = pl.program_id(0) * bk
     all_rows = slice(None)
     k_parts = tile.load_tile(r["k"], all_rows, 0, cfg, _rot(r, "k", all_rows, cfg))
@@ -160,17 +160,17 @@ def _dkv_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
     lo, hi = tile.q_block_range(k_start, bk, cfg, bq)  # only the q blocks that see this kv block
 
     dk = tile.zeros_parts(bk, cfg, cfg.rope)
-    dv = jnp.zeros((bk, D), jnp.float32)
-    for g in range(cfg.num_groups):  # q heads sharing this kv head sit side by side in the H*D view
+    dv = jnp.zeros((bk, E), jnp.float32)
+    for g in range(cfg.num_groups):  # q heads sharing this kv head sit side by side in the H*E view
 
         def body(i, carry, g=g):
             dk, dv = carry
             q_start = i * bq
             rows = pl.ds(q_start, bq)
-            q_parts = tile.load_tile(r["q"], rows, g * D, cfg, _rot(r, "q", rows, cfg))
+            q_parts = tile.load_tile(r["q"], rows, g * E, cfg, _rot(r, "q", rows, cfg))
             q_side = _q_side(r, side, rows)
             s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg, q_side), q_start, k_start, cfg, q_side, k_side)
-            do = r["do"][rows, pl.ds(g * D, D)]
+            do = r["do"][rows, pl.ds(g * E, E)]
             p, ds = tile.probs_and_dlogits(s, r["lse"][g, rows, :], do, v, r["di"][g, rows, :], cfg, q_side)
             (dv_i,) = tile.dot_t_parts(p, (do,))
             return tile.add_parts(dk, tile.dot_t_parts(ds, q_parts)), dv + dv_i
@@ -183,13 +183,13 @@ def _dkv_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
 
 
 def backward_dkv(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):
-    """dk, dv [B,S,Hkv,D]; a kv head accumulates over its q-head group in-kernel (no repeated k/v)."""
-    B, S, Hkv, D = k.shape
+    """dk, dv [B,S,Hkv,E]; a kv head accumulates over its q-head group in-kernel (no repeated k/v)."""
+    B, S, Hkv, E = k.shape
     G = cfg.num_groups
     nk = S // bk
     names = ["q", "k", "v", "do", "lse", "di", *(n for n, _, _ in side), "dk_out", "dv_out"]
-    group_spec = pl.BlockSpec((None, S, G * D), lambda j, b, h: (b, 0, h))
-    kv_spec = pl.BlockSpec((None, bk, D), lambda j, b, h: (b, j, h))
+    group_spec = pl.BlockSpec((None, S, G * E), lambda j, b, h: (b, 0, h))
+    kv_spec = pl.BlockSpec((None, bk, E), lambda j, b, h: (b, j, h))
     stat_spec = pl.BlockSpec((None, G, S, 1), lambda j, b, h: (b, h, 0, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, names=names, side=side, cfg=cfg, bq=bq, bk=bk),
@@ -204,7 +204,7 @@ def backward_dkv(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret)
             *_side_specs(side, S, bk, lambda j, b, h: (b, 0), lambda j, b, h: (b, j)),
         ],
         out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, S, Hkv * D), k.dtype)] * 2,
+        out_shape=[jax.ShapeDtypeStruct((B, S, Hkv * E), k.dtype)] * 2,
         compiler_params=_compiler_params(cfg, bk),
         cost_estimate=cost.backward_dkv(q, k, cfg, bq, bk),
         interpret=interpret,
@@ -239,13 +239,13 @@ def _dq_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
 
 
 def backward_dq(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):
-    """dq [B,S,Hq,D]."""
-    B, S, Hq, D = q.shape
+    """dq [B,S,Hq,E]."""
+    B, S, Hq, E = q.shape
     G = cfg.num_groups
     nq = S // bq
     names = ["q", "k", "v", "do", "lse", "di", *(n for n, _, _ in side), "dq_out"]
-    q_spec = pl.BlockSpec((None, bq, D), lambda i, b, h: (b, i, h))
-    kv_spec = pl.BlockSpec((None, S, D), lambda i, b, h: (b, 0, h // G))
+    q_spec = pl.BlockSpec((None, bq, E), lambda i, b, h: (b, i, h))
+    kv_spec = pl.BlockSpec((None, S, E), lambda i, b, h: (b, 0, h // G))
     stat_spec = pl.BlockSpec((None, None, bq, 1), lambda i, b, h: (b, h, i, 0))
     (dq,) = pl.pallas_call(
         functools.partial(_dq_kernel, names=names, side=side, cfg=cfg, bq=bq, bk=bk),
@@ -260,7 +260,7 @@ def backward_dq(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):
             *_side_specs(side, bq, S, lambda i, b, h: (b, i), lambda i, b, h: (b, 0)),
         ],
         out_specs=[q_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, S, Hq * D), q.dtype)],
+        out_shape=[jax.ShapeDtypeStruct((B, S, Hq * E), q.dtype)],
         compiler_params=_compiler_params(cfg, bq),
         cost_estimate=cost.backward_dq(q, k, cfg, bq, bk),
         interpret=interpret,

@@ -6,7 +6,7 @@ transformers' LlamaRotaryEmbedding / apply_rotary_pos_emb, or HF Cohere's
 interleaved pairs; partial rotary as HF: first rot_dim dims rotated, the rest
 passed), GQA by repeating k and v, and the full [S, S] score matrix with
 every mask (causal, window, chunk, document) written out densely. Shape letters: B batch, S sequence,
-H heads (Hq query, Hkv key/value), D head dim.
+H heads (Hq query, Hkv key/value), E head dim.
 """
 
 from __future__ import annotations
@@ -27,25 +27,25 @@ def _rotate_interleaved(x):  # [..., R]: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3,
     return jnp.stack([-x2, x1], axis=-1).reshape(x.shape)
 
 
-def _apply_rope(x_BSHD, positions_BS, inv_freq_H, factor, rot_dim, layout):
+def _apply_rope(x_BSHE, positions_BS, inv_freq_r, factor, rot_dim, layout):
     """Rotate the first rot_dim dims of each head (HF partial rotary); the rest pass through."""
-    angle_BSH = positions_BS.astype(jnp.float32)[..., None] * inv_freq_H
+    angle_BSr = positions_BS.astype(jnp.float32)[..., None] * inv_freq_r
     if layout == "half":
-        emb_BSR = jnp.concatenate([angle_BSH, angle_BSH], axis=-1)
+        emb_BSR = jnp.concatenate([angle_BSr, angle_BSr], axis=-1)
         rotate = _rotate_half
     else:
-        emb_BSR = jnp.repeat(angle_BSH, 2, axis=-1)
+        emb_BSR = jnp.repeat(angle_BSr, 2, axis=-1)
         rotate = _rotate_interleaved
     cos = (jnp.cos(emb_BSR) * factor)[:, :, None, :]
     sin = (jnp.sin(emb_BSR) * factor)[:, :, None, :]
-    x_rot, x_pass = x_BSHD[..., :rot_dim], x_BSHD[..., rot_dim:]
+    x_rot, x_pass = x_BSHE[..., :rot_dim], x_BSHE[..., rot_dim:]
     return jnp.concatenate([x_rot * cos + rotate(x_rot) * sin, x_pass], axis=-1)
 
 
 def reference_attention(
-    q,  # [B, S, Hq, D]
-    k,  # [B, S, Hkv, D]
-    v,  # [B, S, Hkv, D]
+    q,  # [B, S, Hq, E]
+    k,  # [B, S, Hkv, E]
+    v,  # [B, S, Hkv, E]
     *,
     segment_ids=None,  # [B, S] int
     positions=None,  # [B, S] int
@@ -61,20 +61,20 @@ def reference_attention(
     rope_layout: str = "half",
     nope_temperature: tuple[float, float] | None = None,
 ):
-    """Softmax attention with optional RoPE, causal, window, chunk and document masks; [B, S, Hq, D] in q's dtype.
+    """Softmax attention with optional RoPE, causal, window, chunk and document masks; [B, S, Hq, E] in q's dtype.
 
     Windows and chunks compare positions (arange(S) when not given), within a document:
     key j visible to query i iff pos_i - W < pos_j <= pos_i, or pos_i // C == pos_j // C, and j <= i.
     """
-    B, S, Hq, D = q.shape
+    B, S, Hq, E = q.shape
     Hkv = k.shape[2]
     if sm_scale is None:
-        sm_scale = D**-0.5
+        sm_scale = E**-0.5
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
     if rope:
-        rot_dim = int(D * partial_rotary_factor)
+        rot_dim = int(E * partial_rotary_factor)
         if inv_freq is None:
             inv_freq = 1.0 / (rope_theta ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
         inv_freq = jnp.asarray(inv_freq, jnp.float32)

@@ -190,10 +190,10 @@ def side_inputs(cfg: TileConfig, positions, inv_freq, segment_ids, chunk_ids, te
 # ----------------------------------------------------------------------------- RoPE
 
 
-def rope_cos_sin(pos_R1, inv_freq_1H, factor: float):
-    """cos and sin of position * inv_freq, [R, rot_dim/2] fp32, scaled by the attention factor."""
-    angle_RH = pos_R1.astype(jnp.float32) * inv_freq_1H
-    cos, sin = jnp.cos(angle_RH), jnp.sin(angle_RH)
+def rope_cos_sin(pos_Q1, inv_freq_1r, factor: float):
+    """cos and sin of position * inv_freq, [Q, r] (r = rot_dim / 2) fp32, scaled by the attention factor."""
+    angle_Qr = pos_Q1.astype(jnp.float32) * inv_freq_1r
+    cos, sin = jnp.cos(angle_Qr), jnp.sin(angle_Qr)
     if factor != 1.0:
         cos, sin = cos * factor, sin * factor
     return cos, sin
@@ -217,10 +217,10 @@ def _pass_pieces(cfg: TileConfig) -> list[tuple[int, int]]:
 
 
 def load_tile(ref, rows, col0: int, cfg: TileConfig, rot=None):
-    """Read a [R, D] tile (columns col0:col0+D of ref) as parts; rotate it when rot = (cos, sin)."""
-    D = cfg.head_dim
+    """Read a [Q, E] tile (columns col0:col0+E of ref) as parts; rotate it when rot = (cos, sin)."""
+    E = cfg.head_dim
     if rot is None:
-        return (ref[rows, pl_slice(col0, D)],)
+        return (ref[rows, pl_slice(col0, E)],)
     half = cfg.rot_dim // 2
     cos, sin = rot
     x1 = ref[rows, pl_slice(col0, half)].astype(jnp.float32)
@@ -235,10 +235,10 @@ def load_tile(ref, rows, col0: int, cfg: TileConfig, rot=None):
 
 def store_tile(ref, rows, col0: int, parts, cfg: TileConfig, rot=None):
     """Write fp32 parts of a gradient tile to ref, first undoing the rotation when rot is given."""
-    D = cfg.head_dim
+    E = cfg.head_dim
     if rot is None:
         (g,) = parts
-        ref[rows, pl_slice(col0, D)] = g.astype(ref.dtype)
+        ref[rows, pl_slice(col0, E)] = g.astype(ref.dtype)
         return
     half = cfg.rot_dim // 2
     pieces = _pass_pieces(cfg)
@@ -269,7 +269,7 @@ def _dot(a, b, dims):
 
 
 def scores(q_parts, k_parts, cfg: TileConfig, q_side: dict):
-    """Scaled logits in base 2, [Rq, Rk] fp32: (q . k) * sm_scale * log2(e), times the query temperature."""
+    """Scaled logits in base 2, [Q, J] fp32: (q . k) * sm_scale * log2(e), times the query temperature."""
     s = None
     for qp, kp in zip(q_parts, k_parts):
         d = _dot(qp, kp, _NT)
@@ -281,12 +281,12 @@ def scores(q_parts, k_parts, cfg: TileConfig, q_side: dict):
 
 
 def dot_parts(a, parts):
-    """a @ part for each part, fp32: [R, C] x [C, d] -> [R, d]."""
+    """a @ part for each part, fp32: [Q, J] x [J, d] -> [Q, d]."""
     return tuple(_dot(a.astype(p.dtype), p, _NN) for p in parts)
 
 
 def dot_t_parts(a, parts):
-    """a.T @ part for each part, fp32: [R, C] x [R, d] -> [C, d]."""
+    """a.T @ part for each part, fp32: [Q, J] x [Q, d] -> [J, d]."""
     return tuple(_dot(a.astype(p.dtype), p, _TN) for p in parts)
 
 
@@ -300,16 +300,16 @@ def add_parts(acc, new):
 def mask_tile(s, q_start, k_start, cfg: TileConfig, q_side: dict, k_side: dict):
     """Set masked logits to MASK_VALUE: causal, window, chunk, document (segment ids), padded keys.
 
-    q_side holds [Rq, 1] rows and k_side [1, Rk] columns of the side inputs ("pos", "chunk", "seg").
+    q_side holds [Q, 1] rows and k_side [1, J] columns of the side inputs ("pos", "chunk", "seg").
     """
-    R, C = s.shape
+    Q, J = s.shape
     keep = None
 
     def both(a, b):
         return b if a is None else jnp.logical_and(a, b)
 
-    rows = q_start + cfg.q_offset + lax.broadcasted_iota(jnp.int32, (R, 1), 0)
-    cols = k_start + lax.broadcasted_iota(jnp.int32, (1, C), 1)
+    rows = q_start + cfg.q_offset + lax.broadcasted_iota(jnp.int32, (Q, 1), 0)
+    cols = k_start + lax.broadcasted_iota(jnp.int32, (1, J), 1)
     if cfg.causal:
         keep = both(keep, cols <= rows)
     if cfg.mask_padding:
@@ -331,8 +331,8 @@ def mask_tile(s, q_start, k_start, cfg: TileConfig, q_side: dict, k_side: dict):
 
 
 def online_softmax_step(s, m_prev, denom_prev, acc_prev, v):
-    """One flash-attention update with a masked base-2 logit tile s [Rq, Rk]; returns (m, l, acc)."""
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [Rq, 1]
+    """One flash-attention update with a masked base-2 logit tile s [Q, J]; returns (m, l, acc)."""
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [Q, 1]
     alpha = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(s - m_next)
     denom_next = alpha * denom_prev + jnp.sum(p, axis=1, keepdims=True)
@@ -341,15 +341,15 @@ def online_softmax_step(s, m_prev, denom_prev, acc_prev, v):
 
 
 def finish_softmax(m, denom, acc):
-    """Normalised output [Rq, D] fp32 and the base-2 log-sum-exp [Rq, 1]."""
+    """Normalised output [Q, E] fp32 and the base-2 log-sum-exp [Q, 1]."""
     return acc / denom, m + jnp.log2(denom)
 
 
-def probs_and_dlogits(s, lse_R1, do, v, di_R1, cfg: TileConfig, q_side: dict):
-    """Backward of one tile: p = softmax probs and ds = dL/d(q.k) / sm_scale, both [Rq, Rk] fp32."""
-    p = jnp.exp2(s - lse_R1)
+def probs_and_dlogits(s, lse_Q1, do, v, di_Q1, cfg: TileConfig, q_side: dict):
+    """Backward of one tile: p = softmax probs and ds = dL/d(q.k) / sm_scale, both [Q, J] fp32."""
+    p = jnp.exp2(s - lse_Q1)
     dp = _dot(do, v, _NT)
-    ds = p * (dp - di_R1)
+    ds = p * (dp - di_Q1)
     if cfg.has_temperature:  # logit = temp * sm_scale * q.k
         ds = ds * q_side["temp"]
     return p, ds

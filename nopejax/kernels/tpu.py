@@ -10,10 +10,10 @@ diagonal, or the short bands at the start of the sequence) are skipped with
 pl.when and their index maps are clamped to the last needed block, so the
 pipeline does not DMA them either.
 
-Layout: a head's [S, D] slab is read straight from [B, S, H*D] (a free
-reshape of [B, S, H, D]) when D is a multiple of 128, Mosaic's lane width.
+Layout: a head's [S, E] slab is read straight from [B, S, H*E] (a free
+reshape of [B, S, H, E]) when E is a multiple of 128, Mosaic's lane width.
 Smaller head dims cannot be cut out of that view (a block's last dim must be
-a multiple of 128 or the whole axis), so they go through a [B, H, S, D]
+a multiple of 128 or the whole axis), so they go through a [B, H, S, E]
 transpose instead. Positions and segment ids are passed as [B, S, 1] (rows
 of a tile) and [B, 1, S] (columns) views, never broadcast in HBM.
 """
@@ -41,24 +41,24 @@ def _flat_heads(cfg: TileConfig) -> bool:
     return cfg.head_dim % LANES == 0
 
 
-def to_kernel_layout(x_BSHD, cfg: TileConfig):
-    B, S, H, D = x_BSHD.shape
-    return x_BSHD.reshape(B, S, H * D) if _flat_heads(cfg) else x_BSHD.transpose(0, 2, 1, 3)
+def to_kernel_layout(x_BSHE, cfg: TileConfig):
+    B, S, H, E = x_BSHE.shape
+    return x_BSHE.reshape(B, S, H * E) if _flat_heads(cfg) else x_BSHE.transpose(0, 2, 1, 3)
 
 
 def from_kernel_layout(x, H: int, cfg: TileConfig):
     if _flat_heads(cfg):
-        B, S, HD = x.shape
-        return x.reshape(B, S, H, HD // H)
+        B, S, HE = x.shape
+        return x.reshape(B, S, H, HE // H)
     return x.transpose(0, 2, 1, 3)
 
 
 def _head_spec(cfg: TileConfig, rows: int, index):
-    """BlockSpec of one head's [rows, D] tile; index(*grid) -> (batch, head, row block)."""
-    D = cfg.head_dim
+    """BlockSpec of one head's [rows, E] tile; index(*grid) -> (batch, head, row block)."""
+    E = cfg.head_dim
     if _flat_heads(cfg):
-        return pl.BlockSpec((None, rows, D), lambda *g: (lambda b, h, r: (b, r, h))(*index(*g)))
-    return pl.BlockSpec((None, None, rows, D), lambda *g: (lambda b, h, r: (b, h, r, 0))(*index(*g)))
+        return pl.BlockSpec((None, rows, E), lambda *g: (lambda b, h, r: (b, r, h))(*index(*g)))
+    return pl.BlockSpec((None, None, rows, E), lambda *g: (lambda b, h, r: (b, h, r, 0))(*index(*g)))
 
 
 def _side_specs(side, q_index, k_index, bq: int, bk: int):
@@ -176,15 +176,15 @@ def _fwd_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
 
 
 def forward(q, k, v, side, cfg: TileConfig, bq: int, bk: int, interpret):
-    """q [B,S,Hq,D], k/v [B,S,Hkv,D] (S padded) -> o [B,S,Hq,D], lse [B,Hq,S,1] (base 2)."""
-    B, S, Hq, D = q.shape
+    """q [B,S,Hq,E], k/v [B,S,Hkv,E] (S padded) -> o [B,S,Hq,E], lse [B,Hq,S,1] (base 2)."""
+    B, S, Hq, E = q.shape
     grid = grids(B, Hq, cfg, bq, bk, bq, bk)["forward"]
     q_index, k_index, row_q, row_k = _q_major_maps(cfg, bq, bk)
     names = ["q", "k", "v", *(n for n, _, _ in side), "o", "lse", "m", "denom", "acc"]
-    scratch = [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, D), jnp.float32)]
+    scratch = [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, E), jnp.float32)]
     if cfg.rope:
         names.append("q_rot")
-        scratch.append(pltpu.VMEM((bq, D), q.dtype))
+        scratch.append(pltpu.VMEM((bq, E), q.dtype))
     out_shape = [
         jax.ShapeDtypeStruct(to_kernel_layout(q, cfg).shape, q.dtype),
         jax.ShapeDtypeStruct((B, Hq, S, 1), jnp.float32),
@@ -254,12 +254,12 @@ def _dkv_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int, n_q: int)
 
 
 def backward_dkv(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):
-    """dk, dv [B,S,Hkv,D]; a kv head accumulates over its q-head group in-kernel (no repeated k/v).
+    """dk, dv [B,S,Hkv,E]; a kv head accumulates over its q-head group in-kernel (no repeated k/v).
 
     Grid (B, Hkv, kv block i, j): j runs over the group's heads and, per head, the band of q
     blocks that see kv block i; steps past the band are clamped to its last block.
     """
-    B, _, Hkv, D = k.shape
+    B, _, Hkv, E = k.shape
     G = cfg.num_groups
     grid = grids(B, Hkv * G, cfg, bq, bk, bq, bk)["dkv"]
     n_q = grid[3] // G
@@ -281,10 +281,10 @@ def backward_dkv(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret)
         return b, i
 
     names = ["q", "k", "v", "do", "lse", "di", *(n for n, _, _ in side), "dk_out", "dv_out", "dk", "dv"]
-    scratch = [pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, D), jnp.float32)]
+    scratch = [pltpu.VMEM((bk, E), jnp.float32), pltpu.VMEM((bk, E), jnp.float32)]
     if cfg.rope:
         names.append("k_rot")
-        scratch.append(pltpu.VMEM((bk, D), k.dtype))
+        scratch.append(pltpu.VMEM((bk, E), k.dtype))
     kv_shape = jax.ShapeDtypeStruct(to_kernel_layout(k, cfg).shape, k.dtype)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, names=names, side=side, cfg=cfg, bq=bq, bk=bk, n_q=n_q),
@@ -343,15 +343,15 @@ def _dq_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
 
 
 def backward_dq(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):
-    """dq [B,S,Hq,D]."""
-    B, _, Hq, D = q.shape
+    """dq [B,S,Hq,E]."""
+    B, _, Hq, E = q.shape
     grid = grids(B, Hq, cfg, bq, bk, bq, bk)["dq"]
     q_index, k_index, row_q, row_k = _q_major_maps(cfg, bq, bk)
     names = ["q", "k", "v", "do", "lse", "di", *(n for n, _, _ in side), "dq_out", "dq"]
-    scratch = [pltpu.VMEM((bq, D), jnp.float32)]
+    scratch = [pltpu.VMEM((bq, E), jnp.float32)]
     if cfg.rope:
         names.append("q_rot")
-        scratch.append(pltpu.VMEM((bq, D), q.dtype))
+        scratch.append(pltpu.VMEM((bq, E), q.dtype))
     (dq,) = pl.pallas_call(
         functools.partial(_dq_kernel, names=names, side=side, cfg=cfg, bq=bq, bk=bk),
         grid_spec=pltpu.PrefetchScalarGridSpec(

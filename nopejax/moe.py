@@ -1,8 +1,8 @@
 """Mixture-of-experts FFN: the router, dropless grouped matmuls, balance statistics, expert parallelism.
 
-Shape letters as in model.py (B, S, D, F, L), plus T tokens (B * S), X experts, Y experts on
+Shape letters as in model.py (B, S, D, F, L), plus M tokens (B * S), X experts, Y experts on
 this device, U experts per token (top-k; `k` in formulas), I width of one routed expert, A
-assignments (T * U, one per token and chosen expert).
+assignments (M * U, one per token and chosen expert).
 
 Routing (`route`): router logits in fp32, scores by softmax (Mixtral, Switch) or sigmoid
 (DeepSeek-V3, AFMoE, Llama 4); the top k of `scores + expert_bias` pick the experts, the unbiased
@@ -10,7 +10,7 @@ scores of those k are the weights (DeepSeek-V3's auxiliary-loss-free balancing: 
 selection only), optionally divided by their sum and times `routed_scale`. Llama 4 instead
 multiplies each expert's input by its weight (`router_scale_input`).
 
-Dispatch (`_local_experts`) is dropless by default: the T * k (token, expert) assignments are
+Dispatch (`_local_experts`) is dropless by default: the M * k (token, expert) assignments are
 sorted by expert, each expert's SwiGLU runs on its contiguous rows with `jax.lax.ragged_dot`
 (one grouped matmul over all experts, no padding, no per-expert loop), and the inverse
 permutation brings the rows back to token order, where the k results of a token are summed.
@@ -88,22 +88,22 @@ def _ranks(chosen_BSUX):
     """-> [B, S, U]: the rank of each assignment among those of its row to the same expert, in true
     (token, slot) order: how many come before it in the sequence.
 
-    Under context parallelism the rows are in zig-zag order (nopejax/context.py): N = 2C blocks of
-    S / N tokens (A = S / N * U assignments), block i holding the true chunk `chunks[i]`; without it,
-    N = 1. The rank is the count before it within its block plus the assignments of the chunks
+    Under context parallelism the rows are in zig-zag order (nopejax/context.py): Z = 2C blocks of
+    S / Z tokens (A = S / Z * U assignments), block i holding the true chunk `chunks[i]`; without it,
+    Z = 1. The rank is the count before it within its block plus the assignments of the chunks
     before its chunk in the sequence, so whether a token is dropped depends only on earlier tokens
-    (causal) and equals the one-device result; only the per-block totals [B, N, X] cross devices.
+    (causal) and equals the one-device result; only the per-block totals [B, Z, X] cross devices.
     """
     B, S, k, X = chosen_BSUX.shape
     C = sharding.context_size()
     chunks = context.zigzag_order(2 * C, C) if C > 1 else np.zeros(1, int)  # true chunk of each block
     n = len(chunks)
-    blocks_BNAX = chosen_BSUX.reshape(B, n, S // n * k, X)
-    within_BNAX = jnp.cumsum(blocks_BNAX, axis=2) - blocks_BNAX
-    totals_BNX = jnp.sum(blocks_BNAX, axis=2)[:, np.argsort(chunks)]  # in true chunk order
-    before_BNX = (jnp.cumsum(totals_BNX, axis=1) - totals_BNX)[:, chunks]  # back in block order
-    rank_BNA = jnp.sum((within_BNAX + before_BNX[:, :, None]) * blocks_BNAX, axis=-1)
-    return rank_BNA.reshape(B, S, k)
+    blocks_BZAX = chosen_BSUX.reshape(B, n, S // n * k, X)
+    within_BZAX = jnp.cumsum(blocks_BZAX, axis=2) - blocks_BZAX
+    totals_BZX = jnp.sum(blocks_BZAX, axis=2)[:, np.argsort(chunks)]  # in true chunk order
+    before_BZX = (jnp.cumsum(totals_BZX, axis=1) - totals_BZX)[:, chunks]  # back in block order
+    rank_BZA = jnp.sum((within_BZAX + before_BZX[:, :, None]) * blocks_BZAX, axis=-1)
+    return rank_BZA.reshape(B, S, k)
 
 
 def _top_k(x_BSX, k: int):
@@ -147,8 +147,8 @@ def route(p, h_BSD, m):
         load_X = jnp.sum(chosen_BSUX * keep_BSU[..., None], axis=(0, 1, 2))
     else:
         load_X = chosen_X
-    T = B * S
-    f_X = chosen_X / (T * k)
+    M = B * S
+    f_X = chosen_X / (M * k)
     P_X = jnp.mean(probs_BSX, axis=(0, 1))
     aux = {
         "load": load_X,
@@ -159,17 +159,17 @@ def route(p, h_BSD, m):
     return experts_BSU.astype(jnp.int32), weights_BSU, aux
 
 
-def _local_experts(x_TD, experts_TU, weights_TU, gate_YDI, up_YDI, down_YID, first_expert, scale_input: bool):
+def _local_experts(x_MD, experts_MU, weights_MU, gate_YDI, up_YDI, down_YID, first_expert, scale_input: bool):
     """Sum over each token's assignments to experts first_expert .. first_expert + Y - 1 of
     weight * SwiGLU_expert(token); other assignments contribute 0. Sorted, grouped, unsorted."""
     Y = gate_YDI.shape[0]
-    T, k = experts_TU.shape
-    local_A = (experts_TU - first_expert).reshape(T * k)
+    M, k = experts_MU.shape
+    local_A = (experts_MU - first_expert).reshape(M * k)
     local_A = jnp.where((local_A >= 0) & (local_A < Y), local_A, Y)  # Y: not here (or dropped), sorted last
     order_A = jnp.argsort(local_A, stable=True)
     group_sizes_Y = jnp.bincount(local_A, length=Y + 1)[:Y].astype(jnp.int32)
-    x_AD = jnp.take(x_TD, order_A // k, axis=0)
-    w_A = jnp.take(weights_TU.reshape(T * k), order_A).astype(x_TD.dtype)
+    x_AD = jnp.take(x_MD, order_A // k, axis=0)
+    w_A = jnp.take(weights_MU.reshape(M * k), order_A).astype(x_MD.dtype)
     if scale_input:
         x_AD = x_AD * w_A[:, None]
     # rows past sum(group_sizes) belong to no expert: ragged_dot leaves them 0
@@ -178,8 +178,8 @@ def _local_experts(x_TD, experts_TU, weights_TU, gate_YDI, up_YDI, down_YID, fir
     y_AD = jax.lax.ragged_dot(jax.nn.silu(gate_AI) * up_AI, down_YID, group_sizes_Y)
     if not scale_input:
         y_AD = y_AD * w_A[:, None]
-    y_TUD = jnp.take(y_AD, jnp.argsort(order_A), axis=0).reshape(T, k, -1)
-    return jnp.sum(y_TUD, axis=1)
+    y_MUD = jnp.take(y_AD, jnp.argsort(order_A), axis=0).reshape(M, k, -1)
+    return jnp.sum(y_MUD, axis=1)
 
 
 def _mesh_axes(spec_entry) -> tuple[str, ...]:
@@ -191,39 +191,39 @@ def _mesh_axes(spec_entry) -> tuple[str, ...]:
 def _all_to_all_experts(x_BSD, experts_BSU, weights_BSU, gate_YDI, up_YDI, down_YID, axes, devices, slots, scale_input):
     """The expert-group step of the all-to-all dispatcher (inside shard_map, on this device's tokens).
 
-    N = `devices` in the expert group, each owning Y consecutive experts. Each token is sent once
+    P = `devices` in the expert group, each owning Y consecutive experts. Each token is sent once
     to every device owning at least one of its experts, with all k (expert, weight) pairs (the
     receiver ignores those it does not own), into a fixed buffer of C slots per destination: C =
-    `slots`, at most the T local tokens. Every device computes its experts' weighted sum for the
-    N * C tokens it received, the reverse all-to-all returns them, and each token sums its N partial
-    outputs. Dropless: no device can be sent more than the T local tokens.
+    `slots`, at most the M local tokens. Every device computes its experts' weighted sum for the
+    P * C tokens it received, the reverse all-to-all returns them, and each token sums its P partial
+    outputs. Dropless: no device can be sent more than the M local tokens.
     """
     b, s, D = x_BSD.shape
-    k, Y, T = experts_BSU.shape[-1], gate_YDI.shape[0], b * s
-    C = min(T, slots)
-    x_TD, experts_TU, weights_TU = x_BSD.reshape(T, D), experts_BSU.reshape(T, k), weights_BSU.reshape(T, k)
-    # dropped assignments (expert X) map to device N: none
-    wants_NT = jnp.any((experts_TU // Y)[None] == jnp.arange(devices)[:, None, None], axis=-1)
-    # slot c of destination n holds token_NC[n, c]: the tokens wanting n first, in token order
-    token_NC = jnp.argsort(~wants_NT, axis=-1, stable=True)[:, :C]
-    filled_NC = jnp.take_along_axis(wants_NT, token_NC, axis=-1)
-    send_experts_NCU = jnp.where(filled_NC[..., None], jnp.take(experts_TU, token_NC, axis=0), -1)
-    send_weights_NCU = jnp.where(filled_NC[..., None], jnp.take(weights_TU, token_NC, axis=0), 0.0)
+    k, Y, M = experts_BSU.shape[-1], gate_YDI.shape[0], b * s
+    C = min(M, slots)
+    x_MD, experts_MU, weights_MU = x_BSD.reshape(M, D), experts_BSU.reshape(M, k), weights_BSU.reshape(M, k)
+    # dropped assignments (expert X) map to device P: none
+    wants_PM = jnp.any((experts_MU // Y)[None] == jnp.arange(devices)[:, None, None], axis=-1)
+    # slot c of destination n holds token_PC[n, c]: the tokens wanting n first, in token order
+    token_PC = jnp.argsort(~wants_PM, axis=-1, stable=True)[:, :C]
+    filled_PC = jnp.take_along_axis(wants_PM, token_PC, axis=-1)
+    send_experts_PCU = jnp.where(filled_PC[..., None], jnp.take(experts_MU, token_PC, axis=0), -1)
+    send_weights_PCU = jnp.where(filled_PC[..., None], jnp.take(weights_MU, token_PC, axis=0), 0.0)
 
-    def exchange(a):  # [N, C, ...] -> [N * C, ...]: block n goes to device n; block n comes from device n
+    def exchange(a):  # [P, C, ...] -> [P * C, ...]: block n goes to device n; block n comes from device n
         a = a.reshape(devices * C, *a.shape[2:])
         return jax.lax.all_to_all(a, axes, split_axis=0, concat_axis=0, tiled=True)
 
-    x_RD = exchange(jnp.take(x_TD, token_NC, axis=0))  # R = N * C received slots
+    x_WD = exchange(jnp.take(x_MD, token_PC, axis=0))  # W = P * C received slots
     first_expert = jax.lax.axis_index(axes) * Y
-    y_RD = _local_experts(
-        x_RD, exchange(send_experts_NCU), exchange(send_weights_NCU), gate_YDI, up_YDI, down_YID,
+    y_WD = _local_experts(
+        x_WD, exchange(send_experts_PCU), exchange(send_weights_PCU), gate_YDI, up_YDI, down_YID,
         first_expert, scale_input,
     )  # fmt: skip
-    back_ND = exchange(y_RD.reshape(devices, C, D))  # the partial outputs for token_NC, from each n
-    back_ND = jnp.where(filled_NC.reshape(-1, 1), back_ND, 0)
-    y_TD = jnp.zeros_like(x_TD).at[token_NC.reshape(-1)].add(back_ND)
-    return y_TD.reshape(b, s, D)
+    back_WD = exchange(y_WD.reshape(devices, C, D))  # the partial outputs for token_PC, from each n
+    back_WD = jnp.where(filled_PC.reshape(-1, 1), back_WD, 0)
+    y_MD = jnp.zeros_like(x_MD).at[token_PC.reshape(-1)].add(back_WD)
+    return y_MD.reshape(b, s, D)
 
 
 def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, m):
@@ -236,11 +236,11 @@ def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, m):
 
     def local(x_BSD, experts_BSU, weights_BSU, gate, up, down, first_expert):
         b, s = x_BSD.shape[:2]
-        y_TD = _local_experts(
+        y_MD = _local_experts(
             x_BSD.reshape(b * s, D), experts_BSU.reshape(b * s, k), weights_BSU.reshape(b * s, k),
             gate, up, down, first_expert, scale_input,
         )  # fmt: skip
-        return y_TD.reshape(b, s, D)
+        return y_MD.reshape(b, s, D)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:

@@ -1,9 +1,9 @@
 """Packing: token documents -> fixed [B, S] batches with segment ids, positions and a loss mask.
 
-Documents are laid end to end into rows of S tokens (letters: B rows, S = seq_len, L a
-document's length). Within a row each document piece gets its own segment id (1, 2, ...; 0 is
-padding) and positions that restart at 0, so attention masked by segment id never crosses a
-document and RoPE/NoPE layers see each piece as starting fresh. Two modes (`data.packing`):
+Documents are laid end to end into rows of S tokens (letters: B rows, S = seq_len). Within a row
+each document piece gets its own segment id (1, 2, ...; 0 is padding) and positions that restart
+at 0, so attention masked by segment id never crosses a document and RoPE/NoPE layers see each
+piece as starting fresh. Two modes (`data.packing`):
 
   concat  fill every row; a document that reaches the end of a row continues in the next row
           (as a new segment at position 0). No padding except at the end of a finite stream.
@@ -64,19 +64,19 @@ class BatchPacker:
     def _next_row(self) -> None:
         self.row, self.col, self.segment = self.row + 1, 0, 0
 
-    def add(self, doc_L: np.ndarray, start: int = 0) -> int:
-        """Place doc_L[start:] until the document ends or the batch is full; return the new start."""
-        L, S = len(doc_L), self.seq_len
-        while start < L and self.row < self.rows:
-            room, rest = S - self.col, L - start
+    def add(self, doc: np.ndarray, start: int = 0) -> int:
+        """Place the tokens doc[start:] until the document ends or the batch is full; return the new start."""
+        length, S = len(doc), self.seq_len
+        while start < length and self.row < self.rows:
+            room, rest = S - self.col, length - start
             if not self.split_documents and self.col > 0 and room < rest <= S:
                 self._next_row()  # fits a fresh row whole: pad this one rather than split it
                 continue
             n = min(rest, room)
             r, c = self.row, self.col
-            self.inputs_BxS[r, c : c + n] = doc_L[start : start + n]
-            k = min(start + n + 1, L) - (start + 1)  # real next tokens: n, or n - 1 at the doc end
-            self.targets_BxS[r, c : c + k] = doc_L[start + 1 : start + 1 + k]
+            self.inputs_BxS[r, c : c + n] = doc[start : start + n]
+            k = min(start + n + 1, length) - (start + 1)  # real next tokens: n, or n - 1 at the doc end
+            self.targets_BxS[r, c : c + k] = doc[start + 1 : start + 1 + k]
             self.loss_mask_BxS[r, c : c + k] = 1.0
             self.segment += 1
             self.segment_ids_BxS[r, c : c + n] = self.segment
@@ -112,7 +112,7 @@ def pack_documents(docs: list[np.ndarray], seq_len: int, pad_id: int, split_docu
 
 
 class PackedBatchIterDataset(grain.IterDataset):
-    """IterDataset of {"tokens": int32 [L], "invalid_utf8": bool} -> packed [rows, seq_len] batches.
+    """IterDataset of {"tokens": 1-D int32, "invalid_utf8": bool} -> packed [rows, seq_len] batches.
 
     `max_empty_run`: this many empty documents in a row mean the stream holds no text (the caller
     knows its size: e.g. two passes over a shard's documents); `name` says which stream in the error.
@@ -157,7 +157,7 @@ class PackedBatchIterator(grain.DatasetIterator):
             raise ValueError(f"max_empty_run must be >= 1, got {max_empty_run}")
         self._packer = BatchPacker(rows, seq_len, pad_id, split_documents)
         self._max_empty_run, self._name = max_empty_run, name
-        self._pending: np.ndarray | None = None  # the document being placed, int32 [L]
+        self._pending: np.ndarray | None = None  # the document being placed, 1-D int32
         self._pending_state: Any = None  # upstream state from before it was read
         self._offset = 0
         # Counted where documents enter packing, so they survive worker processes and resumes.

@@ -5,7 +5,7 @@ For each row length (usually 1x-8x the training length) and each depth in PASSKE
 accuracy (all key digits right under greedy decoding) and the answer loss; the plot is a heat map
 of accuracy over length x depth.
 
-Shape letters: B rows, S sequence length, L row lengths, D needle depths.
+Shape letters: B rows, S sequence length.
 """
 
 from __future__ import annotations
@@ -107,10 +107,11 @@ def passkey_plot(path: str, results: list[PasskeyResult]) -> None:
     size = (3.2 * len(results) + 1, 0.45 * len(lengths) + 1.6)
     fig, axes = plt.subplots(1, len(results), figsize=size, squeeze=False, sharey=True)
     for ax, r in zip(axes[0], results):
-        acc_LD = np.array([[r.accuracy[n, d] for d in PASSKEY_DEPTHS] for n in lengths])
-        image = ax.imshow(acc_LD, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
-        for i, j in np.ndindex(acc_LD.shape):
-            ax.text(j, i, f"{acc_LD[i, j]:.2f}", ha="center", va="center", fontsize=7)
+        # [row lengths, needle depths]
+        accuracy = np.array([[r.accuracy[n, d] for d in PASSKEY_DEPTHS] for n in lengths])
+        image = ax.imshow(accuracy, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        for i, j in np.ndindex(accuracy.shape):
+            ax.text(j, i, f"{accuracy[i, j]:.2f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(PASSKEY_DEPTHS)), [f"{d:g}" for d in PASSKEY_DEPTHS])
         ax.set_yticks(range(len(lengths)), [f"{n} ({n / r.train_length:g}x)" for n in lengths])
         ax.set(xlabel="needle depth", title=r.label)

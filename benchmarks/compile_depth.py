@@ -19,7 +19,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import jax.numpy as jnp
 
-from nopejax import config, model
+from nopejax import config, model, validation
 
 LAYOUTS = {
     "rope_nope": dict(no_rope_layer_interval=4),
@@ -34,7 +34,7 @@ def compile_seconds(num_layers: int, scan: bool, salt: int, layout: str = "rope_
         num_layers=num_layers, scan_layers=scan, dtype="float32", rms_norm_eps=1e-6 + salt * 1e-12, **shape
     )
     cfg.model.update(**LAYOUTS[layout])
-    m = config.validate(cfg).model
+    m = validation.validate(cfg).model
     graphdef, params = model.split(nnx_eval_shape(m))
     tokens = jax.ShapeDtypeStruct((2, 64), jnp.int32)
 

@@ -20,10 +20,11 @@ import time
 
 import numpy as np
 
-from nopejax.config import base_config, validate
+from nopejax.config import base_config
 from nopejax.data import make_iterator, prepare, train_tokenizer
 from nopejax.data.corpus import default_corpus_path
 from nopejax.data.packing import BatchPacker
+from nopejax.validation import validate
 
 
 def measure(name: str, batches, tokens_per_batch: int, total_tokens: int) -> None:

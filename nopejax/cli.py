@@ -14,10 +14,10 @@ import sys
 
 
 def _config(args) -> object:
-    from nopejax import config
+    from nopejax import config, validation
 
     cfg = config.load_config(args.config) if args.config else _workdir_config(args) or config.base_config()
-    return config.validate(config.apply_overrides(cfg, args.overrides))
+    return validation.validate(config.apply_overrides(cfg, args.overrides))
 
 
 def _workdir_config(args):
@@ -82,14 +82,14 @@ def _refuse_overrides(args, used: tuple[str, ...] = ()) -> list[str]:
 
 
 def cmd_export(args) -> int:
-    from nopejax import checkpoint, config, data, hf
+    from nopejax import checkpoint, config, data, hf, validation
 
     overrides = _refuse_overrides(args, used=("model.hf_family",))  # another family that can hold the model
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise _usage(f"--out {args.out!r} is a file; export writes a directory of files, so give a directory path")
     root, step = checkpoint.find_checkpoint(args.workdir, args.step)
     cfg = config.apply_overrides(checkpoint.read_config(root, step), overrides)
-    config.validate(cfg)
+    validation.validate(cfg)
     hf.check_exportable(cfg.model)  # before the params are read
     params = checkpoint.restore_params(root, step)
     tokenizer = data.make_tokenizer(cfg.data)  # written beside the weights, so AutoTokenizer loads it
@@ -100,14 +100,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_import_hf(args) -> int:
-    from nopejax import checkpoint, config, data, hf, train
+    from nopejax import checkpoint, config, data, hf, train, validation
 
     with open(os.path.join(args.hf_dir, "config.json")) as f:
         m = hf.model_config_from_hf(json.load(f))
     cfg = config.load_config(args.config) if args.config else config.base_config()
     cfg.model = m
     cfg.data.tokenizer = data.tokenizer_from_hf(args.hf_dir, args.workdir) or cfg.data.tokenizer
-    cfg = config.validate(config.apply_overrides(cfg, args.overrides))
+    cfg = validation.validate(config.apply_overrides(cfg, args.overrides))
     s = train.setup(cfg)
     params = hf.load_params(args.hf_dir, cfg.model)
     import jax

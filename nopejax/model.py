@@ -414,7 +414,7 @@ def param_count(m: config.ConfigDict) -> int:
 
 
 def create(model_cfg: config.ConfigDict, seed: int = 0) -> Decoder:
-    """Validate nothing here: callers pass configs through `config.validate` first."""
+    """Validate nothing here: callers pass configs through `validation.validate` first."""
     return Decoder(model_cfg, rngs=nnx.Rngs(params=jax.random.key(seed)))
 
 

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nopejax import attention, config, context, data, model, optimizer, sharding
+from nopejax import attention, config, context, data, model, optimizer, sharding, validation
 from nopejax.config import ConfigDict, ConfigError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -60,11 +60,11 @@ def _init_fn(cfg: ConfigDict, tx):
 
 def setup(cfg: ConfigDict, devices=None) -> Setup:
     """Validate, build the mesh, and derive every sharding. Raises ConfigError before compiling."""
-    config.validate(cfg)
+    validation.validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     platform = mesh.devices.flat[0].platform
     cfg = cfg.copy_and_resolve_references()  # `auto` attention is decided for the target devices
-    config.check_platform(cfg, platform)
+    validation.check_platform(cfg, platform)
     m = cfg.model
     m.attention_impl = attention.resolve_impl(m.attention_impl, m.head_dim, platform, config.context_chunk(cfg))
     tx = optimizer.make(cfg)

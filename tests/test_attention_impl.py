@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nopejax import config, model, sharding
+from nopejax import config, model, sharding, validation
 
 # Pallas (interpret mode) vs XLA at `highest` matmul precision (conftest): the largest error measured,
 # relative to each array's largest value, is 3.0e-7 for logits and 6.2e-7 for a gradient leaf (the
@@ -24,7 +24,7 @@ def test_pallas_model_matches_xla_on_a_2x2_mesh_through_shard_map():
     cfg.model.update(vocab_size=96, d_model=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, d_ff=96,
                      dtype="float32", no_rope_layer_interval=2)  # fmt: skip
     cfg.mesh.update(data=2, fsdp=1, tensor=2)
-    m = config.validate(cfg).model
+    m = validation.validate(cfg).model
     graphdef, params = model.split(model.create(m, seed=0))
     m.attention_impl = "pallas"
     graphdef_pallas, _ = model.split(model.create(m, seed=0))
@@ -76,7 +76,7 @@ def test_pallas_model_with_every_layer_option_matches_xla():
                      layer_types=("sliding_attention", "chunked_attention", "sliding_attention", "full_attention"),
                      sliding_window=37, attention_chunk_size=48, partial_rotary_factor=0.5,
                      rope_layout="interleaved", nope_temperature=(16.0, 0.1), qk_norm="l2")  # fmt: skip
-    m = config.validate(cfg).model
+    m = validation.validate(cfg).model
     graphdef, params = model.split(model.create(m, seed=0))
     m.attention_impl = "pallas"
     graphdef_pallas, _ = model.split(model.create(m, seed=0))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nopejax import config, model, sharding, train
+from nopejax import config, model, sharding, train, validation
 
 
 def biased(cfg, seed=0):
@@ -24,7 +24,7 @@ def test_pallas_kernel_path_with_biases_matches_xla():
     cfg = config.base_config()
     cfg.model.update(vocab_size=61, d_model=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64, d_ff=45,
                      dtype="float32", no_rope_layers=(1, 0), attention_bias=True, mlp_bias=True)  # fmt: skip
-    m = config.validate(cfg).model
+    m = validation.validate(cfg).model
     params = biased(cfg)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 61, (2, 32)), jnp.int32)
     logits = {}

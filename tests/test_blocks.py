@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import NamedSharding
 
 import nopejax
-from nopejax import config, hf, model, sharding, train
+from nopejax import config, hf, model, sharding, train, validation
 
 
 def family_cfg(kind: str, **kw) -> config.ConfigDict:
@@ -29,7 +29,7 @@ def family_cfg(kind: str, **kw) -> config.ConfigDict:
         }[kind],
         **kw,
     )
-    return config.validate(cfg)
+    return validation.validate(cfg)
 
 
 def random_module(m, seed=0):
@@ -110,7 +110,7 @@ def test_block_config_errors_name_the_field():
         cfg = config.base_config()
         cfg.model[key] = value
         with pytest.raises(config.ConfigError, match=rf"`model\.{key}`.*Fix:"):
-            config.validate(cfg)
+            validation.validate(cfg)
 
 
 def test_sandwich_matches_a_plain_numpy_layer():
@@ -119,7 +119,7 @@ def test_sandwich_matches_a_plain_numpy_layer():
     cfg = config.base_config()
     cfg.model.update(vocab_size=23, d_model=12, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=6, d_ff=17,
                      dtype="float32", no_rope_layers=(0,), block="sandwich", rms_norm_eps=1e-5)  # fmt: skip
-    m = config.validate(cfg).model
+    m = validation.validate(cfg).model
     module = random_module(m, seed=6)
     p = {k: np.asarray(v, np.float64)[0] for k, v in model.split(module)[1]["layers"].items()}
     embed = np.asarray(module.embed[...], np.float64)

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from nopejax import config, stages
+from nopejax import config, stages, validation
 from nopejax.config import ConfigError
 
 BAD = [
@@ -89,7 +89,7 @@ def test_bad_config_is_rejected_with_field_and_fix(field, changes, words):
     for section, values in changes.items():
         cfg[section].update(values)
     with pytest.raises(ConfigError) as err:
-        config.validate(cfg)
+        validation.validate(cfg)
     assert err.value.field == field
     assert words in str(err.value)
     assert "Fix:" in str(err.value)
@@ -110,11 +110,11 @@ def test_shipped_config_files_are_all_found():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
 def test_shipped_config_loads_and_validates(path):
-    config.validate(config.load_config(str(path)))
+    validation.validate(config.load_config(str(path)))
 
 
 def test_default_config_is_valid():
-    config.validate(config.base_config())
+    validation.validate(config.base_config())
 
 
 def write_config(tmp_path, body: str) -> str:
@@ -143,7 +143,7 @@ def test_config_file_with_known_keys_loads(tmp_path):
     cfg = config.load_config(
         write_config(tmp_path, "cfg.train.steps = 5\ncfg.model.rope_scaling = {'rope_type': 'linear', 'factor': 2.0}")
     )
-    assert cfg.train.steps == 5 and config.validate(cfg).model.rope_scaling["factor"] == 2.0
+    assert cfg.train.steps == 5 and validation.validate(cfg).model.rope_scaling["factor"] == 2.0
 
 
 def test_run_config_json_loads_as_a_config(tmp_path):
@@ -169,12 +169,12 @@ def test_bad_config_files_are_refused_in_one_line(tmp_path, name, text, words):
 def test_window_covering_the_row_warns_once(caplog):
     cfg = config.base_config()
     cfg.model.update(global_attention_interval=2, sliding_window=32)
-    with caplog.at_level(logging.WARNING, logger="nopejax.config"):
-        config.validate(cfg)  # window 32 < seq_len 128: local layers stay local
+    with caplog.at_level(logging.WARNING, logger="nopejax.validation"):
+        validation.validate(cfg)  # window 32 < seq_len 128: local layers stay local
         assert not caplog.records
         cfg.train.seq_len = 32
-        config.validate(cfg)
-        config.validate(cfg)
+        validation.validate(cfg)
+        validation.validate(cfg)
     assert len(caplog.records) == 1, caplog.text
     assert "model.sliding_window = 32 >= train.seq_len = 32" in caplog.records[0].getMessage()
 
@@ -183,13 +183,13 @@ def test_pallas_with_context_parallelism_is_refused_on_gpu():
     cfg = config.base_config()
     cfg.model.update(attention_impl="pallas", head_dim=64)
     cfg.mesh.context, cfg.train.seq_len = 2, 512
-    config.validate(cfg)
-    config.check_platform(cfg, "tpu")
+    validation.validate(cfg)
+    validation.check_platform(cfg, "tpu")
     with pytest.raises(ConfigError) as err:
-        config.check_platform(cfg, "gpu")
+        validation.check_platform(cfg, "gpu")
     assert err.value.field == "model.attention_impl" and "mesh.context=1" in err.value.fix
     cfg.mesh.context = 1
-    config.check_platform(cfg, "gpu")
+    validation.check_platform(cfg, "gpu")
 
 
 def test_overrides_parse_types_and_reject_unknown_keys():

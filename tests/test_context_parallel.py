@@ -11,7 +11,7 @@ import pytest
 from test_train import _libtpu, nopejax, random_batches, small_cfg
 
 from benchmarks.hlo_collectives import collective_bytes
-from nopejax import attention, checkpoint, config, context, sharding, train
+from nopejax import attention, checkpoint, config, context, sharding, train, validation
 from nopejax import rope as rope_lib
 from nopejax.config import ConfigError
 from nopejax.kernels import flash_attention
@@ -180,7 +180,7 @@ def test_bad_context_config_is_a_clear_error(changes, field, words):
     for section, values in changes.items():
         cfg[section].update(values)
     with pytest.raises(ConfigError) as e:
-        config.validate(cfg)
+        validation.validate(cfg)
     assert e.value.field == field and words in str(e.value)
 
 

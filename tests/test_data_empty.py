@@ -11,10 +11,11 @@ import grain
 import numpy as np
 import pytest
 
-from nopejax.config import ConfigError, base_config, validate
+from nopejax.config import ConfigError, base_config
 from nopejax.data import make_iterator
 from nopejax.data.packing import PackedBatchIterDataset
 from nopejax.data.pipeline import EpochShuffle, _max_empty_run
+from nopejax.validation import validate
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

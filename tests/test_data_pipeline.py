@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from nopejax.config import ConfigError, base_config, validate
+from nopejax.config import ConfigError, base_config
 from nopejax.data import global_batch, make_iterator, split_indices
 from nopejax.data.pipeline import document_indices, shard_states
 from nopejax.data.tokenizer import BYTE_BOS, BYTE_EOS
+from nopejax.validation import validate
 
 WORDS = ["the", "of", "a", "rope", "nope", "layer", "token", "attention", "position", "length", "model", "data"]
 

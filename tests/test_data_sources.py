@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from nopejax.config import ConfigError, base_config, validate
+from nopejax.config import ConfigError, base_config
 from nopejax.data import make_iterator
 from nopejax.data.sources import ArrayRecordSource, JsonlSource, ParquetSource, TextSource, expand_paths, open_documents
+from nopejax.validation import validate
 
 DOCS = ["first document\nwith two lines", "second: ünïcödé ✓", "third"]
 

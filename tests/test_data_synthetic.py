@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from nopejax.config import ConfigError, base_config, validate
+from nopejax.config import ConfigError, base_config
 from nopejax.data import exact_match, make_iterator
 from nopejax.data.synthetic import SEP
 from nopejax.data.tokenizer import BYTE_BOS, BYTE_EOS
+from nopejax.validation import validate
 
 
 def task_cfg(task, seq_len=89):

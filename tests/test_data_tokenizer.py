@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from nopejax.config import ConfigError, base_config, validate
+from nopejax.config import ConfigError, base_config
 from nopejax.data import make_iterator, make_tokenizer, prepare, prepare_main, tokenizer_main, train_tokenizer
 from nopejax.data.sources import read_manifest
+from nopejax.validation import validate
 
 TEXT = "Hello, wörld! NoPE layers see no positions; the causal mask alone carries order. ✓\n"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.length_generalization import report
-from nopejax import checkpoint, cli, config, data, eval_length, layers, train
+from nopejax import checkpoint, cli, config, data, eval_length, layers, train, validation
 from nopejax.data.corpus import default_corpus_path
 from nopejax.data.pipeline import split_indices
 from nopejax.data.sources import JsonlSource
@@ -26,7 +26,7 @@ def tiny_cfg(**data_fields):
     cfg.optim.update(warmup_steps=1, decay_steps=1)
     cfg.checkpoint.async_save = False
     cfg.data.update(**data_fields)
-    return config.validate(cfg)
+    return validation.validate(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_study_arms_differ_only_in_the_positional_pattern(task):
     one arm per task below."""
     cfgs = {pattern: config.load_config(str(experiment_path(task, pattern))) for pattern in PATTERN_LAYERS}
     for pattern, cfg in cfgs.items():
-        specs = layers.layer_specs(config.validate(cfg).model)
+        specs = layers.layer_specs(validation.validate(cfg).model)
         assert [(s.attention, s.use_rope) for s in specs] == PATTERN_LAYERS[pattern], pattern
         if pattern == "local_global":  # shorter than the trained rows: only the global NoPE layer sees all of one
             assert 0 < specs[0].window < cfg.train.seq_len

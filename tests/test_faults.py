@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from test_train import ROOT, nopejax, random_batches, small_cfg
 
-from nopejax import checkpoint, config, train
+from nopejax import checkpoint, train, validation
 from nopejax.config import ConfigError, RunError
 
 
@@ -47,7 +47,7 @@ def test_max_nonfinite_steps_must_be_a_positive_integer(value):
     cfg = small_cfg()
     cfg.train.max_nonfinite_steps = value
     with pytest.raises(ConfigError) as err:
-        config.validate(cfg)
+        validation.validate(cfg)
     assert err.value.field == "train.max_nonfinite_steps"
 
 

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import nopejax
-from nopejax import checkpoint, config, model, train
+from nopejax import checkpoint, config, model, train, validation
 from nopejax.config import ConfigError
 from nopejax.data.tokenizer import BYTE_BOS, BYTE_EOS, ByteTokenizer
 from nopejax.decode import SAMPLE_PROMPT, Sampling, encode_prompt, generate_ids, sample
@@ -86,7 +86,7 @@ def test_training_logs_greedy_samples(tmp_path):
     cfg.mesh.update(fsdp=2)
     cfg.train.update(steps=2, global_batch_size=8, seq_len=32, eval_every=0, log_every=1, sample_every=1)
     cfg.optim.update(warmup_steps=1, decay_steps=1)
-    train.run(config.validate(cfg), str(tmp_path), progress=False)
+    train.run(validation.validate(cfg), str(tmp_path), progress=False)
     with open(tmp_path / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     samples = [r for r in records if "sample" in r]
@@ -227,7 +227,7 @@ def test_bad_settings_are_config_errors():
     cfg = config.base_config()
     cfg.train.sample_every = -1
     with pytest.raises(ConfigError, match=r"train\.sample_every"):
-        config.validate(cfg)
+        validation.validate(cfg)
 
 
 def nopejax_cli(*args):

@@ -18,7 +18,7 @@ import torch
 import transformers
 
 import nopejax
-from nopejax import cli, config, hf, model, optimizer, tensorfile
+from nopejax import cli, config, hf, model, optimizer, tensorfile, validation
 
 FAMILIES = {
     "smollm3": (transformers.SmolLM3Config, hf.FAMILIES["smollm3"]),
@@ -332,7 +332,7 @@ def test_export_with_biases_and_llama3_loads_in_transformers(tmp_path):
     cfg.model.update(vocab_size=61, d_model=30, num_heads=3, num_kv_heads=1, head_dim=10, d_ff=26, num_layers=5,
                      dtype="float32", attention_bias=True, mlp_bias=True, rope_theta=100.0,
                      rope_scaling={k: v for k, v in LLAMA3.items() if k != "rope_theta"})  # fmt: skip
-    m = config.validate(cfg).model
+    m = validation.validate(cfg).model
     _, params = model.split(model.create(m, seed=3))
     rng = np.random.default_rng(3)  # biases start at 0: give them values an export could lose
     for name in model.BIAS_PARAMS:

@@ -10,7 +10,7 @@ import transformers
 from configs_loader import ROOT
 from tokenizers import Tokenizer
 
-from nopejax import cli, config, hf
+from nopejax import cli, config, hf, validation
 from nopejax.data import train_tokenizer
 
 # ASCII, accents, CJK, emoji (a ZWJ sequence and a skin tone), controls, and a special's spelling
@@ -159,6 +159,6 @@ SHIPPED = sorted(
 def test_every_shipped_config_exports_to_its_family(path):
     """Every config the project ships trains a model its model.hf_family can hold, so `nopejax export`
     works on every run made from one (the check export runs before reading any weight)."""
-    m = config.validate(config.load_config(str(ROOT / path))).model
+    m = validation.validate(config.load_config(str(ROOT / path))).model
     hf.check_exportable(m)
     assert hf.hf_config(m)["model_type"] == hf.FAMILIES[m.hf_family].model_type

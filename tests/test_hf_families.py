@@ -15,7 +15,7 @@ import transformers
 from configs_loader import ROOT
 
 import nopejax
-from nopejax import cli, config, hf, layers, model, tensorfile
+from nopejax import cli, config, hf, layers, model, tensorfile, validation
 
 CLASSES = {"cohere2": transformers.Cohere2Config, "exaone4": transformers.Exaone4Config}
 # odd sizes: vocab 61, 3 heads of 10, d_ff 37, 5 layers (L L L G L), window 5 < the 13-token sequences
@@ -178,7 +178,7 @@ def test_what_transformers_does_not_compute_is_refused(tmp_path, family, field, 
 def test_export_of_an_inexpressible_model_fails_and_writes_nothing(tmp_path, family, overrides, field):
     cfg = config.base_config()
     cfg.model.update(hf_family=family, global_attention_interval=4, sliding_window=8, **overrides)
-    m = config.validate(cfg).model
+    m = validation.validate(cfg).model
     out = tmp_path / "out"
     name = hf.FAMILIES[family].architecture.removesuffix("ForCausalLM")
     with pytest.raises(config.ConfigError, match=rf"`model\.{field}`.* the {name} format has no .*Fix:"):
@@ -195,7 +195,7 @@ def test_import_train_export_matches_transformers(tmp_path, family):
     """A transformers model of the tiny config's shape -> import-hf -> 3 steps of `nopejax train
     --config configs/tiny_<family>.py` resuming from it -> export -> transformers' logits."""
     config_file = f"{ROOT}/configs/tiny_{family}.py"
-    m = config.validate(config.load_config(config_file)).model
+    m = validation.validate(config.load_config(config_file)).model
     m.num_layers = 4  # the CLI override below: L L L G
     written = hf.hf_config(m, {"bos": 257, "eos": 258, "pad": 256})
     ref = CLASSES[family](**{k: v for k, v in written.items() if k not in ("model_type", "architectures")})

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from nopejax import cli, config, hf, layers, tensorfile
+from nopejax import cli, config, hf, layers, tensorfile, validation
 from tests.hf.test_hf_contract import assert_same_logits
 from tests.test_hf_families import assert_export_reproduces_every_tensor, logits_of, saved_and_imported
 
@@ -200,7 +200,7 @@ def _moe_model(family: str, **overrides):
         m.update(rope_layout="interleaved", qk_norm="l2", router_scale_input=True, attention_chunk_size=4,
                  nope_temperature=(3.0, 0.5))  # fmt: skip
     m.update(overrides)
-    return config.validate(cfg).model
+    return validation.validate(cfg).model
 
 
 @pytest.mark.parametrize(

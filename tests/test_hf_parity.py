@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import nopejax
-from nopejax import config, hf, layers, tensorfile
+from nopejax import config, hf, layers, tensorfile, validation
 
 # (layers, heads, kv_heads, interval or explicit list, tied): odd sizes hide fewer shape bugs
 CASES = {
@@ -100,7 +100,7 @@ def test_export_of_random_model_loads_in_transformers(tmp_path):
         vocab_size=61, d_model=30, num_heads=3, num_kv_heads=1, head_dim=10, d_ff=26, num_layers=5, dtype="float32"
     )
     m.tie_embeddings = False
-    config.validate(cfg)
+    validation.validate(cfg)
     model = nopejax.model.create(m, seed=3)
     nopejax.to_hf(model, str(tmp_path), token_ids={"bos": 1, "eos": 2, "pad": 0})
     assert json.loads((tmp_path / "config.json").read_text())["no_rope_layers"] == [1, 1, 1, 0, 1]

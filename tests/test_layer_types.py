@@ -16,7 +16,7 @@ import transformers
 from jax.sharding import NamedSharding
 
 import nopejax
-from nopejax import attention, cli, config, layers, metrics, model, sharding, tensorfile, train
+from nopejax import attention, cli, config, layers, metrics, model, sharding, tensorfile, train, validation
 from nopejax.config import ConfigError
 from nopejax.layers import LayerSpec
 from tests.test_model import assert_scanned_equals_unrolled
@@ -181,7 +181,7 @@ def tiny(**overrides):
     cfg = config.base_config()
     cfg.model.update(vocab_size=67, d_model=30, num_heads=3, num_kv_heads=1, head_dim=10, d_ff=22, dtype="float32")
     cfg.model.update(**overrides)
-    return config.validate(cfg).model
+    return validation.validate(cfg).model
 
 
 OPTIONS = {
@@ -280,7 +280,7 @@ def test_sharded_equals_one_device_with_local_layers():
     cfg.model.update(vocab_size=96, d_model=32, num_layers=5, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48)
     cfg.model.update(dtype="float32", global_attention_interval=4, sliding_window=6, no_rope_layer_interval=4)
     cfg.mesh.update(data=2, fsdp=2, tensor=2)
-    m = config.validate(cfg).model
+    m = validation.validate(cfg).model
     graphdef, params = model.split(model.create(m, seed=0))
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, 96, (4, 40)), jnp.int32)

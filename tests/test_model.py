@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nopejax import config, layers, model
+from nopejax import config, layers, model, validation
 
 
 def tiny(**overrides):
     cfg = config.base_config()
     cfg.model.update(vocab_size=67, d_model=30, num_heads=3, num_kv_heads=1, head_dim=10, d_ff=22, dtype="float32")
     cfg.model.update(**overrides)
-    return config.validate(cfg).model
+    return validation.validate(cfg).model
 
 
 def assert_scanned_equals_unrolled(m, seq_len: int) -> None:
@@ -111,7 +111,7 @@ def test_block_structure(pattern, block, reps, tail):
 def test_smollm3_pattern_and_size():
     from configs_loader import load
 
-    m = config.validate(load("smollm3_3b")).model
+    m = validation.validate(load("smollm3_3b")).model
     assert layers.rope_pattern(m)[:8] == (True, True, True, False) * 2
     assert layers.block_structure(layers.rope_pattern(m))[1] == 9
     assert abs(model.param_count(m) - 3.075e9) < 0.01e9  # SmolLM3-3B: 3.08B parameters, tied

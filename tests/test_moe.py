@@ -10,7 +10,7 @@ import pytest
 
 import nopejax
 from benchmarks.hlo_collectives import collective_bytes
-from nopejax import checkpoint, config, context, layers, model, moe, sharding, train
+from nopejax import checkpoint, config, context, layers, model, moe, sharding, train, validation
 from nopejax.config import ConfigError
 from tests.test_train import random_batches, run_steps
 
@@ -496,16 +496,16 @@ def test_bad_moe_configs_name_the_field(changes, field):
     cfg = small_moe_cfg()
     cfg.model.update(**changes)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        config.validate(cfg)
+        validation.validate(cfg)
 
 
 def test_expert_axis_must_divide_experts_and_needs_experts():
     with pytest.raises(ConfigError, match=r"mesh\.expert"):
-        config.validate(small_moe_cfg(expert=3))
+        validation.validate(small_moe_cfg(expert=3))
     dense = small_moe_cfg(expert=2)
     dense.model.num_experts = 0
     with pytest.raises(ConfigError, match=r"mesh\.expert"):
-        config.validate(dense)
+        validation.validate(dense)
 
 
 def test_kv_cache_decoding_of_an_moe_model_equals_full_recomputation():

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from test_train import ROOT
 
-from nopejax import config
+from nopejax import config, validation
 from nopejax.data import make_iterator
 from nopejax.data.pipeline import document_indices, open_sources
 
@@ -173,7 +173,7 @@ def test_killed_process_stops_the_other_within_60_s(tmp_path, procs):
 def _cfg():
     cfg = config.load_config(os.path.join(ROOT, "configs", "tiny.py"))
     cfg.train.global_batch_size, cfg.train.seq_len = 8, 64
-    return config.validate(cfg)
+    return validation.validate(cfg)
 
 
 def test_processes_read_disjoint_documents_and_compose_the_global_batch():

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from configs_loader import ROOT, load
 
-from nopejax import config, optimizer
+from nopejax import config, optimizer, validation
 
 
 def cfg_with(**optim):
     cfg = config.base_config()
     cfg.train.steps = 100
     cfg.optim.update({"lr": 1.0, "warmup_steps": 10, "decay_steps": 20, "min_lr_ratio": 0.1, **optim})
-    return config.validate(cfg)
+    return validation.validate(cfg)
 
 
 def test_warmup_stable_decay():
@@ -50,7 +50,7 @@ def test_fractions_follow_train_steps(total, warmup, decay):
     # configs/tiny.py's 0.1 / 0.2, rounded down so that the two always fit the run
     cfg = load("tiny")
     cfg.train.steps = total
-    config.validate(cfg)
+    validation.validate(cfg)
     assert config.schedule_lengths(cfg.optim, total) == (warmup, decay)
     lr, peak = optimizer.schedule(cfg), cfg.optim.lr
     values = np.array([float(lr(s)) for s in range(total + 1)])

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from nopejax import checkpoint, cli, config, data, eval_length, train
+from nopejax import checkpoint, cli, config, data, eval_length, train, validation
 from nopejax.config import ConfigError
 from nopejax.data.synthetic import PASSKEY_DIGITS, PASSKEY_MIN_LEN, TaskExample, needle_start
 from nopejax.data.tokenizer import BYTE_BOS, BYTE_EOS
@@ -22,7 +22,7 @@ def passkey_cfg(seq_len=TRAIN_LEN, batch=8):
     cfg.optim.update(warmup_steps=1, decay_steps=1)
     cfg.checkpoint.async_save = False
     cfg.data.source = "passkey"
-    return config.validate(cfg)
+    return validation.validate(cfg)
 
 
 def text(row) -> str:

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from configs_loader import load
 
-from nopejax import checkpoint, config, data, eval_length, optimizer, restore, stages, train
+from nopejax import checkpoint, config, data, eval_length, optimizer, restore, stages, train, validation
 from nopejax.config import ConfigError
 
 SEQ, STEPS = 24, 6
@@ -30,7 +30,7 @@ def tiny(**changes):
     for key, value in changes.items():
         section, name = key.split("__") if "__" in key else (None, key)
         (cfg[section] if section else cfg)[name] = value
-    return config.validate(cfg)
+    return validation.validate(cfg)
 
 
 def losses(workdir):
@@ -269,8 +269,8 @@ def test_eval_length_on_a_sharded_mesh_equals_one_device(stage1, tmp_path):
 
 
 def test_staged_configs_validate():
-    long = config.validate(load("tiny_long"))
+    long = validation.validate(load("tiny_long"))
     assert long.train.seq_len == 2 * load("tiny").train.seq_len and long.init_from
-    big = config.validate(load("smollm3_3b_long"))
+    big = validation.validate(load("smollm3_3b_long"))
     assert (big.train.seq_len, big.model.rope_theta, big.init_from_optimizer, big.mesh.context) == (32768, 2e6, True, 4)
     assert big.train.global_batch_size * big.train.seq_len == 72 * 32768  # 2.36M tokens per step, as SmolLM3

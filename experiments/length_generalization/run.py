@@ -44,7 +44,7 @@ TEXT_STEPS = 300
 
 
 def run_config(task: str, pattern: str, seed: int, quick: bool):
-    from nopejax import config
+    from nopejax import config, validation
 
     path = os.path.join(HERE, task, f"{pattern}.py")
     if task == "text":
@@ -56,7 +56,7 @@ def run_config(task: str, pattern: str, seed: int, quick: bool):
     if quick:
         overrides.update({"train.steps": 30, "train.eval_every": 0, "checkpoint.every_steps": 0})
     cfg = config.load_config(path)
-    return config.validate(config.apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()]))
+    return validation.validate(config.apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()]))
 
 
 def pin_to_core(slots) -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nopejax.config import ConfigError, apply_overrides, base_config, load_config, validate
+from nopejax.config import ConfigError, apply_overrides, base_config, load_config
 from nopejax.data.prepare import prepare
 from nopejax.data.tokenizer import HFTokenizer, train_tokenizer
+from nopejax.validation import validate
 
 
 def _fail(message: str) -> int:

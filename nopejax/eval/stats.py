@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nopejax import checkpoint, config, context, hf, model, sharding, train
+from nopejax import checkpoint, config, context, hf, model, sharding, train, validation
 from nopejax.config import ConfigDict, ConfigError
 
 FORWARD_TOKENS = 8192  # tokens per device per forward call: bounds the [B, H, S, S] attention scores
@@ -41,7 +41,7 @@ def eval_config(cfg: ConfigDict, rope_scaling: dict | None) -> ConfigDict:
         if scaling.get("rope_type", scaling.get("type")) in ("yarn", "llama3"):
             scaling.setdefault("original_max_position_embeddings", cfg.train.seq_len)
         cfg.model.rope_scaling = scaling
-    return config.validate(cfg)
+    return validation.validate(cfg)
 
 
 def parse_rope_scaling(text: str | None) -> dict | None:
@@ -74,7 +74,7 @@ def mesh_config(cfg: ConfigDict, overrides) -> ConfigDict:
             others[0].split("=")[0], "eval-length takes only mesh overrides; the model and data are the checkpoint's",
             "pass --config.mesh.KEY=VALUE (e.g. --config.mesh.fsdp=8), or train a run with the other setting",
         )  # fmt: skip
-    return config.validate(config.apply_overrides(copy.deepcopy(cfg), overrides))
+    return validation.validate(config.apply_overrides(copy.deepcopy(cfg), overrides))
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from nopejax import config, layers, model, tensorfile
+from nopejax import config, layers, model, tensorfile, validation
 from nopejax.hf import fields, registry, tensors
 from nopejax.hf.fields import Field, HFConfigError, harmless
 from nopejax.hf.registry import Family
@@ -175,7 +175,7 @@ def from_hf(path: str, *, dtype: str = "float32", param_dtype: str = "float32") 
     m.dtype, m.param_dtype = dtype, param_dtype
     cfg = config.base_config()
     cfg.model = m
-    config.validate(cfg)
+    validation.validate(cfg)
     return build(m, load_params(path, m))
 
 

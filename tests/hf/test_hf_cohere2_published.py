@@ -11,7 +11,7 @@ import pytest
 import transformers
 from configs_loader import ROOT
 
-from nopejax import config, hf, layers
+from nopejax import config, hf, layers, validation
 
 DATA = ROOT / "tests" / "data" / "hf_configs"
 
@@ -57,7 +57,7 @@ def test_tiny_aya_imports_as_configs_tiny_aya_3b():
     hf_config = {**published("tiny_random_aya_base")["config"], **published("tiny_aya_earth_head")["partial_config"]}
     m = hf.model_config_from_hf(hf_config)
     assert_runs_what_transformers_runs(m, hf_config)
-    ours = config.validate(config.load_config(str(ROOT / "configs" / "tiny_aya_3b.py"))).model
+    ours = validation.validate(config.load_config(str(ROOT / "configs" / "tiny_aya_3b.py"))).model
     assert layers.layer_specs(m) == layers.layer_specs(ours)
     assert hf.hf_config(m) == hf.hf_config(ours)
 

@@ -25,7 +25,7 @@ import transformers
 from configs_loader import ROOT
 
 import nopejax
-from nopejax import cli, config, layers, model, tensorfile
+from nopejax import cli, config, layers, model, tensorfile, validation
 from nopejax.hf import registry
 
 PUBLISHED = ROOT / "tests" / "data" / "hf_configs"
@@ -153,10 +153,10 @@ def test_published_configs_convert_validate_and_export_back(name, path):
     assert m.hf_family == name
     cfg = config.base_config()
     cfg.model = m
-    config.validate(cfg)
+    validation.validate(cfg)
     assert nopejax.hf.model_config_from_hf(nopejax.hf.hf_config(m)) == m
     if "nopejax_config" in published:
-        ours = config.validate(config.load_config(str(ROOT / published["nopejax_config"]))).model
+        ours = validation.validate(config.load_config(str(ROOT / published["nopejax_config"]))).model
         assert layers.layer_specs(m) == layers.layer_specs(ours)
         assert nopejax.hf.hf_config(m) == nopejax.hf.hf_config(ours)
         for field in ("d_model", "head_dim", "num_experts", "expert_d_ff", "d_ff", "routed_scale", "embed_scale"):

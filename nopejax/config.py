@@ -380,3 +380,15 @@ def context_chunk(cfg: ConfigDict) -> int | None:
     """Rows of each zig-zag chunk (seq_len / (2 x context devices)); None without context parallelism."""
     C = cfg.mesh.context * cfg.mesh.dcn_context
     return cfg.train.seq_len // (2 * C) if C > 1 else None
+
+
+def __getattr__(name: str):
+    """The old spellings `config.validate` and `config.check_platform`, kept for one release."""
+    if name in ("validate", "check_platform"):
+        import warnings
+
+        from nopejax import validation  # only this shim: validation imports config, not the reverse
+
+        warnings.warn(f"nopejax.config.{name} is now nopejax.validation.{name}", FutureWarning, stacklevel=2)
+        return getattr(validation, name)
+    raise AttributeError(f"module 'nopejax.config' has no attribute {name!r}")

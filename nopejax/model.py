@@ -360,12 +360,7 @@ class Decoder(nnx.Module):
     def embed_tokens(self, tokens_BS):
         """tokens int32 [B, S] -> embeddings [B, S, D] in the compute dtype, times `model.embed_scale`
         (AFMoE's muP input scale; HF scales in the compute dtype too)."""
-        # the table is gathered over its embed (fsdp x context) shards first, as every fsdp weight is
-        # before use: a lookup from a D-sharded table comes out D-sharded, and XLA cannot re-split
-        # [B, S, D/n] over batch x sequence without first replicating it on every device. The cast
-        # stays after the lookup, so the table's gradient still accumulates in the param dtype.
-        table_VD = constrain(self.embed[...], ("vocab", None))
-        x_BSD = jnp.take(table_VD, tokens_BS, axis=0).astype(_dtype(self.cfg.dtype))
+        x_BSD = jnp.take(self.embed[...], tokens_BS, axis=0).astype(_dtype(self.cfg.dtype))
         return x_BSD * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x_BSD
 
     def hidden(self, tokens_BS, positions=None, segment_ids=None):

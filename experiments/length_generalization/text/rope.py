@@ -1,10 +1,6 @@
 """Length-generalization experiment, all RoPE: every layer rotates q and k (Llama).
 
-configs/tiny.py with only `model.no_rope_layer_interval = 0` changed; the three experiment
-configs (text/rope.py, text/hybrid.py, text/nope.py) differ in nothing else. The text study: train on the
-offline corpus at length 128, then `nopejax eval-length --lengths 128,256,512,1024`
-(`python -m experiments.length_generalization.run --tasks text` runs it). The synthetic tasks have
-their own recipes: experiments/length_generalization/{copy,reverse,passkey}/.
+configs/tiny.py with only `model.no_rope_layer_interval = 0` changed (the text study: text/__init__.py).
 """
 
 import os

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from mixer_checks import check_decode_steps, check_left_padded_prefill, check_packed_row
 from transformers import OlmoHybridConfig, Qwen3NextConfig
 from transformers.models.olmo_hybrid.modeling_olmo_hybrid import OlmoHybridGatedDeltaNet
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
@@ -69,54 +70,17 @@ def params(d=DIMS):
 
 
 def test_packed_row_equals_documents_alone():
-    # row 0: documents of 5 and 6 tokens, then 2 of padding; row 1: 3 of left padding, then 10 tokens
-    docs = [[(1, 0, 5), (2, 5, 11)], [(1, 3, 13)]]
-    seg = np.zeros((2, 13), np.int32)
-    for b, row in enumerate(docs):
-        for doc, start, stop in row:
-            seg[b, start:stop] = doc
-    p = params()
-    h = jax.random.normal(jax.random.key(1), (2, 13, 9))
-    y, cache = forward(p, h, DIMS, segment_ids_BS=jnp.asarray(seg))
-    for b, row in enumerate(docs):
-        for _, start, stop in row:
-            y_doc, cache_doc = forward(p, h[b : b + 1, start:stop], DIMS)
-            np.testing.assert_allclose(y[b : b + 1, start:stop], y_doc, atol=1e-8, rtol=0)
-    # the state after right padding is the last document's
-    np.testing.assert_allclose(cache.state_BHKV[1:], cache_doc.state_BHKV, atol=2e-8, rtol=0)
+    check_packed_row(forward, params(), DIMS, 9, lambda c: c.state_BHKV, atol=1e-8, state_atol=2e-8)
 
 
 def test_decode_steps_equal_chunked_forward():
-    p = params()
-    h = jax.random.normal(jax.random.key(2), (2, 13, 9))
-    want, _ = forward(p, h, DIMS)
-    # prefill 9 tokens in two calls (5 + 4, the cache carried between), then 4 single steps
-    y0, cache = forward(p, h[:, :5], DIMS)
-    y1, cache = forward(p, h[:, 5:9], DIMS, cache=cache)
-    ys = [y0, y1]
-    for t in range(9, 13):
-        y_t, cache = step(p, h[:, t], DIMS, cache)
-        ys.append(y_t[:, None])
     # outputs about 1e-2 (init projections 0.02), measured error about 1e-9
-    np.testing.assert_allclose(jnp.concatenate(ys, axis=1), want, atol=2e-8, rtol=0)
+    check_decode_steps(forward, step, params(), DIMS, 9, atol=2e-8)
 
 
 @pytest.mark.parametrize("prefill_cuts", [(8,), (6, 8)])
 def test_left_padded_prefill_then_steps_equal_the_prompt_alone(prefill_cuts):
-    # a 2-token prompt behind 6 of padding, prefilled at once or in two calls (the second starting
-    # exactly at the prompt): neither the conv window nor the state may carry padding into the prompt
-    p = params()
-    h = jax.random.normal(jax.random.key(3), (1, 12, 9))
-    seg = jnp.asarray([[0] * 6 + [1] * 2], jnp.int32)
-    cache = None
-    for a, b in zip((0, *prefill_cuts[:-1]), prefill_cuts):
-        y, cache = forward(p, h[:, a:b], DIMS, segment_ids_BS=seg[:, a:b], cache=cache)
-    outs = [y[:, -2:]]
-    for t in range(8, 12):
-        y_t, cache = step(p, h[:, t], DIMS, cache)
-        outs.append(y_t[:, None])
-    want, _ = forward(p, h[:, 6:], DIMS)
-    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), want, atol=2e-8, rtol=0)
+    check_left_padded_prefill(forward, step, params(), DIMS, 9, prefill_cuts, atol=2e-8)
 
 
 def test_head_mismatch_is_one_clear_error():

@@ -76,10 +76,26 @@ def _read_debris(unraisable) -> bool:
     return inspect.iscoroutine(obj) and "orbax" in obj.cr_code.co_filename
 
 
+class _AbandonedReadTasks(logging.Filter):
+    """asyncio logs each of a failed read's other tasks, finalized later with the same error, as "Task
+    exception was never retrieved": the same damage again, with tracebacks, naming the checkpoint."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and self.where in message)
+
+
 @contextlib.contextmanager
-def _quiet_failed_read():
+def _quiet_failed_read(where: str):
     """Python prints each piece of `_read_debris` as a traceback: hundreds of lines around the one line
-    that matters, which the caller writes. Dropped while reading, and collected before leaving."""
+    that matters, which the caller writes. Dropped while reading; after a failed read the filters stay
+    for the rest of the process, because tensorstore's threads keep calling into the closed loop, and
+    the read's other tasks are finalized, for a while after the error (seconds later under load), long
+    after this block has returned."""
     previous = sys.unraisablehook
 
     def hook(unraisable):
@@ -87,13 +103,17 @@ def _quiet_failed_read():
             previous(unraisable)
 
     sys.unraisablehook = hook
+    failed = False
     try:
         yield
     except BaseException:
+        failed = True
+        logging.getLogger("asyncio").addFilter(_AbandonedReadTasks(where))
         gc.collect()  # finalizes the abandoned coroutines now, under this hook
         raise
     finally:
-        sys.unraisablehook = previous
+        if not failed:
+            sys.unraisablehook = previous
 
 
 def read(read_fn, step: int, where: str):
@@ -104,7 +124,7 @@ def read(read_fn, step: int, where: str):
     while True:
         attempt += 1
         try:
-            with _quiet_failed_read():
+            with _quiet_failed_read(str(where)):
                 return read_fn(), None
         except ConfigError:  # a process count that cannot continue: not about the files
             raise

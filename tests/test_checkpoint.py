@@ -222,7 +222,9 @@ def test_damaged_newest_checkpoint_is_retrained_exactly(tmp_path, uninterrupted_
     os.truncate(manifest, os.path.getsize(manifest) // 2)
     proc = nopejax("train", "--workdir", str(wd), *RUN)
     # one line, not the tracebacks of orbax's abandoned reads: the step, what is wrong, where it went, what next
-    (line,) = proc.stderr.splitlines()
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-4000:]
+    (line,) = lines
     assert line.startswith(f"WARNING nopejax: checkpoint step 24: {wd}/checkpoints/24 is damaged (ValueError: "
                            "DATA_LOSS: ") and "manifest.ocdbt" in line, line  # fmt: skip
     assert f"; set aside as {wd}/checkpoints/24.damaged-" in line and line.endswith("; continuing from step 20")

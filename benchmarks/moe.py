@@ -83,7 +83,7 @@ def plain_step_fn(cfg):
         loads, balances = [], []
         for i, (use_rope, is_moe) in enumerate(zip(rope_layers, moe_layers)):
             j = sum(moe_layers[:i]) if is_moe else i - sum(moe_layers[:i])  # index in its own stack
-            L = {n: v[i] for n, v in p["layers"].items() if model.param_group(n) == "all"}
+            L = {n: v[i] for n, v in p["layers"].items() if model.param_group(n) not in ("moe", "dense")}
             group = "moe" if is_moe else "dense"
             L.update({n: v[j] for n, v in p["layers"].items() if model.param_group(n) == group})
             x = x + attention(norm(x, L["attn_norm"]), L, mask, b["positions"], use_rope)

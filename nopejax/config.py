@@ -21,7 +21,9 @@ from ml_collections import config_dict
 # The layer-spec names under nopejax.config as well, kept for one release for code that imports
 # them from here; nopejax.layers is their home.
 from nopejax.layers import (  # noqa: F401
+    FFNS,
     LAYER_TYPES,
+    MIXERS,
     QK_NORMS,
     ROPE_LAYOUTS,
     LayerSpec,
@@ -93,8 +95,13 @@ def base_config() -> ConfigDict:
     # HF `rope_scaling` semantics, e.g. {"rope_type": "yarn", "factor": 4.0,
     # "original_max_position_embeddings": 128}. Applied to RoPE layers only.
     m.rope_scaling = config_dict.placeholder(dict)
-    # Attention kind per layer (HF `layer_types` names); unset = every layer full attention.
+    # Mixer per layer: an attention kind (HF `layer_types` names: full_attention, sliding_attention,
+    # chunked_attention), "mamba2" (a Mamba2 SSM, the mamba_* fields) or "mlp" (no mixer: an
+    # FFN-only layer); unset = every layer full attention.
     m.layer_types = config_dict.placeholder(tuple)
+    # FFN per layer: "dense", "moe" or "none" (a mixer-only layer, Nemotron-H); unset = the MoE
+    # fields below decide (dense everywhere without experts).
+    m.ffn_types = config_dict.placeholder(tuple)
     # Periodic shorthand (HF `sliding_window_pattern`): layer i is full when (i + 1) % interval == 0,
     # local otherwise (sliding, or chunked when only attention_chunk_size is set); 0 = off.
     m.global_attention_interval = 0
@@ -125,6 +132,19 @@ def base_config() -> ConfigDict:
     m.balance_loss_weight = 0.0  # Switch / GShard auxiliary load-balance loss
     m.router_z_loss_weight = 0.0  # ST-MoE router z-loss
     m.expert_bias_rate = 0.0  # aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load)
+    # Mamba2 layers (layer_types "mamba2"; nopejax/mixers/mamba2.py): heads x head_dim inner width,
+    # B and C shared by groups of heads, the SSM state size, the causal conv kernel, the SSD chunk
+    m.mamba_num_heads = 0
+    m.mamba_head_dim = 64
+    m.mamba_groups = 1
+    m.mamba_state_size = 128
+    m.mamba_conv_kernel = 4
+    m.mamba_chunk_size = 256
+    m.mamba_conv_bias = True
+    m.mamba_proj_bias = False  # biases on in_proj and out_proj
+    m.mamba_time_step_limit = config_dict.placeholder(tuple)  # (min, max) clamp of dt; unset = none
+    m.attention_scale = config_dict.placeholder(float)  # softmax scale of q.k; unset = 1 / sqrt(head_dim)
+    m.residual_scale = 1.0  # each sublayer's output times it before the residual add (Granite residual_multiplier)
     m.max_position_embeddings = 4096  # written to the HF config; nothing is sized by it
     m.tie_embeddings = True
     m.attention_bias = False  # biases on the q, k, v and o projections (HF `attention_bias`)

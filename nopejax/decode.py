@@ -115,7 +115,8 @@ def _layer(p, x_BcD, i, k_LBTKE, v_LBTKE, *, spec: layers.LayerSpec, slot, q_pos
         visible_BcT = visible(q_pos_Bc, q_seg_Bc, k_pos_BT, k_seg_BT, spec)
         return cached_attention(q_BcHE, k_new[i], v_new[i], visible_BcT), (k_new, v_new)
 
-    x_BcD, (k_LBTKE, v_LBTKE), _ = model.block(p, x_BcD, m, dtype, spec, attend)
+    mix = lambda h_BcD: model.attention_sublayer(p, h_BcD, m, dtype, spec, attend)
+    x_BcD, (k_LBTKE, v_LBTKE), _ = model.block(p, x_BcD, m, dtype, spec, mix)
     return x_BcD, k_LBTKE, v_LBTKE
 
 
@@ -187,6 +188,8 @@ def prefill(graphdef, params, tokens_BS, pos_BS, seg_BS, key, sampling: Sampling
     """
     module = nnx.merge(graphdef, params)
     m = module.cfg
+    if "mamba2" in layers.layer_types(m):  # raised while tracing, before anything compiles
+        raise ConfigError("model.layer_types", "generation does not take mamba2 layers yet", "use an attention model")
     B, S = tokens_BS.shape
     zeros = jnp.zeros((m.num_layers, B, total_len, m.num_kv_heads, m.head_dim), jnp.dtype(m.dtype))
     cache = Cache(zeros, zeros, jnp.zeros((B, total_len), jnp.int32), jnp.zeros((B, total_len), jnp.int32))

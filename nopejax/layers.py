@@ -1,11 +1,11 @@
 """The layer spec: what each layer is, and the block plan that runs the stack.
 
 A `LayerSpec` is one small frozen record of everything that makes one layer differ from another,
-in three groups: the mixer (attention kind and window), the positions (RoPE or NoPE, its base,
-width and layout) with the query/key treatment (QK-norm, NoPE temperature), and the FFN (dense
-or routed experts). `layer_specs(model_cfg)` gives one per layer; the block plan, the attention
-call, the KV-cache decoder and the HF maps all read these specs, so a new layer kind is a field
-here, not a branch in each of them. Equal specs trace to the same program.
+in three groups: the mixer (attention of a kind and window, a Mamba2 SSM, or none), the positions
+(RoPE or NoPE, its base, width and layout) with the query/key treatment (QK-norm, NoPE
+temperature), and the FFN (dense, routed experts, or none). `layer_specs(model_cfg)` gives one
+per layer; the block plan, the attention call, the KV-cache decoder and the HF maps all read these
+specs, so a new layer kind is a field here, not a branch in each of them. Equal specs trace to the same program.
 
 The block plan: the spec tuple's period is the unit scanned over (MaxText's
 `Llama4ScannableBlock`; SmolLM3's 36 layers, NoPE every 4th, are a 4-layer block x 9). The
@@ -25,7 +25,12 @@ from collections.abc import Sequence
 
 from ml_collections import ConfigDict
 
-LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # HF's names, model.layer_types
+ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # HF's names
+# model.layer_types: an attention kind, a Mamba2 mixer ("mamba2"), or no mixer ("mlp": an FFN-only
+# layer, Nemotron-H's "-")
+LAYER_TYPES = (*ATTENTION_TYPES, "mamba2", "mlp")
+MIXERS = ("attention", "mamba2", "none")
+FFNS = ("dense", "moe", "none")  # model.ffn_types
 ROPE_LAYOUTS = ("half", "interleaved")
 QK_NORMS = ("none", "rms", "l2")
 
@@ -36,10 +41,14 @@ class LayerSpec:
     and the HF maps all read this. Equal specs trace to the same program.
 
     NoPE layers carry the RoPE fields at their defaults, so they compare equal whatever the
-    model's RoPE options are.
+    model's RoPE options are; layers without attention (a Mamba2 mixer or none) carry every
+    attention and position field at its NoPE default: their order comes from the recurrence.
     """
 
     # the mixer
+    # "attention", "mamba2" (nopejax/mixers/mamba2.py) or "none"; keyword-only, so the positional
+    # LayerSpec(attention, window) of attention layers keeps its meaning
+    mixer: str = dataclasses.field(default="attention", kw_only=True)
     attention: str = "full"  # "full", "sliding" or "chunked"
     window: int = 0  # sliding: W keys including the query itself; chunked: chunk size C; full: 0
     # positions
@@ -50,7 +59,7 @@ class LayerSpec:
     qk_norm: str = "none"  # "none", "rms" (learned, before RoPE), "l2" (weightless, after RoPE)
     nope_temperature: tuple[float, float] | None = None  # (floor_scale, attn_scale), NoPE layers only
     # the FFN
-    ffn: str = "dense"  # "dense" (SwiGLU, d_ff) or "moe" (routed experts, nopejax/moe.py)
+    ffn: str = "dense"  # "dense" (SwiGLU, d_ff), "moe" (routed experts, nopejax/moe.py) or "none"
 
     @property
     def use_rope(self) -> bool:
@@ -66,7 +75,8 @@ class LayerSpec:
 
 
 def rope_pattern(m: ConfigDict) -> tuple[bool, ...]:
-    """Per layer: True = RoPE layer, False = NoPE layer."""
+    """Per layer: True = RoPE layer, False = NoPE layer, as the fields say; a layer without attention
+    takes no positions whatever this says (`layer_specs`)."""
     if m.no_rope_layers is not None:
         return tuple(bool(x) for x in m.no_rope_layers)
     interval = m.no_rope_layer_interval
@@ -76,7 +86,7 @@ def rope_pattern(m: ConfigDict) -> tuple[bool, ...]:
 
 
 def layer_types(m: ConfigDict) -> tuple[str, ...]:
-    """Per layer, HF's attention kind name: explicit list, periodic shorthand, or all full."""
+    """Per layer, its `LAYER_TYPES` name: explicit list, periodic shorthand, or all full attention."""
     if m.layer_types is not None:
         return tuple(m.layer_types)
     interval = m.global_attention_interval
@@ -87,7 +97,10 @@ def layer_types(m: ConfigDict) -> tuple[str, ...]:
 
 
 def ffn_pattern(m: ConfigDict) -> tuple[str, ...]:
-    """Per layer: "moe" or "dense" (first num_dense_layers dense, then every moe_layer_interval-th MoE)."""
+    """Per layer: "dense", "moe" or "none": the explicit `ffn_types`, else the first num_dense_layers
+    dense, then every moe_layer_interval-th MoE."""
+    if m.ffn_types is not None:
+        return tuple(m.ffn_types)
     if not m.num_experts:
         return ("dense",) * m.num_layers
     moe = [i >= m.num_dense_layers and (i + 1) % m.moe_layer_interval == 0 for i in range(m.num_layers)]
@@ -109,6 +122,9 @@ def layer_specs(m: ConfigDict) -> tuple[LayerSpec, ...]:
     """One frozen spec per layer, from a validated model config."""
     specs = []
     for kind, use_rope, ffn in zip(layer_types(m), rope_pattern(m), ffn_pattern(m)):
+        if kind not in ATTENTION_TYPES:
+            specs.append(LayerSpec(mixer="none" if kind == "mlp" else kind, rope="none", ffn=ffn))
+            continue
         attention = kind.removesuffix("_attention")
         window = {"full": 0, "sliding": m.sliding_window, "chunked": m.attention_chunk_size}[attention]
         specs.append(LayerSpec(attention, window, **_positions(m, attention, use_rope), ffn=ffn))

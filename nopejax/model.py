@@ -31,6 +31,7 @@ from flax import nnx
 
 from nopejax import attention, config, layers, moe
 from nopejax import rope as rope_lib
+from nopejax.mixers import mamba2 as mamba2_lib
 from nopejax.sharding import constrain
 
 # name -> (shape given the model config, logical axes); the leading `layers` axis is implied.
@@ -84,21 +85,67 @@ BLOCK_NORMS = {
 }
 ALL_BLOCK_NORMS = {name for names in BLOCK_NORMS.values() for name in names}
 
-# Params of the dense FFN, stacked over the layers whose spec has ffn = "dense"; MoE params
-# (moe.moe_params) over the layers with ffn = "moe"; all others over every layer. A dense model's
-# dense FFN therefore stays [L, ...].
+# Mamba2 mixer params (layers whose spec has mixer = "mamba2"), named `mamba_<name>` after the
+# mixer's own (nopejax/mixers/mamba2.py); in_proj's output holds z, x, B, C and dt side by side,
+# so it is not split over the tensor axis.
+MAMBA_PREFIX = "mamba_"
+
+
+def mamba_dims(m) -> mamba2_lib.Mamba2Dims:
+    """The Mamba2 layer sizes the model config gives (`model.mamba_*`)."""
+    limit = (0.0, math.inf) if m.mamba_time_step_limit is None else tuple(float(x) for x in m.mamba_time_step_limit)
+    return mamba2_lib.Mamba2Dims(
+        d_model=m.d_model, heads=m.mamba_num_heads, head_dim=m.mamba_head_dim, groups=m.mamba_groups,
+        state=m.mamba_state_size, conv_kernel=m.mamba_conv_kernel, chunk=m.mamba_chunk_size,
+        time_step_limit=limit, norm_eps=m.rms_norm_eps, use_bias=m.mamba_proj_bias, conv_bias=m.mamba_conv_bias,
+    )  # fmt: skip
+
+
+def mamba_params(m) -> dict:
+    d = mamba_dims(m)
+    return {
+        MAMBA_PREFIX + name: (lambda _m, fn=fn: fn(d), logical)
+        for name, (fn, logical) in mamba2_lib.mamba2_params(d).items()
+    }
+
+
+# Which layers each per-layer param is stacked over (a param group), by what the layer's spec has:
+# the mixer's input/output norms over layers with a mixer, attention params over attention layers,
+# Mamba2 params over Mamba2 layers, the FFN's norms over layers with an FFN, the dense FFN over
+# dense layers and MoE params (moe.moe_params) over MoE layers. A model of attention + dense layers
+# only therefore keeps every stack [L, ...].
+GROUPS = {
+    "mixer": lambda spec: spec.mixer != "none",
+    "attention": lambda spec: spec.mixer == "attention",
+    "mamba2": lambda spec: spec.mixer == "mamba2",
+    "ffn": lambda spec: spec.ffn != "none",
+    "dense": lambda spec: spec.ffn == "dense",
+    "moe": lambda spec: spec.ffn == "moe",
+}
 DENSE_FFN_PARAMS = ("w_gate", "w_up", "w_down", "gate_bias", "up_bias", "down_bias")
 
 
 def param_group(name: str) -> str:
-    """Which layers a per-layer param is stacked over: "all", "dense" or "moe"."""
+    """Which layers a per-layer param is stacked over: a key of `GROUPS`."""
     if name in moe.MOE_PARAMS or name in moe.SHARED_PARAMS:
         return "moe"
-    return "dense" if name in DENSE_FFN_PARAMS else "all"
+    if name in DENSE_FFN_PARAMS:
+        return "dense"
+    if name.startswith(MAMBA_PREFIX):
+        return "mamba2"
+    if name in ("attn_norm", "attn_post_norm"):
+        return "mixer"
+    if name in ("mlp_norm", "mlp_post_norm"):
+        return "ffn"
+    return "attention"
+
+
+def in_group(spec: layers.LayerSpec, group: str) -> bool:
+    return GROUPS[group](spec)
 
 
 def group_count(specs, group: str) -> int:
-    return len(specs) if group == "all" else sum(spec.ffn == group for spec in specs)
+    return sum(in_group(spec, group) for spec in specs)
 
 
 def layer_params(m) -> dict:
@@ -111,6 +158,7 @@ def layer_params(m) -> dict:
     out.update(ATTENTION_GATE_PARAMS if m.attention_gate else {})
     out.update(moe.moe_params(m) if m.num_experts else {})
     specs = layers.layer_specs(m)
+    out.update(mamba_params(m) if any(spec.mixer == "mamba2" for spec in specs) else {})
     return {name: v for name, v in out.items() if group_count(specs, param_group(name))}
 
 
@@ -168,13 +216,18 @@ def _plus_bias(x, p, name: str):
 
 
 def attention_inputs(p, h_BSD, m, dtype, spec: layers.LayerSpec):
-    """The q, k, v projections (+ biases) of the sublayer's input and the RMS QK-norm, un-rotated."""
+    """The q, k, v projections (+ biases) of the sublayer's input and the RMS QK-norm, un-rotated.
+
+    A model's own softmax scale (`model.attention_scale`, Granite's attention_multiplier) is folded
+    into q here, since every attention path scales q.k by 1 / sqrt(head_dim)."""
     q_BSHE = _plus_bias(jnp.einsum("bsd,dhe->bshe", h_BSD, p["wq"].astype(dtype)), p, "q_bias")
     k_BSKE = _plus_bias(jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype)), p, "k_bias")
     v_BSKE = _plus_bias(jnp.einsum("bsd,dke->bske", h_BSD, p["wv"].astype(dtype)), p, "v_bias")
     if spec.qk_norm == "rms":  # before RoPE, on every layer (EXAONE 4, Gemma 3)
         q_BSHE = rms_norm(q_BSHE, p["q_norm"], m.rms_norm_eps)
         k_BSKE = rms_norm(k_BSKE, p["k_norm"], m.rms_norm_eps)
+    if m.attention_scale is not None:
+        q_BSHE = q_BSHE * jnp.asarray(m.attention_scale * math.sqrt(m.head_dim), q_BSHE.dtype)
     return q_BSHE, k_BSKE, v_BSKE
 
 
@@ -185,6 +238,20 @@ def attention_output(p, o_BSHE, h_BSD, dtype):
         gate_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, p["attn_gate"].astype(dtype))
         o_BSHE = o_BSHE * jax.nn.sigmoid(gate_BSHE)
     return _plus_bias(jnp.einsum("bshe,hed->bsd", o_BSHE, p["wo"].astype(dtype)), p, "o_bias")
+
+
+def attention_sublayer(p, h_BSD, m, dtype, spec: layers.LayerSpec, attend):
+    """The attention mixer on its (normed) input -> (output, what `attend` returned beside o).
+
+    `attend(q, k, v) -> (o, aux)` is the attention itself: over the sequence in training, over the
+    KV cache in decoding (aux: the updated cache)."""
+    o_BSHE, aux = attend(*attention_inputs(p, h_BSD, m, dtype, spec))
+    return attention_output(p, o_BSHE, h_BSD, dtype), aux
+
+
+def mamba_layer_params(p) -> dict:
+    """This layer's Mamba2 params under the mixer's own names."""
+    return {name.removeprefix(MAMBA_PREFIX): a for name, a in p.items() if name.startswith(MAMBA_PREFIX)}
 
 
 def mlp(p, h_BSD, m, dtype):
@@ -202,27 +269,33 @@ def ffn(p, h_BSD, m, dtype, spec: layers.LayerSpec):
     return mlp(p, h_BSD, m, dtype), None
 
 
-def block(p, x_BSD, m, dtype, spec: layers.LayerSpec, attend):
-    """One layer in the form `model.block` names -> (x_BSD, what `attend` returned beside o, MoE stats).
+def block(p, x_BSD, m, dtype, spec: layers.LayerSpec, mix):
+    """One layer in the form `model.block` names -> (x_BSD, what `mix` returned beside its output, MoE stats).
 
-    `attend(q, k, v) -> (o, aux)` is the attention itself: over the sequence in training, over
-    the KV cache in decoding (aux: the updated cache). Norms present only when the block has them
-    (`BLOCK_NORMS`), so an absent key is a trace-time branch, not an op. The FFN is dense or MoE
-    as `spec.ffn` says (MoE stats: None for a dense layer).
+    `mix(h_BSD) -> (out_BSD, aux)` is the mixer sublayer on its normed input (`attention_sublayer`
+    or a Mamba2 mixer, in training or decoding); a layer whose spec has no mixer or no FFN skips
+    that sublayer with its norms. Norms present only when the block has them (`BLOCK_NORMS`), so an
+    absent key is a trace-time branch, not an op. Each sublayer's output is scaled by
+    `model.residual_scale` before the residual add (Granite). The FFN is dense or MoE as
+    `spec.ffn` says (MoE stats: None for a dense layer or none).
     """
-    h_BSD = norm(x_BSD, p["attn_norm"], m) if "attn_norm" in p else x_BSD
-    o_BSHE, aux = attend(*attention_inputs(p, h_BSD, m, dtype, spec))
-    a_BSD = attention_output(p, o_BSHE, h_BSD, dtype)
-    if "attn_post_norm" in p:
-        a_BSD = norm(a_BSD, p["attn_post_norm"], m)
-    if m.block == "parallel":  # Cohere2: residual + attention + MLP, both from the one norm
-        f_BSD, stats = ffn(p, h_BSD, m, dtype, spec)
-        return x_BSD + a_BSD + f_BSD, aux, stats
-    x_BSD = x_BSD + a_BSD
+    scaled = (lambda y: y) if m.residual_scale == 1.0 else (lambda y: y * jnp.asarray(m.residual_scale, y.dtype))
+    aux = None
+    if spec.mixer != "none":
+        h_BSD = norm(x_BSD, p["attn_norm"], m) if "attn_norm" in p else x_BSD
+        a_BSD, aux = mix(h_BSD)
+        if "attn_post_norm" in p:
+            a_BSD = norm(a_BSD, p["attn_post_norm"], m)
+        if m.block == "parallel":  # Cohere2: residual + attention + MLP, both from the one norm
+            f_BSD, stats = ffn(p, h_BSD, m, dtype, spec)
+            return x_BSD + scaled(a_BSD) + scaled(f_BSD), aux, stats
+        x_BSD = x_BSD + scaled(a_BSD)
+    if spec.ffn == "none":
+        return x_BSD, aux, None
     f_BSD, stats = ffn(p, norm(x_BSD, p["mlp_norm"], m) if "mlp_norm" in p else x_BSD, m, dtype, spec)
     if "mlp_post_norm" in p:
         f_BSD = norm(f_BSD, p["mlp_post_norm"], m)
-    return x_BSD + f_BSD, aux, stats
+    return x_BSD + scaled(f_BSD), aux, stats
 
 
 def decoder_layer(p, x_BSD, *, spec: layers.LayerSpec, ctx):
@@ -244,7 +317,15 @@ def decoder_layer(p, x_BSD, *, spec: layers.LayerSpec, ctx):
         )
         return o_BSHE, None
 
-    x_BSD, _, stats = block(p, x_BSD, m, dtype, spec, attend)
+    def mix(h_BSD):
+        if spec.mixer == "mamba2":
+            out_BSD, _ = mamba2_lib.mamba2(
+                mamba_layer_params(p), h_BSD, mamba_dims(m), segment_ids_BS=ctx["segment_ids"]
+            )
+            return out_BSD, None
+        return attention_sublayer(p, h_BSD, m, dtype, spec, attend)
+
+    x_BSD, _, stats = block(p, x_BSD, m, dtype, spec, mix)
     return constrain(x_BSD, ("act_batch", "act_seq", "act_embed")), stats
 
 
@@ -330,17 +411,14 @@ class Decoder(nnx.Module):
             return nnx.Param(value, logical_axes=logical)
 
         self.embed = param((m.vocab_size, m.d_model), ("vocab", "embed"))
-        self.layers = nnx.Dict(
-            {
-                name: param(
-                    (stack_size(m, name), *shape_fn(m)),
-                    ("layers", *logical),
-                    ones=name.endswith("norm"),
-                    zeros=name.endswith("bias"),
-                )
-                for name, (shape_fn, logical) in layer_params(m).items()
-            }
-        )
+        stacks = {}
+        for name, (shape_fn, logical) in layer_params(m).items():
+            if name.startswith(MAMBA_PREFIX):
+                continue
+            ones, zeros = name.endswith("norm"), name.endswith("bias")
+            stacks[name] = param((stack_size(m, name), *shape_fn(m)), ("layers", *logical), ones=ones, zeros=zeros)
+        stacks.update(_mamba_stacks(m, rngs, pdtype))
+        self.layers = nnx.Dict(stacks)
         self.final_norm = param((m.d_model,), ("norm",), ones=True)
         self.lm_head = None if m.tie_embeddings else param((m.d_model, m.vocab_size), ("embed", "vocab"))
 
@@ -388,6 +466,21 @@ class Decoder(nnx.Module):
         stack = {name: p[...] for name, p in self.layers.items()}
         x_BSD, aux = run_layers(stack, x_BSD, ctx)
         return norm(x_BSD, self.final_norm[...], m), aux
+
+
+def _mamba_stacks(m, rngs: nnx.Rngs, pdtype) -> dict:
+    """The Mamba2 layers' params, each layer initialised as transformers initialises one (A, dt, D,
+    conv), stacked over the Mamba2 layers."""
+    specs = layers.layer_specs(m)
+    count = group_count(specs, "mamba2")
+    if not count:
+        return {}
+    d = mamba_dims(m)
+    values = jax.vmap(lambda key: mamba2_lib.init_params(d, key, pdtype))(jax.random.split(rngs.params(), count))
+    return {
+        MAMBA_PREFIX + name: nnx.Param(values[name], logical_axes=("layers", *logical))
+        for name, (_, logical) in mamba2_lib.mamba2_params(d).items()
+    }
 
 
 def layer_ropes(m) -> dict:

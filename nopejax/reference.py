@@ -41,8 +41,11 @@ FIELD_DOCS = {
     "model.rope_theta": "RoPE base of the RoPE layers.",
     "model.rope_scaling": 'HF `rope_scaling` dict (`linear`, `yarn`, `llama3`), e.g. `{"rope_type": "yarn", '
     '"factor": 4.0, "original_max_position_embeddings": 128}`; RoPE layers only.',
-    "model.layer_types": "Attention kind per layer, HF names: `full_attention`, `sliding_attention`, "
-    "`chunked_attention`; unset = all full.",
+    "model.layer_types": "Mixer per layer: an attention kind (HF names `full_attention`, `sliding_attention`, "
+    "`chunked_attention`), `mamba2` (a Mamba2 SSM, the `mamba_*` fields) or `mlp` (no mixer, an FFN-only layer); "
+    "unset = all full attention.",
+    "model.ffn_types": "FFN per layer: `dense`, `moe` or `none` (a mixer-only layer, Nemotron-H); unset = the MoE "
+    "fields decide (dense everywhere without experts).",
     "model.global_attention_interval": "Shorthand (HF `sliding_window_pattern`): layer i is full when "
     "`(i + 1) % k == 0`, local otherwise (sliding, or chunked when only `attention_chunk_size` is set); 0 = off.",
     "model.sliding_window": "W of sliding layers: key j is visible to query i iff `pos_i - W < pos_j <= pos_i`.",
@@ -86,6 +89,20 @@ FIELD_DOCS = {
     "model.block": "Where the norms sit: `pre_norm` (Llama, SmolLM3), `parallel` (Cohere2), "
     "`post_norm` (EXAONE 4), `sandwich` (Gemma 3, Arcee Trinity).",
     "model.logit_scale": "The logits are multiplied by it (Cohere2 `logit_scale`).",
+    "model.attention_scale": "Softmax scale of `q . k` (Granite `attention_multiplier`); unset = `1 / sqrt(head_dim)`.",
+    "model.residual_scale": "Each sublayer's output is multiplied by it before the residual add (Granite "
+    "`residual_multiplier`).",
+    # model: Mamba2 layers
+    "model.mamba_num_heads": "Heads of each Mamba2 layer (its inner width is heads x `mamba_head_dim`); 0 when no "
+    "layer is `mamba2`.",
+    "model.mamba_head_dim": "Width of one Mamba2 head.",
+    "model.mamba_groups": "Groups sharing B and C (`n_groups`); must divide `mamba_num_heads`.",
+    "model.mamba_state_size": "SSM state size per head and channel (`state_size`, `d_state`).",
+    "model.mamba_conv_kernel": "Width of the causal depthwise conv on x, B and C (`conv_kernel`, `d_conv`).",
+    "model.mamba_chunk_size": "Chunk length of the chunked SSD scan: intra-chunk matmuls, a recurrence over chunks.",
+    "model.mamba_conv_bias": "A bias on the conv (`use_conv_bias`).",
+    "model.mamba_proj_bias": "Biases on `in_proj` and `out_proj` (`use_bias`, `mamba_proj_bias`).",
+    "model.mamba_time_step_limit": "`(min, max)` clamp of dt after softplus (`time_step_limit`); unset = none.",
     "model.embed_scale": "Token embeddings are multiplied by it (AFMoE `mup_enabled`: sqrt(d_model)).",
     "model.attention_gate": "AFMoE: attended values times `sigmoid(h @ W_gate)` per head and dim before the "
     "output projection.",

@@ -45,6 +45,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _validate_model_sizes(m)
     _validate_rope_pattern(m)
     _validate_attention_kinds(m)
+    _validate_ffn_types(m)
+    _validate_mamba(m, cfg.mesh)
     _validate_windows(m)
     _validate_rope_options(m)
     _validate_nope(m)
@@ -130,6 +132,76 @@ def _validate_attention_kinds(m: ConfigDict) -> None:
         raise ConfigError(
             "model.global_attention_interval", "both sliding_window and attention_chunk_size are set, so "
             "the local layers of the shorthand are ambiguous", "unset one, or list model.layer_types explicitly",
+        )  # fmt: skip
+
+
+def _validate_ffn_types(m: ConfigDict) -> None:
+    """The explicit FFN per layer, and layers that would hold nothing."""
+    if m.ffn_types is not None:
+        if len(m.ffn_types) != m.num_layers:
+            raise ConfigError(
+                "model.ffn_types", f"has {len(m.ffn_types)} entries but num_layers = {m.num_layers}",
+                f"give exactly one of {layers.FFNS} per layer",
+            )  # fmt: skip
+        bad = sorted({t for t in m.ffn_types if t not in layers.FFNS})
+        if bad:
+            raise ConfigError("model.ffn_types", f"unknown FFN kind(s) {bad}", f"use {layers.FFNS}")
+        if ("moe" in m.ffn_types) != bool(m.num_experts):
+            raise ConfigError(
+                "model.ffn_types", f"lists {'an' if 'moe' in m.ffn_types else 'no'} MoE layer but num_experts = "
+                f"{m.num_experts}", "give the model experts for its moe layers, or list no moe layer without them",
+            )  # fmt: skip
+        if m.num_dense_layers or m.moe_layer_interval != 1:
+            raise ConfigError(
+                "model.ffn_types", "is set together with num_dense_layers / moe_layer_interval",
+                "give either the explicit list or those fields, not both",
+            )  # fmt: skip
+    for i, spec in enumerate(layers.layer_specs(m)):
+        if spec.mixer == "none" and spec.ffn == "none":
+            raise ConfigError(
+                "model.ffn_types", f"layer {i} has no mixer (layer type mlp) and no FFN", "give it an FFN or a mixer"
+            )
+        if m.block == "parallel" and (spec.mixer != "attention" or spec.ffn == "none"):
+            raise ConfigError(
+                "model.block", f"parallel blocks read one norm into attention and an FFN, but layer {i} has "
+                f"mixer {spec.mixer} and FFN {spec.ffn}", "use block=pre_norm, or attention and an FFN in every layer",
+            )  # fmt: skip
+
+
+def _validate_mamba(m: ConfigDict, mesh: ConfigDict) -> None:
+    """Mamba2 layer sizes; positions and context parallelism on Mamba2 layers."""
+    types = layers.layer_types(m)
+    if m.no_rope_layers is not None:
+        for i, (kind, rope) in enumerate(zip(types, m.no_rope_layers)):
+            if rope and kind not in layers.ATTENTION_TYPES:
+                raise ConfigError(
+                    "model.no_rope_layers", f"layer {i} is a {kind} layer, which has no attention to rotate, "
+                    "but its entry is 1 (RoPE)", f"set entry {i} to 0",
+                )  # fmt: skip
+    if "mamba2" not in types:
+        if m.mamba_num_heads:
+            raise ConfigError(
+                "model.mamba_num_heads", f"is {m.mamba_num_heads} but no layer is mamba2",
+                "set it to 0, or make some layers mamba2 (model.layer_types)",
+            )  # fmt: skip
+        return
+    _positive(m, "model", ["mamba_num_heads", "mamba_head_dim", "mamba_groups", "mamba_state_size",
+                           "mamba_conv_kernel", "mamba_chunk_size"])  # fmt: skip
+    if m.mamba_num_heads % m.mamba_groups:
+        raise ConfigError(
+            "model.mamba_groups", f"mamba_num_heads={m.mamba_num_heads} is not a multiple of mamba_groups="
+            f"{m.mamba_groups} (B and C are shared by equal groups of heads)", "choose groups dividing the heads",
+        )  # fmt: skip
+    limit = m.mamba_time_step_limit
+    if limit is not None and not (len(limit) == 2 and 0 <= limit[0] <= limit[1]):
+        raise ConfigError(
+            "model.mamba_time_step_limit", f"must be (min, max) with 0 <= min <= max, got {limit!r}",
+            "use e.g. (0.0, 100.0), or leave it unset for no clamp",
+        )  # fmt: skip
+    if mesh.context * mesh.dcn_context > 1:
+        raise ConfigError(
+            "mesh.context", "context parallelism does not take mamba2 layers yet (their state would have to "
+            "cross the shards)", "use mesh.context = 1 for this model",
         )  # fmt: skip
 
 
@@ -332,6 +404,11 @@ def _validate_block(m: ConfigDict) -> None:
             "model.embed_scale", f"must be a positive finite number, got {scale!r}",
             "use 1.0 (no scaling) or sqrt(d_model) (AFMoE's muP input scale)",
         )  # fmt: skip
+    for name in ("residual_scale", "attention_scale"):
+        scale = m[name]
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not 0 < scale < float("inf")):  # fmt: skip
+            raise ConfigError(f"model.{name}", f"must be a positive finite number, got {scale!r}", "use e.g. 1.0")
     if not isinstance(m.attention_gate, bool):
         raise ConfigError("model.attention_gate", f"must be True or False, got {m.attention_gate!r}", "use a bool")
 

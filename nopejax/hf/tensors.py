@@ -184,7 +184,7 @@ def layer_rows(m: config.ConfigDict, layer_map: dict) -> list[list[tuple[dict, J
         index = {
             name: model.group_count(specs[:i], model.param_group(name))
             for name in names
-            if model.param_group(name) in ("all", spec.ffn)
+            if model.in_group(spec, model.param_group(name))
         }
         rows = []
         for key, row in layer_map.items():

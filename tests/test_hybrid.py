@@ -1,0 +1,177 @@
+"""Hybrid stacks: Mamba2 layers, FFN-only layers and mixer-only layers beside NoPE attention.
+
+The reference is a per-layer loop written here (its own RMSNorm, causal softmax attention and
+SwiGLU, each layer's params picked from the stacks by its own count of the layers before it), with
+the Mamba2 mixer from nopejax/mixers/mamba2.py, which tests/test_mamba2.py holds to transformers.
+What this file tests is the stack: which params each layer reads, the block plan over mixed layer
+kinds, norms, residuals and scales.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nopejax import config, layers, model, validation
+from nopejax.mixers import mamba2 as mamba2_lib
+
+V = 61
+# Nemotron-H-like: Mamba2 and attention layers without FFN, FFN-only layers between; period 3
+NEMOTRON_LIKE = dict(
+    layer_types=("mamba2", "mlp", "full_attention") * 2,
+    ffn_types=("none", "dense", "none") * 2,
+)
+# Granite-4.0-H-like: Mamba2 x2 : NoPE attention, every layer with its FFN; a 1-layer tail
+GRANITE_LIKE = dict(layer_types=("mamba2", "mamba2", "full_attention") * 2 + ("mamba2",))
+
+
+def tiny(**overrides):
+    cfg = config.base_config()
+    cfg.model.update(
+        vocab_size=V, d_model=20, num_heads=2, num_kv_heads=1, head_dim=6, d_ff=14, dtype="float32",
+        no_rope_layer_interval=1, mamba_num_heads=4, mamba_head_dim=5, mamba_groups=2, mamba_state_size=3,
+        mamba_chunk_size=4,
+    )  # fmt: skip
+    cfg.model.update(num_layers=len(overrides.get("layer_types", ())) or 6, **overrides)
+    return validation.validate(cfg).model
+
+
+def _rms(x, w, eps):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def _attention(p, h, segment_ids, m):
+    """Causal NoPE softmax attention within documents, GQA by repeating K and V."""
+    q = jnp.einsum("bsd,dhe->bshe", h, p["wq"])
+    k = jnp.repeat(jnp.einsum("bsd,dke->bske", h, p["wk"]), m.num_heads // m.num_kv_heads, axis=2)
+    v = jnp.repeat(jnp.einsum("bsd,dke->bske", h, p["wv"]), m.num_heads // m.num_kv_heads, axis=2)
+    scale = m.attention_scale if m.attention_scale is not None else m.head_dim**-0.5
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) * scale
+    S = h.shape[1]
+    ok = jnp.tril(jnp.ones((S, S), bool))[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    probs = jax.nn.softmax(jnp.where(ok[:, None], scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bshe,hed->bsd", jnp.einsum("bhqk,bkhe->bqhe", probs, v), p["wo"])
+
+
+def reference_logits(params, m, tokens, segment_ids):
+    stacks, eps, r = params["layers"], m.rms_norm_eps, m.residual_scale
+    x = params["embed"][tokens] * m.embed_scale
+    counts = dict.fromkeys(("mixer", "attention", "mamba2", "ffn"), 0)
+    for kind, ffn in zip(layers.layer_types(m), layers.ffn_pattern(m)):
+        if kind != "mlp":
+            h = _rms(x, stacks["attn_norm"][counts["mixer"]], eps)
+            counts["mixer"] += 1
+            if kind == "mamba2":
+                p = {n.removeprefix("mamba_"): a[counts["mamba2"]] for n, a in stacks.items() if n.startswith("mamba_")}
+                counts["mamba2"] += 1
+                out = mamba2_lib.mamba2(p, h, model.mamba_dims(m), segment_ids_BS=segment_ids)[0]
+            else:
+                p = {n: stacks[n][counts["attention"]] for n in ("wq", "wk", "wv", "wo")}
+                counts["attention"] += 1
+                out = _attention(p, h, segment_ids, m)
+            x = x + r * out
+        if ffn != "none":
+            j = counts["ffn"]
+            h = _rms(x, stacks["mlp_norm"][j], eps)
+            counts["ffn"] += 1
+            up = jax.nn.silu(h @ stacks["w_gate"][j]) * (h @ stacks["w_up"][j])
+            x = x + r * (up @ stacks["w_down"][j])
+    x = _rms(x, params["final_norm"], eps)
+    return x @ params["embed"].T * m.logit_scale
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [NEMOTRON_LIKE, dict(GRANITE_LIKE, residual_scale=0.22, attention_scale=0.3, embed_scale=1.7, logit_scale=0.4)],
+    ids=["nemotron_like", "granite_like"],
+)
+def test_hybrid_stack_equals_layer_by_layer_reference(overrides):
+    m = tiny(**overrides)
+    module = model.create(m, seed=3)
+    _, params = model.split(module)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 11)), jnp.int32)
+    segment_ids = jnp.asarray([[1] * 5 + [2] * 6, [1] * 9 + [0] * 2], jnp.int32)
+    positions = jnp.asarray([[*range(5), *range(6)], [*range(9), 0, 0]], jnp.int32)
+    got = module(tokens, positions=positions, segment_ids=segment_ids)
+    want = reference_logits(params, m, tokens, segment_ids)
+    real = np.asarray(segment_ids) != 0
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5, rtol=0)
+
+
+def test_hybrid_params_stack_by_kind():
+    m = tiny(**NEMOTRON_LIKE)
+    _, params = model.split(model.create(m))
+    shapes = {name: a.shape for name, a in params["layers"].items()}
+    d = model.mamba_dims(m)
+    assert shapes["wq"] == (2, 20, 2, 6)  # the two attention layers
+    assert shapes["mamba_in_proj"] == (2, 20, d.proj_dim)  # the two Mamba2 layers
+    assert shapes["w_up"] == (2, 20, 14) and shapes["mlp_norm"] == (2, 20)  # the two FFN-only layers
+    assert shapes["attn_norm"] == (4, 20)  # every layer with a mixer
+    # transformers' Mamba2 init: A = 1..H per layer
+    np.testing.assert_allclose(np.exp(params["layers"]["mamba_A_log"]), np.tile(np.arange(1, 5), (2, 1)), rtol=1e-6)
+    assert model.param_count(m) == sum(a.size for a in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("overrides", [NEMOTRON_LIKE, GRANITE_LIKE], ids=["nemotron_like", "granite_like"])
+def test_hybrid_scanned_equals_unrolled(overrides):
+    m = tiny(**overrides, remat="full")
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, V, (2, 9)), jnp.int32)
+
+    @nnx.jit
+    def logits_and_grads(module):
+        return module(tokens), nnx.grad(lambda mod: jnp.mean(mod(tokens) ** 2))(module)
+
+    out1, g1 = logits_and_grads(model.create(m, seed=1))
+    m.scan_layers = False
+    out2, g2 = logits_and_grads(model.create(m, seed=1))
+    np.testing.assert_allclose(out1, out2, atol=1e-6, rtol=0)
+    g1, g2 = nnx.to_pure_dict(g1), nnx.to_pure_dict(g2)
+    assert np.abs(g1["layers"]["mamba_A_log"]).min() > 0  # every Mamba2 layer's decay gets a gradient
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g1, g2)
+
+
+def test_hybrid_packed_row_equals_documents_alone():
+    m = tiny(**GRANITE_LIKE)
+    module = model.create(m, seed=2)
+    rng = np.random.default_rng(3)
+    doc_a, doc_b = rng.integers(0, V, 6), rng.integers(0, V, 9)  # 9: longer than the chunk of 4, not a multiple
+    packed = jnp.asarray(np.concatenate([doc_a, doc_b])[None], jnp.int32)
+    positions = jnp.asarray(np.concatenate([np.arange(6), np.arange(9)])[None], jnp.int32)
+    segments = jnp.asarray(np.array([1] * 6 + [2] * 9)[None], jnp.int32)
+    together = module(packed, positions=positions, segment_ids=segments)
+    alone_a, alone_b = module(jnp.asarray(doc_a[None], jnp.int32)), module(jnp.asarray(doc_b[None], jnp.int32))
+    np.testing.assert_allclose(together[:, :6], alone_a, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(together[:, 6:], alone_b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(GRANITE_LIKE, no_rope_layers=(1, 0, 0, 0, 0, 0, 0)), "model.no_rope_layers"),  # a Mamba2 layer with RoPE
+        (dict(GRANITE_LIKE, mamba_groups=3), "model.mamba_groups"),  # 4 heads in groups of 3
+        (dict(GRANITE_LIKE, mamba_chunk_size=0), "model.mamba_chunk_size"),
+        (dict(layer_types=("mlp", "full_attention"), ffn_types=("none", "dense")), "model.ffn_types"),  # empty layer
+        (dict(layer_types=("full_attention",) * 2, ffn_types=("dense", "moe")), "model.ffn_types"),  # no experts
+        (dict(GRANITE_LIKE, block="parallel"), "model.block"),
+        (dict(GRANITE_LIKE, mamba_time_step_limit=(1.0, 0.5)), "model.mamba_time_step_limit"),
+        (dict(layer_types=("full_attention",) * 2, mamba_num_heads=4), "model.mamba_num_heads"),  # no Mamba2 layer
+        (dict(GRANITE_LIKE, residual_scale=0.0), "model.residual_scale"),
+    ],
+)
+def test_hybrid_config_errors_name_the_field(overrides, field):
+    with pytest.raises(config.ConfigError) as err:
+        tiny(**overrides)
+    assert err.value.field == field
+    assert "\n" not in str(err.value)
+
+
+def test_mamba2_layers_under_context_parallelism_are_refused_before_compiling():
+    cfg = config.base_config()
+    cfg.model.update(
+        num_layers=2, layer_types=("mamba2", "full_attention"), mamba_num_heads=3, no_rope_layer_interval=1
+    )
+    cfg.mesh.context = 2
+    with pytest.raises(config.ConfigError) as err:
+        validation.validate(cfg)
+    assert err.value.field == "mesh.context"

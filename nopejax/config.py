@@ -96,8 +96,8 @@ def base_config() -> ConfigDict:
     # "original_max_position_embeddings": 128}. Applied to RoPE layers only.
     m.rope_scaling = config_dict.placeholder(dict)
     # Mixer per layer: an attention kind (HF `layer_types` names: full_attention, sliding_attention,
-    # chunked_attention), "mamba2" (a Mamba2 SSM, the mamba_* fields) or "mlp" (no mixer: an
-    # FFN-only layer); unset = every layer full attention.
+    # chunked_attention), "mamba2" (the mamba_* fields), "gated_deltanet" (the gdn_* fields) or
+    # "mlp" (no mixer: an FFN-only layer); unset = every layer full attention.
     m.layer_types = config_dict.placeholder(tuple)
     # FFN per layer: "dense", "moe" or "none" (a mixer-only layer, Nemotron-H); unset = the MoE
     # fields below decide (dense everywhere without experts).
@@ -144,6 +144,16 @@ def base_config() -> ConfigDict:
     m.mamba_proj_bias = False  # biases on in_proj and out_proj
     m.mamba_time_step_limit = config_dict.placeholder(tuple)  # (min, max) clamp of dt; unset = none
     m.attention_scale = config_dict.placeholder(float)  # softmax scale of q.k; unset = 1 / sqrt(head_dim)
+    # Gated DeltaNet layers (layer_types "gated_deltanet"; nopejax/mixers/gated_deltanet.py): G key
+    # heads of K dims for q and k, H value heads of V dims (each key head serves H / G value heads)
+    m.gdn_key_heads = 0
+    m.gdn_value_heads = 0
+    m.gdn_key_head_dim = 128
+    m.gdn_value_head_dim = 128
+    m.gdn_conv_kernel = 4
+    m.gdn_chunk_size = 64
+    m.gdn_allow_neg_eigval = False  # beta in (0, 2): eigenvalues of the transition in (-1, 1)
+    m.gdn_norm_eps = config_dict.placeholder(float)  # eps of the output norm; unset = rms_norm_eps
     m.residual_scale = 1.0  # each sublayer's output times it before the residual add (Granite residual_multiplier)
     m.max_position_embeddings = 4096  # written to the HF config; nothing is sized by it
     m.tie_embeddings = True

@@ -188,8 +188,9 @@ def prefill(graphdef, params, tokens_BS, pos_BS, seg_BS, key, sampling: Sampling
     """
     module = nnx.merge(graphdef, params)
     m = module.cfg
-    if "mamba2" in layers.layer_types(m):  # raised while tracing, before anything compiles
-        raise ConfigError("model.layer_types", "generation does not take mamba2 layers yet", "use an attention model")
+    recurrent = sorted(set(layers.layer_types(m)) & set(layers.RECURRENT_MIXERS))
+    if recurrent:  # raised while tracing, before anything compiles
+        raise ConfigError("model.layer_types", f"generation does not take {recurrent} layers yet", "use attention")
     B, S = tokens_BS.shape
     zeros = jnp.zeros((m.num_layers, B, total_len, m.num_kv_heads, m.head_dim), jnp.dtype(m.dtype))
     cache = Cache(zeros, zeros, jnp.zeros((B, total_len), jnp.int32), jnp.zeros((B, total_len), jnp.int32))

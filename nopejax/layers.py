@@ -1,7 +1,7 @@
 """The layer spec: what each layer is, and the block plan that runs the stack.
 
 A `LayerSpec` is one small frozen record of everything that makes one layer differ from another,
-in three groups: the mixer (attention of a kind and window, a Mamba2 SSM, or none), the positions
+in three groups: the mixer (attention of a kind and window, a recurrent mixer, or none), the positions
 (RoPE or NoPE, its base, width and layout) with the query/key treatment (QK-norm, NoPE
 temperature), and the FFN (dense, routed experts, or none). `layer_specs(model_cfg)` gives one
 per layer; the block plan, the attention call, the KV-cache decoder and the HF maps all read these
@@ -26,10 +26,12 @@ from collections.abc import Sequence
 from ml_collections import ConfigDict
 
 ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # HF's names
-# model.layer_types: an attention kind, a Mamba2 mixer ("mamba2"), or no mixer ("mlp": an FFN-only
-# layer, Nemotron-H's "-")
-LAYER_TYPES = (*ATTENTION_TYPES, "mamba2", "mlp")
-MIXERS = ("attention", "mamba2", "none")
+# The recurrent mixers (nopejax/mixers/kinds.py): Mamba2 and Gated DeltaNet
+RECURRENT_MIXERS = ("mamba2", "gated_deltanet")
+# model.layer_types: an attention kind, a recurrent mixer, or no mixer ("mlp": an FFN-only layer,
+# Nemotron-H's "-")
+LAYER_TYPES = (*ATTENTION_TYPES, *RECURRENT_MIXERS, "mlp")
+MIXERS = ("attention", *RECURRENT_MIXERS, "none")
 FFNS = ("dense", "moe", "none")  # model.ffn_types
 ROPE_LAYOUTS = ("half", "interleaved")
 QK_NORMS = ("none", "rms", "l2")
@@ -46,7 +48,7 @@ class LayerSpec:
     """
 
     # the mixer
-    # "attention", "mamba2" (nopejax/mixers/mamba2.py) or "none"; keyword-only, so the positional
+    # "attention", a recurrent mixer (RECURRENT_MIXERS) or "none"; keyword-only, so the positional
     # LayerSpec(attention, window) of attention layers keeps its meaning
     mixer: str = dataclasses.field(default="attention", kw_only=True)
     attention: str = "full"  # "full", "sliding" or "chunked"
@@ -123,7 +125,7 @@ def layer_specs(m: ConfigDict) -> tuple[LayerSpec, ...]:
     specs = []
     for kind, use_rope, ffn in zip(layer_types(m), rope_pattern(m), ffn_pattern(m)):
         if kind not in ATTENTION_TYPES:
-            specs.append(LayerSpec(mixer="none" if kind == "mlp" else kind, rope="none", ffn=ffn))
+            specs.append(LayerSpec(mixer="none" if kind == "mlp" else kind, rope="none", ffn=ffn))  # no positions
             continue
         attention = kind.removesuffix("_attention")
         window = {"full": 0, "sliding": m.sliding_window, "chunked": m.attention_chunk_size}[attention]

@@ -31,7 +31,7 @@ from flax import nnx
 
 from nopejax import attention, config, layers, moe
 from nopejax import rope as rope_lib
-from nopejax.mixers import mamba2 as mamba2_lib
+from nopejax.mixers import kinds as mixer_kinds
 from nopejax.sharding import constrain
 
 # name -> (shape given the model config, logical axes); the leading `layers` axis is implied.
@@ -85,39 +85,25 @@ BLOCK_NORMS = {
 }
 ALL_BLOCK_NORMS = {name for names in BLOCK_NORMS.values() for name in names}
 
-# Mamba2 mixer params (layers whose spec has mixer = "mamba2"), named `mamba_<name>` after the
-# mixer's own (nopejax/mixers/mamba2.py); in_proj's output holds z, x, B, C and dt side by side,
-# so it is not split over the tensor axis.
-MAMBA_PREFIX = "mamba_"
+# A recurrent mixer's params (nopejax/mixers/kinds.py: Mamba2, Gated DeltaNet) are stacked over
+# the layers of its kind, named with the kind's prefix (`mamba_in_proj`); their projections hold
+# several heads' kinds of vectors side by side, so they are not split over the tensor axis.
 
 
-def mamba_dims(m) -> mamba2_lib.Mamba2Dims:
-    """The Mamba2 layer sizes the model config gives (`model.mamba_*`)."""
-    limit = (0.0, math.inf) if m.mamba_time_step_limit is None else tuple(float(x) for x in m.mamba_time_step_limit)
-    return mamba2_lib.Mamba2Dims(
-        d_model=m.d_model, heads=m.mamba_num_heads, head_dim=m.mamba_head_dim, groups=m.mamba_groups,
-        state=m.mamba_state_size, conv_kernel=m.mamba_conv_kernel, chunk=m.mamba_chunk_size,
-        time_step_limit=limit, norm_eps=m.rms_norm_eps, use_bias=m.mamba_proj_bias, conv_bias=m.mamba_conv_bias,
-    )  # fmt: skip
-
-
-def mamba_params(m) -> dict:
-    d = mamba_dims(m)
-    return {
-        MAMBA_PREFIX + name: (lambda _m, fn=fn: fn(d), logical)
-        for name, (fn, logical) in mamba2_lib.mamba2_params(d).items()
-    }
+def mixer_params(m, kind: mixer_kinds.MixerKind) -> dict:
+    d = kind.dims(m)
+    return {kind.prefix + name: (lambda _m, fn=fn: fn(d), logical) for name, (fn, logical) in kind.params(d).items()}
 
 
 # Which layers each per-layer param is stacked over (a param group), by what the layer's spec has:
 # the mixer's input/output norms over layers with a mixer, attention params over attention layers,
-# Mamba2 params over Mamba2 layers, the FFN's norms over layers with an FFN, the dense FFN over
+# a recurrent mixer's params over the layers of its kind, the FFN's norms over layers with an FFN, the dense FFN over
 # dense layers and MoE params (moe.moe_params) over MoE layers. A model of attention + dense layers
 # only therefore keeps every stack [L, ...].
 GROUPS = {
     "mixer": lambda spec: spec.mixer != "none",
     "attention": lambda spec: spec.mixer == "attention",
-    "mamba2": lambda spec: spec.mixer == "mamba2",
+    **{name: (lambda spec, name=name: spec.mixer == name) for name in mixer_kinds.KINDS},
     "ffn": lambda spec: spec.ffn != "none",
     "dense": lambda spec: spec.ffn == "dense",
     "moe": lambda spec: spec.ffn == "moe",
@@ -131,8 +117,9 @@ def param_group(name: str) -> str:
         return "moe"
     if name in DENSE_FFN_PARAMS:
         return "dense"
-    if name.startswith(MAMBA_PREFIX):
-        return "mamba2"
+    kind = mixer_kinds.kind_of_param(name)
+    if kind is not None:
+        return kind.name
     if name in ("attn_norm", "attn_post_norm"):
         return "mixer"
     if name in ("mlp_norm", "mlp_post_norm"):
@@ -158,7 +145,8 @@ def layer_params(m) -> dict:
     out.update(ATTENTION_GATE_PARAMS if m.attention_gate else {})
     out.update(moe.moe_params(m) if m.num_experts else {})
     specs = layers.layer_specs(m)
-    out.update(mamba_params(m) if any(spec.mixer == "mamba2" for spec in specs) else {})
+    for name, kind in mixer_kinds.KINDS.items():
+        out.update(mixer_params(m, kind) if any(spec.mixer == name for spec in specs) else {})
     return {name: v for name, v in out.items() if group_count(specs, param_group(name))}
 
 
@@ -249,11 +237,6 @@ def attention_sublayer(p, h_BSD, m, dtype, spec: layers.LayerSpec, attend):
     return attention_output(p, o_BSHE, h_BSD, dtype), aux
 
 
-def mamba_layer_params(p) -> dict:
-    """This layer's Mamba2 params under the mixer's own names."""
-    return {name.removeprefix(MAMBA_PREFIX): a for name, a in p.items() if name.startswith(MAMBA_PREFIX)}
-
-
 def mlp(p, h_BSD, m, dtype):
     """SwiGLU MLP (+ biases) of the sublayer's input: the MLP sublayer's output."""
     gate_BSF = _plus_bias(jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype)), p, "gate_bias")
@@ -318,12 +301,13 @@ def decoder_layer(p, x_BSD, *, spec: layers.LayerSpec, ctx):
         return o_BSHE, None
 
     def mix(h_BSD):
-        if spec.mixer == "mamba2":
-            out_BSD, _ = mamba2_lib.mamba2(
-                mamba_layer_params(p), h_BSD, mamba_dims(m), segment_ids_BS=ctx["segment_ids"]
-            )
-            return out_BSD, None
-        return attention_sublayer(p, h_BSD, m, dtype, spec, attend)
+        if spec.mixer == "attention":
+            return attention_sublayer(p, h_BSD, m, dtype, spec, attend)
+        kind = mixer_kinds.KINDS[spec.mixer]
+        out_BSD, _ = kind.forward(
+            mixer_kinds.layer_params(kind, p), h_BSD, kind.dims(m), segment_ids_BS=ctx["segment_ids"]
+        )
+        return out_BSD, None
 
     x_BSD, _, stats = block(p, x_BSD, m, dtype, spec, mix)
     return constrain(x_BSD, ("act_batch", "act_seq", "act_embed")), stats
@@ -413,11 +397,11 @@ class Decoder(nnx.Module):
         self.embed = param((m.vocab_size, m.d_model), ("vocab", "embed"))
         stacks = {}
         for name, (shape_fn, logical) in layer_params(m).items():
-            if name.startswith(MAMBA_PREFIX):
+            if mixer_kinds.kind_of_param(name) is not None:
                 continue
             ones, zeros = name.endswith("norm"), name.endswith("bias")
             stacks[name] = param((stack_size(m, name), *shape_fn(m)), ("layers", *logical), ones=ones, zeros=zeros)
-        stacks.update(_mamba_stacks(m, rngs, pdtype))
+        stacks.update(_mixer_stacks(m, rngs, pdtype))
         self.layers = nnx.Dict(stacks)
         self.final_norm = param((m.d_model,), ("norm",), ones=True)
         self.lm_head = None if m.tie_embeddings else param((m.d_model, m.vocab_size), ("embed", "vocab"))
@@ -468,19 +452,20 @@ class Decoder(nnx.Module):
         return norm(x_BSD, self.final_norm[...], m), aux
 
 
-def _mamba_stacks(m, rngs: nnx.Rngs, pdtype) -> dict:
-    """The Mamba2 layers' params, each layer initialised as transformers initialises one (A, dt, D,
-    conv), stacked over the Mamba2 layers."""
-    specs = layers.layer_specs(m)
-    count = group_count(specs, "mamba2")
-    if not count:
-        return {}
-    d = mamba_dims(m)
-    values = jax.vmap(lambda key: mamba2_lib.init_params(d, key, pdtype))(jax.random.split(rngs.params(), count))
-    return {
-        MAMBA_PREFIX + name: nnx.Param(values[name], logical_axes=("layers", *logical))
-        for name, (_, logical) in mamba2_lib.mamba2_params(d).items()
-    }
+def _mixer_stacks(m, rngs: nnx.Rngs, pdtype) -> dict:
+    """The recurrent mixers' params, each layer initialised as its kind says (transformers' init of
+    A, dt, D, conv), stacked over the layers of that kind."""
+    specs, stacks = layers.layer_specs(m), {}
+    for name, kind in mixer_kinds.KINDS.items():
+        count = group_count(specs, name)
+        if count:
+            d = kind.dims(m)
+            values = jax.vmap(lambda key, d=d, kind=kind: kind.init(d, key, pdtype))(
+                jax.random.split(rngs.params(), count)
+            )
+            for param, (_, logical) in kind.params(d).items():
+                stacks[kind.prefix + param] = nnx.Param(values[param], logical_axes=("layers", *logical))
+    return stacks
 
 
 def layer_ropes(m) -> dict:

@@ -42,8 +42,8 @@ FIELD_DOCS = {
     "model.rope_scaling": 'HF `rope_scaling` dict (`linear`, `yarn`, `llama3`), e.g. `{"rope_type": "yarn", '
     '"factor": 4.0, "original_max_position_embeddings": 128}`; RoPE layers only.',
     "model.layer_types": "Mixer per layer: an attention kind (HF names `full_attention`, `sliding_attention`, "
-    "`chunked_attention`), `mamba2` (a Mamba2 SSM, the `mamba_*` fields) or `mlp` (no mixer, an FFN-only layer); "
-    "unset = all full attention.",
+    "`chunked_attention`), `mamba2` (the `mamba_*` fields), `gated_deltanet` (the `gdn_*` fields) or `mlp` "
+    "(no mixer, an FFN-only layer); unset = all full attention.",
     "model.ffn_types": "FFN per layer: `dense`, `moe` or `none` (a mixer-only layer, Nemotron-H); unset = the MoE "
     "fields decide (dense everywhere without experts).",
     "model.global_attention_interval": "Shorthand (HF `sliding_window_pattern`): layer i is full when "
@@ -102,6 +102,15 @@ FIELD_DOCS = {
     "model.mamba_chunk_size": "Chunk length of the chunked SSD scan: intra-chunk matmuls, a recurrence over chunks.",
     "model.mamba_conv_bias": "A bias on the conv (`use_conv_bias`).",
     "model.mamba_proj_bias": "Biases on `in_proj` and `out_proj` (`use_bias`, `mamba_proj_bias`).",
+    "model.gdn_key_heads": "Query/key heads G of each Gated DeltaNet layer; 0 when no layer is `gated_deltanet`.",
+    "model.gdn_value_heads": "Value heads H of each Gated DeltaNet layer; a multiple of `gdn_key_heads`.",
+    "model.gdn_key_head_dim": "Width K of one query/key head; the state is K x V per value head.",
+    "model.gdn_value_head_dim": "Width V of one value head.",
+    "model.gdn_conv_kernel": "Width of the causal depthwise conv on q, k and v (`linear_conv_kernel_dim`).",
+    "model.gdn_chunk_size": "Chunk length of the chunked (WY / UT) delta rule.",
+    "model.gdn_allow_neg_eigval": "beta = 2 sigmoid(b), so the transition's eigenvalues lie in (-1, 1) "
+    "(OLMo Hybrid `linear_allow_neg_eigval`).",
+    "model.gdn_norm_eps": "eps of the gated output norm; unset = `rms_norm_eps` (OLMo Hybrid: 1e-5).",
     "model.mamba_time_step_limit": "`(min, max)` clamp of dt after softplus (`time_step_limit`); unset = none.",
     "model.embed_scale": "Token embeddings are multiplied by it (AFMoE `mup_enabled`: sqrt(d_model)).",
     "model.attention_gate": "AFMoE: attended values times `sigmoid(h @ W_gate)` per head and dim before the "

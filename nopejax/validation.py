@@ -46,7 +46,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _validate_rope_pattern(m)
     _validate_attention_kinds(m)
     _validate_ffn_types(m)
-    _validate_mamba(m, cfg.mesh)
+    _validate_recurrent_mixers(m, cfg.mesh)
     _validate_windows(m)
     _validate_rope_options(m)
     _validate_nope(m)
@@ -168,8 +168,8 @@ def _validate_ffn_types(m: ConfigDict) -> None:
             )  # fmt: skip
 
 
-def _validate_mamba(m: ConfigDict, mesh: ConfigDict) -> None:
-    """Mamba2 layer sizes; positions and context parallelism on Mamba2 layers."""
+def _validate_recurrent_mixers(m: ConfigDict, mesh: ConfigDict) -> None:
+    """Mamba2 and Gated DeltaNet sizes; positions and context parallelism on their layers."""
     types = layers.layer_types(m)
     if m.no_rope_layers is not None:
         for i, (kind, rope) in enumerate(zip(types, m.no_rope_layers)):
@@ -178,15 +178,37 @@ def _validate_mamba(m: ConfigDict, mesh: ConfigDict) -> None:
                     "model.no_rope_layers", f"layer {i} is a {kind} layer, which has no attention to rotate, "
                     "but its entry is 1 (RoPE)", f"set entry {i} to 0",
                 )  # fmt: skip
-    if "mamba2" not in types:
-        if m.mamba_num_heads:
+    for kind, heads, sizes in (
+        ("mamba2", "mamba_num_heads", ["mamba_head_dim", "mamba_groups", "mamba_state_size", "mamba_conv_kernel",
+                                       "mamba_chunk_size"]),
+        ("gated_deltanet", "gdn_key_heads", ["gdn_value_heads", "gdn_key_head_dim", "gdn_value_head_dim",
+                                             "gdn_conv_kernel", "gdn_chunk_size"]),
+    ):  # fmt: skip
+        if kind not in types and m[heads]:
             raise ConfigError(
-                "model.mamba_num_heads", f"is {m.mamba_num_heads} but no layer is mamba2",
-                "set it to 0, or make some layers mamba2 (model.layer_types)",
+                f"model.{heads}", f"is {m[heads]} but no layer is {kind}",
+                f"set it to 0, or make some layers {kind} (model.layer_types)",
             )  # fmt: skip
-        return
-    _positive(m, "model", ["mamba_num_heads", "mamba_head_dim", "mamba_groups", "mamba_state_size",
-                           "mamba_conv_kernel", "mamba_chunk_size"])  # fmt: skip
+        if kind in types:
+            _positive(m, "model", [heads, *sizes])
+    if "mamba2" in types:
+        _validate_mamba_sizes(m)
+    if "gated_deltanet" in types and m.gdn_value_heads % m.gdn_key_heads:
+        raise ConfigError(
+            "model.gdn_value_heads", f"{m.gdn_value_heads} is not a multiple of gdn_key_heads={m.gdn_key_heads} "
+            "(each key head serves an equal group of value heads)", "choose value heads a multiple of key heads",
+        )  # fmt: skip
+    if "gated_deltanet" in types and m.gdn_norm_eps is not None and not m.gdn_norm_eps > 0:
+        raise ConfigError("model.gdn_norm_eps", f"must be positive, got {m.gdn_norm_eps}", "use e.g. 1e-5, or unset")
+    recurrent = sorted(set(types) & set(layers.RECURRENT_MIXERS))
+    if recurrent and mesh.context * mesh.dcn_context > 1:
+        raise ConfigError(
+            "mesh.context", f"context parallelism does not take {' / '.join(recurrent)} layers yet (their state "
+            "would have to cross the shards)", "use mesh.context = 1 for this model",
+        )  # fmt: skip
+
+
+def _validate_mamba_sizes(m: ConfigDict) -> None:
     if m.mamba_num_heads % m.mamba_groups:
         raise ConfigError(
             "model.mamba_groups", f"mamba_num_heads={m.mamba_num_heads} is not a multiple of mamba_groups="
@@ -197,11 +219,6 @@ def _validate_mamba(m: ConfigDict, mesh: ConfigDict) -> None:
         raise ConfigError(
             "model.mamba_time_step_limit", f"must be (min, max) with 0 <= min <= max, got {limit!r}",
             "use e.g. (0.0, 100.0), or leave it unset for no clamp",
-        )  # fmt: skip
-    if mesh.context * mesh.dcn_context > 1:
-        raise ConfigError(
-            "mesh.context", "context parallelism does not take mamba2 layers yet (their state would have to "
-            "cross the shards)", "use mesh.context = 1 for this model",
         )  # fmt: skip
 
 

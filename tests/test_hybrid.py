@@ -14,7 +14,9 @@ import pytest
 from flax import nnx
 
 from nopejax import config, layers, model, validation
+from nopejax.mixers import gated_deltanet
 from nopejax.mixers import mamba2 as mamba2_lib
+from nopejax.mixers.kinds import KINDS
 
 V = 61
 # Nemotron-H-like: Mamba2 and attention layers without FFN, FFN-only layers between; period 3
@@ -24,17 +26,28 @@ NEMOTRON_LIKE = dict(
 )
 # Granite-4.0-H-like: Mamba2 x2 : NoPE attention, every layer with its FFN; a 1-layer tail
 GRANITE_LIKE = dict(layer_types=("mamba2", "mamba2", "full_attention") * 2 + ("mamba2",))
+# OLMo-Hybrid-like: Gated DeltaNet x3 : NoPE attention, with negative eigenvalues; a Mamba2 layer too
+GDN_LIKE = dict(
+    layer_types=("gated_deltanet",) * 3 + ("full_attention", "mamba2", "gated_deltanet"), gdn_allow_neg_eigval=True
+)
 
 
 def tiny(**overrides):
     cfg = config.base_config()
     cfg.model.update(
         vocab_size=V, d_model=20, num_heads=2, num_kv_heads=1, head_dim=6, d_ff=14, dtype="float32",
-        no_rope_layer_interval=1, mamba_num_heads=4, mamba_head_dim=5, mamba_groups=2, mamba_state_size=3,
-        mamba_chunk_size=4,
+        no_rope_layer_interval=1,
     )  # fmt: skip
-    cfg.model.update(num_layers=len(overrides.get("layer_types", ())) or 6, **overrides)
+    kinds = overrides.get("layer_types", ())
+    if "mamba2" in kinds:
+        cfg.model.update(mamba_num_heads=4, mamba_head_dim=5, mamba_groups=2, mamba_state_size=3, mamba_chunk_size=4)
+    if "gated_deltanet" in kinds:
+        cfg.model.update(gdn_key_heads=2, gdn_value_heads=4, gdn_key_head_dim=3, gdn_value_head_dim=5, gdn_chunk_size=4)
+    cfg.model.update(num_layers=len(kinds) or 6, **overrides)
     return validation.validate(cfg).model
+
+
+RECURRENT = {"mamba2": ("mamba_", mamba2_lib.mamba2), "gated_deltanet": ("gdn_", gated_deltanet.gated_deltanet)}
 
 
 def _rms(x, w, eps):
@@ -57,15 +70,16 @@ def _attention(p, h, segment_ids, m):
 def reference_logits(params, m, tokens, segment_ids):
     stacks, eps, r = params["layers"], m.rms_norm_eps, m.residual_scale
     x = params["embed"][tokens] * m.embed_scale
-    counts = dict.fromkeys(("mixer", "attention", "mamba2", "ffn"), 0)
+    counts = dict.fromkeys(("mixer", "attention", "mamba2", "gated_deltanet", "ffn"), 0)
     for kind, ffn in zip(layers.layer_types(m), layers.ffn_pattern(m)):
         if kind != "mlp":
             h = _rms(x, stacks["attn_norm"][counts["mixer"]], eps)
             counts["mixer"] += 1
-            if kind == "mamba2":
-                p = {n.removeprefix("mamba_"): a[counts["mamba2"]] for n, a in stacks.items() if n.startswith("mamba_")}
-                counts["mamba2"] += 1
-                out = mamba2_lib.mamba2(p, h, model.mamba_dims(m), segment_ids_BS=segment_ids)[0]
+            if kind in RECURRENT:
+                prefix, forward = RECURRENT[kind]
+                p = {n.removeprefix(prefix): a[counts[kind]] for n, a in stacks.items() if n.startswith(prefix)}
+                counts[kind] += 1
+                out = forward(p, h, KINDS[kind].dims(m), segment_ids_BS=segment_ids)[0]
             else:
                 p = {n: stacks[n][counts["attention"]] for n in ("wq", "wk", "wv", "wo")}
                 counts["attention"] += 1
@@ -83,8 +97,12 @@ def reference_logits(params, m, tokens, segment_ids):
 
 @pytest.mark.parametrize(
     "overrides",
-    [NEMOTRON_LIKE, dict(GRANITE_LIKE, residual_scale=0.22, attention_scale=0.3, embed_scale=1.7, logit_scale=0.4)],
-    ids=["nemotron_like", "granite_like"],
+    [
+        NEMOTRON_LIKE,
+        dict(GRANITE_LIKE, residual_scale=0.22, attention_scale=0.3, embed_scale=1.7, logit_scale=0.4),
+        GDN_LIKE,
+    ],
+    ids=["nemotron_like", "granite_like", "gdn_like"],
 )
 def test_hybrid_stack_equals_layer_by_layer_reference(overrides):
     m = tiny(**overrides)
@@ -103,7 +121,7 @@ def test_hybrid_params_stack_by_kind():
     m = tiny(**NEMOTRON_LIKE)
     _, params = model.split(model.create(m))
     shapes = {name: a.shape for name, a in params["layers"].items()}
-    d = model.mamba_dims(m)
+    d = KINDS["mamba2"].dims(m)
     assert shapes["wq"] == (2, 20, 2, 6)  # the two attention layers
     assert shapes["mamba_in_proj"] == (2, 20, d.proj_dim)  # the two Mamba2 layers
     assert shapes["w_up"] == (2, 20, 14) and shapes["mlp_norm"] == (2, 20)  # the two FFN-only layers
@@ -113,7 +131,7 @@ def test_hybrid_params_stack_by_kind():
     assert model.param_count(m) == sum(a.size for a in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize("overrides", [NEMOTRON_LIKE, GRANITE_LIKE], ids=["nemotron_like", "granite_like"])
+@pytest.mark.parametrize("overrides", [NEMOTRON_LIKE, GDN_LIKE], ids=["nemotron_like", "gdn_like"])
 def test_hybrid_scanned_equals_unrolled(overrides):
     m = tiny(**overrides, remat="full")
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, V, (2, 9)), jnp.int32)
@@ -127,12 +145,14 @@ def test_hybrid_scanned_equals_unrolled(overrides):
     out2, g2 = logits_and_grads(model.create(m, seed=1))
     np.testing.assert_allclose(out1, out2, atol=1e-6, rtol=0)
     g1, g2 = nnx.to_pure_dict(g1), nnx.to_pure_dict(g2)
-    assert np.abs(g1["layers"]["mamba_A_log"]).min() > 0  # every Mamba2 layer's decay gets a gradient
+    for name in ("mamba_A_log", "gdn_A_log"):  # every recurrent layer's decay gets a gradient
+        assert name not in g1["layers"] or np.abs(g1["layers"][name]).min() > 0
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g1, g2)
 
 
-def test_hybrid_packed_row_equals_documents_alone():
-    m = tiny(**GRANITE_LIKE)
+@pytest.mark.parametrize("overrides", [GRANITE_LIKE, GDN_LIKE], ids=["granite_like", "gdn_like"])
+def test_hybrid_packed_row_equals_documents_alone(overrides):
+    m = tiny(**overrides)
     module = model.create(m, seed=2)
     rng = np.random.default_rng(3)
     doc_a, doc_b = rng.integers(0, V, 6), rng.integers(0, V, 9)  # 9: longer than the chunk of 4, not a multiple
@@ -157,6 +177,8 @@ def test_hybrid_packed_row_equals_documents_alone():
         (dict(GRANITE_LIKE, mamba_time_step_limit=(1.0, 0.5)), "model.mamba_time_step_limit"),
         (dict(layer_types=("full_attention",) * 2, mamba_num_heads=4), "model.mamba_num_heads"),  # no Mamba2 layer
         (dict(GRANITE_LIKE, residual_scale=0.0), "model.residual_scale"),
+        (dict(GDN_LIKE, gdn_value_heads=3), "model.gdn_value_heads"),  # 3 value heads over 2 key heads
+        (dict(GDN_LIKE, gdn_key_heads=0), "model.gdn_key_heads"),
     ],
 )
 def test_hybrid_config_errors_name_the_field(overrides, field):

@@ -26,21 +26,21 @@ Bsz, G, H, K, V = 2, 2, 6, 5, 3
 def inputs(S, seed=0, batch=Bsz, neg_eigval=False):
     ks = jax.random.split(jax.random.key(seed), 6)
     return dict(
-        q_BSGK=jax.random.normal(ks[0], (batch, S, G, K)),
-        k_BSGK=jax.random.normal(ks[1], (batch, S, G, K)),
-        v_BSHV=jax.random.normal(ks[2], (batch, S, H, V)),
+        q_BSKE=jax.random.normal(ks[0], (batch, S, G, K)),
+        k_BSKE=jax.random.normal(ks[1], (batch, S, G, K)),
+        v_BSHO=jax.random.normal(ks[2], (batch, S, H, V)),
         g_BSH=-jax.nn.softplus(jax.random.normal(ks[3], (batch, S, H))),
         beta_BSH=jax.nn.sigmoid(jax.random.normal(ks[4], (batch, S, H))) * (2.0 if neg_eigval else 1.0),
-        initial_state_BHKV=jax.random.normal(ks[5], (batch, H, K, V)),
+        initial_state_BHEO=jax.random.normal(ks[5], (batch, H, K, V)),
     )
 
 
-def recurrence(q_BSGK, k_BSGK, v_BSHV, g_BSH, beta_BSH, initial_state_BHKV):
+def recurrence(q_BSKE, k_BSKE, v_BSHO, g_BSH, beta_BSH, initial_state_BHEO):
     def norm(x):
         return x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-6)
 
-    q_BSHK = jnp.repeat(norm(q_BSGK), H // G, axis=2) / jnp.sqrt(K)
-    k_BSHK = jnp.repeat(norm(k_BSGK), H // G, axis=2)
+    q_BSHK = jnp.repeat(norm(q_BSKE), H // G, axis=2) / jnp.sqrt(K)
+    k_BSHK = jnp.repeat(norm(k_BSKE), H // G, axis=2)
 
     def tok(s_BHKV, t):
         q, k, v, g, beta = t
@@ -49,13 +49,13 @@ def recurrence(q_BSGK, k_BSGK, v_BSHV, g_BSH, beta_BSH, initial_state_BHKV):
         s_BHKV = s_BHKV + k[..., None] * delta_BHV[..., None, :]
         return s_BHKV, jnp.einsum("bhkv,bhk->bhv", s_BHKV, q)
 
-    seq = [jnp.moveaxis(t, 1, 0) for t in (q_BSHK, k_BSHK, v_BSHV, g_BSH, beta_BSH)]
-    final, o_SBHV = jax.lax.scan(tok, initial_state_BHKV, seq)
+    seq = [jnp.moveaxis(t, 1, 0) for t in (q_BSHK, k_BSHK, v_BSHO, g_BSH, beta_BSH)]
+    final, o_SBHV = jax.lax.scan(tok, initial_state_BHEO, seq)
     return jnp.moveaxis(o_SBHV, 0, 1), final
 
 
 def _chunked(chunk):
-    return lambda *a: gated_delta(*a[:5], chunk=chunk, normalize_qk=True, initial_state_BHKV=a[5])
+    return lambda *a: gated_delta(*a[:5], chunk=chunk, normalize_qk=True, initial_state_BHEO=a[5])
 
 
 @pytest.mark.parametrize("chunk, neg_eigval", [(4, False), (5, True), (13, False), (16, True)])
@@ -87,9 +87,9 @@ def test_gradients_match_recurrence(chunk, neg_eigval):
 def test_step_matches_recurrence():
     args = inputs(3)
     o_ref, final_ref = jax.jit(recurrence)(*args.values())
-    state = args["initial_state_BHKV"]
+    state = args["initial_state_BHEO"]
     for t in range(3):
-        piece = [args[k][:, t] for k in ("q_BSGK", "k_BSGK", "v_BSHV", "g_BSH", "beta_BSH")]
+        piece = [args[k][:, t] for k in ("q_BSKE", "k_BSKE", "v_BSHO", "g_BSH", "beta_BSH")]
         o, state = step(*piece, state, normalize_qk=True)
         np.testing.assert_allclose(o, o_ref[:, t], atol=1e-6, rtol=0)
     np.testing.assert_allclose(state, final_ref, atol=1e-6, rtol=0)
@@ -110,7 +110,7 @@ def test_packed_row_equals_documents_alone(chunk=4):
         for doc, start, stop in row:
             seg[b, start:stop] = doc
     args = inputs(17, neg_eigval=True)
-    del args["initial_state_BHKV"]
+    del args["initial_state_BHEO"]
     o, final = gated_delta(**args, chunk=chunk, normalize_qk=True, segment_ids_BS=jnp.asarray(seg))
     for b, row in enumerate(docs):
         for _, start, stop in row:
@@ -128,14 +128,14 @@ def test_pieces_combine_to_the_whole(cuts):
     args = inputs(16, neg_eigval=True)
     q, k, v, g, beta, state_in = args.values()
     o, final = gated_delta(q, k, v, g, beta, chunk=4, normalize_qk=True, segment_ids_BS=seg,
-                           initial_state_BHKV=state_in)  # fmt: skip
+                           initial_state_BHEO=state_in)  # fmt: skip
     os_ = []
     for a, b in itertools.pairwise((0, *cuts, 16)):
         piece = [t[:, a:b] for t in (q, k, v, g, beta)]
         segments = dict(segment_ids_BS=seg[:, a:b], segment_id_before_B=None if a == 0 else seg[:, a - 1])
         # each piece summarised on its own (as a context shard would), then chained
         transition, state_from_zero = summarize(*piece, chunk=4, normalize_qk=True, **segments)
-        o_piece, final_piece = gated_delta(*piece, chunk=4, normalize_qk=True, initial_state_BHKV=state_in,
+        o_piece, final_piece = gated_delta(*piece, chunk=4, normalize_qk=True, initial_state_BHEO=state_in,
                                            **segments)  # fmt: skip
         state_in = gd.combine(transition, state_in, state_from_zero)
         np.testing.assert_allclose(final_piece, state_in, atol=3e-6, rtol=0)
@@ -156,7 +156,7 @@ def test_bf16_inputs_keep_an_fp32_state():
 def test_gradient_memory_is_linear_in_sequence():
     def temp_bytes(S):
         args = inputs(S, batch=1)
-        del args["initial_state_BHKV"]
+        del args["initial_state_BHEO"]
         seg = jnp.ones((1, S), jnp.int32)
 
         def loss(a):

@@ -25,32 +25,32 @@ Bsz, H, G, P, N = 2, 6, 2, 3, 5
 def inputs(S, seed=0, batch=Bsz):
     ks = jax.random.split(jax.random.key(seed), 7)
     return dict(
-        x_BSHP=jax.random.normal(ks[0], (batch, S, H, P)),
+        x_BSHO=jax.random.normal(ks[0], (batch, S, H, P)),
         dt_BSH=jax.nn.softplus(jax.random.normal(ks[1], (batch, S, H)) - 1.0),
         A_H=-jnp.exp(jax.random.normal(ks[2], (H,))),
-        B_BSGN=jax.random.normal(ks[3], (batch, S, G, N)),
-        C_BSGN=jax.random.normal(ks[4], (batch, S, G, N)),
+        B_BSKE=jax.random.normal(ks[3], (batch, S, G, N)),
+        C_BSKE=jax.random.normal(ks[4], (batch, S, G, N)),
         D_H=jax.random.normal(ks[5], (H,)),
-        initial_state_BHPN=jax.random.normal(ks[6], (batch, H, P, N)),
+        initial_state_BHOE=jax.random.normal(ks[6], (batch, H, P, N)),
     )
 
 
-def recurrence(x_BSHP, dt_BSH, A_H, B_BSGN, C_BSGN, D_H, initial_state_BHPN):
-    B_BSHN = jnp.repeat(B_BSGN, H // G, axis=2)
-    C_BSHN = jnp.repeat(C_BSGN, H // G, axis=2)
+def recurrence(x_BSHO, dt_BSH, A_H, B_BSKE, C_BSKE, D_H, initial_state_BHOE):
+    B_BSHN = jnp.repeat(B_BSKE, H // G, axis=2)
+    C_BSHN = jnp.repeat(C_BSKE, H // G, axis=2)
 
     def step(h_BHPN, t):
         x_BHP, dt_BH, B_BHN, C_BHN = t
         h_BHPN = jnp.exp(dt_BH * A_H)[..., None, None] * h_BHPN + jnp.einsum("bh,bhp,bhn->bhpn", dt_BH, x_BHP, B_BHN)
         return h_BHPN, jnp.einsum("bhpn,bhn->bhp", h_BHPN, C_BHN) + D_H[:, None] * x_BHP
 
-    seq = [jnp.moveaxis(t, 1, 0) for t in (x_BSHP, dt_BSH, B_BSHN, C_BSHN)]
-    final, y_SBHP = jax.lax.scan(step, initial_state_BHPN, seq)
+    seq = [jnp.moveaxis(t, 1, 0) for t in (x_BSHO, dt_BSH, B_BSHN, C_BSHN)]
+    final, y_SBHP = jax.lax.scan(step, initial_state_BHOE, seq)
     return jnp.moveaxis(y_SBHP, 0, 1), final
 
 
 def _chunked(chunk):
-    return lambda *args: ssd(*args[:5], chunk=chunk, D_H=args[5], initial_state_BHPN=args[6])
+    return lambda *args: ssd(*args[:5], chunk=chunk, D_H=args[5], initial_state_BHOE=args[6])
 
 
 @pytest.mark.parametrize("chunk", [4, 5, 13, 16])
@@ -80,7 +80,7 @@ def test_gradients_match_recurrence(chunk):
 
 
 def _alone(args, b, start, stop, chunk):
-    piece = {k: v[b : b + 1, start:stop] for k, v in args.items() if k not in ("A_H", "D_H", "initial_state_BHPN")}
+    piece = {k: v[b : b + 1, start:stop] for k, v in args.items() if k not in ("A_H", "D_H", "initial_state_BHOE")}
     return ssd(**piece, A_H=args["A_H"], D_H=args["D_H"], chunk=chunk)
 
 
@@ -94,7 +94,7 @@ def test_packed_row_equals_documents_alone(chunk):
         for doc, start, stop in row:
             seg[b, start:stop] = doc
     args = inputs(17)
-    del args["initial_state_BHPN"]
+    del args["initial_state_BHOE"]
     y, final = ssd(**args, chunk=chunk, segment_ids_BS=jnp.asarray(seg))
     for b, row in enumerate(docs):
         for _, start, stop in row:
@@ -110,7 +110,7 @@ def test_pieces_combine_to_the_whole(cuts):
     seg = jnp.asarray(np.repeat([[1] * 7 + [2] * 5 + [3] * 5], Bsz, 0), jnp.int32)
     args = inputs(17)
     x, dt, A, B, C, D, state_in = args.values()
-    y, final = ssd(x, dt, A, B, C, chunk=4, D_H=D, segment_ids_BS=seg, initial_state_BHPN=state_in)
+    y, final = ssd(x, dt, A, B, C, chunk=4, D_H=D, segment_ids_BS=seg, initial_state_BHOE=state_in)
     bounds = (0, *cuts, 17)
     pieces = list(itertools.pairwise(bounds))
 
@@ -127,7 +127,7 @@ def test_pieces_combine_to_the_whole(cuts):
     for (a, b), (decay, state_from_zero) in zip(pieces, summaries):
         y_piece, final_piece = ssd(x[:, a:b], dt[:, a:b], A, B[:, a:b], C[:, a:b], chunk=4, D_H=D,
                                    segment_ids_BS=seg[:, a:b], segment_id_before_B=before(a),
-                                   initial_state_BHPN=state_in)  # fmt: skip
+                                   initial_state_BHOE=state_in)  # fmt: skip
         state_in = combine(decay, state_in, state_from_zero)
         np.testing.assert_allclose(final_piece, state_in, atol=1e-5, rtol=0)
         ys.append(y_piece)
@@ -138,7 +138,7 @@ def test_pieces_combine_to_the_whole(cuts):
 def test_gradient_memory_is_linear_in_sequence():
     def temp_bytes(S):
         args = inputs(S, batch=1)
-        del args["initial_state_BHPN"]
+        del args["initial_state_BHOE"]
         seg = jnp.ones((1, S), jnp.int32)
 
         def loss(a):

@@ -61,12 +61,12 @@ def read_mup(name, value, hf):
     return {"embed_scale": float(hf["hidden_size"] ** 0.5)} if value else {}
 
 
-# docs/guides/huggingface.md's row (python -m nopejax.reference): block and norms, what varies per layer, the rest
+# the HF guide's table row (nopejax/reference.py): block and norms, per layer, the rest
 GUIDE_ROW = (
     "sandwich, RMSNorm + per-head RMS QK-norm, gated attention output",
     "full or sliding; RoPE exactly on the sliding layers; dense first `num_dense_layers`, then MoE",
-    "sigmoid top-k over `score + expert_bias`, normalised, times `route_scale`; shared experts; "
-    "muP embedding scale; q/k/v/o biases",
+    "sigmoid top-k over `score + expert_bias`, normalised, times `route_scale`; shared experts; muP embedding "
+    "scale; q/k/v/o biases",
 )
 
 FIELDS = {

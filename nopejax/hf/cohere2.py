@@ -48,12 +48,9 @@ def read_period(name, value, hf):
     return {}
 
 
-# docs/guides/huggingface.md's row (python -m nopejax.reference): block and norms, what varies per layer, the rest
-GUIDE_ROW = (
-    "parallel, LayerNorm",
-    "full or sliding; RoPE (interleaved pairs) exactly on the sliding layers",
-    "q/k/v/o biases, `logit_scale`",
-)
+# the HF guide's table row (nopejax/reference.py): block and norms, per layer, the rest
+GUIDE_ROW = ("parallel, LayerNorm", "full or sliding; RoPE (interleaved pairs) exactly on the sliding layers",
+             "q/k/v/o biases, `logit_scale`")  # fmt: skip
 
 FIELDS = {
     # Cohere2's MLP has no biases, whatever config.json says: refused

@@ -36,12 +36,9 @@ def read_layer_types(name, value, hf):
     return fields.rope_on_sliding(types, fields.window("sliding_window", window))
 
 
-# docs/guides/huggingface.md's row (python -m nopejax.reference): block and norms, what varies per layer, the rest
-GUIDE_ROW = (
-    "post_norm, RMSNorm + per-head RMS QK-norm",
-    "full or sliding; RoPE exactly on the sliding layers, or on every layer when none slides (`sliding_window: null`)",
-    "no biases",
-)
+# the HF guide's table row (nopejax/reference.py): block and norms, per layer, the rest
+GUIDE_ROW = ("post_norm, RMSNorm + per-head RMS QK-norm", "full or sliding; RoPE exactly on the sliding "
+             "layers, or on every layer when none slides (`sliding_window: null`)", "no biases")  # fmt: skip
 
 FIELDS = {
     # EXAONE 4 has no biases, whatever config.json says: refused

@@ -88,12 +88,12 @@ def read_moe_layers(name, value, hf):
     return {"moe_layer_interval": patterns[tuple(value)]}
 
 
-# docs/guides/huggingface.md's row (python -m nopejax.reference): block and norms, what varies per layer, the rest
+# the HF guide's table row (nopejax/reference.py): block and norms, per layer, the rest
 GUIDE_ROW = (
     "pre_norm, RMSNorm; L2 QK-norm on RoPE layers",
     "full or chunked; RoPE (interleaved pairs) or NoPE per layer, NoPE query temperature",
-    "MoE every k-th layer (`moe_layers` periodic), top-k sigmoid weights on the expert inputs, "
-    "one shared expert; q/k/v/o biases",
+    "MoE every k-th layer (`moe_layers` periodic), top-k sigmoid weights on the expert inputs, one shared "
+    "expert; q/k/v/o biases",
 )
 
 FIELDS = {

@@ -34,12 +34,8 @@ def read_layer_types(name, value, hf):
     return {"layer_types": types, "sliding_window": window}
 
 
-# docs/guides/huggingface.md's row (python -m nopejax.reference): block and norms, what varies per layer, the rest
-GUIDE_ROW = (
-    "pre_norm, RMSNorm",
-    "RoPE or NoPE, full or sliding (any mix)",
-    "q/k/v/o and MLP biases",
-)
+# the HF guide's table row (nopejax/reference.py): block and norms, per layer, the rest
+GUIDE_ROW = ("pre_norm, RMSNorm", "RoPE or NoPE, full or sliding (any mix)", "q/k/v/o and MLP biases")
 
 FIELDS = {
     **fields.common(vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,

@@ -37,7 +37,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nopejax.mixers.ssd import document_starts
+from nopejax.mixers.ssd import chunked, document_starts
 
 F32 = jnp.float32
 
@@ -80,9 +80,7 @@ def gated_delta(
     if H % K or chunk < 1:
         raise ValueError(f"gated_delta: value heads={H} must be a multiple of key heads={K}, chunk={chunk} at least 1")
     G = H // K
-    c = min(chunk, S)
-    pad = -S % c
-    n_chunks = (S + pad) // c
+    c, chunks = chunked(S, chunk)
 
     q_BSKE, k_BSKE, g_BSH, beta_BSH = _inputs(q_BSKE, k_BSKE, g_BSH, beta_BSH, normalize_qk)
     if segment_ids_BS is None:
@@ -92,14 +90,10 @@ def gated_delta(
         g_BSH, beta_BSH = jnp.where(real_BS1, g_BSH, 0.0), jnp.where(real_BS1, beta_BSH, 0.0)
         start_BS = document_starts(segment_ids_BS, segment_id_before_B)
 
-    def chunks(t, fill=0.0):  # [B, S, ...] -> [B, t, c, ...], padded at the end
-        t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2), constant_values=fill)
-        return t.reshape(Bsz, n_chunks, c, *t.shape[2:])
-
     q_BtcKE, k_BtcKE = chunks(q_BSKE), chunks(k_BSKE)
-    v_BtcKGO = chunks(v_BSHO.astype(F32)).reshape(Bsz, n_chunks, c, K, G, vdim)
-    g_BtKGc = jnp.moveaxis(chunks(g_BSH).reshape(Bsz, n_chunks, c, K, G), 2, -1)
-    beta_BtKGc = jnp.moveaxis(chunks(beta_BSH).reshape(Bsz, n_chunks, c, K, G), 2, -1)
+    v_BtcKGO = chunks(v_BSHO.astype(F32)).reshape(Bsz, -1, c, K, G, vdim)
+    g_BtKGc = jnp.moveaxis(chunks(g_BSH).reshape(Bsz, -1, c, K, G), 2, -1)
+    beta_BtKGc = jnp.moveaxis(chunks(beta_BSH).reshape(Bsz, -1, c, K, G), 2, -1)
     start_Btc = chunks(start_BS, False)
 
     # decays inside a chunk; a document start makes every decay across it 0
@@ -152,7 +146,7 @@ def gated_delta(
     scores_BtKcJ = jnp.einsum("bclgk,bcmgk->bcglm", q_BtcKE, k_BtcKE)
     o_BtcKGO = jnp.einsum("bclgk,bcgrl,cbgrkv->bclgrv", q_BtcKE, from_start_BtKGc, incoming_tBKGEO)
     o_BtcKGO += jnp.einsum("bcglm,bcgrlm,cbgrmv->bclgrv", scores_BtKcJ, pair_BtKGcJ, new_tBKGcO)
-    o_BSHO = o_BtcKGO.reshape(Bsz, n_chunks * c, H, vdim)[:, :S]
+    o_BSHO = o_BtcKGO.reshape(Bsz, -1, H, vdim)[:, :S]
     return o_BSHO.astype(v_BSHO.dtype), final_BKGEO.reshape(Bsz, H, E, vdim)
 
 
@@ -168,19 +162,12 @@ def gated_delta_step(q_BKE, k_BKE, v_BHO, g_BH, beta_BH, state_BHEO, *, normaliz
     return jnp.einsum("bhkv,bhk->bhv", state_BHEO, q_BHE).astype(v_BHO.dtype), state_BHEO
 
 
-def summarize(
-    q_BSKE,
-    k_BSKE,
-    v_BSHO,
-    g_BSH,
-    beta_BSH,
-    *,
-    chunk: int,
-    normalize_qk: bool = False,
-    segment_ids_BS=None,
-    segment_id_before_B=None,
-):
-    """A piece's (transition_BHEE, state_from_zero_BHEO): all `combine` needs to chain pieces."""
+def summarize(q_BSKE, k_BSKE, v_BSHO, g_BSH, beta_BSH, **rule):
+    """A piece's (transition_BHEE, state_from_zero_BHEO): all `combine` needs to chain pieces.
+
+    `rule`: `gated_delta`'s keywords (chunk, normalize_qk, segment_ids_BS, segment_id_before_B); the
+    piece runs from the state [0 | I] (no initial_state_BHEO of its own).
+    """
     Bsz, S, H, vdim = v_BSHO.shape
     E = k_BSKE.shape[-1]
     # the columns of the state evolve independently: E extra zero-valued columns started at the identity
@@ -188,18 +175,7 @@ def summarize(
     v_BSHv = jnp.concatenate([v_BSHO.astype(F32), jnp.zeros((Bsz, S, H, E), F32)], axis=-1)
     eye_BHEE = jnp.broadcast_to(jnp.eye(E, dtype=F32), (Bsz, H, E, E))
     init_BHEv = jnp.concatenate([jnp.zeros((Bsz, H, E, vdim), F32), eye_BHEE], axis=-1)
-    _, final_BHEv = gated_delta(
-        q_BSKE,
-        k_BSKE,
-        v_BSHv,
-        g_BSH,
-        beta_BSH,
-        chunk=chunk,
-        normalize_qk=normalize_qk,
-        segment_ids_BS=segment_ids_BS,
-        segment_id_before_B=segment_id_before_B,
-        initial_state_BHEO=init_BHEv,
-    )
+    _, final_BHEv = gated_delta(q_BSKE, k_BSKE, v_BSHv, g_BSH, beta_BSH, initial_state_BHEO=init_BHEv, **rule)
     return final_BHEv[..., vdim:], final_BHEv[..., :vdim]
 
 

@@ -93,6 +93,13 @@ def _linear(t, d):
     return t.T
 
 
+# rows both layouts share: the depthwise conv (torch [u, 1, k] -> [k, u]) and the decay parameters
+_CONV_AND_DECAY = {
+    "conv1d_weight": ("conv1d.weight", lambda t, d: t[:, 0, :].T),
+    "A_log": ("A_log", lambda t, d: t),
+    "dt_bias": ("dt_bias", lambda t, d: t),
+}
+
 # ours -> (OLMo Hybrid's name inside the mixer, (torch tensor, dims) -> ours); the inverse is the same transpose
 HF_TENSORS = {
     "q_proj": ("q_proj.weight", _linear),
@@ -101,9 +108,7 @@ HF_TENSORS = {
     "a_proj": ("a_proj.weight", _linear),
     "b_proj": ("b_proj.weight", _linear),
     "g_proj": ("g_proj.weight", _linear),
-    "conv1d_weight": ("conv1d.weight", lambda t, d: t[:, 0, :].T),
-    "A_log": ("A_log", lambda t, d: t),
-    "dt_bias": ("dt_bias", lambda t, d: t),
+    **_CONV_AND_DECAY,
     "o_norm": ("o_norm.weight", lambda t, d: t),
     "o_proj": ("o_proj.weight", _linear),
 }
@@ -140,9 +145,7 @@ QWEN3_NEXT_TENSORS = {
     "g_proj": ("in_proj_qkvz.weight", _qkvz(3)),
     "b_proj": ("in_proj_ba.weight", _ba(0)),
     "a_proj": ("in_proj_ba.weight", _ba(1)),
-    "conv1d_weight": ("conv1d.weight", lambda t, d: t[:, 0, :].T),
-    "A_log": ("A_log", lambda t, d: t),
-    "dt_bias": ("dt_bias", lambda t, d: t),
+    **_CONV_AND_DECAY,
     "o_norm": ("norm.weight", lambda t, d: t),
     "o_proj": ("out_proj.weight", _linear),
 }

@@ -47,6 +47,19 @@ def document_starts(segment_ids_BS, segment_id_before_B=None):
     return (segment_ids_BS != prev_BS) & (segment_ids_BS != 0)
 
 
+def chunked(S: int, chunk: int):
+    """-> (c, to_chunks): the chunk length min(chunk, S), and [B, S, ...] -> [B, t, c, ...] with the tail
+    padded by `fill` up to t = ceil(S / c) chunks (Mamba2's and Gated DeltaNet's chunked scans)."""
+    c = min(chunk, S)
+    pad = -S % c
+
+    def to_chunks(x, fill=0.0):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return x.reshape(x.shape[0], -1, c, *x.shape[2:])
+
+    return c, to_chunks
+
+
 def _gated_dt(dt_BSH, segment_ids_BS, segment_id_before_B):
     """dt in fp32 with padding at 0, and the document starts (all False without segment ids)."""
     dt_BSH = dt_BSH.astype(F32)
@@ -91,18 +104,11 @@ def ssd(
     if H % K or chunk < 1:
         raise ValueError(f"ssd: heads={H} must be a multiple of groups={K} and chunk={chunk} at least 1")
     G = H // K
-    c = min(chunk, S)
-    pad = -S % c
-    n_chunks = (S + pad) // c
-
+    c, chunks = chunked(S, chunk)
     dt_BSH, start_BS = _gated_dt(dt_BSH, segment_ids_BS, segment_id_before_B)
 
-    def chunks(t, fill=0.0):  # [B, S, ...] -> [B, t, c, ...], padded at the end
-        t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2), constant_values=fill)
-        return t.reshape(Bsz, n_chunks, c, *t.shape[2:])
-
-    x_BtcKGO = chunks(x_BSHO.astype(F32)).reshape(Bsz, n_chunks, c, K, G, head_dim)
-    dt_BtcKG = chunks(dt_BSH).reshape(Bsz, n_chunks, c, K, G)
+    x_BtcKGO = chunks(x_BSHO.astype(F32)).reshape(Bsz, -1, c, K, G, head_dim)
+    dt_BtcKG = chunks(dt_BSH).reshape(Bsz, -1, c, K, G)
     B_BtcKE = chunks(B_BSKE.astype(F32))
     C_BtcKE = chunks(C_BSKE.astype(F32))
     start_Btc = chunks(start_BS, False)
@@ -142,7 +148,7 @@ def ssd(
     # 4. the incoming state read out at each position, decayed from the chunk start
     y_BtcKGO += jnp.einsum("bclgn,bcgrl,cbgrpn->bclgrp", C_BtcKE, from_start_BtKGc, incoming_tBKGOE)
 
-    y_BSHO = y_BtcKGO.reshape(Bsz, n_chunks * c, H, head_dim)[:, :S]
+    y_BSHO = y_BtcKGO.reshape(Bsz, -1, H, head_dim)[:, :S]
     if D_H is not None:
         y_BSHO += D_H.astype(F32)[:, None] * x_BSHO.astype(F32)
     return y_BSHO.astype(x_BSHO.dtype), final_BKGOE.reshape(Bsz, H, head_dim, E)

@@ -208,18 +208,7 @@ def main():
     batch = make_batch(moe_cfg)
     run_moe, state = nopejax_timer(moe_cfg, batch, args.steps)
     run_dense, _ = nopejax_timer(dense_cfg, batch, args.steps)
-    plain, tx = plain_step_fn(moe_cfg)
-    params = jax.tree.map(jnp.copy, state["params"])
-    opt = tx.init(params)
-
-    def run_plain():
-        nonlocal params, opt
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            params, opt, loss = plain(params, opt, batch)
-        jax.block_until_ready(loss)
-        return (time.perf_counter() - t0) / args.steps
-
+    run_plain = plain_jax.step_timer(*plain_step_fn(moe_cfg), state["params"], batch, args.steps)
     t = alternate({"moe": run_moe, "dense": run_dense, "plain": run_plain}, args.rounds)
     result = {
         "tiny_moe_step_ms": round(1e3 * t["moe"], 1),

@@ -74,8 +74,6 @@ def main():
     state = train.init_state(s)
     ours, _ = train.compile_fns(s)
     plain, tx = plain_step_fn(cfg)
-    params = jax.tree.map(jnp.copy, state["params"])
-    opt = tx.init(params)
 
     rng = np.random.default_rng(0)
     B, S = cfg.train.global_batch_size, cfg.train.seq_len
@@ -97,13 +95,7 @@ def main():
         jax.block_until_ready(out["loss"])
         return (time.perf_counter() - t0) / args.steps
 
-    def time_plain():
-        nonlocal params, opt
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            params, opt, loss = plain(params, opt, batch)
-        jax.block_until_ready(loss)
-        return (time.perf_counter() - t0) / args.steps
+    time_plain = plain_jax.step_timer(plain, tx, state["params"], batch, args.steps)
 
     for _ in range(2):  # compile and warm up; the second call compiles for the step's own output layout
         time_ours(), time_plain()

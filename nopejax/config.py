@@ -54,7 +54,6 @@ ROPE_SCALING_TYPES = {
 }  # fmt: skip
 NORMS = ("rms", "layernorm")
 BLOCKS = ("pre_norm", "parallel", "post_norm", "sandwich")  # model.BLOCK_NORMS: the norm weights of each
-HF_FAMILIES = ("smollm3", "llama", "cohere2", "exaone4", "afmoe", "llama4")  # what `nopejax export` can write
 ROUTERS = ("softmax", "sigmoid")
 MOE_DISPATCHERS = ("allgather", "all_to_all")  # nopejax/moe.py: token dispatch over the expert axis
 # Under context parallelism the Pallas kernel takes each zig-zag chunk as suffix queries, on its TPU
@@ -413,12 +412,19 @@ def context_chunk(cfg: ConfigDict) -> int | None:
 
 
 def __getattr__(name: str):
-    """The old spellings `config.validate` and `config.check_platform`, kept for one release."""
-    if name in ("validate", "check_platform"):
-        import warnings
+    """Old spellings kept for one release: `config.validate` and `config.check_platform` (now in
+    nopejax.validation), `config.HF_FAMILIES` (now nopejax/hf/registry.py's NAMES, the one list)."""
+    import warnings
 
-        from nopejax import validation  # only this shim: validation imports config, not the reverse
+    # only this shim imports upward: validation and hf import config, not the reverse
+    if name in ("validate", "check_platform"):
+        from nopejax import validation
 
         warnings.warn(f"nopejax.config.{name} is now nopejax.validation.{name}", FutureWarning, stacklevel=2)
         return getattr(validation, name)
+    if name == "HF_FAMILIES":
+        from nopejax.hf import registry
+
+        warnings.warn("nopejax.config.HF_FAMILIES is now nopejax.hf.registry.NAMES", FutureWarning, stacklevel=2)
+        return registry.NAMES
     raise AttributeError(f"module 'nopejax.config' has no attribute {name!r}")

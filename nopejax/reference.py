@@ -1,12 +1,15 @@
-"""The generated reference: every config key and every command-line flag, as Markdown.
+"""The generated reference: every config key and every command-line flag, as Markdown, and the
+HF family lists of the README and the HF guide.
 
 Types and defaults come from `config.base_config()` and flags from the argparse parsers, so the
 reference cannot drift from the code; what each key means is in `FIELD_DOCS`, one line per leaf
-key of `base_config()`. tests/test_docs.py regenerates both pages and compares them with
-docs/reference/, and fails when a key has no line here or a line names no key.
+key of `base_config()`. The HF families come from nopejax/hf/registry.py: the README's list and the
+HF guide's table are the text between `<!-- families -->` and `<!-- /families -->` in those
+hand-written pages (`SPANS`). tests/test_docs.py regenerates all of it and compares, and fails
+when a key has no line here or a line names no key.
 
-    python -m nopejax.reference            # rewrite docs/reference/config.md and cli.md
-    python -m nopejax.reference --check    # exit 1 when they are out of date
+    python -m nopejax.reference            # rewrite docs/reference/config.md and cli.md, and the spans
+    python -m nopejax.reference --check    # exit 1 when any is out of date
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from ml_collections import config_dict
 from nopejax import config
 from nopejax.hf import registry
 
-DOCS_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "reference"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS_DIR = ROOT / "docs" / "reference"
 
 FIELD_DOCS = {
     # model: shapes
@@ -348,6 +352,37 @@ def cli_markdown() -> str:
 PAGES = {"config.md": config_markdown, "cli.md": cli_markdown}
 
 
+# ---------------------------------------------------------------------------------------------
+# The HF families, inside hand-written pages
+
+
+def families_line() -> str:
+    """The README's list: every registered family, as the CLI help names them."""
+    return registry.labels()
+
+
+def families_table() -> str:
+    """The HF guide's table: one row per registered family, its columns from the family's module."""
+    lines = ["", "| `model_type` | family | block, norm | per layer | also |", "|---|---|---|---|---|"]
+    for family in registry.REGISTERED:
+        name = family.label if family.name == family.model_type else f"{family.label} (`hf_family` `{family.name}`)"
+        lines.append(f"| `{family.model_type}` | {name} | " + " | ".join(family.guide_row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+BEGIN, END = "<!-- families -->", "<!-- /families -->"
+SPANS = {"README.md": families_line, "docs/guides/huggingface.md": families_table}
+
+
+def with_span(text: str, make) -> str:
+    """`text` with what stands between BEGIN and END replaced by `make()`."""
+    head, begin, rest = text.partition(BEGIN)
+    _, end, tail = rest.partition(END)
+    if not (begin and end):
+        raise ValueError(f"no {BEGIN} ... {END} span")
+    return head + BEGIN + make() + END + tail
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nopejax.reference", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when a page differs from the generated text")
@@ -363,6 +398,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
+    for name, make in SPANS.items():
+        path = ROOT / name
+        text = path.read_text()
+        if with_span(text, make) == text:
+            continue
+        if args.check:
+            stale.append(str(path))
+        else:
+            path.write_text(with_span(text, make))
     if stale:
         print(f"out of date: {', '.join(stale)}. Fix: python -m nopejax.reference", file=sys.stderr)
         return 1

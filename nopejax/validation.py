@@ -18,7 +18,6 @@ from nopejax.config import (
     BLOCKS,
     DATA_SOURCES,
     DTYPES,
-    HF_FAMILIES,
     INIT_FROM_SCHEDULES,
     MOE_DISPATCHERS,
     NORMS,
@@ -32,6 +31,7 @@ from nopejax.config import (
     context_chunk,
     schedule_lengths,
 )
+from nopejax.hf import registry
 
 _log = logging.getLogger(__name__)
 _said: set[str] = set()  # warnings already given in this process
@@ -405,8 +405,8 @@ def _validate_compute(m: ConfigDict) -> None:
 
 
 def _validate_block(m: ConfigDict) -> None:
-    """Norm kind, block form, output scale and export family."""
-    for field, allowed in (("norm", NORMS), ("block", BLOCKS), ("hf_family", HF_FAMILIES)):
+    """Norm kind, block form, output scale and export family (one of nopejax/hf/registry.py's)."""
+    for field, allowed in (("norm", NORMS), ("block", BLOCKS), ("hf_family", registry.NAMES)):
         if m[field] not in allowed:
             raise ConfigError(f"model.{field}", f"unknown value {m[field]!r}", f"use one of {allowed}")
     scale = m.logit_scale

@@ -19,6 +19,15 @@ def test_generated_reference_is_current(name):
     assert text == reference.PAGES[name](), f"docs/reference/{name} is out of date: run python -m nopejax.reference"
 
 
+@pytest.mark.parametrize("name", sorted(reference.SPANS))
+def test_generated_family_lists_are_current(name):
+    """The README's family list and the HF guide's table are generated from nopejax/hf/registry.py."""
+    text = (ROOT / name).read_text()
+    assert reference.with_span(text, reference.SPANS[name]) == text, (
+        f"{name} is out of date: run python -m nopejax.reference"
+    )
+
+
 def _leaves(d: dict, prefix: str = "") -> set[str]:
     out = set()
     for k, v in d.items():

@@ -6,12 +6,13 @@ Tiny odd sizes: 2 key heads serving 6 value heads, key dim 5, value dim 3, S = 1
 do not divide it; beta in (0, 1) and in (0, 2) (negative eigenvalues).
 """
 
-import itertools
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mixer_checks import check_gradient_memory_is_linear, check_gradients_match, check_packed_scan, check_pieces_combine
 
 from nopejax.mixers import gated_delta as gd
 
@@ -26,21 +27,21 @@ Bsz, G, H, K, V = 2, 2, 6, 5, 3
 def inputs(S, seed=0, batch=Bsz, neg_eigval=False):
     ks = jax.random.split(jax.random.key(seed), 6)
     return dict(
-        q_BSGK=jax.random.normal(ks[0], (batch, S, G, K)),
-        k_BSGK=jax.random.normal(ks[1], (batch, S, G, K)),
-        v_BSHV=jax.random.normal(ks[2], (batch, S, H, V)),
+        q_BSKE=jax.random.normal(ks[0], (batch, S, G, K)),
+        k_BSKE=jax.random.normal(ks[1], (batch, S, G, K)),
+        v_BSHO=jax.random.normal(ks[2], (batch, S, H, V)),
         g_BSH=-jax.nn.softplus(jax.random.normal(ks[3], (batch, S, H))),
         beta_BSH=jax.nn.sigmoid(jax.random.normal(ks[4], (batch, S, H))) * (2.0 if neg_eigval else 1.0),
-        initial_state_BHKV=jax.random.normal(ks[5], (batch, H, K, V)),
+        initial_state_BHEO=jax.random.normal(ks[5], (batch, H, K, V)),
     )
 
 
-def recurrence(q_BSGK, k_BSGK, v_BSHV, g_BSH, beta_BSH, initial_state_BHKV):
+def recurrence(q_BSKE, k_BSKE, v_BSHO, g_BSH, beta_BSH, initial_state_BHEO):
     def norm(x):
         return x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-6)
 
-    q_BSHK = jnp.repeat(norm(q_BSGK), H // G, axis=2) / jnp.sqrt(K)
-    k_BSHK = jnp.repeat(norm(k_BSGK), H // G, axis=2)
+    q_BSHK = jnp.repeat(norm(q_BSKE), H // G, axis=2) / jnp.sqrt(K)
+    k_BSHK = jnp.repeat(norm(k_BSKE), H // G, axis=2)
 
     def tok(s_BHKV, t):
         q, k, v, g, beta = t
@@ -49,13 +50,13 @@ def recurrence(q_BSGK, k_BSGK, v_BSHV, g_BSH, beta_BSH, initial_state_BHKV):
         s_BHKV = s_BHKV + k[..., None] * delta_BHV[..., None, :]
         return s_BHKV, jnp.einsum("bhkv,bhk->bhv", s_BHKV, q)
 
-    seq = [jnp.moveaxis(t, 1, 0) for t in (q_BSHK, k_BSHK, v_BSHV, g_BSH, beta_BSH)]
-    final, o_SBHV = jax.lax.scan(tok, initial_state_BHKV, seq)
+    seq = [jnp.moveaxis(t, 1, 0) for t in (q_BSHK, k_BSHK, v_BSHO, g_BSH, beta_BSH)]
+    final, o_SBHV = jax.lax.scan(tok, initial_state_BHEO, seq)
     return jnp.moveaxis(o_SBHV, 0, 1), final
 
 
 def _chunked(chunk):
-    return lambda *a: gated_delta(*a[:5], chunk=chunk, normalize_qk=True, initial_state_BHKV=a[5])
+    return lambda *a: gated_delta(*a[:5], chunk=chunk, normalize_qk=True, initial_state_BHEO=a[5])
 
 
 @pytest.mark.parametrize("chunk, neg_eigval", [(4, False), (5, True), (13, False), (16, True)])
@@ -69,27 +70,15 @@ def test_forward_matches_recurrence(chunk, neg_eigval):
 
 @pytest.mark.parametrize("chunk, neg_eigval", [(4, True), (5, False)])
 def test_gradients_match_recurrence(chunk, neg_eigval):
-    args = tuple(inputs(13, neg_eigval=neg_eigval).values())
-    ko, kf = jax.random.split(jax.random.key(1))
-    wo = jax.random.normal(ko, args[2].shape)
-    wf = jax.random.normal(kf, args[5].shape)
-
-    def loss(fn):
-        return lambda *a: jnp.sum(fn(*a)[0] * wo) + jnp.sum(fn(*a)[1] * wf)
-
-    grads = jax.jit(jax.grad(loss(_chunked(chunk)), argnums=range(6)))(*args)
-    grads_ref = jax.jit(jax.grad(loss(recurrence), argnums=range(6)))(*args)
-    for name, g, g_ref in zip(inputs(1), grads, grads_ref):
-        scale = float(jnp.max(jnp.abs(g_ref)))
-        np.testing.assert_allclose(g, g_ref, atol=3e-6 * scale, rtol=0, err_msg=name)
+    check_gradients_match(_chunked(chunk), recurrence, inputs(13, neg_eigval=neg_eigval), tol=3e-6)
 
 
 def test_step_matches_recurrence():
     args = inputs(3)
     o_ref, final_ref = jax.jit(recurrence)(*args.values())
-    state = args["initial_state_BHKV"]
+    state = args["initial_state_BHEO"]
     for t in range(3):
-        piece = [args[k][:, t] for k in ("q_BSGK", "k_BSGK", "v_BSHV", "g_BSH", "beta_BSH")]
+        piece = [args[k][:, t] for k in ("q_BSKE", "k_BSKE", "v_BSHO", "g_BSH", "beta_BSH")]
         o, state = step(*piece, state, normalize_qk=True)
         np.testing.assert_allclose(o, o_ref[:, t], atol=1e-6, rtol=0)
     np.testing.assert_allclose(state, final_ref, atol=1e-6, rtol=0)
@@ -105,19 +94,10 @@ def test_packed_row_equals_documents_alone(chunk=4):
     # row 1: 2 of left padding, then three documents of 5 (boundaries inside chunks);
     # two document lengths, so the documents alone compile twice
     docs = [[(1, 0, 4), (2, 4, 8), (3, 8, 13)], [(5, 2, 7), (6, 7, 12), (7, 12, 17)]]
-    seg = np.zeros((2, 17), np.int32)
-    for b, row in enumerate(docs):
-        for doc, start, stop in row:
-            seg[b, start:stop] = doc
     args = inputs(17, neg_eigval=True)
-    del args["initial_state_BHKV"]
-    o, final = gated_delta(**args, chunk=chunk, normalize_qk=True, segment_ids_BS=jnp.asarray(seg))
-    for b, row in enumerate(docs):
-        for _, start, stop in row:
-            o_doc, final_doc = _alone(args, b, start, stop, chunk)
-            np.testing.assert_allclose(o[b : b + 1, start:stop], o_doc, atol=3e-6, rtol=0)
-        # padding after the last document leaves its state
-        np.testing.assert_allclose(final[b : b + 1], final_doc, atol=3e-6, rtol=0)
+    del args["initial_state_BHEO"]
+    run = lambda seg: gated_delta(**args, chunk=chunk, normalize_qk=True, segment_ids_BS=seg)
+    check_packed_scan(run, lambda b, start, stop: _alone(args, b, start, stop, chunk), docs, 17, atol=3e-6)
 
 
 @pytest.mark.parametrize("cuts", [(8,), (4, 8, 12)])
@@ -127,21 +107,21 @@ def test_pieces_combine_to_the_whole(cuts):
     seg = jnp.asarray(np.repeat([[1] * 7 + [2] * 5 + [3] * 4], Bsz, 0), jnp.int32)
     args = inputs(16, neg_eigval=True)
     q, k, v, g, beta, state_in = args.values()
-    o, final = gated_delta(q, k, v, g, beta, chunk=4, normalize_qk=True, segment_ids_BS=seg,
-                           initial_state_BHKV=state_in)  # fmt: skip
-    os_ = []
-    for a, b in itertools.pairwise((0, *cuts, 16)):
-        piece = [t[:, a:b] for t in (q, k, v, g, beta)]
+    whole = gated_delta(q, k, v, g, beta, chunk=4, normalize_qk=True, segment_ids_BS=seg, initial_state_BHEO=state_in)
+
+    def piece(a, b):
         segments = dict(segment_ids_BS=seg[:, a:b], segment_id_before_B=None if a == 0 else seg[:, a - 1])
-        # each piece summarised on its own (as a context shard would), then chained
-        transition, state_from_zero = summarize(*piece, chunk=4, normalize_qk=True, **segments)
-        o_piece, final_piece = gated_delta(*piece, chunk=4, normalize_qk=True, initial_state_BHKV=state_in,
-                                           **segments)  # fmt: skip
-        state_in = gd.combine(transition, state_in, state_from_zero)
-        np.testing.assert_allclose(final_piece, state_in, atol=3e-6, rtol=0)
-        os_.append(o_piece)
-    np.testing.assert_allclose(jnp.concatenate(os_, axis=1), o, atol=3e-6, rtol=0)
-    np.testing.assert_allclose(state_in, final, atol=3e-6, rtol=0)
+        return [t[:, a:b] for t in (q, k, v, g, beta)], dict(chunk=4, normalize_qk=True, **segments)
+
+    def summarize_piece(a, b):  # on its own, as a context shard would
+        inputs_, rule = piece(a, b)
+        return summarize(*inputs_, **rule)
+
+    def run_piece(a, b, state):
+        inputs_, rule = piece(a, b)
+        return gated_delta(*inputs_, initial_state_BHEO=state, **rule)
+
+    check_pieces_combine(whole, summarize_piece, run_piece, gd.combine, state_in, (0, *cuts, 16), atol=3e-6)
 
 
 def test_bf16_inputs_keep_an_fp32_state():
@@ -154,16 +134,9 @@ def test_bf16_inputs_keep_an_fp32_state():
 
 
 def test_gradient_memory_is_linear_in_sequence():
-    def temp_bytes(S):
+    def one_row(S):
         args = inputs(S, batch=1)
-        del args["initial_state_BHKV"]
-        seg = jnp.ones((1, S), jnp.int32)
+        del args["initial_state_BHEO"]
+        return args
 
-        def loss(a):
-            return jnp.sum(gd.gated_delta(**a, chunk=8, normalize_qk=True, segment_ids_BS=seg)[0])
-
-        return jax.jit(jax.grad(loss)).lower(args).compile().memory_analysis().temp_size_in_bytes
-
-    small, large = temp_bytes(256), temp_bytes(1024)
-    # linear: about 4x for 4x the length (a quadratic S x S term would give about 16x)
-    assert 3 < large / small < 5, (small, large)
+    check_gradient_memory_is_linear(functools.partial(gd.gated_delta, chunk=8, normalize_qk=True), one_row)

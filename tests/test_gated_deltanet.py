@@ -70,7 +70,7 @@ def params(d=DIMS):
 
 
 def test_packed_row_equals_documents_alone():
-    check_packed_row(forward, params(), DIMS, 9, lambda c: c.state_BHKV, atol=1e-8, state_atol=2e-8)
+    check_packed_row(forward, params(), DIMS, 9, lambda c: c.state_BHEO, atol=1e-8, state_atol=2e-8)
 
 
 def test_decode_steps_equal_chunked_forward():

@@ -57,7 +57,7 @@ def test_matches_transformers(use_bias):
 
 
 def test_packed_row_equals_documents_alone():
-    check_packed_row(forward, params(), DIMS, 9, lambda c: c.ssm_state_BHPN, atol=2e-7, state_atol=1e-7)
+    check_packed_row(forward, params(), DIMS, 9, lambda c: c.ssm_state_BHOE, atol=2e-7, state_atol=1e-7)
 
 
 def test_decode_steps_equal_chunked_forward():

@@ -5,12 +5,13 @@ Tiny odd sizes: 6 heads in 2 groups, head dim 3, state 5, S = 13 with chunks tha
 divide it.
 """
 
-import itertools
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mixer_checks import check_gradient_memory_is_linear, check_gradients_match, check_packed_scan, check_pieces_combine
 
 from nopejax.mixers import ssd as ssd_module
 
@@ -25,32 +26,32 @@ Bsz, H, G, P, N = 2, 6, 2, 3, 5
 def inputs(S, seed=0, batch=Bsz):
     ks = jax.random.split(jax.random.key(seed), 7)
     return dict(
-        x_BSHP=jax.random.normal(ks[0], (batch, S, H, P)),
+        x_BSHO=jax.random.normal(ks[0], (batch, S, H, P)),
         dt_BSH=jax.nn.softplus(jax.random.normal(ks[1], (batch, S, H)) - 1.0),
         A_H=-jnp.exp(jax.random.normal(ks[2], (H,))),
-        B_BSGN=jax.random.normal(ks[3], (batch, S, G, N)),
-        C_BSGN=jax.random.normal(ks[4], (batch, S, G, N)),
+        B_BSKE=jax.random.normal(ks[3], (batch, S, G, N)),
+        C_BSKE=jax.random.normal(ks[4], (batch, S, G, N)),
         D_H=jax.random.normal(ks[5], (H,)),
-        initial_state_BHPN=jax.random.normal(ks[6], (batch, H, P, N)),
+        initial_state_BHOE=jax.random.normal(ks[6], (batch, H, P, N)),
     )
 
 
-def recurrence(x_BSHP, dt_BSH, A_H, B_BSGN, C_BSGN, D_H, initial_state_BHPN):
-    B_BSHN = jnp.repeat(B_BSGN, H // G, axis=2)
-    C_BSHN = jnp.repeat(C_BSGN, H // G, axis=2)
+def recurrence(x_BSHO, dt_BSH, A_H, B_BSKE, C_BSKE, D_H, initial_state_BHOE):
+    B_BSHN = jnp.repeat(B_BSKE, H // G, axis=2)
+    C_BSHN = jnp.repeat(C_BSKE, H // G, axis=2)
 
     def step(h_BHPN, t):
         x_BHP, dt_BH, B_BHN, C_BHN = t
         h_BHPN = jnp.exp(dt_BH * A_H)[..., None, None] * h_BHPN + jnp.einsum("bh,bhp,bhn->bhpn", dt_BH, x_BHP, B_BHN)
         return h_BHPN, jnp.einsum("bhpn,bhn->bhp", h_BHPN, C_BHN) + D_H[:, None] * x_BHP
 
-    seq = [jnp.moveaxis(t, 1, 0) for t in (x_BSHP, dt_BSH, B_BSHN, C_BSHN)]
-    final, y_SBHP = jax.lax.scan(step, initial_state_BHPN, seq)
+    seq = [jnp.moveaxis(t, 1, 0) for t in (x_BSHO, dt_BSH, B_BSHN, C_BSHN)]
+    final, y_SBHP = jax.lax.scan(step, initial_state_BHOE, seq)
     return jnp.moveaxis(y_SBHP, 0, 1), final
 
 
 def _chunked(chunk):
-    return lambda *args: ssd(*args[:5], chunk=chunk, D_H=args[5], initial_state_BHPN=args[6])
+    return lambda *args: ssd(*args[:5], chunk=chunk, D_H=args[5], initial_state_BHOE=args[6])
 
 
 @pytest.mark.parametrize("chunk", [4, 5, 13, 16])
@@ -64,23 +65,11 @@ def test_forward_matches_recurrence(chunk):
 
 @pytest.mark.parametrize("chunk", [4, 5, 16])
 def test_gradients_match_recurrence(chunk):
-    args = tuple(inputs(13).values())
-    ky, kf = jax.random.split(jax.random.key(1))
-    wy = jax.random.normal(ky, args[0].shape)
-    wf = jax.random.normal(kf, args[6].shape)
-
-    def loss(fn):
-        return lambda *a: jnp.sum(fn(*a)[0] * wy) + jnp.sum(fn(*a)[1] * wf)
-
-    grads = jax.jit(jax.grad(loss(_chunked(chunk)), argnums=range(7)))(*args)
-    grads_ref = jax.jit(jax.grad(loss(recurrence), argnums=range(7)))(*args)
-    for name, g, g_ref in zip(inputs(1), grads, grads_ref):
-        scale = float(jnp.max(jnp.abs(g_ref)))
-        np.testing.assert_allclose(g, g_ref, atol=1e-5 * scale, rtol=0, err_msg=name)
+    check_gradients_match(_chunked(chunk), recurrence, inputs(13), tol=1e-5)
 
 
 def _alone(args, b, start, stop, chunk):
-    piece = {k: v[b : b + 1, start:stop] for k, v in args.items() if k not in ("A_H", "D_H", "initial_state_BHPN")}
+    piece = {k: v[b : b + 1, start:stop] for k, v in args.items() if k not in ("A_H", "D_H", "initial_state_BHOE")}
     return ssd(**piece, A_H=args["A_H"], D_H=args["D_H"], chunk=chunk)
 
 
@@ -89,19 +78,10 @@ def test_packed_row_equals_documents_alone(chunk):
     # row 0: documents of 4 (a boundary on a chunk edge), 6, 3 tokens, then 4 of padding;
     # row 1: 2 of left padding, then documents of 7 and 8
     docs = [[(1, 0, 4), (2, 4, 10), (3, 10, 13)], [(5, 2, 9), (6, 9, 17)]]
-    seg = np.zeros((2, 17), np.int32)
-    for b, row in enumerate(docs):
-        for doc, start, stop in row:
-            seg[b, start:stop] = doc
     args = inputs(17)
-    del args["initial_state_BHPN"]
-    y, final = ssd(**args, chunk=chunk, segment_ids_BS=jnp.asarray(seg))
-    for b, row in enumerate(docs):
-        for _, start, stop in row:
-            y_doc, final_doc = _alone(args, b, start, stop, chunk)
-            np.testing.assert_allclose(y[b : b + 1, start:stop], y_doc, atol=1e-5, rtol=0)
-        # padding after the last document leaves its state
-        np.testing.assert_allclose(final[b : b + 1], final_doc, atol=1e-5, rtol=0)
+    del args["initial_state_BHOE"]
+    run = lambda seg: ssd(**args, chunk=chunk, segment_ids_BS=seg)
+    check_packed_scan(run, lambda b, start, stop: _alone(args, b, start, stop, chunk), docs, 17, atol=1e-5)
 
 
 @pytest.mark.parametrize("cuts", [(9,), (3, 8, 12)])
@@ -110,42 +90,25 @@ def test_pieces_combine_to_the_whole(cuts):
     seg = jnp.asarray(np.repeat([[1] * 7 + [2] * 5 + [3] * 5], Bsz, 0), jnp.int32)
     args = inputs(17)
     x, dt, A, B, C, D, state_in = args.values()
-    y, final = ssd(x, dt, A, B, C, chunk=4, D_H=D, segment_ids_BS=seg, initial_state_BHPN=state_in)
-    bounds = (0, *cuts, 17)
-    pieces = list(itertools.pairwise(bounds))
+    whole = ssd(x, dt, A, B, C, chunk=4, D_H=D, segment_ids_BS=seg, initial_state_BHOE=state_in)
 
-    def before(a):
-        return None if a == 0 else seg[:, a - 1]
+    def segments(a, b):
+        return dict(segment_ids_BS=seg[:, a:b], segment_id_before_B=None if a == 0 else seg[:, a - 1])
 
-    # each piece summarised on its own (as a context shard would), then chained
-    summaries = [
-        summarize(x[:, a:b], dt[:, a:b], A, B[:, a:b], C[:, a:b], chunk=4, segment_ids_BS=seg[:, a:b],
-                  segment_id_before_B=before(a))
-        for a, b in pieces
-    ]  # fmt: skip
-    ys = []
-    for (a, b), (decay, state_from_zero) in zip(pieces, summaries):
-        y_piece, final_piece = ssd(x[:, a:b], dt[:, a:b], A, B[:, a:b], C[:, a:b], chunk=4, D_H=D,
-                                   segment_ids_BS=seg[:, a:b], segment_id_before_B=before(a),
-                                   initial_state_BHPN=state_in)  # fmt: skip
-        state_in = combine(decay, state_in, state_from_zero)
-        np.testing.assert_allclose(final_piece, state_in, atol=1e-5, rtol=0)
-        ys.append(y_piece)
-    np.testing.assert_allclose(jnp.concatenate(ys, axis=1), y, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(state_in, final, atol=1e-5, rtol=0)
+    def summarize_piece(a, b):  # on its own, as a context shard would
+        return summarize(x[:, a:b], dt[:, a:b], A, B[:, a:b], C[:, a:b], chunk=4, **segments(a, b))
+
+    def run_piece(a, b, state):
+        return ssd(x[:, a:b], dt[:, a:b], A, B[:, a:b], C[:, a:b], chunk=4, D_H=D, initial_state_BHOE=state,
+                   **segments(a, b))  # fmt: skip
+
+    check_pieces_combine(whole, summarize_piece, run_piece, combine, state_in, (0, *cuts, 17), atol=1e-5)
 
 
 def test_gradient_memory_is_linear_in_sequence():
-    def temp_bytes(S):
+    def one_row(S):
         args = inputs(S, batch=1)
-        del args["initial_state_BHPN"]
-        seg = jnp.ones((1, S), jnp.int32)
+        del args["initial_state_BHOE"]
+        return args
 
-        def loss(a):
-            return jnp.sum(ssd_module.ssd(**a, chunk=8, segment_ids_BS=seg)[0])
-
-        return jax.jit(jax.grad(loss)).lower(args).compile().memory_analysis().temp_size_in_bytes
-
-    small, large = temp_bytes(256), temp_bytes(1024)
-    # linear: about 4x for 4x the length (a quadratic S x S term would give about 16x)
-    assert 3 < large / small < 5, (small, large)
+    check_gradient_memory_is_linear(functools.partial(ssd_module.ssd, chunk=8), one_row)

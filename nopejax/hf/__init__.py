@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from nopejax import config, layers, model, tensorfile, validation
+from nopejax import config, layers, model, tensorfile
 from nopejax.hf import fields, registry, tensors
 from nopejax.hf.fields import Field, HFConfigError, harmless
 from nopejax.hf.registry import Family
@@ -31,7 +31,7 @@ from nopejax.hf.tensors import HFTensorError, Joint, Tensor
 
 __all__ = [
     "EXPORTED_FIELDS", "FAMILIES", "RUNTIME_FIELDS", "Family", "Field", "HFConfigError", "HFTensorError", "Joint",
-    "Tensor", "build", "check_exportable", "check_tensors", "from_hf", "harmless", "hf_config", "hf_tensor_shapes",
+    "Tensor", "build", "check_exportable", "check_tensors", "harmless", "hf_config", "hf_tensor_shapes",
     "layer_rows", "load_params", "model_config_from_hf", "to_hf",
 ]  # fmt: skip
 
@@ -164,21 +164,6 @@ def hf_config(m: config.ConfigDict, token_ids: dict | None = None, dtype: str = 
 # Weights
 
 
-def from_hf(path: str, *, dtype: str = "float32", param_dtype: str = "float32") -> model.Decoder:
-    """A nopejax Decoder with the weights of a transformers checkpoint directory (any registered family).
-
-    Exact or refused: config.json is read field by field (HFConfigError) and the safetensors
-    headers are checked against the map (HFTensorError) before any weight is read.
-    """
-    with open(os.path.join(path, "config.json")) as f:
-        m = model_config_from_hf(json.load(f))
-    m.dtype, m.param_dtype = dtype, param_dtype
-    cfg = config.base_config()
-    cfg.model = m
-    validation.validate(cfg)
-    return build(m, load_params(path, m))
-
-
 def check_tensors(reader: tensorfile.Reader, m: config.ConfigDict) -> None:
     """The checkpoint holds exactly the tensors `m` consumes, with their shapes: checked on the
     headers, before any weight is read. A tensor nopejax would skip means a model it would not
@@ -293,3 +278,15 @@ def to_hf(
     if tokenizer is not None:
         tokenizer.save_for_hf(out_dir, model_max_length=m.max_position_embeddings, add_bos=add_bos)
     return out_dir
+
+
+def __getattr__(name: str):
+    """The old spelling `nopejax.hf.from_hf` (now `nopejax.from_hf`), kept for one release."""
+    if name == "from_hf":
+        import warnings
+
+        import nopejax  # only this shim: the package above, always imported before this one
+
+        warnings.warn("nopejax.hf.from_hf is now nopejax.from_hf", FutureWarning, stacklevel=2)
+        return nopejax.from_hf
+    raise AttributeError(f"module 'nopejax.hf' has no attribute {name!r}")

@@ -61,6 +61,14 @@ def read_mup(name, value, hf):
     return {"embed_scale": float(hf["hidden_size"] ** 0.5)} if value else {}
 
 
+# the HF guide's table row (nopejax/reference.py): block and norms, per layer, the rest
+GUIDE_ROW = (
+    "sandwich, RMSNorm + per-head RMS QK-norm, gated attention output",
+    "full or sliding; RoPE exactly on the sliding layers; dense first `num_dense_layers`, then MoE",
+    "sigmoid top-k over `score + expert_bias`, normalised, times `route_scale`; shared experts; muP embedding "
+    "scale; q/k/v/o biases",
+)
+
 FIELDS = {
     **fields.common(without=("mlp_bias",), vocab_size=200192, hidden_size=2048, intermediate_size=6144,
                     num_hidden_layers=32, num_attention_heads=16, max_position_embeddings=16384, rms_norm_eps=1e-5,

@@ -48,6 +48,10 @@ def read_period(name, value, hf):
     return {}
 
 
+# the HF guide's table row (nopejax/reference.py): block and norms, per layer, the rest
+GUIDE_ROW = ("parallel, LayerNorm", "full or sliding; RoPE (interleaved pairs) exactly on the sliding layers",
+             "q/k/v/o biases, `logit_scale`")  # fmt: skip
+
 FIELDS = {
     # Cohere2's MLP has no biases, whatever config.json says: refused
     **fields.common(without=("mlp_bias",), vocab_size=256000, hidden_size=8192, intermediate_size=22528,

@@ -36,6 +36,10 @@ def read_layer_types(name, value, hf):
     return fields.rope_on_sliding(types, fields.window("sliding_window", window))
 
 
+# the HF guide's table row (nopejax/reference.py): block and norms, per layer, the rest
+GUIDE_ROW = ("post_norm, RMSNorm + per-head RMS QK-norm", "full or sliding; RoPE exactly on the sliding "
+             "layers, or on every layer when none slides (`sliding_window: null`)", "no biases")  # fmt: skip
+
 FIELDS = {
     # EXAONE 4 has no biases, whatever config.json says: refused
     **fields.common(without=("attention_bias", "mlp_bias"), vocab_size=102400, hidden_size=4096,

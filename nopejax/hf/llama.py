@@ -14,6 +14,9 @@ from __future__ import annotations
 from nopejax import layers
 from nopejax.hf import fields, tensors
 
+# the HF guide's table row (nopejax/reference.py): block and norms, per layer, the rest
+GUIDE_ROW = ("pre_norm, RMSNorm", "RoPE and full on every layer", "q/k/v/o and MLP biases")
+
 FIELDS = fields.common(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, max_position_embeddings=2048, tie_word_embeddings=False,
                        rope_theta=10_000.0)  # fmt: skip

@@ -88,6 +88,14 @@ def read_moe_layers(name, value, hf):
     return {"moe_layer_interval": patterns[tuple(value)]}
 
 
+# the HF guide's table row (nopejax/reference.py): block and norms, per layer, the rest
+GUIDE_ROW = (
+    "pre_norm, RMSNorm; L2 QK-norm on RoPE layers",
+    "full or chunked; RoPE (interleaved pairs) or NoPE per layer, NoPE query temperature",
+    "MoE every k-th layer (`moe_layers` periodic), top-k sigmoid weights on the expert inputs, one shared "
+    "expert; q/k/v/o biases",
+)
+
 FIELDS = {
     **fields.common(without=("mlp_bias",), vocab_size=202048, hidden_size=5120, num_hidden_layers=48,
                     num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=4096 * 32,

@@ -1,7 +1,7 @@
 """The HF families nopejax converts: one line each, read by the CLI help, the docs, the error
 messages and tests/hf/. A family is its line here plus its module nopejax/hf/<name>.py, which holds
-the family's config.json rows (FIELDS, BASE, LACKS, config_json) and tensor map (LAYER_MAP) only;
-a line whose module is absent registers nothing.
+the family's config.json rows (FIELDS, BASE, LACKS, config_json), tensor map (LAYER_MAP) and row of
+the HF guide's table (GUIDE_ROW) only; a line whose module is absent registers nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class Family(NamedTuple):
     # refuses (config.ConfigError) params the format cannot hold, before anything is written
     check_params: Callable
     keep_fp32: tuple  # HF tensor name suffixes stored in fp32 whatever the export dtype
+    guide_row: tuple  # its row of the HF guide's family table: (block and norms, per layer, the rest)
 
 
 def _load(entry: Entry) -> Family:
@@ -61,6 +62,7 @@ def _load(entry: Entry) -> Family:
         config=module.config_json,
         check_params=getattr(module, "check_params", lambda m, params: None),
         keep_fp32=getattr(module, "KEEP_FP32", ()),
+        guide_row=module.GUIDE_ROW,
     )
 
 

@@ -34,6 +34,9 @@ def read_layer_types(name, value, hf):
     return {"layer_types": types, "sliding_window": window}
 
 
+# the HF guide's table row (nopejax/reference.py): block and norms, per layer, the rest
+GUIDE_ROW = ("pre_norm, RMSNorm", "RoPE or NoPE, full or sliding (any mix)", "q/k/v/o and MLP biases")
+
 FIELDS = {
     **fields.common(vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=32768,

@@ -144,6 +144,16 @@ def _q_major_maps(cfg: TileConfig, bq: int, bk: int):
 # ----------------------------------------------------------------------------- forward
 
 
+def _q_major_scores(r, side, cfg: TileConfig, q_start, k_start):
+    """The masked score tile of the kernels that walk kv blocks for one q block (forward, dQ): q as
+    rotated once at j == 0 (`q_rot`) or as read, k rotated per tile. -> (scores, q side inputs, k parts)."""
+    q_side, k_side = _sides(r, side)
+    q_parts = (r["q_rot"][...],) if cfg.rope else (r["q"][...],)
+    k_parts = tile.load_tile(r["k"], slice(None), 0, cfg, _rot(r, "k", cfg))
+    s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg, q_side), q_start, k_start, cfg, q_side, k_side)
+    return s, q_side, k_parts
+
+
 def _fwd_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
     r = dict(zip(names, refs))
     qi, j, nj = pl.program_id(2), pl.program_id(3), pl.num_programs(3)
@@ -161,10 +171,7 @@ def _fwd_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
 
     @pl.when(lo + j < hi)
     def _step():
-        q_side, k_side = _sides(r, side)
-        q_parts = (r["q_rot"][...],) if cfg.rope else (r["q"][...],)
-        k_parts = tile.load_tile(r["k"], all_rows, 0, cfg, _rot(r, "k", cfg))
-        s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg, q_side), q_start, k_start, cfg, q_side, k_side)
+        s, _, _ = _q_major_scores(r, side, cfg, q_start, k_start)
         m, denom, acc = tile.online_softmax_step(s, r["m"][...], r["denom"][...], r["acc"][...], r["v"][...])
         r["m"][...], r["denom"][...], r["acc"][...] = m, denom, acc
 
@@ -253,6 +260,17 @@ def _dkv_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int, n_q: int)
         tile.store_tile(r["dk_out"], all_rows, 0, (r["dk"][...] * cfg.sm_scale,), cfg, _rot(r, "k", cfg))
 
 
+def _backward_in_specs(side, cfg: TileConfig, bq: int, bk: int, q_index, k_index, row_q, row_k) -> list:
+    """What both backward kernels read, in `_backward_operands`' order: q, k, v, do, lse, di, side inputs."""
+    heads = [_head_spec(cfg, bq, q_index), _head_spec(cfg, bk, k_index), _head_spec(cfg, bk, k_index)]
+    return [*heads, _head_spec(cfg, bq, q_index), _stat_spec(bq, q_index), _stat_spec(bq, q_index),
+            *_side_specs(side, row_q, row_k, bq, bk)]  # fmt: skip
+
+
+def _backward_operands(q, k, v, do, lse, di, side, cfg: TileConfig) -> tuple:
+    return (*(to_kernel_layout(x, cfg) for x in (q, k, v, do)), lse, di, *(a for _, _, a in side))
+
+
 def backward_dkv(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):
     """dk, dv [B,S,Hkv,E]; a kv head accumulates over its q-head group in-kernel (no repeated k/v).
 
@@ -291,15 +309,7 @@ def backward_dkv(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret)
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
             grid=grid,
-            in_specs=[
-                _head_spec(cfg, bq, q_index),
-                _head_spec(cfg, bk, k_index),
-                _head_spec(cfg, bk, k_index),
-                _head_spec(cfg, bq, q_index),
-                _stat_spec(bq, q_index),
-                _stat_spec(bq, q_index),
-                *_side_specs(side, row_q, row_k, bq, bk),
-            ],
+            in_specs=_backward_in_specs(side, cfg, bq, bk, q_index, k_index, row_q, row_k),
             out_specs=[_head_spec(cfg, bk, k_index), _head_spec(cfg, bk, k_index)],
             scratch_shapes=scratch,
         ),
@@ -307,7 +317,7 @@ def backward_dkv(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret)
         cost_estimate=cost.backward_dkv(q, k, cfg, bq, bk),
         name="nopejax_flash_dkv" + _suffix(cfg),
         **_params(interpret),
-    )(*(to_kernel_layout(x, cfg) for x in (q, k, v, do)), lse, di, *(a for _, _, a in side))
+    )(*_backward_operands(q, k, v, do, lse, di, side, cfg))
     return from_kernel_layout(dk, Hkv, cfg), from_kernel_layout(dv, Hkv, cfg)
 
 
@@ -329,10 +339,7 @@ def _dq_kernel(*refs, names, side, cfg: TileConfig, bq: int, bk: int):
 
     @pl.when(lo + j < hi)
     def _step():
-        q_side, k_side = _sides(r, side)
-        q_parts = (r["q_rot"][...],) if cfg.rope else (r["q"][...],)
-        k_parts = tile.load_tile(r["k"], all_rows, 0, cfg, _rot(r, "k", cfg))
-        s = tile.mask_tile(tile.scores(q_parts, k_parts, cfg, q_side), q_start, k_start, cfg, q_side, k_side)
+        s, q_side, k_parts = _q_major_scores(r, side, cfg, q_start, k_start)
         _, ds = tile.probs_and_dlogits(s, r["lse"][...], r["do"][...], r["v"][...], r["di"][...], cfg, q_side)
         (dq,) = tile.dot_parts(ds, k_parts)
         r["dq"][...] += dq
@@ -357,15 +364,7 @@ def backward_dq(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
             grid=grid,
-            in_specs=[
-                _head_spec(cfg, bq, q_index),
-                _head_spec(cfg, bk, k_index),
-                _head_spec(cfg, bk, k_index),
-                _head_spec(cfg, bq, q_index),
-                _stat_spec(bq, q_index),
-                _stat_spec(bq, q_index),
-                *_side_specs(side, row_q, row_k, bq, bk),
-            ],
+            in_specs=_backward_in_specs(side, cfg, bq, bk, q_index, k_index, row_q, row_k),
             out_specs=[_head_spec(cfg, bq, q_index)],
             scratch_shapes=scratch,
         ),
@@ -373,5 +372,5 @@ def backward_dq(q, k, v, do, lse, di, side, cfg: TileConfig, bq, bk, interpret):
         cost_estimate=cost.backward_dq(q, k, cfg, bq, bk),
         name="nopejax_flash_dq" + _suffix(cfg),
         **_params(interpret),
-    )(*(to_kernel_layout(x, cfg) for x in (q, k, v, do)), lse, di, *(a for _, _, a in side))
+    )(*_backward_operands(q, k, v, do, lse, di, side, cfg))
     return from_kernel_layout(dq, Hq, cfg)

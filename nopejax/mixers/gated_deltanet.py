@@ -5,19 +5,20 @@ Numerical reference: transformers' `OlmoHybridGatedDeltaNet.forward` on its torc
 `Qwen3NextGatedDeltaNet` computes the same layer from fused projections (`QWEN3_NEXT_TENSORS` maps them).
 
     q, k, v = h @ q_proj, h @ k_proj, h @ v_proj
-    q, k, v = split(silu(causal_conv(q | k | v)))     one depthwise conv over the E = 2 G K + H V channels
+    q, k, v = split(silu(causal_conv(q | k | v)))     one depthwise conv over the u = 2 K E + H O channels
     beta    = sigmoid(h @ b_proj)   (x 2 where allow_neg_eigval: eigenvalues of I - beta k k^T in (-1, 1))
     g       = -exp(A_log) * softplus(h @ a_proj + dt_bias)
-    o       = gated_delta(q, k, v, g, beta)           (gated_delta.py: q, k L2-normalised, q / sqrt(K); fp32)
+    o       = gated_delta(q, k, v, g, beta)           (gated_delta.py: q, k L2-normalised, q / sqrt(E); fp32)
     out     = (rms_norm_per_head(o) * o_norm * silu(h @ g_proj)) @ o_proj
 
-Shape letters: B batch, S sequence, D model width, G key heads, H value heads, K key head dim, V value
-head dim, E = 2 G K + H V conv channels, C conv kernel, W = C - 1.
+Shape letters (docs/reference/shapes.md): B batch, S sequence, D model width, K key heads, H value heads,
+G = H / K value heads per key head, E key head dim, O value head dim, u = 2 K E + H O conv channels, k conv
+kernel, w = k - 1, i heads x head dim flattened, z a fused projection's output, a any leading axes.
 
 Parameters map 1:1 onto OLMo Hybrid's (`HF_TENSORS`); ours are [in, out] where torch's Linear is [out, in],
-and the conv weight is [C, E] where torch's depthwise Conv1d is [E, 1, C]. The conv has no bias in either family.
+and the conv weight is [k, u] where torch's depthwise Conv1d is [u, 1, k]. The conv has no bias in either family.
 
-Decode carries a `GatedDeltaNetCache` per layer: the conv window (last W conv inputs) and the state.
+Decode carries a `GatedDeltaNetCache` per layer: the conv window (last w conv inputs) and the state.
 `gated_deltanet` on S tokens takes and returns it; `gated_deltanet_step` advances it by one token in O(1).
 """
 
@@ -92,6 +93,13 @@ def _linear(t, d):
     return t.T
 
 
+# rows both layouts share: the depthwise conv (torch [u, 1, k] -> [k, u]) and the decay parameters
+_CONV_AND_DECAY = {
+    "conv1d_weight": ("conv1d.weight", lambda t, d: t[:, 0, :].T),
+    "A_log": ("A_log", lambda t, d: t),
+    "dt_bias": ("dt_bias", lambda t, d: t),
+}
+
 # ours -> (OLMo Hybrid's name inside the mixer, (torch tensor, dims) -> ours); the inverse is the same transpose
 HF_TENSORS = {
     "q_proj": ("q_proj.weight", _linear),
@@ -100,38 +108,36 @@ HF_TENSORS = {
     "a_proj": ("a_proj.weight", _linear),
     "b_proj": ("b_proj.weight", _linear),
     "g_proj": ("g_proj.weight", _linear),
-    "conv1d_weight": ("conv1d.weight", lambda t, d: t[:, 0, :].T),
-    "A_log": ("A_log", lambda t, d: t),
-    "dt_bias": ("dt_bias", lambda t, d: t),
+    **_CONV_AND_DECAY,
     "o_norm": ("o_norm.weight", lambda t, d: t),
     "o_proj": ("o_proj.weight", _linear),
 }
 
 
 def _qkvz(part):
-    """Qwen3-Next's `in_proj_qkvz` [G (K + K + R V + R V), D], grouped per key head -> one of our projections."""
+    """Qwen3-Next's `in_proj_qkvz` [K (E + E + G O + G O), D], grouped per key head -> one of our projections."""
 
     def take(t, d):
-        R = d.value_heads // d.key_heads
-        sizes = [d.key_head_dim, d.key_head_dim, R * d.value_head_dim, R * d.value_head_dim]
+        G = d.value_heads // d.key_heads
+        sizes = [d.key_head_dim, d.key_head_dim, G * d.value_head_dim, G * d.value_head_dim]
         bounds = np.cumsum([0, *sizes])
-        t_DGX = t.T.reshape(t.shape[1], d.key_heads, bounds[-1])
-        return t_DGX[..., bounds[part] : bounds[part + 1]].reshape(t.shape[1], -1)
+        t_DKz = t.T.reshape(t.shape[1], d.key_heads, bounds[-1])
+        return t_DKz[..., bounds[part] : bounds[part + 1]].reshape(t.shape[1], -1)
 
     return take
 
 
 def _ba(part):
-    """Qwen3-Next's `in_proj_ba` [G (R + R), D], grouped per key head -> b_proj (0) or a_proj (1)."""
+    """Qwen3-Next's `in_proj_ba` [K (G + G), D], grouped per key head -> b_proj (0) or a_proj (1)."""
 
     def take(t, d):
-        R = d.value_heads // d.key_heads
-        return t.T.reshape(t.shape[1], d.key_heads, 2 * R)[..., part * R : (part + 1) * R].reshape(t.shape[1], -1)
+        G = d.value_heads // d.key_heads
+        return t.T.reshape(t.shape[1], d.key_heads, 2 * G)[..., part * G : (part + 1) * G].reshape(t.shape[1], -1)
 
     return take
 
 
-# Qwen3-Next's fused layout: value heads are ordered key head major, as ours (value head h reads key head h // R)
+# Qwen3-Next's fused layout: value heads are ordered key head major, as ours (value head h reads key head h // G)
 QWEN3_NEXT_TENSORS = {
     "q_proj": ("in_proj_qkvz.weight", _qkvz(0)),
     "k_proj": ("in_proj_qkvz.weight", _qkvz(1)),
@@ -139,17 +145,15 @@ QWEN3_NEXT_TENSORS = {
     "g_proj": ("in_proj_qkvz.weight", _qkvz(3)),
     "b_proj": ("in_proj_ba.weight", _ba(0)),
     "a_proj": ("in_proj_ba.weight", _ba(1)),
-    "conv1d_weight": ("conv1d.weight", lambda t, d: t[:, 0, :].T),
-    "A_log": ("A_log", lambda t, d: t),
-    "dt_bias": ("dt_bias", lambda t, d: t),
+    **_CONV_AND_DECAY,
     "o_norm": ("norm.weight", lambda t, d: t),
     "o_proj": ("out_proj.weight", _linear),
 }
 
 
 class GatedDeltaNetCache(NamedTuple):
-    conv_window_BWE: jax.Array
-    state_BHKV: jax.Array  # fp32
+    conv_window_Bwu: jax.Array
+    state_BHEO: jax.Array  # fp32
 
 
 def empty_cache(d: GatedDeltaNetDims, batch: int, dtype=F32) -> GatedDeltaNetCache:
@@ -159,80 +163,80 @@ def empty_cache(d: GatedDeltaNetDims, batch: int, dtype=F32) -> GatedDeltaNetCac
     )
 
 
-def _gates(p, h_XD, d: GatedDeltaNetDims):
+def _gates(p, h_aD, d: GatedDeltaNetDims):
     """beta and g (the log decay) per value head, fp32."""
-    beta_XH = jax.nn.sigmoid((h_XD @ p["b_proj"].astype(h_XD.dtype)).astype(F32))
+    beta_aH = jax.nn.sigmoid((h_aD @ p["b_proj"].astype(h_aD.dtype)).astype(F32))
     if d.allow_neg_eigval:
-        beta_XH = 2.0 * beta_XH
-    a_XH = (h_XD @ p["a_proj"].astype(h_XD.dtype)).astype(F32)
-    g_XH = -jnp.exp(p["A_log"].astype(F32)) * jax.nn.softplus(a_XH + p["dt_bias"].astype(F32))
-    return g_XH, beta_XH
+        beta_aH = 2.0 * beta_aH
+    a_aH = (h_aD @ p["a_proj"].astype(h_aD.dtype)).astype(F32)
+    g_aH = -jnp.exp(p["A_log"].astype(F32)) * jax.nn.softplus(a_aH + p["dt_bias"].astype(F32))
+    return g_aH, beta_aH
 
 
-def _split_heads(qkv_XE, d: GatedDeltaNetDims):
-    """silu'd conv output -> q, k [.., G, K], v [.., H, V]."""
-    q_XI, k_XI, v_XI = jnp.split(jax.nn.silu(qkv_XE), [d.key_dim, 2 * d.key_dim], axis=-1)
-    lead = qkv_XE.shape[:-1]
+def _split_heads(qkv_au, d: GatedDeltaNetDims):
+    """silu'd conv output -> q, k [.., K, E], v [.., H, O]."""
+    q_ai, k_ai, v_ai = jnp.split(jax.nn.silu(qkv_au), [d.key_dim, 2 * d.key_dim], axis=-1)
+    lead = qkv_au.shape[:-1]
     return (
-        q_XI.reshape(*lead, d.key_heads, d.key_head_dim),
-        k_XI.reshape(*lead, d.key_heads, d.key_head_dim),
-        v_XI.reshape(*lead, d.value_heads, d.value_head_dim),
+        q_ai.reshape(*lead, d.key_heads, d.key_head_dim),
+        k_ai.reshape(*lead, d.key_heads, d.key_head_dim),
+        v_ai.reshape(*lead, d.value_heads, d.value_head_dim),
     )
 
 
-def _out(p, o_XHV, h_XD, d: GatedDeltaNetDims):
+def _out(p, o_aHO, h_aD, d: GatedDeltaNetDims):
     """Gated RMSNorm per value head (norm in fp32, weight in the input dtype, then silu(gate)), then o_proj."""
-    dtype = h_XD.dtype
-    lead = o_XHV.shape[:-2]
-    gate_XHV = (h_XD @ p["g_proj"].astype(dtype)).reshape(*lead, d.value_heads, d.value_head_dim)
-    o_XHV = o_XHV.astype(F32)
-    normed_XHV = (o_XHV * jax.lax.rsqrt(jnp.mean(o_XHV * o_XHV, axis=-1, keepdims=True) + d.norm_eps)).astype(dtype)
-    y_XHV = (p["o_norm"].astype(dtype) * normed_XHV).astype(F32) * jax.nn.silu(gate_XHV.astype(F32))
-    return y_XHV.astype(dtype).reshape(*lead, d.value_dim) @ p["o_proj"].astype(dtype)
+    dtype = h_aD.dtype
+    lead = o_aHO.shape[:-2]
+    gate_aHO = (h_aD @ p["g_proj"].astype(dtype)).reshape(*lead, d.value_heads, d.value_head_dim)
+    o_aHO = o_aHO.astype(F32)
+    normed_aHO = (o_aHO * jax.lax.rsqrt(jnp.mean(o_aHO * o_aHO, axis=-1, keepdims=True) + d.norm_eps)).astype(dtype)
+    y_aHO = (p["o_norm"].astype(dtype) * normed_aHO).astype(F32) * jax.nn.silu(gate_aHO.astype(F32))
+    return y_aHO.astype(dtype).reshape(*lead, d.value_dim) @ p["o_proj"].astype(dtype)
 
 
-def _qkv(p, h_XD):
-    dtype = h_XD.dtype
-    return jnp.concatenate([h_XD @ p[name].astype(dtype) for name in ("q_proj", "k_proj", "v_proj")], axis=-1)
+def _qkv(p, h_aD):
+    dtype = h_aD.dtype
+    return jnp.concatenate([h_aD @ p[name].astype(dtype) for name in ("q_proj", "k_proj", "v_proj")], axis=-1)
 
 
 def gated_deltanet(
     p: dict, h_BSD, d: GatedDeltaNetDims, *, segment_ids_BS=None, cache: GatedDeltaNetCache | None = None
 ):
     """The mixer over S positions (after `cache`, if given) -> (out_BSD, the cache after position S - 1)."""
-    window = None if cache is None else cache.conv_window_BWE
-    qkv_BSE, window_BWE = causal_conv(_qkv(p, h_BSD), p["conv1d_weight"], segment_ids_BS=segment_ids_BS,
-                                      window_BWE=window)  # fmt: skip
-    q_BSGK, k_BSGK, v_BSHV = _split_heads(qkv_BSE, d)
+    window = None if cache is None else cache.conv_window_Bwu
+    qkv_BSu, window_Bwu = causal_conv(_qkv(p, h_BSD), p["conv1d_weight"], segment_ids_BS=segment_ids_BS,
+                                      window_Bwu=window)  # fmt: skip
+    q_BSKE, k_BSKE, v_BSHO = _split_heads(qkv_BSu, d)
     g_BSH, beta_BSH = _gates(p, h_BSD, d)
-    o_BSHV, state_BHKV = gated_delta(
-        q_BSGK,
-        k_BSGK,
-        v_BSHV,
+    o_BSHO, state_BHEO = gated_delta(
+        q_BSKE,
+        k_BSKE,
+        v_BSHO,
         g_BSH,
         beta_BSH,
         chunk=d.chunk,
         normalize_qk=True,
         segment_ids_BS=segment_ids_BS,
-        initial_state_BHKV=None if cache is None else cache.state_BHKV,
+        initial_state_BHEO=None if cache is None else cache.state_BHEO,
     )
-    return _out(p, o_BSHV, h_BSD, d), GatedDeltaNetCache(window_BWE, state_BHKV)
+    return _out(p, o_BSHO, h_BSD, d), GatedDeltaNetCache(window_Bwu, state_BHEO)
 
 
 def gated_deltanet_step(p: dict, h_BD, d: GatedDeltaNetDims, cache: GatedDeltaNetCache):
     """One decode token per row -> (out_BD, cache), O(1) in the position."""
-    qkv_BE, window_BWE = conv_step(_qkv(p, h_BD), p["conv1d_weight"], None, cache.conv_window_BWE)
-    q_BGK, k_BGK, v_BHV = _split_heads(qkv_BE, d)
+    qkv_Bu, window_Bwu = conv_step(_qkv(p, h_BD), p["conv1d_weight"], None, cache.conv_window_Bwu)
+    q_BKE, k_BKE, v_BHO = _split_heads(qkv_Bu, d)
     g_BH, beta_BH = _gates(p, h_BD, d)
-    o_BHV, state_BHKV = gated_delta_step(q_BGK, k_BGK, v_BHV, g_BH, beta_BH, cache.state_BHKV, normalize_qk=True)
-    return _out(p, o_BHV, h_BD, d), GatedDeltaNetCache(window_BWE, state_BHKV)
+    o_BHO, state_BHEO = gated_delta_step(q_BKE, k_BKE, v_BHO, g_BH, beta_BH, cache.state_BHEO, normalize_qk=True)
+    return _out(p, o_BHO, h_BD, d), GatedDeltaNetCache(window_Bwu, state_BHEO)
 
 
 def init_params(
     d: GatedDeltaNetDims, key, dtype=F32, a_min=0.0, a_max=16.0, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4
 ) -> dict:
     """OLMo Hybrid's init: A uniform in [a_min, a_max], dt log-uniform in [dt_min, dt_max] through dt_bias,
-    projections normal(0.02), conv uniform(+-1/sqrt(C)) as torch's Conv1d default, o_norm ones."""
+    projections normal(0.02), conv uniform(+-1/sqrt(k)) as torch's Conv1d default, o_norm ones."""
     ks = jax.random.split(key, 10)
     A_H = jax.random.uniform(ks[0], (d.value_heads,), minval=a_min, maxval=a_max)
     dt_H = jnp.exp(jax.random.uniform(ks[1], (d.value_heads,)) * (math.log(dt_max) - math.log(dt_min)))

@@ -3,19 +3,20 @@
 Numerical reference: transformers' `Mamba2Mixer.forward` on its torch path (`causal_conv1d_fn`,
 `mamba2_chunk_scan`, `Mamba2RMSNormGated`); GraniteMoeHybrid and NemotronH use the same layer.
 
-    zxbcdt = h @ in_proj                       split into z [I], xBC [I + 2 G N], dt [H]
-    xBC    = silu(causal_conv(xBC))            split into x [H, P], B [G, N], C [G, N]
+    zxbcdt = h @ in_proj                       split into z [i], xBC [i + 2 K E], dt [H]
+    xBC    = silu(causal_conv(xBC))            split into x [H, O], B [K, E], C [K, E]
     dt     = clip(softplus(dt + dt_bias), time_step_limit);  A = -exp(A_log)
     y      = ssd(x, dt, A, B, C) + D x         (ssd.py, fp32)
-    out    = (rms_norm_per_group(y * silu(z)) * norm) @ out_proj      (G groups of I / G, fp32)
+    out    = (rms_norm_per_group(y * silu(z)) * norm) @ out_proj      (K groups of i / K, fp32)
 
-Shape letters: B batch, S sequence, D model width, H heads, P head dim, I = H P inner width,
-G groups, N state size, K conv kernel, W = K - 1, E = I + 2 G N conv channels, Z = I + E + H.
+Shape letters (docs/reference/shapes.md): B batch, S sequence, D model width, H heads, O head dim,
+i = H O inner width, K groups, E state size, k conv kernel, w = k - 1, u = i + 2 K E conv channels,
+z = i + u + H the fused in_proj output, a any leading axes ([B, S] or [B]).
 
 Parameters map 1:1 onto transformers' (`HF_TENSORS`); ours are [in, out] where torch's Linear is
-[out, in], and the conv weight is [K, E] where torch's depthwise Conv1d is [E, 1, K].
+[out, in], and the conv weight is [k, u] where torch's depthwise Conv1d is [u, 1, k].
 
-Decode carries a `Mamba2Cache` per layer: the conv window (last W conv inputs) and the SSM state.
+Decode carries a `Mamba2Cache` per layer: the conv window (last w conv inputs) and the SSM state.
 `mamba2` on S tokens (a prefill, or a chunk of one) takes and returns it; `mamba2_step` advances
 it by one token in O(1). Batched prompts of different lengths are left-padded (segment id 0), so
 every row's cache describes its last position. Unlike transformers' decode path, the step clamps dt
@@ -109,8 +110,8 @@ def mamba2_params(d: Mamba2Dims) -> dict:
 
 
 class Mamba2Cache(NamedTuple):
-    conv_window_BWE: jax.Array
-    ssm_state_BHPN: jax.Array  # fp32
+    conv_window_Bwu: jax.Array
+    ssm_state_BHOE: jax.Array  # fp32
 
 
 def empty_cache(d: Mamba2Dims, batch: int, dtype=F32) -> Mamba2Cache:
@@ -119,70 +120,70 @@ def empty_cache(d: Mamba2Dims, batch: int, dtype=F32) -> Mamba2Cache:
     )
 
 
-def _in_proj(p, h_XD, d: Mamba2Dims):
-    zxbcdt_XZ = h_XD @ p["in_proj"].astype(h_XD.dtype)
+def _in_proj(p, h_aD, d: Mamba2Dims):
+    zxbcdt_az = h_aD @ p["in_proj"].astype(h_aD.dtype)
     if "in_proj_bias" in p:
-        zxbcdt_XZ += p["in_proj_bias"].astype(h_XD.dtype)
-    return jnp.split(zxbcdt_XZ, [d.inner, d.inner + d.conv_dim], axis=-1)  # z, xBC, dt
+        zxbcdt_az += p["in_proj_bias"].astype(h_aD.dtype)
+    return jnp.split(zxbcdt_az, [d.inner, d.inner + d.conv_dim], axis=-1)  # z, xBC, dt
 
 
-def _ssm_inputs(p, xbc_XE, dt_XH, d: Mamba2Dims):
-    """silu'd conv output -> x [.., H, P], B, C [.., G, N] in fp32; dt after softplus and clamp; A."""
-    x_XI, B_XGN, C_XGN = jnp.split(jax.nn.silu(xbc_XE.astype(F32)), [d.inner, d.inner + d.groups * d.state], -1)
-    lead = x_XI.shape[:-1]
-    dt_XH = jax.nn.softplus(dt_XH.astype(F32) + p["dt_bias"].astype(F32))
-    dt_XH = jnp.clip(dt_XH, *d.time_step_limit)
+def _ssm_inputs(p, xbc_au, dt_aH, d: Mamba2Dims):
+    """silu'd conv output -> x [.., H, O], B, C [.., K, E] in fp32; dt after softplus and clamp; A."""
+    x_ai, B_aKE, C_aKE = jnp.split(jax.nn.silu(xbc_au.astype(F32)), [d.inner, d.inner + d.groups * d.state], -1)
+    lead = x_ai.shape[:-1]
+    dt_aH = jax.nn.softplus(dt_aH.astype(F32) + p["dt_bias"].astype(F32))
+    dt_aH = jnp.clip(dt_aH, *d.time_step_limit)
     A_H = -jnp.exp(p["A_log"].astype(F32))
-    x_XHP = x_XI.reshape(*lead, d.heads, d.head_dim)
-    return x_XHP, dt_XH, A_H, B_XGN.reshape(*lead, d.groups, d.state), C_XGN.reshape(*lead, d.groups, d.state)
+    x_aHO = x_ai.reshape(*lead, d.heads, d.head_dim)
+    return x_aHO, dt_aH, A_H, B_aKE.reshape(*lead, d.groups, d.state), C_aKE.reshape(*lead, d.groups, d.state)
 
 
-def _out(p, y_XHP, z_XI, d: Mamba2Dims, dtype):
-    """Gated RMSNorm over groups of I / G (transformers' Mamba2RMSNormGated, fp32), then out_proj."""
-    lead = y_XHP.shape[:-2]
-    g_XI = y_XHP.reshape(*lead, d.inner).astype(F32) * jax.nn.silu(z_XI.astype(F32))
-    g_XGF = g_XI.reshape(*lead, d.groups, d.inner // d.groups)
-    g_XGF = g_XGF * jax.lax.rsqrt(jnp.mean(g_XGF * g_XGF, axis=-1, keepdims=True) + d.norm_eps)
-    out_XD = (g_XGF.reshape(*lead, d.inner) * p["norm"].astype(F32)).astype(dtype) @ p["out_proj"].astype(dtype)
+def _out(p, y_aHO, z_ai, d: Mamba2Dims, dtype):
+    """Gated RMSNorm over groups of i / K (transformers' Mamba2RMSNormGated, fp32), then out_proj."""
+    lead = y_aHO.shape[:-2]
+    g_ai = y_aHO.reshape(*lead, d.inner).astype(F32) * jax.nn.silu(z_ai.astype(F32))
+    g_aKi = g_ai.reshape(*lead, d.groups, d.inner // d.groups)
+    g_aKi = g_aKi * jax.lax.rsqrt(jnp.mean(g_aKi * g_aKi, axis=-1, keepdims=True) + d.norm_eps)
+    out_aD = (g_aKi.reshape(*lead, d.inner) * p["norm"].astype(F32)).astype(dtype) @ p["out_proj"].astype(dtype)
     if "out_proj_bias" in p:
-        out_XD += p["out_proj_bias"].astype(dtype)
-    return out_XD
+        out_aD += p["out_proj_bias"].astype(dtype)
+    return out_aD
 
 
 def mamba2(p: dict, h_BSD, d: Mamba2Dims, *, segment_ids_BS=None, cache: Mamba2Cache | None = None):
     """The mixer over S positions (after `cache`, if given) -> (out_BSD, the cache after position S - 1)."""
-    z_BSI, xbc_BSE, dt_BSH = _in_proj(p, h_BSD, d)
-    window = None if cache is None else cache.conv_window_BWE
-    xbc_BSE, window_BWE = causal_conv(
-        xbc_BSE, p["conv1d_weight"], p.get("conv1d_bias"), segment_ids_BS=segment_ids_BS, window_BWE=window
+    z_BSi, xbc_BSu, dt_BSH = _in_proj(p, h_BSD, d)
+    window = None if cache is None else cache.conv_window_Bwu
+    xbc_BSu, window_Bwu = causal_conv(
+        xbc_BSu, p["conv1d_weight"], p.get("conv1d_bias"), segment_ids_BS=segment_ids_BS, window_Bwu=window
     )
-    x_BSHP, dt_BSH, A_H, B_BSGN, C_BSGN = _ssm_inputs(p, xbc_BSE, dt_BSH, d)
-    y_BSHP, state_BHPN = ssd(
-        x_BSHP,
+    x_BSHO, dt_BSH, A_H, B_BSKE, C_BSKE = _ssm_inputs(p, xbc_BSu, dt_BSH, d)
+    y_BSHO, state_BHOE = ssd(
+        x_BSHO,
         dt_BSH,
         A_H,
-        B_BSGN,
-        C_BSGN,
+        B_BSKE,
+        C_BSKE,
         chunk=d.chunk,
         D_H=p["D"],
         segment_ids_BS=segment_ids_BS,
-        initial_state_BHPN=None if cache is None else cache.ssm_state_BHPN,
+        initial_state_BHOE=None if cache is None else cache.ssm_state_BHOE,
     )
-    return _out(p, y_BSHP, z_BSI, d, h_BSD.dtype), Mamba2Cache(window_BWE, state_BHPN)
+    return _out(p, y_BSHO, z_BSi, d, h_BSD.dtype), Mamba2Cache(window_Bwu, state_BHOE)
 
 
 def mamba2_step(p: dict, h_BD, d: Mamba2Dims, cache: Mamba2Cache):
     """One decode token per row -> (out_BD, cache), O(1) in the position."""
-    z_BI, xbc_BE, dt_BH = _in_proj(p, h_BD, d)
-    xbc_BE, window_BWE = conv_step(xbc_BE, p["conv1d_weight"], p.get("conv1d_bias"), cache.conv_window_BWE)
-    x_BHP, dt_BH, A_H, B_BGN, C_BGN = _ssm_inputs(p, xbc_BE, dt_BH, d)
-    y_BHP, state_BHPN = ssd_step(x_BHP, dt_BH, A_H, B_BGN, C_BGN, cache.ssm_state_BHPN, D_H=p["D"])
-    return _out(p, y_BHP, z_BI, d, h_BD.dtype), Mamba2Cache(window_BWE, state_BHPN)
+    z_Bi, xbc_Bu, dt_BH = _in_proj(p, h_BD, d)
+    xbc_Bu, window_Bwu = conv_step(xbc_Bu, p["conv1d_weight"], p.get("conv1d_bias"), cache.conv_window_Bwu)
+    x_BHO, dt_BH, A_H, B_BKE, C_BKE = _ssm_inputs(p, xbc_Bu, dt_BH, d)
+    y_BHO, state_BHOE = ssd_step(x_BHO, dt_BH, A_H, B_BKE, C_BKE, cache.ssm_state_BHOE, D_H=p["D"])
+    return _out(p, y_BHO, z_Bi, d, h_BD.dtype), Mamba2Cache(window_Bwu, state_BHOE)
 
 
 def init_params(d: Mamba2Dims, key, dtype=F32, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4) -> dict:
     """transformers' Mamba2 init: A = 1..H, D = 1, dt log-uniform in [dt_min, dt_max] through dt_bias,
-    projections normal(0.02), conv uniform(+-1/sqrt(K)) as torch's Conv1d default."""
+    projections normal(0.02), conv uniform(+-1/sqrt(k)) as torch's Conv1d default."""
     k_in, k_out, k_conv, k_cb, k_dt = jax.random.split(key, 5)
     dt_H = jnp.exp(jax.random.uniform(k_dt, (d.heads,)) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt_H = jnp.maximum(dt_H, dt_floor)

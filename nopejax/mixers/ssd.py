@@ -4,16 +4,17 @@ Source: Dao & Gu 2024, "Transformers are SSMs: Generalized Models and Efficient 
 Structured State Space Duality", section 6 and its "SSD minimal" listing; transformers' Mamba2
 `torch_forward` (`mamba2_chunk_scan`) is the numerical reference.
 
-Shape letters: B batch, S sequence, H heads, P head dim, G groups (B and C are shared by the
-H / G = R heads of a group), N state size, C chunks, L and M positions inside one chunk (Q long).
+Shape letters (docs/reference/shapes.md): B batch, S sequence, H heads, O head dim (x's, Mamba2's
+head_dim), K groups (B and C are shared by the H / K = G heads of a group), E state size (the axis
+C . B contracts, as q . k in attention), t chunks, c and J positions inside one chunk (c long).
 
 The recurrence, per head h with a_t = dt_t * A_h (A_h < 0, dt_t >= 0):
-    state_t = exp(a_t) * state_{t-1} + dt_t * x_t B_t^T        [P, N]
-    y_t     = state_t C_t + D_h * x_t                          [P]
+    state_t = exp(a_t) * state_{t-1} + dt_t * x_t B_t^T        [O, E]
+    y_t     = state_t C_t + D_h * x_t                          [O]
 Chunked: inside a chunk the outputs are a masked "attention" (C_l . B_m) * exp(sum a_{m+1..l}) * dt_m x_m
-(the segsum decay mask, Q x Q per chunk); each chunk's end state from a zero start is one matmul;
-a scan over the C chunk states carries the state across chunks; each position adds the incoming
-state read out by C_l, decayed from the chunk start. Memory is O(S * Q) (never S x S), so autodiff
+(the segsum decay mask, c x c per chunk); each chunk's end state from a zero start is one matmul;
+a scan over the t chunk states carries the state across chunks; each position adds the incoming
+state read out by C_l, decayed from the chunk start. Memory is O(S * c) (never S x S), so autodiff
 through this form needs no rematerialisation to stay linear in S. States and decays are fp32.
 
 Packed documents: a token whose segment id differs from the previous one and is not 0 starts a
@@ -21,9 +22,9 @@ document, where the state resets (its decay is 0: the segsum mask is -inf across
 chunk holding a start passes 0 of its incoming state). Padding (segment id 0) gets dt = 0, so it
 neither decays nor feeds the state: padding at a row's end leaves the last document's state.
 
-Context parallelism: a piece of the sequence is summarised by (decay_BH, state_BHPN) = (total
+Context parallelism: a piece of the sequence is summarised by (decay_BH, state_BHOE) = (total
 decay over the piece, its end state from a zero start); pieces chain by `combine`, and a piece is
-run from its incoming state with `initial_state_BHPN`.
+run from its incoming state with `initial_state_BHOE`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ def document_starts(segment_ids_BS, segment_id_before_B=None):
     return (segment_ids_BS != prev_BS) & (segment_ids_BS != 0)
 
 
+def chunked(S: int, chunk: int):
+    """-> (c, to_chunks): the chunk length min(chunk, S), and [B, S, ...] -> [B, t, c, ...] with the tail
+    padded by `fill` up to t = ceil(S / c) chunks (Mamba2's and Gated DeltaNet's chunked scans)."""
+    c = min(chunk, S)
+    pad = -S % c
+
+    def to_chunks(x, fill=0.0):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return x.reshape(x.shape[0], -1, c, *x.shape[2:])
+
+    return c, to_chunks
+
+
 def _gated_dt(dt_BSH, segment_ids_BS, segment_id_before_B):
     """dt in fp32 with padding at 0, and the document starts (all False without segment ids)."""
     dt_BSH = dt_BSH.astype(F32)
@@ -55,114 +69,107 @@ def _gated_dt(dt_BSH, segment_ids_BS, segment_id_before_B):
     return dt_BSH, document_starts(segment_ids_BS, segment_id_before_B)
 
 
-def _segsum(a_XL):
-    """[..., L] -> [..., L, L]: entry [l, m] = a_{m+1} + ... + a_l for m <= l, -inf above the diagonal.
+def _segsum(a_ac):
+    """[..., c] -> [..., c, J]: entry [l, m] = a_{m+1} + ... + a_l for m <= l, -inf above the diagonal.
 
     Summed per entry from a masked cumsum, not as a difference of two cumsums: no cancellation.
     """
-    Q = a_XL.shape[-1]
-    a_XLM = jnp.broadcast_to(a_XL[..., :, None], (*a_XL.shape, Q))
-    a_XLM = jnp.where(jnp.tril(jnp.ones((Q, Q), bool), -1), a_XLM, 0.0)
-    seg_XLM = jnp.cumsum(a_XLM, axis=-2)
-    return jnp.where(jnp.tril(jnp.ones((Q, Q), bool)), seg_XLM, -jnp.inf)
+    c = a_ac.shape[-1]
+    a_acJ = jnp.broadcast_to(a_ac[..., :, None], (*a_ac.shape, c))
+    a_acJ = jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), a_acJ, 0.0)
+    seg_acJ = jnp.cumsum(a_acJ, axis=-2)
+    return jnp.where(jnp.tril(jnp.ones((c, c), bool)), seg_acJ, -jnp.inf)
 
 
 def ssd(
-    x_BSHP,
+    x_BSHO,
     dt_BSH,
     A_H,
-    B_BSGN,
-    C_BSGN,
+    B_BSKE,
+    C_BSKE,
     *,
     chunk: int,
     D_H=None,
     segment_ids_BS=None,
     segment_id_before_B=None,
-    initial_state_BHPN=None,
+    initial_state_BHOE=None,
 ):
-    """The scan over S positions -> (y_BSHP in x's dtype, final_state_BHPN in fp32).
+    """The scan over S positions -> (y_BSHO in x's dtype, final_state_BHOE in fp32).
 
     dt is the discretisation step after softplus and clamping; A_H the (negative) decay rate.
     S need not be a multiple of `chunk`: the tail is padded with dt = 0 (state unmoved) and sliced off.
     """
-    Bsz, S, H, P = x_BSHP.shape
-    G, N = B_BSGN.shape[-2:]
-    if H % G or chunk < 1:
-        raise ValueError(f"ssd: heads={H} must be a multiple of groups={G} and chunk={chunk} at least 1")
-    R = H // G
-    Q = min(chunk, S)
-    pad = -S % Q
-    Cn = (S + pad) // Q
-
+    Bsz, S, H, head_dim = x_BSHO.shape
+    K, E = B_BSKE.shape[-2:]
+    if H % K or chunk < 1:
+        raise ValueError(f"ssd: heads={H} must be a multiple of groups={K} and chunk={chunk} at least 1")
+    G = H // K
+    c, chunks = chunked(S, chunk)
     dt_BSH, start_BS = _gated_dt(dt_BSH, segment_ids_BS, segment_id_before_B)
 
-    def chunks(t, fill=0.0):  # [B, S, ...] -> [B, C, Q, ...], padded at the end
-        t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2), constant_values=fill)
-        return t.reshape(Bsz, Cn, Q, *t.shape[2:])
+    x_BtcKGO = chunks(x_BSHO.astype(F32)).reshape(Bsz, -1, c, K, G, head_dim)
+    dt_BtcKG = chunks(dt_BSH).reshape(Bsz, -1, c, K, G)
+    B_BtcKE = chunks(B_BSKE.astype(F32))
+    C_BtcKE = chunks(C_BSKE.astype(F32))
+    start_Btc = chunks(start_BS, False)
 
-    x_BCLGRP = chunks(x_BSHP.astype(F32)).reshape(Bsz, Cn, Q, G, R, P)
-    dt_BCLGR = chunks(dt_BSH).reshape(Bsz, Cn, Q, G, R)
-    B_BCLGN = chunks(B_BSGN.astype(F32))
-    C_BCLGN = chunks(C_BSGN.astype(F32))
-    start_BCL = chunks(start_BS, False)
-
-    a_BCGRL = jnp.moveaxis(dt_BCLGR * A_H.astype(F32).reshape(G, R), 2, -1)
-    xdt_BCLGRP = x_BCLGRP * dt_BCLGR[..., None]
+    a_BtKGc = jnp.moveaxis(dt_BtcKG * A_H.astype(F32).reshape(K, G), 2, -1)
+    xdt_BtcKGO = x_BtcKGO * dt_BtcKG[..., None]
     # documents seen so far inside the chunk: l and m share a document iff their counts are equal
-    doc_BCL = jnp.cumsum(start_BCL, axis=-1)
-    same_BCLM = doc_BCL[..., :, None] == doc_BCL[..., None, :]
-    seg_BCGRLM = jnp.where(same_BCLM[:, :, None, None], _segsum(a_BCGRL), -jnp.inf)
-    decay_BCGRLM = jnp.exp(seg_BCGRLM)
+    doc_Btc = jnp.cumsum(start_Btc, axis=-1)
+    same_BtcJ = doc_Btc[..., :, None] == doc_Btc[..., None, :]
+    seg_BtKGcJ = jnp.where(same_BtcJ[:, :, None, None], _segsum(a_BtKGc), -jnp.inf)
+    decay_BtKGcJ = jnp.exp(seg_BtKGcJ)
 
     # 1. inside each chunk: masked (C . B) "attention" over the chunk's own inputs
-    scores_BCGLM = jnp.einsum("bclgn,bcmgn->bcglm", C_BCLGN, B_BCLGN)
-    y_BCLGRP = jnp.einsum("bcglm,bcgrlm,bcmgrp->bclgrp", scores_BCGLM, decay_BCGRLM, xdt_BCLGRP)
+    scores_BtKcJ = jnp.einsum("bclgn,bcmgn->bcglm", C_BtcKE, B_BtcKE)
+    y_BtcKGO = jnp.einsum("bcglm,bcgrlm,bcmgrp->bclgrp", scores_BtKcJ, decay_BtKGcJ, xdt_BtcKGO)
 
-    # 2. each chunk's end state from a zero start: row l = Q - 1 of the decay mask
-    states_BCGRPN = jnp.einsum("bclgn,bcgrl,bclgrp->bcgrpn", B_BCLGN, decay_BCGRLM[..., -1, :], xdt_BCLGRP)
+    # 2. each chunk's end state from a zero start: row l = c - 1 of the decay mask
+    states_BtKGOE = jnp.einsum("bclgn,bcgrl,bclgrp->bcgrpn", B_BtcKE, decay_BtKGcJ[..., -1, :], xdt_BtcKGO)
 
     # 3. the state entering each chunk: a scan over chunks (0 across a document start)
-    from_start_BCGRL = jnp.exp(jnp.where((doc_BCL == 0)[:, :, None, None], jnp.cumsum(a_BCGRL, axis=-1), -jnp.inf))
-    chunk_decay_BCGR = from_start_BCGRL[..., -1]
+    from_start_BtKGc = jnp.exp(jnp.where((doc_Btc == 0)[:, :, None, None], jnp.cumsum(a_BtKGc, axis=-1), -jnp.inf))
+    chunk_decay_BtKG = from_start_BtKGc[..., -1]
 
-    def step(state_BGRPN, inputs):
-        decay_BGR, new_BGRPN = inputs
-        return decay_BGR[..., None, None] * state_BGRPN + new_BGRPN, state_BGRPN
+    def step(state_BKGOE, inputs):
+        decay_BKG, new_BKGOE = inputs
+        return decay_BKG[..., None, None] * state_BKGOE + new_BKGOE, state_BKGOE
 
-    state0_BGRPN = (
-        jnp.zeros((Bsz, G, R, P, N), F32)
-        if initial_state_BHPN is None
-        else initial_state_BHPN.astype(F32).reshape(Bsz, G, R, P, N)
+    state0_BKGOE = (
+        jnp.zeros((Bsz, K, G, head_dim, E), F32)
+        if initial_state_BHOE is None
+        else initial_state_BHOE.astype(F32).reshape(Bsz, K, G, head_dim, E)
     )
-    final_BGRPN, incoming_CBGRPN = jax.lax.scan(
-        step, state0_BGRPN, (jnp.moveaxis(chunk_decay_BCGR, 1, 0), jnp.moveaxis(states_BCGRPN, 1, 0))
+    final_BKGOE, incoming_tBKGOE = jax.lax.scan(
+        step, state0_BKGOE, (jnp.moveaxis(chunk_decay_BtKG, 1, 0), jnp.moveaxis(states_BtKGOE, 1, 0))
     )
 
     # 4. the incoming state read out at each position, decayed from the chunk start
-    y_BCLGRP += jnp.einsum("bclgn,bcgrl,cbgrpn->bclgrp", C_BCLGN, from_start_BCGRL, incoming_CBGRPN)
+    y_BtcKGO += jnp.einsum("bclgn,bcgrl,cbgrpn->bclgrp", C_BtcKE, from_start_BtKGc, incoming_tBKGOE)
 
-    y_BSHP = y_BCLGRP.reshape(Bsz, Cn * Q, H, P)[:, :S]
+    y_BSHO = y_BtcKGO.reshape(Bsz, -1, H, head_dim)[:, :S]
     if D_H is not None:
-        y_BSHP += D_H.astype(F32)[:, None] * x_BSHP.astype(F32)
-    return y_BSHP.astype(x_BSHP.dtype), final_BGRPN.reshape(Bsz, H, P, N)
+        y_BSHO += D_H.astype(F32)[:, None] * x_BSHO.astype(F32)
+    return y_BSHO.astype(x_BSHO.dtype), final_BKGOE.reshape(Bsz, H, head_dim, E)
 
 
-def ssd_step(x_BHP, dt_BH, A_H, B_BGN, C_BGN, state_BHPN, *, D_H=None):
-    """One token of the recurrence, O(1) in the position -> (y_BHP in x's dtype, state_BHPN in fp32)."""
-    H, G = x_BHP.shape[1], B_BGN.shape[1]
-    R = H // G
+def ssd_step(x_BHO, dt_BH, A_H, B_BKE, C_BKE, state_BHOE, *, D_H=None):
+    """One token of the recurrence, O(1) in the position -> (y_BHO in x's dtype, state_BHOE in fp32)."""
+    H, K = x_BHO.shape[1], B_BKE.shape[1]
+    G = H // K
     dt_BH = dt_BH.astype(F32)
-    B_BHN = jnp.repeat(B_BGN.astype(F32), R, axis=1)
-    C_BHN = jnp.repeat(C_BGN.astype(F32), R, axis=1)
+    B_BHE = jnp.repeat(B_BKE.astype(F32), G, axis=1)
+    C_BHE = jnp.repeat(C_BKE.astype(F32), G, axis=1)
     decay_BH = jnp.exp(dt_BH * A_H.astype(F32))
-    x_BHP32 = x_BHP.astype(F32)
-    state_BHPN = decay_BH[..., None, None] * state_BHPN.astype(F32) + jnp.einsum(
-        "bh,bhp,bhn->bhpn", dt_BH, x_BHP32, B_BHN
+    x_BHO32 = x_BHO.astype(F32)
+    state_BHOE = decay_BH[..., None, None] * state_BHOE.astype(F32) + jnp.einsum(
+        "bh,bhp,bhn->bhpn", dt_BH, x_BHO32, B_BHE
     )
-    y_BHP = jnp.einsum("bhpn,bhn->bhp", state_BHPN, C_BHN)
+    y_BHO = jnp.einsum("bhpn,bhn->bhp", state_BHOE, C_BHE)
     if D_H is not None:
-        y_BHP += D_H.astype(F32)[:, None] * x_BHP32
-    return y_BHP.astype(x_BHP.dtype), state_BHPN
+        y_BHO += D_H.astype(F32)[:, None] * x_BHO32
+    return y_BHO.astype(x_BHO.dtype), state_BHOE
 
 
 def piece_decay(dt_BSH, A_H, *, segment_ids_BS=None, segment_id_before_B=None):
@@ -172,13 +179,13 @@ def piece_decay(dt_BSH, A_H, *, segment_ids_BS=None, segment_id_before_B=None):
     return jnp.where(jnp.any(start_BS, axis=1)[:, None], 0.0, total_BH)
 
 
-def summarize(x_BSHP, dt_BSH, A_H, B_BSGN, C_BSGN, *, chunk: int, segment_ids_BS=None, segment_id_before_B=None):
-    """A piece's (decay_BH, state_from_zero_BHPN): all `combine` needs to chain pieces."""
+def summarize(x_BSHO, dt_BSH, A_H, B_BSKE, C_BSKE, *, chunk: int, segment_ids_BS=None, segment_id_before_B=None):
+    """A piece's (decay_BH, state_from_zero_BHOE): all `combine` needs to chain pieces."""
     segments = dict(segment_ids_BS=segment_ids_BS, segment_id_before_B=segment_id_before_B)
-    _, state_BHPN = ssd(x_BSHP, dt_BSH, A_H, B_BSGN, C_BSGN, chunk=chunk, **segments)
-    return piece_decay(dt_BSH, A_H, **segments), state_BHPN
+    _, state_BHOE = ssd(x_BSHO, dt_BSH, A_H, B_BSKE, C_BSKE, chunk=chunk, **segments)
+    return piece_decay(dt_BSH, A_H, **segments), state_BHOE
 
 
-def combine(decay_BH, state_in_BHPN, state_from_zero_BHPN):
+def combine(decay_BH, state_in_BHOE, state_from_zero_BHOE):
     """The state leaving a piece, given the state entering it and the piece's summary."""
-    return decay_BH[..., None, None] * state_in_BHPN + state_from_zero_BHPN
+    return decay_BH[..., None, None] * state_in_BHOE + state_from_zero_BHOE

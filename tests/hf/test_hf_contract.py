@@ -13,8 +13,12 @@ transformers and the published files, never nopejax.
 import dataclasses
 import importlib.util
 import json
+import os
 import pathlib
+import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -189,15 +193,29 @@ def test_the_cli_help_names_the_registered_families(capsys):
     assert f"one of {', '.join(registry.NAMES)}" in " ".join(capsys.readouterr().out.split())
 
 
-def test_the_config_accepts_exactly_the_registered_families():
-    assert tuple(config.HF_FAMILIES) == registry.NAMES
+def test_validation_accepts_exactly_the_registered_families():
+    for name in (*registry.NAMES, "gemma3"):
+        cfg = config.base_config()
+        cfg.model.hf_family = name
+        if name in registry.NAMES:
+            validation.validate(cfg)
+            continue
+        with pytest.raises(
+            config.ConfigError, match=rf"`model\.hf_family`.*use one of {re.escape(str(registry.NAMES))}"
+        ):
+            validation.validate(cfg)
+    with pytest.warns(FutureWarning, match="registry.NAMES"):
+        assert config.HF_FAMILIES == registry.NAMES  # the old spelling, for users' scripts
+
+
+def _span(text: str) -> str:
+    return text.split("<!-- families -->")[1].split("<!-- /families -->")[0]
 
 
 def test_the_readme_and_the_guide_name_exactly_the_registered_families():
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    assert f"HuggingFace transformers: {registry.labels()}." in readme
-    guide = (ROOT / "docs" / "guides" / "huggingface.md").read_text()
-    rows = [line.split("|")[1].split()[0].strip("`") for line in guide.splitlines() if line.startswith("| `")]
+    assert _span((ROOT / "README.md").read_text()) == registry.labels()
+    guide = _span((ROOT / "docs" / "guides" / "huggingface.md").read_text())
+    rows = [line.split("|")[1].strip().strip("`") for line in guide.splitlines()[3:]]
     assert rows == [family.model_type for family in registry.REGISTERED]
 
 
@@ -217,3 +235,53 @@ def test_a_family_without_its_module_is_not_registered(tmp_path):
     spec.loader.exec_module(copy)
     assert tuple(n for n in registry.NAMES if n != "exaone4") == copy.NAMES
     assert "EXAONE 4" not in copy.labels() and "exaone4" not in copy.BY_MODEL_TYPE
+
+
+# What a copy of the package without one family's module reports: its CLI help, its one-line error
+# for that family as model.hf_family and as an imported model_type, and the two generated doc spans.
+_WITHOUT_ONE = """
+import contextlib, io, json
+from nopejax import cli, config, hf, reference, validation
+
+def out(argv):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        cli.main(argv)
+    return buf.getvalue()
+
+def error(f):
+    try:
+        f()
+    except Exception as e:
+        return str(e)
+
+cfg = config.base_config()
+cfg.model.hf_family = "exaone4"
+print(json.dumps({
+    "help": out(["--help"]) + out(["export", "--help"]) + out(["import-hf", "--help"]),
+    "hf_family": error(lambda: validation.validate(cfg)),
+    "model_type": error(lambda: hf.model_config_from_hf({"model_type": "exaone4"})),
+    "docs": reference.families_line() + reference.families_table(),
+}))
+"""
+
+
+def test_deleting_a_family_module_takes_it_out_of_the_cli_errors_and_docs(tmp_path):
+    """The acceptance rule of the registry, end to end: a copy of the package whose only change is
+    a deleted nopejax/hf/exaone4.py names EXAONE 4 nowhere, and refuses it in one line."""
+    shutil.copytree(ROOT / "nopejax", tmp_path / "nopejax", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "nopejax" / "hf" / "exaone4.py").unlink()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", _WITHOUT_ONE], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout.splitlines()[-1])
+    others = [family for family in registry.REGISTERED if family.name != "exaone4"]
+    text = " ".join(got["help"].split())
+    assert "EXAONE" not in text and "exaone4" not in text
+    assert ", ".join(family.label for family in others) in text and ", ".join(f.name for f in others) in text
+    assert "exaone4" not in got["docs"] and "EXAONE" not in got["docs"]
+    assert all(f"| `{family.model_type}` | {family.label}" in got["docs"] for family in others)
+    assert got["hf_family"].startswith("config field `model.hf_family`: unknown value 'exaone4'")
+    assert str(tuple(family.name for family in others)) in got["hf_family"]
+    imports = got["model_type"].split("nopejax imports ")[1]  # the message's list of what it imports
+    assert "exaone4" not in imports and "EXAONE" not in imports and str(sorted(f.model_type for f in others)) in imports

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from nopejax.hf.fields import Field, architectures
+from nopejax.hf.tensors import Outer
 
 
 class Entry(NamedTuple):
@@ -28,6 +29,7 @@ ENTRIES = (
     Entry("exaone4", "exaone4", "Exaone4ForCausalLM", "EXAONE 4"),
     Entry("afmoe", "afmoe", "AfmoeForCausalLM", "AFMoE (Arcee Trinity)"),
     Entry("llama4", "llama4_text", "Llama4ForCausalLM", "Llama 4"),
+    Entry("nemotron_h", "nemotron_h", "NemotronHForCausalLM", "Nemotron-H"),
 )
 
 
@@ -45,6 +47,8 @@ class Family(NamedTuple):
     # refuses (config.ConfigError) params the format cannot hold, before anything is written
     check_params: Callable
     keep_fp32: tuple  # HF tensor name suffixes stored in fp32 whatever the export dtype
+    outer: Outer  # the embedding's, final norm's and layers' tensor names
+    exports: tuple  # nopejax model fields beyond hf.EXPORTED_FIELDS that this family's config.json expresses
 
 
 def _load(entry: Entry) -> Family:
@@ -61,6 +65,8 @@ def _load(entry: Entry) -> Family:
         config=module.config_json,
         check_params=getattr(module, "check_params", lambda m, params: None),
         keep_fp32=getattr(module, "KEEP_FP32", ()),
+        outer=getattr(module, "OUTER", Outer()),
+        exports=getattr(module, "EXPORTS", ()),
     )
 
 

@@ -55,7 +55,8 @@ ROPE_SCALING_TYPES = {
 MLP_ACTIVATIONS = ("swiglu", "relu2")  # model.mlp_activation
 NORMS = ("rms", "layernorm")
 BLOCKS = ("pre_norm", "parallel", "post_norm", "sandwich")  # model.BLOCK_NORMS: the norm weights of each
-HF_FAMILIES = ("smollm3", "llama", "cohere2", "exaone4", "afmoe", "llama4", "nemotron_h")  # what `nopejax export` can write
+# what `nopejax export` can write
+HF_FAMILIES = ("smollm3", "llama", "cohere2", "exaone4", "afmoe", "llama4", "nemotron_h")
 ROUTERS = ("softmax", "sigmoid")
 MOE_DISPATCHERS = ("allgather", "all_to_all")  # nopejax/moe.py: token dispatch over the expert axis
 # Under context parallelism the Pallas kernel takes each zig-zag chunk as suffix queries, on its TPU

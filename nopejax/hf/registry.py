@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from nopejax.hf.fields import Field, architectures
-from nopejax.hf.tensors import Outer
+from nopejax.hf.tensors import OUTER, Outer
 
 
 class Entry(NamedTuple):
@@ -65,7 +65,7 @@ def _load(entry: Entry) -> Family:
         config=module.config_json,
         check_params=getattr(module, "check_params", lambda m, params: None),
         keep_fp32=getattr(module, "KEEP_FP32", ()),
-        outer=getattr(module, "OUTER", Outer()),
+        outer=getattr(module, "OUTER", OUTER),
         exports=getattr(module, "EXPORTS", ()),
     )
 

@@ -54,6 +54,9 @@ class Outer(NamedTuple):
     final_norm: str = "model.norm.weight"
 
 
+OUTER = Outer()  # the names every family but Nemotron-H uses
+
+
 class Joint(NamedTuple):
     """Several nopejax params of one layer <-> several HF tensors (fused or per-expert MoE weights)."""
 
@@ -206,7 +209,7 @@ def layer_rows(m: config.ConfigDict, layer_map: dict) -> list[list[tuple[dict, J
     return out
 
 
-def tensor_shapes(m: config.ConfigDict, layer_map: dict, outer: Outer = Outer()) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(m: config.ConfigDict, layer_map: dict, outer: Outer = OUTER) -> dict[str, tuple[int, ...]]:
     """Every tensor of the HF checkpoint of model config `m`, with its shape, in file order."""
     shapes = {outer.embed: (m.vocab_size, m.d_model)}
     for i, rows in enumerate(layer_rows(m, layer_map)):
@@ -218,7 +221,7 @@ def tensor_shapes(m: config.ConfigDict, layer_map: dict, outer: Outer = Outer())
     return shapes
 
 
-def read_layers(m: config.ConfigDict, layer_map: dict, get: Callable, dtype, outer: Outer = Outer()) -> dict:
+def read_layers(m: config.ConfigDict, layer_map: dict, get: Callable, dtype, outer: Outer = OUTER) -> dict:
     """The stacked nopejax layer params, each HF tensor read by `get(name)` once."""
     stacked = {
         name: np.empty((model.stack_size(m, name), *shape_fn(m)), dtype)
@@ -232,7 +235,7 @@ def read_layers(m: config.ConfigDict, layer_map: dict, get: Callable, dtype, out
     return stacked
 
 
-def layer_producers(m: config.ConfigDict, layer_map: dict, layers: dict, outer: Outer = Outer()) -> dict[str, Callable]:
+def layer_producers(m: config.ConfigDict, layer_map: dict, layers: dict, outer: Outer = OUTER) -> dict[str, Callable]:
     """HF tensor name -> a function returning {name: array} for its row (all the row's tensors at
     once: fused or per expert), from the stacked nopejax layer params `layers`."""
     producers = {}

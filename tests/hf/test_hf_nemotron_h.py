@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 import transformers
+from configs_loader import ROOT
 
 import nopejax
-from nopejax import config, layers
+from nopejax import config, layers, validation
 
 HUB_FIELDS = {  # fields the hub's Nemotron-H config.json files carry for NVIDIA's remote code
     "attention_head_dim": 10, "rms_norm_eps": 1e-05, "time_step_rank": 256, "residual_in_fp32": True,
@@ -104,3 +105,15 @@ def test_export_config_imports_back_to_the_same_model(tmp_path):
     assert written["time_step_limit"] == [0.0, {"__float__": "Infinity"}]  # as transformers 5 writes inf
     (tmp_path / "config.json").write_text(json.dumps(written))
     assert transformers.AutoConfig.from_pretrained(tmp_path).time_step_limit[1] == math.inf
+
+
+def test_the_8b_config_exports_and_imports_back():
+    """configs/nemotron_h_8b.py is a Nemotron-H model the format holds: its config.json imports to the same layers."""
+    cfg = validation.validate(config.load_config(str(ROOT / "configs" / "nemotron_h_8b.py")))
+    written = nopejax.hf.hf_config(cfg.model)
+    assert written["layers_block_type"].count("linear_attention") == 24 and written["mlp_hidden_act"] == "relu2"
+    back = nopejax.hf.model_config_from_hf(written)
+    assert layers.layer_specs(back) == layers.layer_specs(cfg.model)
+    assert nopejax.hf.hf_config(back) == written
+    block, repeats, tail = layers.block_structure(layers.layer_specs(cfg.model))
+    assert (len(block), repeats, len(tail)) == (11, 4, 8)  # the traced layers the docs quote

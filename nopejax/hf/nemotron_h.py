@@ -221,10 +221,6 @@ def _mamba(suffix: str, ours_to_hf, hf_to_ours, shape) -> tensors.Tensor:
     return tensors.Tensor(f"mixer.{suffix}", shape, ours_to_hf, lambda w, m: hf_to_ours(w))
 
 
-def _dims(m) -> mamba2_lib.Mamba2Dims:
-    return model.mamba_dims(m)
-
-
 def _mamba_rows() -> dict:
     """The Mamba2 mixer's rows, from mixers/mamba2.py's HF_TENSORS (transformers' names in the mixer)."""
     params = {**mamba2_lib.MAMBA2_PARAMS, **mamba2_lib.BIAS_PARAMS, **mamba2_lib.CONV_BIAS_PARAMS}
@@ -233,11 +229,11 @@ def _mamba_rows() -> dict:
     for name, (suffix, from_hf) in mamba2_lib.HF_TENSORS.items():
         shape_fn = params[name][0]
         hf_shape = {
-            "in_proj": lambda m, f=shape_fn: f(_dims(m))[::-1],
-            "out_proj": lambda m, f=shape_fn: f(_dims(m))[::-1],
-            "conv1d_weight": lambda m, f=shape_fn: (f(_dims(m))[1], 1, f(_dims(m))[0]),
-        }.get(name, lambda m, f=shape_fn: f(_dims(m)))
-        rows["mamba_" + name] = _mamba(suffix, to_hf.get(name, lambda a: a), from_hf, hf_shape)
+            "in_proj": lambda m, f=shape_fn: f(model.mamba_dims(m))[::-1],
+            "out_proj": lambda m, f=shape_fn: f(model.mamba_dims(m))[::-1],
+            "conv1d_weight": lambda m, f=shape_fn: (f(model.mamba_dims(m))[1], 1, f(model.mamba_dims(m))[0]),
+        }.get(name, lambda m, f=shape_fn: f(model.mamba_dims(m)))
+        rows[model.MAMBA_PREFIX + name] = _mamba(suffix, to_hf.get(name, lambda a: a), from_hf, hf_shape)
     return rows
 
 
@@ -292,7 +288,7 @@ def _json_float(x: float):
 
 
 def config_json(m) -> dict:
-    d = model.mamba_dims(m)
+    d = model.mambamodel.mamba_dims(m)
     limit = [_json_float(x) for x in d.time_step_limit]
     return {
         "layers_block_type": _kinds(m),

@@ -288,7 +288,7 @@ def _json_float(x: float):
 
 
 def config_json(m) -> dict:
-    d = model.mambamodel.mamba_dims(m)
+    d = model.mamba_dims(m)
     limit = [_json_float(x) for x in d.time_step_limit]
     return {
         "layers_block_type": _kinds(m),

@@ -52,6 +52,7 @@ ROPE_SCALING_TYPES = {
              {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
     "llama3": ({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, set()),
 }  # fmt: skip
+MLP_ACTIVATIONS = ("swiglu", "relu2")  # model.mlp_activation
 NORMS = ("rms", "layernorm")
 BLOCKS = ("pre_norm", "parallel", "post_norm", "sandwich")  # model.BLOCK_NORMS: the norm weights of each
 ROUTERS = ("softmax", "sigmoid")
@@ -158,6 +159,7 @@ def base_config() -> ConfigDict:
     m.tie_embeddings = True
     m.attention_bias = False  # biases on the q, k, v and o projections (HF `attention_bias`)
     m.mlp_bias = False  # biases on the gate, up and down projections (HF `mlp_bias`)
+    m.mlp_activation = "swiglu"  # dense FFN: "swiglu" (gated, silu) or "relu2" (relu(x W_up)^2 W_down: Nemotron-H)
     m.rms_norm_eps = 1e-6  # eps of every norm, whichever model.norm is
     m.norm = "rms"  # block and final norms: "rms" or "layernorm" (mean-subtracted, no bias: Cohere2)
     # where the norms sit: "pre_norm" (Llama, SmolLM3), "parallel" (Cohere2: attention and MLP from one

@@ -61,7 +61,7 @@ class LayerSpec:
     qk_norm: str = "none"  # "none", "rms" (learned, before RoPE), "l2" (weightless, after RoPE)
     nope_temperature: tuple[float, float] | None = None  # (floor_scale, attn_scale), NoPE layers only
     # the FFN
-    ffn: str = "dense"  # "dense" (SwiGLU, d_ff), "moe" (routed experts, nopejax/moe.py) or "none"
+    ffn: str = "dense"  # "dense" (model.mlp_activation, d_ff), "moe" (routed experts, nopejax/moe.py) or "none"
 
     @property
     def use_rope(self) -> bool:

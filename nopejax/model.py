@@ -109,6 +109,8 @@ GROUPS = {
     "moe": lambda spec: spec.ffn == "moe",
 }
 DENSE_FFN_PARAMS = ("w_gate", "w_up", "w_down", "gate_bias", "up_bias", "down_bias")
+# model.mlp_activation "relu2" (Nemotron-H) is not gated: the dense FFN has no gate params
+GATE_PARAMS = ("w_gate", "gate_bias")
 
 
 def param_group(name: str) -> str:
@@ -144,6 +146,8 @@ def layer_params(m) -> dict:
     out = {**base, **post, **(QK_NORM_PARAMS if m.qk_norm == "rms" else {}), **biases}
     out.update(ATTENTION_GATE_PARAMS if m.attention_gate else {})
     out.update(moe.moe_params(m) if m.num_experts else {})
+    if m.mlp_activation == "relu2":
+        out = {name: v for name, v in out.items() if name not in GATE_PARAMS}
     specs = layers.layer_specs(m)
     for name, kind in mixer_kinds.KINDS.items():
         out.update(mixer_params(m, kind) if any(spec.mixer == name for spec in specs) else {})
@@ -238,10 +242,15 @@ def attention_sublayer(p, h_BSD, m, dtype, spec: layers.LayerSpec, attend):
 
 
 def mlp(p, h_BSD, m, dtype):
-    """SwiGLU MLP (+ biases) of the sublayer's input: the MLP sublayer's output."""
-    gate_BSF = _plus_bias(jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype)), p, "gate_bias")
+    """The dense MLP (+ biases) of the sublayer's input: the MLP sublayer's output. `model.mlp_activation`
+    "swiglu": silu(h W_gate) * (h W_up) W_down; "relu2" (Nemotron-H, not gated): relu(h W_up)^2 W_down."""
     up_BSF = _plus_bias(jnp.einsum("bsd,df->bsf", h_BSD, p["w_up"].astype(dtype)), p, "up_bias")
-    down_BSD = jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, p["w_down"].astype(dtype))
+    if m.mlp_activation == "relu2":
+        act_BSF = jnp.square(jax.nn.relu(up_BSF))
+    else:
+        gate_BSF = _plus_bias(jnp.einsum("bsd,df->bsf", h_BSD, p["w_gate"].astype(dtype)), p, "gate_bias")
+        act_BSF = jax.nn.silu(gate_BSF) * up_BSF
+    down_BSD = jnp.einsum("bsf,fd->bsd", act_BSF, p["w_down"].astype(dtype))
     return _plus_bias(down_BSD, p, "down_bias")
 
 

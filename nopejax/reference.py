@@ -88,6 +88,8 @@ FIELD_DOCS = {
     "model.tie_embeddings": "The LM head is the transposed embedding.",
     "model.attention_bias": "Biases on the q, k, v and o projections (HF `attention_bias`).",
     "model.mlp_bias": "Biases on the gate, up and down projections (HF `mlp_bias`).",
+    "model.mlp_activation": "Dense FFN: `swiglu` (silu(x W_gate) * x W_up, then W_down) or `relu2` (relu(x W_up)^2 "
+    "W_down, not gated, no `w_gate`: Nemotron-H); relu2 is refused with experts (they are SwiGLU).",
     "model.rms_norm_eps": "Epsilon of every norm, whichever `model.norm` is.",
     "model.norm": "Block and final norms: `rms` or `layernorm` (mean-subtracted, no bias: Cohere2).",
     "model.block": "Where the norms sit: `pre_norm` (Llama, SmolLM3), `parallel` (Cohere2), "

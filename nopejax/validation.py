@@ -19,6 +19,7 @@ from nopejax.config import (
     DATA_SOURCES,
     DTYPES,
     INIT_FROM_SCHEDULES,
+    MLP_ACTIVATIONS,
     MOE_DISPATCHERS,
     NORMS,
     PALLAS_CONTEXT_BLOCK,
@@ -136,7 +137,14 @@ def _validate_attention_kinds(m: ConfigDict) -> None:
 
 
 def _validate_ffn_types(m: ConfigDict) -> None:
-    """The explicit FFN per layer, and layers that would hold nothing."""
+    """The dense FFN's activation, the explicit FFN per layer, and layers that would hold nothing."""
+    if m.mlp_activation not in MLP_ACTIVATIONS:
+        raise ConfigError("model.mlp_activation", f"is {m.mlp_activation!r}", f"use one of {list(MLP_ACTIVATIONS)}")
+    if m.mlp_activation == "relu2" and m.num_experts:
+        raise ConfigError(
+            "model.mlp_activation", "is 'relu2', but nopejax's routed and shared experts are SwiGLU only",
+            "use mlp_activation='swiglu' with num_experts > 0, or a dense model (num_experts=0)",
+        )  # fmt: skip
     if m.ffn_types is not None:
         if len(m.ffn_types) != m.num_layers:
             raise ConfigError(

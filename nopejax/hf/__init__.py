@@ -46,7 +46,8 @@ def layer_rows(m: config.ConfigDict) -> list[list[tuple[dict, Joint]]]:
 
 def hf_tensor_shapes(m: config.ConfigDict) -> dict[str, tuple[int, ...]]:
     """Every tensor of the HF checkpoint of model config `m` (its `hf_family`), with its shape, in file order."""
-    return tensors.tensor_shapes(m, registry.BY_NAME[m.hf_family].layer_map)
+    fam = registry.BY_NAME[m.hf_family]
+    return tensors.tensor_shapes(m, fam.layer_map, fam.outer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def check_exportable(m: config.ConfigDict, family: str | None = None) -> None:
     defaults = config.to_dict(config.base_config())["model"]
     given = json.loads(m.to_json_best_effort())  # plain JSON both sides: frozen configs hold tuples
     for key in given:
-        if key in EXPORTED_FIELDS or key in RUNTIME_FIELDS:
+        if key in EXPORTED_FIELDS or key in RUNTIME_FIELDS or key in fam.exports:
             continue
         if key not in defaults or given[key] != defaults[key]:
             raise config.ConfigError(
@@ -198,16 +199,17 @@ def load_params(path: str, m: config.ConfigDict) -> dict:
     reader = tensorfile.Reader(path)
     check_tensors(reader, m)
     pdtype = np.dtype(jnp.dtype(m.param_dtype))
-    params = {"embed": reader.get("model.embed_tokens.weight").astype(pdtype)}
+    fam = registry.BY_NAME[m.hf_family]
+    params = {"embed": reader.get(fam.outer.embed).astype(pdtype)}
     tied_head = m.tie_embeddings and "lm_head.weight" in reader  # consumed as a check: transformers ignores it
     if tied_head and not np.array_equal(reader.get("lm_head.weight").astype(pdtype), params["embed"]):
         raise HFTensorError(
-            "lm_head.weight", "differs from model.embed_tokens.weight, but tie_word_embeddings is true "
+            "lm_head.weight", f"differs from {fam.outer.embed}, but tie_word_embeddings is true "
             "(transformers would use the embedding)",
             "set tie_word_embeddings false if the head was trained separately, or delete lm_head.weight",
         )  # fmt: skip
-    params["layers"] = tensors.read_layers(m, registry.BY_NAME[m.hf_family].layer_map, reader.get, pdtype)
-    params["final_norm"] = reader.get("model.norm.weight").astype(pdtype)
+    params["layers"] = tensors.read_layers(m, fam.layer_map, reader.get, pdtype, fam.outer)
+    params["final_norm"] = reader.get(fam.outer.final_norm).astype(pdtype)
     if not m.tie_embeddings:
         params["lm_head"] = reader.get("lm_head.weight").T.astype(pdtype)
     return params
@@ -254,9 +256,9 @@ def to_hf(
     os.makedirs(out_dir, exist_ok=True)
 
     producers = {
-        "model.embed_tokens.weight": lambda: {"model.embed_tokens.weight": params["embed"]},
-        **tensors.layer_producers(m, fam.layer_map, params["layers"]),
-        "model.norm.weight": lambda: {"model.norm.weight": params["final_norm"]},
+        fam.outer.embed: lambda: {fam.outer.embed: params["embed"]},
+        **tensors.layer_producers(m, fam.layer_map, params["layers"], fam.outer),
+        fam.outer.final_norm: lambda: {fam.outer.final_norm: params["final_norm"]},
     }
     if not m.tie_embeddings:
         producers["lm_head.weight"] = lambda: {"lm_head.weight": np.asarray(params["lm_head"]).T}

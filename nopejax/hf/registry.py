@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from nopejax.hf.fields import Field, architectures
+from nopejax.hf.tensors import OUTER, Outer
 
 
 class Entry(NamedTuple):
@@ -28,6 +29,7 @@ ENTRIES = (
     Entry("exaone4", "exaone4", "Exaone4ForCausalLM", "EXAONE 4"),
     Entry("afmoe", "afmoe", "AfmoeForCausalLM", "AFMoE (Arcee Trinity)"),
     Entry("llama4", "llama4_text", "Llama4ForCausalLM", "Llama 4"),
+    Entry("nemotron_h", "nemotron_h", "NemotronHForCausalLM", "Nemotron-H"),
 )
 
 
@@ -46,6 +48,8 @@ class Family(NamedTuple):
     check_params: Callable
     keep_fp32: tuple  # HF tensor name suffixes stored in fp32 whatever the export dtype
     guide_row: tuple  # its row of the HF guide's family table: (block and norms, per layer, the rest)
+    outer: Outer  # the embedding's, final norm's and layers' tensor names
+    exports: tuple  # nopejax model fields beyond hf.EXPORTED_FIELDS that this family's config.json expresses
 
 
 def _load(entry: Entry) -> Family:
@@ -63,6 +67,8 @@ def _load(entry: Entry) -> Family:
         check_params=getattr(module, "check_params", lambda m, params: None),
         keep_fp32=getattr(module, "KEEP_FP32", ()),
         guide_row=module.GUIDE_ROW,
+        outer=getattr(module, "OUTER", OUTER),
+        exports=getattr(module, "EXPORTS", ()),
     )
 
 

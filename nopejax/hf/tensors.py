@@ -11,7 +11,8 @@ a layer (`model.layers.{i}.` is implied):
 A row applies to a layer that has all its params (dense-FFN and MoE params stack over their own
 layers only), and every param of a layer is in exactly one row. Outside the layers every family
 has model.embed_tokens.weight [V, D] = embed, model.norm.weight = final_norm, and (untied only)
-lm_head.weight [V, D] = lm_head.T.
+lm_head.weight [V, D] = lm_head.T; a family that names them otherwise gives its `Outer` names
+(Nemotron-H: backbone.embeddings.weight, backbone.layers.{i}., backbone.norm_f.weight).
 
 The rows shared by the families (layer i, HF <-> nopejax):
 
@@ -39,10 +40,21 @@ from nopejax import config, layers, model, moe
 
 
 class Tensor(NamedTuple):
-    suffix: str  # after `model.layers.{i}.`
+    suffix: str  # after `model.layers.{i}.` (the family's `Outer.layers`)
     shape: Callable  # model cfg -> the HF shape
     to_hf: Callable  # our array (one layer) -> HF array
     from_hf: Callable  # (HF array, model cfg) -> our array (one layer)
+
+
+class Outer(NamedTuple):
+    """Where a family's checkpoint keeps what is not a layer row, and the layers' prefix."""
+
+    embed: str = "model.embed_tokens.weight"
+    layers: str = "model.layers"  # layer i's row tensors are `{layers}.{i}.{suffix}`
+    final_norm: str = "model.norm.weight"
+
+
+OUTER = Outer()  # the names every family but Nemotron-H uses
 
 
 class Joint(NamedTuple):
@@ -197,19 +209,19 @@ def layer_rows(m: config.ConfigDict, layer_map: dict) -> list[list[tuple[dict, J
     return out
 
 
-def tensor_shapes(m: config.ConfigDict, layer_map: dict) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(m: config.ConfigDict, layer_map: dict, outer: Outer = OUTER) -> dict[str, tuple[int, ...]]:
     """Every tensor of the HF checkpoint of model config `m`, with its shape, in file order."""
-    shapes = {"model.embed_tokens.weight": (m.vocab_size, m.d_model)}
+    shapes = {outer.embed: (m.vocab_size, m.d_model)}
     for i, rows in enumerate(layer_rows(m, layer_map)):
         for _, row in rows:
-            shapes.update({f"model.layers.{i}.{suffix}": shape for suffix, shape in row.shapes(m).items()})
-    shapes["model.norm.weight"] = (m.d_model,)
+            shapes.update({f"{outer.layers}.{i}.{suffix}": shape for suffix, shape in row.shapes(m).items()})
+    shapes[outer.final_norm] = (m.d_model,)
     if not m.tie_embeddings:
         shapes["lm_head.weight"] = (m.vocab_size, m.d_model)
     return shapes
 
 
-def read_layers(m: config.ConfigDict, layer_map: dict, get: Callable, dtype) -> dict:
+def read_layers(m: config.ConfigDict, layer_map: dict, get: Callable, dtype, outer: Outer = OUTER) -> dict:
     """The stacked nopejax layer params, each HF tensor read by `get(name)` once."""
     stacked = {
         name: np.empty((model.stack_size(m, name), *shape_fn(m)), dtype)
@@ -217,13 +229,13 @@ def read_layers(m: config.ConfigDict, layer_map: dict, get: Callable, dtype) -> 
     }
     for i, rows in enumerate(layer_rows(m, layer_map)):
         for index, row in rows:
-            got = row.from_hf({suffix: get(f"model.layers.{i}.{suffix}") for suffix in row.shapes(m)}, m)
+            got = row.from_hf({suffix: get(f"{outer.layers}.{i}.{suffix}") for suffix in row.shapes(m)}, m)
             for name, w in got.items():
                 stacked[name][index[name]] = w
     return stacked
 
 
-def layer_producers(m: config.ConfigDict, layer_map: dict, layers: dict) -> dict[str, Callable]:
+def layer_producers(m: config.ConfigDict, layer_map: dict, layers: dict, outer: Outer = OUTER) -> dict[str, Callable]:
     """HF tensor name -> a function returning {name: array} for its row (all the row's tensors at
     once: fused or per expert), from the stacked nopejax layer params `layers`."""
     producers = {}
@@ -232,8 +244,8 @@ def layer_producers(m: config.ConfigDict, layer_map: dict, layers: dict) -> dict
 
             def produce(i=i, index=index, row=row):
                 ours = {name: np.asarray(layers[name][j]) for name, j in index.items()}
-                return {f"model.layers.{i}.{suffix}": a for suffix, a in row.to_hf(ours, m).items()}
+                return {f"{outer.layers}.{i}.{suffix}": a for suffix, a in row.to_hf(ours, m).items()}
 
             for suffix in row.shapes(m):
-                producers[f"model.layers.{i}.{suffix}"] = produce
+                producers[f"{outer.layers}.{i}.{suffix}"] = produce
     return producers

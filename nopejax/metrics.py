@@ -2,8 +2,9 @@
 
 FLOPs are counted analytically as MaxText does (`calculate_tflops_training_per_device`):
 every matmul with a weight costs 2 * tokens * fan_in * fan_out forward, causal attention
-2 * 2 * B * S^2 * H * E / 2 per layer forward (QK^T and PV, halved by the mask), and training
-is 3x forward. XLA's cost analysis is not used: it counts a scanned loop body once.
+2 * 2 * B * S^2 * H * E / 2 per layer forward (QK^T and PV, halved by the mask), a recurrent
+mixer the matmuls of its chunked form (`mixer_flops`), and training is 3x forward. XLA's cost
+analysis is not used: it counts a scanned loop body once.
 """
 
 from __future__ import annotations
@@ -36,21 +37,55 @@ def peak_flops(device: jax.Device) -> float | None:
 
 
 def train_flops_per_step(cfg: ConfigDict) -> float:
-    """Model FLOPs of one optimizer step over the global batch (forward + backward)."""
+    """Model FLOPs of one optimizer step over the global batch (forward + backward), summed layer by
+    layer over what each layer's spec has: its mixer and its FFN."""
     m, t = cfg.model, cfg.train
     B, S = t.global_batch_size, t.seq_len
     tokens = B * S
-    per_layer = m.d_model * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
-    per_layer += m.num_heads * m.head_dim * m.d_model
-    specs = layers.layer_specs(m)
-    # an MoE layer counts its active params: k routed experts, the shared ones and the router
-    expert = m.expert_d_ff or m.d_ff
-    moe_ffn = 3 * m.d_model * expert * (m.experts_per_token + m.num_shared_experts) + m.d_model * m.num_experts
-    ffn = sum(moe_ffn if spec.ffn == "moe" else 3 * m.d_model * m.d_ff for spec in specs)
-    matmul = 2 * tokens * (m.num_layers * per_layer + ffn + m.d_model * m.vocab_size)
-    pairs = sum(attended_pairs(spec, S) for spec in layers.layer_specs(m))
-    attention = 2 * 2 * B * pairs * m.num_heads * m.head_dim
-    return 3.0 * (matmul + attention)
+    forward = 2 * tokens * m.d_model * m.vocab_size  # the LM head
+    for spec in layers.layer_specs(m):
+        forward += mixer_flops(spec, m, B, S) + 2 * tokens * ffn_params(spec, m)
+    return 3.0 * forward
+
+
+def mixer_flops(spec: layers.LayerSpec, m: ConfigDict, B: int, S: int) -> float:
+    """Forward FLOPs of one layer's mixer over B rows of S tokens: its projections plus the sequence
+    mixing itself (attention's scored pairs; a recurrent mixer's chunked form)."""
+    tokens = B * S
+    if spec.mixer == "attention":
+        projections = (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim * m.d_model
+        projections += m.num_heads * m.head_dim * m.d_model if m.attention_gate else 0
+        return 2 * tokens * projections + 2 * 2 * B * attended_pairs(spec, S) * m.num_heads * m.head_dim
+    if spec.mixer == "mamba2":
+        H, P, G, N, Q = m.mamba_num_heads, m.mamba_head_dim, m.mamba_groups, m.mamba_state_size, m.mamba_chunk_size
+        inner = H * P
+        projections = m.d_model * (2 * inner + 2 * G * N + H) + inner * m.d_model
+        conv = m.mamba_conv_kernel * (inner + 2 * G * N)
+        # per token: C.B^T over the causal half of its chunk (per group), those scores applied to x
+        # (per head), its write into the chunk state and the incoming state read out by C
+        ssd = Q / 2 * G * N + Q / 2 * inner + 2 * inner * N
+        return 2 * tokens * (projections + conv + ssd)
+    if spec.mixer == "gated_deltanet":
+        G, H, K, V, Q = m.gdn_key_heads, m.gdn_value_heads, m.gdn_key_head_dim, m.gdn_value_head_dim, m.gdn_chunk_size
+        projections = m.d_model * (2 * G * K + 2 * H * V + 2 * H) + H * V * m.d_model
+        conv = m.gdn_conv_kernel * (2 * G * K + H * V)
+        # per token and value head: k.k^T and q.k^T over the causal half of its chunk, the UT
+        # transform applied to v and to k, the scores applied to the new values, and the state's
+        # read (q, w) and write (k, u)
+        delta = H * (Q * K + Q / 2 * (V + K) + Q / 2 * V + 4 * K * V)
+        return 2 * tokens * (projections + conv + delta)
+    return 0.0
+
+
+def ffn_params(spec: layers.LayerSpec, m: ConfigDict) -> float:
+    """Weights one token multiplies in this layer's FFN: an MoE layer counts its active ones (k routed
+    experts, the shared ones and the router)."""
+    if spec.ffn == "moe":
+        expert = m.expert_d_ff or m.d_ff
+        return 3 * m.d_model * expert * (m.experts_per_token + m.num_shared_experts) + m.d_model * m.num_experts
+    if spec.ffn == "dense":
+        return (2 if m.mlp_activation == "relu2" else 3) * m.d_model * m.d_ff
+    return 0.0
 
 
 def attended_pairs(spec: layers.LayerSpec, S: int) -> float:

@@ -408,3 +408,23 @@ def test_flops_count_only_the_keys_a_local_layer_sees():
     assert local_layers == 5 and abs((full - local) - saved) < 1e-6 * full
     cfg.model.sliding_window = 128  # a window as long as the row sees everything a causal layer sees
     assert metrics.train_flops_per_step(cfg) == full
+
+
+def test_flops_follow_each_layers_mixer_and_ffn():
+    """A hybrid counts its Mamba2 layers' projections, conv and chunked scan, its attention layers'
+    projections and pairs, and no FFN where a layer has none (plain formulas written here)."""
+    cfg = config.base_config()
+    cfg.train.update(seq_len=64, global_batch_size=2)
+    D, V, F = cfg.model.d_model, cfg.model.vocab_size, cfg.model.d_ff
+    H, E, K = cfg.model.num_heads, cfg.model.head_dim, cfg.model.num_kv_heads
+    cfg.model.update(num_layers=2, layer_types=("mamba2", "full_attention"), ffn_types=("none", "dense"),
+                     no_rope_layer_interval=1, mamba_num_heads=4, mamba_head_dim=8, mamba_groups=2,
+                     mamba_state_size=16, mamba_chunk_size=16, mamba_conv_kernel=4)  # fmt: skip
+    cfg.model.mlp_activation = "relu2"
+    T = 2 * 64
+    inner, conv_channels = 4 * 8, 4 * 8 + 2 * 2 * 16
+    mamba = T * (D * (inner + conv_channels + 4) + inner * D + 4 * conv_channels)
+    mamba += T * (16 / 2 * 2 * 16 + 16 / 2 * inner + 2 * inner * 16)
+    attention = T * (2 * H + 2 * K) * E * D + 2 * 2 * (64 * 64 / 2) * H * E
+    forward = 2 * (mamba + attention + T * 2 * D * F + T * D * V)
+    assert abs(metrics.train_flops_per_step(cfg) - 3 * forward) < 1e-9 * forward

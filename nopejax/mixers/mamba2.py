@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nopejax import context, sharding
+from nopejax.mixers import ssd as ssd_lib
 from nopejax.mixers.conv import causal_conv, conv_step
 from nopejax.mixers.ssd import ssd, ssd_step
 
@@ -150,8 +152,15 @@ def _out(p, y_XHP, z_XI, d: Mamba2Dims, dtype):
 
 
 def mamba2(p: dict, h_BSD, d: Mamba2Dims, *, segment_ids_BS=None, cache: Mamba2Cache | None = None):
-    """The mixer over S positions (after `cache`, if given) -> (out_BSD, the cache after position S - 1)."""
+    """The mixer over S positions (after `cache`, if given) -> (out_BSD, the cache after position S - 1).
+
+    Under a `context` mesh axis (zig-zag-ordered rows, no cache) the conv and the scan run per
+    device with the state carried across shards (`_context_scan`); the cache returned is None.
+    """
     z_BSI, xbc_BSE, dt_BSH = _in_proj(p, h_BSD, d)
+    if cache is None and sharding.context_size() > 1:
+        y_BSHP = _context_scan(p, xbc_BSE, dt_BSH, d, segment_ids_BS)
+        return _out(p, y_BSHP, z_BSI, d, h_BSD.dtype), None
     window = None if cache is None else cache.conv_window_BWE
     xbc_BSE, window_BWE = causal_conv(
         xbc_BSE, p["conv1d_weight"], p.get("conv1d_bias"), segment_ids_BS=segment_ids_BS, window_BWE=window
@@ -169,6 +178,36 @@ def mamba2(p: dict, h_BSD, d: Mamba2Dims, *, segment_ids_BS=None, cache: Mamba2C
         initial_state_BHPN=None if cache is None else cache.ssm_state_BHPN,
     )
     return _out(p, y_BSHP, z_BSI, d, h_BSD.dtype), Mamba2Cache(window_BWE, state_BHPN)
+
+
+def _context_scan(p, xbc_BSE, dt_BSH, d: Mamba2Dims, segment_ids_BS):
+    """Conv and SSD (with its D x) of zig-zag-ordered rows under context parallelism -> y_BSHP.
+
+    Each chunk is seen after its halo of L = max(K - 1, 1) tokens (`context.recurrence`): the conv
+    reads its W = K - 1 taps back into the halo, the halo's last segment id says whether the chunk
+    starts a document. A chunk's summary is (total decay, end state from zero) (`ssd.summarize`,
+    whose y XLA drops); the chunk then reruns the scan from the state the chained summaries give.
+    """
+    L = max(d.conv_kernel - 1, 1)
+    conv_params = {name: p[name] for name in ("conv1d_weight", "conv1d_bias", "dt_bias", "A_log", "D") if name in p}
+
+    def inputs(q, xs, seg_BT):  # T = L + c: the halo, then the chunk
+        xbc_BTE, dt_BTH = xs
+        xbc_BTE, _ = causal_conv(xbc_BTE, q["conv1d_weight"], q.get("conv1d_bias"), segment_ids_BS=seg_BT)
+        args = _ssm_inputs(q, xbc_BTE[:, L:], dt_BTH[:, L:], d)
+        return args, dict(segment_ids_BS=seg_BT[:, L:], segment_id_before_B=seg_BT[:, L - 1])
+
+    def summarize(q, xs, seg_BT):
+        args, segments = inputs(q, xs, seg_BT)
+        return ssd_lib.summarize(*args, chunk=d.chunk, **segments)
+
+    def run(q, xs, seg_BT, state_BHPN):
+        args, segments = inputs(q, xs, seg_BT)
+        return ssd(*args, chunk=d.chunk, D_H=q["D"], initial_state_BHPN=state_BHPN, **segments)[0]
+
+    return context.recurrence(
+        summarize, run, ssd_lib.combine, conv_params, (xbc_BSE, dt_BSH), segment_ids_BS, lookback=L
+    )
 
 
 def mamba2_step(p: dict, h_BD, d: Mamba2Dims, cache: Mamba2Cache):

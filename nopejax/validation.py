@@ -46,7 +46,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _validate_rope_pattern(m)
     _validate_attention_kinds(m)
     _validate_ffn_types(m)
-    _validate_mamba(m, cfg.mesh)
+    _validate_mamba(m)
     _validate_windows(m)
     _validate_rope_options(m)
     _validate_nope(m)
@@ -168,8 +168,8 @@ def _validate_ffn_types(m: ConfigDict) -> None:
             )  # fmt: skip
 
 
-def _validate_mamba(m: ConfigDict, mesh: ConfigDict) -> None:
-    """Mamba2 layer sizes; positions and context parallelism on Mamba2 layers."""
+def _validate_mamba(m: ConfigDict) -> None:
+    """Mamba2 layer sizes; positions on Mamba2 layers."""
     types = layers.layer_types(m)
     if m.no_rope_layers is not None:
         for i, (kind, rope) in enumerate(zip(types, m.no_rope_layers)):
@@ -197,11 +197,6 @@ def _validate_mamba(m: ConfigDict, mesh: ConfigDict) -> None:
         raise ConfigError(
             "model.mamba_time_step_limit", f"must be (min, max) with 0 <= min <= max, got {limit!r}",
             "use e.g. (0.0, 100.0), or leave it unset for no clamp",
-        )  # fmt: skip
-    if mesh.context * mesh.dcn_context > 1:
-        raise ConfigError(
-            "mesh.context", "context parallelism does not take mamba2 layers yet (their state would have to "
-            "cross the shards)", "use mesh.context = 1 for this model",
         )  # fmt: skip
 
 
@@ -452,6 +447,13 @@ def _validate_context(cfg: ConfigDict) -> None:
             f"{PALLAS_CONTEXT_BLOCK} rows, but seq_len {t.seq_len} / (2 x context {C}) = {chunk}",
             f"use a seq_len that is a multiple of {2 * C * PALLAS_CONTEXT_BLOCK}, a smaller mesh.context, or "
             "model.attention_impl=auto (which then takes XLA attention)",
+        )  # fmt: skip
+    W = cfg.model.mamba_conv_kernel - 1  # the conv inputs a mamba2 chunk reads from its neighbour
+    if "mamba2" in layers.layer_types(cfg.model) and chunk is not None and chunk < W:
+        raise ConfigError(
+            "train.seq_len", f"a mamba2 conv under context parallelism reads the {W} inputs before each zig-zag "
+            f"chunk from one neighbour, but seq_len {t.seq_len} / (2 x context {C}) = {chunk} rows",
+            f"use a seq_len of at least {2 * C * W}, or a smaller mesh.context",
         )  # fmt: skip
     rows = t.global_batch_size // t.grad_accum
     data_parallel = [mesh[a] * mesh[f"dcn_{a}"] for a in ("data", "fsdp") if mesh[a] != -1]

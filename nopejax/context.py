@@ -17,6 +17,14 @@ ends with itself: `inner(q, k, v, positions, segment_ids)` with the queries bein
 the keys (XLA path or the flash kernel). Differentiating all_gather gives the reduce-scatter of
 dK and dV; ppermute's transpose sends the halo's gradient back.
 
+Recurrent mixers under it (`recurrence`, for Mamba2's SSD): the state crosses shards as a summary.
+Each device sees each of its chunks after a halo of the tokens before it (as sliding attention), so a
+short conv and the document-start test are exact; it summarises each chunk from a zero state as
+(transition, end state) (for SSD: total decay, 0 if a document starts inside; the end state from
+zero), all-gathers the 2C summaries (small: no sequence axis), chains them in natural chunk order on
+every device, and reruns each chunk from its true incoming state. Memory stays O(S / C) per device;
+the gather's gradient is a reduce-scatter.
+
 Shape letters: B batch, S sequence (s = S / C per device, c = s / 2 per chunk), H query heads,
 K kv heads, E head dim, J keys of a span.
 """

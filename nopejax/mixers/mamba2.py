@@ -20,6 +20,11 @@ Decode carries a `Mamba2Cache` per layer: the conv window (last W conv inputs) a
 it by one token in O(1). Batched prompts of different lengths are left-padded (segment id 0), so
 every row's cache describes its last position. Unlike transformers' decode path, the step clamps dt
 to `time_step_limit` as the chunked form does, so a step equals the chunked forward.
+
+Under context parallelism (a `context` mesh axis, rows in zig-zag order) the conv and the scan run
+per zig-zag chunk inside `shard_map`, each chunk after the K - 1 conv inputs before it, with the
+SSM state carried across shards by `context.recurrence` (summaries from `ssd.summarize`, chained by
+`ssd.combine`); the projections and the gated norm are per token and stay outside.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def one_device():
     return params, (tokens, pos, seg, w), _logits_and_grads(s, params, tokens, pos, seg, w)
 
 
-@pytest.mark.parametrize("mesh", [dict(context=2), dict(data=2, context=2, tensor=2), dict(fsdp=2, context=4)])
+@pytest.mark.parametrize("mesh", [dict(data=2, context=2, tensor=2), dict(fsdp=2, context=4)])
 def test_hybrid_logits_and_grads_under_context_parallelism_equal_one_device(mesh, one_device):
     params, inputs, (want_logits, want_grads) = one_device
     n = int(np.prod(list(mesh.values())))

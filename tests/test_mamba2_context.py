@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from test_train import random_batches, small_cfg
 
-from nopejax import context, model, train
+from benchmarks.hlo_collectives import collective_bytes
+from nopejax import config, context, model, sharding, train
+from nopejax.mixers import mamba2 as mamba2_lib
 
 # three Mamba2 layers to one NoPE attention layer, twice; SSD chunks of 4 inside zig-zag chunks of 4 or 8
 HYBRID = dict(
@@ -107,3 +109,22 @@ def test_hybrid_train_steps_under_context_parallelism_equal_one_device(mesh, one
     got = _train(train_cfg(**mesh), batches, jax.devices()[: 2 * mesh["context"]])
     assert np.all(np.isfinite(want)) and want[-1, 0] < want[0, 0]  # it trains
     np.testing.assert_allclose(got, want, rtol=5e-6)  # loss and gradient norm over 5 steps; measured 4e-7
+
+
+@pytest.mark.parametrize("S", [32, 64])
+def test_mamba2_context_shards_exchange_only_halos_and_summaries(S):
+    """Compiled on context 4, a Mamba2 mixer moves no sequence: per device, its two chunks' conv halos
+    (K - 1 = 3 conv inputs and segment ids each, collective-permute) and the all-gather of its two
+    chunk summaries (decay [B, H], state [B, H, P, N]), the same bytes at every S."""
+    d = mamba2_lib.Mamba2Dims(d_model=8, heads=4, head_dim=5, groups=2, state=3, chunk=4)
+    params, B, C, W = mamba2_lib.init_params(d, jax.random.key(0)), 2, 4, 3
+    cfg = config.base_config()
+    cfg.mesh.update(data=1, fsdp=1, context=C, tensor=1)
+    with jax.set_mesh(sharding.make_mesh(cfg.mesh, jax.devices()[:C])):
+        mix = jax.jit(lambda p, h, seg: mamba2_lib.mamba2(p, h, d, segment_ids_BS=seg)[0])
+        table = collective_bytes(
+            mix.lower(params, jnp.ones((B, S, 8)), jnp.ones((B, S), jnp.int32)).compile().as_text()
+        )
+    assert set(table) == {"collective-permute", "all-gather"}
+    assert table["collective-permute"]["operand_bytes"] == 2 * B * W * (d.conv_dim + 1) * 4  # f32 inputs, s32 ids
+    assert table["all-gather"]["operand_bytes"] == 2 * B * d.heads * (1 + d.head_dim * d.state) * 4

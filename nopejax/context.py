@@ -17,6 +17,14 @@ ends with itself: `inner(q, k, v, positions, segment_ids)` with the queries bein
 the keys (XLA path or the flash kernel). Differentiating all_gather gives the reduce-scatter of
 dK and dV; ppermute's transpose sends the halo's gradient back.
 
+Recurrent mixers under it (`recurrence`, for Mamba2's SSD): the state crosses shards as a summary.
+Each device sees each of its chunks after a halo of the tokens before it (as sliding attention), so a
+short conv and the document-start test are exact; it summarises each chunk from a zero state as
+(transition, end state) (for SSD: total decay, 0 if a document starts inside; the end state from
+zero), all-gathers the 2C summaries (small: no sequence axis), chains them in natural chunk order on
+every device, and reruns each chunk from its true incoming state. Memory stays O(S / C) per device;
+the gather's gradient is a reduce-scatter.
+
 Shape letters: B batch, S sequence (s = S / C per device, c = s / 2 per chunk), H query heads,
 K kv heads, E head dim, J keys of a span.
 """
@@ -146,3 +154,49 @@ def attend(inner, q_BSHE, k_BSKE, v_BSKE, positions_BS, segment_ids_BS, *, lookb
         return jnp.concatenate(outs, axis=1)
 
     return per_shard(q_BSHE, k_BSKE, v_BSKE, positions_BS, segment_ids_BS)
+
+
+def recurrence(summarize, run, combine, consts, xs_BS: tuple, segment_ids_BS, *, lookback: int):
+    """A left-to-right recurrence over zig-zag-ordered rows under the `context` axis -> [B, S, ...].
+
+    Per chunk (each device's two), with T = lookback + c tokens (the `lookback` before the chunk,
+    then the chunk; `fill` 0 and segment id PAD_SEGMENT's 0 before the row's start):
+    `summarize(consts, xs [B, T, ...], segment_ids [B, T]) -> (transition, state_from_zero)`, the
+    chunk's effect on any incoming state, from its own tokens alone; `combine(transition,
+    state_in, state_from_zero) -> state_out` chains them (`ssd.combine`); `run(consts, xs,
+    segment_ids, state_in) -> [B, c, ...]`, the chunk's outputs from its true incoming state.
+    Summaries are gathered over the axis and chained in natural chunk order on every device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    C = sharding.context_size(mesh)
+    axis = sharding.CONTEXT_AXIS
+    rows = sharding.logical_to_spec(["act_batch", "act_seq"], mesh)  # trailing dims replicated
+    if segment_ids_BS is None:  # one document per row
+        segment_ids_BS = jnp.ones(xs_BS[0].shape[:2], jnp.int32)
+    in_specs = (jax.tree.map(lambda _: jax.P(), consts), tuple(rows for _ in xs_BS), rows)
+
+    @functools.partial(jax.shard_map, in_specs=in_specs, out_specs=rows, check_vma=False)
+    def per_shard(consts, xs, seg):
+        d = jax.lax.axis_index(axis)
+        c = seg.shape[1] // 2
+        seg = seg.astype(jnp.int32)
+        halos = [_halos(a, lookback, C, d, axis, 0) for a in (*xs, seg)]
+        pieces = [  # per own chunk: its xs and segment ids, each after its halo
+            [jnp.concatenate([h[i], a[:, i * c : (i + 1) * c]], axis=1) for h, a in zip(halos, (*xs, seg))]
+            for i in range(2)
+        ]
+        summaries = [summarize(consts, tuple(p[:-1]), p[-1]) for p in pieces]
+        # [C, 2, ...] over devices and slots -> [2C, ...] in natural order: chunk j < C is device j's
+        # first slot, chunk j >= C device 2C-1-j's second
+        gathered = jax.tree.map(lambda a, b: jax.lax.all_gather(jnp.stack([a, b]), axis), *summaries)
+        natural = jax.tree.map(lambda g: jnp.concatenate([g[:, 0], g[::-1, 1]]), gathered)
+
+        def step(state_in, summary):
+            transition, from_zero = summary
+            return combine(transition, state_in, from_zero), state_in
+
+        _, incoming = jax.lax.scan(step, jnp.zeros_like(natural[1][0]), natural)  # [2C, ...]: into chunk j
+        outs = [run(consts, tuple(p[:-1]), p[-1], incoming[j]) for p, j in zip(pieces, (d, 2 * C - 1 - d))]
+        return jnp.concatenate(outs, axis=1)
+
+    return per_shard(consts, tuple(xs_BS), segment_ids_BS)

@@ -208,10 +208,9 @@ def _validate_recurrent_mixers(m: ConfigDict, mesh: ConfigDict) -> None:
         )  # fmt: skip
     if "gated_deltanet" in types and m.gdn_norm_eps is not None and not m.gdn_norm_eps > 0:
         raise ConfigError("model.gdn_norm_eps", f"must be positive, got {m.gdn_norm_eps}", "use e.g. 1e-5, or unset")
-    recurrent = sorted(set(types) & set(layers.RECURRENT_MIXERS))
-    if recurrent and mesh.context * mesh.dcn_context > 1:
+    if "gated_deltanet" in types and mesh.context * mesh.dcn_context > 1:
         raise ConfigError(
-            "mesh.context", f"context parallelism does not take {' / '.join(recurrent)} layers yet (their state "
+            "mesh.context", "context parallelism does not take gated_deltanet layers yet (their state "
             "would have to cross the shards)", "use mesh.context = 1 for this model",
         )  # fmt: skip
 
@@ -477,6 +476,13 @@ def _validate_context(cfg: ConfigDict) -> None:
             f"{PALLAS_CONTEXT_BLOCK} rows, but seq_len {t.seq_len} / (2 x context {C}) = {chunk}",
             f"use a seq_len that is a multiple of {2 * C * PALLAS_CONTEXT_BLOCK}, a smaller mesh.context, or "
             "model.attention_impl=auto (which then takes XLA attention)",
+        )  # fmt: skip
+    W = cfg.model.mamba_conv_kernel - 1  # the conv inputs a mamba2 chunk reads from its neighbour
+    if "mamba2" in layers.layer_types(cfg.model) and chunk is not None and chunk < W:
+        raise ConfigError(
+            "train.seq_len", f"a mamba2 conv under context parallelism reads the {W} inputs before each zig-zag "
+            f"chunk from one neighbour, but seq_len {t.seq_len} / (2 x context {C}) = {chunk} rows",
+            f"use a seq_len of at least {2 * C * W}, or a smaller mesh.context",
         )  # fmt: skip
     rows = t.global_batch_size // t.grad_accum
     data_parallel = [mesh[a] * mesh[f"dcn_{a}"] for a in ("data", "fsdp") if mesh[a] != -1]

@@ -188,12 +188,16 @@ def test_hybrid_config_errors_name_the_field(overrides, field):
     assert "\n" not in str(err.value)
 
 
-def test_mamba2_layers_under_context_parallelism_are_refused_before_compiling():
+def test_mamba2_conv_longer_than_a_context_chunk_is_refused_before_compiling():
+    """Under context parallelism a chunk's conv reads K - 1 inputs from one neighbour's chunk."""
     cfg = config.base_config()
     cfg.model.update(
         num_layers=2, layer_types=("mamba2", "full_attention"), mamba_num_heads=3, no_rope_layer_interval=1
     )
-    cfg.mesh.context = 2
+    cfg.mesh.update(data=1, context=4)
+    cfg.train.seq_len = 16  # zig-zag chunks of 2 rows; the conv reads 3
     with pytest.raises(config.ConfigError) as err:
         validation.validate(cfg)
-    assert err.value.field == "mesh.context"
+    assert err.value.field == "train.seq_len" and "reads the 3 inputs" in str(err.value)
+    cfg.train.seq_len = 24
+    validation.validate(cfg)

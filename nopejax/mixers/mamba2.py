@@ -21,6 +21,11 @@ Decode carries a `Mamba2Cache` per layer: the conv window (last w conv inputs) a
 it by one token in O(1). Batched prompts of different lengths are left-padded (segment id 0), so
 every row's cache describes its last position. Unlike transformers' decode path, the step clamps dt
 to `time_step_limit` as the chunked form does, so a step equals the chunked forward.
+
+Under context parallelism (a `context` mesh axis, rows in zig-zag order) the conv and the scan run
+per zig-zag chunk inside `shard_map`, each chunk after the K - 1 conv inputs before it, with the
+SSM state carried across shards by `context.recurrence` (summaries from `ssd.summarize`, chained by
+`ssd.combine`); the projections and the gated norm are per token and stay outside.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nopejax import context, sharding
+from nopejax.mixers import ssd as ssd_lib
 from nopejax.mixers.conv import causal_conv, conv_step
 from nopejax.mixers.ssd import ssd, ssd_step
 
@@ -151,8 +158,15 @@ def _out(p, y_aHO, z_ai, d: Mamba2Dims, dtype):
 
 
 def mamba2(p: dict, h_BSD, d: Mamba2Dims, *, segment_ids_BS=None, cache: Mamba2Cache | None = None):
-    """The mixer over S positions (after `cache`, if given) -> (out_BSD, the cache after position S - 1)."""
+    """The mixer over S positions (after `cache`, if given) -> (out_BSD, the cache after position S - 1).
+
+    Under a `context` mesh axis (zig-zag-ordered rows, no cache) the conv and the scan run per
+    device with the state carried across shards (`_context_scan`); the cache returned is None.
+    """
     z_BSi, xbc_BSu, dt_BSH = _in_proj(p, h_BSD, d)
+    if cache is None and sharding.context_size() > 1:
+        y_BSHO = _context_scan(p, xbc_BSu, dt_BSH, d, segment_ids_BS)
+        return _out(p, y_BSHO, z_BSi, d, h_BSD.dtype), None
     window = None if cache is None else cache.conv_window_Bwu
     xbc_BSu, window_Bwu = causal_conv(
         xbc_BSu, p["conv1d_weight"], p.get("conv1d_bias"), segment_ids_BS=segment_ids_BS, window_Bwu=window
@@ -170,6 +184,36 @@ def mamba2(p: dict, h_BSD, d: Mamba2Dims, *, segment_ids_BS=None, cache: Mamba2C
         initial_state_BHOE=None if cache is None else cache.ssm_state_BHOE,
     )
     return _out(p, y_BSHO, z_BSi, d, h_BSD.dtype), Mamba2Cache(window_Bwu, state_BHOE)
+
+
+def _context_scan(p, xbc_BSu, dt_BSH, d: Mamba2Dims, segment_ids_BS):
+    """Conv and SSD (with its D x) of zig-zag-ordered rows under context parallelism -> y_BSHO.
+
+    Each chunk is seen after its halo of L = max(K - 1, 1) tokens (`context.recurrence`): the conv
+    reads its W = K - 1 taps back into the halo, the halo's last segment id says whether the chunk
+    starts a document. A chunk's summary is (total decay, end state from zero) (`ssd.summarize`,
+    whose y XLA drops); the chunk then reruns the scan from the state the chained summaries give.
+    """
+    L = max(d.conv_kernel - 1, 1)
+    conv_params = {name: p[name] for name in ("conv1d_weight", "conv1d_bias", "dt_bias", "A_log", "D") if name in p}
+
+    def inputs(q, xs, seg_BT):  # T = L + c: the halo, then the chunk
+        xbc_BTu, dt_BTH = xs
+        xbc_BTu, _ = causal_conv(xbc_BTu, q["conv1d_weight"], q.get("conv1d_bias"), segment_ids_BS=seg_BT)
+        args = _ssm_inputs(q, xbc_BTu[:, L:], dt_BTH[:, L:], d)
+        return args, dict(segment_ids_BS=seg_BT[:, L:], segment_id_before_B=seg_BT[:, L - 1])
+
+    def summarize(q, xs, seg_BT):
+        args, segments = inputs(q, xs, seg_BT)
+        return ssd_lib.summarize(*args, chunk=d.chunk, **segments)
+
+    def run(q, xs, seg_BT, state_BHOE):
+        args, segments = inputs(q, xs, seg_BT)
+        return ssd(*args, chunk=d.chunk, D_H=q["D"], initial_state_BHOE=state_BHOE, **segments)[0]
+
+    return context.recurrence(
+        summarize, run, ssd_lib.combine, conv_params, (xbc_BSu, dt_BSH), segment_ids_BS, lookback=L
+    )
 
 
 def mamba2_step(p: dict, h_BD, d: Mamba2Dims, cache: Mamba2Cache):

@@ -47,7 +47,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _validate_rope_pattern(m)
     _validate_attention_kinds(m)
     _validate_ffn_types(m)
-    _validate_recurrent_mixers(m, cfg.mesh)
+    _validate_recurrent_mixers(m)
     _validate_windows(m)
     _validate_rope_options(m)
     _validate_nope(m)
@@ -176,8 +176,8 @@ def _validate_ffn_types(m: ConfigDict) -> None:
             )  # fmt: skip
 
 
-def _validate_recurrent_mixers(m: ConfigDict, mesh: ConfigDict) -> None:
-    """Mamba2 and Gated DeltaNet sizes; positions and context parallelism on their layers."""
+def _validate_recurrent_mixers(m: ConfigDict) -> None:
+    """Mamba2 and Gated DeltaNet sizes; positions on their layers."""
     types = layers.layer_types(m)
     if m.no_rope_layers is not None:
         for i, (kind, rope) in enumerate(zip(types, m.no_rope_layers)):
@@ -208,11 +208,6 @@ def _validate_recurrent_mixers(m: ConfigDict, mesh: ConfigDict) -> None:
         )  # fmt: skip
     if "gated_deltanet" in types and m.gdn_norm_eps is not None and not m.gdn_norm_eps > 0:
         raise ConfigError("model.gdn_norm_eps", f"must be positive, got {m.gdn_norm_eps}", "use e.g. 1e-5, or unset")
-    if "gated_deltanet" in types and mesh.context * mesh.dcn_context > 1:
-        raise ConfigError(
-            "mesh.context", "context parallelism does not take gated_deltanet layers yet (their state "
-            "would have to cross the shards)", "use mesh.context = 1 for this model",
-        )  # fmt: skip
 
 
 def _validate_mamba_sizes(m: ConfigDict) -> None:
@@ -477,13 +472,14 @@ def _validate_context(cfg: ConfigDict) -> None:
             f"use a seq_len that is a multiple of {2 * C * PALLAS_CONTEXT_BLOCK}, a smaller mesh.context, or "
             "model.attention_impl=auto (which then takes XLA attention)",
         )  # fmt: skip
-    W = cfg.model.mamba_conv_kernel - 1  # the conv inputs a mamba2 chunk reads from its neighbour
-    if "mamba2" in layers.layer_types(cfg.model) and chunk is not None and chunk < W:
-        raise ConfigError(
-            "train.seq_len", f"a mamba2 conv under context parallelism reads the {W} inputs before each zig-zag "
-            f"chunk from one neighbour, but seq_len {t.seq_len} / (2 x context {C}) = {chunk} rows",
-            f"use a seq_len of at least {2 * C * W}, or a smaller mesh.context",
-        )  # fmt: skip
+    for kind, kernel in (("mamba2", "mamba_conv_kernel"), ("gated_deltanet", "gdn_conv_kernel")):
+        W = cfg.model[kernel] - 1  # the conv inputs a chunk reads from its neighbour
+        if kind in layers.layer_types(cfg.model) and chunk is not None and chunk < W:
+            raise ConfigError(
+                "train.seq_len", f"a {kind} conv under context parallelism reads the {W} inputs before each "
+                f"zig-zag chunk from one neighbour, but seq_len {t.seq_len} / (2 x context {C}) = {chunk} rows",
+                f"use a seq_len of at least {2 * C * W}, or a smaller mesh.context",
+            )  # fmt: skip
     rows = t.global_batch_size // t.grad_accum
     data_parallel = [mesh[a] * mesh[f"dcn_{a}"] for a in ("data", "fsdp") if mesh[a] != -1]
     if C > 1 and rows % max(1, math.prod(data_parallel)):

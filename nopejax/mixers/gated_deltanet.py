@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nopejax import context, sharding
+from nopejax.mixers import gated_delta as gated_delta_lib
 from nopejax.mixers.conv import causal_conv, conv_step
 from nopejax.mixers.gated_delta import gated_delta, gated_delta_step
 
@@ -203,7 +205,15 @@ def _qkv(p, h_aD):
 def gated_deltanet(
     p: dict, h_BSD, d: GatedDeltaNetDims, *, segment_ids_BS=None, cache: GatedDeltaNetCache | None = None
 ):
-    """The mixer over S positions (after `cache`, if given) -> (out_BSD, the cache after position S - 1)."""
+    """The mixer over S positions (after `cache`, if given) -> (out_BSD, the cache after position S - 1).
+
+    Under a `context` mesh axis (zig-zag-ordered rows, no cache) the conv and the rule run per
+    device with the state carried across shards (`_context_rule`); the cache returned is None.
+    """
+    if cache is None and sharding.context_size() > 1:
+        g_BSH, beta_BSH = _gates(p, h_BSD, d)
+        o_BSHO = _context_rule(p, _qkv(p, h_BSD), g_BSH, beta_BSH, d, segment_ids_BS)
+        return _out(p, o_BSHO, h_BSD, d), None
     window = None if cache is None else cache.conv_window_Bwu
     qkv_BSu, window_Bwu = causal_conv(_qkv(p, h_BSD), p["conv1d_weight"], segment_ids_BS=segment_ids_BS,
                                       window_Bwu=window)  # fmt: skip
@@ -221,6 +231,39 @@ def gated_deltanet(
         initial_state_BHEO=None if cache is None else cache.state_BHEO,
     )
     return _out(p, o_BSHO, h_BSD, d), GatedDeltaNetCache(window_Bwu, state_BHEO)
+
+
+def _context_rule(p, qkv_BSu, g_BSH, beta_BSH, d: GatedDeltaNetDims, segment_ids_BS):
+    """Conv and gated delta rule of zig-zag-ordered rows under context parallelism -> o_BSHO.
+
+    As Mamba2's (`mamba2._context_scan`): each chunk is seen after its halo of L = max(K - 1, 1)
+    tokens (`context.recurrence`), which feeds the conv's taps and says whether the chunk starts a
+    document; a chunk's summary is (transition [E, E] per head, end state from zero)
+    (`gated_delta.summarize`); the chunk then reruns the rule from the state the chained summaries give.
+    """
+    L = max(d.conv_kernel - 1, 1)
+
+    def inputs(q, xs, seg_BT):  # T = L + c: the halo, then the chunk
+        qkv_BTu, g_BTH, beta_BTH = xs
+        qkv_BTu, _ = causal_conv(qkv_BTu, q["conv1d_weight"], segment_ids_BS=seg_BT)
+        q_BcKE, k_BcKE, v_BcHO = _split_heads(qkv_BTu[:, L:], d)
+        rule = dict(
+            chunk=d.chunk, normalize_qk=True, segment_ids_BS=seg_BT[:, L:], segment_id_before_B=seg_BT[:, L - 1]
+        )
+        return (q_BcKE, k_BcKE, v_BcHO, g_BTH[:, L:], beta_BTH[:, L:]), rule
+
+    def summarize(q, xs, seg_BT):
+        args, rule = inputs(q, xs, seg_BT)
+        return gated_delta_lib.summarize(*args, **rule)
+
+    def run(q, xs, seg_BT, state_BHEO):
+        args, rule = inputs(q, xs, seg_BT)
+        return gated_delta(*args, initial_state_BHEO=state_BHEO, **rule)[0]
+
+    consts = {"conv1d_weight": p["conv1d_weight"]}
+    return context.recurrence(
+        summarize, run, gated_delta_lib.combine, consts, (qkv_BSu, g_BSH, beta_BSH), segment_ids_BS, lookback=L
+    )
 
 
 def gated_deltanet_step(p: dict, h_BD, d: GatedDeltaNetDims, cache: GatedDeltaNetCache):

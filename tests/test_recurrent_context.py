@@ -1,5 +1,6 @@
-"""Mamba2 layers under context parallelism on 8 fake CPU devices: a hybrid stack's logits, gradients
-and train steps on zig-zag shards against one device (nopejax/context.py `recurrence`)."""
+"""Recurrent layers (Mamba2, Gated DeltaNet) under context parallelism on 8 fake CPU devices: a hybrid
+stack's logits, gradients and train steps on zig-zag shards against one device (nopejax/context.py
+`recurrence`)."""
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +20,17 @@ HYBRID = dict(
 )  # fmt: skip
 
 
-def hybrid_cfg(**mesh):
+# three Gated DeltaNet layers (negative eigenvalues) to one NoPE attention layer; rule chunks of 4
+GDN_HYBRID = dict(
+    layer_types=("gated_deltanet",) * 3 + ("full_attention",), num_layers=4, mamba_num_heads=0, gdn_key_heads=2,
+    gdn_value_heads=4, gdn_key_head_dim=3, gdn_value_head_dim=5, gdn_chunk_size=4, gdn_allow_neg_eigval=True,
+)  # fmt: skip
+
+
+def hybrid_cfg(gdn=False, **mesh):
     cfg = small_cfg(**mesh)
     cfg.model.update(**HYBRID)
+    cfg.model.update(**(GDN_HYBRID if gdn else {}))
     cfg.train.update(global_batch_size=4)
     return cfg
 
@@ -52,29 +61,46 @@ def _close(got, want, tol):
     assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
 
 
-@pytest.fixture(scope="module")
-def one_device():
+def _one_device(gdn: bool):
     S = hybrid_cfg().train.seq_len
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 62, (4, S)).astype(np.int32)
     w = rng.standard_normal((4, S, 62)).astype(np.float32)
     seg, pos = _rows(S)
-    s = train.setup(hybrid_cfg(), jax.devices()[:1])
+    s = train.setup(hybrid_cfg(gdn), jax.devices()[:1])
     params = jax.device_get(train.init_state(s)["params"])
     return params, (tokens, pos, seg, w), _logits_and_grads(s, params, tokens, pos, seg, w)
 
 
+@pytest.fixture(scope="module")
+def one_device():
+    return _one_device(gdn=False)
+
+
+@pytest.fixture(scope="module")
+def one_device_gdn():
+    return _one_device(gdn=True)
+
+
 @pytest.mark.parametrize("mesh", [dict(data=2, context=2, tensor=2), dict(fsdp=2, context=4)])
 def test_hybrid_logits_and_grads_under_context_parallelism_equal_one_device(mesh, one_device):
+    _check_logits_and_grads(mesh, one_device, gdn=False, decay="mamba_A_log")
+
+
+def test_gdn_hybrid_logits_and_grads_under_context_parallelism_equal_one_device(one_device_gdn):
+    _check_logits_and_grads(dict(fsdp=2, context=4), one_device_gdn, gdn=True, decay="gdn_A_log")
+
+
+def _check_logits_and_grads(mesh, one_device, gdn: bool, decay: str):
     params, inputs, (want_logits, want_grads) = one_device
     n = int(np.prod(list(mesh.values())))
-    s = train.setup(hybrid_cfg(**mesh), jax.devices()[:n])
+    s = train.setup(hybrid_cfg(gdn, **mesh), jax.devices()[:n])
     S, C = inputs[0].shape[1], mesh["context"]
     order, inverse = context.zigzag_order(S, C), np.argsort(context.zigzag_order(S, C))
     sharded = jax.device_put(params, s.state_shardings["params"])
     logits, grads = _logits_and_grads(s, sharded, *(a[:, order] for a in inputs))
     _close(logits[:, inverse], want_logits, 5e-6)  # measured 6e-7
-    assert np.abs(want_grads["layers"]["mamba_A_log"]).min() > 0  # every Mamba2 layer's decay gets a gradient
+    assert np.abs(want_grads["layers"][decay]).min() > 0  # every recurrent layer's decay gets a gradient
     jax.tree.map(lambda a, b: _close(a, b, 2e-5), grads, want_grads)  # measured 2e-6
 
 

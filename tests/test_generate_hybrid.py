@@ -1,0 +1,95 @@
+"""Generation with Mamba2 layers beside attention: the cache of each mixer kind, chunked prefill, O(1) steps.
+
+The reference is the model's own forward (`Decoder.__call__`, no cache) recomputed on the growing
+sequence, one token at a time; tests/test_hybrid.py holds that forward to a layer-by-layer reference
+and tests/test_mamba2.py holds the mixer to transformers.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nopejax import config, decode, model, validation
+
+V = 61
+# Mamba2 with and without its FFN, an FFN-only layer, a RoPE and a NoPE attention layer (one with no
+# FFN); runs of two equal Mamba2 layers are scanned
+HYBRID = dict(
+    layer_types=("mamba2", "mamba2", "full_attention", "mlp", "mamba2", "full_attention", "mamba2", "mamba2"),
+    ffn_types=("dense", "dense", "dense", "dense", "none", "none", "dense", "dense"),
+    no_rope_layers=(0, 0, 1, 0, 0, 0, 0, 0),
+)
+CHUNK = 16  # the prefill chunk: PROMPTS[1] is longer, so every row is prefilled in 2 chunks
+PROMPTS = [np.random.default_rng(row).integers(1, V, n) for row, n in enumerate((5, 21, 12))]
+N = 10  # new tokens
+
+
+def tiny(**overrides):
+    cfg = config.base_config()
+    cfg.model.update(
+        vocab_size=V, d_model=20, num_heads=2, num_kv_heads=1, head_dim=6, d_ff=14, dtype="float32",
+        mamba_num_heads=4, mamba_head_dim=5, mamba_groups=2, mamba_state_size=3, mamba_chunk_size=4,
+        num_layers=len(HYBRID["layer_types"]), init_std=0.2, rope_theta=100.0, **HYBRID,
+    )  # fmt: skip
+    cfg.model.update(**overrides)
+    return validation.validate(cfg).model
+
+
+FORWARD = jax.jit(model.apply, static_argnums=0)
+
+
+def greedy_by_recomputation(module, prompt, n: int):
+    """-> (ids [n], logits [n, V]): each token the argmax of a fresh forward over prompt + the tokens so far.
+
+    The sequence is right-padded to one length so that one compile serves every step: a causal
+    forward's row t does not read the rows after it."""
+    graphdef, params = model.split(module)
+    width = max(map(len, PROMPTS)) + N
+    ids, logits = [], []
+    for _ in range(n):
+        seq = np.concatenate([prompt, ids]).astype(np.int32)
+        tokens_1S = jnp.asarray(np.pad(seq, (0, width - len(seq)))[None])
+        last_V = np.asarray(FORWARD(graphdef, params, tokens_1S))[0, len(seq) - 1]
+        ids.append(int(last_V.argmax()))
+        logits.append(last_V)
+    return np.asarray(ids), np.stack(logits)
+
+
+def generate(module, prompts, **kw):
+    graphdef, params = model.split(module)
+    return decode.generate_ids(graphdef, params, prompts, N, return_logits=True, prefill_chunk=CHUNK, **kw)
+
+
+def test_hybrid_greedy_equals_recomputation():
+    module = model.create(tiny(), seed=1)  # scanned: the runs of two Mamba2 layers under a scan, the rest unrolled
+    for prompt in PROMPTS:  # alone: 5 and 12 tokens in one chunk, 21 in two
+        ids, logits = generate(module, [prompt])
+        want_ids, want_logits = greedy_by_recomputation(module, prompt, N)
+        np.testing.assert_array_equal(ids[0], want_ids)
+        np.testing.assert_allclose(logits[0], want_logits, atol=5e-6 * np.abs(want_logits).max(), rtol=0)
+
+
+def test_hybrid_left_padded_batch_equals_prompts_alone():
+    """Rows of 5 and 12 tokens behind 27 and 20 of padding: the first prefill chunk is all padding."""
+    module = model.create(tiny(), seed=2)
+    ids, logits = generate(module, PROMPTS)
+    for row, prompt in enumerate(PROMPTS):
+        ids_alone, logits_alone = generate(module, [prompt])
+        np.testing.assert_array_equal(ids[row], ids_alone[0])
+        np.testing.assert_allclose(logits[row], logits_alone[0], atol=5e-6 * np.abs(logits_alone).max(), rtol=0)
+
+
+def test_hybrid_cache_holds_each_mixer_kind_once():
+    m = tiny()
+    graphdef, params = model.split(model.create(m))
+    tokens, pos, seg = decode.left_pad(PROMPTS, 0, CHUNK)
+    T = tokens.shape[1] + N
+    cache, _, _ = decode.prefill(graphdef, params, tokens, pos, seg, jax.random.key(0), decode.Sampling(),
+                                 total_len=T, chunk=CHUNK, greedy=True)  # fmt: skip
+    d = model.mamba_dims(m)
+    assert cache.k_ABTKE.shape == cache.v_ABTKE.shape == (2, 3, T, 1, 6)  # the two attention layers of eight
+    assert cache.mamba.conv_window_BWE.shape == (5, 3, d.conv_kernel - 1, d.conv_dim)  # the five Mamba2 layers
+    assert cache.mamba.ssm_state_BHPN.shape == (5, 3, 4, 5, 3) and cache.mamba.ssm_state_BHPN.dtype == jnp.float32
+    # an attention-only model keeps one KV cache per layer and no Mamba2 cache
+    plain = decode.empty_cache(tiny(layer_types=None, ffn_types=None, no_rope_layers=None, mamba_num_heads=0), 3, T)
+    assert plain.k_ABTKE.shape == (8, 3, T, 1, 6) and plain.mamba is None

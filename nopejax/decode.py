@@ -69,6 +69,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     return Sampling(float(temperature), top_k or 0, 1.0 if top_p is None else float(top_p))
 
 
+CACHED_MIXERS = ("attention", "mamba2", "none")  # the mixer kinds `_layer` decodes (none: an FFN-only layer)
+
+
 class Cache(NamedTuple):
     """What every layer with a mixer keeps between calls, stacked by mixer kind."""
 
@@ -232,6 +235,11 @@ def prefill(graphdef, params, tokens_BS, pos_BS, seg_BS, key, sampling: Sampling
     each Mamba2 layer continuing the state and conv window the chunk before left.
     """
     module = nnx.merge(graphdef, params)
+    other = sorted({spec.mixer for spec in layers.layer_specs(module.cfg)} - set(CACHED_MIXERS))
+    if other:  # raised while tracing, before anything compiles
+        raise ConfigError(
+            "model.layer_types", f"generation does not take {other} layers yet", "use attention or mamba2 layers"
+        )
     B, S = tokens_BS.shape
     cache = empty_cache(module.cfg, B, total_len)
     if chunk >= S:

@@ -5,6 +5,8 @@ sequence, one token at a time; tests/test_hybrid.py holds that forward to a laye
 and tests/test_mamba2.py holds the mixer to transformers.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 import transformers
 
 import nopejax
-from nopejax import config, decode, model, validation
+from nopejax import config, decode, model, train, validation
 
 V = 61
 # Mamba2 with and without its FFN, an FFN-only layer, a RoPE and a NoPE attention layer (one with no
@@ -129,3 +131,16 @@ def test_granite_greedy_equals_transformers_generate(tmp_path):
         np.testing.assert_array_equal(ids, out.sequences[:, L:].numpy())
         want = torch.stack(out.logits, 1).numpy()
         np.testing.assert_allclose(logits, want, atol=1e-4 * np.abs(want).max(), rtol=0)  # measured: 7.9e-6
+
+
+def test_training_samples_a_hybrid(tmp_path):
+    """train.sample_every on a hybrid whose params are sharded over fsdp: the greedy sample is logged."""
+    cfg = config.base_config()
+    cfg.model = tiny(vocab_size=384)  # the byte tokenizer's ids
+    cfg.mesh.update(fsdp=2)
+    cfg.train.update(steps=1, global_batch_size=8, seq_len=16, eval_every=0, log_every=1, sample_every=1)
+    cfg.optim.update(warmup_steps=0, decay_steps=1)
+    train.run(validation.validate(cfg), str(tmp_path), progress=False)
+    with open(tmp_path / "metrics.jsonl") as f:
+        samples = [r for r in map(json.loads, f) if "sample" in r]
+    assert [r["step"] for r in samples] == [1] and samples[0]["sample"].startswith(decode.SAMPLE_PROMPT)

@@ -1,21 +1,28 @@
-"""Autoregressive decoding with a KV cache: one jitted prefill, then one jitted decode loop.
+"""Autoregressive decoding with a cache: one jitted prefill, then one jitted decode loop.
 
 Shape letters as in model.py, plus T cache slots (prompt + new tokens), c query rows of this call
-(the prompt in the prefill, 1 in a decode step), N new tokens.
+(the prompt in the prefill, 1 in a decode step), N new tokens, A attention layers, M the layers of
+one recurrent mixer kind.
 
 The cache is preallocated for the whole generation, so every decode step has the same shapes and
 nothing recompiles per token; the decode loop is a `lax.while_loop` inside one jitted call (a
 single dispatch for all N tokens), and it stops early once every row has produced EOS. Each layer
 goes through model.py's own block (`model.block`: norms, projections, MLP, residuals);
-only the attention itself reads the cache. RoPE layers cache rotated keys (rotated at their
-absolute position once, when written), NoPE layers cache raw keys.
+only the mixer reads the cache, each kind its own stack of it: the KV cache holds the attention
+layers alone (a hybrid with one attention layer in four carries a quarter of an all-attention
+model's), and each recurrent layer (Mamba2, Gated DeltaNet: nopejax/mixers/kinds.py) keeps its
+kind's cache (conv window, state). RoPE layers cache
+rotated keys (rotated at their absolute position once, when written), NoPE layers cache raw keys.
+A recurrent layer runs its chunked form over the prompt (its kind's `forward`, continuing the
+cache from chunk to chunk of a chunked prefill) and one O(1) `step` per new token.
 
 Which keys a query sees is computed from absolute positions and document ids stored next to the
 cache (`visible`), not from the slot layout, plus the layer's sliding window or chunk
 (`attention.local_visible`, the term the training paths use). Every layer option of
 `layers.LayerSpec` is applied as `attention.attend` applies it. Prompts of different lengths
-are left-padded: padding slots belong to document 0, which no real query sees, and each row's
-positions start at 0 at its first real token, as in training and as transformers' generate does with an attention mask.
+are left-padded: padding slots belong to document 0, which no real query sees and which leaves a
+recurrent layer's state and conv window at zero, and each row's positions start at 0 at its first
+real token, as in training and as transformers' generate does with an attention mask.
 
 `nopejax.generate` is the function `generate` below, re-exported by the package.
 """
@@ -34,6 +41,7 @@ from jax.experimental import multihost_utils
 from nopejax import attention, layers, model
 from nopejax import rope as rope_lib
 from nopejax.config import ConfigError
+from nopejax.mixers import kinds as mixer_kinds
 
 # what `train.sample_every` continues during training: short, neutral, any tokenizer encodes it
 SAMPLE_PROMPT = "The "
@@ -62,11 +70,32 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     return Sampling(float(temperature), top_k or 0, 1.0 if top_p is None else float(top_p))
 
 
+# the mixer kinds `_layer` decodes (none: an FFN-only layer)
+CACHED_MIXERS = ("attention", *mixer_kinds.KINDS, "none")
+
+
 class Cache(NamedTuple):
-    k_LBTKE: jax.Array
-    v_LBTKE: jax.Array
+    """What every layer with a mixer keeps between calls, stacked by mixer kind."""
+
+    k_ABTKE: jax.Array  # the attention layers' keys, in their order among the layers
+    v_ABTKE: jax.Array
+    recurrent: dict  # recurrent mixer kind -> its cache, each leaf stacked over that kind's layers [M, ...]
     pos_BT: jax.Array  # absolute position of each slot's key within its document
     seg_BT: jax.Array  # document id of each slot: 1 for the row's tokens, 0 for padding and empty slots
+
+
+def empty_cache(m, batch: int, total_len: int) -> Cache:
+    """Zeros for `batch` rows of `total_len` slots; `recurrent` holds the kinds the model has."""
+    specs, dtype = layers.layer_specs(m), jnp.dtype(m.dtype)
+    kv = jnp.zeros((model.group_count(specs, "attention"), batch, total_len, m.num_kv_heads, m.head_dim), dtype)
+    recurrent = {}
+    for name, kind in mixer_kinds.KINDS.items():
+        count = model.group_count(specs, name)
+        if count:
+            one = kind.empty_cache(kind.dims(m), batch, dtype)
+            recurrent[name] = jax.tree.map(lambda a, count=count: jnp.zeros((count, *a.shape), a.dtype), one)
+    slots = jnp.zeros((batch, total_len), jnp.int32)
+    return Cache(kv, kv, recurrent, slots, slots)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,11 +122,15 @@ def cached_attention(q_BcHE, k_BTKE, v_BTKE, visible_BcT):
     return out_BcKGE.reshape(B, c, H, E).astype(q_BcHE.dtype)
 
 
-def _layer(p, x_BcD, i, k_LBTKE, v_LBTKE, *, spec: layers.LayerSpec, slot, q_pos_Bc, q_seg_Bc, k_pos_BT, k_seg_BT,
-           cos_sin, m, dtype):  # fmt: skip
-    """Layer i on c new rows, in model.py's own block form: write their k/v at `slot`, attend over
-    the cache as `spec` says (the order of attention.attend: RMS QK-norm, RoPE, L2 QK-norm, NoPE
-    query temperature)."""
+def _layer(p, x_BcD, i, cache: Cache, *, spec: layers.LayerSpec, slot, q_pos_Bc, q_seg_Bc, cos_sin, step: bool, m,
+           dtype):  # fmt: skip
+    """A layer on c new rows, in model.py's own block form -> (x_BcD, cache). `i` is its index among
+    the layers of its mixer kind: its place in that kind's cache.
+
+    Attention writes the rows' k/v at `slot` and attends over the cache as `spec` says (the order
+    of attention.attend: RMS QK-norm, RoPE, L2 QK-norm, NoPE query temperature). A recurrent mixer
+    continues its (conv window, state): the chunked form over the rows (padding, segment id 0, moves neither),
+    or in a decode `step` the O(1) recurrence."""
 
     def attend(q_BcHE, k_BcKE, v_BcKE):
         if spec.use_rope:
@@ -110,47 +143,67 @@ def _layer(p, x_BcD, i, k_LBTKE, v_LBTKE, *, spec: layers.LayerSpec, slot, q_pos
             scale_Bc = attention.nope_temperature_scale(q_pos_Bc, *spec.nope_temperature)
             q_BcHE = (q_BcHE.astype(jnp.float32) * scale_Bc[:, :, None, None]).astype(q_BcHE.dtype)
         at = (i, 0, slot, 0, 0)
-        k_new = jax.lax.dynamic_update_slice(k_LBTKE, k_BcKE[None].astype(k_LBTKE.dtype), at)
-        v_new = jax.lax.dynamic_update_slice(v_LBTKE, v_BcKE[None].astype(v_LBTKE.dtype), at)
-        visible_BcT = visible(q_pos_Bc, q_seg_Bc, k_pos_BT, k_seg_BT, spec)
-        return cached_attention(q_BcHE, k_new[i], v_new[i], visible_BcT), (k_new, v_new)
+        k_ABTKE = jax.lax.dynamic_update_slice(cache.k_ABTKE, k_BcKE[None].astype(cache.k_ABTKE.dtype), at)
+        v_ABTKE = jax.lax.dynamic_update_slice(cache.v_ABTKE, v_BcKE[None].astype(cache.v_ABTKE.dtype), at)
+        visible_BcT = visible(q_pos_Bc, q_seg_Bc, cache.pos_BT, cache.seg_BT, spec)
+        o_BcHE = cached_attention(q_BcHE, k_ABTKE[i], v_ABTKE[i], visible_BcT)
+        return o_BcHE, cache._replace(k_ABTKE=k_ABTKE, v_ABTKE=v_ABTKE)
 
-    mix = lambda h_BcD: model.attention_sublayer(p, h_BcD, m, dtype, spec, attend)
-    x_BcD, (k_LBTKE, v_LBTKE), _ = model.block(p, x_BcD, m, dtype, spec, mix)
-    return x_BcD, k_LBTKE, v_LBTKE
+    def recur(h_BcD):
+        kind = mixer_kinds.KINDS[spec.mixer]
+        p_kind, d, stacked = mixer_kinds.layer_params(kind, p), kind.dims(m), cache.recurrent[spec.mixer]
+        mine = jax.tree.map(lambda a: a[i], stacked)
+        if step:
+            out_BD, mine = kind.step(p_kind, h_BcD[:, 0], d, mine)
+            out_BcD = out_BD[:, None]
+        else:
+            out_BcD, mine = kind.forward(p_kind, h_BcD, d, segment_ids_BS=q_seg_Bc, cache=mine)
+        stacked = jax.tree.map(lambda a, new: a.at[i].set(new), stacked, mine)
+        return out_BcD, cache._replace(recurrent={**cache.recurrent, spec.mixer: stacked})
+
+    if spec.mixer in mixer_kinds.KINDS:
+        mix = recur
+    else:
+        mix = lambda h_BcD: model.attention_sublayer(p, h_BcD, m, dtype, spec, attend)
+    x_BcD, new_cache, _ = model.block(p, x_BcD, m, dtype, spec, mix)
+    return x_BcD, cache if new_cache is None else new_cache  # None: an FFN-only layer, no mixer ran
 
 
-def forward(module: model.Decoder, cache: Cache, tokens_Bc, pos_Bc, seg_Bc, slot):
+def forward(module: model.Decoder, cache: Cache, tokens_Bc, pos_Bc, seg_Bc, slot, *, step: bool = False):
     """Run c new tokens (slots slot .. slot + c - 1) through the model -> (last row's logits [B, V], cache).
+    `step`: one decode token per row (c = 1, every row real), for the recurrent mixers' O(1) step.
 
     Layers run in maximal runs of equal layer specs; a run is a `lax.scan` when the model scans
     its layers, so the traced program holds about one layer per run, as in training.
     """
     m = module.cfg
     dtype = jnp.dtype(m.dtype)
-    pos_BT = jax.lax.dynamic_update_slice(cache.pos_BT, pos_Bc, (0, slot))
-    seg_BT = jax.lax.dynamic_update_slice(cache.seg_BT, seg_Bc, (0, slot))
+    cache = cache._replace(
+        pos_BT=jax.lax.dynamic_update_slice(cache.pos_BT, pos_Bc, (0, slot)),
+        seg_BT=jax.lax.dynamic_update_slice(cache.seg_BT, seg_Bc, (0, slot)),
+    )
     cos_sin = {kind: rope_lib.cos_sin(pos_Bc, rope, m.rope_layout) for kind, rope in model.layer_ropes(m).items()}
-    kw = dict(slot=slot, q_pos_Bc=pos_Bc, q_seg_Bc=seg_Bc, k_pos_BT=pos_BT, k_seg_BT=seg_BT, cos_sin=cos_sin,
-              m=m, dtype=dtype)  # fmt: skip
+    kw = dict(slot=slot, q_pos_Bc=pos_Bc, q_seg_Bc=seg_Bc, cos_sin=cos_sin, step=step, m=m, dtype=dtype)
     stack = {name: p[...] for name, p in module.layers.items()}
-    x_BcD, k, v = module.embed_tokens(tokens_Bc), cache.k_LBTKE, cache.v_LBTKE
+    x_BcD = module.embed_tokens(tokens_Bc)
     specs = layers.layer_specs(m)
     for start, length, spec in layers.runs(specs):
         layer = functools.partial(_layer, spec=spec, **kw)
-        part = model.slice_layers(stack, specs, start, start + length)  # dense FFN / MoE stacks by their own index
+        part = model.slice_layers(stack, specs, start, start + length)  # each stack by its own group's index
+        # the run's first index in its mixer kind's cache (the cache groups are named as the mixers)
+        first = model.group_count(specs[:start], spec.mixer) if spec.mixer != "none" else 0
         if length == 1 or not m.scan_layers:
-            for i in range(start, start + length):
-                x_BcD, k, v = layer(jax.tree.map(lambda a, j=i - start: a[j], part), x_BcD, i, k, v)
+            for j in range(length):
+                x_BcD, cache = layer(jax.tree.map(lambda a, j=j: a[j], part), x_BcD, first + j, cache)
         else:
 
             def body(carry, xs, layer=layer):
-                (x_BcD, k, v), (p, i) = carry, xs
-                return layer(p, x_BcD, i, k, v), None
+                (x_BcD, cache), (p, i) = carry, xs
+                return layer(p, x_BcD, i, cache), None
 
-            (x_BcD, k, v), _ = jax.lax.scan(body, (x_BcD, k, v), (part, jnp.arange(start, start + length)))
+            (x_BcD, cache), _ = jax.lax.scan(body, (x_BcD, cache), (part, jnp.arange(first, first + length)))
     x_B1D = model.norm(x_BcD[:, -1:], module.final_norm[...], m)
-    return module.logits(x_B1D)[:, 0], Cache(k, v, pos_BT, seg_BT)
+    return module.logits(x_B1D)[:, 0], cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,16 +237,17 @@ def prefill(graphdef, params, tokens_BS, pos_BS, seg_BS, key, sampling: Sampling
     """Fill a cache of `total_len` slots with the prompt -> (cache, first new token [B], its logits [B, V]).
 
     A prompt longer than `chunk` (then a multiple of it) goes in chunks under a scan, each
-    attending to the cache filled so far: scores are [B, H, chunk, T], never [B, H, S, T].
+    attending to the cache filled so far (scores are [B, H, chunk, T], never [B, H, S, T]) and
+    each recurrent layer continuing the state and conv window the chunk before left.
     """
     module = nnx.merge(graphdef, params)
-    m = module.cfg
-    recurrent = sorted(set(layers.layer_types(m)) & set(layers.RECURRENT_MIXERS))
-    if recurrent:  # raised while tracing, before anything compiles
-        raise ConfigError("model.layer_types", f"generation does not take {recurrent} layers yet", "use attention")
+    other = sorted({spec.mixer for spec in layers.layer_specs(module.cfg)} - set(CACHED_MIXERS))
+    if other:  # raised while tracing, before anything compiles
+        raise ConfigError(
+            "model.layer_types", f"generation does not take {other} layers yet", f"use {CACHED_MIXERS} layers"
+        )
     B, S = tokens_BS.shape
-    zeros = jnp.zeros((m.num_layers, B, total_len, m.num_kv_heads, m.head_dim), jnp.dtype(m.dtype))
-    cache = Cache(zeros, zeros, jnp.zeros((B, total_len), jnp.int32), jnp.zeros((B, total_len), jnp.int32))
+    cache = empty_cache(module.cfg, B, total_len)
     if chunk >= S:
         logits_BV, cache = forward(module, cache, tokens_BS, pos_BS, seg_BS, 0)
     else:
@@ -235,7 +289,7 @@ def decode(graphdef, params, cache, first_B, first_logits_BV, key, sampling: Sam
     def body(carry):
         i, token_B, cache, out_BN, done_B, logits_BNV = carry
         pos_B1, seg_B1 = (last_pos_B + i)[:, None], jnp.ones((B, 1), jnp.int32)
-        logits_BV, cache = forward(module, cache, token_B[:, None], pos_B1, seg_B1, S + i - 1)
+        logits_BV, cache = forward(module, cache, token_B[:, None], pos_B1, seg_B1, S + i - 1, step=True)
         token_B = jnp.where(done_B, pad_id, sample(logits_BV, jax.random.fold_in(key, i), sampling, greedy))
         done_B = done_B | (token_B == eos_id)
         out_BN = jax.lax.dynamic_update_slice(out_BN, token_B[:, None], (0, i))

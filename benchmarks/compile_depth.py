@@ -3,9 +3,11 @@
     python benchmarks/compile_depth.py [--depths 8,16,32,64] [--repeats 3]
     python benchmarks/compile_depth.py --quick        # depths 4,8,16, one compile each (~1 min)
 
-Fixed small width (d_model 128, seq 64). Layouts: `rope_nope` (SmolLM3: full attention, NoPE
-every 4th layer) and `local_global` (sliding window 16 with RoPE, every 4th layer global NoPE:
-two layer kinds whose attention differs, not only their RoPE flag). Each figure is the median
+Fixed small width (d_model 128, seq 64). Layouts: `all_rope` (one layer kind), `rope_nope`
+(SmolLM3: full attention, NoPE every 4th layer), `local_global` (sliding window 16 with RoPE,
+every 4th layer global NoPE: two layer kinds whose attention differs, not only their RoPE flag),
+`mamba_hybrid` and `gdn_hybrid` (Mamba2 or Gated DeltaNet x3 : NoPE attention, Granite 4.0-H /
+OLMo Hybrid style). Each figure is the median
 over fresh compiles (a new model config each time, so nothing is served from a cache).
 """
 
@@ -21,9 +23,24 @@ import jax.numpy as jnp
 
 from nopejax import config, model, validation
 
+
+def _hybrid(mixer: str, sizes: dict):
+    return lambda n: dict(layer_types=tuple(mixer if (i + 1) % 4 else "full_attention" for i in range(n)),
+                          no_rope_layer_interval=1, **sizes)  # fmt: skip
+
+
+# layout -> model fields for a depth
 LAYOUTS = {
-    "rope_nope": dict(no_rope_layer_interval=4),
-    "local_global": dict(no_rope_layer_interval=4, global_attention_interval=4, sliding_window=16),
+    "all_rope": lambda n: dict(no_rope_layer_interval=0),
+    "rope_nope": lambda n: dict(no_rope_layer_interval=4),
+    "local_global": lambda n: dict(no_rope_layer_interval=4, global_attention_interval=4, sliding_window=16),
+    "mamba_hybrid": _hybrid(
+        "mamba2", dict(mamba_num_heads=4, mamba_head_dim=64, mamba_state_size=32, mamba_chunk_size=16)
+    ),
+    "gdn_hybrid": _hybrid(
+        "gated_deltanet",
+        dict(gdn_key_heads=2, gdn_value_heads=4, gdn_key_head_dim=32, gdn_value_head_dim=32, gdn_chunk_size=16),
+    ),
 }
 
 
@@ -33,7 +50,7 @@ def compile_seconds(num_layers: int, scan: bool, salt: int, layout: str = "rope_
     cfg.model.update(
         num_layers=num_layers, scan_layers=scan, dtype="float32", rms_norm_eps=1e-6 + salt * 1e-12, **shape
     )
-    cfg.model.update(**LAYOUTS[layout])
+    cfg.model.update(**LAYOUTS[layout](num_layers))
     m = validation.validate(cfg).model
     graphdef, params = model.split(nnx_eval_shape(m))
     tokens = jax.ShapeDtypeStruct((2, 64), jnp.int32)

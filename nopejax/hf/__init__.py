@@ -100,13 +100,16 @@ RUNTIME_FIELDS = {"init_std", "dtype", "param_dtype", "attention_impl", "scan_la
 
 def check_exportable(m: config.ConfigDict, family: str | None = None) -> None:
     """Refuse, before anything is written, a model the family's config.json cannot express (default:
-    `m.hf_family`): the first feature it has no field for, then any other field away from its default."""
+    `m.hf_family`): the first layer of a mixer or FFN kind its format has no place for, then the first
+    feature it has no field for, then any other field away from its default."""
     key = family or m.hf_family
     if key not in registry.BY_NAME:
         raise config.ConfigError("model.hf_family", f"is {key!r}, a family nopejax does not export",
                                  f"use one of {list(registry.NAMES)} ({registry.labels()})")  # fmt: skip
     fam = registry.BY_NAME[key]
     name = fam.architecture.removesuffix("ForCausalLM")
+    others = [f.name for f in registry.REGISTERED if f.name != key]
+    fields.layer_kinds(m, name, fam.mixers, fam.ffns, f"model.hf_family, one of {others}")
     derived = {"no_rope_layers": [int(x) for x in layers.rope_pattern(m)], "layer_types": fields.layer_types(m)}
     for field, in_use, lacks in fam.lacks:
         if in_use(m):

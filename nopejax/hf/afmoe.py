@@ -136,6 +136,10 @@ def _embed_scale_ok(m) -> bool:
     return m.embed_scale == 1.0 or math.isclose(m.embed_scale, m.d_model**0.5, rel_tol=1e-12)
 
 
+# the layer kinds the format holds (LayerSpec.mixer, .ffn): fields.layer_kinds refuses any other
+MIXERS = ("attention",)
+FFNS = ("dense", "moe")
+
 LACKS = (
     *fields.MOE_LACKS,
     ("attention_chunk_size", lambda m: m.attention_chunk_size is not None, "chunked attention"),

@@ -93,6 +93,10 @@ BASE = {"norm": "layernorm", "block": "parallel"}
 
 LAYER_MAP = {"attn_norm": tensors.same("input_layernorm.weight", tensors.d_model), **tensors.PROJECTIONS}
 
+# the layer kinds the format holds (LayerSpec.mixer, .ffn): fields.layer_kinds refuses any other
+MIXERS = ("attention",)
+FFNS = ("dense",)
+
 LACKS = (
     *fields.NOBODY_HAS,
     ("block", lambda m: m.block != "parallel", "block other than parallel"),

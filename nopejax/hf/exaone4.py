@@ -65,6 +65,10 @@ def _all_global_rope(m) -> bool:
     return all(layers.rope_pattern(m)) and not any(s.local for s in layers.layer_specs(m))
 
 
+# the layer kinds the format holds (LayerSpec.mixer, .ffn): fields.layer_kinds refuses any other
+MIXERS = ("attention",)
+FFNS = ("dense",)
+
 LACKS = (
     *fields.NOBODY_HAS,
     ("block", lambda m: m.block != "post_norm", "block other than post_norm"),

@@ -6,14 +6,18 @@ over the family's defaults, and returns the nopejax model fields it sets ({} for
 does not change what the model computes), or raises HFConfigError. A field with no row is
 refused: its meaning is unknown, so nopejax cannot claim to compute what transformers does.
 
-Export mirrors it: a family's `lacks` rows (model field, does `m` use it, what the format lacks)
-refuse, in order, a nopejax model the family's config.json cannot express.
+Export mirrors it: a family's `MIXERS` and `FFNS` (the layer kinds its format holds) refuse a
+model with a layer of another kind (`layer_kinds`), then its `lacks` rows (model field, does `m`
+use it, what the format lacks) refuse, in order, a nopejax model the family's config.json cannot
+express.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import NamedTuple
+
+import numpy as np
 
 from nopejax import config, layers, tensorfile
 
@@ -331,6 +335,45 @@ def sliding_rope(m) -> bool:
 
 def any_rope(m) -> bool:
     return any(layers.rope_pattern(m))
+
+
+_MIXER_NAMES = {"attention": "attention", "mamba2": "Mamba2", "gated_deltanet": "Gated DeltaNet",
+                "none": "no mixer (an FFN-only layer)"}  # fmt: skip
+_FFN_NAMES = {"dense": "a dense FFN", "moe": "an MoE FFN", "none": "no FFN (a mixer-only layer)"}
+
+
+def layer_kinds(m, fmt: str, mixers: tuple, ffns: tuple, others: str) -> None:
+    """Refuse (config.ConfigError), naming the first layer, a model with a mixer or FFN kind (LayerSpec.mixer,
+    .ffn) that the `fmt` format cannot hold; `others` names the families to export to instead."""
+    for i, spec in enumerate(layers.layer_specs(m)):
+        if spec.mixer not in mixers:
+            field, what, holds = "layer_types", _MIXER_NAMES[spec.mixer], [_MIXER_NAMES[k] for k in mixers]
+        elif spec.ffn not in ffns:
+            field = "ffn_types" if m.ffn_types is not None else "num_experts"
+            what, holds = _FFN_NAMES[spec.ffn], [_FFN_NAMES[k] for k in ffns]
+        else:
+            continue
+        raise config.ConfigError(
+            f"model.{field}", f"layer {i} has {what}, but the {fmt} format has no such layer (its layers have "
+            f"{' or '.join(holds)}), so transformers cannot run this model", f"export to a family that holds it "
+            f"({others}), or use the params directly with nopejax",
+        )  # fmt: skip
+
+
+def no_expert_bias(fmt: str, fix: str):
+    """check_params of a format without an expert bias: a nonzero one (trained with expert_bias_rate)
+    cannot be written."""
+
+    def check(m, params) -> None:
+        bias = np.asarray(params["layers"]["expert_bias"]) if m.num_experts else np.zeros(1)
+        if np.any(bias != 0):
+            raise config.ConfigError(
+                "model.expert_bias_rate", f"the params hold a nonzero expert bias (max |b| = "
+                f"{np.abs(bias).max():.3g}), but the {fmt} format has no expert bias, so transformers would "
+                "route differently", fix,
+            )  # fmt: skip
+
+    return check
 
 
 # No dense family here has these (Llama 4, Gemma 3 and Qwen-style features nopejax computes).

@@ -28,6 +28,10 @@ LAYER_MAP = {
     "mlp_norm": tensors.same("post_attention_layernorm.weight", tensors.d_model),
 }
 
+# the layer kinds the format holds (LayerSpec.mixer, .ffn): fields.layer_kinds refuses any other
+MIXERS = ("attention",)
+FFNS = ("dense",)
+
 LACKS = (
     *fields.PRE_NORM_LACKS,
     ("no_rope_layers", lambda m: not all(layers.rope_pattern(m)), "NoPE layers (every Llama layer rotates)"),

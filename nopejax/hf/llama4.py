@@ -141,8 +141,12 @@ LAYER_MAP = {
     ),
     "expert_down": tensors.same("feed_forward.experts.down_proj",
                                 lambda m: (m.num_experts, moe.expert_width(m), m.d_model)),
-    "expert_bias": tensors.Joint(lambda m: {}, lambda a, m: {}, lambda w, m: {"expert_bias": np.zeros(m.num_experts)}),
+    "expert_bias": tensors.NO_EXPERT_BIAS,
 }  # fmt: skip
+
+# the layer kinds the format holds (LayerSpec.mixer, .ffn): fields.layer_kinds refuses any other
+MIXERS = ("attention",)
+FFNS = ("dense", "moe")
 
 LACKS = (
     *fields.MOE_LACKS,
@@ -184,12 +188,4 @@ def config_json(m) -> dict:
     }
 
 
-def check_params(m, params) -> None:
-    """Llama 4 has no expert bias: a nonzero one (trained with expert_bias_rate) cannot be written."""
-    bias = np.asarray(params["layers"]["expert_bias"])
-    if np.any(bias != 0):
-        raise config.ConfigError(
-            "model.expert_bias_rate", f"the params hold a nonzero expert bias (max |b| = {np.abs(bias).max():.3g}), "
-            "but the Llama4 format has no expert bias, so transformers would route differently",
-            "export to afmoe, or train Llama 4 models with expert_bias_rate = 0",
-        )  # fmt: skip
+check_params = fields.no_expert_bias("Llama4", "export to afmoe, or train Llama 4 models with expert_bias_rate = 0")

@@ -33,7 +33,6 @@ import math
 from nopejax import layers
 from nopejax.hf import fields, tensors
 from nopejax.hf.fields import Field, HFConfigError, agrees_with, harmless, only
-from nopejax.mixers import mamba2 as mamba2_lib
 from nopejax.mixers.kinds import KINDS
 
 MAMBA2 = KINDS["mamba2"]
@@ -226,26 +225,6 @@ FIELDS = {
 BASE = {"block": "pre_norm", "norm": "rms", "mamba_num_heads": 0}
 
 
-def _mamba(suffix: str, ours_to_hf, hf_to_ours, shape) -> tensors.Tensor:
-    return tensors.Tensor(f"mixer.{suffix}", shape, ours_to_hf, lambda w, m: hf_to_ours(w))
-
-
-def _mamba_rows() -> dict:
-    """The Mamba2 mixer's rows, from mixers/mamba2.py's HF_TENSORS (transformers' names in the mixer)."""
-    params = {**mamba2_lib.MAMBA2_PARAMS, **mamba2_lib.BIAS_PARAMS, **mamba2_lib.CONV_BIAS_PARAMS}
-    to_hf = {"in_proj": lambda a: a.T, "out_proj": lambda a: a.T, "conv1d_weight": lambda a: a.T[:, None, :]}
-    rows = {}
-    for name, (suffix, from_hf) in mamba2_lib.HF_TENSORS.items():
-        shape_fn = params[name][0]
-        hf_shape = {
-            "in_proj": lambda m, f=shape_fn: f(MAMBA2.dims(m))[::-1],
-            "out_proj": lambda m, f=shape_fn: f(MAMBA2.dims(m))[::-1],
-            "conv1d_weight": lambda m, f=shape_fn: (f(MAMBA2.dims(m))[1], 1, f(MAMBA2.dims(m))[0]),
-        }.get(name, lambda m, f=shape_fn: f(MAMBA2.dims(m)))
-        rows[MAMBA2.prefix + name] = _mamba(suffix, to_hf.get(name, lambda a: a), from_hf, hf_shape)
-    return rows
-
-
 LAYER_MAP = {
     "attn_norm": tensors.same("norm.weight", tensors.d_model),
     "mlp_norm": tensors.same("norm.weight", tensors.d_model),
@@ -257,7 +236,7 @@ LAYER_MAP = {
     "w_down": tensors.linear("mixer.down_proj.weight", tensors.width, tensors.d_ff),
     "up_bias": tensors.same("mixer.up_proj.bias", lambda m: (m.d_ff,)),
     "down_bias": tensors.same("mixer.down_proj.bias", tensors.d_model),
-    **_mamba_rows(),
+    **tensors.mamba2_rows("mixer"),
 }
 
 
@@ -271,6 +250,10 @@ def _kinds(m) -> list[str]:
     names = {"mamba2": "linear_attention", "attention": "full_attention", "none": "mlp"}
     return [names[spec.mixer] for spec in layers.layer_specs(m)]
 
+
+# the layer kinds the format holds (LayerSpec.mixer, .ffn): fields.layer_kinds refuses any other
+MIXERS = ("attention", "mamba2", "none")
+FFNS = ("dense", "none")
 
 LACKS = (
     ("num_experts", lambda m: m.num_experts != 0, "mapping of nopejax's SwiGLU experts (its experts are relu2)"),

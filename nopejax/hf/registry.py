@@ -1,7 +1,7 @@
 """The HF families nopejax converts: one line each, read by the CLI help, the docs, the error
 messages and tests/hf/. A family is its line here plus its module nopejax/hf/<name>.py, which holds
-the family's config.json rows (FIELDS, BASE, LACKS, config_json), tensor map (LAYER_MAP) and row of
-the HF guide's table (GUIDE_ROW) only; a line whose module is absent registers nothing.
+the family's config.json rows (FIELDS, BASE, MIXERS, FFNS, LACKS, config_json), tensor map (LAYER_MAP)
+and row of the HF guide's table (GUIDE_ROW) only; a line whose module is absent registers nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ ENTRIES = (
     Entry("afmoe", "afmoe", "AfmoeForCausalLM", "AFMoE (Arcee Trinity)"),
     Entry("llama4", "llama4_text", "Llama4ForCausalLM", "Llama 4"),
     Entry("nemotron_h", "nemotron_h", "NemotronHForCausalLM", "Nemotron-H"),
+    Entry("granitemoehybrid", "granitemoehybrid", "GraniteMoeHybridForCausalLM", "Granite 4.0-H"),
 )
 
 
@@ -41,6 +42,8 @@ class Family(NamedTuple):
     fields: dict[str, Field]  # every config.json field: its row
     base: dict  # nopejax model fields the family fixes before its rows are read
     layer_map: dict  # param name (or names) -> its HF tensor row(s), see hf/tensors.py
+    mixers: tuple  # the LayerSpec.mixer kinds its layers can have ("attention", "mamba2", "none", ...)
+    ffns: tuple  # the LayerSpec.ffn kinds its layers can have ("dense", "moe", "none")
     # what the format cannot hold: (model field, does `m` use it, what the format lacks), checked in order
     lacks: tuple
     config: Callable  # model cfg -> the family's own config.json entries
@@ -62,6 +65,8 @@ def _load(entry: Entry) -> Family:
         fields={**module.FIELDS, "architectures": Field(None, architectures(entry.architecture))},
         base={**module.BASE, "hf_family": entry.name},
         layer_map=module.LAYER_MAP,
+        mixers=module.MIXERS,
+        ffns=module.FFNS,
         lacks=module.LACKS,
         config=module.config_json,
         check_params=getattr(module, "check_params", lambda m, params: None),

@@ -55,6 +55,10 @@ LAYER_MAP = {
     "mlp_norm": tensors.same("post_attention_layernorm.weight", tensors.d_model),
 }
 
+# the layer kinds the format holds (LayerSpec.mixer, .ffn): fields.layer_kinds refuses any other
+MIXERS = ("attention",)
+FFNS = ("dense",)
+
 LACKS = fields.PRE_NORM_LACKS
 
 

@@ -37,6 +37,8 @@ from typing import NamedTuple
 import numpy as np
 
 from nopejax import config, layers, model, moe
+from nopejax.mixers import mamba2 as mamba2_lib
+from nopejax.mixers.kinds import KINDS
 
 
 class Tensor(NamedTuple):
@@ -177,6 +179,32 @@ def shared_experts(prefix: str) -> dict:
         "shared_up": linear(f"{prefix}.up_proj.weight", shared_width, width),
         "shared_down": linear(f"{prefix}.down_proj.weight", width, shared_width),
     }
+
+
+# A format without an expert bias: nothing on disk, zeros on import (a family's check_params refuses a
+# nonzero one on export: fields.no_expert_bias)
+NO_EXPERT_BIAS = Joint(lambda m: {}, lambda a, m: {}, lambda w, m: {"expert_bias": np.zeros(m.num_experts)})
+
+
+def mamba2_rows(where: str) -> dict:
+    """The Mamba2 mixer's rows under `where` (Nemotron-H "mixer", Granite 4.0-H "mamba"), from
+    mixers/mamba2.py's HF_TENSORS (transformers' names inside the mixer): Linear weights W.T, the
+    depthwise conv weight [u, 1, k] <-> ours [k, u], the rest as is."""
+    kind = KINDS["mamba2"]
+    params = {**mamba2_lib.MAMBA2_PARAMS, **mamba2_lib.BIAS_PARAMS, **mamba2_lib.CONV_BIAS_PARAMS}
+    to_hf = {"in_proj": lambda a: a.T, "out_proj": lambda a: a.T, "conv1d_weight": lambda a: a.T[:, None, :]}
+    rows = {}
+    for name, (suffix, from_hf) in kind.hf_tensors.items():
+        ours = params[name][0]
+        hf_shape = {
+            "in_proj": lambda m, f=ours: f(kind.dims(m))[::-1],
+            "out_proj": lambda m, f=ours: f(kind.dims(m))[::-1],
+            "conv1d_weight": lambda m, f=ours: (f(kind.dims(m))[1], 1, f(kind.dims(m))[0]),
+        }.get(name, lambda m, f=ours: f(kind.dims(m)))
+        rows[kind.prefix + name] = Tensor(
+            f"{where}.{suffix}", hf_shape, to_hf.get(name, lambda a: a), lambda w, m, g=from_hf: g(w)
+        )
+    return rows
 
 
 def _as_joint(name: str, row: Tensor) -> Joint:

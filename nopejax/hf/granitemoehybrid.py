@@ -1,4 +1,4 @@
-"""Granite 4.0-H (transformers `models/granitemoehybrid/modeling_granitemoehybrid.py`, `configuration_granitemoehybrid.py`).
+"""Granite 4.0-H (transformers `models/granitemoehybrid/`: `modeling_granitemoehybrid.py`, its configuration).
 
 Every layer is a pre-norm mixer, chosen per layer by `layer_types` ("mamba" / linear_attention a
 Mamba2 mixer, "attention" / full_attention softmax attention; RoPE on every attention layer when

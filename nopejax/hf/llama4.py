@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nopejax import config, layers, moe
+from nopejax import layers, moe
 from nopejax.hf import fields, tensors
 from nopejax.hf.fields import Field, HFConfigError, harmless
 

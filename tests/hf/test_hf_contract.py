@@ -46,13 +46,19 @@ TINY = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 100.0},
     # Nemotron-H: Mamba2, relu2 MLP and NoPE attention layers; 13-token rows over 4-token SSD chunks
     hybrid_override_pattern="M-*M-M*", mamba_num_heads=6, mamba_head_dim=5, n_groups=3, ssm_state_size=7, chunk_size=4,
+    # Granite 4.0-H: 5 experts of 37 beside a shared SwiGLU of 2 x 37; 6 Mamba2 heads of 10 in 3 groups, state 7,
+    # 4-token chunks; the four muP multipliers away from 1
+    shared_intermediate_size=74, mamba_n_heads=6, mamba_n_groups=3, mamba_d_state=7, mamba_chunk_size=4,
+    embedding_multiplier=1.7, attention_multiplier=0.2, residual_multiplier=0.6, logits_scaling=1.3,
 )  # fmt: skip
+# Keys that several families name but that mean a family's own layout: given to that family only
+TINY_OF = {"granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "mamba", "attention"])}
 NAMES = [family.name for family in registry.REGISTERED]
 
 
 def tiny_reference(family: registry.Family, seed: int = 0):
     """The family's transformers causal LM at the TINY sizes, random, fp32, eager attention and experts."""
-    kw = {key: value for key, value in TINY.items() if key in family.fields}
+    kw = {key: value for key, value in TINY.items() if key in family.fields} | TINY_OF.get(family.name, {})
     cfg = transformers.AutoConfig.for_model(family.model_type, **kw)
     cfg._attn_implementation, cfg._experts_implementation = "eager", "eager"
     torch.manual_seed(seed)

@@ -30,7 +30,7 @@ from configs_loader import ROOT
 
 import nopejax
 from nopejax import cli, config, layers, model, tensorfile, validation
-from nopejax.hf import registry
+from nopejax.hf import fields, registry
 
 PUBLISHED = ROOT / "tests" / "data" / "hf_configs"
 SEQ = 13
@@ -174,6 +174,61 @@ def test_published_configs_convert_validate_and_export_back(name, path):
         assert nopejax.hf.hf_config(m) == nopejax.hf.hf_config(ours)
         for field in ("d_model", "head_dim", "num_experts", "expert_d_ff", "d_ff", "routed_scale", "embed_scale"):
             assert m[field] == ours[field], field
+
+
+# one layer of each kind (LayerSpec.mixer / .ffn) beside attention + dense FFN layers
+LAYER_OF_MIXER = {"attention": "full_attention", "mamba2": "mamba2", "gated_deltanet": "gated_deltanet", "none": "mlp"}
+UNHELD = [
+    (family.name, what, kind)
+    for family in registry.REGISTERED
+    for what, kinds, held in (("mixer", layers.MIXERS, family.mixers), ("ffn", layers.FFNS, family.ffns))
+    for kind in kinds
+    if kind not in held
+]
+
+
+def _model_with(name: str, what: str, kind: str):
+    """A 3-layer model of family `name` whose middle layer has mixer or FFN `kind`, the others attention + dense."""
+    cfg = config.base_config()
+    cfg.model.update(
+        hf_family=name, vocab_size=61, d_model=30, num_heads=3, num_kv_heads=1, head_dim=10, d_ff=37, num_layers=3,
+        no_rope_layers=(0, 0, 0),
+    )  # fmt: skip
+    if kind == "mamba2":
+        cfg.model.update(mamba_num_heads=6, mamba_head_dim=10, mamba_groups=3, mamba_state_size=7)
+    if kind == "gated_deltanet":
+        cfg.model.update(gdn_key_heads=2, gdn_value_heads=4, gdn_key_head_dim=3, gdn_value_head_dim=5)
+    mixers, ffns = ["full_attention"] * 3, ["dense"] * 3
+    if what == "mixer":
+        mixers[1] = LAYER_OF_MIXER[kind]
+    else:
+        ffns[1] = kind
+        cfg.model.num_experts = 5 if kind == "moe" else 0
+    cfg.model.update(layer_types=tuple(mixers), ffn_types=tuple(ffns))
+    return validation.validate(cfg).model
+
+
+@pytest.mark.parametrize("name,what,kind", UNHELD, ids=lambda x: str(x))
+def test_a_layer_kind_the_format_has_no_place_for_is_refused_by_name_before_anything_is_written(
+    name, what, kind, tmp_path
+):
+    """A Gated DeltaNet layer as Granite 4.0-H or Nemotron-H, an FFN-only layer as Granite 4.0-H, a mixer-only
+    layer or MoE as a dense family: one line naming the layer and its kind (the family's MIXERS / FFNS)."""
+    m = _model_with(name, what, kind)
+    fmt = registry.BY_NAME[name].architecture.removesuffix("ForCausalLM")
+    with pytest.raises(config.ConfigError) as err:
+        nopejax.to_hf({}, str(tmp_path / "out"), m)  # refused before a single param is asked for
+    message = str(err.value)
+    assert err.value.field == ("model.layer_types" if what == "mixer" else "model.ffn_types"), message
+    assert f"layer 1 has {fields._MIXER_NAMES[kind] if what == 'mixer' else fields._FFN_NAMES[kind]}" in message
+    assert f"the {fmt} format has no such layer" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_hybrid_families_refuse_gated_deltanet():
+    """The examples the generic rule exists for are among the cases tested above."""
+    assert {("granitemoehybrid", "mixer", "gated_deltanet"), ("nemotron_h", "mixer", "gated_deltanet"),
+            ("granitemoehybrid", "mixer", "none"), ("smollm3", "ffn", "moe")} <= set(UNHELD)  # fmt: skip
 
 
 def test_published_configs_are_filed_under_registered_families():

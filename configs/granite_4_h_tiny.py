@@ -60,6 +60,7 @@ def get_config():
     m.rms_norm_eps = 1e-5
     m.tie_embeddings = True
     m.max_position_embeddings = 131072
+    m.hf_family = "granitemoehybrid"
     m.remat = "full"
     cfg.train.seq_len = 4096
     cfg.train.global_batch_size = 16  # one 4K row per v5p chip of a 2x2x4 slice

@@ -108,8 +108,9 @@ def check_exportable(m: config.ConfigDict, family: str | None = None) -> None:
                                  f"use one of {list(registry.NAMES)} ({registry.labels()})")  # fmt: skip
     fam = registry.BY_NAME[key]
     name = fam.architecture.removesuffix("ForCausalLM")
-    others = [f.name for f in registry.REGISTERED if f.name != key]
-    fields.layer_kinds(m, name, fam.mixers, fam.ffns, f"model.hf_family, one of {others}")
+    fields.layer_kinds(m, name, fam.mixers, fam.ffns, lambda what, kind: [
+        f.name for f in registry.REGISTERED if kind in (f.mixers if what == "mixer" else f.ffns)
+    ])  # fmt: skip
     derived = {"no_rope_layers": [int(x) for x in layers.rope_pattern(m)], "layer_types": fields.layer_types(m)}
     for field, in_use, lacks in fam.lacks:
         if in_use(m):

@@ -342,21 +342,23 @@ _MIXER_NAMES = {"attention": "attention", "mamba2": "Mamba2", "gated_deltanet": 
 _FFN_NAMES = {"dense": "a dense FFN", "moe": "an MoE FFN", "none": "no FFN (a mixer-only layer)"}
 
 
-def layer_kinds(m, fmt: str, mixers: tuple, ffns: tuple, others: str) -> None:
+def layer_kinds(m, fmt: str, mixers: tuple, ffns: tuple, holders: Callable[[str, str], list]) -> None:
     """Refuse (config.ConfigError), naming the first layer, a model with a mixer or FFN kind (LayerSpec.mixer,
-    .ffn) that the `fmt` format cannot hold; `others` names the families to export to instead."""
+    .ffn) that the `fmt` format cannot hold; `holders("mixer" | "ffn", kind)` names the families that can."""
     for i, spec in enumerate(layers.layer_specs(m)):
         if spec.mixer not in mixers:
-            field, what, holds = "layer_types", _MIXER_NAMES[spec.mixer], [_MIXER_NAMES[k] for k in mixers]
+            what, kind, field, names, held = "mixer", spec.mixer, "layer_types", _MIXER_NAMES, mixers
         elif spec.ffn not in ffns:
             field = "ffn_types" if m.ffn_types is not None else "num_experts"
-            what, holds = _FFN_NAMES[spec.ffn], [_FFN_NAMES[k] for k in ffns]
+            what, kind, names, held = "ffn", spec.ffn, _FFN_NAMES, ffns
         else:
             continue
+        others = holders(what, kind)
         raise config.ConfigError(
-            f"model.{field}", f"layer {i} has {what}, but the {fmt} format has no such layer (its layers have "
-            f"{' or '.join(holds)}), so transformers cannot run this model", f"export to a family that holds it "
-            f"({others}), or use the params directly with nopejax",
+            f"model.{field}", f"layer {i} has {names[kind]}, but the {fmt} format has no such layer (its layers "
+            f"have {' or '.join(names[k] for k in held)}), so transformers cannot run this model",
+            f"export to a family that holds it (model.hf_family, one of {others}), or use the params directly with "
+            "nopejax" if others else "no family nopejax exports holds it: use the params directly with nopejax",
         )  # fmt: skip
 
 

@@ -64,21 +64,23 @@ def _types(hf: dict) -> list:
 
 
 def read_layers(name, value, hf):
-    """The mixer of each layer (transformers reads the first num_hidden_layers entries), and RoPE on
-    every attention layer or on none, as position_embedding_type says."""
+    """The mixer of each layer (one per layer, as GraniteMoeHybridConfig checks), and RoPE on every
+    attention layer or on none, as position_embedding_type says."""
     L, types = hf["num_hidden_layers"], _types(hf)
-    if not isinstance(types, list) or len(types) < L or any(t not in LAYER_KINDS for t in types[:L]):
+    if not isinstance(types, list) or len(types) != L or any(t not in LAYER_KINDS for t in types):
         raise HFConfigError(name, value, f"needs one of {sorted(LAYER_KINDS)} per layer ({L} layers)",
                             "fix the list")  # fmt: skip
     rope = hf["position_embedding_type"]
     if rope not in (None, "nope", "rope"):
         raise HFConfigError("position_embedding_type", rope, "transformers' Granite 4.0-H knows 'rope' and "
                             "treats anything else as no RoPE", "use 'rope' or 'nope'")  # fmt: skip
-    return {"layer_types": tuple(LAYER_KINDS[t] for t in types[:L]), "no_rope_layers": (int(rope == "rope"),) * L}
+    kinds = tuple(LAYER_KINDS[t] for t in types)
+    return {"layer_types": kinds, "no_rope_layers": tuple(int(rope == "rope" and k != "mamba2") for k in kinds)}
 
 
 def _has_mamba(hf: dict) -> bool:
-    return any(LAYER_KINDS.get(t) == "mamba2" for t in _types(hf)[: hf["num_hidden_layers"]])
+    types = _types(hf)
+    return isinstance(types, list) and any(LAYER_KINDS.get(t) == "mamba2" for t in types)
 
 
 def _count(name, value) -> int:

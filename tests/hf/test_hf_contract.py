@@ -222,6 +222,8 @@ def test_a_layer_kind_the_format_has_no_place_for_is_refused_by_name_before_anyt
     assert err.value.field == ("model.layer_types" if what == "mixer" else "model.ffn_types"), message
     assert f"layer 1 has {fields._MIXER_NAMES[kind] if what == 'mixer' else fields._FFN_NAMES[kind]}" in message
     assert f"the {fmt} format has no such layer" in message and "\n" not in message
+    holders = [f.name for f in registry.REGISTERED if kind in (f.mixers if what == "mixer" else f.ffns)]
+    assert f"one of {holders}" in message if holders else "no family nopejax exports holds it" in message
     assert not (tmp_path / "out").exists()
 
 

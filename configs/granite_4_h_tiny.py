@@ -21,7 +21,9 @@ checkpoint (model.hf_family = "granitemoehybrid").
 
 The pattern has period 10 from layer 0, so the block plan scans one 10-layer block 4 times.
 `nopejax train --config configs/granite_4_h_tiny.py --workdir /tmp/g --dry-run --topology v5p:2x2x4`
-(figures: docs/results/tpu-aot.md).
+(2026-12-06, JAX 0.10.2, libtpu 0.0.42.1, compiled on 2 CPU cores shared at load 35-76):
+6,939,039,808 params, 13.47 GiB per chip, 37.7 TFLOP per chip per step, compile 2828 s wall (312 s of
+CPU: the machine was starved); docs/results/tpu-aot.md.
 """
 
 from nopejax.config import base_config

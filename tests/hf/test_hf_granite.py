@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from configs_loader import ROOT
 
 import nopejax
-from nopejax import config, layers, model, tensorfile
+from nopejax import config, layers, model, tensorfile, validation
 
 SMALL = dict(
     model_type="granitemoehybrid", vocab_size=61, hidden_size=30, intermediate_size=11, num_hidden_layers=5,
@@ -154,3 +155,25 @@ def test_export_config_imports_back_to_the_same_model():
     assert hf["layer_types"] == SMALL["layer_types"] and hf["position_embedding_type"] == "nope"
     assert json.loads(json.dumps(hf)) == hf  # plain JSON
     assert nopejax.hf.model_config_from_hf(hf) == m
+
+
+def test_tiny_hybrid_config_exports_a_model_transformers_runs_with_its_logits(tmp_path):
+    """configs/tiny_hybrid.py (Mamba2 x3 : NoPE attention, dense, tied) as `nopejax export` writes it: the Auto
+    class loads it and computes nopejax's logits, on rows of 100 tokens over SSD chunks of 32."""
+    cfg = config.load_config(str(ROOT / "configs" / "tiny_hybrid.py"))
+    cfg.model.update(init_std=0.2)  # logits well away from 0
+    m = validation.validate(cfg).model
+    ours = model.create(m, seed=0)
+    nopejax.to_hf(ours, str(tmp_path / "hf"))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    assert ref.config.layer_types == ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3 + [
+        "full_attention"]  # fmt: skip
+    assert ref.config.num_local_experts == 0 and ref.config.position_embedding_type == "nope"
+    tokens_BS = np.random.default_rng(0).integers(0, m.vocab_size, (2, 100)).astype(np.int32)
+    want = _logits(ref, tokens_BS)
+    assert np.abs(want).max() > 1.0
+    graphdef, params = model.split(ours)
+    got = jax.jit(lambda p, t: model.apply(graphdef, p, t))(params, jnp.asarray(tokens_BS))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4 * np.abs(want).max(), rtol=0)

@@ -226,6 +226,83 @@ def _all_to_all_experts(x_BSD, experts_BSU, weights_BSU, gate_YDI, up_YDI, down_
     return y_MD.reshape(b, s, D)
 
 
+# XLA:CPU has no ragged all-to-all: the tests swap in an emulation built from all-gathers here
+_ragged_all_to_all = jax.lax.ragged_all_to_all
+
+
+def ragged_layout(counts_QPY, me):
+    """The arguments of the two ragged all-to-alls of the "ragged" dispatcher, for device `me`.
+
+    counts_QPY[q, p, y]: assignments device q sends to local expert y of device p (all devices'
+    counts, all-gathered). Each sender's rows are sorted by global expert (p, y), so its block for
+    (p, y) starts at the exclusive cumsum of its counts. There is one slice per (p, y), so the
+    receiver's buffer comes out grouped by its local expert: expert y's block starts after the
+    blocks of experts < y, and within it the senders are in device order. The return trip mirrors
+    it: each receiver sends block (q, y) back to where sender q's rows for expert (me, y) began.
+
+    -> forward (input_offsets, send_sizes, output_offsets, recv_sizes), back (the same four),
+    group_sizes [Y]: the receiver's rows per local expert. Each argument is [P * Y], index p * Y + y
+    (forward: destination p; back: destination q); int32, traced or not.
+    """
+    Q, P, Y = counts_QPY.shape
+    counts_QX = counts_QPY.reshape(Q, P * Y)
+    send_start_QX = jnp.cumsum(counts_QX, axis=1) - counts_QX  # where block (p, y) starts in sender q's rows
+    group_PY = jnp.sum(counts_QPY, axis=0)  # rows each device receives per local expert
+    expert_start_PY = jnp.cumsum(group_PY, axis=1) - group_PY  # where expert y's block starts on p
+    before_QPY = jnp.cumsum(counts_QPY, axis=0) - counts_QPY  # rows from senders < q within that block
+    recv_start_QPY = expert_start_PY[None] + before_QPY  # where sender q's rows for (p, y) land on p
+    mine_QY = counts_QPY[:, me]  # what each sender sends me, per local expert
+    forward = (
+        send_start_QX[me],
+        counts_QX[me],
+        recv_start_QPY[me].reshape(P * Y),
+        mine_QY.reshape(Q * Y),
+    )
+    back = (
+        recv_start_QPY[:, me].reshape(Q * Y),  # my block (q, y) ...
+        mine_QY.reshape(Q * Y),
+        jax.lax.dynamic_slice_in_dim(send_start_QX, me * Y, Y, axis=1).reshape(Q * Y),  # ... to q's rows
+        counts_QX[me],
+    )
+    return forward, back, group_PY[me]
+
+
+def _ragged_experts(x_BSD, experts_BSU, weights_BSU, gate_YDI, up_YDI, down_YID, axes, devices, rows, scale_input):
+    """The expert-group step of the ragged dispatcher (inside shard_map, on this device's tokens).
+
+    Each device sorts its M * k assignments by expert and sends each device exactly the rows its
+    experts were chosen for (`jax.lax.ragged_all_to_all`, one slice per destination expert, layout
+    from `ragged_layout`); the receiver's buffer of `rows` rows comes out grouped by local expert,
+    ready for the grouped matmul, and the outputs return by the mirrored ragged all-to-all. Traffic
+    follows the routing: a device sends its assignments for other devices' experts, about
+    M * k * D * (P - 1) / P values under balanced load. The receive buffer is sized for the worst
+    case (every sender's rows for one device), so memory is not below the all-gather dispatcher's.
+    """
+    b, s, D = x_BSD.shape
+    k, Y, M = experts_BSU.shape[-1], gate_YDI.shape[0], b * s
+    X = devices * Y
+    experts_A = experts_BSU.reshape(M * k)  # dropped assignments have id X: sorted last, sent nowhere
+    order_A = jnp.argsort(experts_A, stable=True)
+    counts_X = jnp.bincount(experts_A, length=X + 1)[:X].astype(jnp.int32)
+    counts_QPY = jax.lax.all_gather(counts_X, axes, axis=0, tiled=False).reshape(devices, devices, Y)
+    me = jax.lax.axis_index(axes)
+    forward, back, group_sizes_Y = ragged_layout(counts_QPY, me)
+    x_AD = jnp.take(x_BSD.reshape(M, D), order_A // k, axis=0)
+    w_A = jnp.take(weights_BSU.reshape(M * k), order_A).astype(x_AD.dtype)
+    if scale_input:
+        x_AD = x_AD * w_A[:, None]
+    x_WD = _ragged_all_to_all(x_AD, jnp.zeros((rows, D), x_AD.dtype), *forward, axis_name=axes)
+    # rows past sum(group_sizes) are unused buffer: ragged_dot leaves them 0
+    gate_WI = jax.lax.ragged_dot(x_WD, gate_YDI, group_sizes_Y)
+    up_WI = jax.lax.ragged_dot(x_WD, up_YDI, group_sizes_Y)
+    y_WD = jax.lax.ragged_dot(jax.nn.silu(gate_WI) * up_WI, down_YID, group_sizes_Y)
+    y_AD = _ragged_all_to_all(y_WD, jnp.zeros_like(x_AD), *back, axis_name=axes)
+    if not scale_input:
+        y_AD = y_AD * w_A[:, None]
+    y_MUD = jnp.take(y_AD, jnp.argsort(order_A), axis=0).reshape(M, k, D)
+    return jnp.sum(y_MUD, axis=1).reshape(b, s, D)
+
+
 def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, m):
     """Routed experts on the mesh: shard_map over every axis, the expert axis by all-gather /
     reduce-scatter of tokens (`model.moe_dispatch = "allgather"`) or by all-to-all of the tokens
@@ -261,6 +338,19 @@ def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, m):
             gate = jax.lax.all_gather(gate, embed_axes, axis=1, tiled=True)
             up = jax.lax.all_gather(up, embed_axes, axis=1, tiled=True)
             down = jax.lax.all_gather(down, embed_axes, axis=2, tiled=True)
+        if expert_axes and m.moe_dispatch == "ragged":
+            b, s = x_BSD.shape[:2]
+            # a token sends at most min(k, Y) assignments to one device; capacity bounds a device's
+            # experts to `cap` of each of the group's rows
+            rows = devices * b * s * min(k, gate.shape[0])
+            if cap is not None:
+                rows = min(rows, devices * b * gate.shape[0] * cap)
+            y_BSD = _ragged_experts(
+                x_BSD, experts_BSU, weights_BSU, gate, up, down, expert_axes, devices, rows, scale_input
+            )
+            if width_axes:  # tensor-parallel expert width: partial sums of the down projection
+                y_BSD = jax.lax.psum(y_BSD, width_axes)
+            return y_BSD
         if expert_axes and m.moe_dispatch == "all_to_all":
             b, s = x_BSD.shape[:2]
             slots = b * s if cap is None else b * gate.shape[0] * cap

@@ -599,6 +599,11 @@ def _validate_checkpoint(c: ConfigDict) -> None:
 def check_platform(cfg: ConfigDict, platform: str) -> None:
     """What `validate` cannot know: whether the attention path runs on these devices ("cpu",
     "gpu" or "tpu"). `auto` always picks one that does (nopejax.attention.resolve_impl)."""
+    if cfg.model.moe_dispatch == "ragged" and cfg.model.num_experts and cfg.mesh.expert != 1 and platform == "cpu":
+        raise ConfigError(
+            "model.moe_dispatch", "ragged needs jax.lax.ragged_all_to_all, which XLA:CPU does not have",
+            "use allgather or all_to_all on CPU (they compute the same), ragged on TPU or GPU",
+        )  # fmt: skip
     impl = cfg.model.attention_impl
     if impl == "cudnn" and platform != "gpu":
         raise ConfigError("model.attention_impl", f"cudnn needs a GPU, these devices are {platform}", "use auto or xla")

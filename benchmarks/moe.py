@@ -2,6 +2,7 @@
 
     python benchmarks/moe.py [--steps 10] [--rounds 3] [--topology v5p:2x2x4]
     python benchmarks/moe.py --dispatch [--expert 8] [--steps 3] [--rounds 3]
+    python benchmarks/moe.py --layer-aot [--topology v5p:2x2x4] [--layer-dispatchers allgather,ragged]
 
 1. configs/tiny_moe.py's train step against a dense nopejax model with the same active
    parameters (configs/tiny.py with d_ff = 405: 6 * 405 = 512 + 5 * (2 + 1) * 128, the widths
@@ -17,6 +18,18 @@
    they move on a TPU slice come from the compiled program instead (benchmarks/aot_vs_maxtext.sh
    with MOE=1 and DISPATCH=..., which reads them from the HLO: benchmarks/hlo_collectives.py).
 
+5. With --layer-aot: one MoE layer of configs/trinity_mini.py (router, routed experts, shared
+   expert; forward and backward, as the backward of a fully rematerialised layer runs it) compiled
+   ahead of time for a TPU slice (default v5p:2x2x4, expert 8 x fsdp 2, 4 rows of 4096 tokens per
+   chip), once per dispatcher: the bytes each chip's collectives move per layer and step, read
+   from the compiled HLO (benchmarks/hlo_collectives.py), and the program's memory per chip. A
+   layer compiles in minutes where the whole train step takes most of an hour on a loaded CPU;
+   the collectives of the dispatch are the layer's, the rest of the step (attention, FSDP
+   gathers, gradient reductions) is the same for every dispatcher. The ragged all-to-all's
+   bytes depend on the routing, which the HLO cannot know: its row gives the send buffer's size
+   (every assignment leaving the device: the upper bound) and the balanced-load estimate
+   (P - 1) / P of it.
+
 The steps are alternated in one process so machine noise hits all alike.
 """
 
@@ -28,6 +41,7 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # --layer-aot only compiles; another process may hold libtpu
 if "--dispatch" in sys.argv:  # the expert-parallel comparison needs a mesh: 8 fake CPU devices, before jax loads
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
@@ -180,6 +194,57 @@ def compare_dispatchers(args):
     print(json.dumps(result))
 
 
+def layer_aot(args):
+    """One Trinity Mini MoE layer, forward + backward, compiled for a TPU slice per dispatcher."""
+    from hlo_collectives import collective_bytes, summary_gib
+    from jax.experimental import topologies
+
+    from nopejax import moe, sharding
+
+    cfg = load("trinity_mini")
+    m = cfg.model
+    devices = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
+    cfg.mesh.update(data=1, fsdp=-1, expert=args.expert)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    B, S = args.rows * len(devices), cfg.train.seq_len
+    params = {
+        name: jax.ShapeDtypeStruct(
+            fn(m), jnp.float32, sharding=jax.NamedSharding(mesh, sharding.logical_to_spec(axes, mesh))
+        )
+        for name, (fn, axes) in moe.moe_params(m).items()
+    }
+    act = jax.NamedSharding(mesh, sharding.logical_to_spec(("act_batch", "act_seq", "act_embed"), mesh))
+    h = jax.ShapeDtypeStruct((B, S, m.d_model), jnp.bfloat16, sharding=act)
+    results = {}
+    for dispatch in args.layer_dispatchers.split(","):
+        m.moe_dispatch = dispatch
+
+        def loss(p, h_BSD):
+            y_BSD, aux = moe.moe_ffn(p, h_BSD, m, jnp.bfloat16)
+            return jnp.sum(y_BSD.astype(jnp.float32)) + moe.aux_loss(jax.tree.map(lambda a: a[None], aux), m)
+
+        t0 = time.perf_counter()
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, h).compile()
+        seconds = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        table = collective_bytes(compiled.as_text())
+        row = {
+            "memory_per_chip_gib": round((mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                                         - mem.alias_size_in_bytes) / 2**30, 3),
+            "temp_gib": round(mem.temp_size_in_bytes / 2**30, 3),
+            "collective_gib": summary_gib(table),
+            "counts": {kind: r["count"] for kind, r in table.items()},
+            "compile_s": round(seconds, 1),
+        }  # fmt: skip
+        results[dispatch] = row
+        print(f"{dispatch}: {json.dumps(row)}", flush=True)
+    print(json.dumps({
+        "layer_aot": results, "topology": args.topology, "mesh": dict(mesh.shape), "rows_per_chip": args.rows,
+        "seq_len": S, "jax": jax.__version__, "load": open("/proc/loadavg").read().split()[:3],
+    }))  # fmt: skip
+
+
 def active_params(m) -> int:
     """Params one token goes through (routed experts: k of E), embeddings once."""
     total = model.param_count(m)
@@ -197,7 +262,14 @@ def main():
     parser.add_argument("--topology", default=None, help="also compile Trinity Mini for this TPU slice, e.g. v5p:2x2x4")
     parser.add_argument("--dispatch", action="store_true", help="compare the token dispatchers on 8 CPU devices")
     parser.add_argument("--expert", type=int, default=8, help="--dispatch: expert-axis size (divides 8)")
+    parser.add_argument("--layer-aot", action="store_true", help="compile one Trinity Mini MoE layer per dispatcher")
+    parser.add_argument("--layer-dispatchers", default=",".join(config.MOE_DISPATCHERS))
+    parser.add_argument("--rows", type=int, default=4, help="--layer-aot: rows of seq_len tokens per chip")
     args = parser.parse_args()
+    if args.layer_aot:
+        args.topology = args.topology or "v5p:2x2x4"
+        layer_aot(args)
+        return
     if args.dispatch:
         compare_dispatchers(args)
         return

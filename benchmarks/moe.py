@@ -207,14 +207,15 @@ def layer_aot(args):
     cfg.mesh.update(data=1, fsdp=-1, expert=args.expert)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     B, S = args.rows * len(devices), cfg.train.seq_len
+
+    def spec(axes):
+        return jax.NamedSharding(mesh, sharding.logical_to_spec(axes, mesh))
+
     params = {
-        name: jax.ShapeDtypeStruct(
-            fn(m), jnp.float32, sharding=jax.NamedSharding(mesh, sharding.logical_to_spec(axes, mesh))
-        )
-        for name, (fn, axes) in moe.moe_params(m).items()
+        name: jax.ShapeDtypeStruct(fn(m), jnp.float32, sharding=spec(ax))
+        for name, (fn, ax) in moe.moe_params(m).items()
     }
-    act = jax.NamedSharding(mesh, sharding.logical_to_spec(("act_batch", "act_seq", "act_embed"), mesh))
-    h = jax.ShapeDtypeStruct((B, S, m.d_model), jnp.bfloat16, sharding=act)
+    h = jax.ShapeDtypeStruct((B, S, m.d_model), jnp.bfloat16, sharding=spec(("act_batch", "act_seq", "act_embed")))
     results = {}
     for dispatch in args.layer_dispatchers.split(","):
         m.moe_dispatch = dispatch
@@ -241,7 +242,7 @@ def layer_aot(args):
         print(f"{dispatch}: {json.dumps(row)}", flush=True)
     print(json.dumps({
         "layer_aot": results, "topology": args.topology, "mesh": dict(mesh.shape), "rows_per_chip": args.rows,
-        "seq_len": S, "jax": jax.__version__, "load": open("/proc/loadavg").read().split()[:3],
+        "seq_len": S, "jax": jax.__version__, "load": os.getloadavg(),
     }))  # fmt: skip
 
 

@@ -128,7 +128,7 @@ def base_config() -> ConfigDict:
     m.num_dense_layers = 0  # the first layers keep a dense FFN (AFMoE num_dense_layers)
     m.moe_layer_interval = 1
     m.capacity_factor = 0.0  # 0 = dropless; else each expert takes ceil(cf * S * k / E) tokens per row
-    m.moe_dispatch = "allgather"  # tokens to the experts' devices under mesh.expert: "allgather", "all_to_all", "ragged"
+    m.moe_dispatch = "allgather"  # tokens to the experts' devices under mesh.expert: allgather, all_to_all, ragged
     m.balance_loss_weight = 0.0  # Switch / GShard auxiliary load-balance loss
     m.router_z_loss_weight = 0.0  # ST-MoE router z-loss
     m.expert_bias_rate = 0.0  # aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load)

@@ -2,7 +2,7 @@
 
     python benchmarks/moe.py [--steps 10] [--rounds 3] [--topology v5p:2x2x4]
     python benchmarks/moe.py --dispatch [--expert 8] [--steps 3] [--rounds 3]
-    python benchmarks/moe.py --layer-aot [--topology v5p:2x2x4] [--layer-dispatchers allgather,ragged]
+    python benchmarks/moe.py --layer-aot [--topology v5p:2x2x4] [--layer-dispatchers allgather,ragged,allgather:8]
 
 1. configs/tiny_moe.py's train step against a dense nopejax model with the same active
    parameters (configs/tiny.py with d_ff = 405: 6 * 405 = 512 + 5 * (2 + 1) * 128, the widths
@@ -21,14 +21,14 @@
 5. With --layer-aot: one MoE layer of configs/trinity_mini.py (router, routed experts, shared
    expert; forward and backward, as the backward of a fully rematerialised layer runs it) compiled
    ahead of time for a TPU slice (default v5p:2x2x4, expert 8 x fsdp 2, 4 rows of 4096 tokens per
-   chip), once per dispatcher: the bytes each chip's collectives move per layer and step, read
-   from the compiled HLO (benchmarks/hlo_collectives.py), and the program's memory per chip. A
-   layer compiles in minutes where the whole train step takes most of an hour on a loaded CPU;
-   the collectives of the dispatch are the layer's, the rest of the step (attention, FSDP
-   gathers, gradient reductions) is the same for every dispatcher. The ragged all-to-all's
-   bytes depend on the routing, which the HLO cannot know: its row gives the send buffer's size
-   (every assignment leaving the device: the upper bound) and the balanced-load estimate
-   (P - 1) / P of it.
+   chip), once per dispatcher ("allgather:8": with model.moe_dispatch_chunks = 8): the bytes each
+   chip's collectives move per layer and step, read from the compiled HLO
+   (benchmarks/hlo_collectives.py), and the program's memory per chip. A layer compiles in
+   minutes where the whole train step takes most of an hour on a loaded CPU; the collectives of
+   the dispatch are the layer's, the rest of the step (attention, FSDP gathers, gradient
+   reductions) is the same for every dispatcher. The ragged all-to-all's bytes depend on the
+   routing, which the HLO cannot know: its row gives the send buffer's size times (P - 1) / P,
+   what leaves the device when every expert gets the same load (the upper bound: the whole buffer).
 
 The steps are alternated in one process so machine noise hits all alike.
 """
@@ -217,8 +217,9 @@ def layer_aot(args):
     }
     h = jax.ShapeDtypeStruct((B, S, m.d_model), jnp.bfloat16, sharding=spec(("act_batch", "act_seq", "act_embed")))
     results = {}
-    for dispatch in args.layer_dispatchers.split(","):
-        m.moe_dispatch = dispatch
+    for dispatch in args.layer_dispatchers.split(","):  # "allgather:8": with model.moe_dispatch_chunks = 8
+        m.moe_dispatch, _, chunks = dispatch.partition(":")
+        m.moe_dispatch_chunks = int(chunks or 1)
 
         def loss(p, h_BSD):
             y_BSD, aux = moe.moe_ffn(p, h_BSD, m, jnp.bfloat16)
@@ -264,7 +265,7 @@ def main():
     parser.add_argument("--dispatch", action="store_true", help="compare the token dispatchers on 8 CPU devices")
     parser.add_argument("--expert", type=int, default=8, help="--dispatch: expert-axis size (divides 8)")
     parser.add_argument("--layer-aot", action="store_true", help="compile one Trinity Mini MoE layer per dispatcher")
-    parser.add_argument("--layer-dispatchers", default=",".join(config.MOE_DISPATCHERS))
+    parser.add_argument("--layer-dispatchers", default=",".join([*config.MOE_DISPATCHERS, "allgather:8"]))
     parser.add_argument("--rows", type=int, default=4, help="--layer-aot: rows of seq_len tokens per chip")
     args = parser.parse_args()
     if args.layer_aot:

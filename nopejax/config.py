@@ -129,6 +129,9 @@ def base_config() -> ConfigDict:
     m.moe_layer_interval = 1
     m.capacity_factor = 0.0  # 0 = dropless; else each expert takes ceil(cf * S * k / E) tokens per row
     m.moe_dispatch = "allgather"  # tokens to the experts' devices under mesh.expert: allgather, all_to_all, ragged
+    # allgather: the expert group's tokens go through the experts in this many chunks, one after the
+    # other, each rematerialised, so the k-fold dispatch buffers are this many times smaller
+    m.moe_dispatch_chunks = 1
     m.balance_loss_weight = 0.0  # Switch / GShard auxiliary load-balance loss
     m.router_z_loss_weight = 0.0  # ST-MoE router z-loss
     m.expert_bias_rate = 0.0  # aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load)

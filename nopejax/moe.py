@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nopejax import context, sharding
+from nopejax.config import ConfigError
 
 
 def expert_width(m) -> int:
@@ -311,13 +312,36 @@ def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, m):
     D, k = x_BSD.shape[-1], experts_BSU.shape[-1]
     scale_input = m.router_scale_input
 
+    chunks = m.moe_dispatch_chunks
+
     def local(x_BSD, experts_BSU, weights_BSU, gate, up, down, first_expert):
         b, s = x_BSD.shape[:2]
-        y_MD = _local_experts(
-            x_BSD.reshape(b * s, D), experts_BSU.reshape(b * s, k), weights_BSU.reshape(b * s, k),
-            gate, up, down, first_expert, scale_input,
-        )  # fmt: skip
-        return y_MD.reshape(b, s, D)
+        M = b * s
+        x_MD, experts_MU, weights_MU = x_BSD.reshape(M, D), experts_BSU.reshape(M, k), weights_BSU.reshape(M, k)
+        if chunks == 1:
+            y_MD = _local_experts(x_MD, experts_MU, weights_MU, gate, up, down, first_expert, scale_input)
+            return y_MD.reshape(b, s, D)
+        if M % chunks:
+            raise ConfigError(
+                "model.moe_dispatch_chunks", f"{chunks} does not divide the {M} tokens one device runs through "
+                "its experts", "use a divisor of (global_batch_size / (data * fsdp)) * seq_len / context",
+            )  # fmt: skip
+        # the k-fold buffers of one chunk at a time; the weights stay fp32 inside, so their
+        # gradients add up over the chunks in fp32
+        dtype = gate.dtype
+        gate, up, down = (w.astype(jnp.float32) for w in (gate, up, down))
+
+        @jax.checkpoint
+        def one(args):
+            x_CD, experts_CU, weights_CU = args
+            return _local_experts(
+                x_CD, experts_CU, weights_CU, gate.astype(dtype), up.astype(dtype), down.astype(dtype),
+                first_expert, scale_input,
+            )  # fmt: skip
+
+        split = (x_MD.reshape(chunks, M // chunks, D), experts_MU.reshape(chunks, M // chunks, k),
+                 weights_MU.reshape(chunks, M // chunks, k))  # fmt: skip
+        return jax.lax.map(one, split).reshape(b, s, D)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:

@@ -352,6 +352,14 @@ def _validate_router(m: ConfigDict) -> None:
             "model.moe_dispatch", f"unknown token dispatcher {m.moe_dispatch!r}",
             f"use one of {MOE_DISPATCHERS} (they compute the same; see README, Mixture of experts)",
         )  # fmt: skip
+    if not (isinstance(m.moe_dispatch_chunks, int) and m.moe_dispatch_chunks >= 1):
+        raise ConfigError("model.moe_dispatch_chunks", f"must be an integer >= 1, got {m.moe_dispatch_chunks!r}",
+                          "use 1 (all tokens at once) or e.g. the expert-axis size")  # fmt: skip
+    if m.moe_dispatch_chunks > 1 and m.moe_dispatch != "allgather":
+        raise ConfigError(
+            "model.moe_dispatch_chunks", f"splits the allgather dispatcher's tokens, but moe_dispatch is "
+            f"{m.moe_dispatch!r}", "set moe_dispatch=allgather, or moe_dispatch_chunks=1",
+        )  # fmt: skip
     if m.capacity_factor != 0 and not m.capacity_factor > 0:
         raise ConfigError("model.capacity_factor", f"must be >= 0, got {m.capacity_factor}", "use 0 or e.g. 1.25")
     for name in ("balance_loss_weight", "router_z_loss_weight", "expert_bias_rate"):

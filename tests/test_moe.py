@@ -72,6 +72,8 @@ CASES = {
         router="sigmoid", experts_per_token=4, num_shared_experts=1, router_normalize=True, routed_scale=2.5
     ),
     "sigmoid_k1_llama4": dict(router="sigmoid", experts_per_token=1, num_shared_experts=1, router_scale_input=True),
+    # the 10 tokens through the experts 2 at a time (moe_dispatch_chunks), the input scaled as in Llama 4
+    "sigmoid_k2_llama4_chunks5": dict(router="sigmoid", router_scale_input=True, moe_dispatch_chunks=5),
 }
 
 
@@ -287,7 +289,8 @@ def test_all_to_all_and_ragged_dispatch_equal_allgather_and_one_device(mesh, cap
     (all on the expert group's first device: its buffer is full, the dropless worst case; in
     capacity mode the buffers hold rows * Y * capacity tokens). Capacity 1.0 gives each expert 2 of a
     row's 12 assignments, so on expert 4 x data 2 the all-to-all buffers (1 row * 2 experts * 2 slots)
-    are below the 6 local tokens. The ragged dispatcher runs with an emulated ragged all-to-all
+    are below the 6 local tokens. The all-gather dispatcher also in 4 chunks (moe_dispatch_chunks).
+    The ragged dispatcher runs with an emulated ragged all-to-all
     (`emulated_ragged_all_to_all`, XLA:CPU has none); its receive buffer is sized as on TPU."""
     monkeypatch.setattr(moe, "_ragged_all_to_all", emulated_ragged_all_to_all)
     m = moe_cfg(d_model=14, num_experts=8, expert_d_ff=10, num_shared_experts=1, router="sigmoid")
@@ -303,8 +306,8 @@ def test_all_to_all_and_ragged_dispatch_equal_allgather_and_one_device(mesh, cap
             np.testing.assert_allclose(y_one, reference(p, h_BSD, m, top_k_numpy(p, h_BSD, m)), rtol=1e-5, atol=1e-5)
         elif skew:
             assert float(aux["dropped"]) > 0
-        for dispatch in ("all_to_all", "ragged", "allgather"):
-            m.moe_dispatch = dispatch
+        for dispatch, chunks in (("all_to_all", 1), ("ragged", 1), ("allgather", 4), ("allgather", 1)):
+            m.update(moe_dispatch=dispatch, moe_dispatch_chunks=chunks)  # 4 chunks of the group's 24 tokens
             y, aux_mesh, g = layer_on_mesh(p, h_BSD, r_BSD, m, mesh)
             np.testing.assert_allclose(y, y_one, rtol=1e-5, atol=1e-5, err_msg=dispatch)
             assert float(aux_mesh["dropped"]) == float(aux["dropped"])
@@ -570,6 +573,8 @@ def test_checkpoint_of_a_dense_model_does_not_restore_into_an_moe_model(tmp_path
         (dict(router_scale_input=True), "model.router_scale_input"),
         (dict(expert_bias_rate=-0.1), "model.expert_bias_rate"),
         (dict(moe_dispatch="alltoall"), "model.moe_dispatch"),
+        (dict(moe_dispatch_chunks=0), "model.moe_dispatch_chunks"),
+        (dict(moe_dispatch="ragged", moe_dispatch_chunks=2), "model.moe_dispatch_chunks"),
     ],
 )
 def test_bad_moe_configs_name_the_field(changes, field):

@@ -230,7 +230,12 @@ def layer_aot(args):
             compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, h).compile()
         seconds = time.perf_counter() - t0
         mem = compiled.memory_analysis()
-        table = collective_bytes(compiled.as_text())
+        hlo = compiled.as_text()
+        table = collective_bytes(hlo)
+        if args.hlo_dir:  # the compiled program, for a closer look at its collectives
+            os.makedirs(args.hlo_dir, exist_ok=True)
+            with open(os.path.join(args.hlo_dir, f"moe_layer_{dispatch.replace(':', '_')}.hlo"), "w") as f:
+                f.write(hlo)
         row = {
             "memory_per_chip_gib": round((mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                                          - mem.alias_size_in_bytes) / 2**30, 3),
@@ -266,6 +271,7 @@ def main():
     parser.add_argument("--expert", type=int, default=8, help="--dispatch: expert-axis size (divides 8)")
     parser.add_argument("--layer-aot", action="store_true", help="compile one Trinity Mini MoE layer per dispatcher")
     parser.add_argument("--layer-dispatchers", default=",".join([*config.MOE_DISPATCHERS, "allgather:8"]))
+    parser.add_argument("--hlo-dir", default=None, help="--layer-aot: write each compiled HLO here")
     parser.add_argument("--rows", type=int, default=4, help="--layer-aot: rows of seq_len tokens per chip")
     args = parser.parse_args()
     if args.layer_aot:

@@ -2,6 +2,7 @@
 
     python benchmarks/moe.py [--steps 10] [--rounds 3] [--topology v5p:2x2x4]
     python benchmarks/moe.py --dispatch [--expert 8] [--steps 3] [--rounds 3]
+    python benchmarks/moe.py --state [--slices v5p:2x2x2,v5p:2x2x4]
     python benchmarks/moe.py --layer-aot [--topology v5p:2x2x4] [--layer-dispatchers allgather,ragged,allgather:8]
 
 1. configs/tiny_moe.py's train step against a dense nopejax model with the same active
@@ -29,6 +30,10 @@
    reductions) is the same for every dispatcher. The ragged all-to-all's bytes depend on the
    routing, which the HLO cannot know: its row gives the send buffer's size times (P - 1) / P,
    what leaves the device when every expert gets the same load (the upper bound: the whole buffer).
+
+6. With --state: the train state (fp32 params and AdamW moments) per chip of the full-depth
+   Trinity Mini on each TPU slice, expert 8 x fsdp rest, from the shardings train.setup derives
+   (no compile): what must fit beside one layer's temporaries and the saved layer inputs.
 
 The steps are alternated in one process so machine noise hits all alike.
 """
@@ -252,6 +257,34 @@ def layer_aot(args):
     }))  # fmt: skip
 
 
+def state_per_chip(args):
+    """Train state (params + optimizer state) per chip of the full-depth Trinity Mini on TPU slices,
+    from the shardings nopejax gives it (train.setup: nothing is compiled): the largest chip's shards."""
+    from jax.experimental import topologies
+
+    rows = []
+    for topology in args.slices.split(","):
+        cfg = load("trinity_mini")
+        devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+        cfg.mesh.update(data=1, fsdp=-1, expert=args.expert)
+        cfg.train.global_batch_size = args.rows * len(devices)
+        s = train.setup(cfg, devices)
+        per_device = {}
+        for leaf in jax.tree.leaves(s.abstract_state):
+            if not hasattr(leaf, "sharding") or leaf.sharding is None:
+                continue
+            shard = leaf.sharding.shard_shape(leaf.shape)
+            nbytes = int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize
+            for d in leaf.sharding.device_set:  # a replicated leaf costs every device its whole size
+                per_device[d.id] = per_device.get(d.id, 0) + nbytes
+        gib = max(per_device.values()) / 2**30
+        rows.append(
+            {"topology": topology, "chips": len(devices), "mesh": dict(s.mesh.shape), "state_gib": round(gib, 2)}
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def active_params(m) -> int:
     """Params one token goes through (routed experts: k of E), embeddings once."""
     total = model.param_count(m)
@@ -273,7 +306,12 @@ def main():
     parser.add_argument("--layer-dispatchers", default=",".join([*config.MOE_DISPATCHERS, "allgather:8"]))
     parser.add_argument("--hlo-dir", default=None, help="--layer-aot: write each compiled HLO here")
     parser.add_argument("--rows", type=int, default=4, help="--layer-aot: rows of seq_len tokens per chip")
+    parser.add_argument("--state", action="store_true", help="full-depth Trinity Mini: train state per chip")
+    parser.add_argument("--slices", default="v5p:2x2x2,v5p:2x2x4,v5p:2x4x4,v5p:4x4x4", help="--state: TPU slices")
     args = parser.parse_args()
+    if args.state:
+        state_per_chip(args)
+        return
     if args.layer_aot:
         args.topology = args.topology or "v5p:2x2x4"
         layer_aot(args)

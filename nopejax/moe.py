@@ -64,9 +64,9 @@ MOE_PARAMS = {
     "router": (lambda m: (m.d_model, m.num_experts), ("embed", None)),
     # not trained by gradients: the train step moves it toward balanced load (update_expert_bias)
     "expert_bias": (lambda m: (m.num_experts,), (None,)),
-    "expert_gate": (lambda m: (m.num_experts, m.d_model, expert_width(m)), ("expert", "embed", "expert_mlp")),
-    "expert_up": (lambda m: (m.num_experts, m.d_model, expert_width(m)), ("expert", "embed", "expert_mlp")),
-    "expert_down": (lambda m: (m.num_experts, expert_width(m), m.d_model), ("expert", "expert_mlp", "embed")),
+    "expert_gate": (lambda m: (m.num_experts, m.d_model, expert_width(m)), ("expert", "expert_embed", "expert_mlp")),
+    "expert_up": (lambda m: (m.num_experts, m.d_model, expert_width(m)), ("expert", "expert_embed", "expert_mlp")),
+    "expert_down": (lambda m: (m.num_experts, expert_width(m), m.d_model), ("expert", "expert_mlp", "expert_embed")),
 }
 SHARED_PARAMS = {
     "shared_gate": (lambda m: (m.d_model, m.num_shared_experts * expert_width(m)), ("embed", "mlp")),

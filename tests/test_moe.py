@@ -434,6 +434,10 @@ def test_expert_parallel_losses_equal_one_device(mesh, dispatch, one_device_moe)
     assert losses[-1] < losses[0]
     gate = state["params"]["layers"]["expert_gate"]  # [layers, expert, embed, expert_mlp]
     assert gate.sharding.spec[1] == "expert"
+    # the other weights are FSDP-sharded over the expert axis too (the batch is split over it)
+    for name, dim in (("wq", 1), ("router", 1)):
+        axes = state["params"]["layers"][name].sharding.spec[dim]
+        assert "expert" in ((axes,) if isinstance(axes, str) else axes), (name, axes)
     np.testing.assert_allclose(
         state["params"]["layers"]["expert_bias"], one_device_moe[1]["params"]["layers"]["expert_bias"], atol=1e-6
     )

@@ -265,6 +265,8 @@ def state_per_chip(args):
     rows = []
     for topology in args.slices.split(","):
         cfg = load("trinity_mini")
+        if args.layers:  # the reduced shape of benchmarks/aot_vs_maxtext.sh: 1 dense + the rest MoE
+            cfg.model.update(num_layers=args.layers, num_dense_layers=1)
         devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
         cfg.mesh.update(data=1, fsdp=-1, expert=args.expert)
         cfg.train.global_batch_size = args.rows * len(devices)
@@ -307,6 +309,7 @@ def main():
     parser.add_argument("--hlo-dir", default=None, help="--layer-aot: write each compiled HLO here")
     parser.add_argument("--rows", type=int, default=4, help="--layer-aot: rows of seq_len tokens per chip")
     parser.add_argument("--state", action="store_true", help="full-depth Trinity Mini: train state per chip")
+    parser.add_argument("--layers", type=int, default=0, help="--state: depth (0: the published 32)")
     parser.add_argument("--slices", default="v5p:2x2x2,v5p:2x2x4,v5p:2x4x4,v5p:4x4x4", help="--state: TPU slices")
     args = parser.parse_args()
     if args.state:

@@ -29,12 +29,14 @@ backend. Each device receives (expert - 1) * T_local * D values per layer and se
 where a ragged all-to-all would move about k * T_local * D * (expert - 1) / expert: the same order
 for k near the expert-axis size, less for a wide axis and small k. `model.moe_dispatch =
 "all_to_all"` (`_all_to_all_experts`) sends each token only to the devices owning its experts,
-through `jax.lax.all_to_all` with fixed buffers (XLA:CPU has no ragged all-to-all, so a ragged one
-could not be tested here): sized for the worst case when dropless, which moves as many bytes as
-the all-gather, and by the capacity bound in capacity mode, which moves fewer when
-capacity_factor * k / expert < 1 / context. FSDP shards of the expert
-weights are gathered inside, tensor-parallel expert widths are summed with a psum; which mesh
-axes those are comes from the one logical-axis table (sharding.py).
+through `jax.lax.all_to_all` with fixed buffers: sized for the worst case when dropless, which
+moves as many bytes as the all-gather, and by the capacity bound in capacity mode, which moves
+fewer when capacity_factor * k / expert < 1 / context. `"ragged"` (`_ragged_experts`) sends each
+device exactly the assignments its experts got, through `jax.lax.ragged_all_to_all` (TPU, GPU;
+XLA:CPU has none), so the bytes follow the routing; its receive buffer is still the worst case.
+`model.moe_dispatch_chunks` runs the all-gathered tokens through the experts a chunk at a time.
+FSDP shards of the expert weights are gathered inside, tensor-parallel expert widths are summed
+with a psum; which mesh axes those are comes from the one logical-axis table (sharding.py).
 
 Balance statistics per MoE layer (`aux`): `load` (assignments each expert kept), the Switch /
 GShard loss X * sum_e f_e * P_e (f_e: share of assignments to e before drops, P_e: mean router

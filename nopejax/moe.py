@@ -270,6 +270,24 @@ def ragged_layout(counts_QPY, me):
     return forward, back, group_PY[me]
 
 
+def _exchange(x_ND, there, back, rows: int, axes):
+    """Rows of x to other devices by the ragged all-to-all `there` (offsets and sizes), into a zero
+    buffer of `rows` rows. Its gradient is the mirrored exchange `back`: differentiated by JAX, the
+    collective would also return a cotangent for the zero buffer, which shard_map all-reduces over
+    every device (the whole [rows, D] buffer) to drop it."""
+    N, D = x_ND.shape
+
+    @jax.custom_vjp
+    def exchange(x_ND, there, back):
+        return _ragged_all_to_all(x_ND, jnp.zeros((rows, D), x_ND.dtype), *there, axis_name=axes)
+
+    def grad(back, g_RD):
+        return _ragged_all_to_all(g_RD, jnp.zeros((N, D), g_RD.dtype), *back, axis_name=axes), None, None
+
+    exchange.defvjp(lambda x_ND, there, back: (exchange(x_ND, there, back), back), grad)
+    return exchange(x_ND, there, back)
+
+
 def _ragged_experts(x_BSD, experts_BSU, weights_BSU, gate_YDI, up_YDI, down_YID, axes, devices, rows, scale_input):
     """The expert-group step of the ragged dispatcher (inside shard_map, on this device's tokens).
 
@@ -294,12 +312,12 @@ def _ragged_experts(x_BSD, experts_BSU, weights_BSU, gate_YDI, up_YDI, down_YID,
     w_A = jnp.take(weights_BSU.reshape(M * k), order_A).astype(x_AD.dtype)
     if scale_input:
         x_AD = x_AD * w_A[:, None]
-    x_WD = _ragged_all_to_all(x_AD, jnp.zeros((rows, D), x_AD.dtype), *forward, axis_name=axes)
+    x_WD = _exchange(x_AD, forward, back, rows, axes)
     # rows past sum(group_sizes) are unused buffer: ragged_dot leaves them 0
     gate_WI = jax.lax.ragged_dot(x_WD, gate_YDI, group_sizes_Y)
     up_WI = jax.lax.ragged_dot(x_WD, up_YDI, group_sizes_Y)
     y_WD = jax.lax.ragged_dot(jax.nn.silu(gate_WI) * up_WI, down_YID, group_sizes_Y)
-    y_AD = _ragged_all_to_all(y_WD, jnp.zeros_like(x_AD), *back, axis_name=axes)
+    y_AD = _exchange(y_WD, back, forward, M * k, axes)
     if not scale_input:
         y_AD = y_AD * w_A[:, None]
     y_MUD = jnp.take(y_AD, jnp.argsort(order_A), axis=0).reshape(M, k, D)

@@ -9,6 +9,11 @@ counted as many times as it runs: an instruction inside a while loop with a know
 one device receives, given the group size n of its replica groups: all-gather operand * (n - 1),
 reduce-scatter and all-to-all operand * (n - 1) / n, all-reduce 2 * operand * (n - 1) / n (a ring's
 reduce-scatter + all-gather), collective-permute its operand. Async pairs count once (the -start op).
+A ragged all-to-all moves as many rows as the routing decides at run time, which the HLO cannot
+tell: a device sends at most its input and receives at most its output buffer, so its operand is
+the smaller of the two (not the offsets), and its moved bytes operand * (n - 1) / n are what
+crosses devices when every device sends and receives that many rows, spread evenly (balanced
+routing with worst-case buffers: the dispatch sends its M * k rows, the return trip as many).
 """
 
 import collections
@@ -102,7 +107,11 @@ def collective_bytes(hlo_text: str) -> dict:
                 continue
             kind = op.group(1)
             operands = _operands(line, op.end() - 1)
-            operand = sum(_bytes(shapes.get(ref, "")) for ref in OPERAND.findall(operands)) or _bytes(operands)
+            refs = OPERAND.findall(operands)
+            if kind == "ragged-all-to-all":  # (input, output buffer, offsets, sizes): the smaller buffer bounds it
+                operand = min(_bytes(shapes.get(ref, "")) for ref in refs[:2])
+            else:
+                operand = sum(_bytes(shapes.get(ref, "")) for ref in refs) or _bytes(operands)
             n = _group_size(line)
             moved = {
                 "all-gather": operand * (n - 1),

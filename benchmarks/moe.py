@@ -2,6 +2,8 @@
 
     python benchmarks/moe.py [--steps 10] [--rounds 3] [--topology v5p:2x2x4]
     python benchmarks/moe.py --dispatch [--expert 8] [--steps 3] [--rounds 3]
+    python benchmarks/moe.py --state [--slices v5p:2x2x2,v5p:2x2x4]
+    python benchmarks/moe.py --layer-aot [--topology v5p:2x2x4] [--layer-dispatchers allgather,ragged,allgather:8]
 
 1. configs/tiny_moe.py's train step against a dense nopejax model with the same active
    parameters (configs/tiny.py with d_ff = 405: 6 * 405 = 512 + 5 * (2 + 1) * 128, the widths
@@ -17,6 +19,22 @@
    they move on a TPU slice come from the compiled program instead (benchmarks/aot_vs_maxtext.sh
    with MOE=1 and DISPATCH=..., which reads them from the HLO: benchmarks/hlo_collectives.py).
 
+5. With --layer-aot: one MoE layer of configs/trinity_mini.py (router, routed experts, shared
+   expert; forward and backward, as the backward of a fully rematerialised layer runs it) compiled
+   ahead of time for a TPU slice (default v5p:2x2x4, expert 8 x fsdp 2, 4 rows of 4096 tokens per
+   chip), once per dispatcher ("allgather:8": with model.moe_dispatch_chunks = 8): the bytes each
+   chip's collectives move per layer and step, read from the compiled HLO
+   (benchmarks/hlo_collectives.py), and the program's memory per chip. A layer compiles in
+   minutes where the whole train step takes most of an hour on a loaded CPU; the collectives of
+   the dispatch are the layer's, the rest of the step (attention, FSDP gathers, gradient
+   reductions) is the same for every dispatcher. The ragged all-to-all's bytes depend on the
+   routing, which the HLO cannot know: its row gives the send buffer's size times (P - 1) / P,
+   what leaves the device when every expert gets the same load (the upper bound: the whole buffer).
+
+6. With --state: the train state (fp32 params and AdamW moments) per chip of the full-depth
+   Trinity Mini on each TPU slice, expert 8 x fsdp rest, from the shardings train.setup derives
+   (no compile): what must fit beside one layer's temporaries and the saved layer inputs.
+
 The steps are alternated in one process so machine noise hits all alike.
 """
 
@@ -28,6 +46,7 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # --layer-aot only compiles; another process may hold libtpu
 if "--dispatch" in sys.argv:  # the expert-parallel comparison needs a mesh: 8 fake CPU devices, before jax loads
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
@@ -180,6 +199,94 @@ def compare_dispatchers(args):
     print(json.dumps(result))
 
 
+def layer_aot(args):
+    """One Trinity Mini MoE layer, forward + backward, compiled for a TPU slice per dispatcher."""
+    from hlo_collectives import collective_bytes, summary_gib
+    from jax.experimental import topologies
+
+    from nopejax import moe, sharding
+
+    cfg = load("trinity_mini")
+    m = cfg.model
+    devices = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
+    cfg.mesh.update(data=1, fsdp=-1, expert=args.expert)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    B, S = args.rows * len(devices), cfg.train.seq_len
+
+    def spec(axes):
+        return jax.NamedSharding(mesh, sharding.logical_to_spec(axes, mesh))
+
+    params = {
+        name: jax.ShapeDtypeStruct(fn(m), jnp.float32, sharding=spec(ax))
+        for name, (fn, ax) in moe.moe_params(m).items()
+    }
+    h = jax.ShapeDtypeStruct((B, S, m.d_model), jnp.bfloat16, sharding=spec(("act_batch", "act_seq", "act_embed")))
+    results = {}
+    for dispatch in args.layer_dispatchers.split(","):  # "allgather:8": with model.moe_dispatch_chunks = 8
+        m.moe_dispatch, _, chunks = dispatch.partition(":")
+        m.moe_dispatch_chunks = int(chunks or 1)
+
+        def loss(p, h_BSD, r_BSD):  # r: the output's cotangent, an input so XLA cannot fold the backward
+            y_BSD, aux = moe.moe_ffn(p, h_BSD, m, jnp.bfloat16)
+            return jnp.sum(y_BSD * r_BSD, dtype=jnp.float32) + moe.aux_loss(jax.tree.map(lambda a: a[None], aux), m)
+
+        t0 = time.perf_counter()
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, h, h).compile()
+        seconds = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        hlo = compiled.as_text()
+        table = collective_bytes(hlo)
+        if args.hlo_dir:  # the compiled program, for a closer look at its collectives
+            os.makedirs(args.hlo_dir, exist_ok=True)
+            with open(os.path.join(args.hlo_dir, f"moe_layer_{dispatch.replace(':', '_')}.hlo"), "w") as f:
+                f.write(hlo)
+        row = {
+            "memory_per_chip_gib": round((mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                                         - mem.alias_size_in_bytes) / 2**30, 3),
+            "temp_gib": round(mem.temp_size_in_bytes / 2**30, 3),
+            "collective_gib": summary_gib(table),
+            "counts": {kind: r["count"] for kind, r in table.items()},
+            "compile_s": round(seconds, 1),
+        }  # fmt: skip
+        results[dispatch] = row
+        print(f"{dispatch}: {json.dumps(row)}", flush=True)
+    print(json.dumps({
+        "layer_aot": results, "topology": args.topology, "mesh": dict(mesh.shape), "rows_per_chip": args.rows,
+        "seq_len": S, "jax": jax.__version__, "load": os.getloadavg(),
+    }))  # fmt: skip
+
+
+def state_per_chip(args):
+    """Train state (params + optimizer state) per chip of the full-depth Trinity Mini on TPU slices,
+    from the shardings nopejax gives it (train.setup: nothing is compiled): the largest chip's shards."""
+    from jax.experimental import topologies
+
+    rows = []
+    for topology in args.slices.split(","):
+        cfg = load("trinity_mini")
+        if args.layers:  # the reduced shape of benchmarks/aot_vs_maxtext.sh: 1 dense + the rest MoE
+            cfg.model.update(num_layers=args.layers, num_dense_layers=1)
+        devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+        cfg.mesh.update(data=1, fsdp=-1, expert=args.expert)
+        cfg.train.global_batch_size = args.rows * len(devices)
+        s = train.setup(cfg, devices)
+        per_device = {}
+        for leaf in jax.tree.leaves(s.abstract_state):
+            if not hasattr(leaf, "sharding") or leaf.sharding is None:
+                continue
+            shard = leaf.sharding.shard_shape(leaf.shape)
+            nbytes = int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize
+            for d in leaf.sharding.device_set:  # a replicated leaf costs every device its whole size
+                per_device[d.id] = per_device.get(d.id, 0) + nbytes
+        gib = max(per_device.values()) / 2**30
+        rows.append(
+            {"topology": topology, "chips": len(devices), "mesh": dict(s.mesh.shape), "state_gib": round(gib, 2)}
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def active_params(m) -> int:
     """Params one token goes through (routed experts: k of E), embeddings once."""
     total = model.param_count(m)
@@ -197,7 +304,21 @@ def main():
     parser.add_argument("--topology", default=None, help="also compile Trinity Mini for this TPU slice, e.g. v5p:2x2x4")
     parser.add_argument("--dispatch", action="store_true", help="compare the token dispatchers on 8 CPU devices")
     parser.add_argument("--expert", type=int, default=8, help="--dispatch: expert-axis size (divides 8)")
+    parser.add_argument("--layer-aot", action="store_true", help="compile one Trinity Mini MoE layer per dispatcher")
+    parser.add_argument("--layer-dispatchers", default=",".join([*config.MOE_DISPATCHERS, "allgather:8"]))
+    parser.add_argument("--hlo-dir", default=None, help="--layer-aot: write each compiled HLO here")
+    parser.add_argument("--rows", type=int, default=4, help="--layer-aot: rows of seq_len tokens per chip")
+    parser.add_argument("--state", action="store_true", help="full-depth Trinity Mini: train state per chip")
+    parser.add_argument("--layers", type=int, default=0, help="--state: depth (0: the published 32)")
+    parser.add_argument("--slices", default="v5p:2x2x2,v5p:2x2x4,v5p:2x4x4,v5p:4x4x4", help="--state: TPU slices")
     args = parser.parse_args()
+    if args.state:
+        state_per_chip(args)
+        return
+    if args.layer_aot:
+        args.topology = args.topology or "v5p:2x2x4"
+        layer_aot(args)
+        return
     if args.dispatch:
         compare_dispatchers(args)
         return

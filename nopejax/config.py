@@ -57,7 +57,7 @@ MLP_ACTIVATIONS = ("swiglu", "relu2")  # model.mlp_activation
 NORMS = ("rms", "layernorm")
 BLOCKS = ("pre_norm", "parallel", "post_norm", "sandwich")  # model.BLOCK_NORMS: the norm weights of each
 ROUTERS = ("softmax", "sigmoid")
-MOE_DISPATCHERS = ("allgather", "all_to_all")  # nopejax/moe.py: token dispatch over the expert axis
+MOE_DISPATCHERS = ("allgather", "all_to_all", "ragged")  # nopejax/moe.py: token dispatch over the expert axis
 # Under context parallelism the Pallas kernel takes each zig-zag chunk as suffix queries, on its TPU
 # form only (nopejax/kernels/flash.py), in blocks of 128 rows: chunks must be multiples of it.
 PALLAS_CONTEXT_BLOCK = 128
@@ -129,7 +129,10 @@ def base_config() -> ConfigDict:
     m.num_dense_layers = 0  # the first layers keep a dense FFN (AFMoE num_dense_layers)
     m.moe_layer_interval = 1
     m.capacity_factor = 0.0  # 0 = dropless; else each expert takes ceil(cf * S * k / E) tokens per row
-    m.moe_dispatch = "allgather"  # tokens to the experts' devices under mesh.expert: "allgather" or "all_to_all"
+    m.moe_dispatch = "allgather"  # tokens to the experts' devices under mesh.expert: allgather, all_to_all, ragged
+    # allgather: the expert group's tokens go through the experts in this many chunks, one after the
+    # other, each rematerialised, so the k-fold dispatch buffers are this many times smaller
+    m.moe_dispatch_chunks = 1
     m.balance_loss_weight = 0.0  # Switch / GShard auxiliary load-balance loss
     m.router_z_loss_weight = 0.0  # ST-MoE router z-loss
     m.expert_bias_rate = 0.0  # aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load)

@@ -29,12 +29,14 @@ backend. Each device receives (expert - 1) * T_local * D values per layer and se
 where a ragged all-to-all would move about k * T_local * D * (expert - 1) / expert: the same order
 for k near the expert-axis size, less for a wide axis and small k. `model.moe_dispatch =
 "all_to_all"` (`_all_to_all_experts`) sends each token only to the devices owning its experts,
-through `jax.lax.all_to_all` with fixed buffers (XLA:CPU has no ragged all-to-all, so a ragged one
-could not be tested here): sized for the worst case when dropless, which moves as many bytes as
-the all-gather, and by the capacity bound in capacity mode, which moves fewer when
-capacity_factor * k / expert < 1 / context. FSDP shards of the expert
-weights are gathered inside, tensor-parallel expert widths are summed with a psum; which mesh
-axes those are comes from the one logical-axis table (sharding.py).
+through `jax.lax.all_to_all` with fixed buffers: sized for the worst case when dropless, which
+moves as many bytes as the all-gather, and by the capacity bound in capacity mode, which moves
+fewer when capacity_factor * k / expert < 1 / context. `"ragged"` (`_ragged_experts`) sends each
+device exactly the assignments its experts got, through `jax.lax.ragged_all_to_all` (TPU, GPU;
+XLA:CPU has none), so the bytes follow the routing; its receive buffer is still the worst case.
+`model.moe_dispatch_chunks` runs the all-gathered tokens through the experts a chunk at a time.
+FSDP shards of the expert weights are gathered inside, tensor-parallel expert widths are summed
+with a psum; which mesh axes those are comes from the one logical-axis table (sharding.py).
 
 Balance statistics per MoE layer (`aux`): `load` (assignments each expert kept), the Switch /
 GShard loss X * sum_e f_e * P_e (f_e: share of assignments to e before drops, P_e: mean router
@@ -51,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nopejax import context, sharding
+from nopejax.config import ConfigError
 
 
 def expert_width(m) -> int:
@@ -63,9 +66,9 @@ MOE_PARAMS = {
     "router": (lambda m: (m.d_model, m.num_experts), ("embed", None)),
     # not trained by gradients: the train step moves it toward balanced load (update_expert_bias)
     "expert_bias": (lambda m: (m.num_experts,), (None,)),
-    "expert_gate": (lambda m: (m.num_experts, m.d_model, expert_width(m)), ("expert", "embed", "expert_mlp")),
-    "expert_up": (lambda m: (m.num_experts, m.d_model, expert_width(m)), ("expert", "embed", "expert_mlp")),
-    "expert_down": (lambda m: (m.num_experts, expert_width(m), m.d_model), ("expert", "expert_mlp", "embed")),
+    "expert_gate": (lambda m: (m.num_experts, m.d_model, expert_width(m)), ("expert", "expert_embed", "expert_mlp")),
+    "expert_up": (lambda m: (m.num_experts, m.d_model, expert_width(m)), ("expert", "expert_embed", "expert_mlp")),
+    "expert_down": (lambda m: (m.num_experts, expert_width(m), m.d_model), ("expert", "expert_mlp", "expert_embed")),
 }
 SHARED_PARAMS = {
     "shared_gate": (lambda m: (m.d_model, m.num_shared_experts * expert_width(m)), ("embed", "mlp")),
@@ -226,6 +229,101 @@ def _all_to_all_experts(x_BSD, experts_BSU, weights_BSU, gate_YDI, up_YDI, down_
     return y_MD.reshape(b, s, D)
 
 
+# XLA:CPU has no ragged all-to-all: the tests swap in an emulation built from all-gathers here
+_ragged_all_to_all = jax.lax.ragged_all_to_all
+
+
+def ragged_layout(counts_QPY, me):
+    """The arguments of the two ragged all-to-alls of the "ragged" dispatcher, for device `me`.
+
+    counts_QPY[q, p, y]: assignments device q sends to local expert y of device p (all devices'
+    counts, all-gathered). Each sender's rows are sorted by global expert (p, y), so its block for
+    (p, y) starts at the exclusive cumsum of its counts. There is one slice per (p, y), so the
+    receiver's buffer comes out grouped by its local expert: expert y's block starts after the
+    blocks of experts < y, and within it the senders are in device order. The return trip mirrors
+    it: each receiver sends block (q, y) back to where sender q's rows for expert (me, y) began.
+
+    -> forward (input_offsets, send_sizes, output_offsets, recv_sizes), back (the same four),
+    group_sizes [Y]: the receiver's rows per local expert. Each argument is [P * Y], index p * Y + y
+    (forward: destination p; back: destination q); int32, traced or not.
+    """
+    Q, P, Y = counts_QPY.shape
+    counts_QX = counts_QPY.reshape(Q, P * Y)
+    send_start_QX = jnp.cumsum(counts_QX, axis=1) - counts_QX  # where block (p, y) starts in sender q's rows
+    group_PY = jnp.sum(counts_QPY, axis=0)  # rows each device receives per local expert
+    expert_start_PY = jnp.cumsum(group_PY, axis=1) - group_PY  # where expert y's block starts on p
+    before_QPY = jnp.cumsum(counts_QPY, axis=0) - counts_QPY  # rows from senders < q within that block
+    recv_start_QPY = expert_start_PY[None] + before_QPY  # where sender q's rows for (p, y) land on p
+    mine_QY = counts_QPY[:, me]  # what each sender sends me, per local expert
+    forward = (
+        send_start_QX[me],
+        counts_QX[me],
+        recv_start_QPY[me].reshape(P * Y),
+        mine_QY.reshape(Q * Y),
+    )
+    back = (
+        recv_start_QPY[:, me].reshape(Q * Y),  # my block (q, y) ...
+        mine_QY.reshape(Q * Y),
+        jax.lax.dynamic_slice_in_dim(send_start_QX, me * Y, Y, axis=1).reshape(Q * Y),  # ... to q's rows
+        counts_QX[me],
+    )
+    return forward, back, group_PY[me]
+
+
+def _exchange(x_ND, there, back, rows: int, axes):
+    """Rows of x to other devices by the ragged all-to-all `there` (offsets and sizes), into a zero
+    buffer of `rows` rows. Its gradient is the mirrored exchange `back`: differentiated by JAX, the
+    collective would also return a cotangent for the zero buffer, which shard_map all-reduces over
+    every device (the whole [rows, D] buffer) to drop it."""
+    N, D = x_ND.shape
+
+    @jax.custom_vjp
+    def exchange(x_ND, there, back):
+        return _ragged_all_to_all(x_ND, jnp.zeros((rows, D), x_ND.dtype), *there, axis_name=axes)
+
+    def grad(back, g_RD):
+        return _ragged_all_to_all(g_RD, jnp.zeros((N, D), g_RD.dtype), *back, axis_name=axes), None, None
+
+    exchange.defvjp(lambda x_ND, there, back: (exchange(x_ND, there, back), back), grad)
+    return exchange(x_ND, there, back)
+
+
+def _ragged_experts(x_BSD, experts_BSU, weights_BSU, gate_YDI, up_YDI, down_YID, axes, devices, rows, scale_input):
+    """The expert-group step of the ragged dispatcher (inside shard_map, on this device's tokens).
+
+    Each device sorts its M * k assignments by expert and sends each device exactly the rows its
+    experts were chosen for (`jax.lax.ragged_all_to_all`, one slice per destination expert, layout
+    from `ragged_layout`); the receiver's buffer of `rows` rows comes out grouped by local expert,
+    ready for the grouped matmul, and the outputs return by the mirrored ragged all-to-all. Traffic
+    follows the routing: a device sends its assignments for other devices' experts, about
+    M * k * D * (P - 1) / P values under balanced load. The receive buffer is sized for the worst
+    case (every sender's rows for one device), so memory is not below the all-gather dispatcher's.
+    """
+    b, s, D = x_BSD.shape
+    k, Y, M = experts_BSU.shape[-1], gate_YDI.shape[0], b * s
+    X = devices * Y
+    experts_A = experts_BSU.reshape(M * k)  # dropped assignments have id X: sorted last, sent nowhere
+    order_A = jnp.argsort(experts_A, stable=True)
+    counts_X = jnp.bincount(experts_A, length=X + 1)[:X].astype(jnp.int32)
+    counts_QPY = jax.lax.all_gather(counts_X, axes, axis=0, tiled=False).reshape(devices, devices, Y)
+    me = jax.lax.axis_index(axes)
+    forward, back, group_sizes_Y = ragged_layout(counts_QPY, me)
+    x_AD = jnp.take(x_BSD.reshape(M, D), order_A // k, axis=0)
+    w_A = jnp.take(weights_BSU.reshape(M * k), order_A).astype(x_AD.dtype)
+    if scale_input:
+        x_AD = x_AD * w_A[:, None]
+    x_WD = _exchange(x_AD, forward, back, rows, axes)
+    # rows past sum(group_sizes) are unused buffer: ragged_dot leaves them 0
+    gate_WI = jax.lax.ragged_dot(x_WD, gate_YDI, group_sizes_Y)
+    up_WI = jax.lax.ragged_dot(x_WD, up_YDI, group_sizes_Y)
+    y_WD = jax.lax.ragged_dot(jax.nn.silu(gate_WI) * up_WI, down_YID, group_sizes_Y)
+    y_AD = _exchange(y_WD, back, forward, M * k, axes)
+    if not scale_input:
+        y_AD = y_AD * w_A[:, None]
+    y_MUD = jnp.take(y_AD, jnp.argsort(order_A), axis=0).reshape(M, k, D)
+    return jnp.sum(y_MUD, axis=1).reshape(b, s, D)
+
+
 def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, m):
     """Routed experts on the mesh: shard_map over every axis, the expert axis by all-gather /
     reduce-scatter of tokens (`model.moe_dispatch = "allgather"`) or by all-to-all of the tokens
@@ -234,13 +332,36 @@ def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, m):
     D, k = x_BSD.shape[-1], experts_BSU.shape[-1]
     scale_input = m.router_scale_input
 
+    chunks = m.moe_dispatch_chunks
+
     def local(x_BSD, experts_BSU, weights_BSU, gate, up, down, first_expert):
         b, s = x_BSD.shape[:2]
-        y_MD = _local_experts(
-            x_BSD.reshape(b * s, D), experts_BSU.reshape(b * s, k), weights_BSU.reshape(b * s, k),
-            gate, up, down, first_expert, scale_input,
-        )  # fmt: skip
-        return y_MD.reshape(b, s, D)
+        M = b * s
+        x_MD, experts_MU, weights_MU = x_BSD.reshape(M, D), experts_BSU.reshape(M, k), weights_BSU.reshape(M, k)
+        if chunks == 1:
+            y_MD = _local_experts(x_MD, experts_MU, weights_MU, gate, up, down, first_expert, scale_input)
+            return y_MD.reshape(b, s, D)
+        if M % chunks:
+            raise ConfigError(
+                "model.moe_dispatch_chunks", f"{chunks} does not divide the {M} tokens one device runs through "
+                "its experts", "use a divisor of (global_batch_size / (data * fsdp)) * seq_len / context",
+            )  # fmt: skip
+        # the k-fold buffers of one chunk at a time; the weights stay fp32 inside, so their
+        # gradients add up over the chunks in fp32
+        dtype = gate.dtype
+        gate, up, down = (w.astype(jnp.float32) for w in (gate, up, down))
+
+        @jax.checkpoint
+        def one(args):
+            x_CD, experts_CU, weights_CU = args
+            return _local_experts(
+                x_CD, experts_CU, weights_CU, gate.astype(dtype), up.astype(dtype), down.astype(dtype),
+                first_expert, scale_input,
+            )  # fmt: skip
+
+        split = (x_MD.reshape(chunks, M // chunks, D), experts_MU.reshape(chunks, M // chunks, k),
+                 weights_MU.reshape(chunks, M // chunks, k))  # fmt: skip
+        return jax.lax.map(one, split).reshape(b, s, D)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
@@ -261,6 +382,19 @@ def _dispatch(x_BSD, experts_BSU, weights_BSU, gate_XDI, up_XDI, down_XID, m):
             gate = jax.lax.all_gather(gate, embed_axes, axis=1, tiled=True)
             up = jax.lax.all_gather(up, embed_axes, axis=1, tiled=True)
             down = jax.lax.all_gather(down, embed_axes, axis=2, tiled=True)
+        if expert_axes and m.moe_dispatch == "ragged":
+            b, s = x_BSD.shape[:2]
+            # a token sends at most min(k, Y) assignments to one device; capacity bounds a device's
+            # experts to `cap` of each of the group's rows
+            rows = devices * b * s * min(k, gate.shape[0])
+            if cap is not None:
+                rows = min(rows, devices * b * gate.shape[0] * cap)
+            y_BSD = _ragged_experts(
+                x_BSD, experts_BSU, weights_BSU, gate, up, down, expert_axes, devices, rows, scale_input
+            )
+            if width_axes:  # tensor-parallel expert width: partial sums of the down projection
+                y_BSD = jax.lax.psum(y_BSD, width_axes)
+            return y_BSD
         if expert_axes and m.moe_dispatch == "all_to_all":
             b, s = x_BSD.shape[:2]
             slots = b * s if cap is None else b * gate.shape[0] * cap

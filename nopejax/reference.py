@@ -77,8 +77,12 @@ FIELD_DOCS = {
     "(Llama 4 `interleave_moe_layer_step`; 1 = every layer).",
     "model.capacity_factor": "0 = dropless; else at most `ceil(cf * S * k / X)` assignments per expert and "
     "sequence, earlier tokens first.",
-    "model.moe_dispatch": "How tokens reach the experts' devices under `mesh.expert`: `allgather` or "
-    "`all_to_all` (same results).",
+    "model.moe_dispatch": "How tokens reach the experts' devices under `mesh.expert`: `allgather`, "
+    "`all_to_all` (fixed buffers) or `ragged` (`ragged_all_to_all`: bytes follow the routing; TPU/GPU only). "
+    "Same results; runtime only, not exported.",
+    "model.moe_dispatch_chunks": "`allgather` only: run the gathered tokens through the experts in this many "
+    "chunks, one after the other (each rematerialised): the dispatch buffers (k rows per token) shrink by "
+    "this factor for one more expert forward in the backward. Runtime only.",
     "model.balance_loss_weight": "Switch/GShard load-balance loss `X * sum_e f_e * P_e`, averaged over MoE layers.",
     "model.router_z_loss_weight": "ST-MoE router z-loss `mean(logsumexp(logits)^2)`, averaged over MoE layers.",
     "model.expert_bias_rate": "Auxiliary-loss-free balancing (DeepSeek-V3): "

@@ -29,7 +29,11 @@ CONTEXT_AXIS = "context"
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
     "vocab": "tensor",
-    "embed": ("fsdp", CONTEXT_AXIS),
+    # the expert axis splits the batch outside MoE layers, so it shards those layers' weights too
+    # (FSDP over fsdp x expert, as MaxText): replicated over it they would cost an MoE model its
+    # whole non-expert state once per expert-axis device
+    "embed": ("fsdp", CONTEXT_AXIS, "expert"),
+    "expert_embed": ("fsdp", CONTEXT_AXIS),  # the embed dim of the expert weights: "expert" shards their experts
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,

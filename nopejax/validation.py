@@ -353,6 +353,14 @@ def _validate_router(m: ConfigDict) -> None:
             "model.moe_dispatch", f"unknown token dispatcher {m.moe_dispatch!r}",
             f"use one of {MOE_DISPATCHERS} (they compute the same; see README, Mixture of experts)",
         )  # fmt: skip
+    if not (isinstance(m.moe_dispatch_chunks, int) and m.moe_dispatch_chunks >= 1):
+        raise ConfigError("model.moe_dispatch_chunks", f"must be an integer >= 1, got {m.moe_dispatch_chunks!r}",
+                          "use 1 (all tokens at once) or e.g. the expert-axis size")  # fmt: skip
+    if m.moe_dispatch_chunks > 1 and m.moe_dispatch != "allgather":
+        raise ConfigError(
+            "model.moe_dispatch_chunks", f"splits the allgather dispatcher's tokens, but moe_dispatch is "
+            f"{m.moe_dispatch!r}", "set moe_dispatch=allgather, or moe_dispatch_chunks=1",
+        )  # fmt: skip
     if m.capacity_factor != 0 and not m.capacity_factor > 0:
         raise ConfigError("model.capacity_factor", f"must be >= 0, got {m.capacity_factor}", "use 0 or e.g. 1.25")
     for name in ("balance_loss_weight", "router_z_loss_weight", "expert_bias_rate"):
@@ -607,6 +615,11 @@ def _validate_checkpoint(c: ConfigDict) -> None:
 def check_platform(cfg: ConfigDict, platform: str) -> None:
     """What `validate` cannot know: whether the attention path runs on these devices ("cpu",
     "gpu" or "tpu"). `auto` always picks one that does (nopejax.attention.resolve_impl)."""
+    if cfg.model.moe_dispatch == "ragged" and cfg.model.num_experts and cfg.mesh.expert != 1 and platform == "cpu":
+        raise ConfigError(
+            "model.moe_dispatch", "ragged needs jax.lax.ragged_all_to_all, which XLA:CPU does not have",
+            "use allgather or all_to_all on CPU (they compute the same), ragged on TPU or GPU",
+        )  # fmt: skip
     impl = cfg.model.attention_impl
     if impl == "cudnn" and platform != "gpu":
         raise ConfigError("model.attention_impl", f"cudnn needs a GPU, these devices are {platform}", "use auto or xla")

@@ -72,6 +72,8 @@ CASES = {
         router="sigmoid", experts_per_token=4, num_shared_experts=1, router_normalize=True, routed_scale=2.5
     ),
     "sigmoid_k1_llama4": dict(router="sigmoid", experts_per_token=1, num_shared_experts=1, router_scale_input=True),
+    # the 10 tokens through the experts 2 at a time (moe_dispatch_chunks), the input scaled as in Llama 4
+    "sigmoid_k2_llama4_chunks5": dict(router="sigmoid", router_scale_input=True, moe_dispatch_chunks=5),
 }
 
 
@@ -195,6 +197,84 @@ def layer_on_mesh(p, h_BSD, r_BSD, m, mesh_sizes=None):
     return y, aux, g
 
 
+def numpy_ragged_all_to_all(operands, outputs, input_offsets, send_sizes, output_offsets, recv_sizes):
+    """jax.lax.ragged_all_to_all as its docstring specifies, over P devices' numpy arrays: entry i of
+    sender q's arguments sends operand[q][input_offsets[i] : + send_sizes[i]] to device i // (N / P),
+    written there at output_offsets[i]; each receiver's recv_sizes must list what arrives."""
+    P, N = len(operands), len(input_offsets[0])
+    per = N // P
+    results = [o.copy() for o in outputs]
+    for q in range(P):
+        for i in range(N):
+            p, j = divmod(i, per)
+            n = send_sizes[q][i]
+            assert recv_sizes[p][q * per + j] == n
+            results[p][output_offsets[q][i] : output_offsets[q][i] + n] = operands[q][input_offsets[q][i] :][:n]
+    return results
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
+    """The same semantics inside shard_map from all-gathers and selects (XLA:CPU has no ragged
+    all-to-all): each output row takes the sender row whose slice covers it."""
+    P = jax.lax.axis_size(axis_name)
+    per = input_offsets.shape[0] // P
+    me = jax.lax.axis_index(axis_name)
+    ops, starts, sizes, dests = (
+        jax.lax.all_gather(a, axis_name, axis=0, tiled=False)
+        for a in (operand, input_offsets, send_sizes, output_offsets)
+    )
+    rows = jnp.arange(output.shape[0])
+    out = output
+    for q in range(P):
+        for j in range(per):
+            i = me * per + j  # sender q's slice for this device
+            start, size, dest = starts[q, i], sizes[q, i], dests[q, i]
+            inside = (rows >= dest) & (rows < dest + size)
+            vals = jnp.take(ops[q], jnp.clip(start + rows - dest, 0, operand.shape[0] - 1), axis=0)
+            out = jnp.where(inside.reshape(-1, *[1] * (out.ndim - 1)), vals, out)
+    return out
+
+
+@pytest.mark.parametrize("P,Y,seed", [(2, 3, 0), (4, 2, 1), (3, 4, 2)])
+def test_ragged_layout_delivers_each_row_to_its_expert_and_back(P, Y, seed):
+    """The ragged dispatcher's offsets and sizes (moe.ragged_layout), run through the documented
+    ragged all-to-all in numpy: every receiver gets exactly the rows chosen for its experts, grouped
+    by local expert and, within an expert, by sender then sender order; the return trip puts each
+    output back on the row it came from. Random counts with empty experts and a skewed device."""
+    rng = np.random.default_rng(seed)
+    X, D = P * Y, 3
+    counts_QX = rng.integers(0, 4, (P, X)) * (rng.random((P, X)) < 0.7)
+    counts_QX[:, :Y] += 5  # device 0's experts chosen most
+    # each sender's rows, sorted by expert: (sender, expert, index among the sender's rows) as data
+    sent = [np.repeat(np.arange(X), counts_QX[q]) for q in range(P)]
+    rows = [np.stack([np.full(len(e), q), e, np.arange(len(e))], 1).astype(np.float64) for q, e in enumerate(sent)]
+    W = max(counts_QX[:, p * Y : (p + 1) * Y].sum() for p in range(P)) + 2  # 2 spare rows
+    layouts = [moe.ragged_layout(jnp.asarray(counts_QX.reshape(P, P, Y)), q) for q in range(P)]
+    forward, back, groups = zip(*layouts)
+    args = [[np.asarray(f[a]) for f in forward] for a in range(4)]
+    received = numpy_ragged_all_to_all(rows, [np.full((W, D), -1.0) for _ in range(P)], *args)
+    for p in range(P):
+        expected = [r for y in range(Y) for q in range(P) for r in rows[q] if r[1] == p * Y + y]
+        np.testing.assert_array_equal(received[p][: len(expected)], np.array(expected).reshape(-1, D))
+        assert (received[p][len(expected) :] == -1).all()  # the spare rows untouched
+        np.testing.assert_array_equal(groups[p], counts_QX[:, p * Y : (p + 1) * Y].sum(0))
+    outputs = [r * 10 for r in received]  # the "experts": any per-row function
+    args = [[np.asarray(b[a]) for b in back] for a in range(4)]
+    returned = numpy_ragged_all_to_all(outputs, [np.zeros_like(r) for r in rows], *args)
+    for q in range(P):
+        np.testing.assert_array_equal(returned[q], rows[q] * 10)
+
+
+def test_ragged_dispatch_is_refused_on_cpu_in_one_line():
+    cfg = small_moe_cfg(expert=2, data=4)
+    cfg.model.moe_dispatch = "ragged"
+    with pytest.raises(ConfigError, match=r"model\.moe_dispatch.*XLA:CPU") as err:
+        train.setup(cfg)
+    assert "\n" not in str(err.value) and "allgather" in str(err.value)
+    cfg.mesh.update(expert=1, data=8)  # nothing to dispatch over: allowed, computed in place
+    train.setup(cfg)
+
+
 @pytest.mark.parametrize(
     ("mesh", "capacity_factor"),
     [
@@ -204,12 +284,15 @@ def layer_on_mesh(p, h_BSD, r_BSD, m, mesh_sizes=None):
     ],
     ids=["expert4_data2_capacity", "fsdp2_expert2_tensor2_dropless", "expert2_context2_tensor2_dropless"],
 )
-def test_all_to_all_dispatch_equals_allgather_and_one_device(mesh, capacity_factor):
+def test_all_to_all_and_ragged_dispatch_equal_allgather_and_one_device(mesh, capacity_factor, monkeypatch):
     """Forward and gradients, for a random router and one where every token picks experts 0 and 1
     (all on the expert group's first device: its buffer is full, the dropless worst case; in
     capacity mode the buffers hold rows * Y * capacity tokens). Capacity 1.0 gives each expert 2 of a
     row's 12 assignments, so on expert 4 x data 2 the all-to-all buffers (1 row * 2 experts * 2 slots)
-    are below the 6 local tokens."""
+    are below the 6 local tokens. The all-gather dispatcher also in 4 chunks (moe_dispatch_chunks).
+    The ragged dispatcher runs with an emulated ragged all-to-all
+    (`emulated_ragged_all_to_all`, XLA:CPU has none); its receive buffer is sized as on TPU."""
+    monkeypatch.setattr(moe, "_ragged_all_to_all", emulated_ragged_all_to_all)
     m = moe_cfg(d_model=14, num_experts=8, expert_d_ff=10, num_shared_experts=1, router="sigmoid")
     m.update(router_normalize=True, capacity_factor=capacity_factor)
     p = init_layer(m)
@@ -223,8 +306,8 @@ def test_all_to_all_dispatch_equals_allgather_and_one_device(mesh, capacity_fact
             np.testing.assert_allclose(y_one, reference(p, h_BSD, m, top_k_numpy(p, h_BSD, m)), rtol=1e-5, atol=1e-5)
         elif skew:
             assert float(aux["dropped"]) > 0
-        for dispatch in ("all_to_all", "allgather"):
-            m.moe_dispatch = dispatch
+        for dispatch, chunks in (("all_to_all", 1), ("ragged", 1), ("allgather", 4), ("allgather", 1)):
+            m.update(moe_dispatch=dispatch, moe_dispatch_chunks=chunks)  # 4 chunks of the group's 24 tokens
             y, aux_mesh, g = layer_on_mesh(p, h_BSD, r_BSD, m, mesh)
             np.testing.assert_allclose(y, y_one, rtol=1e-5, atol=1e-5, err_msg=dispatch)
             assert float(aux_mesh["dropped"]) == float(aux["dropped"])
@@ -290,6 +373,25 @@ def test_layer_moves_tokens_by_its_dispatchers_collectives(dispatch, capacity_fa
         assert table["all-to-all"]["operand_bytes"] == N * C * (2 * D + 2 * k) * 4
 
 
+def test_collective_parser_counts_a_ragged_all_to_all_by_its_smaller_buffer():
+    """benchmarks/hlo_collectives.py: a ragged all-to-all sends at most its input and receives at
+    most its output buffer; the offsets and the larger buffer are not traffic."""
+    hlo = """HloModule m
+
+ENTRY %main (p0: bf16[64,8], p1: bf16[512,8], p2: s32[16]) -> bf16[512,8] {
+  %p0 = bf16[64,8]{1,0} parameter(0)
+  %p1 = bf16[512,8]{1,0} parameter(1)
+  %p2 = s32[16]{0} parameter(2)
+  ROOT %r = bf16[512,8]{1,0} ragged-all-to-all(%p0, %p1, %p2, %p2, %p2, %p2), replica_groups={{0,1,2,3,4,5,6,7}}
+}
+"""
+    row = collective_bytes(hlo)["ragged-all-to-all"]
+    assert row["count"] == 1 and row["operand_bytes"] == 64 * 8 * 2
+    assert row["moved_bytes"] == 64 * 8 * 2 * 7 / 8
+    back = collective_bytes(hlo.replace("%p0, %p1", "%p1, %p0"))["ragged-all-to-all"]  # the return trip
+    assert back["operand_bytes"] == 64 * 8 * 2
+
+
 # ---------------------------------------------------------------------------------------------
 # In the model and the train step
 
@@ -351,6 +453,10 @@ def test_expert_parallel_losses_equal_one_device(mesh, dispatch, one_device_moe)
     assert losses[-1] < losses[0]
     gate = state["params"]["layers"]["expert_gate"]  # [layers, expert, embed, expert_mlp]
     assert gate.sharding.spec[1] == "expert"
+    # the other weights are FSDP-sharded over the expert axis too (the batch is split over it)
+    for name, dim in (("wq", 1), ("router", 1)):
+        axes = state["params"]["layers"][name].sharding.spec[dim]
+        assert "expert" in ((axes,) if isinstance(axes, str) else axes), (name, axes)
     np.testing.assert_allclose(
         state["params"]["layers"]["expert_bias"], one_device_moe[1]["params"]["layers"]["expert_bias"], atol=1e-6
     )
@@ -490,6 +596,8 @@ def test_checkpoint_of_a_dense_model_does_not_restore_into_an_moe_model(tmp_path
         (dict(router_scale_input=True), "model.router_scale_input"),
         (dict(expert_bias_rate=-0.1), "model.expert_bias_rate"),
         (dict(moe_dispatch="alltoall"), "model.moe_dispatch"),
+        (dict(moe_dispatch_chunks=0), "model.moe_dispatch_chunks"),
+        (dict(moe_dispatch="ragged", moe_dispatch_chunks=2), "model.moe_dispatch_chunks"),
     ],
 )
 def test_bad_moe_configs_name_the_field(changes, field):

@@ -2,7 +2,8 @@
 attention (the XLA path), side by side; then FLOPs and bytes per chunk against the TPU v5p roofline.
 
     python benchmarks/mixers.py [--seq-lens 4096,16384,32768] [--d-model 512] [--steps 1]
-                                [--time-attention-up-to 4096] [--memory-only | --roofline-only] [--topology v5p:2x2x1]
+                                [--time-attention-up-to 4096] [--memory-only | --roofline-only | --skip-roofline]
+                                [--topology v5p:2x2x1]
 
 1. Each layer is the mixer sublayer alone (projections, conv, mixer, output projection; no norm, no
    FFN, which all three share), batch 1, fp32 on CPU, loss = mean(out^2). Its train step (grad of
@@ -20,6 +21,8 @@ attention (the XLA path), side by side; then FLOPs and bytes per chunk against t
    `bytes accessed` of `cost_analysis()` on the program compiled ahead of time for --topology, divided
    by chunks x heads). Their ratio is the arithmetic intensity, against v5p's ridge point:
    459 TFLOP/s bf16 / 2765 GB/s HBM = 166 FLOP/byte (cloud.google.com/tpu/docs/v5p, "Key specifications").
+3. The intra-chunk part's fwd+bwd compiled for one v5p chip, XLA's form beside the Pallas kernels of
+   nopejax/kernels/ssd.py: temporaries, FLOPs and bytes from the compiled programs.
 """
 
 import argparse
@@ -121,7 +124,8 @@ def measure(kind, m, S, steps, timed):
 
 
 def ssd_intra_chunk_cost(c, E, P, G, itemsize=2, backward=False):
-    """Per (chunk, head) of ssd.intra_chunk (P the head dim, E the state), Y_diag_l = sum_{m<=l} (C_l . B_m) exp(cum_l - cum_m) xdt_m.
+    """Per (chunk, head) of ssd.intra_chunk (P the head dim, E the state),
+    Y_diag_l = sum_{m<=l} (C_l . B_m) exp(cum_l - cum_m) xdt_m.
 
     FLOPs: C B^T (2 c^2 E, shared by the G heads of a group), the segsum and its exp (c^2 adds,
     c^2 exponentials, counted as 1 FLOP each), the mask product (c^2), (S o L) X (2 c^2 P).
@@ -139,7 +143,8 @@ def ssd_intra_chunk_cost(c, E, P, G, itemsize=2, backward=False):
 
 
 def gdn_chunk_cost(c, E, P, G, itemsize=2):
-    """Per (chunk, value head) of gated_delta.gated_delta (E key, P value head dim): everything a chunk does, the state pass included.
+    """Per (chunk, value head) of gated_delta.gated_delta (E key, P value head dim): everything a chunk
+    does, the state pass included.
 
     FLOPs: k k^T and q k^T (2 c^2 E each, shared by G value heads), the decay pairs and A (3 c^2),
     the unit-lower triangular solve for [u | w] (c^2 (P + E)), w S_in (2 c E P), the new state
@@ -193,6 +198,39 @@ def roofline(topology, S=8192):
     return rows
 
 
+def kernel_vs_xla(topology, S=8192):
+    """Mamba2's intra-chunk part, fwd+bwd, XLA form vs the Pallas kernels (nopejax/kernels/ssd.py),
+    compiled for one v5p chip at the 3B hybrid's shape, S tokens (32k over context 4 = 8192 per chip):
+    temporaries and the compiler's FLOPs / bytes (for the kernels these are their declared
+    pl.CostEstimate plus the XLA ops around them)."""
+    from jax.experimental import topologies
+
+    from nopejax.kernels.ssd import ssd_intra_chunk
+
+    device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    H, P, K, E, c = 64, 64, 1, 128, 256
+    t = S // c
+    shape = lambda *s, dt=F32: jax.ShapeDtypeStruct(s, dt, sharding=sharding)
+    args = (shape(1, t, c, K, E), shape(1, t, c, K, E), shape(1, t, c, K, H // K, P), shape(1, t, K, H // K, c),
+            shape(1, t, c, dt=jnp.int32))  # fmt: skip
+    rows = []
+    for name, fn in (("XLA (ssd.intra_chunk)", ssd.intra_chunk),
+                     ("Pallas (kernels/ssd.py)", lambda *a: ssd_intra_chunk(*a, backend="tpu"))):  # fmt: skip
+        loss = lambda C, B, x, a, doc, fn=fn: jnp.sum(fn(C, B, x, a, doc) ** 2)
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        rows.append((name, temp, cost["flops"], cost["bytes accessed"]))
+    print(f"\nintra-chunk fwd+bwd on one {topology} chip, S {S}, 64 heads x 64, state 128, chunk 256, fp32 inputs")
+    print("| form | temp (MiB) | GFLOP | GB accessed | time bound (ms) |")
+    print("|---|---|---|---|---|")
+    for name, temp, f, b in rows:
+        bound = max(f / V5P_BF16_FLOPS, b / V5P_HBM_BYTES_PER_S) * 1e3
+        print(f"| {name} | {temp / 2**20:.0f} | {f / 1e9:.2f} | {b / 1e9:.3f} | {bound:.3f} |")
+
+
 def print_roofline(rows, topology):
     print(f"\nper chunk and head; v5p ridge {RIDGE:.0f} FLOP/byte ({V5P_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16, "
           f"{V5P_HBM_BYTES_PER_S / 1e9:.0f} GB/s); XLA columns from {topology} AOT cost_analysis")  # fmt: skip
@@ -221,6 +259,7 @@ def main():
     ap.add_argument("--roofline-only", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="compile every step for its memory, time none")
     ap.add_argument("--topology", default="v5p:2x2x1")
+    ap.add_argument("--skip-roofline", action="store_true", help="the CPU table only")
     args = ap.parse_args()
     import importlib.metadata as md
 
@@ -237,7 +276,9 @@ def main():
                 r = measure(kind, m, S, args.steps, timed)
                 step = f"{r['step_s']:.2f}" if "step_s" in r else "not timed"
                 print(f"| {kind} | {S} | {r['compile_s']:.1f} | {step} | {r['temp_gib']:.3f} |", flush=True)
-    print_roofline(roofline(args.topology), args.topology)
+    if not args.skip_roofline:
+        print_roofline(roofline(args.topology), args.topology)
+        kernel_vs_xla(args.topology)
     print(f"load at the end {load()}")
 
 

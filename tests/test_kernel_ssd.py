@@ -42,7 +42,7 @@ def test_forward_and_gradients_match_xla_form(packed):
     def loss(fn):
         return lambda *args: jnp.sum(fn(*args, doc) * w)
 
-    kernel = lambda *args: ssd_intra_chunk(*args, interpret=True)  # noqa: E731
+    kernel = lambda *args: ssd_intra_chunk(*args, interpret=True)
     y, y_ref = jax.jit(kernel)(C, B, xdt, a, doc), jax.jit(intra_chunk)(C, B, xdt, a, doc)
     # measured: 1.9e-6 of max |y| ~ 15 (fp32 matmuls in a different order)
     assert _rel_err(y, y_ref) < 2e-5
@@ -56,8 +56,8 @@ def test_document_start_cuts_the_chunk():
     """Outputs before a start do not depend on inputs after it and vice versa (checked by gradients)."""
     C, B, xdt, a, _ = _inputs(Bz=1, t=1, c=7, packed=False)
     doc = jnp.array([[[0, 0, 0, 1, 1, 1, 1]]], jnp.int32)  # a document starts at position 3
-    out_after = lambda x: ssd_intra_chunk(C, B, x, a, doc, interpret=True)[0, 0, 3:].sum()  # noqa: E731
-    out_before = lambda x: ssd_intra_chunk(C, B, x, a, doc, interpret=True)[0, 0, :3].sum()  # noqa: E731
+    out_after = lambda x: ssd_intra_chunk(C, B, x, a, doc, interpret=True)[0, 0, 3:].sum()
+    out_before = lambda x: ssd_intra_chunk(C, B, x, a, doc, interpret=True)[0, 0, :3].sum()
     assert np.all(np.asarray(jax.grad(out_after)(xdt))[0, 0, :3] == 0)
     assert np.all(np.asarray(jax.grad(out_before)(xdt))[0, 0, 3:] == 0)
 
@@ -92,7 +92,7 @@ def test_tpu_lowering_compiles_ahead_of_time_for_v5p(dtype):
     state 128, head dim 64), packed documents included."""
     sharding = _v5p_single_device_sharding()
     Bz, t, c, K, G, E, P = 1, 4, 256, 1, 4, 128, 64
-    shape = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt, sharding=sharding)  # noqa: E731
+    shape = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt, sharding=sharding)
     args = (shape(Bz, t, c, K, E), shape(Bz, t, c, K, E), shape(Bz, t, c, K, G, P), shape(Bz, t, K, G, c, dt=F32),
             shape(Bz, t, c, dt=jnp.int32))  # fmt: skip
 

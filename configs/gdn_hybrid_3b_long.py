@@ -5,7 +5,7 @@ period of four layers made (gated_deltanet x 3, full attention without RoPE), ev
 SmolLM3's dense SwiGLU FFN, as Qwen3-Next interleaves 3 Gated DeltaNet layers per attention layer.
 GDN shape: Qwen3-Next's linear-attention heads at hidden 2048 (16 key heads and 32 value heads of
 128, conv 4; transformers' Qwen3NextConfig defaults, not copied from a hub config), chunk 64.
-It is the benchmark beside the all-attention model in docs/results/mixers.md:
+The dry run beside configs/smollm3_3b_long.py (the all-attention model of the same width):
 
     nopejax train --config configs/gdn_hybrid_3b_long.py --workdir /tmp/g --dry-run --topology v5p:2x2x4
 """

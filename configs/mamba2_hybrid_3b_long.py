@@ -5,7 +5,7 @@ period of four layers made (mamba2, mamba2, mamba2, full attention without RoPE)
 keeping SmolLM3's dense SwiGLU FFN. The Mamba2 layers carry order, so the attention layers are
 NoPE, as in Nemotron-H. Mamba2 shape: expansion 2 (64 heads of 64 = 4096 inner), 1 group,
 state 128, conv 4, SSD chunk 256 (Mamba2's own defaults at this width; not a published model).
-It is the benchmark beside the all-attention model in docs/results/mixers.md:
+The dry run beside configs/smollm3_3b_long.py (the all-attention model of the same width):
 
     nopejax train --config configs/mamba2_hybrid_3b_long.py --workdir /tmp/m --dry-run --topology v5p:2x2x4
 """

@@ -81,6 +81,20 @@ def _segsum(a_ac):
     return jnp.where(jnp.tril(jnp.ones((c, c), bool)), seg_acJ, -jnp.inf)
 
 
+def intra_chunk(C_BtcKE, B_BtcKE, xdt_BtcKGO, a_BtKGc, doc_Btc):
+    """The outputs of each chunk from its own inputs alone (Y_diag of the SSD paper) -> y_BtcKGO, fp32.
+
+    y_l = sum_{m <= l, same document} (C_l . B_m) exp(a_{m+1} + ... + a_l) xdt_m. `a` are the log
+    decays dt * A, `xdt` = x * dt, `doc` the count of document starts so far in the chunk (l and m
+    share a document iff their counts are equal). XLA materialises the [c, J] decay mask and scores
+    per head and chunk; nopejax/kernels/ssd.py computes the same inside VMEM.
+    """
+    same_BtcJ = doc_Btc[..., :, None] == doc_Btc[..., None, :]
+    decay_BtKGcJ = jnp.exp(jnp.where(same_BtcJ[:, :, None, None], _segsum(a_BtKGc), -jnp.inf))
+    scores_BtKcJ = jnp.einsum("bclgn,bcmgn->bcglm", C_BtcKE, B_BtcKE)
+    return jnp.einsum("bcglm,bcgrlm,bcmgrp->bclgrp", scores_BtKcJ, decay_BtKGcJ, xdt_BtcKGO)
+
+
 def ssd(
     x_BSHO,
     dt_BSH,
@@ -117,16 +131,18 @@ def ssd(
     xdt_BtcKGO = x_BtcKGO * dt_BtcKG[..., None]
     # documents seen so far inside the chunk: l and m share a document iff their counts are equal
     doc_Btc = jnp.cumsum(start_Btc, axis=-1)
-    same_BtcJ = doc_Btc[..., :, None] == doc_Btc[..., None, :]
-    seg_BtKGcJ = jnp.where(same_BtcJ[:, :, None, None], _segsum(a_BtKGc), -jnp.inf)
-    decay_BtKGcJ = jnp.exp(seg_BtKGcJ)
 
     # 1. inside each chunk: masked (C . B) "attention" over the chunk's own inputs
-    scores_BtKcJ = jnp.einsum("bclgn,bcmgn->bcglm", C_BtcKE, B_BtcKE)
-    y_BtcKGO = jnp.einsum("bcglm,bcgrlm,bcmgrp->bclgrp", scores_BtKcJ, decay_BtKGcJ, xdt_BtcKGO)
+    y_BtcKGO = intra_chunk(C_BtcKE, B_BtcKE, xdt_BtcKGO, a_BtKGc, doc_Btc)
 
-    # 2. each chunk's end state from a zero start: row l = c - 1 of the decay mask
-    states_BtKGOE = jnp.einsum("bclgn,bcgrl,bclgrp->bcgrpn", B_BtcKE, decay_BtKGcJ[..., -1, :], xdt_BtcKGO)
+    # 2. each chunk's end state from a zero start: decays from each position to the chunk's end
+    # (row c - 1 of the segsum mask), 0 before the chunk's last document start
+    # a_{m+1} + ... + a_{c-1} as a reversed cumsum shifted by one (no difference of two cumsums)
+    after_BtKGc = jnp.cumsum(a_BtKGc[..., ::-1], axis=-1)[..., ::-1]
+    after_BtKGc = jnp.concatenate([after_BtKGc[..., 1:], jnp.zeros_like(after_BtKGc[..., :1])], axis=-1)
+    last_doc_Bt11c = (doc_Btc == doc_Btc[..., -1:])[:, :, None, None]
+    to_end_BtKGc = jnp.exp(jnp.where(last_doc_Bt11c, after_BtKGc, -jnp.inf))
+    states_BtKGOE = jnp.einsum("bclgn,bcgrl,bclgrp->bcgrpn", B_BtcKE, to_end_BtKGc, xdt_BtcKGO)
 
     # 3. the state entering each chunk: a scan over chunks (0 across a document start)
     from_start_BtKGc = jnp.exp(jnp.where((doc_Btc == 0)[:, :, None, None], jnp.cumsum(a_BtKGc, axis=-1), -jnp.inf))

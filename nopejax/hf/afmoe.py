@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 
-
 from nopejax import moe
 from nopejax.hf import fields, tensors
 from nopejax.hf.fields import Field, HFConfigError, harmless, only

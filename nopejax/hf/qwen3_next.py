@@ -118,6 +118,10 @@ def _gdn_int(key: str):
     return read
 
 
+def _without_partial(d):
+    return {k: v for k, v in d.items() if k != "partial_rotary_factor"} if isinstance(d, dict) else d
+
+
 def read_rope(name, value, hf):
     """rope_parameters (or rope_scaling + rope_theta) as fields.read_rope reads them, with the rotated
     fraction: rope_parameters' partial_rotary_factor, else the top-level one, else 0.25 (Qwen3NextConfig)."""
@@ -126,9 +130,8 @@ def read_rope(name, value, hf):
     partial = hf["partial_rotary_factor"] if partial is None else partial
     if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
         raise HFConfigError("partial_rotary_factor", partial, "must be in (0, 1]", "fix the value in config.json")
-    strip = lambda d: {k: v for k, v in d.items() if k != "partial_rotary_factor"} if isinstance(d, dict) else d  # noqa: E731
-    plain = {**hf, "partial_rotary_factor": None, "rope_scaling": strip(hf["rope_scaling"])}
-    return {**fields.read_rope(name, strip(value), plain), "partial_rotary_factor": float(partial)}
+    plain = {**hf, "partial_rotary_factor": None, "rope_scaling": _without_partial(hf["rope_scaling"])}
+    return {**fields.read_rope(name, _without_partial(value), plain), "partial_rotary_factor": float(partial)}
 
 
 # the HF guide's table row (nopejax/reference.py): block and norms, per layer, the rest

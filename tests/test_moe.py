@@ -50,7 +50,8 @@ def reference(p, h_BSD, m, chosen_BSK):
         y_BSD = y_BSD + (out_BSD if m.router_scale_input else w_BS1 * out_BSD)
     if m.num_shared_experts:
         shared = jax.nn.silu(h_BSD @ p["shared_gate"]) * (h_BSD @ p["shared_up"])
-        y_BSD = y_BSD + shared @ p["shared_down"]
+        gate = 1 / (1 + jnp.exp(-(h_BSD @ p["shared_out_gate"]))) if m.shared_expert_gate else 1.0  # [B, S, 1]
+        y_BSD = y_BSD + gate * (shared @ p["shared_down"])
     return y_BSD
 
 
@@ -72,6 +73,9 @@ CASES = {
         router="sigmoid", experts_per_token=4, num_shared_experts=1, router_normalize=True, routed_scale=2.5
     ),
     "sigmoid_k1_llama4": dict(router="sigmoid", experts_per_token=1, num_shared_experts=1, router_scale_input=True),
+    "softmax_k2_gated_shared_qwen3_next": dict(
+        router="softmax", experts_per_token=2, num_shared_experts=1, router_normalize=True, shared_expert_gate=True
+    ),
 }
 
 
@@ -490,6 +494,8 @@ def test_checkpoint_of_a_dense_model_does_not_restore_into_an_moe_model(tmp_path
         (dict(router_scale_input=True), "model.router_scale_input"),
         (dict(expert_bias_rate=-0.1), "model.expert_bias_rate"),
         (dict(moe_dispatch="alltoall"), "model.moe_dispatch"),
+        (dict(num_shared_experts=0, shared_expert_gate=True), "model.shared_expert_gate"),
+        (dict(shared_expert_gate=1), "model.shared_expert_gate"),
     ],
 )
 def test_bad_moe_configs_name_the_field(changes, field):

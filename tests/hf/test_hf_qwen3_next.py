@@ -4,6 +4,7 @@ resolves (partial RoPE, layer types, MoE layers), what the format refuses, and t
 References: transformers' Qwen3-Next classes (fp32, eager), and the checkpoint files they write.
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -60,7 +61,7 @@ def test_from_hf_gives_transformers_logits_past_the_gdn_chunk(saved):
     graphdef, params = model.split(ours)
     got = np.asarray(model.apply(graphdef, params, tokens_BS.astype(np.int32)))
     assert np.abs(want).max() > 0.5
-    # measured: 2.5e-6
+    # measured: 3.2e-6 on logits up to 2.2
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
@@ -101,8 +102,6 @@ def test_offset_rms_norm_is_transformers_in_bf16():
     x = torch.randn(4, 30).to(torch.bfloat16)
     with torch.no_grad():
         want = norm(x).float().numpy()
-    import jax.numpy as jnp
-
     got = model.rms_norm(jnp.asarray(x.float().numpy(), jnp.bfloat16), norm.weight.detach().numpy(), 1e-6, True)
     np.testing.assert_array_equal(np.asarray(got, np.float32), want)
 
@@ -115,7 +114,8 @@ def test_offset_rms_norm_is_transformers_in_bf16():
         {"partial_rotary_factor": 0.5, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0,
                                                            "partial_rotary_factor": 0.75}},
         {"rope_theta": 5e6, "rope_scaling": None},
-        {"rope_theta": 1e6, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+        {"rope_theta": 1e6,
+         "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
     ],
 )  # fmt: skip
 def test_rope_fields_resolve_as_qwen3_next_config(given):

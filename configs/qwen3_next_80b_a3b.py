@@ -19,8 +19,12 @@ sigmoid(h @ w) (model.shared_expert_gate). `nopejax export` writes a Qwen3NextFo
 checkpoint (model.hf_family = "qwen3_next").
 
 The layer pattern is one 4-layer block (3 Gated DeltaNet + 1 attention, all MoE) scanned 12
-times. `nopejax train --config configs/qwen3_next_80b_a3b.py --workdir /tmp/q --dry-run
---topology v5p:...`: see docs/results/tpu-aot.md for the figures.
+times: 79,674,415,872 params (transformers' count for the same config.json, 79,674,391,296, plus
+nopejax's zero expert bias). `nopejax train --config configs/qwen3_next_80b_a3b.py --workdir /tmp/q
+--dry-run --topology v5p:2x2x4 --config.train.global_batch_size=16` (2026-12-06, jax 0.10.2,
+libtpu 0.0.42.1, 2 shared CPU cores at load 30-50): 109.30 GiB per chip, over v5p's 95, compile
+5047 s; so 32 chips (v5p:2x4x4, one 4K row each, the batch below), where the AdamW state halves to
+37 GiB per chip; that compile did not finish in the session (docs/results/tpu-aot.md).
 """
 
 from nopejax.config import base_config

@@ -495,7 +495,6 @@ def test_checkpoint_of_a_dense_model_does_not_restore_into_an_moe_model(tmp_path
         (dict(expert_bias_rate=-0.1), "model.expert_bias_rate"),
         (dict(moe_dispatch="alltoall"), "model.moe_dispatch"),
         (dict(num_shared_experts=0, shared_expert_gate=True), "model.shared_expert_gate"),
-        (dict(shared_expert_gate=1), "model.shared_expert_gate"),
     ],
 )
 def test_bad_moe_configs_name_the_field(changes, field):

@@ -101,7 +101,8 @@ class DataRestore(grain.checkpoint.CheckpointRestore):
 # Optional per-layer params: whether they exist depends on these. Checkpoints written before they
 # were recorded have none of them, hence the defaults.
 OPTIONAL_PARAM_FIELDS = {"attention_bias": False, "mlp_bias": False, "qk_norm_weights": False,
-                         "block": "pre_norm", "norm": "rms", "moe": None, "attention_gate": False}  # fmt: skip
+                         "block": "pre_norm", "norm": "rms", "moe": None, "attention_gate": False,
+                         "norm_unit_offset": False}  # fmt: skip
 FIELD_NAMES = {"rope_pattern": "model.no_rope_layers", "qk_norm_weights": "model.qk_norm", "moe": "model.num_experts"}
 
 
@@ -113,6 +114,7 @@ def layout(m: ConfigDict) -> dict:
     out["attention_gate"] = bool(m.attention_gate)  # the attn_gate projection exists
     out["block"] = m.block  # which norm weights exist (model.BLOCK_NORMS) and where they apply
     out["norm"] = m.norm  # what the norm weights scale: RMS- or mean-normalised activations
+    out["norm_unit_offset"] = bool(m.norm_unit_offset)  # whether a norm weight w scales by w or by 1 + w
     out["moe"] = None  # which layers have experts, and their shapes (dense FFN / MoE params stack apart)
     if m.num_experts:
         out["moe"] = {
@@ -121,6 +123,8 @@ def layout(m: ConfigDict) -> dict:
             "expert_d_ff": m.expert_d_ff or m.d_ff,
             "num_shared_experts": m.num_shared_experts,
         }
+        if m.shared_expert_gate:  # the shared_out_gate param exists (absent from older checkpoints' layouts)
+            out["moe"]["shared_expert_gate"] = True
     out["param_layout"] = "layer_stacked_v1"  # [L, ...] per layer param; independent of scan_layers
     return out
 

@@ -122,6 +122,8 @@ def base_config() -> ConfigDict:
     m.experts_per_token = 2  # top-k
     m.expert_d_ff = 0  # width of each routed expert (HF moe_intermediate_size); 0 = d_ff
     m.num_shared_experts = 0  # always-on SwiGLU of width num_shared_experts * expert_d_ff
+    # Qwen3-Next: the shared experts' output times sigmoid(h @ w), w [d_model, 1] learned per MoE layer
+    m.shared_expert_gate = False
     m.router = "softmax"  # "softmax" (Mixtral, Switch) or "sigmoid" (DeepSeek-V3, AFMoE, Llama 4)
     m.router_normalize = False  # divide the top-k weights by their sum (AFMoE always does)
     m.routed_scale = 1.0  # multiply the routed output (AFMoE route_scale, DeepSeek routed_scaling_factor)
@@ -165,6 +167,9 @@ def base_config() -> ConfigDict:
     m.mlp_bias = False  # biases on the gate, up and down projections (HF `mlp_bias`)
     m.mlp_activation = "swiglu"  # dense FFN: "swiglu" (gated, silu) or "relu2" (relu(x W_up)^2 W_down: Nemotron-H)
     m.rms_norm_eps = 1e-6  # eps of every norm, whichever model.norm is
+    # norm weights stored as offsets from 1 (Qwen3-Next, Gemma): the block, final and q/k RMSNorms scale by
+    # (1 + w), computed in fp32, and start at w = 0; the Gated DeltaNet output norm keeps its plain weight
+    m.norm_unit_offset = False
     m.norm = "rms"  # block and final norms: "rms" or "layernorm" (mean-subtracted, no bias: Cohere2)
     # where the norms sit: "pre_norm" (Llama, SmolLM3), "parallel" (Cohere2: attention and MLP from one
     # norm, summed into the residual), "post_norm" (EXAONE 4: sublayer outputs normed, inputs not),

@@ -186,10 +186,13 @@ def _dtype(name: str):
     return jnp.dtype(name)
 
 
-def rms_norm(x_BSD, weight_D, eps: float):
-    """HF semantics: normalise in fp32, cast back to the input dtype, then scale."""
+def rms_norm(x_BSD, weight_D, eps: float, unit_offset: bool = False):
+    """HF semantics: normalise in fp32, cast back to the input dtype, then scale. With `unit_offset`
+    (Qwen3-Next, Gemma) the weight is an offset: scaled by 1 + w in fp32, then cast, as they compute it."""
     x = x_BSD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    if unit_offset:
+        return (x * (1.0 + weight_D.astype(jnp.float32))).astype(x_BSD.dtype)
     return x.astype(x_BSD.dtype) * weight_D.astype(x_BSD.dtype)
 
 
@@ -203,7 +206,9 @@ def layer_norm(x_BSD, weight_D, eps: float):
 
 def norm(x_BSD, weight_D, m):
     """The model's block and final norm (`model.norm`); eps is `model.rms_norm_eps` for both kinds."""
-    return (layer_norm if m.norm == "layernorm" else rms_norm)(x_BSD, weight_D, m.rms_norm_eps)
+    if m.norm == "layernorm":
+        return layer_norm(x_BSD, weight_D, m.rms_norm_eps)
+    return rms_norm(x_BSD, weight_D, m.rms_norm_eps, m.norm_unit_offset)
 
 
 def _plus_bias(x, p, name: str):
@@ -220,8 +225,8 @@ def attention_inputs(p, h_BSD, m, dtype, spec: layers.LayerSpec):
     k_BSKE = _plus_bias(jnp.einsum("bsd,dke->bske", h_BSD, p["wk"].astype(dtype)), p, "k_bias")
     v_BSKE = _plus_bias(jnp.einsum("bsd,dke->bske", h_BSD, p["wv"].astype(dtype)), p, "v_bias")
     if spec.qk_norm == "rms":  # before RoPE, on every layer (EXAONE 4, Gemma 3)
-        q_BSHE = rms_norm(q_BSHE, p["q_norm"], m.rms_norm_eps)
-        k_BSKE = rms_norm(k_BSKE, p["k_norm"], m.rms_norm_eps)
+        q_BSHE = rms_norm(q_BSHE, p["q_norm"], m.rms_norm_eps, m.norm_unit_offset)
+        k_BSKE = rms_norm(k_BSKE, p["k_norm"], m.rms_norm_eps, m.norm_unit_offset)
     if m.attention_scale is not None:
         q_BSHE = q_BSHE * jnp.asarray(m.attention_scale * math.sqrt(m.head_dim), q_BSHE.dtype)
     return q_BSHE, k_BSKE, v_BSKE
@@ -447,7 +452,8 @@ class Decoder(nnx.Module):
         init = nnx.initializers.normal(m.init_std)
 
         def param(shape, logical, ones=False, zeros=False):
-            if ones or zeros:  # norms start at 1, biases at 0
+            ones, zeros = ones and not m.norm_unit_offset, zeros or (ones and m.norm_unit_offset)
+            if ones or zeros:  # norms start at 1 (at 0 where 1 + w scales: norm_unit_offset), biases at 0
                 value = (jnp.ones if ones else jnp.zeros)(shape, pdtype)
             else:
                 value = init(rngs.params(), shape, pdtype)

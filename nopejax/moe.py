@@ -74,12 +74,17 @@ SHARED_PARAMS = {
     "shared_gate": (lambda m: (m.d_model, m.num_shared_experts * expert_width(m)), ("embed", "mlp")),
     "shared_up": (lambda m: (m.d_model, m.num_shared_experts * expert_width(m)), ("embed", "mlp")),
     "shared_down": (lambda m: (m.num_shared_experts * expert_width(m), m.d_model), ("mlp", "embed")),
+    # model.shared_expert_gate (Qwen3-Next): the shared output times sigmoid(h @ shared_out_gate)
+    "shared_out_gate": (lambda m: (m.d_model, 1), ("embed", None)),
 }
 
 
 def moe_params(m) -> dict:
     """The params of one MoE layer for this config: name -> (shape fn, logical axes)."""
-    return {**MOE_PARAMS, **(SHARED_PARAMS if m.num_shared_experts else {})}
+    shared = {} if not m.num_shared_experts else {
+        name: v for name, v in SHARED_PARAMS.items() if name != "shared_out_gate" or m.shared_expert_gate
+    }  # fmt: skip
+    return {**MOE_PARAMS, **shared}
 
 
 def capacity(m, seq_len: int) -> int:
@@ -439,7 +444,10 @@ def moe_ffn(p, h_BSD, m, dtype):
         p["expert_gate"].astype(dtype), p["expert_up"].astype(dtype), p["expert_down"].astype(dtype), m,
     )  # fmt: skip
     if m.num_shared_experts:
-        y_BSD = y_BSD + swiglu(h_BSD, p["shared_gate"], p["shared_up"], p["shared_down"], dtype)
+        shared_BSD = swiglu(h_BSD, p["shared_gate"], p["shared_up"], p["shared_down"], dtype)
+        if "shared_out_gate" in p:  # Qwen3-Next: one sigmoid gate per token on the whole shared output
+            shared_BSD = shared_BSD * jax.nn.sigmoid(h_BSD @ p["shared_out_gate"].astype(dtype))
+        y_BSD = y_BSD + shared_BSD
     return y_BSD, aux
 
 

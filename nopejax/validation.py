@@ -299,6 +299,15 @@ def _validate_moe(m: ConfigDict, mesh: ConfigDict) -> None:
     """Mixture-of-experts fields; with num_experts = 0 the others must stay at their defaults."""
     if not isinstance(m.num_experts, int) or isinstance(m.num_experts, bool) or m.num_experts < 0:
         raise ConfigError("model.num_experts", f"must be an integer >= 0, got {m.num_experts!r}", "use 0 or e.g. 8")
+    if not isinstance(m.shared_expert_gate, bool):
+        raise ConfigError("model.shared_expert_gate", f"must be True or False, got {m.shared_expert_gate!r}",
+                          "use a bool")  # fmt: skip
+    if m.shared_expert_gate and not (m.num_experts and m.num_shared_experts):
+        raise ConfigError(
+            "model.shared_expert_gate", f"gates the shared experts' output, but the model has none (num_experts = "
+            f"{m.num_experts}, num_shared_experts = {m.num_shared_experts})",
+            "set shared_expert_gate = False, or give the MoE layers a shared expert",
+        )  # fmt: skip
     if not m.num_experts:
         if mesh.expert != 1:
             raise ConfigError(
@@ -444,8 +453,14 @@ def _validate_block(m: ConfigDict) -> None:
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                                   or not 0 < scale < float("inf")):  # fmt: skip
             raise ConfigError(f"model.{name}", f"must be a positive finite number, got {scale!r}", "use e.g. 1.0")
-    if not isinstance(m.attention_gate, bool):
-        raise ConfigError("model.attention_gate", f"must be True or False, got {m.attention_gate!r}", "use a bool")
+    for name in ("attention_gate", "norm_unit_offset"):
+        if not isinstance(m[name], bool):
+            raise ConfigError(f"model.{name}", f"must be True or False, got {m[name]!r}", "use a bool")
+    if m.norm_unit_offset and m.norm != "rms":
+        raise ConfigError(
+            "model.norm_unit_offset", f"scales RMSNorms by 1 + w, but model.norm is {m.norm!r}",
+            "use norm = 'rms', or norm_unit_offset = False",
+        )  # fmt: skip
 
 
 def _validate_mesh(cfg: ConfigDict) -> None:

@@ -65,6 +65,20 @@ def test_matches_qwen3_next_through_its_tensor_map():
     np.testing.assert_allclose(got, want, atol=4e-5, rtol=0)
 
 
+def test_qwen3_next_fused_tensors_round_trip_bit_for_bit():
+    """to_qwen3_next is the exact inverse of QWEN3_NEXT_TENSORS: transformers' fused in_proj_qkvz / in_proj_ba
+    (grouped per key head) and the rest come back bit for bit, with transformers' shapes."""
+    config = Qwen3NextConfig(**SIZES, layer_types=["linear_attention", "full_attention"])
+    mixer = randomize(Qwen3NextGatedDeltaNet(config, layer_idx=0))
+    state = {name: t.numpy() for name, t in mixer.state_dict().items()}
+    ours = {name: np.asarray(a) for name, a in m.from_hf(state, DIMS, tensors=m.QWEN3_NEXT_TENSORS).items()}
+    back = m.to_qwen3_next(ours, DIMS)
+    assert sorted(back) == sorted(state)
+    assert {k: tuple(v.shape) for k, v in state.items()} == m.qwen3_next_shapes(DIMS)
+    for name, t in state.items():
+        np.testing.assert_array_equal(back[name], t, err_msg=name)
+
+
 def params(d=DIMS):
     return m.init_params(d, jax.random.key(0))
 

@@ -50,7 +50,8 @@ def reference(p, h_BSD, m, chosen_BSK):
         y_BSD = y_BSD + (out_BSD if m.router_scale_input else w_BS1 * out_BSD)
     if m.num_shared_experts:
         shared = jax.nn.silu(h_BSD @ p["shared_gate"]) * (h_BSD @ p["shared_up"])
-        y_BSD = y_BSD + shared @ p["shared_down"]
+        gate = 1 / (1 + jnp.exp(-(h_BSD @ p["shared_out_gate"]))) if m.shared_expert_gate else 1.0  # [B, S, 1]
+        y_BSD = y_BSD + gate * (shared @ p["shared_down"])
     return y_BSD
 
 
@@ -74,6 +75,9 @@ CASES = {
     "sigmoid_k1_llama4": dict(router="sigmoid", experts_per_token=1, num_shared_experts=1, router_scale_input=True),
     # the 10 tokens through the experts 2 at a time (moe_dispatch_chunks), the input scaled as in Llama 4
     "sigmoid_k2_llama4_chunks5": dict(router="sigmoid", router_scale_input=True, moe_dispatch_chunks=5),
+    "softmax_k2_gated_shared_qwen3_next": dict(
+        router="softmax", experts_per_token=2, num_shared_experts=1, router_normalize=True, shared_expert_gate=True
+    ),
 }
 
 
@@ -598,6 +602,7 @@ def test_checkpoint_of_a_dense_model_does_not_restore_into_an_moe_model(tmp_path
         (dict(moe_dispatch="alltoall"), "model.moe_dispatch"),
         (dict(moe_dispatch_chunks=0), "model.moe_dispatch_chunks"),
         (dict(moe_dispatch="ragged", moe_dispatch_chunks=2), "model.moe_dispatch_chunks"),
+        (dict(num_shared_experts=0, shared_expert_gate=True), "model.shared_expert_gate"),
     ],
 )
 def test_bad_moe_configs_name_the_field(changes, field):

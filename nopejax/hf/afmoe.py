@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from nopejax import moe
 from nopejax.hf import fields, tensors
 from nopejax.hf.fields import Field, HFConfigError, harmless, only
@@ -98,23 +96,7 @@ FIELDS = {
 }  # fmt: skip
 BASE = {"block": "sandwich", "qk_norm": "rms", "attention_gate": True, "router": "sigmoid", "router_normalize": True}
 
-KINDS = ("gate", "up", "down")
-
-
-def _expert_shape(m, kind: str) -> tuple:
-    I = moe.expert_width(m)  # noqa: E741
-    return (m.d_model, I) if kind == "down" else (I, m.d_model)
-
-
-def _expert(e: int, kind: str) -> str:
-    return f"mlp.experts.{e}.{kind}_proj.weight"
-
-
-EXPERTS = tensors.Joint(  # one [out, in] Linear per expert and kind <-> expert_{kind} [X, in, out]
-    lambda m: {_expert(e, k): _expert_shape(m, k) for e in range(m.num_experts) for k in KINDS},
-    lambda a, m: {_expert(e, k): a[f"expert_{k}"][e].T for e in range(m.num_experts) for k in KINDS},
-    lambda w, m: {f"expert_{k}": np.stack([w[_expert(e, k)].T for e in range(m.num_experts)]) for k in KINDS},
-)  # fmt: skip
+EXPERTS = tensors.per_expert("mlp.experts")
 
 LAYER_MAP = {
     **tensors.PROJECTIONS,

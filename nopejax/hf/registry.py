@@ -31,6 +31,7 @@ ENTRIES = (
     Entry("llama4", "llama4_text", "Llama4ForCausalLM", "Llama 4"),
     Entry("nemotron_h", "nemotron_h", "NemotronHForCausalLM", "Nemotron-H"),
     Entry("granitemoehybrid", "granitemoehybrid", "GraniteMoeHybridForCausalLM", "Granite 4.0-H"),
+    Entry("qwen3_next", "qwen3_next", "Qwen3NextForCausalLM", "Qwen3-Next"),
 )
 
 

@@ -207,6 +207,28 @@ def mamba2_rows(where: str) -> dict:
     return rows
 
 
+EXPERT_KINDS = ("gate", "up", "down")
+
+
+def per_expert(prefix: str) -> Joint:
+    """Routed experts saved one Linear per expert and kind, `{prefix}.{e}.{kind}_proj.weight` [out, in]
+    (AFMoE, Qwen3-Next: transformers fuses them in memory and saves them so, as the hub checkpoints
+    are) <-> expert_{kind} [X, in, out]."""
+
+    def name(e: int, kind: str) -> str:
+        return f"{prefix}.{e}.{kind}_proj.weight"
+
+    def shape(m, kind: str) -> tuple:
+        I = moe.expert_width(m)  # noqa: E741
+        return (m.d_model, I) if kind == "down" else (I, m.d_model)
+
+    return Joint(
+        lambda m: {name(e, k): shape(m, k) for e in range(m.num_experts) for k in EXPERT_KINDS},
+        lambda a, m: {name(e, k): a[f"expert_{k}"][e].T for e in range(m.num_experts) for k in EXPERT_KINDS},
+        lambda w, m: {f"expert_{k}": np.stack([w[name(e, k)].T for e in range(m.num_experts)]) for k in EXPERT_KINDS},
+    )
+
+
 def _as_joint(name: str, row: Tensor) -> Joint:
     return Joint(
         lambda m: {row.suffix: row.shape(m)},

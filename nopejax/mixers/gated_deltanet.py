@@ -153,6 +153,43 @@ QWEN3_NEXT_TENSORS = {
 }
 
 
+def _fuse_per_key_head(parts_Di, d: GatedDeltaNetDims):
+    """Our projections [D, K * w_j] -> one fused Qwen3-Next weight [K (w_0 + w_1 + ..), D], grouped per key head."""
+    D = parts_Di[0].shape[0]
+    grouped_DKz = np.concatenate([a.reshape(D, d.key_heads, -1) for a in parts_Di], axis=-1)
+    return grouped_DKz.reshape(D, -1).T
+
+
+# ours -> Qwen3-Next's fused tensors: the exact inverse of QWEN3_NEXT_TENSORS (to_qwen3_next)
+QWEN3_NEXT_FUSED = {
+    "in_proj_qkvz.weight": ("q_proj", "k_proj", "v_proj", "g_proj"),
+    "in_proj_ba.weight": ("b_proj", "a_proj"),
+}
+
+
+def qwen3_next_shapes(d: GatedDeltaNetDims) -> dict:
+    """Qwen3-Next's tensors of one mixer (names inside it) with their torch shapes."""
+    return {
+        "in_proj_qkvz.weight": (2 * d.key_dim + 2 * d.value_dim, d.d_model),
+        "in_proj_ba.weight": (2 * d.value_heads, d.d_model),
+        "conv1d.weight": (d.conv_dim, 1, d.conv_kernel),
+        "A_log": (d.value_heads,),
+        "dt_bias": (d.value_heads,),
+        "norm.weight": (d.value_head_dim,),
+        "out_proj.weight": (d.d_model, d.value_dim),
+    }
+
+
+def to_qwen3_next(p: dict, d: GatedDeltaNetDims) -> dict:
+    """Our params of one layer (numpy) -> Qwen3-Next's tensors (names inside the mixer), bit for bit."""
+    out = {name: _fuse_per_key_head([p[k] for k in keys], d) for name, keys in QWEN3_NEXT_FUSED.items()}
+    out["conv1d.weight"] = p["conv1d_weight"].T[:, None, :]  # [k, u] -> depthwise Conv1d [u, 1, k]
+    out.update(
+        {"A_log": p["A_log"], "dt_bias": p["dt_bias"], "norm.weight": p["o_norm"], "out_proj.weight": p["o_proj"].T}
+    )
+    return out
+
+
 class GatedDeltaNetCache(NamedTuple):
     conv_window_Bwu: jax.Array
     state_BHEO: jax.Array  # fp32

@@ -50,10 +50,18 @@ TINY = dict(
     # 4-token chunks; the four muP multipliers away from 1
     shared_intermediate_size=74, mamba_n_heads=6, mamba_n_groups=3, mamba_d_state=7, mamba_chunk_size=4,
     embedding_multiplier=1.7, attention_multiplier=0.2, residual_multiplier=0.6, logits_scaling=1.3,
+    # Qwen3-Next: GDN, GDN, GDN, attention, GDN (full_attention_interval 4), 2 key heads of 5 serving 4 value heads
+    # of 3; partial RoPE rotates int(0.25 * 10) = 2 dims; layer 1 dense; a shared expert two routed experts wide
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=5, linear_value_head_dim=3,
+    linear_conv_kernel_dim=3, mlp_only_layers=[1], shared_expert_intermediate_size=22,
 )  # fmt: skip
 # Keys that several families name but that mean a family's own layout: given to that family only
 TINY_OF = {"granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "mamba", "attention"])}
 NAMES = [family.name for family in registry.REGISTERED]
+# Logit tolerance where a family's fp32 forward is ill-conditioned at these sharp weights. Qwen3-Next: nopejax
+# differs from transformers by at most 2.1e-4 (measured), while transformers' own fp32 logits differ from its
+# fp64 ones by 1.1e-3 (nopejax's fp32: 1.2e-3); at gentler weights tests/hf/test_hf_qwen3_next.py holds 1e-4.
+ATOL = {"qwen3_next": 4e-4}
 
 
 def tiny_reference(family: registry.Family, seed: int = 0):
@@ -88,14 +96,14 @@ def imported(request, tmp_path_factory):
 
 
 def assert_same_logits(ref, ours) -> None:
-    """nopejax's fp32 logits are transformers' (1e-4; measured: at most 2.9e-5, Nemotron-H), on logits that are
-    not all small (a lost scale or norm would show)."""
+    """nopejax's fp32 logits are transformers' (1e-4; measured: at most 2.9e-5, Nemotron-H; `ATOL` where a
+    family's own fp32 forward is less exact), on logits that are not all small (a lost scale or norm would show)."""
     tokens_BS = np.random.default_rng(0).integers(0, 61, (2, SEQ)).astype(np.int32)
     want = logits_of(ref, tokens_BS)
     assert np.abs(want).max() > 1.0
     graphdef, params = model.split(ours)  # one compiled forward: faster than op-by-op here
     logits = jax.jit(lambda p, t: model.apply(graphdef, p, t))(params, jnp.asarray(tokens_BS))
-    np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits), want, atol=ATOL.get(ours.cfg.hf_family, 1e-4), rtol=0)
 
 
 def test_from_hf_gives_transformers_logits(imported):

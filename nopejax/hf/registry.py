@@ -30,6 +30,7 @@ ENTRIES = (
     Entry("afmoe", "afmoe", "AfmoeForCausalLM", "AFMoE (Arcee Trinity)"),
     Entry("llama4", "llama4_text", "Llama4ForCausalLM", "Llama 4"),
     Entry("nemotron_h", "nemotron_h", "NemotronHForCausalLM", "Nemotron-H"),
+    Entry("olmo_hybrid", "olmo_hybrid", "OlmoHybridForCausalLM", "OLMo Hybrid"),
 )
 
 

@@ -46,6 +46,10 @@ TINY = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 100.0},
     # Nemotron-H: Mamba2, relu2 MLP and NoPE attention layers; 13-token rows over 4-token SSD chunks
     hybrid_override_pattern="M-*M-M*", mamba_num_heads=6, mamba_head_dim=5, n_groups=3, ssm_state_size=7, chunk_size=4,
+    # OLMo Hybrid: GDN x3, attention, GDN (its default layer_types); 2 key heads of 9, 6 value heads of 3 (key
+    # and value widths equal: save_pretrained splits the conv into equal thirds, tests/hf/test_hf_olmo_hybrid.py)
+    linear_num_key_heads=2, linear_num_value_heads=6, linear_key_head_dim=9, linear_value_head_dim=3,
+    linear_conv_kernel_dim=3,
 )  # fmt: skip
 NAMES = [family.name for family in registry.REGISTERED]
 

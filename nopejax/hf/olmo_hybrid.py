@@ -50,6 +50,7 @@ EXPORTS = (
     "gdn_chunk_size",  # the chunked form's length: how the same function is computed, not which
 )  # fmt: skip
 TYPES = {"linear_attention": "gated_deltanet", "full_attention": "full_attention"}  # layer_types -> nopejax
+REVERSE = {"gated_deltanet": "linear_attention", "attention": "full_attention"}  # LayerSpec.mixer -> layer_types
 
 
 def read_layer_types(name, value, hf):
@@ -99,9 +100,11 @@ def _key_heads(hf):
 
 
 def _key_head_dim(hf):
-    return int(0.75 * hf["hidden_size"] / _key_heads(hf)) if hf["linear_key_head_dim"] is None else hf[
-        "linear_key_head_dim"
-    ]
+    return (
+        int(0.75 * hf["hidden_size"] / _key_heads(hf))
+        if hf["linear_key_head_dim"] is None
+        else hf["linear_key_head_dim"]
+    )
 
 
 def read_value_heads(name, value, hf):
@@ -147,9 +150,8 @@ BASE = {"block": "post_norm", "recurrent_block": "pre_norm", "qk_norm": "rms_pro
 
 def _heads_norm(suffix: str, heads: str) -> tensors.Tensor:
     """A whole-projection norm weight: HF [heads * E], ours [heads, E]."""
-    return tensors.Tensor(
-        suffix, lambda m: (m[heads] * m.head_dim,), lambda a: a.reshape(-1), lambda w, m: w.reshape(m[heads], m.head_dim)
-    )
+    shape = lambda m: (m[heads] * m.head_dim,)
+    return tensors.Tensor(suffix, shape, lambda a: a.reshape(-1), lambda w, m: w.reshape(m[heads], m.head_dim))
 
 
 CONVS = ("q_conv1d.weight", "k_conv1d.weight", "v_conv1d.weight")
@@ -174,7 +176,9 @@ def _conv_row() -> tensors.Joint:
         w = np.concatenate([ws[f"linear_attn.{s}"] for s in CONVS], axis=0)
         return {GDN.prefix + "conv1d_weight": from_hf(w, GDN.dims(m))}
 
-    shapes = lambda m: {f"linear_attn.{s}": (u, 1, GDN.dims(m).conv_kernel) for s, u in zip(CONVS, _conv_widths(m))}  # noqa: E731
+    def shapes(m):
+        return {f"linear_attn.{s}": (u, 1, GDN.dims(m).conv_kernel) for s, u in zip(CONVS, _conv_widths(m))}
+
     return tensors.Joint(shapes, to_hf, read)
 
 
@@ -254,8 +258,7 @@ LACKS = (
 def config_json(m) -> dict:
     d = GDN.dims(m)
     out = {
-        "layer_types": ["linear_attention" if s.mixer == "gated_deltanet" else "full_attention"
-                        for s in layers.layer_specs(m)],  # fmt: skip
+        "layer_types": [REVERSE[s.mixer] for s in layers.layer_specs(m)],
         "rms_norm_eps": m.rms_norm_eps,
         "attention_bias": bool(m.attention_bias),
         "linear_num_key_heads": d.key_heads,

@@ -38,6 +38,7 @@ ConfigDict = ml_collections.ConfigDict
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+SCAN_PLANS = ("auto", "period", "switch")
 SCHEDULES = ("wsd", "cosine", "linear", "constant")
 INIT_FROM_SCHEDULES = ("reset", "continue")
 HISTORY_KEY = "history"  # DIR/config.json's record of the run's stages; not a config field
@@ -182,6 +183,9 @@ def base_config() -> ConfigDict:
     m.param_dtype = "float32"  # master weights
     m.attention_impl = "auto"
     m.scan_layers = True
+    # "auto", "period" (blocks of the pattern's period, runs of equal specs nested) or "switch" (one
+    # scan over the layers, a switch over the distinct specs: for irregular patterns, remat "full")
+    m.scan_plan = "auto"
     m.remat = "none"
 
     cfg.mesh = mesh = ConfigDict()

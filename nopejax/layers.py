@@ -174,3 +174,19 @@ def runs(specs: Sequence) -> list[tuple[int, int, object]]:
         else:
             out.append((i, 1, spec))
     return out
+
+
+def period_bodies(specs: Sequence) -> int:
+    """Layer bodies the period plan traces: the runs of the block plus those of its tail."""
+    block, _, tail = block_structure(specs)
+    return len(runs(block)) + len(runs(tail))
+
+
+def scan_plan(specs: Sequence, m: ConfigDict) -> str:
+    """`model.scan_plan` resolved for these layers: "auto" switches where one body per distinct spec
+    traces fewer bodies than the period plan (Nemotron-H's 52 layers: 3 against 19) and remat is
+    "full" (a switch's backward would otherwise keep every branch's activations)."""
+    if m.scan_plan != "auto":
+        return m.scan_plan
+    fewer = len(set(specs)) < period_bodies(specs)
+    return "switch" if fewer and m.remat == "full" else "period"

@@ -11,7 +11,10 @@ local/global stacks: sliding RoPE x3, full NoPE) and `lax.scan` runs the blocks,
 program holds one block whatever the depth. Inside a block each sub-layer's spec is a Python
 constant. A depth that is not a multiple of the period leaves a tail of layers that are
 unrolled with their own specs (`layers.block_structure`); `scan_layers=False` unrolls every
-layer, for debugging.
+layer, for debugging. A pattern without a short period (Nemotron-H's 52 layers: 19 traced under
+the period plan) runs instead as one scan over all layers whose step `lax.switch`es to its layer's
+spec (`model.scan_plan`, `layers.scan_plan`): one traced body per distinct spec, each reading its
+layer's params from its groups' stacks at a per-group index.
 
 Where the norms sit is `model.block` (`block` below), one function for training and decoding:
 `pre_norm` (Llama, SmolLM3), `parallel` (Cohere2: attention and MLP read one norm's output, both
@@ -30,6 +33,7 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from nopejax import attention, config, layers, moe
@@ -377,9 +381,55 @@ def run_layers(stack, x_BSD, ctx):
                 auxes += [] if aux is None else [aux]
         return x_BSD, _concat(auxes)
 
+    def run_switch(params, x_BSD, specs):
+        """One scan over all layers of `specs`; each step `lax.switch`es to its spec's body, which
+        reads its layer's params from each group's stack at the layer's index in that group."""
+        distinct = list(dict.fromkeys(specs))
+        groups = sorted({param_group(name) for name in params})
+        index_G = {g: jnp.asarray([group_count(specs[:i], g) for i in range(len(specs))], jnp.int32) for g in groups}
+        branch_L = jnp.asarray([distinct.index(spec) for spec in specs], jnp.int32)
+
+        def layer_of(spec):
+            def fn(x_BSD, idx):
+                p = {name: jax.lax.dynamic_index_in_dim(a, idx[param_group(name)], keepdims=False)
+                     for name, a in params.items() if in_group(spec, param_group(name))}  # fmt: skip
+                return decoder_layer(p, x_BSD, spec=spec, ctx=ctx)
+
+            return fn
+
+        bodies = [layer_of(spec) for spec in distinct]
+        idx0 = {g: i[0] for g, i in index_G.items()}
+        stats = [jax.eval_shape(body, x_BSD, idx0)[1] for body in bodies]
+        like = next((s for s in stats if s is not None), None)  # MoE stats of one layer, if any layer is MoE
+
+        def padded(body):  # every branch returns the same tree: MoE stats, zeros for other layers
+            def fn(x_BSD, idx):
+                x_BSD, aux = body(x_BSD, idx)
+                if like is not None and aux is None:
+                    aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), like)
+                return x_BSD, aux
+
+            return fn
+
+        branches = [padded(body) for body in bodies]
+
+        def step(x_BSD, xs):
+            b, idx = xs
+            return jax.lax.switch(b, branches, x_BSD, idx)
+
+        if remat:  # whole steps: the scan keeps each layer's input only, whichever branch it took
+            step = jax.checkpoint(step, policy=remat)
+        x_BSD, aux_L = jax.lax.scan(step, x_BSD, (branch_L, index_G))
+        if like is None:
+            return x_BSD, None
+        moe_layers = np.asarray([i for i, spec in enumerate(specs) if spec.ffn == "moe"])
+        return x_BSD, jax.tree.map(lambda a: a[moe_layers], aux_L)
+
     def run_part(params, x_BSD, specs):
         if not m.scan_layers:
             return run(params, x_BSD, specs)
+        if layers.scan_plan(specs, m) == "switch":
+            return run_switch(params, x_BSD, specs)
         block, num_blocks, tail = layers.block_structure(specs)
         P, auxes = len(block), []
         if num_blocks > 1:

@@ -134,6 +134,11 @@ FIELD_DOCS = {
     "`xla`, `cudnn` or `pallas`.",
     "model.scan_layers": "Run the stack as a `lax.scan` over blocks of one layer-pattern period; "
     "False unrolls every layer. Checkpoints do not depend on it.",
+    "model.scan_plan": "How a scanned stack is traced: `period` (blocks of the pattern's period, each "
+    "run of equal layer specs a nested scan), `switch` (one scan over all layers whose step switches to "
+    "its layer's spec: one traced body per distinct spec, for patterns without a short period, e.g. "
+    "Nemotron-H; needs `model.remat=full`), or `auto` (`switch` where it traces fewer layer bodies and "
+    "remat is `full`, else `period`). Checkpoints do not depend on it.",
     "model.remat": "Rematerialization per layer: " + ", ".join(f"`{r}`" for r in config.REMAT_POLICIES) + ".",
     # mesh
     "mesh.data": "Data-parallel axis; -1 = the devices the other axes leave.",

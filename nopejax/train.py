@@ -10,6 +10,7 @@ before it reads step n-1's metrics, so the host never stalls the device.
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import jax
@@ -189,6 +190,8 @@ def dry_run(cfg: ConfigDict, topology: str | None = None) -> dict:
     if topology:
         from jax.experimental import topologies
 
+        # compile only, no TPU attached: another process's dry run may hold libtpu's lockfile
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         try:
             devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
         except Exception as e:  # libtpu missing or an unknown name: say which

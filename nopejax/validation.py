@@ -26,6 +26,7 @@ from nopejax.config import (
     REMAT_POLICIES,
     ROPE_SCALING_TYPES,
     ROUTERS,
+    SCAN_PLANS,
     SCHEDULES,
     ConfigDict,
     ConfigError,
@@ -402,6 +403,13 @@ def _validate_compute(m: ConfigDict) -> None:
         )  # fmt: skip
     if m.remat not in REMAT_POLICIES:
         raise ConfigError("model.remat", f"unknown policy {m.remat!r}", f"use one of {REMAT_POLICIES}")
+    if m.scan_plan not in SCAN_PLANS:
+        raise ConfigError("model.scan_plan", f"unknown plan {m.scan_plan!r}", f"use one of {SCAN_PLANS}")
+    if m.scan_plan == "switch" and m.remat != "full":
+        raise ConfigError(
+            "model.scan_plan", "'switch' with model.remat " + repr(m.remat) + " would keep every branch's "
+            "activations for each layer", "set model.remat='full', or model.scan_plan='period' or 'auto'",
+        )  # fmt: skip
     if not m.rms_norm_eps > 0:
         raise ConfigError("model.rms_norm_eps", f"must be positive, got {m.rms_norm_eps}", "use e.g. 1e-6")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nopejax import config, layers, model, validation
+from nopejax import config, layers, model, moe, validation
 from nopejax.mixers import gated_deltanet
 from nopejax.mixers import mamba2 as mamba2_lib
 from nopejax.mixers.kinds import KINDS
@@ -131,9 +131,12 @@ def test_hybrid_params_stack_by_kind():
     assert model.param_count(m) == sum(a.size for a in jax.tree.leaves(params))
 
 
+@pytest.mark.parametrize("plan", ["period", "switch"])
 @pytest.mark.parametrize("overrides", [NEMOTRON_LIKE, GDN_LIKE], ids=["nemotron_like", "gdn_like"])
-def test_hybrid_scanned_equals_unrolled(overrides):
-    m = tiny(**overrides, remat="full")
+def test_hybrid_scanned_equals_unrolled(overrides, plan):
+    """Either scan plan (blocks of the period, or one switch over the distinct layer specs) gives the
+    unrolled stack's logits and gradients."""
+    m = tiny(**overrides, remat="full", scan_plan=plan)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, V, (2, 9)), jnp.int32)
 
     @nnx.jit
@@ -201,3 +204,33 @@ def test_mamba2_conv_longer_than_a_context_chunk_is_refused_before_compiling():
     assert err.value.field == "train.seq_len" and "reads the 3 inputs" in str(err.value)
     cfg.train.seq_len = 24
     validation.validate(cfg)
+
+
+def test_switch_plan_carries_moe_statistics():
+    """An irregular MoE hybrid (Mamba2 / attention layers with MoE, dense or no
+    FFN in no short period): the switch plan's loss with the MoE losses, its per-layer load
+    statistics and its gradients equal the unrolled stack's."""
+    kinds = ("mamba2", "full_attention", "mamba2", "mamba2", "full_attention", "mamba2", "full_attention")
+    ffns = ("dense", "dense", "moe", "dense", "moe", "moe", "none")
+    m = tiny(layer_types=kinds, ffn_types=ffns, num_experts=4, experts_per_token=2, expert_d_ff=6,
+             remat="full", scan_plan="switch")  # fmt: skip
+    assert layers.scan_plan(layers.layer_specs(m), m) == "switch"
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, V, (2, 9)), jnp.int32)
+
+    @nnx.jit
+    def loss_aux_and_grads(module):
+        def loss(mod):
+            x, aux = mod.hidden_and_aux(tokens)
+            return jnp.mean(mod.logits(x) ** 2) + moe.aux_loss(aux, m), aux
+
+        (value, aux), grads = nnx.value_and_grad(loss, has_aux=True)(module)
+        return value, aux, grads
+
+    value1, aux1, g1 = loss_aux_and_grads(model.create(m, seed=5))
+    m.scan_layers = False
+    value2, aux2, g2 = loss_aux_and_grads(model.create(m, seed=5))
+    assert aux1["load"].shape == (3, 4)  # the three MoE layers, four experts
+    np.testing.assert_array_equal(aux1["load"], aux2["load"])
+    np.testing.assert_allclose(value1, value2, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+                 nnx.to_pure_dict(g1), nnx.to_pure_dict(g2))  # fmt: skip

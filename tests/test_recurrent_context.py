@@ -27,10 +27,10 @@ GDN_HYBRID = dict(
 )  # fmt: skip
 
 
-def hybrid_cfg(gdn=False, **mesh):
+def hybrid_cfg(gdn=False, model_fields=None, **mesh):
     cfg = small_cfg(**mesh)
     cfg.model.update(**HYBRID)
-    cfg.model.update(**(GDN_HYBRID if gdn else {}))
+    cfg.model.update(**(GDN_HYBRID if gdn else {}), **(model_fields or {}))
     cfg.train.update(global_batch_size=4)
     return cfg
 
@@ -91,10 +91,17 @@ def test_gdn_hybrid_logits_and_grads_under_context_parallelism_equal_one_device(
     _check_logits_and_grads(dict(fsdp=2, context=4), one_device_gdn, gdn=True, decay="gdn_A_log")
 
 
-def _check_logits_and_grads(mesh, one_device, gdn: bool, decay: str):
+def test_switch_plan_under_context_parallelism_equals_one_device(one_device):
+    """The switch scan plan (collectives of the mixers and attention inside `lax.switch` branches)
+    on fsdp 2 x context 4 against the period plan on one device."""
+    _check_logits_and_grads(dict(fsdp=2, context=4), one_device, gdn=False, decay="mamba_A_log",
+                            model_fields=dict(scan_plan="switch", remat="full"))  # fmt: skip
+
+
+def _check_logits_and_grads(mesh, one_device, gdn: bool, decay: str, model_fields=None):
     params, inputs, (want_logits, want_grads) = one_device
     n = int(np.prod(list(mesh.values())))
-    s = train.setup(hybrid_cfg(gdn, **mesh), jax.devices()[:n])
+    s = train.setup(hybrid_cfg(gdn, model_fields, **mesh), jax.devices()[:n])
     S, C = inputs[0].shape[1], mesh["context"]
     order, inverse = context.zigzag_order(S, C), np.argsort(context.zigzag_order(S, C))
     sharded = jax.device_put(params, s.state_shardings["params"])

@@ -216,12 +216,16 @@ def test_export_refuses_what_the_format_cannot_hold(overrides, field):
 
 
 def test_tiny_hybrid_config_exports_to_transformers_with_its_logits(tmp_path):
-    """configs/tiny_hybrid_gdn.py (GDN x3 : NoPE attention) at a random init, on a 130-token row: the export
-    loads in transformers (NoPE: no rotary embedding) and computes nopejax's logits."""
+    """configs/tiny_hybrid_gdn.py (GDN x3 : NoPE attention) at its random init, on a 130-token row: the export
+    loads in transformers (NoPE: no rotary embedding) and computes nopejax's logits.
+
+    Only the head is sharpened (logits not all ~0): sharpening the projections too makes keys nearly
+    parallel with beta near 2, where the chunked delta rule's triangular solve loses fp32 precision in
+    both implementations alike (measured: logits apart by 7.0 from token 12 on)."""
     cfg = _tiny_config()
     module = model.create(cfg.model, seed=3)
     _, params = model.split(module)
-    params = jax.tree.map(lambda a: a * 8.0 if a.ndim > 1 else a, params)  # sharper than init: logits not all ~0
+    params["lm_head"] = np.asarray(params["lm_head"]) * 20.0
     module = nopejax.hf.build(cfg.model, jax.tree.map(np.asarray, params))
     nopejax.to_hf(module, str(tmp_path))
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")

@@ -19,9 +19,11 @@ with one RMSNorm over the whole q and k projections (model.qk_norm = "rms_proj")
 OlmoHybridForCausalLM checkpoint (model.hf_family = "olmo_hybrid").
 
 The 4-layer period is scanned 8 times (two traced layers per block: the GDN run and the attention layer).
-Dry runs, `nopejax train --config configs/olmo_hybrid_7b.py --workdir /tmp/o --dry-run --topology v5p:2x2x4`
-(FSDP over 16 chips, one row per chip, full remat), 2026-12-06, JAX 0.10.2, on 2 CPU cores shared with
-other sessions (compile seconds are several times an idle machine's): see docs/results/tpu-aot.md.
+`nopejax train --config configs/olmo_hybrid_7b.py --workdir /tmp/o --dry-run --topology v5p:2x2x4` (FSDP
+over 16 chips, one 4096-token row per chip, full remat; 2026-12-06, JAX 0.10.2, libtpu 0.0.42.1, on 2 CPU
+cores shared with other sessions at load 30-45): 7,430,870,688 params, 16.95 GiB per chip, 177.9 TFLOP
+per chip per step, compile 4022 s wall (412 CPU-seconds: the wall time is the load's). The 32768-token
+run with mesh.context=4 was not compiled to the end (docs/results/tpu-aot.md).
 """
 
 from nopejax.config import base_config

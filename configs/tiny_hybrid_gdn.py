@@ -6,6 +6,11 @@ post-norm blocks with the whole-projection RMS QK-norm. GDN: 2 key heads of 48, 
 a 4-wide conv, 64-token chunks (transformers' own), beta in (0, 2) (linear_allow_neg_eigval).
 `nopejax export` writes an OlmoHybridForCausalLM (rope_theta null: NoPE). Everything else is
 configs/tiny.py (byte tokens, the offline default corpus, 300 steps of 16 x 128 tokens).
+
+A short run learns: `nopejax train --config configs/tiny_hybrid_gdn.py --workdir /tmp/t --config.train.steps=12
+--config.train.global_batch_size=4 --config.train.seq_len=80 --config.train.log_every=3
+--config.train.eval_every=0 --config.train.sample_every=0` (2026-12-06, JAX 0.10.2, 2 shared CPU cores):
+loss 5.45, 3.83, 3.40, 3.40 at steps 3, 6, 9, 12.
 """
 
 import os

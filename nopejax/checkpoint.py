@@ -101,8 +101,8 @@ class DataRestore(grain.checkpoint.CheckpointRestore):
 # Optional per-layer params: whether they exist depends on these. Checkpoints written before they
 # were recorded have none of them, hence the defaults.
 OPTIONAL_PARAM_FIELDS = {"attention_bias": False, "mlp_bias": False, "qk_norm_weights": False,
-                         "block": "pre_norm", "norm": "rms", "moe": None, "attention_gate": False,
-                         "norm_unit_offset": False}  # fmt: skip
+                         "block": "pre_norm", "recurrent_block": None, "norm": "rms", "moe": None,
+                         "attention_gate": False, "norm_unit_offset": False}  # fmt: skip
 FIELD_NAMES = {"rope_pattern": "model.no_rope_layers", "qk_norm_weights": "model.qk_norm", "moe": "model.num_experts"}
 
 
@@ -110,9 +110,11 @@ def layout(m: ConfigDict) -> dict:
     out = {f: m[f] for f in LAYOUT_FIELDS}
     out["rope_pattern"] = [int(x) for x in layers.rope_pattern(m)]
     out["attention_bias"], out["mlp_bias"] = bool(m.attention_bias), bool(m.mlp_bias)
-    out["qk_norm_weights"] = m.qk_norm == "rms"  # learned q/k norm weights exist
+    # learned q/k norm weights exist (True: per head; "rms_proj": per head and dim, one norm over all heads)
+    out["qk_norm_weights"] = {"rms": True, "rms_proj": "rms_proj"}.get(m.qk_norm, False)
     out["attention_gate"] = bool(m.attention_gate)  # the attn_gate projection exists
     out["block"] = m.block  # which norm weights exist (model.BLOCK_NORMS) and where they apply
+    out["recurrent_block"] = m.recurrent_block  # the same, for the recurrent-mixer layers
     out["norm"] = m.norm  # what the norm weights scale: RMS- or mean-normalised activations
     out["norm_unit_offset"] = bool(m.norm_unit_offset)  # whether a norm weight w scales by w or by 1 + w
     out["moe"] = None  # which layers have experts, and their shapes (dense FFN / MoE params stack apart)

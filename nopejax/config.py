@@ -114,7 +114,9 @@ def base_config() -> ConfigDict:
     # Llama 4 query temperature on NoPE layers, (floor_scale, attn_scale):
     # q *= log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1. Unset = off.
     m.nope_temperature = config_dict.placeholder(tuple)
-    m.qk_norm = "none"  # "rms": learned per-head RMSNorm before RoPE; "l2": weightless, after RoPE
+    # "rms": learned per-head RMSNorm before RoPE; "rms_proj": learned RMSNorm over all heads' q (k) at once,
+    # before RoPE (OLMo 2, OLMo Hybrid); "l2": weightless, after RoPE
+    m.qk_norm = "none"
     # Mixture of experts (nopejax/moe.py); num_experts = 0 is a dense model. Layer i has an MoE
     # FFN when i >= num_dense_layers and (i + 1) % moe_layer_interval == 0 (Llama 4's
     # interleave_moe_layer_step; 1 = every layer), a dense SwiGLU of width d_ff otherwise.
@@ -175,6 +177,9 @@ def base_config() -> ConfigDict:
     # norm, summed into the residual), "post_norm" (EXAONE 4: sublayer outputs normed, inputs not),
     # "sandwich" (Gemma 3, Arcee Trinity: both)
     m.block = "pre_norm"
+    # the block form of the recurrent-mixer layers (Mamba2, Gated DeltaNet) where it differs from
+    # model.block: OLMo Hybrid's attention layers are post_norm, its GDN layers pre_norm; unset = model.block
+    m.recurrent_block = config_dict.placeholder(str)
     m.logit_scale = 1.0  # logits are multiplied by it (Cohere2's logit_scale)
     m.embed_scale = 1.0  # token embeddings are multiplied by it (AFMoE mup_enabled: sqrt(d_model))
     # AFMoE: the attended values times sigmoid(h @ W_gate) (h: the normed layer input), per head and

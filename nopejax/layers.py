@@ -34,7 +34,10 @@ LAYER_TYPES = (*ATTENTION_TYPES, *RECURRENT_MIXERS, "mlp")
 MIXERS = ("attention", *RECURRENT_MIXERS, "none")
 FFNS = ("dense", "moe", "none")  # model.ffn_types
 ROPE_LAYOUTS = ("half", "interleaved")
-QK_NORMS = ("none", "rms", "l2")
+# "rms": per head (EXAONE 4, Gemma 3); "rms_proj": over the whole q (k) projection, all heads at once
+# (OLMo 2, OLMo Hybrid); both learned, before RoPE. "l2": weightless, after RoPE (Llama 4)
+QK_NORMS = ("none", "rms", "rms_proj", "l2")
+LEARNED_QK_NORMS = ("rms", "rms_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +61,12 @@ class LayerSpec:
     rotary_fraction: float = 1.0  # partial_rotary_factor
     rope_layout: str = "half"  # "half" or "interleaved"
     # queries and keys
-    qk_norm: str = "none"  # "none", "rms" (learned, before RoPE), "l2" (weightless, after RoPE)
+    qk_norm: str = "none"  # QK_NORMS: "none", "rms" / "rms_proj" (learned, before RoPE), "l2" (after RoPE)
     nope_temperature: tuple[float, float] | None = None  # (floor_scale, attn_scale), NoPE layers only
     # the FFN
     ffn: str = "dense"  # "dense" (model.mlp_activation, d_ff), "moe" (routed experts, nopejax/moe.py) or "none"
+    # where the norms sit (model.block; a recurrent mixer's layer: model.recurrent_block where set)
+    block: str = dataclasses.field(default="pre_norm", kw_only=True)
 
     @property
     def use_rope(self) -> bool:
@@ -116,7 +121,7 @@ def _positions(m: ConfigDict, attention: str, use_rope: bool) -> dict:
         return dict(rope=rope, rotary_fraction=float(m.partial_rotary_factor), rope_layout=m.rope_layout,
                     qk_norm=m.qk_norm)  # fmt: skip
     temperature = None if m.nope_temperature is None else tuple(float(x) for x in m.nope_temperature)
-    qk_norm = "rms" if m.qk_norm == "rms" else "none"  # L2 QK-norm is for RoPE layers only (Llama 4)
+    qk_norm = m.qk_norm if m.qk_norm in LEARNED_QK_NORMS else "none"  # L2 QK-norm is for RoPE layers only (Llama 4)
     return dict(rope="none", qk_norm=qk_norm, nope_temperature=temperature)
 
 
@@ -125,11 +130,13 @@ def layer_specs(m: ConfigDict) -> tuple[LayerSpec, ...]:
     specs = []
     for kind, use_rope, ffn in zip(layer_types(m), rope_pattern(m), ffn_pattern(m)):
         if kind not in ATTENTION_TYPES:
-            specs.append(LayerSpec(mixer="none" if kind == "mlp" else kind, rope="none", ffn=ffn))  # no positions
+            mixer = "none" if kind == "mlp" else kind
+            block = m.recurrent_block if mixer != "none" and m.recurrent_block is not None else m.block
+            specs.append(LayerSpec(mixer=mixer, rope="none", ffn=ffn, block=block))  # no positions
             continue
         attention = kind.removesuffix("_attention")
         window = {"full": 0, "sliding": m.sliding_window, "chunked": m.attention_chunk_size}[attention]
-        specs.append(LayerSpec(attention, window, **_positions(m, attention, use_rope), ffn=ffn))
+        specs.append(LayerSpec(attention, window, **_positions(m, attention, use_rope), ffn=ffn, block=m.block))
     return tuple(specs)
 
 

@@ -20,7 +20,10 @@ Where the norms sit is `model.block` (`block` below), one function for training 
 `pre_norm` (Llama, SmolLM3), `parallel` (Cohere2: attention and MLP read one norm's output, both
 added to the residual), `post_norm` (EXAONE 4: each sublayer's output normed before the residual
 add, inputs not normed) and `sandwich` (Gemma 3, Arcee Trinity: both). `model.norm` is `rms` or
-`layernorm` (Cohere2's: mean-subtracted, no bias); `model.logit_scale` multiplies the logits.
+`layernorm` (Cohere2's: mean-subtracted, no bias); `model.logit_scale` multiplies the logits. The form
+is per layer (`LayerSpec.block`): `model.recurrent_block` gives the recurrent-mixer layers their own
+(OLMo Hybrid: post_norm attention layers, pre_norm Gated DeltaNet layers), and each norm weight is
+stacked over the layers whose form has it.
 """
 
 from __future__ import annotations
@@ -51,10 +54,17 @@ LAYER_PARAMS = {
     "w_down": (lambda m: (m.d_ff, m.d_model), ("mlp", "embed")),
 }
 
-# model.qk_norm = "rms": a learned per-head-dim RMSNorm weight on q and on k (EXAONE 4, Gemma 3)
+# model.qk_norm = "rms": a learned per-head-dim RMSNorm weight on q and on k (EXAONE 4, Gemma 3);
+# "rms_proj": one RMSNorm over all heads' q (k) together, its weight per head and dim (OLMo 2, OLMo Hybrid)
 QK_NORM_PARAMS = {
-    "q_norm": (lambda m: (m.head_dim,), ("head_dim",)),
-    "k_norm": (lambda m: (m.head_dim,), ("head_dim",)),
+    "rms": {
+        "q_norm": (lambda m: (m.head_dim,), ("head_dim",)),
+        "k_norm": (lambda m: (m.head_dim,), ("head_dim",)),
+    },
+    "rms_proj": {
+        "q_norm": (lambda m: (m.num_heads, m.head_dim), ("heads", "head_dim")),
+        "k_norm": (lambda m: (m.num_kv_heads, m.head_dim), ("kv_heads", "head_dim")),
+    },
 }
 
 # model.attention_gate (AFMoE): a projection of the normed layer input whose sigmoid multiplies the
@@ -76,7 +86,7 @@ BIAS_PARAMS = {
 
 
 # Norms after a sublayer's output (model.block post_norm, sandwich). Each block names the norm
-# weights it has; the pre-norms of LAYER_PARAMS exist only for blocks that list them.
+# weights it has; a norm weight is stacked over the layers whose block form lists it (`GROUPS`).
 POST_NORM_PARAMS = {
     "attn_post_norm": (lambda m: (m.d_model,), ("norm",)),
     "mlp_post_norm": (lambda m: (m.d_model,), ("norm",)),
@@ -100,15 +110,18 @@ def mixer_params(m, kind: mixer_kinds.MixerKind) -> dict:
 
 
 # Which layers each per-layer param is stacked over (a param group), by what the layer's spec has:
-# the mixer's input/output norms over layers with a mixer, attention params over attention layers,
-# a recurrent mixer's params over the layers of its kind, the FFN's norms over layers with an FFN, the dense FFN over
-# dense layers and MoE params (moe.moe_params) over MoE layers. A model of attention + dense layers
-# only therefore keeps every stack [L, ...].
+# the mixer's input/output norms over layers with a mixer whose block form has that norm, attention
+# params over attention layers, a recurrent mixer's params over the layers of its kind, the FFN's
+# norms over layers with an FFN whose block form has that norm, the dense FFN over dense layers and
+# MoE params (moe.moe_params) over MoE layers. A model of attention + dense layers in one block form
+# therefore keeps every stack [L, ...].
+MIXER_NORMS = ("attn_norm", "attn_post_norm")
+FFN_NORMS = ("mlp_norm", "mlp_post_norm")
 GROUPS = {
-    "mixer": lambda spec: spec.mixer != "none",
+    **{n: (lambda spec, n=n: spec.mixer != "none" and n in BLOCK_NORMS[spec.block]) for n in MIXER_NORMS},
     "attention": lambda spec: spec.mixer == "attention",
     **{name: (lambda spec, name=name: spec.mixer == name) for name in mixer_kinds.KINDS},
-    "ffn": lambda spec: spec.ffn != "none",
+    **{n: (lambda spec, n=n: spec.ffn != "none" and n in BLOCK_NORMS[spec.block]) for n in FFN_NORMS},
     "dense": lambda spec: spec.ffn == "dense",
     "moe": lambda spec: spec.ffn == "moe",
 }
@@ -126,10 +139,8 @@ def param_group(name: str) -> str:
     kind = mixer_kinds.kind_of_param(name)
     if kind is not None:
         return kind.name
-    if name in ("attn_norm", "attn_post_norm"):
-        return "mixer"
-    if name in ("mlp_norm", "mlp_post_norm"):
-        return "ffn"
+    if name in ALL_BLOCK_NORMS:
+        return name
     return "attention"
 
 
@@ -143,11 +154,9 @@ def group_count(specs, group: str) -> int:
 
 def layer_params(m) -> dict:
     """The per-layer params this config has: name -> (shape fn, logical axes)."""
-    norms = BLOCK_NORMS[m.block]
-    base = {name: v for name, v in LAYER_PARAMS.items() if name not in ALL_BLOCK_NORMS or name in norms}
-    post = {name: v for name, v in POST_NORM_PARAMS.items() if name in norms}
     biases = {name: (shape_fn, logical) for name, (shape_fn, logical, key) in BIAS_PARAMS.items() if m[key]}
-    out = {**base, **post, **(QK_NORM_PARAMS if m.qk_norm == "rms" else {}), **biases}
+    # every norm weight a block form can have: those of no layer's form have an empty group, left out below
+    out = {**LAYER_PARAMS, **POST_NORM_PARAMS, **QK_NORM_PARAMS.get(m.qk_norm, {}), **biases}
     out.update(ATTENTION_GATE_PARAMS if m.attention_gate else {})
     out.update(moe.moe_params(m) if m.num_experts else {})
     if m.mlp_activation == "relu2":
@@ -196,6 +205,13 @@ def rms_norm(x_BSD, weight_D, eps: float, unit_offset: bool = False):
     return x.astype(x_BSD.dtype) * weight_D.astype(x_BSD.dtype)
 
 
+def rms_norm_heads(x_BSHE, weight_HE, eps: float, unit_offset: bool = False):
+    """`rms_norm` over the heads and head dims together (HF's RMSNorm of the [.., H * E] projection)."""
+    B, S, H, E = x_BSHE.shape
+    out = rms_norm(x_BSHE.reshape(B, S, H * E), weight_HE.reshape(H * E), eps, unit_offset)
+    return out.reshape(B, S, H, E)
+
+
 def layer_norm(x_BSD, weight_D, eps: float):
     """Cohere2's LayerNorm: mean-subtracted, no bias; normalised and scaled in fp32, then cast back."""
     x = x_BSD.astype(jnp.float32)
@@ -227,6 +243,9 @@ def attention_inputs(p, h_BSD, m, dtype, spec: layers.LayerSpec):
     if spec.qk_norm == "rms":  # before RoPE, on every layer (EXAONE 4, Gemma 3)
         q_BSHE = rms_norm(q_BSHE, p["q_norm"], m.rms_norm_eps, m.norm_unit_offset)
         k_BSKE = rms_norm(k_BSKE, p["k_norm"], m.rms_norm_eps, m.norm_unit_offset)
+    elif spec.qk_norm == "rms_proj":  # over all heads at once, before RoPE (OLMo 2, OLMo Hybrid)
+        q_BSHE = rms_norm_heads(q_BSHE, p["q_norm"], m.rms_norm_eps, m.norm_unit_offset)
+        k_BSKE = rms_norm_heads(k_BSKE, p["k_norm"], m.rms_norm_eps, m.norm_unit_offset)
     if m.attention_scale is not None:
         q_BSHE = q_BSHE * jnp.asarray(m.attention_scale * math.sqrt(m.head_dim), q_BSHE.dtype)
     return q_BSHE, k_BSKE, v_BSKE
@@ -271,7 +290,7 @@ def ffn(p, h_BSD, m, dtype, spec: layers.LayerSpec):
 
 
 def block(p, x_BSD, m, dtype, spec: layers.LayerSpec, mix):
-    """One layer in the form `model.block` names -> (x_BSD, what `mix` returned beside its output, MoE stats).
+    """One layer in the form `spec.block` names -> (x_BSD, what `mix` returned beside its output, MoE stats).
 
     `mix(h_BSD) -> (out_BSD, aux)` is the mixer sublayer on its normed input (`attention_sublayer`
     or a Mamba2 mixer, in training or decoding); a layer whose spec has no mixer or no FFN skips
@@ -287,7 +306,7 @@ def block(p, x_BSD, m, dtype, spec: layers.LayerSpec, mix):
         a_BSD, aux = mix(h_BSD)
         if "attn_post_norm" in p:
             a_BSD = norm(a_BSD, p["attn_post_norm"], m)
-        if m.block == "parallel":  # Cohere2: residual + attention + MLP, both from the one norm
+        if spec.block == "parallel":  # Cohere2: residual + attention + MLP, both from the one norm
             f_BSD, stats = ffn(p, h_BSD, m, dtype, spec)
             return x_BSD + scaled(a_BSD) + scaled(f_BSD), aux, stats
         x_BSD = x_BSD + scaled(a_BSD)

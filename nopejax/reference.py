@@ -61,7 +61,8 @@ FIELD_DOCS = {
     "unset = `rope_theta`.",
     "model.nope_temperature": "Llama 4 query temperature on NoPE layers, `(floor_scale, attn_scale)`: "
     "q times `log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1`; unset = off.",
-    "model.qk_norm": "`none`; `rms` (learned per-head RMSNorm before RoPE, all layers); "
+    "model.qk_norm": "`none`; `rms` (learned per-head RMSNorm before RoPE, all layers); `rms_proj` (learned "
+    "RMSNorm over all heads' q, k at once, before RoPE, all layers: OLMo 2, OLMo Hybrid); "
     "`l2` (weightless, after RoPE, RoPE layers).",
     # model: mixture of experts
     "model.num_experts": "Routed experts X; 0 = a dense model.",
@@ -102,6 +103,8 @@ FIELD_DOCS = {
     "model.norm": "Block and final norms: `rms` or `layernorm` (mean-subtracted, no bias: Cohere2).",
     "model.block": "Where the norms sit: `pre_norm` (Llama, SmolLM3), `parallel` (Cohere2), "
     "`post_norm` (EXAONE 4), `sandwich` (Gemma 3, Arcee Trinity).",
+    "model.recurrent_block": "The block form of the recurrent-mixer (Mamba2, Gated DeltaNet) layers where it "
+    "differs from `block` (OLMo Hybrid: `post_norm` attention, `pre_norm` GDN layers); unset = `block`.",
     "model.logit_scale": "The logits are multiplied by it (Cohere2 `logit_scale`).",
     "model.attention_scale": "Softmax scale of `q . k` (Granite `attention_multiplier`); unset = `1 / sqrt(head_dim)`.",
     "model.residual_scale": "Each sublayer's output is multiplied by it before the residual add (Granite "

@@ -170,7 +170,7 @@ def _validate_ffn_types(m: ConfigDict) -> None:
             raise ConfigError(
                 "model.ffn_types", f"layer {i} has no mixer (layer type mlp) and no FFN", "give it an FFN or a mixer"
             )
-        if m.block == "parallel" and (spec.mixer != "attention" or spec.ffn == "none"):
+        if spec.block == "parallel" and (spec.mixer != "attention" or spec.ffn == "none"):
             raise ConfigError(
                 "model.block", f"parallel blocks read one norm into attention and an FFN, but layer {i} has "
                 f"mixer {spec.mixer} and FFN {spec.ffn}", "use block=pre_norm, or attention and an FFN in every layer",
@@ -436,6 +436,16 @@ def _validate_block(m: ConfigDict) -> None:
     for field, allowed in (("norm", NORMS), ("block", BLOCKS), ("hf_family", registry.NAMES)):
         if m[field] not in allowed:
             raise ConfigError(f"model.{field}", f"unknown value {m[field]!r}", f"use one of {allowed}")
+    if m.recurrent_block is not None:
+        forms = tuple(b for b in BLOCKS if b != "parallel")  # parallel reads one norm into attention and an FFN
+        if m.recurrent_block not in forms:
+            raise ConfigError("model.recurrent_block", f"unknown value {m.recurrent_block!r}",
+                              f"use one of {forms}, or unset it (= model.block)")  # fmt: skip
+        if not any(t in layers.RECURRENT_MIXERS for t in layers.layer_types(m)):
+            raise ConfigError(
+                "model.recurrent_block", f"is {m.recurrent_block!r} but no layer has a recurrent mixer",
+                "unset it, or make some layers mamba2 / gated_deltanet (model.layer_types)",
+            )  # fmt: skip
     scale = m.logit_scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
         raise ConfigError(

@@ -153,7 +153,7 @@ LACKS = (
     ("layer_types", lambda m: any(spec.attention == "sliding" for spec in layers.layer_specs(m)),
      "sliding-window layers"),
     ("block", lambda m: m.block != "pre_norm", "block other than pre_norm"),
-    ("qk_norm", lambda m: m.qk_norm == "rms", "learned RMS QK-norm (its QK-norm is the weightless L2)"),
+    ("qk_norm", lambda m: m.qk_norm not in ("none", "l2"), "learned RMS QK-norm (its QK-norm is the weightless L2)"),
     ("attention_gate", lambda m: m.attention_gate, "gated attention output"),
     ("embed_scale", lambda m: m.embed_scale != 1.0, "embedding scale"),
     ("rope_layout", lambda m: m.rope_layout != "interleaved" and fields.any_rope(m), "the half-split RoPE layout"),

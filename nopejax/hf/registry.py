@@ -32,6 +32,7 @@ ENTRIES = (
     Entry("nemotron_h", "nemotron_h", "NemotronHForCausalLM", "Nemotron-H"),
     Entry("granitemoehybrid", "granitemoehybrid", "GraniteMoeHybridForCausalLM", "Granite 4.0-H"),
     Entry("qwen3_next", "qwen3_next", "Qwen3NextForCausalLM", "Qwen3-Next"),
+    Entry("olmo_hybrid", "olmo_hybrid", "OlmoHybridForCausalLM", "OLMo Hybrid"),
 )
 
 

@@ -56,7 +56,13 @@ TINY = dict(
     linear_conv_kernel_dim=3, mlp_only_layers=[1], shared_expert_intermediate_size=22,
 )  # fmt: skip
 # Keys that several families name but that mean a family's own layout: given to that family only
-TINY_OF = {"granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "mamba", "attention"])}
+TINY_OF = {
+    "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "mamba", "attention"]),
+    # OLMo Hybrid: GDN x3, attention, GDN (its default layer_types); 2 key heads of 9, 6 value heads of 3 (key
+    # and value widths equal: save_pretrained splits the conv into equal thirds, tests/hf/test_hf_olmo_hybrid.py)
+    "olmo_hybrid": dict(linear_num_key_heads=2, linear_num_value_heads=6, linear_key_head_dim=9,
+                        linear_value_head_dim=3, linear_conv_kernel_dim=3),
+}  # fmt: skip
 NAMES = [family.name for family in registry.REGISTERED]
 # Logit tolerance where a family's fp32 forward is ill-conditioned at these sharp weights. Qwen3-Next: nopejax
 # differs from transformers by at most 2.1e-4 (measured), while transformers' own fp32 logits differ from its

@@ -144,15 +144,19 @@ def test_copy_task_reports_exact_match_per_input_length(tmp_path):
     assert float(rows[4]["token_accuracy"]) == pytest.approx(right_BS[answer_BS].mean())
 
 
-# The study's arms of a task differ in the positional pattern alone: the layers each pattern names
-# (README), as (attention, rotates q and k) for the 4 layers of the recipe.
+# The study's arms of a task differ in the layer pattern alone: the layers each pattern names
+# (README), as (mixer, attention, rotates q and k) for the 4 layers of the recipe.
+ATTN, NOPE, RECURRENT = ("attention", "full", True), ("attention", "full", False), ("full", False)
 PATTERN_LAYERS = {
-    "rope": [("full", True)] * 4,
-    "hybrid": [("full", True)] * 3 + [("full", False)],
-    "nope": [("full", False)] * 4,
-    "local_global": [("sliding", True)] * 3 + [("full", False)],
+    "rope": [ATTN] * 4,
+    "hybrid": [ATTN] * 3 + [NOPE],
+    "nope": [NOPE] * 4,
+    "local_global": [("attention", "sliding", True)] * 3 + [NOPE],
+    "mamba2_hybrid": [("mamba2", *RECURRENT)] * 3 + [NOPE],
+    "gdn_hybrid": [("gated_deltanet", *RECURRENT)] * 3 + [NOPE],
 }
-POSITIONAL_FIELDS = ("no_rope_layer_interval", "global_attention_interval", "sliding_window")
+PATTERN_FIELDS = ("no_rope_layer_interval", "global_attention_interval", "sliding_window", "layer_types")
+MIXER_PREFIXES = ("mamba_", "gdn_")  # the recurrent mixers' own sizes, set only by the arms that have them
 
 
 def experiment_path(task, pattern):
@@ -160,27 +164,30 @@ def experiment_path(task, pattern):
 
 
 @pytest.mark.parametrize("task", ["copy", "reverse", "passkey"])
-def test_study_arms_differ_only_in_the_positional_pattern(task):
-    """All 12 arm configs, without training: each validates, has its pattern's layers, and shares every
+def test_study_arms_differ_only_in_the_layer_pattern(task):
+    """All 18 arm configs, without training: each validates, has its pattern's layers, and shares every
     other field with its task's other arms. Training and evaluating every arm (30 steps each) is the
     study runner's smoke run, `python -m experiments.length_generalization.run --quick`; the suite trains
-    one arm per task below."""
+    one arm per task below, and each recurrent hybrid on copy and passkey."""
+    assert set(PATTERN_LAYERS) == set(report.PATTERNS) == set(report.LABELS)
     cfgs = {pattern: config.load_config(str(experiment_path(task, pattern))) for pattern in PATTERN_LAYERS}
     for pattern, cfg in cfgs.items():
         specs = layers.layer_specs(validation.validate(cfg).model)
-        assert [(s.attention, s.use_rope) for s in specs] == PATTERN_LAYERS[pattern], pattern
+        assert [(s.mixer, s.attention, s.use_rope) for s in specs] == PATTERN_LAYERS[pattern], pattern
         if pattern == "local_global":  # shorter than the trained rows: only the global NoPE layer sees all of one
             assert 0 < specs[0].window < cfg.train.seq_len
         assert cfg.data.source == task
     rest = []
     for cfg in cfgs.values():
         d = cfg.to_dict()
-        rest.append({**d, "model": {k: v for k, v in d["model"].items() if k not in POSITIONAL_FIELDS}})
+        model = {k: v for k, v in d["model"].items() if k not in PATTERN_FIELDS and not k.startswith(MIXER_PREFIXES)}
+        rest.append({**d, "model": model})
     assert all(r == rest[0] for r in rest[1:])
 
 
-# One arm per task, each a different pattern.
+# One arm per task, each a different pattern; and the two recurrent hybrids on both tasks they are run on.
 EXPERIMENTS = [("copy", "hybrid"), ("reverse", "local_global"), ("passkey", "nope")]
+EXPERIMENTS += [(task, pattern) for task in ("copy", "passkey") for pattern in ("mamba2_hybrid", "gdn_hybrid")]
 
 
 @pytest.mark.parametrize("task,pattern", EXPERIMENTS)

@@ -49,9 +49,10 @@ import copy
 
 from nopejax.config import ConfigDict, base_config
 
-PATTERNS = ("rope", "hybrid", "nope", "local_global")
+PATTERNS = ("rope", "hybrid", "nope", "local_global", "mamba2_hybrid", "gdn_hybrid")
 TASKS = ("copy", "reverse", "passkey")
 WINDOW = {"copy": 12, "reverse": 8, "passkey": 16}
+RECURRENT = {"mamba2_hybrid": "mamba2", "gdn_hybrid": "gated_deltanet"}  # pattern -> its recurrent layers' kind
 
 
 def model_config(cfg: ConfigDict) -> ConfigDict:
@@ -81,6 +82,17 @@ def set_pattern(cfg: ConfigDict, pattern: str, window: int) -> ConfigDict:
         m.no_rope_layer_interval = 4  # layers 3, 7, ... NoPE ...
         m.global_attention_interval = 4  # ... and global; the others see `window` keys
         m.sliding_window = window
+    elif pattern in RECURRENT:
+        kind = RECURRENT[pattern]
+        m.layer_types = (kind,) * 3 + ("full_attention",)  # the attention layer last, as layer 3 of the others
+        m.no_rope_layer_interval = 1  # the one attention layer is NoPE; the recurrent layers carry order
+        if kind == "mamba2":
+            # inner width 4 x 16 = d_model (expand 1, not Mamba2's 2): the mixer then has ~15 K params,
+            # near an attention layer's 12 K; state 16 as Mamba1's default for small models
+            m.update(mamba_num_heads=4, mamba_head_dim=16, mamba_groups=1, mamba_state_size=16, mamba_chunk_size=32)
+        else:
+            # q, k: 2 heads of 16 (the attention's 2 KV heads); v and the output gate: 4 heads of 16
+            m.update(gdn_key_heads=2, gdn_value_heads=4, gdn_key_head_dim=16, gdn_value_head_dim=16, gdn_chunk_size=32)
     else:
         raise ValueError(f"unknown pattern {pattern!r}; use one of {PATTERNS}")
     return cfg

@@ -1,8 +1,8 @@
-"""The length-generalization recipes: one model and optimizer per task, four positional patterns.
+"""The length-generalization recipes: one model and optimizer per task, six layer patterns.
 
-    copy/{rope,hybrid,nope,local_global}.py      inputs of 1-20 letters, tested on 1-40
-    reverse/{rope,hybrid,nope,local_global}.py   the same, answer reversed
-    passkey/{rope,hybrid,nope,local_global}.py   rows of 128 bytes, tested at 128-1024
+    copy/PATTERN.py      inputs of 1-20 letters, tested on 1-40
+    reverse/PATTERN.py   the same, answer reversed
+    passkey/PATTERN.py   rows of 128 bytes, tested at 128-1024
 
 An arm file is `recipe(task, pattern)`: the arms of a task differ in nothing but the pattern
   rope          every layer rotates q and k (Llama)
@@ -11,6 +11,11 @@ An arm file is `recipe(task, pattern)`: the arms of a task differ in nothing but
   local_global  RoPE on sliding-window layers, NoPE on every 4th, global, layer (Command R7B,
                 EXAONE 4): the window (WINDOW) is shorter than the trained rows, so only the
                 global NoPE layer can reach the far part of the input
+  mamba2_hybrid Mamba2, Mamba2, Mamba2, NoPE full attention:
+                the recurrence carries order, the one attention layer can look anything up
+  gdn_hybrid    Gated DeltaNet, GDN, GDN, NoPE full attention (Qwen3-Next's 3 to 1)
+The two hybrids keep every layer's SwiGLU FFN; their mixers are sized near an attention layer's
+12.3 K params (Mamba2 15.1 K, GDN 17.4 K): 0.279 M and 0.286 M params against the others' 0.271 M.
 
 What was tried. Session 3 (2 CPU cores shared with four other jobs, load 12-38, so few runs):
 - the previous recipe, configs/tiny.py (6 layers x 192, 2.4 M params) at 600 steps x 32, lr 3e-3,

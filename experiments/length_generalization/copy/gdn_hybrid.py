@@ -1,5 +1,5 @@
 """Copy task (inputs of 1-20 letters, tested on 1-40), three Gated DeltaNet layers and one NoPE full-attention
-layer: GDN, GDN, GDN, NoPE attention (Qwen3-Next / OLMo Hybrid-like).
+layer: GDN, GDN, GDN, NoPE attention (Qwen3-Next's 3 to 1).
 
 The recipe shared by the arms, and what was tried: experiments/length_generalization/recipes.py.
 """

@@ -1,5 +1,5 @@
 """Copy task (inputs of 1-20 letters, tested on 1-40), three Mamba2 layers and one NoPE full-attention layer:
-Mamba2, Mamba2, Mamba2, NoPE attention (Nemotron-H-like).
+Mamba2, Mamba2, Mamba2, NoPE attention.
 
 The recipe shared by the arms, and what was tried: experiments/length_generalization/recipes.py.
 """

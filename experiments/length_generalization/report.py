@@ -261,7 +261,7 @@ def write_report(results: list[dict], docs: str, command: str, quick: bool = Fal
     lines = [
         "# Length generalization: RoPE vs NoPE vs mixed stacks",
         "",
-        "Recipes: experiments/length_generalization/recipes.py; the arms of a task differ only in the positional "
+        "Recipes: experiments/length_generalization/recipes.py; the arms of a task differ only in the layer "
         "pattern. Evaluation: `nopejax eval-length`, fp32, XLA attention. Training time summed over the "
         f"{len(results)} runs: {sum(r['train_seconds'] for r in results) / 60:.0f} min.",
         "",

@@ -1,8 +1,8 @@
-"""The length-generalization recipes: one model and optimizer per task, four positional patterns.
+"""The length-generalization recipes: one model and optimizer per task, six layer patterns.
 
-    copy/{rope,hybrid,nope,local_global}.py      inputs of 1-20 letters, tested on 1-40
-    reverse/{rope,hybrid,nope,local_global}.py   the same, answer reversed
-    passkey/{rope,hybrid,nope,local_global}.py   rows of 128 bytes, tested at 128-1024
+    copy/PATTERN.py      inputs of 1-20 letters, tested on 1-40
+    reverse/PATTERN.py   the same, answer reversed
+    passkey/PATTERN.py   rows of 128 bytes, tested at 128-1024
 
 An arm file is `recipe(task, pattern)`: the arms of a task differ in nothing but the pattern
   rope          every layer rotates q and k (Llama)
@@ -11,6 +11,11 @@ An arm file is `recipe(task, pattern)`: the arms of a task differ in nothing but
   local_global  RoPE on sliding-window layers, NoPE on every 4th, global, layer (Command R7B,
                 EXAONE 4): the window (WINDOW) is shorter than the trained rows, so only the
                 global NoPE layer can reach the far part of the input
+  mamba2_hybrid Mamba2, Mamba2, Mamba2, NoPE full attention:
+                the recurrence carries order, the one attention layer can look anything up
+  gdn_hybrid    Gated DeltaNet, GDN, GDN, NoPE full attention (Qwen3-Next's 3 to 1)
+The two hybrids keep every layer's SwiGLU FFN; their mixers are sized near an attention layer's
+12.3 K params (Mamba2 15.1 K, GDN 17.4 K): 0.279 M and 0.286 M params against the others' 0.271 M.
 
 What was tried. Session 3 (2 CPU cores shared with four other jobs, load 12-38, so few runs):
 - the previous recipe, configs/tiny.py (6 layers x 192, 2.4 M params) at 600 steps x 32, lr 3e-3,
@@ -49,9 +54,10 @@ import copy
 
 from nopejax.config import ConfigDict, base_config
 
-PATTERNS = ("rope", "hybrid", "nope", "local_global")
+PATTERNS = ("rope", "hybrid", "nope", "local_global", "mamba2_hybrid", "gdn_hybrid")
 TASKS = ("copy", "reverse", "passkey")
 WINDOW = {"copy": 12, "reverse": 8, "passkey": 16}
+RECURRENT = {"mamba2_hybrid": "mamba2", "gdn_hybrid": "gated_deltanet"}  # pattern -> its recurrent layers' kind
 
 
 def model_config(cfg: ConfigDict) -> ConfigDict:
@@ -81,6 +87,17 @@ def set_pattern(cfg: ConfigDict, pattern: str, window: int) -> ConfigDict:
         m.no_rope_layer_interval = 4  # layers 3, 7, ... NoPE ...
         m.global_attention_interval = 4  # ... and global; the others see `window` keys
         m.sliding_window = window
+    elif pattern in RECURRENT:
+        kind = RECURRENT[pattern]
+        m.layer_types = (kind,) * 3 + ("full_attention",)  # the attention layer last, as layer 3 of the others
+        m.no_rope_layer_interval = 1  # the one attention layer is NoPE; the recurrent layers carry order
+        if kind == "mamba2":
+            # inner width 4 x 16 = d_model (expand 1, not Mamba2's 2): the mixer then has ~15 K params,
+            # near an attention layer's 12 K; state 16 as Mamba1's default for small models
+            m.update(mamba_num_heads=4, mamba_head_dim=16, mamba_groups=1, mamba_state_size=16, mamba_chunk_size=32)
+        else:
+            # q, k: 2 heads of 16 (the attention's 2 KV heads); v and the output gate: 4 heads of 16
+            m.update(gdn_key_heads=2, gdn_value_heads=4, gdn_key_head_dim=16, gdn_value_head_dim=16, gdn_chunk_size=32)
     else:
         raise ValueError(f"unknown pattern {pattern!r}; use one of {PATTERNS}")
     return cfg

@@ -29,13 +29,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DOCS = os.path.join(ROOT, "docs", "results", "length-study")
 REPORT = "report.md"
 TASKS = ("copy", "reverse", "passkey", "text")
-PATTERNS = ("rope", "hybrid", "nope", "local_global")
+PATTERNS = ("rope", "hybrid", "nope", "local_global", "mamba2_hybrid", "gdn_hybrid")
 TEXT_PATTERNS = ("rope", "hybrid", "nope")  # the text study's configs (no local/global arm)
 LABELS = {
     "rope": "all RoPE",
     "hybrid": "NoPE every 4th",
     "nope": "all NoPE",
     "local_global": "local RoPE + global NoPE",
+    "mamba2_hybrid": "Mamba2 x3 + NoPE attention",
+    "gdn_hybrid": "Gated DeltaNet x3 + NoPE attention",
 }
 TEXT_LENGTHS = [128, 256, 512, 1024]
 PASSKEY_LENGTHS = [128, 256, 512, 1024]  # 1x, 2x, 4x, 8x the training length
@@ -259,7 +261,7 @@ def write_report(results: list[dict], docs: str, command: str, quick: bool = Fal
     lines = [
         "# Length generalization: RoPE vs NoPE vs mixed stacks",
         "",
-        "Recipes: experiments/length_generalization/recipes.py; the arms of a task differ only in the positional "
+        "Recipes: experiments/length_generalization/recipes.py; the arms of a task differ only in the layer "
         "pattern. Evaluation: `nopejax eval-length`, fp32, XLA attention. Training time summed over the "
         f"{len(results)} runs: {sum(r['train_seconds'] for r in results) / 60:.0f} min.",
         "",

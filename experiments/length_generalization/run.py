@@ -7,8 +7,8 @@
 (from the repository root). `--quick` trains and evaluates every arm; the test suite checks all
 arm configs without training and trains one arm per task (tests/test_eval_length.py).
 
-Tasks (recipes.py; four arms each that differ only in the positional pattern: rope, hybrid, nope,
-local_global):
+Tasks (recipes.py; six arms each that differ only in the layer pattern: rope, hybrid, nope,
+local_global, mamba2_hybrid, gdn_hybrid):
   copy, reverse  inputs of 1-20 letters; `eval-length` gives exact match for input lengths 1-40
   passkey        rows of 128 bytes; `eval-length` at 128-1024 by needle depth
   text           text/{rope,hybrid,nope}.py on the offline corpus at length 128, loss by position

@@ -1,0 +1,13 @@
+"""Passkey retrieval (rows of 128 bytes, tested at 128-1024), three Gated DeltaNet layers and one NoPE full-attention
+layer: GDN, GDN, GDN, NoPE attention (Qwen3-Next's 3 to 1).
+
+The recipe shared by the arms, and what was tried: experiments/length_generalization/recipes.py.
+"""
+
+import os
+import runpy
+
+
+def get_config():
+    recipes = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "recipes.py"))
+    return recipes["recipe"]("passkey", "gdn_hybrid")

@@ -10,6 +10,7 @@ each with its source) convert, validate, and export back to themselves. The refe
 transformers and the published files, never nopejax.
 """
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -72,7 +73,11 @@ ATOL = {"qwen3_next": 4e-4}
 
 def tiny_reference(family: registry.Family, seed: int = 0):
     """The family's transformers causal LM at the TINY sizes, random, fp32, eager attention and experts."""
-    kw = {key: value for key, value in TINY.items() if key in family.fields} | TINY_OF.get(family.name, {})
+    # a deep copy: config classes write into the dicts they are given (Qwen3-Next's adds partial_rotary_factor
+    # to rope_parameters), which would leak into the next family's model
+    kw = copy.deepcopy(
+        {key: value for key, value in TINY.items() if key in family.fields} | TINY_OF.get(family.name, {})
+    )
     cfg = transformers.AutoConfig.for_model(family.model_type, **kw)
     cfg._attn_implementation, cfg._experts_implementation = "eager", "eager"
     torch.manual_seed(seed)

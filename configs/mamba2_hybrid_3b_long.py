@@ -30,4 +30,5 @@ def get_config():
     m.mamba_chunk_size = 256
     cfg.init_from = ""  # a fresh model: SmolLM3's checkpoint has no Mamba2 weights
     cfg.init_from_optimizer = False
+    cfg.model.hf_family = "granitemoehybrid"  # Mamba2 + NoPE attention, dense FFNs: a Granite 4.0-H export
     return cfg

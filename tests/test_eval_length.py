@@ -155,7 +155,8 @@ PATTERN_LAYERS = {
     "mamba2_hybrid": [("mamba2", *RECURRENT)] * 3 + [NOPE],
     "gdn_hybrid": [("gated_deltanet", *RECURRENT)] * 3 + [NOPE],
 }
-PATTERN_FIELDS = ("no_rope_layer_interval", "global_attention_interval", "sliding_window", "layer_types")
+# the layer pattern, and the HF family its export follows from it
+PATTERN_FIELDS = ("no_rope_layer_interval", "global_attention_interval", "sliding_window", "layer_types", "hf_family")
 MIXER_PREFIXES = ("mamba_", "gdn_")  # the recurrent mixers' own sizes, set only by the arms that have them
 
 

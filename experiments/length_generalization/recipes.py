@@ -95,6 +95,7 @@ def set_pattern(cfg: ConfigDict, pattern: str, window: int) -> ConfigDict:
             # inner width 4 x 16 = d_model (expand 1, not Mamba2's 2): the mixer then has ~15 K params,
             # near an attention layer's 12 K; state 16 as Mamba1's default for small models
             m.update(mamba_num_heads=4, mamba_head_dim=16, mamba_groups=1, mamba_state_size=16, mamba_chunk_size=32)
+            m.hf_family = "granitemoehybrid"  # Mamba2 + NoPE attention, dense FFNs: a Granite 4.0-H export
         else:
             # q, k: 2 heads of 16 (the attention's 2 KV heads); v and the output gate: 4 heads of 16
             m.update(gdn_key_heads=2, gdn_value_heads=4, gdn_key_head_dim=16, gdn_value_head_dim=16, gdn_chunk_size=32)

@@ -4,6 +4,8 @@ resolves (partial RoPE, layer types, MoE layers), what the format refuses, and t
 References: transformers' Qwen3-Next classes (fp32, eager), and the checkpoint files they write.
 """
 
+import copy
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -68,8 +70,7 @@ def test_from_hf_gives_transformers_logits_past_the_gdn_chunk(saved):
 def test_bf16_checkpoint_round_trips_bit_for_bit_and_loads(saved, tmp_path):
     """The norm offsets are stored as they are (no 1 added and taken away), so a bf16 file comes back exact."""
     ref, _ = saved
-    ref.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    ref.float()
+    copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # the shared fixture stays fp32
     nopejax.to_hf(nopejax.from_hf(str(tmp_path / "bf16")), str(tmp_path / "back"), dtype="bfloat16")
     a, b = tensorfile.Reader(str(tmp_path / "bf16")), tensorfile.Reader(str(tmp_path / "back"))
     assert sorted(a.names()) == sorted(b.names())

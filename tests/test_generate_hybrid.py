@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from generate_parity import assert_greedy_equals_transformers
 
 import nopejax
 from nopejax import config, decode, model, train, validation
@@ -134,18 +135,7 @@ def test_granite_greedy_equals_transformers_generate(tmp_path):
         for name, p in ref.named_parameters():
             p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.25)
     ref.save_pretrained(tmp_path)
-    ours = nopejax.from_hf(str(tmp_path))
-    for prompts in ([PROMPTS[1]], PROMPTS):  # 21 tokens alone (two prefill chunks), then the left-padded batch
-        ids, logits = generate(ours, prompts, eos_id=2, pad_id=0)
-        L = max(map(len, prompts))
-        padded = torch.tensor(np.stack([np.pad(p, (L - len(p), 0)) for p in prompts]), dtype=torch.long)
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad():
-            out = ref.generate(padded, attention_mask=mask, max_new_tokens=N, do_sample=False, pad_token_id=0,
-                               eos_token_id=2, output_logits=True, return_dict_in_generate=True)  # fmt: skip
-        np.testing.assert_array_equal(ids, out.sequences[:, L:].numpy())
-        want = torch.stack(out.logits, 1).numpy()
-        np.testing.assert_allclose(logits, want, atol=1e-4 * np.abs(want).max(), rtol=0)  # measured: 7.9e-6
+    assert_greedy_equals_transformers(nopejax.from_hf(str(tmp_path)), ref, ([PROMPTS[1]], PROMPTS), N, CHUNK)
 
 
 def test_training_samples_a_hybrid(tmp_path):

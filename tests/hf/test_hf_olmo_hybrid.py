@@ -14,9 +14,10 @@ import safetensors.torch
 import torch
 import transformers
 from configs_loader import ROOT
+from generate_parity import assert_greedy_equals_transformers
 
 import nopejax
-from nopejax import config, decode, layers, model, tensorfile, validation
+from nopejax import config, layers, model, tensorfile, validation
 
 V = 61
 SEQ = 75  # > transformers' 64-token chunk, not a multiple of it
@@ -127,21 +128,7 @@ def test_greedy_generate_equals_transformers_generate(tmp_path):
     a left-padded batch; nopejax prefills in 16-token chunks."""
     ref = reference(rope=True, neg=True, seed=5)
     save_as_hub(ref, tmp_path)
-    ours = nopejax.from_hf(str(tmp_path))
-    graphdef, params = model.split(ours)
-    for prompts in ([PROMPTS[1]], PROMPTS):
-        ids, logits = decode.generate_ids(
-            graphdef, params, prompts, N, return_logits=True, prefill_chunk=16, eos_id=2, pad_id=0
-        )
-        L = max(map(len, prompts))
-        padded = torch.tensor(np.stack([np.pad(p, (L - len(p), 0)) for p in prompts]), dtype=torch.long)
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad():
-            out = ref.generate(padded, attention_mask=mask, max_new_tokens=N, do_sample=False, pad_token_id=0,
-                               eos_token_id=2, output_logits=True, return_dict_in_generate=True)  # fmt: skip
-        np.testing.assert_array_equal(ids, out.sequences[:, L:].numpy())
-        want = torch.stack(out.logits, 1).numpy()
-        np.testing.assert_allclose(logits, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+    assert_greedy_equals_transformers(nopejax.from_hf(str(tmp_path)), ref, ([PROMPTS[1]], PROMPTS), N)
 
 
 # ---------------------------------------------------------------------------------------------

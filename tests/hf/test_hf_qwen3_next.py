@@ -12,10 +12,11 @@ import pytest
 import torch
 import transformers
 from configs_loader import ROOT
+from generate_parity import assert_greedy_equals_transformers
 from transformers.models.qwen3_next import modeling_qwen3_next as hf_qwen
 
 import nopejax
-from nopejax import config, decode, layers, model, tensorfile, validation
+from nopejax import config, layers, model, tensorfile, validation
 from nopejax.hf import qwen3_next
 
 # 5 layers: GDN, attention, GDN (dense: mlp_only_layers), GDN, attention; 2 key heads of 5 serving 6 value heads
@@ -222,17 +223,5 @@ def test_greedy_generation_equals_transformers_generate(saved):
     conv window and state on the others): greedy tokens and their logits, alone over two prefill chunks and
     as a left-padded batch."""
     ref, path = saved
-    graphdef, params = model.split(nopejax.from_hf(str(path)))
     prompts = [np.random.default_rng(row).integers(3, 61, n) for row, n in enumerate((21, 6))]
-    for batch in ([prompts[0]], prompts):
-        ids, logits = decode.generate_ids(graphdef, params, batch, 8, return_logits=True, prefill_chunk=16,
-                                          eos_id=2, pad_id=0)  # fmt: skip
-        L = max(map(len, batch))
-        padded = torch.tensor(np.stack([np.pad(p, (L - len(p), 0)) for p in batch]), dtype=torch.long)
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in batch])
-        with torch.no_grad():
-            out = ref.generate(padded, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                               eos_token_id=2, output_logits=True, return_dict_in_generate=True)  # fmt: skip
-        np.testing.assert_array_equal(ids, out.sequences[:, L:].numpy())
-        want = torch.stack(out.logits, 1).numpy()
-        np.testing.assert_allclose(logits, want, atol=1e-4 * np.abs(want).max(), rtol=0)  # the Granite test's bound
+    assert_greedy_equals_transformers(nopejax.from_hf(str(path)), ref, ([prompts[0]], prompts), 8)

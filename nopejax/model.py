@@ -405,8 +405,9 @@ def run_layers(stack, x_BSD, ctx):
 
         bodies = [layer_of(spec) for spec in distinct]
         idx0 = {g: i[0] for g, i in index_G.items()}
-        stats = [jax.eval_shape(body, x_BSD, idx0)[1] for body in bodies]
-        like = next((s for s in stats if s is not None), None)  # MoE stats of one layer, if any layer is MoE
+        # MoE stats of one layer (traced for their shapes once, from one MoE body), if any layer is MoE
+        moe_body = next((body for spec, body in zip(distinct, bodies) if spec.ffn == "moe"), None)
+        like = None if moe_body is None else jax.eval_shape(moe_body, x_BSD, idx0)[1]
 
         def padded(body):  # every branch returns the same tree: MoE stats, zeros for other layers
             def fn(x_BSD, idx):

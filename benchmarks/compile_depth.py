@@ -2,10 +2,12 @@
 
     python benchmarks/compile_depth.py [--depths 8,16,32,64] [--repeats 3]
     python benchmarks/compile_depth.py --quick        # depths 4,8,16, one compile each (~1 min)
+    python benchmarks/compile_depth.py --depths 8,36 --layouts all_rope,rope_nope,rope_nope_separate --scanned-only
 
 Fixed small width (d_model 128, seq 64). Layouts: `all_rope` (one layer kind), `rope_nope`
-(SmolLM3: full attention, NoPE every 4th layer), `local_global` (sliding window 16 with RoPE,
-every 4th layer global NoPE: two layer kinds whose attention differs, not only their RoPE flag),
+(SmolLM3: full attention, NoPE every 4th layer; `rope_nope_separate` the same with a traced body for
+the NoPE layer apart from the RoPE layers', `model.shared_rope_body=False`), `local_global` (sliding
+window 16 with RoPE, every 4th layer global NoPE: two layer kinds whose attention differs, not only their RoPE flag),
 `mamba_hybrid` and `gdn_hybrid` (Mamba2 or Gated DeltaNet x3 : NoPE attention, Granite 4.0-H /
 OLMo Hybrid style). Each figure is the median
 over fresh compiles (a new model config each time, so nothing is served from a cache).
@@ -33,6 +35,8 @@ def _hybrid(mixer: str, sizes: dict):
 LAYOUTS = {
     "all_rope": lambda n: dict(no_rope_layer_interval=0),
     "rope_nope": lambda n: dict(no_rope_layer_interval=4),
+    # the same with a traced body per spec (RoPE layers and the NoPE layer apart): model.shared_rope_body off
+    "rope_nope_separate": lambda n: dict(no_rope_layer_interval=4, shared_rope_body=False),
     "local_global": lambda n: dict(no_rope_layer_interval=4, global_attention_interval=4, sliding_window=16),
     "mamba_hybrid": _hybrid(
         "mamba2", dict(mamba_num_heads=4, mamba_head_dim=64, mamba_state_size=32, mamba_chunk_size=16)
@@ -75,19 +79,23 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--quick", action="store_true", help="depths 4,8,16 and one compile each")
+    parser.add_argument("--scanned-only", action="store_true", help="skip the unrolled stacks")
     args = parser.parse_args()
     if args.quick:
         args.depths, args.repeats = "4,8,16", 1
     depths = [int(d) for d in args.depths.split(",")]
     layouts = args.layouts.split(",")
     compile_seconds(4, True, -1)  # warm up the compiler itself
-    rows = {}
-    for layout in layouts:
-        for scan in (True, False):
-            for d in depths:
-                rows[layout, scan, d] = statistics.median(
-                    compile_seconds(d, scan, r, layout) for r in range(args.repeats)
-                )
+    scans = (True,) if args.scanned_only else (True, False)
+    times = {}
+    for r in range(args.repeats):  # each repeat compiles every cell once: load drifts hit all cells alike
+        for layout in layouts:
+            for scan in scans:
+                for d in depths:
+                    times.setdefault((layout, scan, d), []).append(compile_seconds(d, scan, r, layout))
+    rows = {key: statistics.median(t) for key, t in times.items()}
+    for layout in layouts if args.scanned_only else ():
+        rows.update({(layout, False, d): float("nan") for d in depths})
     first = depths[0]
     print(f"{'layout':>12} | {'layers':>6} | {'scanned s':>9} | {f'x vs {first}':>7} | {'unrolled s':>10} | "
           f"{f'x vs {first}':>7}")  # fmt: skip

@@ -216,18 +216,25 @@ def l2_norm(x_BSHE, eps: float):
 
 
 def attend(
-    q_BSHE, k_BSKE, v_BSKE, *, positions_BS, segment_ids_BS, spec: LayerSpec, cos_sin, rope, impl: str, norm_eps=1e-6
-):
+    q_BSHE, k_BSKE, v_BSKE, *, positions_BS, segment_ids_BS, spec: LayerSpec, cos_sin, rope, impl: str, norm_eps=1e-6,
+    rope_on=None,
+):  # fmt: skip
     """Causal attention of one layer as `spec` says. q and k arrive un-rotated.
 
     `rope` and `cos_sin` are this layer's frequencies (None on NoPE layers). An L2 QK-norm
     follows RoPE, so its layers are rotated here on every path, and the kernel gets rope=False.
+    A `spec.rope_flag` body (layers.traced_specs) rotates by the traced `rope_on`: 1.0 as `rope`
+    says, 0.0 by angle 0 (cos 1, sin 0, and a zero frequency in the kernel): q and k unchanged.
     """
     C = sharding.context_size()
     impl = resolve_impl(impl, q_BSHE.shape[-1], context_chunk=q_BSHE.shape[1] // (2 * C) if C > 1 else None)
     rotate_here = spec.use_rope and (impl != "pallas" or spec.qk_norm == "l2")
+    if spec.rope_flag:
+        rope = rope._replace(inv_freq=jnp.asarray(rope.inv_freq) * rope_on)
     if rotate_here:
         cos_BSR, sin_BSR = cos_sin
+        if spec.rope_flag:
+            cos_BSR, sin_BSR = jnp.where(rope_on > 0, cos_BSR, 1), jnp.where(rope_on > 0, sin_BSR, 0)
         q_BSHE = rope_lib.apply_rope(q_BSHE, cos_BSR, sin_BSR, spec.rope_layout)
         k_BSKE = rope_lib.apply_rope(k_BSKE, cos_BSR, sin_BSR, spec.rope_layout)
     if spec.qk_norm == "l2":

@@ -194,6 +194,9 @@ def base_config() -> ConfigDict:
     # "auto", "period" (blocks of the pattern's period, runs of equal specs nested) or "switch" (one
     # scan over the layers, a switch over the distinct specs: for irregular patterns, remat "full")
     m.scan_plan = "auto"
+    # scanned stacks: a NoPE layer that equals a RoPE layer but for its positions runs that layer's
+    # traced body, rotating by angle 0 (exact), so RoPE x3 + NoPE traces one layer (layers.traced_specs)
+    m.shared_rope_body = True
     m.remat = "none"
 
     cfg.mesh = mesh = ConfigDict()

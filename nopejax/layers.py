@@ -12,7 +12,9 @@ The block plan: the spec tuple's period is the unit scanned over (MaxText's
 stack is `block` repeated `num_blocks` times by `lax.scan`, then a `tail` of the layers a
 non-periodic depth leaves, unrolled with their own specs (10 layers with NoPE every 4th: a
 4-layer block x 2, then 2 layers). Inside a block each maximal run of equal specs is one traced
-layer (`runs`). nopejax/model.py executes the plan; nothing here touches arrays.
+layer (`runs`). The plan is made over `traced_specs`, where a NoPE layer that differs from a RoPE
+layer in nothing but its positions takes that layer's body with a scanned RoPE on/off flag: SmolLM3's
+stack is then one layer scanned 36 times. nopejax/model.py executes the plan; nothing here touches arrays.
 
 This module reads validated model configs and imports nothing of nopejax: nopejax.config
 validates with these functions, so the imports run config -> layers.
@@ -67,6 +69,9 @@ class LayerSpec:
     ffn: str = "dense"  # "dense" (model.mlp_activation, d_ff), "moe" (routed experts, nopejax/moe.py) or "none"
     # where the norms sit (model.block; a recurrent mixer's layer: model.recurrent_block where set)
     block: str = dataclasses.field(default="pre_norm", kw_only=True)
+    # the traced body of RoPE and NoPE layers alike (`traced_specs`): whether this layer rotates
+    # is a scanned per-layer flag, and a NoPE layer rotates by angle 0 (an exact identity)
+    rope_flag: bool = dataclasses.field(default=False, kw_only=True)
 
     @property
     def use_rope(self) -> bool:
@@ -138,6 +143,37 @@ def layer_specs(m: ConfigDict) -> tuple[LayerSpec, ...]:
         window = {"full": 0, "sliding": m.sliding_window, "chunked": m.attention_chunk_size}[attention]
         specs.append(LayerSpec(attention, window, **_positions(m, attention, use_rope), ffn=ffn, block=m.block))
     return tuple(specs)
+
+
+def _as_nope(spec: LayerSpec) -> LayerSpec:
+    """The NoPE layer a RoPE layer would be with its positions taken away (`_positions`' NoPE fields)."""
+    return dataclasses.replace(spec, rope="none", rotary_fraction=1.0, rope_layout="half")
+
+
+def traced_specs(m: ConfigDict) -> tuple[LayerSpec, ...]:
+    """The specs the scanned block plan traces: `layer_specs`, where `model.shared_rope_body` merges
+    each NoPE attention layer with the RoPE layer it equals but for its positions.
+
+    Both then carry the RoPE spec with `rope_flag` set, so SmolLM3's RoPE x3 + NoPE block is one
+    traced layer scanned 4 times (as MaxText's block), not two; the model passes each layer's
+    RoPE on/off as scanned data, and a NoPE layer's rotation is by angle 0: cos 1, sin 0, the
+    identity to the bit. Layers whose NoPE form differs otherwise (Llama 4's query temperature on
+    NoPE layers and L2 QK-norm on RoPE layers; a window on one of them) keep their own bodies. YaRN
+    scales cos and sin by its attention factor, which a NoPE layer must not get: not merged. The
+    unrolled stack (`scan_layers=False`) traces each layer anyway and keeps the plain specs.
+    """
+    specs = layer_specs(m)
+    scaling = m.rope_scaling or {}
+    if not (m.scan_layers and m.shared_rope_body) or scaling.get("rope_type", scaling.get("type")) == "yarn":
+        return specs
+    rotating = {_as_nope(s): s for s in specs if s.mixer == "attention" and s.use_rope and s.qk_norm != "l2"}
+    twin = {s: rotating[s] for s in specs if s.mixer == "attention" and not s.use_rope and s in rotating}
+    merged = set(twin.values())
+    out = []
+    for spec in specs:
+        body = twin.get(spec, spec)
+        out.append(dataclasses.replace(body, rope_flag=True) if body in merged else spec)
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -319,8 +319,11 @@ def block(p, x_BSD, m, dtype, spec: layers.LayerSpec, mix):
 
 
 def decoder_layer(p, x_BSD, *, spec: layers.LayerSpec, ctx):
-    """One layer as `spec` and `model.block` say -> (x, MoE stats or None). `p`: this layer's params."""
+    """One layer as `spec` and `model.block` say -> (x, MoE stats or None). `p`: this layer's params,
+    and for a `spec.rope_flag` body its RoPE on/off (`ROPE_ON`, 1.0 or 0.0)."""
     m, dtype = ctx["model_cfg"], ctx["dtype"]
+    p = dict(p)
+    rope_on = p.pop(ROPE_ON, None)
 
     def attend(q_BSHE, k_BSKE, v_BSKE):
         o_BSHE = attention.attend(
@@ -332,6 +335,7 @@ def decoder_layer(p, x_BSD, *, spec: layers.LayerSpec, ctx):
             spec=spec,
             cos_sin=ctx["cos_sin"].get(spec.rope),
             rope=ctx["ropes"].get(spec.rope),
+            rope_on=rope_on,
             impl=m.attention_impl,
             norm_eps=m.rms_norm_eps,
         )
@@ -350,6 +354,11 @@ def decoder_layer(p, x_BSD, *, spec: layers.LayerSpec, ctx):
     return constrain(x_BSD, ("act_batch", "act_seq", "act_embed")), stats
 
 
+# The per-layer RoPE flag of `layers.traced_specs`' merged bodies, carried beside the attention params
+# (its group: param_group of an unknown name is "attention")
+ROPE_ON = "rope_on"
+
+
 def _concat(auxes: list):
     """Per-MoE-layer aux pieces (each [n, ...]) in layer order -> one [L_moe, ...] tree, or None."""
     return jax.tree.map(lambda *a: jnp.concatenate(a), *auxes) if auxes else None
@@ -361,7 +370,9 @@ def run_layers(stack, x_BSD, ctx):
     A dense prefix (model.num_dense_layers of an MoE model) is planned on its own, then the rest:
     each part runs as scanned blocks of one period of its layer specs, then its exact tail.
     Inside a block, each run of equal specs is itself a scan, so the traced program holds one
-    layer per run (SmolLM3's block RoPE x3 + NoPE traces 2 layers, not 4):
+    layer per run; the specs are `layers.traced_specs`, where RoPE and NoPE layers that differ in
+    nothing else share one body and a per-layer flag (`ROPE_ON`, stacked beside the attention
+    params) says whether it rotates (SmolLM3's RoPE x3 + NoPE: one traced layer, not 4 or 2):
     compile time and the weights gathered at once stay those of about one layer. Remat wraps
     each layer, so only layer inputs are kept for the backward pass. Each param stack is cut by
     its own group's layer index (`slice_layers`: dense FFN, MoE or every layer).
@@ -452,7 +463,10 @@ def run_layers(stack, x_BSD, ctx):
             auxes += [] if aux is None else [aux]
         return x_BSD, _concat(auxes)
 
-    specs = layers.layer_specs(m)
+    specs = layers.traced_specs(m)
+    if any(spec.rope_flag for spec in specs):  # each attention layer's RoPE on/off, sliced and scanned as its params
+        flags = [spec.use_rope for spec in layers.layer_specs(m) if in_group(spec, "attention")]
+        stack = {**stack, ROPE_ON: jnp.asarray(flags, jnp.float32)}
     prefix = m.num_dense_layers if m.num_experts else 0
     auxes = []
     for start, stop in ((0, prefix), (prefix, len(specs))):

@@ -147,6 +147,11 @@ FIELD_DOCS = {
     "its layer's spec: one traced body per distinct spec, for patterns without a short period, e.g. "
     "Nemotron-H; needs `model.remat=full`), or `auto` (`switch` where it traces fewer layer bodies and "
     "remat is `full`, else `period`). Checkpoints do not depend on it.",
+    "model.shared_rope_body": "Scanned stacks: a NoPE attention layer that equals a RoPE layer in all but "
+    "its positions runs the RoPE layer's traced body with a per-layer flag, rotating by angle 0 (cos 1, "
+    "sin 0: exact), so SmolLM3's RoPE x3 + NoPE block traces one layer, not two (compile time). A NoPE "
+    "layer then pays the rotation, O(S x D). Not for YaRN (its cos/sin factor) or layers whose NoPE form "
+    "differs otherwise (Llama 4). False: separate bodies.",
     "model.remat": "Rematerialization per layer: " + ", ".join(f"`{r}`" for r in config.REMAT_POLICIES) + ".",
     # mesh
     "mesh.data": "Data-parallel axis; -1 = the devices the other axes leave.",

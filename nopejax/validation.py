@@ -427,6 +427,8 @@ def _validate_compute(m: ConfigDict) -> None:
             "model.scan_plan", "'switch' with model.remat " + repr(m.remat) + " would keep every branch's "
             "activations for each layer", "set model.remat='full', or model.scan_plan='period' or 'auto'",
         )  # fmt: skip
+    if not isinstance(m.shared_rope_body, bool):
+        raise ConfigError("model.shared_rope_body", f"must be a bool, got {m.shared_rope_body!r}", "use True or False")
     if not m.rms_norm_eps > 0:
         raise ConfigError("model.rms_norm_eps", f"must be positive, got {m.rms_norm_eps}", "use e.g. 1e-6")
 

@@ -3,6 +3,9 @@
 # nopejax's dry run vs MaxText's train_compile of the same shape, alternated on the same JAX/libtpu.
 #
 #   benchmarks/aot_vs_maxtext.sh [ROUNDS]        # default 2 rounds = 4 compiles (~10-20 min on 2 busy cores)
+#   TOOLS="nopejax nopejax_separate nopejax_allrope maxtext" benchmarks/aot_vs_maxtext.sh 2
+#       # beside: the same stack with a traced body per layer spec (model.shared_rope_body=False), and
+#       # with RoPE in every layer (the mixed stack's compile against the one-kind stack's)
 #
 # Long context (context parallelism): the same shape with each row's sequence split over CONTEXT chips,
 # MaxText with ici_context_parallelism=CONTEXT attention=flash (its all-gather CP, load balanced):
@@ -69,8 +72,12 @@ run_nopejax() {
     return
   fi
   PYTHONPATH="$ROOT" "$NOPEJAX_PY" "$TIMER" nopejax.cli train --config "$ROOT/$NOPEJAX_CONFIG" \
-    --dry-run --topology v5p:2x2x4 --config.train.seq_len="$SEQ_LEN" --config.mesh.context="$CONTEXT"
+    --dry-run --topology v5p:2x2x4 --config.train.seq_len="$SEQ_LEN" --config.mesh.context="$CONTEXT" "$@"
 }
+
+# nopejax variants of the same shape, for ratios within nopejax in the same alternation
+run_nopejax_separate() { run_nopejax --config.model.shared_rope_body=False; }  # a traced body per spec
+run_nopejax_allrope() { run_nopejax --config.model.no_rope_layer_interval=0; }  # RoPE in every layer
 
 maxtext_context() {  # nothing extra at CONTEXT=1, so the default run stays what it was
   if [[ "$CONTEXT" != 1 ]]; then echo "ici_context_parallelism=$CONTEXT attention=flash"; fi
@@ -113,8 +120,8 @@ done
 import json, os, statistics, sys
 
 log = sys.argv[1]
-rows = {t: [json.loads(line) for line in open(f"{log}/{t}.jsonl")] for t in ("nopejax", "maxtext")
-        if os.path.exists(f"{log}/{t}.jsonl")}
+tools = ("nopejax", "nopejax_separate", "nopejax_allrope", "maxtext")
+rows = {t: [json.loads(line) for line in open(f"{log}/{t}.jsonl")] for t in tools if os.path.exists(f"{log}/{t}.jsonl")}
 keys = ("trace_s", "lower_s", "backend_compile_s", "memory_per_device_gib")
 med = {t: {k: statistics.median(r[k] for r in rows[t]) for k in keys} for t in rows}
 print(f"\nmedian of {len(next(iter(rows.values())))} alternated runs each (seconds are JAX's monitoring events, summed):")
@@ -126,10 +133,14 @@ for t, m in med.items():
     total = m["trace_s"] + m["lower_s"] + m["backend_compile_s"]
     print(f"| {t} | {m['trace_s']:.1f} | {m['lower_s']:.1f} | {m['backend_compile_s']:.1f} | {total:.1f} "
           f"| {m['memory_per_device_gib']:.2f} | {coll[t]:.2f} |")
-if len(med) < 2:
+total = lambda m: m["trace_s"] + m["lower_s"] + m["backend_compile_s"]
+for t in ("nopejax_separate", "nopejax_allrope"):
+    if "nopejax" in med and t in med:
+        print(f"nopejax / {t}: trace+lower+compile {total(med['nopejax']) / total(med[t]):.2f}x, "
+              f"memory per chip {med['nopejax']['memory_per_device_gib'] / med[t]['memory_per_device_gib']:.2f}x")
+if "nopejax" not in med or "maxtext" not in med:
     sys.exit(0)
 n, x = med["nopejax"], med["maxtext"]
-total = lambda m: m["trace_s"] + m["lower_s"] + m["backend_compile_s"]
 print(f"nopejax / MaxText: backend compile {n['backend_compile_s'] / x['backend_compile_s']:.2f}x, "
       f"trace+lower+compile {total(n) / total(x):.2f}x, "
       f"memory per chip {n['memory_per_device_gib'] / x['memory_per_device_gib']:.2f}x")

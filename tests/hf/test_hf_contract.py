@@ -63,12 +63,20 @@ TINY_OF = {
     # and value widths equal: save_pretrained splits the conv into equal thirds, tests/hf/test_hf_olmo_hybrid.py)
     "olmo_hybrid": dict(linear_num_key_heads=2, linear_num_value_heads=6, linear_key_head_dim=9,
                         linear_value_head_dim=3, linear_conv_kernel_dim=3),
+    # Qwen3.5 (dense) and Qwen3.5 MoE: the Qwen3-Next sizes above, and mRoPE sections in rope_parameters as the
+    # hub's configs give them (text positions: ordinary partial RoPE); head_dim 12 rotates 6 dims, 3 frequencies
+    **{name: dict(head_dim=12, rope_parameters={"rope_type": "default", "rope_theta": 100.0,
+                                                "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 1],
+                                                "mrope_interleaved": True})
+       for name in ("qwen3_5", "qwen3_5_moe")},
 }  # fmt: skip
 NAMES = [family.name for family in registry.REGISTERED]
 # Logit tolerance where a family's fp32 forward is ill-conditioned at these sharp weights. Qwen3-Next: nopejax
 # differs from transformers by at most 2.1e-4 (measured), while transformers' own fp32 logits differ from its
 # fp64 ones by 1.1e-3 (nopejax's fp32: 1.2e-3); at gentler weights tests/hf/test_hf_qwen3_next.py holds 1e-4.
-ATOL = {"qwen3_next": 4e-4}
+# Qwen3.5 (dense): 8.7e-4 measured, transformers' fp32 against its fp64 3.5e-4 (nopejax's fp32: 5.1e-4), both on
+# logits up to 10; at gentler weights tests/hf/test_hf_qwen3_5.py holds 1e-4.
+ATOL = {"qwen3_next": 4e-4, "qwen3_5": 1e-3}
 
 
 def tiny_reference(family: registry.Family, seed: int = 0):

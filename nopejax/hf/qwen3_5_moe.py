@@ -51,11 +51,11 @@ GUIDE_ROW = (
 )
 
 _DENSE_ONLY = ("intermediate_size",)
+MOE_DEFAULTS = dict(hidden_size=2048, num_hidden_layers=40, num_key_value_heads=2)  # where its class's differ
 FIELDS = {
     **{name: row for name, row in qwen3_5.FIELDS.items() if name not in _DENSE_ONLY},
     # Qwen3_5MoeTextConfig's defaults (the 35B-A3B shape)
-    **{name: qwen3_5.FIELDS[name]._replace(default=value) for name, value in dict(
-        hidden_size=2048, num_hidden_layers=40, num_key_value_heads=2).items()},  # fmt: skip
+    **{name: qwen3_5.FIELDS[name]._replace(default=value) for name, value in MOE_DEFAULTS.items()},
     "intermediate_size": Field(None, read_unused_width),
     "num_experts": Field(256, read_experts),
     # read by the num_experts row

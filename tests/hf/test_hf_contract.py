@@ -134,7 +134,7 @@ def test_from_hf_gives_transformers_logits(imported):
 def test_to_hf_round_trip_loads_in_transformers(imported, tmp_path):
     """The export holds the original's tensors (names, dtypes, values) and transformers' Auto class
     builds the family's model from it, with the original's logits."""
-    family, ref, path, ours = imported
+    family, _, path, ours = imported
     out = tmp_path / "back"
     nopejax.to_hf(ours, str(out))
     a, b = tensorfile.Reader(str(path)), tensorfile.Reader(str(out))

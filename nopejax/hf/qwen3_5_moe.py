@@ -21,7 +21,7 @@ Qwen3_5MoeForConditionalGeneration directories: refused in one line with the fix
 from __future__ import annotations
 
 from nopejax.hf import fields, qwen3_5, qwen3_next
-from nopejax.hf.fields import Field, HFConfigError, harmless
+from nopejax.hf.fields import Field, HFConfigError, harmless, only
 
 EXPORTS = (*qwen3_5.EXPORTS, "shared_expert_gate")
 MIXERS = qwen3_5.MIXERS
@@ -62,9 +62,16 @@ FIELDS = {
     "moe_intermediate_size": Field(512, harmless),
     "shared_expert_intermediate_size": Field(512, harmless),
     "num_experts_per_tok": Field(8, harmless),
+    # Qwen3-Next fields a config.json may carry: transformers' Qwen3.5 MoE ignores them, so they must say what it does
+    "norm_topk_prob": Field(True, only(True, problem="Qwen3_5MoeTopKRouter renormalises the top-k weights whatever "
+                                       "this says", fix="set it true or delete it")),
+    "decoder_sparse_step": Field(1, only(1, problem="every Qwen3.5 MoE layer is MoE whatever this says",
+                                         fix="set it to 1 or delete it")),
+    "mlp_only_layers": Field(None, only(None, [], problem="every Qwen3.5 MoE layer is MoE whatever this says",
+                                        fix="make it [] or delete it")),
     "output_router_logits": Field(False, harmless),  # what the forward returns
     "router_aux_loss_coef": Field(0.001, harmless),  # a training loss weight, not in the forward
-}
+}  # fmt: skip
 BASE = qwen3_5.BASE
 LACKS = (
     *qwen3_next.LACKS,

@@ -200,6 +200,8 @@ def test_layers_are_those_transformers_builds():
         ("qwen3_5_text", MOE, "moe_intermediate_size"),  # no row: the dense model has no experts
         ("qwen3_5_moe_text", {**MOE, "num_experts": 0}, "num_experts"),
         ("qwen3_5_moe_text", {**MOE, "shared_expert_intermediate_size": 15}, "shared_expert_intermediate_size"),
+        ("qwen3_5_moe_text", {**MOE, "norm_topk_prob": False}, "norm_topk_prob"),
+        ("qwen3_5_moe_text", {**MOE, "mlp_only_layers": [2]}, "mlp_only_layers"),
     ],
 )  # fmt: skip
 def test_what_nopejax_cannot_compute_is_refused_in_one_line(model_type, fields, field):

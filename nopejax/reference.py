@@ -69,8 +69,8 @@ FIELD_DOCS = {
     "model.experts_per_token": "Top-k: experts each token is sent to.",
     "model.expert_d_ff": "Width of one routed expert (HF `moe_intermediate_size`); 0 = `d_ff`.",
     "model.num_shared_experts": "Always-on SwiGLU of width `num_shared_experts * expert_d_ff`.",
-    "model.shared_expert_gate": "Qwen3-Next: the shared experts' output times `sigmoid(h @ w)`, `w` [D, 1] "
-    "learned per MoE layer (param `shared_out_gate`); needs shared experts.",
+    "model.shared_expert_gate": "Qwen3-Next, Qwen3.5 MoE: the shared experts' output times `sigmoid(h @ w)`, "
+    "`w` [D, 1] learned per MoE layer (param `shared_out_gate`); needs shared experts.",
     "model.router": "`softmax` (Mixtral, Switch) or `sigmoid` (DeepSeek-V3, AFMoE, Llama 4) scores.",
     "model.router_normalize": "Divide the top-k weights by their sum (AFMoE `route_norm`).",
     "model.routed_scale": "Multiply the routed output (AFMoE `route_scale`, DeepSeek `routed_scaling_factor`).",
@@ -98,8 +98,8 @@ FIELD_DOCS = {
     "model.mlp_activation": "Dense FFN: `swiglu` (silu(x W_gate) * x W_up, then W_down) or `relu2` (relu(x W_up)^2 "
     "W_down, not gated, no `w_gate`: Nemotron-H); relu2 is refused with experts (they are SwiGLU).",
     "model.rms_norm_eps": "Epsilon of every norm, whichever `model.norm` is.",
-    "model.norm_unit_offset": "Norm weights are offsets from 1 (Qwen3-Next): the block, final and q/k RMSNorms "
-    "scale by `1 + w` in fp32 and start at `w = 0`; a recurrent mixer's own norm keeps its plain weight.",
+    "model.norm_unit_offset": "Norm weights are offsets from 1 (Qwen3-Next, Qwen3.5): the block, final and q/k "
+    "RMSNorms scale by `1 + w` in fp32 and start at `w = 0`; a recurrent mixer's own norm keeps its plain weight.",
     "model.norm": "Block and final norms: `rms` or `layernorm` (mean-subtracted, no bias: Cohere2).",
     "model.block": "Where the norms sit: `pre_norm` (Llama, SmolLM3), `parallel` (Cohere2), "
     "`post_norm` (EXAONE 4), `sandwich` (Gemma 3, Arcee Trinity).",
@@ -130,7 +130,7 @@ FIELD_DOCS = {
     "model.gdn_norm_eps": "eps of the gated output norm; unset = `rms_norm_eps` (OLMo Hybrid: 1e-5).",
     "model.mamba_time_step_limit": "`(min, max)` clamp of dt after softplus (`time_step_limit`); unset = none.",
     "model.embed_scale": "Token embeddings are multiplied by it (AFMoE `mup_enabled`: sqrt(d_model)).",
-    "model.attention_gate": "AFMoE, Qwen3-Next: attended values times `sigmoid(h @ W_gate)` per head and dim "
+    "model.attention_gate": "AFMoE, Qwen3-Next, Qwen3.5: attended values times `sigmoid(h @ W_gate)` per head and dim "
     "before the output projection.",
     "model.hf_family": "The transformers family `nopejax export` writes: "
     + ", ".join(f"`{f}`" for f in registry.NAMES)

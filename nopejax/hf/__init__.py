@@ -44,25 +44,43 @@ def layer_rows(m: config.ConfigDict) -> list[list[tuple[dict, Joint]]]:
     return tensors.layer_rows(m, registry.BY_NAME[m.hf_family].layer_map)
 
 
-def hf_tensor_shapes(m: config.ConfigDict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the HF checkpoint of model config `m` (its `hf_family`), with its shape, in file order."""
+def hf_tensor_shapes(m: config.ConfigDict, outer: tensors.Outer | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the HF checkpoint of model config `m` (its `hf_family`), with its shape, in file order;
+    the family's names, or `outer`'s spelling of them."""
     fam = registry.BY_NAME[m.hf_family]
-    return tensors.tensor_shapes(m, fam.layer_map, fam.outer)
+    return tensors.tensor_shapes(m, fam.layer_map, outer or fam.outer)
+
+
+def _outer(fam: Family, reader: tensorfile.Reader) -> tensors.Outer:
+    """The names the checkpoint uses: the family's, or one of its other spellings (`import_outers`)."""
+    return next((outer for outer in fam.import_outers if outer.embed in reader), fam.outer)
 
 
 # ---------------------------------------------------------------------------------------------
 # config.json <-> nopejax
 
 
+# Multimodal checkpoints of a registered text family: a vision tower beside the text model, whose weights nopejax
+# would have to skip. model_type -> (label, the text model's class and model_type, how to save it alone)
+MULTIMODAL = {
+    "llama4": ("Llama 4", "Llama4ForCausalLM, model_type llama4_text",
+               "Llama4ForConditionalGeneration.from_pretrained(dir).language_model.save_pretrained(text_dir)"),
+    "qwen3_5": ("Qwen3.5", "Qwen3_5ForCausalLM, model_type qwen3_5_text",
+                "Qwen3_5ForCausalLM.from_pretrained(dir).save_pretrained(text_dir)"),
+    "qwen3_5_moe": ("Qwen3.5 MoE", "Qwen3_5MoeForCausalLM, model_type qwen3_5_moe_text",
+                    "Qwen3_5MoeForCausalLM.from_pretrained(dir).save_pretrained(text_dir)"),
+}  # fmt: skip
+
+
 def model_config_from_hf(hf: dict) -> config.ConfigDict:
     """The nopejax model config of a transformers config.json, exact or refused (HFConfigError)."""
     family = registry.BY_MODEL_TYPE.get(hf.get("model_type"))
-    if hf.get("model_type") == "llama4":  # Llama4ForConditionalGeneration: a vision tower beside the text model
+    if hf.get("model_type") in MULTIMODAL:
+        label, text_model, save = MULTIMODAL[hf["model_type"]]
         raise HFConfigError(
-            "model_type", "llama4", "a multimodal Llama 4 checkpoint; nopejax imports the text model only "
-            "(Llama4ForCausalLM, model_type llama4_text), and never skips a weight (the vision tower's)",
-            "save its language model alone: Llama4ForConditionalGeneration.from_pretrained(dir)"
-            ".language_model.save_pretrained(text_dir), then import text_dir",
+            "model_type", hf["model_type"], f"a multimodal {label} checkpoint; nopejax imports the text model only "
+            f"({text_model}), and never skips a weight (the vision tower's)",
+            f"save its language model alone: {save}, then import text_dir",
         )  # fmt: skip
     if family is None:
         raise HFConfigError("model_type", hf.get("model_type"), f"nopejax imports {sorted(registry.BY_MODEL_TYPE)} "
@@ -174,7 +192,7 @@ def check_tensors(reader: tensorfile.Reader, m: config.ConfigDict) -> None:
     """The checkpoint holds exactly the tensors `m` consumes, with their shapes: checked on the
     headers, before any weight is read. A tensor nopejax would skip means a model it would not
     compute (biases the config switches off, another architecture's extra weights)."""
-    expected = hf_tensor_shapes(m)
+    expected = hf_tensor_shapes(m, _outer(registry.BY_NAME[m.hf_family], reader))
     if m.tie_embeddings and "lm_head.weight" in reader:  # compared with the embedding by load_params
         expected["lm_head.weight"] = (m.vocab_size, m.d_model)
     extra = [name for name in reader.names() if name not in expected]
@@ -205,16 +223,17 @@ def load_params(path: str, m: config.ConfigDict) -> dict:
     check_tensors(reader, m)
     pdtype = np.dtype(jnp.dtype(m.param_dtype))
     fam = registry.BY_NAME[m.hf_family]
-    params = {"embed": reader.get(fam.outer.embed).astype(pdtype)}
+    outer = _outer(fam, reader)
+    params = {"embed": reader.get(outer.embed).astype(pdtype)}
     tied_head = m.tie_embeddings and "lm_head.weight" in reader  # consumed as a check: transformers ignores it
     if tied_head and not np.array_equal(reader.get("lm_head.weight").astype(pdtype), params["embed"]):
         raise HFTensorError(
-            "lm_head.weight", f"differs from {fam.outer.embed}, but tie_word_embeddings is true "
+            "lm_head.weight", f"differs from {outer.embed}, but tie_word_embeddings is true "
             "(transformers would use the embedding)",
             "set tie_word_embeddings false if the head was trained separately, or delete lm_head.weight",
         )  # fmt: skip
-    params["layers"] = tensors.read_layers(m, fam.layer_map, reader.get, pdtype, fam.outer)
-    params["final_norm"] = reader.get(fam.outer.final_norm).astype(pdtype)
+    params["layers"] = tensors.read_layers(m, fam.layer_map, reader.get, pdtype, outer)
+    params["final_norm"] = reader.get(outer.final_norm).astype(pdtype)
     if not m.tie_embeddings:
         params["lm_head"] = reader.get("lm_head.weight").T.astype(pdtype)
     return params

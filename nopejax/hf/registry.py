@@ -33,6 +33,8 @@ ENTRIES = (
     Entry("granitemoehybrid", "granitemoehybrid", "GraniteMoeHybridForCausalLM", "Granite 4.0-H"),
     Entry("qwen3_next", "qwen3_next", "Qwen3NextForCausalLM", "Qwen3-Next"),
     Entry("olmo_hybrid", "olmo_hybrid", "OlmoHybridForCausalLM", "OLMo Hybrid"),
+    Entry("qwen3_5", "qwen3_5_text", "Qwen3_5ForCausalLM", "Qwen3.5"),
+    Entry("qwen3_5_moe", "qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", "Qwen3.5 MoE"),
 )
 
 
@@ -54,6 +56,8 @@ class Family(NamedTuple):
     keep_fp32: tuple  # HF tensor name suffixes stored in fp32 whatever the export dtype
     guide_row: tuple  # its row of the HF guide's family table: (block and norms, per layer, the rest)
     outer: Outer  # the embedding's, final norm's and layers' tensor names
+    # other spellings of them a checkpoint may use, read on import only (Qwen3.5: model.language_model.*)
+    import_outers: tuple
     exports: tuple  # nopejax model fields beyond hf.EXPORTED_FIELDS that this family's config.json expresses
 
 
@@ -75,6 +79,7 @@ def _load(entry: Entry) -> Family:
         keep_fp32=getattr(module, "KEEP_FP32", ()),
         guide_row=module.GUIDE_ROW,
         outer=getattr(module, "OUTER", OUTER),
+        import_outers=getattr(module, "IMPORT_OUTERS", ()),
         exports=getattr(module, "EXPORTS", ()),
     )
 

@@ -2,7 +2,8 @@
 
 Numerical reference: transformers' `OlmoHybridGatedDeltaNet.forward` on its torch path (`causal_conv1d_fn`,
 `torch_chunk_gated_delta_rule` with `use_qk_l2norm_in_kernel=True`, `OlmoHybridRMSNormGated`). Qwen3-Next's
-`Qwen3NextGatedDeltaNet` computes the same layer from fused projections (`QWEN3_NEXT_TENSORS` maps them).
+`Qwen3NextGatedDeltaNet` computes the same layer from fused projections (`QWEN3_NEXT_TENSORS` maps them),
+Qwen3.5's `Qwen3_5GatedDeltaNet` from q, k, v in one projection and z (our g), b, a apart (`QWEN3_5_TENSORS`).
 
     q, k, v = h @ q_proj, h @ k_proj, h @ v_proj
     q, k, v = split(silu(causal_conv(q | k | v)))     one depthwise conv over the u = 2 K E + H O channels
@@ -180,14 +181,69 @@ def qwen3_next_shapes(d: GatedDeltaNetDims) -> dict:
     }
 
 
+def _conv_decay_norm_out(p: dict) -> dict:
+    """The tensors Qwen3-Next and Qwen3.5 name alike, from our params of one layer (numpy)."""
+    return {
+        "conv1d.weight": p["conv1d_weight"].T[:, None, :],  # [k, u] -> depthwise Conv1d [u, 1, k]
+        "A_log": p["A_log"],
+        "dt_bias": p["dt_bias"],
+        "norm.weight": p["o_norm"],
+        "out_proj.weight": p["o_proj"].T,
+    }
+
+
 def to_qwen3_next(p: dict, d: GatedDeltaNetDims) -> dict:
     """Our params of one layer (numpy) -> Qwen3-Next's tensors (names inside the mixer), bit for bit."""
-    out = {name: _fuse_per_key_head([p[k] for k in keys], d) for name, keys in QWEN3_NEXT_FUSED.items()}
-    out["conv1d.weight"] = p["conv1d_weight"].T[:, None, :]  # [k, u] -> depthwise Conv1d [u, 1, k]
-    out.update(
-        {"A_log": p["A_log"], "dt_bias": p["dt_bias"], "norm.weight": p["o_norm"], "out_proj.weight": p["o_proj"].T}
-    )
-    return out
+    fused = {name: _fuse_per_key_head([p[k] for k in keys], d) for name, keys in QWEN3_NEXT_FUSED.items()}
+    return {**fused, **_conv_decay_norm_out(p)}
+
+
+def _qkv_rows(part):
+    """Qwen3.5's `in_proj_qkv` [K E + K E + H O, D], q, k, v stacked in the conv's channel order -> q_proj (0),
+    k_proj (1) or v_proj (2)."""
+
+    def take(t, d):
+        bounds = np.cumsum([0, d.key_dim, d.key_dim, d.value_dim])
+        return t[bounds[part] : bounds[part + 1]].T
+
+    return take
+
+
+# Qwen3.5's layout: value heads key head major as ours, and the conv's channels q | k | v as ours
+QWEN3_5_TENSORS = {
+    "q_proj": ("in_proj_qkv.weight", _qkv_rows(0)),
+    "k_proj": ("in_proj_qkv.weight", _qkv_rows(1)),
+    "v_proj": ("in_proj_qkv.weight", _qkv_rows(2)),
+    "g_proj": ("in_proj_z.weight", _linear),
+    "b_proj": ("in_proj_b.weight", _linear),
+    "a_proj": ("in_proj_a.weight", _linear),
+    **_CONV_AND_DECAY,
+    "o_norm": ("norm.weight", lambda t, d: t),
+    "o_proj": ("out_proj.weight", _linear),
+}
+
+
+def qwen3_5_shapes(d: GatedDeltaNetDims) -> dict:
+    """Qwen3.5's tensors of one mixer (names inside it) with their torch shapes."""
+    return {
+        "in_proj_qkv.weight": (d.conv_dim, d.d_model),
+        "in_proj_z.weight": (d.value_dim, d.d_model),
+        "in_proj_b.weight": (d.value_heads, d.d_model),
+        "in_proj_a.weight": (d.value_heads, d.d_model),
+        **{name: shape for name, shape in qwen3_next_shapes(d).items() if not name.startswith("in_proj")},
+    }
+
+
+def to_qwen3_5(p: dict, d: GatedDeltaNetDims) -> dict:
+    """Our params of one layer (numpy) -> Qwen3.5's tensors (names inside the mixer), bit for bit: the inverse
+    of QWEN3_5_TENSORS."""
+    return {
+        "in_proj_qkv.weight": np.concatenate([p["q_proj"], p["k_proj"], p["v_proj"]], axis=1).T,
+        "in_proj_z.weight": p["g_proj"].T,
+        "in_proj_b.weight": p["b_proj"].T,
+        "in_proj_a.weight": p["a_proj"].T,
+        **_conv_decay_norm_out(p),
+    }
 
 
 class GatedDeltaNetCache(NamedTuple):
@@ -356,7 +412,7 @@ class GatedDeltaNet(nnx.Module):
 def from_hf(state_dict: dict, d: GatedDeltaNetDims, prefix: str = "", tensors: dict = HF_TENSORS) -> dict:
     """A transformers mixer's tensors (numpy or torch, names under `prefix`) -> our params.
 
-    `tensors` is `HF_TENSORS` (OLMo Hybrid) or `QWEN3_NEXT_TENSORS`.
+    `tensors` is `HF_TENSORS` (OLMo Hybrid), `QWEN3_NEXT_TENSORS` or `QWEN3_5_TENSORS`.
     """
     out = {}
     for name in GATED_DELTANET_PARAMS:

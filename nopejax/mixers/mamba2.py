@@ -31,6 +31,7 @@ SSM state carried across shards by `context.recurrence` (summaries from `ssd.sum
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -40,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from nopejax import context, sharding
+from nopejax.config import MAMBA_IMPLS
 from nopejax.mixers import ssd as ssd_lib
 from nopejax.mixers.conv import causal_conv, conv_step
 from nopejax.mixers.ssd import ssd, ssd_step
@@ -62,10 +64,13 @@ class Mamba2Dims:
     norm_eps: float = 1e-5  # layer_norm_epsilon
     use_bias: bool = False  # use_bias: in_proj and out_proj
     conv_bias: bool = True  # use_conv_bias
+    impl: str = "xla"  # the intra-chunk SSD: "xla" (ssd.intra_chunk) or "pallas" (nopejax/kernels/ssd.py)
 
     def __post_init__(self):
         if self.heads % self.groups:
             raise ValueError(f"mamba2 heads={self.heads} must be a multiple of groups={self.groups}: change either")
+        if self.impl not in MAMBA_IMPLS:
+            raise ValueError(f"mamba2 impl={self.impl!r}: use one of {MAMBA_IMPLS}")
 
     @property
     def inner(self) -> int:
@@ -168,6 +173,7 @@ def mamba2(p: dict, h_BSD, d: Mamba2Dims, *, segment_ids_BS=None, cache: Mamba2C
         y_BSHO = _context_scan(p, xbc_BSu, dt_BSH, d, segment_ids_BS)
         return _out(p, y_BSHO, z_BSi, d, h_BSD.dtype), None
     window = None if cache is None else cache.conv_window_Bwu
+    intra = intra_chunk_fn(d.impl, per_device=False)
     xbc_BSu, window_Bwu = causal_conv(
         xbc_BSu, p["conv1d_weight"], p.get("conv1d_bias"), segment_ids_BS=segment_ids_BS, window_Bwu=window
     )
@@ -182,6 +188,7 @@ def mamba2(p: dict, h_BSD, d: Mamba2Dims, *, segment_ids_BS=None, cache: Mamba2C
         D_H=p["D"],
         segment_ids_BS=segment_ids_BS,
         initial_state_BHOE=None if cache is None else cache.ssm_state_BHOE,
+        intra=intra,
     )
     return _out(p, y_BSHO, z_BSi, d, h_BSD.dtype), Mamba2Cache(window_Bwu, state_BHOE)
 
@@ -207,13 +214,53 @@ def _context_scan(p, xbc_BSu, dt_BSH, d: Mamba2Dims, segment_ids_BS):
         args, segments = inputs(q, xs, seg_BT)
         return ssd_lib.summarize(*args, chunk=d.chunk, **segments)
 
+    intra = intra_chunk_fn(d.impl, per_device=True)  # run below is already inside shard_map
+
     def run(q, xs, seg_BT, state_BHOE):
         args, segments = inputs(q, xs, seg_BT)
-        return ssd(*args, chunk=d.chunk, D_H=q["D"], initial_state_BHOE=state_BHOE, **segments)[0]
+        return ssd(*args, chunk=d.chunk, D_H=q["D"], initial_state_BHOE=state_BHOE, intra=intra, **segments)[0]
 
     return context.recurrence(
         summarize, run, ssd_lib.combine, conv_params, (xbc_BSu, dt_BSH), segment_ids_BS, lookback=L
     )
+
+
+def intra_chunk_fn(impl: str, *, per_device: bool):
+    """The intra-chunk SSD (`ssd.intra_chunk`'s signature) for model.mamba_impl `impl`.
+
+    "pallas": nopejax/kernels/ssd.py, lowered by Mosaic when compiling for TPU (a TPU host or an
+    ahead-of-time TPU mesh), in Pallas's HLO interpreter on CPU (slow: for tests); validation
+    refuses GPUs. A Mosaic kernel is opaque to XLA's sharding propagation, so under a mesh of
+    several devices it runs inside `shard_map` on each device's rows (and its groups or heads when
+    the `tensor` axis divides them); `per_device`: the caller is inside `shard_map` already.
+    """
+    if impl == "xla":
+        return ssd_lib.intra_chunk
+    from nopejax.kernels.ssd import ssd_intra_chunk
+
+    platform = sharding.compile_platform()
+    kernel = functools.partial(
+        ssd_intra_chunk, interpret=platform == "cpu", backend="tpu" if platform == "tpu" else None
+    )
+    mesh = jax.sharding.get_abstract_mesh()
+    if per_device or mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return kernel
+
+    def per_shard(C_BtcKE, B_BtcKE, xdt_BtcKGO, a_BtKGc, doc_Btc):
+        K, G = xdt_BtcKGO.shape[3:5]
+        batch = sharding.logical_to_spec(["act_batch"], mesh)[0]
+        tensor = sharding.logical_to_spec(["act_heads"], mesh)[0]
+        T = math.prod(mesh.shape[a] for a in ((tensor,) if isinstance(tensor, str) else tensor or ()))
+        on_K = tensor if T > 1 and K % T == 0 else None  # groups split: each device its own C, B
+        on_G = tensor if T > 1 and on_K is None and G % T == 0 else None  # else heads within groups
+        group = jax.P(batch, None, None, on_K, None)
+        head = jax.P(batch, None, None, on_K, on_G, None)
+        specs = (group, group, head, jax.P(batch, None, on_K, on_G, None), jax.P(batch, None, None))
+        return jax.shard_map(kernel, in_specs=specs, out_specs=head, check_vma=False)(
+            C_BtcKE, B_BtcKE, xdt_BtcKGO, a_BtKGc, doc_Btc
+        )
+
+    return per_shard
 
 
 def mamba2_step(p: dict, h_BD, d: Mamba2Dims, cache: Mamba2Cache):

@@ -26,6 +26,10 @@ Under context parallelism (a `context` mesh axis, rows in zig-zag order) the con
 per zig-zag chunk inside `shard_map`, each chunk after the K - 1 conv inputs before it, with the
 SSM state carried across shards by `context.recurrence` (summaries from `ssd.summarize`, chained by
 `ssd.combine`); the projections and the gated norm are per token and stay outside.
+
+`Mamba2Dims.impl` (model.mamba_impl) picks the intra-chunk part of the SSD: XLA's `ssd.intra_chunk`
+or the Pallas kernels of nopejax/kernels/ssd.py (`intra_chunk_fn`), the same in every path above
+(training, context shards, prefill); the recurrence over chunks and the decode step are XLA.
 """
 
 from __future__ import annotations

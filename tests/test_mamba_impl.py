@@ -7,6 +7,7 @@ step for a v5p slice ahead of time; and the refusals.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -123,16 +124,34 @@ def test_pallas_under_context_parallelism_equals_xla(xla_one_device):
 
 def test_pallas_prefill_equals_xla():
     """A chunked prefill of left-padded prompts (2 chunks of 16: the second continues the cache):
-    the first token's logits and every Mamba2 cache equal the XLA path's, on the same params."""
+    the first token's logits and every Mamba2 cache equal the XLA path's, on the same params. The
+    kernel's prefill runs under a data 2 x tensor 2 mesh (as training's samples do): 3 rows do not
+    split over data, so they stay whole; the 2 groups split over tensor."""
     prompts = [np.random.default_rng(row).integers(1, 62, n) for row, n in enumerate((5, 21, 12))]
     tokens, pos, seg = decode.left_pad(prompts, 0, 16)
     params, out = None, {}
     for impl in ("xla", "pallas"):
-        m = validation.validate(_cfg({"mamba_impl": impl})).model
-        graphdef, own = model.split(model.create(m, seed=3))
+        cfg = _cfg({"mamba_impl": impl}, data=2, tensor=2)
+        graphdef, own = model.split(model.create(validation.validate(cfg).model, seed=3))
         params = own if params is None else params
-        out[impl] = decode.prefill(graphdef, params, tokens, pos, seg, jax.random.key(0), decode.Sampling(),
-                                   total_len=tokens.shape[1] + 2, chunk=16, greedy=True)  # fmt: skip
+        prefill = functools.partial(
+            decode.prefill,
+            graphdef,
+            params,
+            tokens,
+            pos,
+            seg,
+            jax.random.key(0),
+            decode.Sampling(),
+            total_len=tokens.shape[1] + 2,
+            chunk=16,
+            greedy=True,
+        )
+        if impl == "xla":
+            out[impl] = prefill()
+        else:
+            with jax.set_mesh(sharding.make_mesh(cfg.mesh, jax.devices()[:4])):
+                out[impl] = prefill()
     (cache, first, logits), (cache_x, first_x, logits_x) = out["pallas"], out["xla"]
     _close(np.asarray(logits), np.asarray(logits_x), 5e-6)
     np.testing.assert_array_equal(first, first_x)

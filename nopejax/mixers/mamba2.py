@@ -250,13 +250,16 @@ def intra_chunk_fn(impl: str, *, per_device: bool):
     if per_device or mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
         return kernel
 
+    def split(logical: str, n: int):  # the mesh axes of `logical` if they divide n, else None (replicated)
+        axes = sharding.logical_to_spec([logical], mesh)[0]
+        size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+        return axes if size > 1 and n % size == 0 else None
+
     def per_shard(C_BtcKE, B_BtcKE, xdt_BtcKGO, a_BtKGc, doc_Btc):
-        K, G = xdt_BtcKGO.shape[3:5]
-        batch = sharding.logical_to_spec(["act_batch"], mesh)[0]
-        tensor = sharding.logical_to_spec(["act_heads"], mesh)[0]
-        T = math.prod(mesh.shape[a] for a in ((tensor,) if isinstance(tensor, str) else tensor or ()))
-        on_K = tensor if T > 1 and K % T == 0 else None  # groups split: each device its own C, B
-        on_G = tensor if T > 1 and on_K is None and G % T == 0 else None  # else heads within groups
+        Bz, K, G = xdt_BtcKGO.shape[0], *xdt_BtcKGO.shape[3:5]
+        batch = split("act_batch", Bz)  # a generation sample of one row under a training mesh: replicated
+        on_K = split("act_heads", K)  # groups split: each device its own C, B
+        on_G = None if on_K else split("act_heads", G)  # else heads within groups
         group = jax.P(batch, None, None, on_K, None)
         head = jax.P(batch, None, None, on_K, on_G, None)
         specs = (group, group, head, jax.P(batch, None, on_K, on_G, None), jax.P(batch, None, None))

@@ -134,19 +134,8 @@ def test_pallas_prefill_equals_xla():
         cfg = _cfg({"mamba_impl": impl}, data=2, tensor=2)
         graphdef, own = model.split(model.create(validation.validate(cfg).model, seed=3))
         params = own if params is None else params
-        prefill = functools.partial(
-            decode.prefill,
-            graphdef,
-            params,
-            tokens,
-            pos,
-            seg,
-            jax.random.key(0),
-            decode.Sampling(),
-            total_len=tokens.shape[1] + 2,
-            chunk=16,
-            greedy=True,
-        )
+        args = (graphdef, params, tokens, pos, seg, jax.random.key(0), decode.Sampling())
+        prefill = functools.partial(decode.prefill, *args, total_len=tokens.shape[1] + 2, chunk=16, greedy=True)
         if impl == "xla":
             out[impl] = prefill()
         else:

@@ -266,9 +266,7 @@ def _lookback(spec: LayerSpec, align: int = 1) -> int | None:
 
 def _platform() -> str:
     """The platform being compiled for: the mesh's devices (TPU in an AOT dry run), else the default."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = getattr(mesh, "abstract_device", None) if mesh is not None and not mesh.empty else None
-    return getattr(device, "platform", None) or jax.default_backend()
+    return sharding.compile_platform()
 
 
 def kernel_options(spec: LayerSpec, rotate: bool) -> dict:

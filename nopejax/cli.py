@@ -125,6 +125,8 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    import jax
+
     from nopejax import checkpoint, data, hf
     from nopejax.decode import check_sampling, encode_prompt, generate
 
@@ -132,6 +134,8 @@ def cmd_generate(args) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading
     root, step = checkpoint.find_checkpoint(args.workdir, args.step)
     cfg = checkpoint.read_config(root, step)
+    if cfg.model.mamba_impl == "pallas" and jax.default_backend() != "tpu":
+        cfg.model.mamba_impl = "xla"  # the same SSD; its Pallas kernel compiles for TPU only
     tok = data.make_tokenizer(cfg.data)
     module = hf.build(cfg.model, checkpoint.restore_params(root, step))
     prompt_ids = encode_prompt(tok, args.prompt, cfg.data.add_bos)

@@ -37,6 +37,10 @@ from nopejax.layers import (  # noqa: F401
 ConfigDict = ml_collections.ConfigDict
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+MAMBA_IMPLS = ("xla", "pallas")
+# the Mamba2 Pallas kernels keep several [c, c] fp32 tiles in VMEM: chunks of 1024 overflow a v5p
+# core's scoped VMEM at compile time (512 compiles; measured with Mosaic ahead of time)
+MAMBA_PALLAS_MAX_CHUNK = 512
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 SCAN_PLANS = ("auto", "period", "switch")
 SCHEDULES = ("wsd", "cosine", "linear", "constant")
@@ -150,6 +154,9 @@ def base_config() -> ConfigDict:
     m.mamba_chunk_size = 256
     m.mamba_conv_bias = True
     m.mamba_proj_bias = False  # biases on in_proj and out_proj
+    # the intra-chunk SSD: "xla" (nopejax/mixers/ssd.py), or "pallas" (nopejax/kernels/ssd.py: the
+    # [c, c] tiles stay in VMEM; TPU, or interpreted on CPU for tests; the chunk recurrence stays XLA)
+    m.mamba_impl = "xla"
     m.mamba_time_step_limit = config_dict.placeholder(tuple)  # (min, max) clamp of dt; unset = none
     m.attention_scale = config_dict.placeholder(float)  # softmax scale of q.k; unset = 1 / sqrt(head_dim)
     # Gated DeltaNet layers (layer_types "gated_deltanet"; nopejax/mixers/gated_deltanet.py): G key

@@ -119,6 +119,10 @@ FIELD_DOCS = {
     "model.mamba_chunk_size": "Chunk length of the chunked SSD scan: intra-chunk matmuls, a recurrence over chunks.",
     "model.mamba_conv_bias": "A bias on the conv (`use_conv_bias`).",
     "model.mamba_proj_bias": "Biases on `in_proj` and `out_proj` (`use_bias`, `mamba_proj_bias`).",
+    "model.mamba_impl": "The intra-chunk part of the SSD scan: `xla`, or `pallas` (nopejax/kernels/ssd.py: "
+    "score and decay tiles stay in VMEM; compiled for TPU, run in Pallas's interpreter on CPU, which is slow "
+    "and for tests only; refused on GPU; `mamba_chunk_size` at most 512). The recurrence over chunks is XLA "
+    "either way.",
     "model.gdn_key_heads": "Query/key heads G of each Gated DeltaNet layer; 0 when no layer is `gated_deltanet`.",
     "model.gdn_value_heads": "Value heads H of each Gated DeltaNet layer; a multiple of `gdn_key_heads`.",
     "model.gdn_key_head_dim": "Width K of one query/key head; the state is K x V per value head.",

@@ -80,6 +80,14 @@ def context_size(mesh=None) -> int:
     return mesh.shape.get(CONTEXT_AXIS, 1)
 
 
+def compile_platform() -> str:
+    """The platform being compiled for: the abstract mesh's devices (TPU in an ahead-of-time dry
+    run on a CPU host), else the default backend. Picks how Pallas kernels lower."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = getattr(mesh, "abstract_device", None) if mesh is not None and not mesh.empty else None
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
 # ---------------------------------------------------------------------------------------------
 # Mesh
 

@@ -19,6 +19,8 @@ from nopejax.config import (
     DATA_SOURCES,
     DTYPES,
     INIT_FROM_SCHEDULES,
+    MAMBA_IMPLS,
+    MAMBA_PALLAS_MAX_CHUNK,
     MLP_ACTIVATIONS,
     MOE_DISPATCHERS,
     NORMS,
@@ -223,6 +225,12 @@ def _validate_mamba_sizes(m: ConfigDict) -> None:
             "model.mamba_time_step_limit", f"must be (min, max) with 0 <= min <= max, got {limit!r}",
             "use e.g. (0.0, 100.0), or leave it unset for no clamp",
         )  # fmt: skip
+    if m.mamba_impl == "pallas" and m.mamba_chunk_size > MAMBA_PALLAS_MAX_CHUNK:
+        raise ConfigError(
+            "model.mamba_chunk_size", f"{m.mamba_chunk_size} is too long for the Pallas SSD kernel (its [c, c] "
+            f"tiles must fit in VMEM: at most {MAMBA_PALLAS_MAX_CHUNK})",
+            f"use mamba_chunk_size <= {MAMBA_PALLAS_MAX_CHUNK}, or model.mamba_impl=xla",
+        )  # fmt: skip
 
 
 def _validate_windows(m: ConfigDict) -> None:
@@ -418,6 +426,8 @@ def _validate_compute(m: ConfigDict) -> None:
             "model.attention_impl", f"the Pallas kernel supports head_dim 64, 128 or 256, not {m.head_dim}",
             "use attention_impl=xla (or auto), or a supported head_dim",
         )  # fmt: skip
+    if m.mamba_impl not in MAMBA_IMPLS:
+        raise ConfigError("model.mamba_impl", f"unknown value {m.mamba_impl!r}", f"use one of {MAMBA_IMPLS}")
     if m.remat not in REMAT_POLICIES:
         raise ConfigError("model.remat", f"unknown policy {m.remat!r}", f"use one of {REMAT_POLICIES}")
     if m.scan_plan not in SCAN_PLANS:
@@ -640,12 +650,18 @@ def _validate_checkpoint(c: ConfigDict) -> None:
 
 
 def check_platform(cfg: ConfigDict, platform: str) -> None:
-    """What `validate` cannot know: whether the attention path runs on these devices ("cpu",
-    "gpu" or "tpu"). `auto` always picks one that does (nopejax.attention.resolve_impl)."""
+    """What `validate` cannot know: whether the attention path and the Mamba2 SSD path run on these
+    devices ("cpu", "gpu" or "tpu"). `auto` attention always picks one that does
+    (nopejax.attention.resolve_impl)."""
     if cfg.model.moe_dispatch == "ragged" and cfg.model.num_experts and cfg.mesh.expert != 1 and platform == "cpu":
         raise ConfigError(
             "model.moe_dispatch", "ragged needs jax.lax.ragged_all_to_all, which XLA:CPU does not have",
             "use allgather or all_to_all on CPU (they compute the same), ragged on TPU or GPU",
+        )  # fmt: skip
+    if cfg.model.mamba_impl == "pallas" and platform not in ("tpu", "cpu"):
+        raise ConfigError(
+            "model.mamba_impl", f"the Pallas SSD kernel is a Mosaic TPU kernel, these devices are {platform}",
+            "use mamba_impl=xla (or a TPU; CPU runs the kernel in Pallas's interpreter, for tests)",
         )  # fmt: skip
     impl = cfg.model.attention_impl
     if impl == "cudnn" and platform != "gpu":

@@ -1,8 +1,8 @@
 """A checkpoint's per-token loss and greedy correctness, on the run's own mesh, for evaluation.
 
 Every evaluation (`loss_by_length`, `tasks`, `passkey`) runs the model in fp32 with
-`attention_impl = "xla"`, whatever the run trained with, so numbers compare across hardware. It
-runs on the run's own mesh (`mesh.*` of its config, `--config.mesh.KEY=VALUE` to change it):
+`attention_impl = "xla"` and `mamba_impl = "xla"`, whatever the run trained with, so numbers compare
+across hardware. It runs on the run's own mesh (`mesh.*` of its config, `--config.mesh.KEY=VALUE` to change it):
 params sharded by the logical-axis table as in training, each forward's rows spread over the data
 axes (padded to a multiple of them), so a long evaluation never needs one device to hold the
 model; the sums are the 1-device ones. `--rope-scaling` (HF `rope_scaling`: linear, yarn, llama3)
@@ -31,10 +31,11 @@ FORWARD_TOKENS = 8192  # tokens per device per forward call: bounds the [B, H, S
 
 
 def eval_config(cfg: ConfigDict, rope_scaling: dict | None) -> ConfigDict:
-    """The run's config set up for evaluation: fp32, XLA attention, optional RoPE scaling."""
+    """The run's config set up for evaluation: fp32, XLA attention and SSD, optional RoPE scaling."""
     cfg = copy.deepcopy(cfg)  # the caller's config stays as trained
     cfg.model.dtype = "float32"
     cfg.model.attention_impl = "xla"
+    cfg.model.mamba_impl = "xla"
     cfg.model.remat = "none"
     if rope_scaling is not None:
         scaling = dict(rope_scaling)

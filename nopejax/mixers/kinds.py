@@ -35,6 +35,7 @@ def _mamba2_dims(m) -> mamba2.Mamba2Dims:
         d_model=m.d_model, heads=m.mamba_num_heads, head_dim=m.mamba_head_dim, groups=m.mamba_groups,
         state=m.mamba_state_size, conv_kernel=m.mamba_conv_kernel, chunk=m.mamba_chunk_size,
         time_step_limit=limit, norm_eps=m.rms_norm_eps, use_bias=m.mamba_proj_bias, conv_bias=m.mamba_conv_bias,
+        impl=m.mamba_impl,
     )  # fmt: skip
 
 

@@ -26,11 +26,16 @@ Under context parallelism (a `context` mesh axis, rows in zig-zag order) the con
 per zig-zag chunk inside `shard_map`, each chunk after the K - 1 conv inputs before it, with the
 SSM state carried across shards by `context.recurrence` (summaries from `ssd.summarize`, chained by
 `ssd.combine`); the projections and the gated norm are per token and stay outside.
+
+`Mamba2Dims.impl` (model.mamba_impl) picks the intra-chunk part of the SSD: XLA's `ssd.intra_chunk`
+or the Pallas kernels of nopejax/kernels/ssd.py (`intra_chunk_fn`), the same in every path above
+(training, context shards, prefill); the recurrence over chunks and the decode step are XLA.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -40,6 +45,7 @@ import numpy as np
 from flax import nnx
 
 from nopejax import context, sharding
+from nopejax.config import MAMBA_IMPLS
 from nopejax.mixers import ssd as ssd_lib
 from nopejax.mixers.conv import causal_conv, conv_step
 from nopejax.mixers.ssd import ssd, ssd_step
@@ -62,10 +68,13 @@ class Mamba2Dims:
     norm_eps: float = 1e-5  # layer_norm_epsilon
     use_bias: bool = False  # use_bias: in_proj and out_proj
     conv_bias: bool = True  # use_conv_bias
+    impl: str = "xla"  # the intra-chunk SSD: "xla" (ssd.intra_chunk) or "pallas" (nopejax/kernels/ssd.py)
 
     def __post_init__(self):
         if self.heads % self.groups:
             raise ValueError(f"mamba2 heads={self.heads} must be a multiple of groups={self.groups}: change either")
+        if self.impl not in MAMBA_IMPLS:
+            raise ValueError(f"mamba2 impl={self.impl!r}: use one of {MAMBA_IMPLS}")
 
     @property
     def inner(self) -> int:
@@ -168,6 +177,7 @@ def mamba2(p: dict, h_BSD, d: Mamba2Dims, *, segment_ids_BS=None, cache: Mamba2C
         y_BSHO = _context_scan(p, xbc_BSu, dt_BSH, d, segment_ids_BS)
         return _out(p, y_BSHO, z_BSi, d, h_BSD.dtype), None
     window = None if cache is None else cache.conv_window_Bwu
+    intra = intra_chunk_fn(d.impl, per_device=False)
     xbc_BSu, window_Bwu = causal_conv(
         xbc_BSu, p["conv1d_weight"], p.get("conv1d_bias"), segment_ids_BS=segment_ids_BS, window_Bwu=window
     )
@@ -182,6 +192,7 @@ def mamba2(p: dict, h_BSD, d: Mamba2Dims, *, segment_ids_BS=None, cache: Mamba2C
         D_H=p["D"],
         segment_ids_BS=segment_ids_BS,
         initial_state_BHOE=None if cache is None else cache.ssm_state_BHOE,
+        intra=intra,
     )
     return _out(p, y_BSHO, z_BSi, d, h_BSD.dtype), Mamba2Cache(window_Bwu, state_BHOE)
 
@@ -207,13 +218,56 @@ def _context_scan(p, xbc_BSu, dt_BSH, d: Mamba2Dims, segment_ids_BS):
         args, segments = inputs(q, xs, seg_BT)
         return ssd_lib.summarize(*args, chunk=d.chunk, **segments)
 
+    intra = intra_chunk_fn(d.impl, per_device=True)  # run below is already inside shard_map
+
     def run(q, xs, seg_BT, state_BHOE):
         args, segments = inputs(q, xs, seg_BT)
-        return ssd(*args, chunk=d.chunk, D_H=q["D"], initial_state_BHOE=state_BHOE, **segments)[0]
+        return ssd(*args, chunk=d.chunk, D_H=q["D"], initial_state_BHOE=state_BHOE, intra=intra, **segments)[0]
 
     return context.recurrence(
         summarize, run, ssd_lib.combine, conv_params, (xbc_BSu, dt_BSH), segment_ids_BS, lookback=L
     )
+
+
+def intra_chunk_fn(impl: str, *, per_device: bool):
+    """The intra-chunk SSD (`ssd.intra_chunk`'s signature) for model.mamba_impl `impl`.
+
+    "pallas": nopejax/kernels/ssd.py, lowered by Mosaic when compiling for TPU (a TPU host or an
+    ahead-of-time TPU mesh), in Pallas's HLO interpreter on CPU (slow: for tests); validation
+    refuses GPUs. A Mosaic kernel is opaque to XLA's sharding propagation, so under a mesh of
+    several devices it runs inside `shard_map` on each device's rows (and its groups or heads when
+    the `tensor` axis divides them); `per_device`: the caller is inside `shard_map` already.
+    """
+    if impl == "xla":
+        return ssd_lib.intra_chunk
+    from nopejax.kernels.ssd import ssd_intra_chunk
+
+    platform = sharding.compile_platform()
+    kernel = functools.partial(
+        ssd_intra_chunk, interpret=platform == "cpu", backend="tpu" if platform == "tpu" else None
+    )
+    mesh = jax.sharding.get_abstract_mesh()
+    if per_device or mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return kernel
+
+    def split(logical: str, n: int):  # the mesh axes of `logical` if they divide n, else None (replicated)
+        axes = sharding.logical_to_spec([logical], mesh)[0]
+        size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+        return axes if size > 1 and n % size == 0 else None
+
+    def per_shard(C_BtcKE, B_BtcKE, xdt_BtcKGO, a_BtKGc, doc_Btc):
+        Bz, K, G = xdt_BtcKGO.shape[0], *xdt_BtcKGO.shape[3:5]
+        batch = split("act_batch", Bz)  # a generation sample of one row under a training mesh: replicated
+        on_K = split("act_heads", K)  # groups split: each device its own C, B
+        on_G = None if on_K else split("act_heads", G)  # else heads within groups
+        group = jax.P(batch, None, None, on_K, None)
+        head = jax.P(batch, None, None, on_K, on_G, None)
+        specs = (group, group, head, jax.P(batch, None, on_K, on_G, None), jax.P(batch, None, None))
+        return jax.shard_map(kernel, in_specs=specs, out_specs=head, check_vma=False)(
+            C_BtcKE, B_BtcKE, xdt_BtcKGO, a_BtKGc, doc_Btc
+        )
+
+    return per_shard
 
 
 def mamba2_step(p: dict, h_BD, d: Mamba2Dims, cache: Mamba2Cache):

@@ -107,11 +107,14 @@ def ssd(
     segment_ids_BS=None,
     segment_id_before_B=None,
     initial_state_BHOE=None,
+    intra=intra_chunk,
 ):
     """The scan over S positions -> (y_BSHO in x's dtype, final_state_BHOE in fp32).
 
     dt is the discretisation step after softplus and clamping; A_H the (negative) decay rate.
     S need not be a multiple of `chunk`: the tail is padded with dt = 0 (state unmoved) and sliced off.
+    `intra` computes step 1, `intra_chunk`'s signature and result (nopejax/kernels/ssd.py's kernel
+    for model.mamba_impl "pallas"); the recurrence over chunks stays here, in XLA.
     """
     Bsz, S, H, head_dim = x_BSHO.shape
     K, E = B_BSKE.shape[-2:]
@@ -133,7 +136,7 @@ def ssd(
     doc_Btc = jnp.cumsum(start_Btc, axis=-1)
 
     # 1. inside each chunk: masked (C . B) "attention" over the chunk's own inputs
-    y_BtcKGO = intra_chunk(C_BtcKE, B_BtcKE, xdt_BtcKGO, a_BtKGc, doc_Btc)
+    y_BtcKGO = intra(C_BtcKE, B_BtcKE, xdt_BtcKGO, a_BtKGc, doc_Btc)
 
     # 2. each chunk's end state from a zero start: decays from each position to the chunk's end
     # (row c - 1 of the segsum mask), 0 before the chunk's last document start

@@ -66,10 +66,11 @@ def unit_lower_inverse(A_acJ):
     [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]], so the inverses of the 1 x 1 diagonal blocks (all 1)
     merge in pairs, log2(c) rounds of small batched matmuls, every pair of a round at once. Not
     `lax.linalg.triangular_solve`: on TPU a TriangularSolve is slow where matmuls are fast, and on CPU it
-    is a LAPACK custom call (jaxlib's lapack_strsm_ffi into scipy's OpenBLAS), which, called at once from
-    the device threads of a multi-device CPU program, queues every call on OpenBLAS's own few worker
-    threads: seconds per step, or a stalled step whose collectives time out. The matmuls are at
-    HIGHEST precision: TPUs otherwise round fp32 operands to bf16, and the rounds compound.
+    is jaxlib's LAPACK custom call (lapack_strsm_ffi), which splits its batch into tasks on XLA:CPU's
+    intra-op thread pool and blocks until they are done, from a thread of that same pool. A program on
+    several CPU devices runs each device's copy on a pool thread; when all of them reach the call at once,
+    no thread is left to run the tasks and the step hangs at 0 % CPU (8 devices, 8 pool threads). The
+    matmuls are at HIGHEST precision: TPUs otherwise round fp32 operands to bf16, and the rounds compound.
     """
     c = A_acJ.shape[-1]
     size = 1 << (c - 1).bit_length()  # the next power of two: (I + A) padded with an identity block

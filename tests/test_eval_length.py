@@ -195,10 +195,12 @@ TINY_TASK = {
     "copy": ["data.task_train_max_len=3", "data.task_test_min_len=4", "data.task_test_max_len=6", "train.seq_len=15"],
     "passkey": [],
 }
-# passkey/gdn_hybrid is left out: its train step on the 8 test devices (rows of 128 = 4 GDN chunks) stalls
-# in XLA:CPU with every thread waiting (twice, on 2 loaded cores; copy's one-chunk rows do not); the
-# study's runner trains on one device.
-HYBRID_ARMS = [("copy", "mamba2_hybrid"), ("copy", "gdn_hybrid"), ("passkey", "mamba2_hybrid")]
+HYBRID_ARMS = [
+    ("copy", "mamba2_hybrid"),
+    ("copy", "gdn_hybrid"),
+    ("passkey", "mamba2_hybrid"),
+    ("passkey", "gdn_hybrid"),
+]
 
 
 @pytest.mark.parametrize("task,pattern", EXPERIMENTS + HYBRID_ARMS)

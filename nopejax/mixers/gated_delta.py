@@ -1,5 +1,5 @@
 """The gated delta rule of Gated DeltaNet in chunked WY (UT transform) form: intra-chunk matmuls and one
-triangular solve per chunk, a recurrence over chunk states.
+unit lower triangular inverse per chunk (from matmuls too), a recurrence over chunk states.
 
 Source: Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks: Improving Mamba2 with Delta Rule";
 flash-linear-attention's `chunk_gated_delta_rule`. Numerical reference: transformers'
@@ -19,7 +19,7 @@ strictly lower [c, J] matrix beta_l (k_l . k_m) exp(g_{m+1} + ... + g_l): u = T 
 chunk's values and w = T (beta k exp(g_1 + ... + g_l)) the keys that read the incoming state; the
 new values written are u - w state_in. A `lax.scan` over the t chunk states carries the state;
 memory is O(S c), never S x S, so autodiff needs no rematerialisation to stay linear in S. States,
-decays and the solve are fp32 whatever the input dtype.
+decays and the inverse are fp32 whatever the input dtype.
 
 Packed documents: a token whose segment id differs from the previous one and is not 0 starts a
 document, where the state resets (as if g were -inf there: every decay across a start is 0).
@@ -33,6 +33,8 @@ with E zero columns from the initial state [0 | I]; `combine` chains pieces.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +56,45 @@ def _inputs(q_aKE, k_aKE, g_aH, beta_aH, normalize_qk):
     if normalize_qk:
         q_aKE, k_aKE = l2norm(q_aKE), l2norm(k_aKE)
     return q_aKE * q_aKE.shape[-1] ** -0.5, k_aKE, g_aH.astype(F32), beta_aH.astype(F32)
+
+
+def unit_lower_inverse(A_acJ):
+    """(I + A)^-1 for A strictly lower triangular [..., c, c], from matmuls alone: exact, in fp32.
+
+    The blocked triangular inverse of flash-linear-attention's `solve_tril` (and LAPACK's trtri): the
+    inverse of a block lower triangular matrix [[L11, 0], [L21, L22]] is
+    [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]], so the inverses of the 1 x 1 diagonal blocks (all 1)
+    merge in pairs, log2(c) rounds of small batched matmuls, every pair of a round at once. Not
+    `lax.linalg.triangular_solve`: on TPU a TriangularSolve is slow where matmuls are fast, and on CPU it
+    is jaxlib's LAPACK custom call (lapack_strsm_ffi), which splits its batch into tasks on XLA:CPU's
+    intra-op thread pool and blocks until they are done, from a thread of that same pool. A program on
+    several CPU devices runs each device's copy on a pool thread; when all of them reach the call at once,
+    no thread is left to run the tasks and the step hangs at 0 % CPU (8 devices, 8 pool threads). The
+    matmuls are at HIGHEST precision: TPUs otherwise round fp32 operands to bf16, and the rounds compound.
+    """
+    c = A_acJ.shape[-1]
+    size = 1 << (c - 1).bit_length()  # the next power of two: (I + A) padded with an identity block
+    A_acJ = jnp.pad(A_acJ.astype(F32), [(0, 0)] * (A_acJ.ndim - 2) + [(0, size - c)] * 2)
+    lead = A_acJ.shape[:-2]
+    # top down: the diagonal blocks of each size and the lower-left block under each one's middle
+    diagonal_anbb, lower_left = A_acJ[..., None, :, :], []
+    while diagonal_anbb.shape[-1] > 1:
+        half = diagonal_anbb.shape[-1] // 2
+        lower_left.append(diagonal_anbb[..., half:, :half])
+        diagonal_anbb = jnp.stack([diagonal_anbb[..., :half, :half], diagonal_anbb[..., half:, half:]], axis=-3)
+        diagonal_anbb = diagonal_anbb.reshape(*lead, -1, half, half)
+    # bottom up: the inverses of the 1 x 1 blocks are 1; merge pairs of block inverses into their parent's
+    inverse_anbb = jnp.ones((*lead, size, 1, 1), F32)
+    dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    for L21_anbb in reversed(lower_left):
+        b = inverse_anbb.shape[-1]
+        pairs = inverse_anbb.reshape(*lead, -1, 2, b, b)
+        first_anbb, second_anbb = pairs[..., 0, :, :], pairs[..., 1, :, :]
+        below_anbb = -dot(dot(second_anbb, L21_anbb), first_anbb)
+        top_anbB = jnp.concatenate([first_anbb, jnp.zeros_like(first_anbb)], axis=-1)
+        bottom_anbB = jnp.concatenate([below_anbb, second_anbb], axis=-1)
+        inverse_anbb = jnp.concatenate([top_anbB, bottom_anbB], axis=-2)
+    return inverse_anbb[..., 0, :c, :c]
 
 
 def gated_delta(
@@ -109,10 +150,10 @@ def gated_delta(
     )
     chunk_decay_BtKG = from_start_BtKGc[..., -1]
 
-    # 1. the UT transform: solve (I + A) [u | w] = [beta v | beta k exp(cum)] per chunk and head
+    # 1. the UT transform: [u | w] = (I + A)^-1 [beta v | beta k exp(cum)] per chunk and head
     kk_BtKcJ = jnp.einsum("bclgk,bcmgk->bcglm", k_BtcKE, k_BtcKE)
     A_BtKGcJ = beta_BtKGc[..., :, None] * kk_BtKcJ[:, :, :, None] * pair_BtKGcJ
-    A_BtKGcJ = jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), A_BtKGcJ, 0.0) + jnp.eye(c, dtype=F32)
+    A_BtKGcJ = jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), A_BtKGcJ, 0.0)
     k_BtKGcE = jnp.moveaxis(k_BtcKE, 2, -2)[:, :, :, None]
     rhs_BtKGcv = jnp.concatenate(
         [
@@ -121,7 +162,7 @@ def gated_delta(
         ],
         axis=-1,
     )
-    uw_BtKGcv = jax.lax.linalg.triangular_solve(A_BtKGcJ, rhs_BtKGcv, left_side=True, lower=True, unit_diagonal=True)
+    uw_BtKGcv = jnp.einsum("...lm,...mv->...lv", unit_lower_inverse(A_BtKGcJ), rhs_BtKGcv)
     u_BtKGcO, w_BtKGcE = uw_BtKGcv[..., :vdim], uw_BtKGcv[..., vdim:]
 
     # 2. the scan over chunks: new values u - w state_in, state_out = decay state_in + k~^T (new values)

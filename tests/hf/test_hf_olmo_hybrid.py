@@ -212,7 +212,7 @@ def test_tiny_hybrid_config_exports_to_transformers_with_its_logits(tmp_path):
     loads in transformers (NoPE: no rotary embedding) and computes nopejax's logits.
 
     Only the head is sharpened (logits not all ~0): sharpening the projections too makes keys nearly
-    parallel with beta near 2, where the chunked delta rule's triangular solve loses fp32 precision in
+    parallel with beta near 2, where the chunked delta rule's (I + A)^-1 loses fp32 precision in
     both implementations alike (measured: logits apart by 7.0 from token 12 on)."""
     cfg = _tiny_config()
     module = model.create(cfg.model, seed=3)

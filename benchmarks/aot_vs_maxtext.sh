@@ -20,7 +20,8 @@
 # to 200192, ici_expert_parallelism=8, per_device_batch_size=4. MaxText's qwen3_moe block has no
 # shared expert, no dense first layers and no sliding window, so it has 1 shared expert less per
 # layer. LAYERS (default 4) reduces both depths so the compile fits a small CPU; nopejax keeps
-# 1 dense first layer, MaxText none. DISPATCH picks nopejax's model.moe_dispatch.
+# 1 dense first layer, MaxText none. DISPATCH picks nopejax's model.moe_dispatch and CHUNKS its
+# model.moe_dispatch_chunks (default: the config's 8 for allgather, 1 for the other dispatchers).
 #
 #   MOE=1 benchmarks/aot_vs_maxtext.sh 1
 #   MOE=1 LAYERS=4 DISPATCH=all_to_all TOOLS=nopejax benchmarks/aot_vs_maxtext.sh 1
@@ -47,6 +48,7 @@ TOOLS="${TOOLS:-nopejax maxtext}"
 MOE="${MOE:-0}"
 LAYERS="${LAYERS:-4}"
 DISPATCH="${DISPATCH:-allgather}"
+if [[ "$DISPATCH" == allgather ]]; then CHUNKS="${CHUNKS:-8}"; else CHUNKS="${CHUNKS:-1}"; fi
 TIMER="$ROOT/benchmarks/compile_timer.py"
 LOG="$(mktemp -d)"
 # both tools only compile (no TPU is attached); let libtpu load while another process holds its lockfile
@@ -56,7 +58,7 @@ versions() { "$1" -c "import importlib.metadata as m, jax; print(jax.__version__
 NOPEJAX_V="$(versions "$NOPEJAX_PY")"
 MAXTEXT_V="$(versions "$MAXTEXT_PY")"
 SHOWN_CONFIG="$NOPEJAX_CONFIG"
-if [[ "$MOE" == 1 ]]; then SHOWN_CONFIG="configs/trinity_mini.py ($LAYERS layers, dispatch $DISPATCH) vs MaxText qwen3-30b-a3b"; fi
+if [[ "$MOE" == 1 ]]; then SHOWN_CONFIG="configs/trinity_mini.py ($LAYERS layers, dispatch $DISPATCH, $CHUNKS chunks) vs MaxText qwen3-30b-a3b"; fi
 echo "seq_len $SEQ_LEN, context $CONTEXT, nopejax config $SHOWN_CONFIG; jax, libtpu: nopejax venv $NOPEJAX_V; maxtext venv $MAXTEXT_V; load $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
 if [[ "$NOPEJAX_V" != "$MAXTEXT_V" ]]; then
   echo "the two venvs must have the same jax and libtpu" >&2
@@ -68,7 +70,7 @@ run_nopejax() {
   if [[ "$MOE" == 1 ]]; then
     PYTHONPATH="$ROOT" "$NOPEJAX_PY" "$TIMER" nopejax.cli train --config "$ROOT/configs/trinity_mini.py" \
       --dry-run --topology v5p:2x2x4 --config.model.num_layers="$LAYERS" --config.model.num_dense_layers=1 \
-      --config.model.moe_dispatch="$DISPATCH"
+      --config.model.moe_dispatch="$DISPATCH" --config.model.moe_dispatch_chunks="$CHUNKS"
     return
   fi
   PYTHONPATH="$ROOT" "$NOPEJAX_PY" "$TIMER" nopejax.cli train --config "$ROOT/$NOPEJAX_CONFIG" \

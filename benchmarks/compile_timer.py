@@ -8,6 +8,8 @@ JAX's own `jax.monitoring` duration events (tracing, lowering to MLIR, XLA backe
 for the largest compiled program, `memory_analysis()` summed as the nopejax dry run sums it
 (arguments + temporaries + outputs - aliased), and the bytes its collectives move per chip
 (benchmarks/hlo_collectives.py, from the compiled HLO). The last stdout line is JSON.
+COMPILE_TIMER_HLO=FILE keeps that program's HLO text in FILE (or, for a directory, in
+DIR/MODULE.PID.hlo.txt, one per run).
 """
 
 import collections
@@ -65,8 +67,11 @@ def report(module: str) -> dict:
         # per chip and step: what the collectives of the step's program move (hlo_collectives.py)
         hlo = biggest.as_text()
         out["collective_gib"] = summary_gib(collective_bytes(hlo))
-        if os.environ.get("COMPILE_TIMER_HLO"):  # keep the step's compiled HLO for a closer look
-            with open(os.environ["COMPILE_TIMER_HLO"], "w") as f:
+        path = os.environ.get("COMPILE_TIMER_HLO")  # keep the step's compiled HLO for a closer look
+        if path:
+            if os.path.isdir(path):  # one file per tool, so an alternated run keeps each tool's
+                path = os.path.join(path, f"{module}.{os.getpid()}.hlo.txt")
+            with open(path, "w") as f:
                 f.write(hlo)
     return out
 

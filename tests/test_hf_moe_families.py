@@ -141,11 +141,13 @@ def test_round_trip_reproduces_every_tensor_and_field(imported, tmp_path):
     np.testing.assert_allclose(logits_of(again, tokens_BS), logits_of(ref, tokens_BS), atol=1e-6, rtol=0)
 
 
+ONE_PER_FAMILY = ("afmoe-dense2-mup-untied", "llama4-step2-top1")
+
+
+@pytest.mark.parametrize("imported", ONE_PER_FAMILY, indirect=True)
 def test_cli_import_then_export(imported, tmp_path):
     """`nopejax import-hf` then `nopejax export` reproduce the checkpoint (the CLI path of both families)."""
-    case, _ref, path, _ = imported
-    if case not in ("afmoe-dense2-mup-untied", "llama4-step2-top1"):
-        pytest.skip("one case per family")
+    _case, _ref, path, _ = imported
     work, out = tmp_path / "work", tmp_path / "out"
     assert cli.main(["import-hf", str(path), "--workdir", str(work)]) in (0, None)
     assert cli.main(["export", "--workdir", str(work), "--out", str(out)]) in (0, None)
@@ -154,14 +156,13 @@ def test_cli_import_then_export(imported, tmp_path):
         np.testing.assert_array_equal(a.get(name), b.get(name), err_msg=name)
 
 
+@pytest.mark.parametrize("imported", ONE_PER_FAMILY, indirect=True)
 @pytest.mark.parametrize("dispatch", [d for d in config.MOE_DISPATCHERS if d != "allgather"])
 def test_export_of_a_model_trained_with_another_dispatcher(imported, tmp_path, dispatch):
     """model.moe_dispatch says how tokens travel between devices, not what the model computes: a
     model configured with another dispatcher exports, the same config.json and tensors as with the
     default (whose export reproduces the HF original: test_round_trip_reproduces_every_tensor_and_field)."""
-    case, _ref, _path, ours = imported
-    if case not in ("afmoe-dense2-mup-untied", "llama4-step2-top1"):
-        pytest.skip("one case per family")
+    _case, _ref, _path, ours = imported
     params = nnx.to_pure_dict(nnx.state(ours, nnx.Param))
     m = ours.cfg.as_configdict()  # the imported model's config is frozen
     m.moe_dispatch = dispatch

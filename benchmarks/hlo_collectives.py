@@ -4,8 +4,11 @@
     collective_bytes(compiled.as_text())  # {"all-gather": {"count": .., "operand_bytes": .., "moved_bytes": ..}, ...}
 
 Per device and per execution of the program. Each collective's operand shapes are summed, and
-counted as many times as it runs: an instruction inside a while loop with a known trip count
-(scanned layers) counts trip-count times, nested loops multiply. `moved_bytes` estimates what
+counted as many times as it runs: an instruction inside a while loop counts trip-count times, nested
+loops multiply. The trip count is the loop's `known_trip_count` where XLA prints one (XLA:CPU);
+otherwise it is read from the loop's condition, `counter < N`, with the counter's initial value from
+the loop's operand and its step from the body's `counter + step` (TPU programs print no trip counts: the scan over layers, and the windowed
+einsums whose collective-permute rings stand for an FSDP all-gather or reduce-scatter). `moved_bytes` estimates what
 one device receives, given the group size n of its replica groups: all-gather operand * (n - 1),
 reduce-scatter and all-to-all operand * (n - 1) / n, all-reduce 2 * operand * (n - 1) / n (a ring's
 reduce-scatter + all-gather), collective-permute its operand. Async pairs count once (the -start op).
@@ -30,7 +33,13 @@ COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 CALLEE = re.compile(r"\b(body|condition|calls|to_apply)=%?([\w.\-]+)|\b(branch|called)_computations=\{([^}]*)\}")
 DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s[a-z][\w\-]*\(")
 OPERAND = re.compile(r"%([\w.\-]+)")
+INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?[\w.\-]+\s*=\s")
+END = re.compile(r"^\}(?:,\s*execution_thread=\S+)?\s*$")
 TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+WHILE = re.compile(r"\swhile\(%?([\w.\-]+)\).*\bcondition=%?([\w.\-]+),\s*body=%?([\w.\-]+)")
+COUNTER = re.compile(r"compare\(%?([\w.\-]+),\s*%?([\w.\-]+)\),\s*direction=(LT|GT)")
+CONSTANT = re.compile(r"\sconstant\((-?\d+)\)")
+GET_INDEX = re.compile(r"get-tuple-element\(%?[\w.\-]+\),\s*index=(\d+)")
 
 
 def _bytes(text: str) -> int:
@@ -71,7 +80,10 @@ def _group_size(line: str) -> int:
     return 2 if pairs else 1
 
 
-def collective_bytes(hlo_text: str) -> dict:
+def _computations(hlo_text: str) -> tuple[dict, str | None]:
+    """-> ({computation name: its instruction lines}, the entry's name). An instruction whose
+    attributes span lines (a Pallas kernel's metadata JSON) is joined into one line, so that a
+    continuation line starting with "}" does not end its computation."""
     computations, entry, current = {}, None, None
     for line in hlo_text.splitlines():
         head = COMPUTATION.match(line)
@@ -80,18 +92,26 @@ def collective_bytes(hlo_text: str) -> dict:
             computations[current] = []
             if line.startswith("ENTRY"):
                 entry = current
-        elif line.startswith("}"):
+        elif current is not None and END.match(line):
             current = None
-        elif current is not None:
+        elif current is not None and (INSTRUCTION.match(line) or not computations[current]):
             computations[current].append(line)
+        elif current is not None:
+            computations[current][-1] += line
+    return computations, entry
+
+
+def collective_bytes(hlo_text: str) -> dict:
+    computations, entry = _computations(hlo_text)
 
     # how many times each computation runs per program execution: trip counts of enclosing loops
     edges = collections.defaultdict(list)
     for name, lines in computations.items():
         for line in lines:
             trip = TRIP.search(line)
+            trip = int(trip.group(1)) if trip else _trip_from_condition(line, lines, computations)
             for role, single, _, listed in CALLEE.findall(line):
-                factor = int(trip.group(1)) if trip and role in ("body", "condition") else 1
+                factor = trip if role in ("body", "condition") else 1
                 for callee in [single] if single else listed.replace("%", "").replace(" ", "").split(","):
                     if callee in computations:
                         edges[name].append((callee, factor))
@@ -126,6 +146,56 @@ def collective_bytes(hlo_text: str) -> dict:
             row["operand_bytes"] += runs[name] * operand
             row["moved_bytes"] += round(runs[name] * moved)
     return out
+
+
+def _definitions(lines: list[str]) -> dict:
+    """{instruction name: its defining line} of one computation."""
+    return {d.group(1): line for line in lines if (d := DEFINITION.match(line))}
+
+
+def _tuple_operand(definition: str, i: int) -> str:
+    """The name of element i of a `tuple(...)` instruction, '' for another instruction."""
+    if " tuple(" not in definition:
+        return ""
+    operands = re.sub(r"/\*[^*]*\*/", "", _operands(definition, definition.index(" tuple(") + 6)).split(",")
+    return operands[i].strip().lstrip("%") if i < len(operands) else ""
+
+
+def _constant(definitions: dict, name: str) -> int | None:
+    value = CONSTANT.search(definitions.get(name, ""))
+    return int(value.group(1)) if value else None
+
+
+def _trip_from_condition(line: str, lines: list[str], computations: dict) -> int:
+    """A while loop's trip count from its condition `get-tuple-element(param, i) < constant(N)`:
+    (N - start) / step, start the counter's initial value (element i of the loop's operand tuple,
+    where that is a constant, else 0) and step what the body adds to it (`counter + constant`, as
+    the windowed einsums' loops add 2; else 1). 1 for an instruction that is no while loop or a
+    condition of another form."""
+    loop = WHILE.search(line)
+    if not loop or loop.group(2) not in computations or loop.group(3) not in computations:
+        return 1
+    condition = _definitions(computations[loop.group(2)])
+    root = next((ln for ln in condition.values() if ln.lstrip().startswith("ROOT")), "")
+    compare = COUNTER.search(root)
+    if not compare:
+        return 1
+    counter, bound = compare.group(1, 2) if compare.group(3) == "LT" else compare.group(2, 1)
+    index, limit = GET_INDEX.search(condition.get(counter, "")), CONSTANT.search(condition.get(bound, ""))
+    if not index or not limit:
+        return 1
+    i, defined = int(index.group(1)), _definitions(lines)
+    start = _constant(defined, _tuple_operand(defined.get(loop.group(1), ""), i)) or 0
+    body = _definitions(computations[loop.group(3)])
+    root = next((ln for ln in body.values() if ln.lstrip().startswith("ROOT")), "")
+    step = 1
+    update = re.search(r"\sadd\(%?([\w.\-]+),\s*%?([\w.\-]+)\)", body.get(_tuple_operand(root, i), ""))
+    if update:
+        for counter, increment in (update.group(1, 2), update.group(2, 1)):
+            got = GET_INDEX.search(body.get(counter, ""))
+            if got and int(got.group(1)) == i and _constant(body, increment):
+                step = _constant(body, increment)
+    return max(-(-(int(limit.group(1)) - start) // step), 0)
 
 
 def _runs(entry: str, edges) -> collections.Counter:

@@ -39,7 +39,7 @@ from flax import nnx
 from nopejax import attention, config, layers, moe
 from nopejax import rope as rope_lib
 from nopejax.mixers import kinds as mixer_kinds
-from nopejax.sharding import constrain
+from nopejax.sharding import constrain, constrain_dividing
 
 # name -> (shape given the model config, logical axes); the leading `layers` axis is implied.
 LAYER_PARAMS = {
@@ -512,11 +512,16 @@ class Decoder(nnx.Module):
     def logits(self, x_BSD):
         """Final hidden states -> float32 logits [B, S, V] (tied head: the embedding, transposed),
         times `model.logit_scale` (Cohere2) when it is not 1."""
-        head_DV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, head_DV.astype(x_BSD.dtype), preferred_element_type=jnp.float32)
-        if self.cfg.logit_scale != 1.0:
-            logits_BSV = logits_BSV * jnp.float32(self.cfg.logit_scale)
-        return constrain(logits_BSV, ("act_batch", "act_seq", "act_vocab"))
+        return constrain(self.head_logits(x_BSD, self.head(x_BSD.dtype)), ("act_batch", "act_seq", "act_vocab"))
+
+    def head(self, dtype):
+        """The LM head [D, V] in the compute `dtype` (tied: the embedding, transposed)."""
+        return (self.embed[...].T if self.lm_head is None else self.lm_head[...]).astype(dtype)
+
+    def head_logits(self, x_BSD, head_DV):
+        """-> float32 logits [B, S, V] of hidden states under a head from `head`."""
+        logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, head_DV, preferred_element_type=jnp.float32)
+        return logits_BSV * jnp.float32(self.cfg.logit_scale) if self.cfg.logit_scale != 1.0 else logits_BSV
 
     def embed_tokens(self, tokens_BS):
         """tokens int32 [B, S] -> embeddings [B, S, D] in the compute dtype, times `model.embed_scale`
@@ -607,5 +612,15 @@ def apply(graphdef, params, tokens_BS, positions=None, segment_ids=None, *, meth
     return getattr(nnx.merge(graphdef, params), method)(tokens_BS, positions, segment_ids)
 
 
-def apply_head(graphdef, params, x_BSD):
-    return nnx.merge(graphdef, params).logits(x_BSD)
+def loss_head(graphdef, params, dtype):
+    """The LM head [D, V] for the loss, its vocabulary split over every axis that shards the weights
+    (`loss_vocab`): resharded once per step, so the chunks of train.loss_sums gather no weights and
+    reduce no [D, V] gradient across devices (each device's columns get their gradient whole)."""
+    return constrain_dividing(nnx.merge(graphdef, params).head(dtype), (None, "loss_vocab"))
+
+
+def apply_head(graphdef, params, x_BSD, head_DV):
+    """`loss_head`'s head applied to hidden states -> float32 logits [B, S, V], split like the head."""
+    x_BSD = constrain(x_BSD, ("loss_batch", None, None))
+    logits_BSV = nnx.merge(graphdef, params).head_logits(x_BSD, head_DV)
+    return constrain_dividing(logits_BSV, ("loss_batch", None, "loss_vocab"))

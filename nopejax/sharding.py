@@ -48,6 +48,11 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_embed": None,
     "act_heads": "tensor",
     "act_vocab": "tensor",
+    # the LM head and loss (train.loss_sums): the head's vocabulary over every axis that shards the
+    # weights, the hidden states of a loss chunk gathered to match, so each device's share of the
+    # head's gradient is its own and nothing of [V, D] crosses devices inside the chunk loop
+    "loss_batch": "data",
+    "loss_vocab": ("fsdp", CONTEXT_AXIS, "expert", "tensor"),
 }
 
 
@@ -70,6 +75,23 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, mesh))
+
+
+def constrain_dividing(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`constrain`, each dimension split over as many of its mesh axes (in order) as divide it: a
+    vocabulary of 67 stays whole on 2 devices, where `constrain` would be refused."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return x
+    spec = []
+    for size, axes in zip(x.shape, logical_to_spec(logical_axes, mesh)):
+        kept, shards = [], 1
+        for axis in (axes,) if isinstance(axes, str) else axes or ():
+            if size % (shards * mesh.shape[axis]) == 0:
+                kept.append(axis)
+                shards *= mesh.shape[axis]
+        spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def context_size(mesh=None) -> int:

@@ -53,10 +53,14 @@ def loss_sums(graphdef, params, batch, z_loss: float, chunk_len: int = 0):
         graphdef, params, batch["inputs"], batch["positions"], batch["segment_ids"], method="hidden_and_aux"
     )
 
+    head_DV = model.loss_head(graphdef, params, x_BSD.dtype)
+
     def chunk_sums(x_BcD, targets_Bc, mask_Bc):
-        logits_BcV = model.apply_head(graphdef, params, x_BcD).astype(jnp.float32)
+        logits_BcV = model.apply_head(graphdef, params, x_BcD, head_DV)
         log_z_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
-        target_logit_Bc = jnp.take_along_axis(logits_BcV, targets_Bc[..., None], axis=-1)[..., 0]
+        # a masked sum, not a gather: each device sums its own vocabulary columns
+        vocab_V = jnp.arange(logits_BcV.shape[-1], dtype=targets_Bc.dtype)
+        target_logit_Bc = jnp.sum(jnp.where(vocab_V == targets_Bc[..., None], logits_BcV, 0.0), axis=-1)
         mask_Bc = mask_Bc.astype(jnp.float32)
         ce = jnp.sum((log_z_Bc - target_logit_Bc) * mask_Bc)
         z = z_loss * jnp.sum(jnp.square(log_z_Bc) * mask_Bc) if z_loss else 0.0

@@ -7,8 +7,9 @@ Per device and per execution of the program. Each collective's operand shapes ar
 counted as many times as it runs: an instruction inside a while loop counts trip-count times, nested
 loops multiply. The trip count is the loop's `known_trip_count` where XLA prints one (XLA:CPU);
 otherwise it is read from the loop's condition, `counter < N`, with the counter's initial value from
-the loop's operand and its step from the body's `counter + step` (TPU programs print no trip counts: the scan over layers, and the windowed
-einsums whose collective-permute rings stand for an FSDP all-gather or reduce-scatter). `moved_bytes` estimates what
+the loop's operand and its step from the body's `counter + step`. TPU programs print no trip counts:
+the scan over layers, and the windowed einsums whose collective-permute rings stand for an FSDP
+all-gather or reduce-scatter, would count once each. `moved_bytes` estimates what
 one device receives, given the group size n of its replica groups: all-gather operand * (n - 1),
 reduce-scatter and all-to-all operand * (n - 1) / n, all-reduce 2 * operand * (n - 1) / n (a ring's
 reduce-scatter + all-gather), collective-permute its operand. Async pairs count once (the -start op).

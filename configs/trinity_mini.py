@@ -61,6 +61,7 @@ def get_config():
     m.moe_dispatch_chunks = 8
     m.remat = "full"
     cfg.train.seq_len = 4096
+    cfg.train.loss_chunk_len = 512  # never hold [B, 4096, 200192] fp32 logits at once
     cfg.train.global_batch_size = 64
     cfg.mesh.data = 1
     cfg.mesh.fsdp = -1

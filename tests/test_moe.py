@@ -377,25 +377,6 @@ def test_layer_moves_tokens_by_its_dispatchers_collectives(dispatch, capacity_fa
         assert table["all-to-all"]["operand_bytes"] == N * C * (2 * D + 2 * k) * 4
 
 
-def test_collective_parser_counts_a_ragged_all_to_all_by_its_smaller_buffer():
-    """benchmarks/hlo_collectives.py: a ragged all-to-all sends at most its input and receives at
-    most its output buffer; the offsets and the larger buffer are not traffic."""
-    hlo = """HloModule m
-
-ENTRY %main (p0: bf16[64,8], p1: bf16[512,8], p2: s32[16]) -> bf16[512,8] {
-  %p0 = bf16[64,8]{1,0} parameter(0)
-  %p1 = bf16[512,8]{1,0} parameter(1)
-  %p2 = s32[16]{0} parameter(2)
-  ROOT %r = bf16[512,8]{1,0} ragged-all-to-all(%p0, %p1, %p2, %p2, %p2, %p2), replica_groups={{0,1,2,3,4,5,6,7}}
-}
-"""
-    row = collective_bytes(hlo)["ragged-all-to-all"]
-    assert row["count"] == 1 and row["operand_bytes"] == 64 * 8 * 2
-    assert row["moved_bytes"] == 64 * 8 * 2 * 7 / 8
-    back = collective_bytes(hlo.replace("%p0, %p1", "%p1, %p0"))["ragged-all-to-all"]  # the return trip
-    assert back["operand_bytes"] == 64 * 8 * 2
-
-
 # ---------------------------------------------------------------------------------------------
 # In the model and the train step
 

@@ -43,7 +43,7 @@ from ml_collections import ConfigDict
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import plain_jax  # benchmarks/, the script's own folder
 
-from nopejax import attention, model
+from nopejax import attention, config, model
 from nopejax.layers import LayerSpec
 from nopejax.mixers import gated_delta, ssd
 from nopejax.mixers.kinds import KINDS
@@ -55,7 +55,7 @@ RIDGE = V5P_BF16_FLOPS / V5P_HBM_BYTES_PER_S
 
 
 def model_cfg(d_model: int) -> ConfigDict:
-    m = ConfigDict()
+    m = config.base_config().model  # every model field at its default (mamba_impl "xla", ...), then the shapes
     m.d_model = d_model
     m.mamba_num_heads, m.mamba_head_dim, m.mamba_groups, m.mamba_state_size = 2 * d_model // 64, 64, 1, 128
     m.mamba_conv_kernel, m.mamba_chunk_size, m.mamba_time_step_limit = 4, 256, None

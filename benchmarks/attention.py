@@ -9,7 +9,8 @@ for global (full causal) and local (sliding-window) layers.
    forward, dK/dV and dQ pallas_calls for a global and a local (W = --window) layer at S = 8k, 32k,
    128k, for the TPU and the GPU form (GPU "steps" are inner-loop iterations over all programs).
 2. Timings (GPU / TPU only): rows implementation x layer {global, local} x {RoPE, NoPE} x S;
-   columns forward and forward+backward time and TFLOP/s, plus the largest output difference from
+   columns forward and forward+backward time and TFLOP/s, the fwd+bwd share of the chip's dense bf16
+   peak (BF16_PEAK_TFLOPS), the largest output difference from
    the XLA path. FLOPs count the visible score entries only: 4*B*Hq*D per (query, visible key)
    forward, 3.5x that for forward+backward (the FlashAttention convention). Local layers go to
    cuDNN / XLA as jax.nn.dot_product_attention(local_window_size=(W - 1, 0)).
@@ -127,14 +128,26 @@ def print_plan(args) -> None:
 # ----------------------------------------------------------------------------- timings
 
 
+# dense bf16 peak TFLOP/s per chip by device_kind substring (vendor data sheets: NVIDIA H100/H200 SXM
+# 989.4, H100 PCIe 756, A100 312; cloud.google.com/tpu/docs: v5p 459, v5e 197, v4 275, v6e 918)
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0,
+                    "v5p": 459.0, "v5 lite": 197.0, "v5e": 197.0, "v4": 275.0, "v6": 918.0}  # fmt: skip
+
+
+def bf16_peak_tflops(device_kind: str) -> float | None:
+    return next((peak for name, peak in BF16_PEAK_TFLOPS.items() if name in device_kind), None)
+
+
 def print_timings(args, platform: str) -> None:
     dtype = jnp.dtype(args.dtype)
     impls = make_impls(platform, args.rope_theta)
-    print(f"\n## Timings: {jax.devices()[0].device_kind} ({platform}), Hq={args.heads} Hkv={args.kv_heads} "
-          f"D={args.head_dim} {dtype.name} causal")  # fmt: skip
+    kind = jax.devices()[0].device_kind
+    peak = bf16_peak_tflops(kind)
+    print(f"\n## Timings: {kind} ({platform}), Hq={args.heads} Hkv={args.kv_heads} "
+          f"D={args.head_dim} {dtype.name} causal; bf16 peak {peak or 'unknown'} TFLOP/s")  # fmt: skip
     header = (
         f"| {'impl':<16} | {'layer':<12} | pos  | {'S':>6} | {'B':>3} | fwd ms  | fwd TF/s | f+b ms   | f+b TF/s "
-        "| maxdiff vs xla |"
+        "| f+b % of peak | maxdiff vs xla |"
     )
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
@@ -147,6 +160,7 @@ def print_timings(args, platform: str) -> None:
         for window in (None, args.window):
             layer = "global" if window is None else f"local W={window}"
             fwd_flops = 4 * B * args.heads * args.head_dim * visible_pairs(S, window)
+            fb_ms = {}  # (impl without " + rope", rope) -> fwd+bwd ms, for the RoPE / NoPE ratio
             for rope in (True, False):
                 baseline, results = None, []
                 for name, fn in impls.items():
@@ -164,11 +178,18 @@ def print_timings(args, platform: str) -> None:
                     diff = (
                         "" if baseline is None else f"{float(jnp.max(jnp.abs(out.astype(jnp.float32) - baseline))):.3g}"
                     )
+                    fb_tflops = 3.5 * fwd_flops / t_fb / 1e9
+                    share = f"{100 * fb_tflops / peak:.1f}" if peak else ""
+                    fb_ms[label.replace(" + rope", ""), rope] = t_fb
                     print(
                         f"| {label:<16} | {layer:<12} | {'rope' if rope else 'nope'} | {S:>6} | {B:>3} "
                         f"| {t_fwd:7.3f} | {fwd_flops / t_fwd / 1e9:8.2f} | {t_fb:8.3f} "
-                        f"| {3.5 * fwd_flops / t_fb / 1e9:8.2f} | {diff:>14} |"
+                        f"| {fb_tflops:8.2f} | {share:>13} | {diff:>14} |"
                     )
+            for impl in sorted({name for name, _ in fb_ms}):
+                if (impl, True) in fb_ms and (impl, False) in fb_ms:
+                    ratio = fb_ms[impl, True] / fb_ms[impl, False]
+                    print(f"|   {impl} {layer} S={S}: fwd+bwd RoPE / NoPE = {ratio:.2f}x |")
 
 
 # ----------------------------------------------------------------------------- correctness check

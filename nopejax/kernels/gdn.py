@@ -249,30 +249,30 @@ def _dcum(dcum_r, dcum_c, K):
     return _heads_back((dcum_r[..., 0] - dcum_c[..., 0, :])[..., None], K)[..., 0]
 
 
-def _ut_cost(Bz, K, G, t, c, E, O, itemsize, backward):
+def _ut_cost(Bz, K, G, t, c, E, P, itemsize, backward):
     heads, groups = Bz * K * G * t, Bz * K * t
     levels = max(1, (c - 1).bit_length())
     # A, the log2(c) merges of two [c, c] matmuls, T [beta v | beta from_start k]
-    flops = groups * 2 * c * c * E + heads * (6 * c * c + levels * 4 * c**3 + 2 * c * c * (O + E))
-    io = groups * c * E * itemsize + heads * (c * O * itemsize + 16 * c + c * (O + E) * 4)
+    flops = groups * 2 * c * c * E + heads * (6 * c * c + levels * 4 * c**3 + 2 * c * c * (P + E))
+    io = groups * c * E * itemsize + heads * (c * P * itemsize + 16 * c + c * (P + E) * 4)
     if backward:  # recompute, T^T dY, dX Y^T, dk (two [c, c] x [c, E]), the elementwise gradients
-        flops += heads * (levels * 4 * c**3 + 6 * c * c * (O + E) + 4 * c * c * E + 12 * c * c)
-        io = 2 * io + groups * c * E * 4 + heads * (c * O * 4 + 12 * c)
+        flops += heads * (levels * 4 * c**3 + 6 * c * c * (P + E) + 4 * c * c * E + 12 * c * c)
+        io = 2 * io + groups * c * E * 4 + heads * (c * P * 4 + 12 * c)
     return pl.CostEstimate(flops=flops, transcendentals=heads * (c * c + c), bytes_accessed=io)
 
 
-def _out_cost(Bz, K, G, t, c, E, O, itemsize, backward):
+def _out_cost(Bz, K, G, t, c, E, P, itemsize, backward):
     heads, groups = Bz * K * G * t, Bz * K * t
-    flops = groups * 2 * c * c * E + heads * (3 * c * c + c * E + 2 * c * E * O + 2 * c * c * O)
-    io = groups * 2 * c * E * itemsize + heads * ((2 * c * O + E * O) * itemsize + 16 * c)
+    flops = groups * 2 * c * c * E + heads * (3 * c * c + c * E + 2 * c * E * P + 2 * c * c * P)
+    io = groups * 2 * c * E * itemsize + heads * ((2 * c * P + E * P) * itemsize + 16 * c)
     if backward:  # dn, dstate, dq (two), dk, dqk
-        flops += heads * (2 * c * c * O + 2 * c * E * O + 2 * c * E * O + 4 * c * c * E + 2 * c * c * O + 6 * c * c)
-        io = 2 * io + groups * 2 * c * E * 4 + heads * ((c * O + E * O) * 4 + 8 * c)
+        flops += heads * (2 * c * c * P + 2 * c * E * P + 2 * c * E * P + 4 * c * c * E + 2 * c * c * P + 6 * c * c)
+        io = 2 * io + groups * 2 * c * E * 4 + heads * ((c * P + E * P) * 4 + 8 * c)
     return pl.CostEstimate(flops=flops, transcendentals=heads * (c * c + c), bytes_accessed=io)
 
 
 def _ut_forward(k_BtcKE, v_BtcKGO, beta_BtKGc, cum_BtKGc, doc_Btc, interpret):
-    Bz, t, c, K, G, O = v_BtcKGO.shape
+    Bz, t, c, K, G, P = v_BtcKGO.shape
     E = k_BtcKE.shape[-1]
     k_BKtcE = jnp.moveaxis(k_BtcKE, 3, 1)
     v_BHtcO = _heads_first(jnp.moveaxis(v_BtcKGO, 2, 4))
@@ -283,12 +283,12 @@ def _ut_forward(k_BtcKE, v_BtcKGO, beta_BtKGc, cum_BtKGc, doc_Btc, interpret):
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
             grid=(Bz, K, t, G),
-            in_specs=[group, _head(G, c, O), head_c1, *_cum_doc_specs(G, c)],
-            out_specs=[_head(G, c, O), _head(G, c, E)],
+            in_specs=[group, _head(G, c, P), head_c1, *_cum_doc_specs(G, c)],
+            out_specs=[_head(G, c, P), _head(G, c, E)],
             scratch_shapes=[pltpu.VMEM((c, c), F32)],
         ),
-        out_shape=[jax.ShapeDtypeStruct((Bz, K * G, t, c, O), F32), jax.ShapeDtypeStruct((Bz, K * G, t, c, E), F32)],
-        cost_estimate=_ut_cost(Bz, K, G, t, c, E, O, v_BtcKGO.dtype.itemsize, backward=False),
+        out_shape=[jax.ShapeDtypeStruct((Bz, K * G, t, c, P), F32), jax.ShapeDtypeStruct((Bz, K * G, t, c, E), F32)],
+        cost_estimate=_ut_cost(Bz, K, G, t, c, E, P, v_BtcKGO.dtype.itemsize, backward=False),
         name="nopejax_gdn_ut_transform_fwd",
         **_compiler(interpret),
     )(k_BKtcE, v_BHtcO, beta_r, *_cum_doc(cum_BtKGc, doc_Btc))
@@ -296,7 +296,7 @@ def _ut_forward(k_BtcKE, v_BtcKGO, beta_BtKGc, cum_BtKGc, doc_Btc, interpret):
 
 
 def _ut_backward(k_BtcKE, v_BtcKGO, beta_BtKGc, cum_BtKGc, doc_Btc, du_BtKGcO, dw_BtKGcE, interpret):
-    Bz, t, c, K, G, O = v_BtcKGO.shape
+    Bz, t, c, K, G, P = v_BtcKGO.shape
     E = k_BtcKE.shape[-1]
     H = K * G
     k_BKtcE = jnp.moveaxis(k_BtcKE, 3, 1)
@@ -308,18 +308,18 @@ def _ut_backward(k_BtcKE, v_BtcKGO, beta_BtKGc, cum_BtKGc, doc_Btc, du_BtKGcO, d
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
             grid=(Bz, K, t, G),
-            in_specs=[group, _head(G, c, O), head_c1, *_cum_doc_specs(G, c), _head(G, c, O), _head(G, c, E)],
-            out_specs=[group, _head(G, c, O), head_c1, head_c1, _head(G, 1, c)],
+            in_specs=[group, _head(G, c, P), head_c1, *_cum_doc_specs(G, c), _head(G, c, P), _head(G, c, E)],
+            out_specs=[group, _head(G, c, P), head_c1, head_c1, _head(G, 1, c)],
             scratch_shapes=[pltpu.VMEM((c, c), F32)],
         ),
         out_shape=[
             jax.ShapeDtypeStruct(k_BKtcE.shape, F32),
-            jax.ShapeDtypeStruct((Bz, H, t, c, O), F32),
+            jax.ShapeDtypeStruct((Bz, H, t, c, P), F32),
             jax.ShapeDtypeStruct((Bz, H, t, c, 1), F32),
             jax.ShapeDtypeStruct((Bz, H, t, c, 1), F32),
             jax.ShapeDtypeStruct((Bz, H, t, 1, c), F32),
         ],
-        cost_estimate=_ut_cost(Bz, K, G, t, c, E, O, v_BtcKGO.dtype.itemsize, backward=True),
+        cost_estimate=_ut_cost(Bz, K, G, t, c, E, P, v_BtcKGO.dtype.itemsize, backward=True),
         name="nopejax_gdn_ut_transform_bwd",
         **_compiler(interpret),
     )(k_BKtcE, v_BHtcO, beta_r, *_cum_doc(cum_BtKGc, doc_Btc), _heads_first(du_BtKGcO), _heads_first(dw_BtKGcE))
@@ -328,7 +328,7 @@ def _ut_backward(k_BtcKE, v_BtcKGO, beta_BtKGc, cum_BtKGc, doc_Btc, du_BtKGcO, d
 
 
 def _out_forward(q_BtcKE, k_BtcKE, new_BtKGcO, state_BtKGEO, cum_BtKGc, doc_Btc, interpret):
-    Bz, t, K, G, c, O = new_BtKGcO.shape
+    Bz, t, K, G, c, P = new_BtKGcO.shape
     E = q_BtcKE.shape[-1]
     group = _group(c, E)
     o = pl.pallas_call(
@@ -336,12 +336,12 @@ def _out_forward(q_BtcKE, k_BtcKE, new_BtKGcO, state_BtKGEO, cum_BtKGc, doc_Btc,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
             grid=(Bz, K, t, G),
-            in_specs=[group, group, _head(G, c, O), _head(G, E, O), *_cum_doc_specs(G, c)],
-            out_specs=_head(G, c, O),
+            in_specs=[group, group, _head(G, c, P), _head(G, E, P), *_cum_doc_specs(G, c)],
+            out_specs=_head(G, c, P),
             scratch_shapes=[pltpu.VMEM((c, c), F32)],
         ),
-        out_shape=jax.ShapeDtypeStruct((Bz, K * G, t, c, O), F32),
-        cost_estimate=_out_cost(Bz, K, G, t, c, E, O, new_BtKGcO.dtype.itemsize, backward=False),
+        out_shape=jax.ShapeDtypeStruct((Bz, K * G, t, c, P), F32),
+        cost_estimate=_out_cost(Bz, K, G, t, c, E, P, new_BtKGcO.dtype.itemsize, backward=False),
         name="nopejax_gdn_chunk_output_fwd",
         **_compiler(interpret),
     )(jnp.moveaxis(q_BtcKE, 3, 1), jnp.moveaxis(k_BtcKE, 3, 1), _heads_first(new_BtKGcO),
@@ -350,7 +350,7 @@ def _out_forward(q_BtcKE, k_BtcKE, new_BtKGcO, state_BtKGEO, cum_BtKGc, doc_Btc,
 
 
 def _out_backward(q_BtcKE, k_BtcKE, new_BtKGcO, state_BtKGEO, cum_BtKGc, doc_Btc, do_BtcKGO, interpret):
-    Bz, t, K, G, c, O = new_BtKGcO.shape
+    Bz, t, K, G, c, P = new_BtKGcO.shape
     E = q_BtcKE.shape[-1]
     H = K * G
     group, head_c1 = _group(c, E), _head(G, c, 1)
@@ -360,19 +360,19 @@ def _out_backward(q_BtcKE, k_BtcKE, new_BtKGcO, state_BtKGEO, cum_BtKGc, doc_Btc
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
             grid=(Bz, K, t, G),
-            in_specs=[group, group, _head(G, c, O), _head(G, E, O), *_cum_doc_specs(G, c), _head(G, c, O)],
-            out_specs=[group, group, _head(G, c, O), _head(G, E, O), head_c1, _head(G, 1, c)],
+            in_specs=[group, group, _head(G, c, P), _head(G, E, P), *_cum_doc_specs(G, c), _head(G, c, P)],
+            out_specs=[group, group, _head(G, c, P), _head(G, E, P), head_c1, _head(G, 1, c)],
             scratch_shapes=[pltpu.VMEM((c, c), F32)],
         ),
         out_shape=[
             jax.ShapeDtypeStruct((Bz, K, t, c, E), F32),
             jax.ShapeDtypeStruct((Bz, K, t, c, E), F32),
-            jax.ShapeDtypeStruct((Bz, H, t, c, O), F32),
-            jax.ShapeDtypeStruct((Bz, H, t, E, O), F32),
+            jax.ShapeDtypeStruct((Bz, H, t, c, P), F32),
+            jax.ShapeDtypeStruct((Bz, H, t, E, P), F32),
             jax.ShapeDtypeStruct((Bz, H, t, c, 1), F32),
             jax.ShapeDtypeStruct((Bz, H, t, 1, c), F32),
         ],
-        cost_estimate=_out_cost(Bz, K, G, t, c, E, O, new_BtKGcO.dtype.itemsize, backward=True),
+        cost_estimate=_out_cost(Bz, K, G, t, c, E, P, new_BtKGcO.dtype.itemsize, backward=True),
         name="nopejax_gdn_chunk_output_bwd",
         **_compiler(interpret),
     )(jnp.moveaxis(q_BtcKE, 3, 1), jnp.moveaxis(k_BtcKE, 3, 1), _heads_first(new_BtKGcO),

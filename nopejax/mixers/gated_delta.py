@@ -19,7 +19,9 @@ strictly lower [c, J] matrix beta_l (k_l . k_m) exp(g_{m+1} + ... + g_l): u = T 
 chunk's values and w = T (beta k exp(g_1 + ... + g_l)) the keys that read the incoming state; the
 new values written are u - w state_in. A `lax.scan` over the t chunk states carries the state;
 memory is O(S c), never S x S, so autodiff needs no rematerialisation to stay linear in S. States,
-decays and the inverse are fp32 whatever the input dtype.
+decays and the inverse are fp32 whatever the input dtype. The two intra-chunk parts, the UT transform
+(`ut_transform`) and the chunk outputs (`chunk_output`), are `gated_delta`'s `intra` hook: XLA's here,
+or the Pallas kernels of nopejax/kernels/gdn.py (model.gdn_impl "pallas"); the scan stays here.
 
 Packed documents: a token whose segment id differs from the previous one and is not 0 starts a
 document, where the state resets (as if g were -inf there: every decay across a start is 0).

@@ -21,6 +21,10 @@ and the conv weight is [k, u] where torch's depthwise Conv1d is [u, 1, k]. The c
 
 Decode carries a `GatedDeltaNetCache` per layer: the conv window (last w conv inputs) and the state.
 `gated_deltanet` on S tokens takes and returns it; `gated_deltanet_step` advances it by one token in O(1).
+
+`GatedDeltaNetDims.impl` (model.gdn_impl) picks the rule's intra-chunk parts (`intra_fns`): XLA's
+(gated_delta.py) or the Pallas kernels of nopejax/kernels/gdn.py, the same in training, context shards
+and prefill; the scan over chunk states, a context piece's summary and the decode step are XLA.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ The inverse is the blocked merge of gated_delta.unit_lower_inverse (flash-linear
 `solve_tril`, LAPACK's trtri), done on the whole [c, J] tile with masks: with T_b the inverse of the
 b x b diagonal blocks of I + A (T_1 = I), the 2b x 2b ones are
     T_2b = T_b - T_b L_b T_b        (L_b: A's lower-left b x b block inside each 2b x 2b block)
-i.e. [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]] for every block at once; log2(c) rounds of two
-matmuls at full fp32 precision. Each merge uses exact inverses only, so aligned keys (A entries near
+i.e. [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]] for every block at once; log2(c) - 1 rounds of two
+matmuls at full fp32 precision (the 2 x 2 blocks are I - A's entries). Each merge uses exact inverses only, so aligned keys (A entries near
 1 or 2 with negative eigenvalues) keep fp32 accuracy where a series (I - A)(I + A^2)(I + A^4).. does
 not. Decays are exp of a difference of chunk-local cumsums, masked to -inf before the exp.
 
@@ -97,8 +97,9 @@ def _unit_lower_inverse(A):
     """(I + A)^-1 for a strictly lower [c, J] fp32 tile: the blocked merge, every block of a size at once."""
     c = A.shape[0]
     row, col = _iota(c)
-    T = (row == col).astype(F32)
-    shift = 0
+    # the 2 x 2 blocks need no matmul: [[1, 0], [a, 1]]^-1 = [[1, 0], [-a, 1]]
+    T = (row == col).astype(F32) - jnp.where((row >> 1 == col >> 1) & (row != col), A, 0.0)
+    shift = 1
     while (1 << shift) < c:
         # A's lower-left block of each 2b x 2b diagonal block (b = 2^shift): same 2b block, other b block
         lower = ((row >> (shift + 1)) == (col >> (shift + 1))) & ((row >> shift) != (col >> shift))
@@ -251,8 +252,8 @@ def _dcum(dcum_r, dcum_c, K):
 
 def _ut_cost(Bz, K, G, t, c, E, P, itemsize, backward):
     heads, groups = Bz * K * G * t, Bz * K * t
-    levels = max(1, (c - 1).bit_length())
-    # A, the log2(c) merges of two [c, c] matmuls, T [beta v | beta from_start k]
+    levels = max(0, (c - 1).bit_length() - 1)
+    # A, the log2(c) - 1 merges of two [c, c] matmuls, T [beta v | beta from_start k]
     flops = groups * 2 * c * c * E + heads * (6 * c * c + levels * 4 * c**3 + 2 * c * c * (P + E))
     io = groups * c * E * itemsize + heads * (c * P * itemsize + 16 * c + c * (P + E) * 4)
     if backward:  # recompute, T^T dY, dX Y^T, dk (two [c, c] x [c, E]), the elementwise gradients

@@ -254,7 +254,7 @@ def gated_delta_step(q_BKE, k_BKE, v_BHO, g_BH, beta_BH, state_BHEO, *, normaliz
 def summarize(q_BSKE, k_BSKE, v_BSHO, g_BSH, beta_BSH, **rule):
     """A piece's (transition_BHEE, state_from_zero_BHEO): all `combine` needs to chain pieces.
 
-    `rule`: `gated_delta`'s keywords (chunk, normalize_qk, segment_ids_BS, segment_id_before_B); the
+    `rule`: `gated_delta`'s keywords (chunk, normalize_qk, segment_ids_BS, segment_id_before_B, intra); the
     piece runs from the state [0 | I] (no initial_state_BHEO of its own).
     """
     Bsz, S, H, vdim = v_BSHO.shape

@@ -24,7 +24,7 @@ Decode carries a `GatedDeltaNetCache` per layer: the conv window (last w conv in
 
 `GatedDeltaNetDims.impl` (model.gdn_impl) picks the rule's intra-chunk parts (`intra_fns`): XLA's
 (gated_delta.py) or the Pallas kernels of nopejax/kernels/gdn.py, the same in training, context shards
-and prefill; the scan over chunk states, a context piece's summary and the decode step are XLA.
+and prefill (a context piece's summary too); the scan over chunk states and the decode step are XLA.
 """
 
 from __future__ import annotations
@@ -354,11 +354,11 @@ def _context_rule(p, qkv_BSu, g_BSH, beta_BSH, d: GatedDeltaNetDims, segment_ids
         )
         return (q_BcKE, k_BcKE, v_BcHO, g_BTH[:, L:], beta_BTH[:, L:]), rule
 
+    intra = intra_fns(d.impl, per_device=True)  # summarize and run are already inside shard_map
+
     def summarize(q, xs, seg_BT):
         args, rule = inputs(q, xs, seg_BT)
-        return gated_delta_lib.summarize(*args, **rule)
-
-    intra = intra_fns(d.impl, per_device=True)  # run below is already inside shard_map
+        return gated_delta_lib.summarize(*args, intra=intra, **rule)
 
     def run(q, xs, seg_BT, state_BHEO):
         args, rule = inputs(q, xs, seg_BT)

@@ -20,9 +20,10 @@ The inverse is the blocked merge of gated_delta.unit_lower_inverse (flash-linear
 b x b diagonal blocks of I + A (T_1 = I), the 2b x 2b ones are
     T_2b = T_b - T_b L_b T_b        (L_b: A's lower-left b x b block inside each 2b x 2b block)
 i.e. [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]] for every block at once; log2(c) - 1 rounds of two
-matmuls at full fp32 precision (the 2 x 2 blocks are I - A's entries). Each merge uses exact inverses only, so aligned keys (A entries near
-1 or 2 with negative eigenvalues) keep fp32 accuracy where a series (I - A)(I + A^2)(I + A^4).. does
-not. Decays are exp of a difference of chunk-local cumsums, masked to -inf before the exp.
+matmuls at full fp32 precision (the 2 x 2 blocks are I - A's entries). Each merge uses exact inverses
+only, so aligned keys (A entries near 1 or 2 with negative eigenvalues) keep fp32 accuracy where a
+series (I - A)(I + A^2)(I + A^4).. does not. Decays are exp of a difference of chunk-local cumsums,
+masked to -inf before the exp.
 
 Backward kernels recompute the tiles. With Y = [u | w] = T X: dX = T^T dY and dA = -dX Y^T, whose
 entries outside the strictly lower same-document pattern drop out as A is a product with the masked

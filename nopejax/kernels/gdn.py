@@ -32,9 +32,11 @@ pair decay there; the gradient of cum is a row sum minus a column sum (as nopeja
 Grid (batch, key head, chunk, value head in group): the G value heads of a key head share k (and q),
 so k k^T and q k^T are computed once per key head and chunk into a VMEM scratch (at the innermost,
 sequential axis's first step) and the gradients of k and q are summed over the group in output
-blocks that stay resident across that axis. Layout as nopejax/kernels/ssd.py: [B, K, t, c, E] for q
-and k, [B, H, t, c, O] (and [.., c, E], [.., E, O]) per value head, cum and doc as [.., c, 1] rows and
-[.., 1, c] columns. All accumulation is fp32; the tiles A, T and their products are fp32 whatever the
+blocks that stay resident across that axis. Layout: [B, K, t, c, E] for q and k (moved there by the
+wrapper), and per value head gated_delta's own [B, t, K, G, c, O] (and [.., c, E], [.., E, O]) for the
+new values, the incoming states, u and w, read and written in place (a block's last two dims are whole
+axes: any E and O); only v and the output cross a layout copy. cum and doc travel as [.., c, 1] rows
+and [.., 1, c] columns. All accumulation is fp32; the tiles A, T and their products are fp32 whatever the
 input dtype. Imports nothing from the rest of nopejax.
 """
 
@@ -210,15 +212,16 @@ def _group(c, E):
     return pl.BlockSpec((None, None, None, c, E), lambda b, k, t, g: (b, k, t, 0, 0))
 
 
-def _head(G, rows, cols):
-    return pl.BlockSpec((None, None, None, rows, cols), lambda b, k, t, g: (b, k * G + g, t, 0, 0))
+def _head(rows, cols):
+    """A value head's [rows, cols] tile of a [B, t, K, G, rows, cols] array (gated_delta's own layout)."""
+    return pl.BlockSpec((None, None, None, None, rows, cols), lambda b, k, t, g: (b, t, k, g, 0, 0))
 
 
-def _cum_doc_specs(G, c):
+def _cum_doc_specs(c):
     """BlockSpecs of cum rows/cols (per value head) and doc rows/cols (per batch and chunk)."""
     doc_r = pl.BlockSpec((None, None, c, 1), lambda b, k, t, g: (b, t, 0, 0))
     doc_c = pl.BlockSpec((None, None, 1, c), lambda b, k, t, g: (b, t, 0, 0))
-    return [_head(G, c, 1), _head(G, 1, c), doc_r, doc_c]
+    return [_head(c, 1), _head(1, c), doc_r, doc_c]
 
 
 def _compiler(interpret):
@@ -228,27 +231,15 @@ def _compiler(interpret):
     )
 
 
-def _heads_first(x_BtKGcv):
-    """[B, t, K, G, c, v] -> [B, H, t, c, v]: a value head's chunks as whole trailing blocks."""
-    Bz, t, K, G = x_BtKGcv.shape[:4]
-    return jnp.moveaxis(x_BtKGcv, 1, 3).reshape(Bz, K * G, t, *x_BtKGcv.shape[4:])
-
-
-def _heads_back(x_BHtcv, K):
-    """[B, H, t, c, v] -> [B, t, K, G, c, v]."""
-    Bz, H, t = x_BHtcv.shape[:3]
-    return jnp.moveaxis(x_BHtcv.reshape(Bz, K, H // K, t, *x_BHtcv.shape[3:]), 3, 1)
-
-
 def _cum_doc(cum_BtKGc, doc_Btc):
-    """cum rows/cols [B, H, t, c, 1] / [.., 1, c] (fp32) and doc rows/cols [B, t, c, 1] / [B, t, 1, c] (int32)."""
-    cum_BHtc = _heads_first(cum_BtKGc.astype(F32)[..., None])[..., 0]
+    """cum rows/cols [B, t, K, G, c, 1] / [.., 1, c] (fp32) and doc rows/cols [B, t, c, 1] / [B, t, 1, c] (int32)."""
+    cum_BtKGc = cum_BtKGc.astype(F32)
     doc_Btc = doc_Btc.astype(jnp.int32)
-    return [cum_BHtc[..., :, None], cum_BHtc[..., None, :], doc_Btc[..., :, None], doc_Btc[..., None, :]]
+    return [cum_BtKGc[..., :, None], cum_BtKGc[..., None, :], doc_Btc[..., :, None], doc_Btc[..., None, :]]
 
 
-def _dcum(dcum_r, dcum_c, K):
-    return _heads_back((dcum_r[..., 0] - dcum_c[..., 0, :])[..., None], K)[..., 0]
+def _dcum(dcum_r, dcum_c):
+    return dcum_r[..., 0] - dcum_c[..., 0, :]
 
 
 def _ut_cost(Bz, K, G, t, c, E, P, itemsize, backward):
@@ -277,56 +268,54 @@ def _ut_forward(k_BtcKE, v_BtcKGO, beta_BtKGc, cum_BtKGc, doc_Btc, interpret):
     Bz, t, c, K, G, P = v_BtcKGO.shape
     E = k_BtcKE.shape[-1]
     k_BKtcE = jnp.moveaxis(k_BtcKE, 3, 1)
-    v_BHtcO = _heads_first(jnp.moveaxis(v_BtcKGO, 2, 4))
-    beta_r = _heads_first(beta_BtKGc.astype(F32)[..., None])
-    group, head_c1 = _group(c, E), _head(G, c, 1)
+    v_BtKGcP = jnp.moveaxis(v_BtcKGO, 2, 4)
+    beta_r = beta_BtKGc.astype(F32)[..., None]
+    group, head_c1 = _group(c, E), _head(c, 1)
     u, w = pl.pallas_call(
         _ut_fwd_kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
             grid=(Bz, K, t, G),
-            in_specs=[group, _head(G, c, P), head_c1, *_cum_doc_specs(G, c)],
-            out_specs=[_head(G, c, P), _head(G, c, E)],
+            in_specs=[group, _head(c, P), head_c1, *_cum_doc_specs(c)],
+            out_specs=[_head(c, P), _head(c, E)],
             scratch_shapes=[pltpu.VMEM((c, c), F32)],
         ),
-        out_shape=[jax.ShapeDtypeStruct((Bz, K * G, t, c, P), F32), jax.ShapeDtypeStruct((Bz, K * G, t, c, E), F32)],
+        out_shape=[jax.ShapeDtypeStruct((Bz, t, K, G, c, P), F32), jax.ShapeDtypeStruct((Bz, t, K, G, c, E), F32)],
         cost_estimate=_ut_cost(Bz, K, G, t, c, E, P, v_BtcKGO.dtype.itemsize, backward=False),
         name="nopejax_gdn_ut_transform_fwd",
         **_compiler(interpret),
-    )(k_BKtcE, v_BHtcO, beta_r, *_cum_doc(cum_BtKGc, doc_Btc))
-    return _heads_back(u, K), _heads_back(w, K)
+    )(k_BKtcE, v_BtKGcP, beta_r, *_cum_doc(cum_BtKGc, doc_Btc))
+    return u, w
 
 
 def _ut_backward(k_BtcKE, v_BtcKGO, beta_BtKGc, cum_BtKGc, doc_Btc, du_BtKGcO, dw_BtKGcE, interpret):
     Bz, t, c, K, G, P = v_BtcKGO.shape
     E = k_BtcKE.shape[-1]
-    H = K * G
     k_BKtcE = jnp.moveaxis(k_BtcKE, 3, 1)
-    v_BHtcO = _heads_first(jnp.moveaxis(v_BtcKGO, 2, 4))
-    beta_r = _heads_first(beta_BtKGc.astype(F32)[..., None])
-    group, head_c1 = _group(c, E), _head(G, c, 1)
+    v_BtKGcP = jnp.moveaxis(v_BtcKGO, 2, 4)
+    beta_r = beta_BtKGc.astype(F32)[..., None]
+    group, head_c1 = _group(c, E), _head(c, 1)
     dk, dv, dbeta, dcum_r, dcum_c = pl.pallas_call(
         _ut_bwd_kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
             grid=(Bz, K, t, G),
-            in_specs=[group, _head(G, c, P), head_c1, *_cum_doc_specs(G, c), _head(G, c, P), _head(G, c, E)],
-            out_specs=[group, _head(G, c, P), head_c1, head_c1, _head(G, 1, c)],
+            in_specs=[group, _head(c, P), head_c1, *_cum_doc_specs(c), _head(c, P), _head(c, E)],
+            out_specs=[group, _head(c, P), head_c1, head_c1, _head(1, c)],
             scratch_shapes=[pltpu.VMEM((c, c), F32)],
         ),
         out_shape=[
             jax.ShapeDtypeStruct(k_BKtcE.shape, F32),
-            jax.ShapeDtypeStruct((Bz, H, t, c, P), F32),
-            jax.ShapeDtypeStruct((Bz, H, t, c, 1), F32),
-            jax.ShapeDtypeStruct((Bz, H, t, c, 1), F32),
-            jax.ShapeDtypeStruct((Bz, H, t, 1, c), F32),
+            jax.ShapeDtypeStruct((Bz, t, K, G, c, P), F32),
+            jax.ShapeDtypeStruct((Bz, t, K, G, c, 1), F32),
+            jax.ShapeDtypeStruct((Bz, t, K, G, c, 1), F32),
+            jax.ShapeDtypeStruct((Bz, t, K, G, 1, c), F32),
         ],
         cost_estimate=_ut_cost(Bz, K, G, t, c, E, P, v_BtcKGO.dtype.itemsize, backward=True),
         name="nopejax_gdn_ut_transform_bwd",
         **_compiler(interpret),
-    )(k_BKtcE, v_BHtcO, beta_r, *_cum_doc(cum_BtKGc, doc_Btc), _heads_first(du_BtKGcO), _heads_first(dw_BtKGcE))
-    dv_BtcKGO = jnp.moveaxis(_heads_back(dv, K), 4, 2)
-    return jnp.moveaxis(dk, 1, 3), dv_BtcKGO, _heads_back(dbeta, K)[..., 0], _dcum(dcum_r, dcum_c, K)
+    )(k_BKtcE, v_BtKGcP, beta_r, *_cum_doc(cum_BtKGc, doc_Btc), du_BtKGcO, dw_BtKGcE)
+    return jnp.moveaxis(dk, 1, 3), jnp.moveaxis(dv, 4, 2), dbeta[..., 0], _dcum(dcum_r, dcum_c)
 
 
 def _out_forward(q_BtcKE, k_BtcKE, new_BtKGcO, state_BtKGEO, cum_BtKGc, doc_Btc, interpret):
@@ -338,49 +327,47 @@ def _out_forward(q_BtcKE, k_BtcKE, new_BtKGcO, state_BtKGEO, cum_BtKGc, doc_Btc,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
             grid=(Bz, K, t, G),
-            in_specs=[group, group, _head(G, c, P), _head(G, E, P), *_cum_doc_specs(G, c)],
-            out_specs=_head(G, c, P),
+            in_specs=[group, group, _head(c, P), _head(E, P), *_cum_doc_specs(c)],
+            out_specs=_head(c, P),
             scratch_shapes=[pltpu.VMEM((c, c), F32)],
         ),
-        out_shape=jax.ShapeDtypeStruct((Bz, K * G, t, c, P), F32),
+        out_shape=jax.ShapeDtypeStruct((Bz, t, K, G, c, P), F32),
         cost_estimate=_out_cost(Bz, K, G, t, c, E, P, new_BtKGcO.dtype.itemsize, backward=False),
         name="nopejax_gdn_chunk_output_fwd",
         **_compiler(interpret),
-    )(jnp.moveaxis(q_BtcKE, 3, 1), jnp.moveaxis(k_BtcKE, 3, 1), _heads_first(new_BtKGcO),
-      _heads_first(state_BtKGEO), *_cum_doc(cum_BtKGc, doc_Btc))  # fmt: skip
-    return jnp.moveaxis(_heads_back(o, K), 4, 2)  # [B, t, c, K, G, O]
+    )(jnp.moveaxis(q_BtcKE, 3, 1), jnp.moveaxis(k_BtcKE, 3, 1), new_BtKGcO, state_BtKGEO,
+      *_cum_doc(cum_BtKGc, doc_Btc))  # fmt: skip
+    return jnp.moveaxis(o, 4, 2)  # [B, t, c, K, G, O]
 
 
 def _out_backward(q_BtcKE, k_BtcKE, new_BtKGcO, state_BtKGEO, cum_BtKGc, doc_Btc, do_BtcKGO, interpret):
     Bz, t, K, G, c, P = new_BtKGcO.shape
     E = q_BtcKE.shape[-1]
-    H = K * G
-    group, head_c1 = _group(c, E), _head(G, c, 1)
-    do_BHtcO = _heads_first(jnp.moveaxis(do_BtcKGO, 2, 4)).astype(new_BtKGcO.dtype)
+    group = _group(c, E)
+    do_BtKGcP = jnp.moveaxis(do_BtcKGO, 2, 4).astype(new_BtKGcO.dtype)
     dq, dk, dn, ds, dcum_r, dcum_c = pl.pallas_call(
         _out_bwd_kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
             grid=(Bz, K, t, G),
-            in_specs=[group, group, _head(G, c, P), _head(G, E, P), *_cum_doc_specs(G, c), _head(G, c, P)],
-            out_specs=[group, group, _head(G, c, P), _head(G, E, P), head_c1, _head(G, 1, c)],
+            in_specs=[group, group, _head(c, P), _head(E, P), *_cum_doc_specs(c), _head(c, P)],
+            out_specs=[group, group, _head(c, P), _head(E, P), _head(c, 1), _head(1, c)],
             scratch_shapes=[pltpu.VMEM((c, c), F32)],
         ),
         out_shape=[
             jax.ShapeDtypeStruct((Bz, K, t, c, E), F32),
             jax.ShapeDtypeStruct((Bz, K, t, c, E), F32),
-            jax.ShapeDtypeStruct((Bz, H, t, c, P), F32),
-            jax.ShapeDtypeStruct((Bz, H, t, E, P), F32),
-            jax.ShapeDtypeStruct((Bz, H, t, c, 1), F32),
-            jax.ShapeDtypeStruct((Bz, H, t, 1, c), F32),
+            jax.ShapeDtypeStruct((Bz, t, K, G, c, P), F32),
+            jax.ShapeDtypeStruct((Bz, t, K, G, E, P), F32),
+            jax.ShapeDtypeStruct((Bz, t, K, G, c, 1), F32),
+            jax.ShapeDtypeStruct((Bz, t, K, G, 1, c), F32),
         ],
         cost_estimate=_out_cost(Bz, K, G, t, c, E, P, new_BtKGcO.dtype.itemsize, backward=True),
         name="nopejax_gdn_chunk_output_bwd",
         **_compiler(interpret),
-    )(jnp.moveaxis(q_BtcKE, 3, 1), jnp.moveaxis(k_BtcKE, 3, 1), _heads_first(new_BtKGcO),
-      _heads_first(state_BtKGEO), *_cum_doc(cum_BtKGc, doc_Btc), do_BHtcO)  # fmt: skip
-    return (jnp.moveaxis(dq, 1, 3), jnp.moveaxis(dk, 1, 3), _heads_back(dn, K), _heads_back(ds, K),
-            _dcum(dcum_r, dcum_c, K))  # fmt: skip
+    )(jnp.moveaxis(q_BtcKE, 3, 1), jnp.moveaxis(k_BtcKE, 3, 1), new_BtKGcO, state_BtKGEO,
+      *_cum_doc(cum_BtKGc, doc_Btc), do_BtKGcP)  # fmt: skip
+    return jnp.moveaxis(dq, 1, 3), jnp.moveaxis(dk, 1, 3), dn, ds, _dcum(dcum_r, dcum_c)
 
 
 def _float0(x):

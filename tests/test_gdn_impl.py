@@ -70,8 +70,8 @@ def test_pallas_mixer_under_a_data_tensor_mesh_equals_xla():
         fn = jax.jit(jax.value_and_grad(loss(pallas), argnums=(0, 1)))
         jaxpr = str(fn.trace(params, h).jaxpr)
         assert jaxpr.count("= pallas_call[") == 4  # both kernels forward and backward, once each
-        # per shard: 2 of the 4 rows, 1 of the 2 key heads (its 2 value heads; [B, H, t, c, O] in the kernel)
-        assert "f32[2,2,6,4,5] = pallas_call[" in jaxpr
+        # per shard: 2 of the 4 rows, 1 of the 2 key heads with its 2 value heads (the outputs' [B, t, K, G, c, O])
+        assert "f32[2,6,1,2,4,5] = pallas_call[" in jaxpr
         got = fn(params, h)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         a, b = np.asarray(a), np.asarray(b)

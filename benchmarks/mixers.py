@@ -23,9 +23,12 @@ attention (the XLA path), side by side; then FLOPs and bytes per chunk against t
    459 TFLOP/s bf16 / 2765 GB/s HBM = 166 FLOP/byte (cloud.google.com/tpu/docs/v5p, "Key specifications").
 3. The intra-chunk part's fwd+bwd compiled for one v5p chip, XLA's form beside the Pallas kernels of
    nopejax/kernels/ssd.py: temporaries, FLOPs and bytes from the compiled programs.
+4. The same for Gated DeltaNet (nopejax/kernels/gdn.py): its two intra-chunk parts (UT transform, chunk
+   outputs) alone, and the whole chunked rule with its XLA scan over chunk states, each fwd+bwd.
 """
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -231,6 +234,58 @@ def kernel_vs_xla(topology, S=8192):
         print(f"| {name} | {temp / 2**20:.0f} | {f / 1e9:.2f} | {b / 1e9:.3f} | {bound:.3f} |")
 
 
+def _compiled_cost(fn, args):
+    """(temp bytes, flops, bytes accessed) of fn compiled ahead of time for the args' (TPU) sharding."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return compiled.memory_analysis().temp_size_in_bytes, cost["flops"], cost["bytes accessed"]
+
+
+def gdn_kernels_vs_xla(topology, S=8192):
+    """Gated DeltaNet, fwd+bwd, XLA form vs the Pallas kernels (nopejax/kernels/gdn.py), compiled for one v5p chip
+    at the 3B GDN hybrid's shape (16 key / 32 value heads of 128, chunk 64, S tokens): the two intra-chunk parts
+    alone (the UT transform and the chunk outputs, gradients of all their inputs), then the whole rule
+    (gated_delta with its scan over chunk states; gradients of q, k, v, g, beta). Temporaries and the compiler's
+    FLOPs / bytes (for the kernels their declared pl.CostEstimate plus the XLA ops around them)."""
+    from jax.experimental import topologies
+
+    from nopejax.kernels.gdn import gdn_chunk_output, gdn_ut_transform
+
+    device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    K, H, E, P, c = 16, 32, 128, 128, 64
+    G, t = H // K, S // c
+    shape = lambda *s, dt=F32: jax.ShapeDtypeStruct(s, dt, sharding=sharding)
+    parts_args = (shape(1, t, c, K, E), shape(1, t, c, K, E), shape(1, t, c, K, G, P), shape(1, t, K, G, c),
+                  shape(1, t, K, G, c), shape(1, t, c, dt=jnp.int32), shape(1, t, K, G, c, P),
+                  shape(1, t, K, G, E, P))  # fmt: skip
+    rule_args = (shape(1, S, K, E), shape(1, S, K, E), shape(1, S, H, P), shape(1, S, H), shape(1, S, H))
+    pallas = gated_delta.Intra(functools.partial(gdn_ut_transform, backend="tpu"),
+                               functools.partial(gdn_chunk_output, backend="tpu"))  # fmt: skip
+    rows = []
+    for name, intra in (("XLA (gated_delta.py)", gated_delta.XLA_INTRA), ("Pallas (kernels/gdn.py)", pallas)):
+
+        def parts(q, k, v, beta, cum, doc, new, state, intra=intra):
+            u, w = intra.ut(k, v, beta, cum, doc)
+            return jnp.sum(u**2) + jnp.sum(w**2) + jnp.sum(intra.output(q, k, new, state, cum, doc) ** 2)
+
+        def rule(q, k, v, g, beta, intra=intra):
+            return jnp.sum(gated_delta.gated_delta(q, k, v, g, beta, chunk=c, intra=intra)[0] ** 2)
+
+        grads = (0, 1, 2, 3, 4, 6, 7)
+        rows.append((f"intra-chunk parts, {name}", *_compiled_cost(jax.value_and_grad(parts, grads), parts_args)))
+        rows.append((f"whole rule, {name}", *_compiled_cost(jax.value_and_grad(rule, (0, 1, 2, 3, 4)), rule_args)))
+    rows = rows[0::2] + rows[1::2]
+    print(f"\nGated DeltaNet fwd+bwd on one {topology} chip, S {S}, 16 key / 32 value heads of 128, chunk 64, "
+          "fp32 inputs")  # fmt: skip
+    print("| part, form | temp (MiB) | GFLOP | GB accessed | time bound (ms) |")
+    print("|---|---|---|---|---|")
+    for name, temp, f, b in rows:
+        bound = max(f / V5P_BF16_FLOPS, b / V5P_HBM_BYTES_PER_S) * 1e3
+        print(f"| {name} | {temp / 2**20:.0f} | {f / 1e9:.2f} | {b / 1e9:.3f} | {bound:.3f} |", flush=True)
+
+
 def print_roofline(rows, topology):
     print(f"\nper chunk and head; v5p ridge {RIDGE:.0f} FLOP/byte ({V5P_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16, "
           f"{V5P_HBM_BYTES_PER_S / 1e9:.0f} GB/s); XLA columns from {topology} AOT cost_analysis")  # fmt: skip
@@ -279,6 +334,7 @@ def main():
     if not args.skip_roofline:
         print_roofline(roofline(args.topology), args.topology)
         kernel_vs_xla(args.topology)
+        gdn_kernels_vs_xla(args.topology)
     print(f"load at the end {load()}")
 
 

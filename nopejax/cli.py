@@ -136,6 +136,8 @@ def cmd_generate(args) -> int:
     cfg = checkpoint.read_config(root, step)
     if cfg.model.mamba_impl == "pallas" and jax.default_backend() != "tpu":
         cfg.model.mamba_impl = "xla"  # the same SSD; its Pallas kernel compiles for TPU only
+    if cfg.model.gdn_impl == "pallas" and jax.default_backend() != "tpu":
+        cfg.model.gdn_impl = "xla"  # the same rule; its Pallas kernels compile for TPU only
     tok = data.make_tokenizer(cfg.data)
     module = hf.build(cfg.model, checkpoint.restore_params(root, step))
     prompt_ids = encode_prompt(tok, args.prompt, cfg.data.add_bos)

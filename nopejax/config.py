@@ -41,6 +41,11 @@ MAMBA_IMPLS = ("xla", "pallas")
 # the Mamba2 Pallas kernels keep several [c, c] fp32 tiles in VMEM: chunks of 1024 overflow a v5p
 # core's scoped VMEM at compile time (512 compiles; measured with Mosaic ahead of time)
 MAMBA_PALLAS_MAX_CHUNK = 512
+GDN_IMPLS = ("xla", "pallas")
+# the Gated DeltaNet UT-transform kernel keeps A, its inverse and the merge products ([c, c] fp32) in
+# VMEM: its backward at chunks of 512 overflows a v5p core's 16 MiB scoped VMEM (256 compiles; Mosaic
+# ahead of time)
+GDN_PALLAS_MAX_CHUNK = 256
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 SCAN_PLANS = ("auto", "period", "switch")
 SCHEDULES = ("wsd", "cosine", "linear", "constant")
@@ -169,6 +174,10 @@ def base_config() -> ConfigDict:
     m.gdn_chunk_size = 64
     m.gdn_allow_neg_eigval = False  # beta in (0, 2): eigenvalues of the transition in (-1, 1)
     m.gdn_norm_eps = config_dict.placeholder(float)  # eps of the output norm; unset = rms_norm_eps
+    # the intra-chunk parts of the gated delta rule (UT transform, chunk outputs): "xla"
+    # (nopejax/mixers/gated_delta.py) or "pallas" (nopejax/kernels/gdn.py: the [c, c] tiles stay in VMEM;
+    # TPU, or interpreted on CPU for tests; the scan over chunk states stays XLA)
+    m.gdn_impl = "xla"
     m.residual_scale = 1.0  # each sublayer's output times it before the residual add (Granite residual_multiplier)
     m.max_position_embeddings = 4096  # written to the HF config; nothing is sized by it
     m.tie_embeddings = True

@@ -132,6 +132,10 @@ FIELD_DOCS = {
     "model.gdn_allow_neg_eigval": "beta = 2 sigmoid(b), so the transition's eigenvalues lie in (-1, 1) "
     "(OLMo Hybrid `linear_allow_neg_eigval`).",
     "model.gdn_norm_eps": "eps of the gated output norm; unset = `rms_norm_eps` (OLMo Hybrid: 1e-5).",
+    "model.gdn_impl": "The intra-chunk parts of the gated delta rule (UT transform, chunk outputs): `xla`, or "
+    "`pallas` (nopejax/kernels/gdn.py: pair decays, A, its inverse and the scores stay in VMEM; compiled for TPU, "
+    "run in Pallas's interpreter on CPU, which is slow and for tests only; refused on GPU; `gdn_chunk_size` at "
+    "most 256). The recurrence over chunk states is XLA either way.",
     "model.mamba_time_step_limit": "`(min, max)` clamp of dt after softplus (`time_step_limit`); unset = none.",
     "model.embed_scale": "Token embeddings are multiplied by it (AFMoE `mup_enabled`: sqrt(d_model)).",
     "model.attention_gate": "AFMoE, Qwen3-Next, Qwen3.5: attended values times `sigmoid(h @ W_gate)` per head and dim "

@@ -12,6 +12,7 @@ context-parallel devices hold no replicas. DCN sizes (across slices or nodes) mu
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -108,6 +109,39 @@ def compile_platform() -> str:
     mesh = jax.sharding.get_abstract_mesh()
     device = getattr(mesh, "abstract_device", None) if mesh is not None and not mesh.empty else None
     return getattr(device, "platform", None) or jax.default_backend()
+
+
+def pallas_on_mesh(kernel, dims, specs, *, per_device: bool):
+    """A Pallas kernel function (taking `interpret=` and `backend=`) set up for the platform being
+    compiled for: lowered by Mosaic for TPU (a TPU host or an ahead-of-time TPU mesh), run in Pallas's
+    HLO interpreter on CPU (slow: for tests). A Mosaic kernel is opaque to XLA's sharding propagation,
+    so under a mesh of several devices it runs inside `shard_map` on each device's batch rows, and on
+    its key groups K when the `act_heads` axes divide them, else on its heads within a group G.
+
+    `dims(*args) -> (batch rows, K, G)`; `specs(batch, on_K, on_G) -> (in_specs, out_specs)`, each
+    the mesh axes (or None: replicated) of that dimension. `per_device`: the caller is inside
+    `shard_map` already (a context-parallel recurrence). Shared by the Mamba2 SSD and Gated DeltaNet kernels.
+    """
+    platform = compile_platform()
+    kernel = functools.partial(kernel, interpret=platform == "cpu", backend="tpu" if platform == "tpu" else None)
+    mesh = jax.sharding.get_abstract_mesh()
+    if per_device or mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return kernel
+
+    def split(logical: str, n: int):  # the mesh axes of `logical` if they divide n, else None (replicated)
+        axes = logical_to_spec([logical], mesh)[0]
+        size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+        return axes if size > 1 and n % size == 0 else None
+
+    def per_shard(*args):
+        Bz, K, G = dims(*args)
+        batch = split("act_batch", Bz)  # a generation sample of one row under a training mesh: replicated
+        on_K = split("act_heads", K)  # groups split: each device its own shared keys
+        on_G = None if on_K else split("act_heads", G)  # else heads within groups
+        in_specs, out_specs = specs(batch, on_K, on_G)
+        return jax.shard_map(kernel, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+    return per_shard
 
 
 # ---------------------------------------------------------------------------------------------

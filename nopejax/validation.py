@@ -18,6 +18,8 @@ from nopejax.config import (
     BLOCKS,
     DATA_SOURCES,
     DTYPES,
+    GDN_IMPLS,
+    GDN_PALLAS_MAX_CHUNK,
     INIT_FROM_SCHEDULES,
     MAMBA_IMPLS,
     MAMBA_PALLAS_MAX_CHUNK,
@@ -211,6 +213,12 @@ def _validate_recurrent_mixers(m: ConfigDict) -> None:
         )  # fmt: skip
     if "gated_deltanet" in types and m.gdn_norm_eps is not None and not m.gdn_norm_eps > 0:
         raise ConfigError("model.gdn_norm_eps", f"must be positive, got {m.gdn_norm_eps}", "use e.g. 1e-5, or unset")
+    if "gated_deltanet" in types and m.gdn_impl == "pallas" and m.gdn_chunk_size > GDN_PALLAS_MAX_CHUNK:
+        raise ConfigError(
+            "model.gdn_chunk_size", f"{m.gdn_chunk_size} is too long for the Pallas Gated DeltaNet kernels (their "
+            f"[c, c] tiles must fit in VMEM: at most {GDN_PALLAS_MAX_CHUNK})",
+            f"use gdn_chunk_size <= {GDN_PALLAS_MAX_CHUNK}, or model.gdn_impl=xla",
+        )  # fmt: skip
 
 
 def _validate_mamba_sizes(m: ConfigDict) -> None:
@@ -428,6 +436,8 @@ def _validate_compute(m: ConfigDict) -> None:
         )  # fmt: skip
     if m.mamba_impl not in MAMBA_IMPLS:
         raise ConfigError("model.mamba_impl", f"unknown value {m.mamba_impl!r}", f"use one of {MAMBA_IMPLS}")
+    if m.gdn_impl not in GDN_IMPLS:
+        raise ConfigError("model.gdn_impl", f"unknown value {m.gdn_impl!r}", f"use one of {GDN_IMPLS}")
     if m.remat not in REMAT_POLICIES:
         raise ConfigError("model.remat", f"unknown policy {m.remat!r}", f"use one of {REMAT_POLICIES}")
     if m.scan_plan not in SCAN_PLANS:
@@ -650,8 +660,8 @@ def _validate_checkpoint(c: ConfigDict) -> None:
 
 
 def check_platform(cfg: ConfigDict, platform: str) -> None:
-    """What `validate` cannot know: whether the attention path and the Mamba2 SSD path run on these
-    devices ("cpu", "gpu" or "tpu"). `auto` attention always picks one that does
+    """What `validate` cannot know: whether the attention path and the Mamba2 and Gated DeltaNet kernel
+    paths run on these devices ("cpu", "gpu" or "tpu"). `auto` attention always picks one that does
     (nopejax.attention.resolve_impl)."""
     if cfg.model.moe_dispatch == "ragged" and cfg.model.num_experts and cfg.mesh.expert != 1 and platform == "cpu":
         raise ConfigError(
@@ -662,6 +672,11 @@ def check_platform(cfg: ConfigDict, platform: str) -> None:
         raise ConfigError(
             "model.mamba_impl", f"the Pallas SSD kernel is a Mosaic TPU kernel, these devices are {platform}",
             "use mamba_impl=xla (or a TPU; CPU runs the kernel in Pallas's interpreter, for tests)",
+        )  # fmt: skip
+    if cfg.model.gdn_impl == "pallas" and platform not in ("tpu", "cpu"):
+        raise ConfigError(
+            "model.gdn_impl", f"the Pallas Gated DeltaNet kernels are Mosaic TPU kernels, these devices are {platform}",
+            "use gdn_impl=xla (or a TPU; CPU runs the kernels in Pallas's interpreter, for tests)",
         )  # fmt: skip
     impl = cfg.model.attention_impl
     if impl == "cudnn" and platform != "gpu":

@@ -1,7 +1,7 @@
 """A checkpoint's per-token loss and greedy correctness, on the run's own mesh, for evaluation.
 
 Every evaluation (`loss_by_length`, `tasks`, `passkey`) runs the model in fp32 with
-`attention_impl = "xla"` and `mamba_impl = "xla"`, whatever the run trained with, so numbers compare
+`attention_impl`, `mamba_impl` and `gdn_impl` = "xla", whatever the run trained with, so numbers compare
 across hardware. It runs on the run's own mesh (`mesh.*` of its config, `--config.mesh.KEY=VALUE` to change it):
 params sharded by the logical-axis table as in training, each forward's rows spread over the data
 axes (padded to a multiple of them), so a long evaluation never needs one device to hold the
@@ -36,6 +36,7 @@ def eval_config(cfg: ConfigDict, rope_scaling: dict | None) -> ConfigDict:
     cfg.model.dtype = "float32"
     cfg.model.attention_impl = "xla"
     cfg.model.mamba_impl = "xla"
+    cfg.model.gdn_impl = "xla"
     cfg.model.remat = "none"
     if rope_scaling is not None:
         scaling = dict(rope_scaling)

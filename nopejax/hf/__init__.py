@@ -112,9 +112,9 @@ EXPORTED_FIELDS = {
     "router_scale_input", "num_dense_layers", "moe_layer_interval", "capacity_factor",
 }  # fmt: skip
 # ... and those that only say how nopejax trains or runs it, not what it computes.
-RUNTIME_FIELDS = {"init_std", "dtype", "param_dtype", "attention_impl", "mamba_impl", "scan_layers", "remat",
-                  "hf_family", "balance_loss_weight", "router_z_loss_weight", "expert_bias_rate", "moe_dispatch",
-                  "moe_dispatch_chunks"}  # fmt: skip
+RUNTIME_FIELDS = {"init_std", "dtype", "param_dtype", "attention_impl", "mamba_impl", "gdn_impl", "scan_layers",
+                  "remat", "hf_family", "balance_loss_weight", "router_z_loss_weight", "expert_bias_rate",
+                  "moe_dispatch", "moe_dispatch_chunks"}  # fmt: skip
 
 
 def check_exportable(m: config.ConfigDict, family: str | None = None) -> None:

@@ -19,7 +19,9 @@ strictly lower [c, J] matrix beta_l (k_l . k_m) exp(g_{m+1} + ... + g_l): u = T 
 chunk's values and w = T (beta k exp(g_1 + ... + g_l)) the keys that read the incoming state; the
 new values written are u - w state_in. A `lax.scan` over the t chunk states carries the state;
 memory is O(S c), never S x S, so autodiff needs no rematerialisation to stay linear in S. States,
-decays and the inverse are fp32 whatever the input dtype.
+decays and the inverse are fp32 whatever the input dtype. The two intra-chunk parts, the UT transform
+(`ut_transform`) and the chunk outputs (`chunk_output`), are `gated_delta`'s `intra` hook: XLA's here,
+or the Pallas kernels of nopejax/kernels/gdn.py (model.gdn_impl "pallas"); the scan stays here.
 
 Packed documents: a token whose segment id differs from the previous one and is not 0 starts a
 document, where the state resets (as if g were -inf there: every decay across a start is 0).
@@ -35,6 +37,8 @@ with E zero columns from the initial state [0 | I]; `combine` chains pieces.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +101,66 @@ def unit_lower_inverse(A_acJ):
     return inverse_anbb[..., 0, :c, :c]
 
 
+def _from_start(cum_BtKGc, doc_Btc):
+    """exp(cum) before each chunk's first document start, 0 from it on: the decay of the incoming state."""
+    return jnp.exp(jnp.where((doc_Btc == 0)[:, :, None, None], cum_BtKGc, -jnp.inf))
+
+
+def _pair_decay(cum_BtKGc, doc_Btc, *, strict: bool):
+    """[B, t, K, G, c, J]: exp(cum_l - cum_m) where m < l (m <= l unless strict) in one document, else 0."""
+    c = doc_Btc.shape[-1]
+    visible_cJ = jnp.tril(jnp.ones((c, c), bool), -1 if strict else 0)
+    same_Bt11cJ = ((doc_Btc[..., :, None] == doc_Btc[..., None, :]) & visible_cJ)[:, :, None, None]
+    return jnp.exp(jnp.where(same_Bt11cJ, cum_BtKGc[..., :, None] - cum_BtKGc[..., None, :], -jnp.inf))
+
+
+def ut_transform(k_BtcKE, v_BtcKGO, beta_BtKGc, cum_BtKGc, doc_Btc):
+    """The UT transform of every chunk and value head -> (u_BtKGcO, w_BtKGcE), fp32:
+    [u | w] = (I + A)^-1 [beta v | beta exp(cum) k], A the strictly lower beta_l (k_l . k_m) exp(cum_l - cum_m)
+    within a document (exp(cum) is 0 from the chunk's first document start on).
+
+    cum is the chunk-local cumsum of the log decays, doc [B, t, c] the document starts so far in each
+    chunk. XLA writes the [c, J] tiles to HBM per chunk and head; nopejax/kernels/gdn.py's
+    `gdn_ut_transform` computes the same in VMEM (model.gdn_impl "pallas").
+    """
+    vdim = v_BtcKGO.shape[-1]
+    kk_BtKcJ = jnp.einsum("bclgk,bcmgk->bcglm", k_BtcKE, k_BtcKE)
+    A_BtKGcJ = beta_BtKGc[..., :, None] * kk_BtKcJ[:, :, :, None] * _pair_decay(cum_BtKGc, doc_Btc, strict=True)
+    k_BtKGcE = jnp.moveaxis(k_BtcKE, 2, -2)[:, :, :, None].astype(F32)
+    rhs_BtKGcv = jnp.concatenate(
+        [
+            beta_BtKGc[..., None] * jnp.moveaxis(v_BtcKGO.astype(F32), 2, -2),
+            (beta_BtKGc * _from_start(cum_BtKGc, doc_Btc))[..., None] * k_BtKGcE,
+        ],
+        axis=-1,
+    )
+    uw_BtKGcv = jnp.einsum("...lm,...mv->...lv", unit_lower_inverse(A_BtKGcJ), rhs_BtKGcv)
+    return uw_BtKGcv[..., :vdim], uw_BtKGcv[..., vdim:]
+
+
+def chunk_output(q_BtcKE, k_BtcKE, new_BtKGcO, state_BtKGEO, cum_BtKGc, doc_Btc):
+    """The outputs of every chunk o_BtcKGO (fp32): the incoming state read by the decayed queries, plus
+    the chunk's own new values n = u - w state_in through the masked, decayed scores q k^T.
+
+    nopejax/kernels/gdn.py's `gdn_chunk_output` computes the same in VMEM (model.gdn_impl "pallas").
+    """
+    scores_BtKcJ = jnp.einsum("bclgk,bcmgk->bcglm", q_BtcKE, k_BtcKE)
+    from_start_BtKGc = _from_start(cum_BtKGc, doc_Btc)
+    o_BtcKGO = jnp.einsum("bclgk,bcgrl,bcgrkv->bclgrv", q_BtcKE, from_start_BtKGc, state_BtKGEO)
+    pair_BtKGcJ = _pair_decay(cum_BtKGc, doc_Btc, strict=False)
+    return o_BtcKGO + jnp.einsum("bcglm,bcgrlm,bcgrmv->bclgrv", scores_BtKcJ, pair_BtKGcJ, new_BtKGcO)
+
+
+class Intra(NamedTuple):
+    """The two intra-chunk parts `gated_delta` calls, with `ut_transform`'s and `chunk_output`'s signatures."""
+
+    ut: Callable
+    output: Callable
+
+
+XLA_INTRA = Intra(ut_transform, chunk_output)
+
+
 def gated_delta(
     q_BSKE,
     k_BSKE,
@@ -109,12 +173,15 @@ def gated_delta(
     segment_ids_BS=None,
     segment_id_before_B=None,
     initial_state_BHEO=None,
+    intra: Intra = XLA_INTRA,
 ):
     """The rule over S positions -> (o_BSHO in v's dtype, final_state_BHEO in fp32).
 
     g is the log decay (<= 0), beta the write strength (in (0, 1), or (0, 2) with negative eigenvalues).
     S need not be a multiple of `chunk`: the tail is padded with g = 0, beta = 0 (state unmoved) and cut off.
     `segment_id_before_B` is the id of the token before position 0 (the previous piece's last one).
+    `intra` computes the UT transform (step 1) and the chunk outputs (step 3): XLA's by default, the
+    Pallas kernels of nopejax/kernels/gdn.py for model.gdn_impl "pallas"; the scan over chunks stays here.
     """
     Bsz, S, K, E = k_BSKE.shape
     H, vdim = v_BSHO.shape[-2:]
@@ -136,37 +203,19 @@ def gated_delta(
     g_BtKGc = jnp.moveaxis(chunks(g_BSH).reshape(Bsz, -1, c, K, G), 2, -1)
     beta_BtKGc = jnp.moveaxis(chunks(beta_BSH).reshape(Bsz, -1, c, K, G), 2, -1)
     start_Btc = chunks(start_BS, False)
-
     # decays inside a chunk; a document start makes every decay across it 0
     doc_Btc = jnp.cumsum(start_Btc, axis=-1)  # l and m share a document iff their counts are equal
     cum_BtKGc = jnp.cumsum(g_BtKGc, axis=-1)
-    causal_cJ = jnp.tril(jnp.ones((c, c), bool))
-    same_Bt11cJ = ((doc_Btc[..., :, None] == doc_Btc[..., None, :]) & causal_cJ)[:, :, None, None]
-    pair_BtKGcJ = jnp.exp(jnp.where(same_Bt11cJ, cum_BtKGc[..., :, None] - cum_BtKGc[..., None, :], -jnp.inf))
-    no_start_Bt11c = (doc_Btc == 0)[:, :, None, None]
-    from_start_BtKGc = jnp.exp(jnp.where(no_start_Bt11c, cum_BtKGc, -jnp.inf))
     to_end_BtKGc = jnp.exp(
         jnp.where((doc_Btc == doc_Btc[..., -1:])[:, :, None, None], cum_BtKGc[..., -1:] - cum_BtKGc, -jnp.inf)
     )
-    chunk_decay_BtKG = from_start_BtKGc[..., -1]
+    chunk_decay_BtKG = _from_start(cum_BtKGc, doc_Btc)[..., -1]
 
     # 1. the UT transform: [u | w] = (I + A)^-1 [beta v | beta k exp(cum)] per chunk and head
-    kk_BtKcJ = jnp.einsum("bclgk,bcmgk->bcglm", k_BtcKE, k_BtcKE)
-    A_BtKGcJ = beta_BtKGc[..., :, None] * kk_BtKcJ[:, :, :, None] * pair_BtKGcJ
-    A_BtKGcJ = jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), A_BtKGcJ, 0.0)
-    k_BtKGcE = jnp.moveaxis(k_BtcKE, 2, -2)[:, :, :, None]
-    rhs_BtKGcv = jnp.concatenate(
-        [
-            beta_BtKGc[..., None] * jnp.moveaxis(v_BtcKGO, 2, -2),
-            (beta_BtKGc * from_start_BtKGc)[..., None] * k_BtKGcE,
-        ],
-        axis=-1,
-    )
-    uw_BtKGcv = jnp.einsum("...lm,...mv->...lv", unit_lower_inverse(A_BtKGcJ), rhs_BtKGcv)
-    u_BtKGcO, w_BtKGcE = uw_BtKGcv[..., :vdim], uw_BtKGcv[..., vdim:]
+    u_BtKGcO, w_BtKGcE = intra.ut(k_BtcKE, v_BtcKGO, beta_BtKGc, cum_BtKGc, doc_Btc)
 
     # 2. the scan over chunks: new values u - w state_in, state_out = decay state_in + k~^T (new values)
-    kend_BtKGcE = to_end_BtKGc[..., None] * k_BtKGcE
+    kend_BtKGcE = to_end_BtKGc[..., None] * jnp.moveaxis(k_BtcKE, 2, -2)[:, :, :, None]
 
     def step(state_BKGEO, inputs):
         decay_BKG, u_BKGcO, w_BKGcE, kend_BKGcE = inputs
@@ -184,9 +233,8 @@ def gated_delta(
     )
 
     # 3. outputs: the incoming state read by the decayed queries, plus the chunk's own new values
-    scores_BtKcJ = jnp.einsum("bclgk,bcmgk->bcglm", q_BtcKE, k_BtcKE)
-    o_BtcKGO = jnp.einsum("bclgk,bcgrl,cbgrkv->bclgrv", q_BtcKE, from_start_BtKGc, incoming_tBKGEO)
-    o_BtcKGO += jnp.einsum("bcglm,bcgrlm,cbgrmv->bclgrv", scores_BtKcJ, pair_BtKGcJ, new_tBKGcO)
+    new_BtKGcO, incoming_BtKGEO = jnp.moveaxis(new_tBKGcO, 0, 1), jnp.moveaxis(incoming_tBKGEO, 0, 1)
+    o_BtcKGO = intra.output(q_BtcKE, k_BtcKE, new_BtKGcO, incoming_BtKGEO, cum_BtKGc, doc_Btc)
     o_BSHO = o_BtcKGO.reshape(Bsz, -1, H, vdim)[:, :S]
     return o_BSHO.astype(v_BSHO.dtype), final_BKGEO.reshape(Bsz, H, E, vdim)
 
@@ -206,7 +254,7 @@ def gated_delta_step(q_BKE, k_BKE, v_BHO, g_BH, beta_BH, state_BHEO, *, normaliz
 def summarize(q_BSKE, k_BSKE, v_BSHO, g_BSH, beta_BSH, **rule):
     """A piece's (transition_BHEE, state_from_zero_BHEO): all `combine` needs to chain pieces.
 
-    `rule`: `gated_delta`'s keywords (chunk, normalize_qk, segment_ids_BS, segment_id_before_B); the
+    `rule`: `gated_delta`'s keywords (chunk, normalize_qk, segment_ids_BS, segment_id_before_B, intra); the
     piece runs from the state [0 | I] (no initial_state_BHEO of its own).
     """
     Bsz, S, H, vdim = v_BSHO.shape

@@ -21,6 +21,10 @@ and the conv weight is [k, u] where torch's depthwise Conv1d is [u, 1, k]. The c
 
 Decode carries a `GatedDeltaNetCache` per layer: the conv window (last w conv inputs) and the state.
 `gated_deltanet` on S tokens takes and returns it; `gated_deltanet_step` advances it by one token in O(1).
+
+`GatedDeltaNetDims.impl` (model.gdn_impl) picks the rule's intra-chunk parts (`intra_fns`): XLA's
+(gated_delta.py) or the Pallas kernels of nopejax/kernels/gdn.py, the same in training, context shards
+and prefill (a context piece's summary too); the scan over chunk states and the decode step are XLA.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from nopejax import context, sharding
+from nopejax.config import GDN_IMPLS
 from nopejax.mixers import gated_delta as gated_delta_lib
 from nopejax.mixers.conv import causal_conv, conv_step
 from nopejax.mixers.gated_delta import gated_delta, gated_delta_step
@@ -55,6 +60,7 @@ class GatedDeltaNetDims:
     chunk: int = 64  # transformers' chunk_size default
     allow_neg_eigval: bool = False  # linear_allow_neg_eigval
     norm_eps: float = 1e-5  # OLMo Hybrid's o_norm: 1e-5 fixed; Qwen3-Next's norm: rms_norm_eps
+    impl: str = "xla"  # the intra-chunk parts: "xla" (gated_delta.py) or "pallas" (nopejax/kernels/gdn.py)
 
     def __post_init__(self):
         if self.value_heads % self.key_heads:
@@ -62,6 +68,8 @@ class GatedDeltaNetDims:
                 f"gated_deltanet value_heads={self.value_heads} must be a multiple of key_heads={self.key_heads}:"
                 " change either"
             )
+        if self.impl not in GDN_IMPLS:
+            raise ValueError(f"gated_deltanet impl={self.impl!r}: use one of {GDN_IMPLS}")
 
     @property
     def key_dim(self) -> int:
@@ -322,6 +330,7 @@ def gated_deltanet(
         normalize_qk=True,
         segment_ids_BS=segment_ids_BS,
         initial_state_BHEO=None if cache is None else cache.state_BHEO,
+        intra=intra_fns(d.impl, per_device=False),
     )
     return _out(p, o_BSHO, h_BSD, d), GatedDeltaNetCache(window_Bwu, state_BHEO)
 
@@ -345,17 +354,55 @@ def _context_rule(p, qkv_BSu, g_BSH, beta_BSH, d: GatedDeltaNetDims, segment_ids
         )
         return (q_BcKE, k_BcKE, v_BcHO, g_BTH[:, L:], beta_BTH[:, L:]), rule
 
+    intra = intra_fns(d.impl, per_device=True)  # summarize and run are already inside shard_map
+
     def summarize(q, xs, seg_BT):
         args, rule = inputs(q, xs, seg_BT)
-        return gated_delta_lib.summarize(*args, **rule)
+        return gated_delta_lib.summarize(*args, intra=intra, **rule)
 
     def run(q, xs, seg_BT, state_BHEO):
         args, rule = inputs(q, xs, seg_BT)
-        return gated_delta(*args, initial_state_BHEO=state_BHEO, **rule)[0]
+        return gated_delta(*args, initial_state_BHEO=state_BHEO, intra=intra, **rule)[0]
 
     consts = {"conv1d_weight": p["conv1d_weight"]}
     return context.recurrence(
         summarize, run, gated_delta_lib.combine, consts, (qkv_BSu, g_BSH, beta_BSH), segment_ids_BS, lookback=L
+    )
+
+
+def intra_fns(impl: str, *, per_device: bool) -> gated_delta_lib.Intra:
+    """The intra-chunk parts of the rule (UT transform, chunk outputs) for model.gdn_impl `impl`.
+
+    "pallas": nopejax/kernels/gdn.py through `sharding.pallas_on_mesh` (Mosaic for TPU, Pallas's
+    interpreter on CPU; validation refuses GPUs), inside `shard_map` under a mesh of several devices,
+    key heads or the value heads of one key head split over `tensor` where it divides them;
+    `per_device`: the caller is inside `shard_map` already.
+    """
+    if impl == "xla":
+        return gated_delta_lib.XLA_INTRA
+    from nopejax.kernels.gdn import gdn_chunk_output, gdn_ut_transform
+
+    def ut_dims(k_BtcKE, v_BtcKGO, beta_BtKGc, cum_BtKGc, doc_Btc):
+        return v_BtcKGO.shape[0], *v_BtcKGO.shape[3:5]
+
+    def ut_specs(batch, on_K, on_G):
+        head_c = jax.P(batch, None, on_K, on_G, None)
+        ins = (jax.P(batch, None, None, on_K, None), jax.P(batch, None, None, on_K, on_G, None), head_c, head_c,
+               jax.P(batch, None, None))  # fmt: skip
+        return ins, (jax.P(batch, None, on_K, on_G, None, None),) * 2
+
+    def out_dims(q_BtcKE, k_BtcKE, new_BtKGcO, state_BtKGEO, cum_BtKGc, doc_Btc):
+        return new_BtKGcO.shape[0], *new_BtKGcO.shape[2:4]
+
+    def out_specs(batch, on_K, on_G):
+        group = jax.P(batch, None, None, on_K, None)
+        per_head = jax.P(batch, None, on_K, on_G, None, None)
+        ins = (group, group, per_head, per_head, jax.P(batch, None, on_K, on_G, None), jax.P(batch, None, None))
+        return ins, jax.P(batch, None, None, on_K, on_G, None)
+
+    return gated_delta_lib.Intra(
+        sharding.pallas_on_mesh(gdn_ut_transform, ut_dims, ut_specs, per_device=per_device),
+        sharding.pallas_on_mesh(gdn_chunk_output, out_dims, out_specs, per_device=per_device),
     )
 
 

@@ -44,7 +44,7 @@ def _gated_deltanet_dims(m) -> gated_deltanet.GatedDeltaNetDims:
         d_model=m.d_model, key_heads=m.gdn_key_heads, value_heads=m.gdn_value_heads,
         key_head_dim=m.gdn_key_head_dim, value_head_dim=m.gdn_value_head_dim, conv_kernel=m.gdn_conv_kernel,
         chunk=m.gdn_chunk_size, allow_neg_eigval=m.gdn_allow_neg_eigval,
-        norm_eps=m.rms_norm_eps if m.gdn_norm_eps is None else m.gdn_norm_eps,
+        norm_eps=m.rms_norm_eps if m.gdn_norm_eps is None else m.gdn_norm_eps, impl=m.gdn_impl,
     )  # fmt: skip
 
 

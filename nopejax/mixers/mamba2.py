@@ -35,7 +35,6 @@ or the Pallas kernels of nopejax/kernels/ssd.py (`intra_chunk_fn`), the same in 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import NamedTuple
 
@@ -232,42 +231,24 @@ def _context_scan(p, xbc_BSu, dt_BSH, d: Mamba2Dims, segment_ids_BS):
 def intra_chunk_fn(impl: str, *, per_device: bool):
     """The intra-chunk SSD (`ssd.intra_chunk`'s signature) for model.mamba_impl `impl`.
 
-    "pallas": nopejax/kernels/ssd.py, lowered by Mosaic when compiling for TPU (a TPU host or an
-    ahead-of-time TPU mesh), in Pallas's HLO interpreter on CPU (slow: for tests); validation
-    refuses GPUs. A Mosaic kernel is opaque to XLA's sharding propagation, so under a mesh of
-    several devices it runs inside `shard_map` on each device's rows (and its groups or heads when
-    the `tensor` axis divides them); `per_device`: the caller is inside `shard_map` already.
+    "pallas": nopejax/kernels/ssd.py through `sharding.pallas_on_mesh` (Mosaic for TPU, Pallas's
+    interpreter on CPU; validation refuses GPUs), inside `shard_map` under a mesh of several devices,
+    groups or heads split over `tensor` where it divides them; `per_device`: the caller is inside
+    `shard_map` already.
     """
     if impl == "xla":
         return ssd_lib.intra_chunk
     from nopejax.kernels.ssd import ssd_intra_chunk
 
-    platform = sharding.compile_platform()
-    kernel = functools.partial(
-        ssd_intra_chunk, interpret=platform == "cpu", backend="tpu" if platform == "tpu" else None
-    )
-    mesh = jax.sharding.get_abstract_mesh()
-    if per_device or mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
-        return kernel
+    def dims(C_BtcKE, B_BtcKE, xdt_BtcKGO, a_BtKGc, doc_Btc):
+        return xdt_BtcKGO.shape[0], *xdt_BtcKGO.shape[3:5]
 
-    def split(logical: str, n: int):  # the mesh axes of `logical` if they divide n, else None (replicated)
-        axes = sharding.logical_to_spec([logical], mesh)[0]
-        size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
-        return axes if size > 1 and n % size == 0 else None
-
-    def per_shard(C_BtcKE, B_BtcKE, xdt_BtcKGO, a_BtKGc, doc_Btc):
-        Bz, K, G = xdt_BtcKGO.shape[0], *xdt_BtcKGO.shape[3:5]
-        batch = split("act_batch", Bz)  # a generation sample of one row under a training mesh: replicated
-        on_K = split("act_heads", K)  # groups split: each device its own C, B
-        on_G = None if on_K else split("act_heads", G)  # else heads within groups
+    def specs(batch, on_K, on_G):
         group = jax.P(batch, None, None, on_K, None)
         head = jax.P(batch, None, None, on_K, on_G, None)
-        specs = (group, group, head, jax.P(batch, None, on_K, on_G, None), jax.P(batch, None, None))
-        return jax.shard_map(kernel, in_specs=specs, out_specs=head, check_vma=False)(
-            C_BtcKE, B_BtcKE, xdt_BtcKGO, a_BtKGc, doc_Btc
-        )
+        return (group, group, head, jax.P(batch, None, on_K, on_G, None), jax.P(batch, None, None)), head
 
-    return per_shard
+    return sharding.pallas_on_mesh(ssd_intra_chunk, dims, specs, per_device=per_device)
 
 
 def mamba2_step(p: dict, h_BD, d: Mamba2Dims, cache: Mamba2Cache):

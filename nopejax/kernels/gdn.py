@@ -50,6 +50,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from nopejax.kernels import tiles
+
 F32 = jnp.float32
 
 
@@ -69,23 +71,7 @@ def _from_start(cum_r, doc_r):
     return jnp.exp(jnp.where(doc_r == 0, cum_r, -jnp.inf))
 
 
-def _dot(a, b, dims):
-    """fp32 accumulation; fp32 operands at full fp32 precision, bf16 operands in one MXU pass."""
-    both_f32 = a.dtype == F32 and b.dtype == F32
-    precision = lax.Precision.HIGHEST if both_f32 else lax.Precision.DEFAULT
-    return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=F32)
-
-
-def _nt(a, b):  # a [m, k] . b [n, k]^T -> [m, n]
-    return _dot(a, b, ((1,), (1,)))
-
-
-def _nn(a, b):  # a [m, k] . b [k, n] -> [m, n]
-    return _dot(a, b, ((1,), (0,)))
-
-
-def _tn(a, b):  # a [k, m]^T . b [k, n] -> [m, n]
-    return _dot(a, b, ((0,), (0,)))
+_dot, _nt, _nn, _tn = tiles.dot, tiles.nt, tiles.nn, tiles.tn
 
 
 def _rows(x):  # [c, c] -> [c, 1]

@@ -21,7 +21,7 @@ the head axis) and the gradient of cum as a row sum minus a column sum of dP o P
 Layout: the wrapper moves chunks and heads in front, [B, K, t, c, E] for C and B and [B, H, t, c, O]
 for xdt, so a block's last two dims are whole axes (any E and O; Mosaic wants whole axes or
 multiples of (8, 128)). cum and doc travel as [.., c, 1] rows and [.., 1, c] columns, never
-broadcast to [c, c] in HBM. Imports nothing from the rest of nopejax.
+broadcast to [c, c] in HBM. Imports nothing from the rest of nopejax but its sibling tiles.py.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from nopejax.kernels import tiles
 
 F32 = jnp.float32
 
@@ -46,24 +48,7 @@ def _decay(cum_r, cum_c, doc_r, doc_c):
     return jnp.exp(jnp.where(visible, cum_r - cum_c, -jnp.inf))
 
 
-def _dot(a, b, dims):
-    """fp32 accumulation; fp32 operands at full fp32 precision (as XLA's form at "highest"), bf16
-    operands in one MXU pass (an explicit precision: Mosaic rejects fp32 contract precision on bf16)."""
-    both_f32 = a.dtype == F32 and b.dtype == F32
-    precision = lax.Precision.HIGHEST if both_f32 else lax.Precision.DEFAULT
-    return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=F32)
-
-
-def _nt(a, b):  # a [m, k] . b [n, k]^T -> [m, n]
-    return _dot(a, b, ((1,), (1,)))
-
-
-def _nn(a, b):  # a [m, k] . b [k, n] -> [m, n]
-    return _dot(a, b, ((1,), (0,)))
-
-
-def _tn(a, b):  # a [k, m]^T . b [k, n] -> [m, n]
-    return _dot(a, b, ((0,), (0,)))
+_dot, _nt, _nn, _tn = tiles.dot, tiles.nt, tiles.nn, tiles.tn
 
 
 def _fwd_kernel(c_ref, b_ref, x_ref, cr_ref, cc_ref, dr_ref, dc_ref, y_ref, s_ref):

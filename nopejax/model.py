@@ -39,7 +39,7 @@ from flax import nnx
 from nopejax import attention, config, layers, moe
 from nopejax import rope as rope_lib
 from nopejax.mixers import kinds as mixer_kinds
-from nopejax.sharding import constrain, constrain_dividing
+from nopejax.sharding import constrain, constrain_dividing, mesh_size
 
 # name -> (shape given the model config, logical axes); the leading `layers` axis is implied.
 LAYER_PARAMS = {
@@ -612,15 +612,24 @@ def apply(graphdef, params, tokens_BS, positions=None, segment_ids=None, *, meth
     return getattr(nnx.merge(graphdef, params), method)(tokens_BS, positions, segment_ids)
 
 
-def loss_head(graphdef, params, dtype):
-    """The LM head [D, V] for the loss, its vocabulary split over every axis that shards the weights
-    (`loss_vocab`): resharded once per step, so the chunks of train.loss_sums gather no weights and
-    reduce no [D, V] gradient across devices (each device's columns get their gradient whole)."""
-    return constrain_dividing(nnx.merge(graphdef, params).head(dtype), (None, "loss_vocab"))
+def loss_head(graphdef, params, dtype, rows: int):
+    """The LM head for the loss, [R, D, V]: one copy per data-parallel replica R (`loss_batch`'s
+    devices, when they divide the `rows` of the batch), its vocabulary split over every axis that
+    shards the weights (`loss_vocab`). Resharded once per step, so the chunks of train.loss_sums
+    gather no weights and reduce no [D, V] gradient across devices: each device's columns get their
+    gradient whole from its own rows, summed over the replicas once, after the last chunk (with one
+    shared [D, V] the partitioner all-reduces it over the data axis in every chunk)."""
+    head_DV = nnx.merge(graphdef, params).head(dtype)
+    R = mesh_size("loss_batch")
+    R = R if rows % R == 0 else 1
+    return constrain_dividing(jnp.broadcast_to(head_DV, (R, *head_DV.shape)), ("loss_batch", None, "loss_vocab"))
 
 
-def apply_head(graphdef, params, x_BSD, head_DV):
-    """`loss_head`'s head applied to hidden states -> float32 logits [B, S, V], split like the head."""
-    x_BSD = constrain(x_BSD, ("loss_batch", None, None))
-    logits_BSV = nnx.merge(graphdef, params).head_logits(x_BSD, head_DV)
-    return constrain_dividing(logits_BSV, ("loss_batch", None, "loss_vocab"))
+def apply_head(graphdef, params, x_BSD, head_RDV):
+    """`loss_head`'s head applied to hidden states -> float32 logits [B, S, V], split like the head:
+    rows r * B/R ... (r + 1) * B/R are replica r's."""
+    (B, S, D), R = x_BSD.shape, head_RDV.shape[0]
+    x_RBSD = constrain(x_BSD.reshape(R, B // R, S, D), ("loss_batch", None, None, None))
+    logits_RBSV = jax.vmap(nnx.merge(graphdef, params).head_logits)(x_RBSD, head_RDV)
+    logits_RBSV = constrain_dividing(logits_RBSV, ("loss_batch", None, None, "loss_vocab"))
+    return logits_RBSV.reshape(B, S, -1)

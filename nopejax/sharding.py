@@ -51,7 +51,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_vocab": "tensor",
     # the LM head and loss (train.loss_sums): the head's vocabulary over every axis that shards the
     # weights, the hidden states of a loss chunk gathered to match, so each device's share of the
-    # head's gradient is its own and nothing of [V, D] crosses devices inside the chunk loop
+    # head's gradient is its own and nothing of [V, D] crosses devices inside the chunk loop (the
+    # head has one copy per data replica for that: model.loss_head)
     "loss_batch": "data",
     "loss_vocab": ("fsdp", CONTEXT_AXIS, "expert", "tensor"),
 }
@@ -93,6 +94,15 @@ def constrain_dividing(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.
                 shards *= mesh.shape[axis]
         spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def mesh_size(logical: str) -> int:
+    """Devices the logical axis `logical` is split over under the current mesh; 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return 1
+    axes = logical_to_spec([logical], mesh)[0]
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
 
 
 def context_size(mesh=None) -> int:

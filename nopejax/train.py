@@ -53,10 +53,10 @@ def loss_sums(graphdef, params, batch, z_loss: float, chunk_len: int = 0):
         graphdef, params, batch["inputs"], batch["positions"], batch["segment_ids"], method="hidden_and_aux"
     )
 
-    head_DV = model.loss_head(graphdef, params, x_BSD.dtype)
+    head_RDV = model.loss_head(graphdef, params, x_BSD.dtype, rows=x_BSD.shape[0])
 
     def chunk_sums(x_BcD, targets_Bc, mask_Bc):
-        logits_BcV = model.apply_head(graphdef, params, x_BcD, head_DV)
+        logits_BcV = model.apply_head(graphdef, params, x_BcD, head_RDV)
         log_z_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
         # a masked sum, not a gather: each device sums its own vocabulary columns
         vocab_V = jnp.arange(logits_BcV.shape[-1], dtype=targets_Bc.dtype)

@@ -2,7 +2,7 @@
 Pallas kernels (nopejax/kernels/gdn.py, in Pallas's interpreter on CPU) against the XLA form: two train steps of
 configs/tiny_hybrid_gdn.py on packed rows (S = 80 with chunks of 64: documents start inside chunks, a padded
 tail), on one device and on an fsdp x context mesh (the kernels inside the context recurrence); the mixer under
-a data x tensor mesh (the kernels inside `shard_map`); the Mosaic compile of a train step for a v5p slice ahead
+a data x tensor mesh (the kernels inside `shard_map`); generation's chunked prefill; the Mosaic compile of a train step for a v5p slice ahead
 of time; and the refusals.
 """
 
@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_recurrent_context import _rows, _train
+from test_mamba_impl import check_prefill_equals_xla
+from test_recurrent_context import _rows, _train, hybrid_cfg
 from test_train import _libtpu, random_batches
 
 from nopejax import config, sharding, train, validation
@@ -76,6 +77,14 @@ def test_pallas_mixer_under_a_data_tensor_mesh_equals_xla():
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         a, b = np.asarray(a), np.asarray(b)
         assert np.abs(a - b).max() / np.abs(b).max() < 1e-5  # measured: at most 3e-7
+
+
+def test_pallas_prefill_equals_xla():
+    """Generation's chunked prefill with the kernels (GDN chunks of 4 inside prefill chunks of 16, prompts
+    left-padded) under data 2 x tensor 2: first token, logits and every GDN layer's state equal XLA's."""
+    check_prefill_equals_xla(
+        lambda impl: hybrid_cfg(gdn=True, model_fields={"gdn_impl": impl}, data=2, tensor=2), "gated_deltanet"
+    )
 
 
 @pytest.mark.skipif(not _libtpu(), reason="libtpu not installed (pip install -e '.[tpu]')")

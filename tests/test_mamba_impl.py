@@ -122,16 +122,17 @@ def test_pallas_under_context_parallelism_equals_xla(xla_one_device):
     _check(_pallas(data=2, context=2), jax.devices()[:4], xla_one_device, zigzag=2)
 
 
-def test_pallas_prefill_equals_xla():
-    """A chunked prefill of left-padded prompts (2 chunks of 16: the second continues the cache):
-    the first token's logits and every Mamba2 cache equal the XLA path's, on the same params. The
-    kernel's prefill runs under a data 2 x tensor 2 mesh (as training's samples do): 3 rows do not
-    split over data, so they stay whole; the 2 groups split over tensor."""
+def check_prefill_equals_xla(cfg_for, cache_name: str):
+    """A chunked prefill of left-padded prompts (2 chunks of 16: the second continues the cache) with
+    `cfg_for("pallas")`: the first token's logits and every `cache_name` layer's cache equal
+    `cfg_for("xla")`'s, on the same params. The kernels' prefill runs under a data 2 x tensor 2 mesh
+    (as training's samples do): 3 rows do not split over data, so they stay whole; the 2 groups (key
+    heads) split over tensor. Shared with the Gated DeltaNet kernels' test."""
     prompts = [np.random.default_rng(row).integers(1, 62, n) for row, n in enumerate((5, 21, 12))]
     tokens, pos, seg = decode.left_pad(prompts, 0, 16)
     params, out = None, {}
     for impl in ("xla", "pallas"):
-        cfg = _cfg({"mamba_impl": impl}, data=2, tensor=2)
+        cfg = cfg_for(impl)
         graphdef, own = model.split(model.create(validation.validate(cfg).model, seed=3))
         params = own if params is None else params
         args = (graphdef, params, tokens, pos, seg, jax.random.key(0), decode.Sampling())
@@ -144,8 +145,13 @@ def test_pallas_prefill_equals_xla():
     (cache, first, logits), (cache_x, first_x, logits_x) = out["pallas"], out["xla"]
     _close(np.asarray(logits), np.asarray(logits_x), 5e-6)
     np.testing.assert_array_equal(first, first_x)
-    for got, want in zip(cache.recurrent["mamba2"], cache_x.recurrent["mamba2"]):
+    assert len(cache.recurrent[cache_name]) > 0
+    for got, want in zip(cache.recurrent[cache_name], cache_x.recurrent[cache_name]):
         _close(np.asarray(got), np.asarray(want), 5e-6)
+
+
+def test_pallas_prefill_equals_xla():
+    check_prefill_equals_xla(lambda impl: _cfg({"mamba_impl": impl}, data=2, tensor=2), "mamba2")
 
 
 @pytest.mark.skipif(not _libtpu(), reason="libtpu not installed (pip install -e '.[tpu]')")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 
@@ -98,6 +99,23 @@ def attended_pairs(spec: layers.LayerSpec, S: int) -> float:
     return S * S / 2
 
 
+def summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch where it is
+    installed only to accept torch tensors, which costs every `nopejax train` 2-6 s of its start;
+    this module writes Python floats. (An import made while `sys.modules["torch"]` is None raises
+    ImportError, which tensorboardX catches; torch imports normally afterwards.)"""
+    if "torch" in sys.modules:  # imported already (or blocked by the caller): nothing to save
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Writer:
     """metrics.jsonl + TensorBoard. Only process 0 writes; other processes hold a no-op."""
 
@@ -107,9 +125,7 @@ class Writer:
         if enabled:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:

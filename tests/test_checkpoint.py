@@ -19,7 +19,7 @@ from test_train import ROOT, nopejax, random_batches, small_cfg
 from nopejax import checkpoint, checkpoint_faults, cli, train
 from nopejax.config import ConfigError, RunError
 
-RUN = ["--config", "configs/tiny.py", "--config.train.steps=24", "--config.train.log_every=1",
+RUN = ["--config", os.path.join(ROOT, "configs", "tiny.py"), "--config.train.steps=24", "--config.train.log_every=1",
        "--config.train.eval_every=0", "--config.checkpoint.every_steps=4", "--config.optim.warmup_steps=4",
        "--config.optim.decay_steps=4", "--config.model.num_layers=3", "--config.train.global_batch_size=8",
        "--config.train.seq_len=64", "--no-progress"]  # fmt: skip
@@ -329,14 +329,14 @@ def test_restore_into_an_incompatible_model_names_the_field(tmp_path, change, fi
     assert err.value.field == field
 
 
-@pytest.mark.slow  # five CLI processes
-def test_export_from_checkpoint_matches_transformers_and_import_round_trips(tmp_path):
+@pytest.mark.slow  # three CLI training processes
+def test_export_from_checkpoint_matches_transformers_and_import_round_trips(tmp_path, capsys):
     import torch
     import transformers
 
     wd, out = tmp_path / "run", tmp_path / "hf"
     nopejax("train", "--workdir", str(wd), *RUN[:-1], "--config.train.steps=8", "--no-progress")
-    nopejax("export", "--workdir", str(wd), "--out", str(out))
+    assert cli.main(["export", "--workdir", str(wd), "--out", str(out)]) == 0
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
     assert hf_model.config.no_rope_layers == [1, 1, 1]
     ours = checkpoint.load_model(str(wd))
@@ -350,13 +350,14 @@ def test_export_from_checkpoint_matches_transformers_and_import_round_trips(tmp_
     nopejax("train", "--workdir", str(wd_b), *RUN[:-1], "--config.train.steps=8", f"--config.init_from={wd}")
     a, b = losses(wd), losses(wd_b)
     assert sorted(b) == list(range(1, 9)) and b[1] < a[1] - 0.5 and abs(b[1] - a[8]) < 0.3
-    proc = nopejax("train", "--workdir", str(tmp_path / "bad"), *RUN[:-1], f"--config.init_from={wd}",
-                   "--config.model.num_layers=4", check=False)  # fmt: skip
-    assert proc.returncode == 2 and "model.num_layers" in proc.stderr
+    capsys.readouterr()
+    code = cli.main(["train", "--workdir", str(tmp_path / "bad"), *RUN, f"--config.init_from={wd}",
+                     "--config.model.num_layers=4"])  # fmt: skip
+    assert code == 2 and "model.num_layers" in capsys.readouterr().err
 
     # import-hf writes a step-0 checkpoint that training continues from
     wd2 = tmp_path / "imported"
-    nopejax("import-hf", str(out), "--workdir", str(wd2), "--config", "configs/tiny.py")
+    assert cli.main(["import-hf", str(out), "--workdir", str(wd2), "--config", RUN[1]]) == 0
     back = checkpoint.load_model(str(wd2))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, _params(back)), _params(ours))
     nopejax("train", "--workdir", str(wd2), *RUN[:-1], "--config.train.steps=8", "--no-progress")

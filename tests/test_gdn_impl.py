@@ -2,8 +2,8 @@
 Pallas kernels (nopejax/kernels/gdn.py, in Pallas's interpreter on CPU) against the XLA form: two train steps of
 configs/tiny_hybrid_gdn.py on packed rows (S = 80 with chunks of 64: documents start inside chunks, a padded
 tail), on one device and on an fsdp x context mesh (the kernels inside the context recurrence); the mixer under
-a data x tensor mesh (the kernels inside `shard_map`); generation's chunked prefill; the Mosaic compile of a train step for a v5p slice ahead
-of time; and the refusals.
+a data x tensor mesh (the kernels inside `shard_map`); generation's chunked prefill; the Mosaic compile of a
+train step for a v5p slice ahead of time; and the refusals.
 """
 
 import dataclasses

@@ -1,5 +1,5 @@
 """No tensor replicated by XLA's partitioner: the train step on every mesh the tests use (data,
-fsdp, context, tensor, expert alone, each ordered pair as 2 x 4, and fsdp x context x tensor),
+fsdp, context, tensor, expert alone, each pair of them as 2 x 4, and fsdp x context x tensor),
 compiled on 8 fake CPU devices, makes the SPMD partitioner print no "Involuntary full
 rematerialization" (its last resort when it cannot move a tensor between two shardings: a full copy
 on every device, then a re-partition).
@@ -38,7 +38,9 @@ if jax.__version_info__ >= (0, 11):
 AXES = ("data", "fsdp", "context", "tensor", "expert")
 MESHES = (
     [{a: 8} for a in AXES]
-    + [{a: 2, b: 4} for a, b in itertools.permutations(AXES, 2)]
+    + [{a: 2, b: 4} for a, b in itertools.combinations(AXES, 2)]
+    # the reversed pairs that once rematerialized (docs/results/compile.md), the others as 2 x 4 only
+    + [dict(fsdp=2, data=4), dict(context=2, fsdp=4), dict(expert=2, fsdp=4)]
     + [dict(fsdp=2, context=2, tensor=2), dict(data=2, context=2, tensor=2)]
 )
 

@@ -201,12 +201,12 @@ HYBRID_ARMS = [("copy", "mamba2_hybrid"), ("passkey", "gdn_hybrid")]
 
 @pytest.mark.parametrize("task,pattern", EXPERIMENTS + HYBRID_ARMS)
 def test_experiment_config_trains_and_reports_per_length(task, pattern, tmp_path):
-    """30 steps of the real recipe (batch cut to one row per device and microbatch), then `eval-length`
+    """10 steps of the real recipe (batch cut to one row per device and microbatch), then `eval-length`
     reports every length; the recurrent hybrids train 3 steps at the smaller shapes above."""
     path = experiment_path(task, pattern)
     workdir = str(tmp_path / f"{task}_{pattern}")
     batch_rows = 8 * config.load_config(str(path)).train.grad_accum  # each microbatch split over the 8 test devices
-    overrides = ["train.steps=30", f"train.global_batch_size={batch_rows}", "checkpoint.async_save=False"]
+    overrides = ["train.steps=10", f"train.global_batch_size={batch_rows}", "checkpoint.async_save=False"]
     tiny = (task, pattern) in HYBRID_ARMS
     if tiny:
         overrides += TINY + TINY_TASK[task]

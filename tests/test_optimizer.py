@@ -69,11 +69,11 @@ def test_absolute_steps_still_mean_steps_and_impossible_ones_fail():
         assert "Fix:" in str(err.value)
 
 
-# 20 steps: test_train.py::test_cli_trains_tiny_on_the_offline_corpus (.ci/run's smoke run: 50), which
-# overrides nothing else that changes training
-@pytest.mark.parametrize("steps", [1, 7])
+# 20 steps: test_train.py::test_cli_trains_tiny_on_the_offline_corpus (and .ci/run's smoke run), which
+# override nothing else that changes training
+@pytest.mark.parametrize("steps", [1])
 def test_train_steps_alone_is_enough(tmp_path, steps):
-    # the most common override, with no warmup/decay overrides beside it
+    # the most common override, with no warmup/decay overrides beside it: 1 step, where both fractions round to 0
     args = ["train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path),
             f"--config.train.steps={steps}", "--no-progress"]  # fmt: skip
     assert cli.main(args) == 0

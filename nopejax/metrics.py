@@ -104,15 +104,14 @@ def summary_writer_class():
     installed only to accept torch tensors, which costs every `nopejax train` 2-6 s of its start;
     this module writes Python floats. (An import made while `sys.modules["torch"]` is None raises
     ImportError, which tensorboardX catches; torch imports normally afterwards.)"""
-    if "torch" in sys.modules:  # imported already (or blocked by the caller): nothing to save
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    sys.modules["torch"] = None
+    blocked = "torch" not in sys.modules  # imported already: nothing to save, and it must stay
+    if blocked:
+        sys.modules["torch"] = None
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if blocked:
+            del sys.modules["torch"]
     return SummaryWriter
 
 

@@ -71,9 +71,9 @@ def test_absolute_steps_still_mean_steps_and_impossible_ones_fail():
 
 # 20 steps: test_train.py::test_cli_trains_tiny_on_the_offline_corpus (and .ci/run's smoke run), which
 # override nothing else that changes training
-@pytest.mark.parametrize("steps", [1])
-def test_train_steps_alone_is_enough(tmp_path, steps):
+def test_train_steps_alone_is_enough(tmp_path):
     # the most common override, with no warmup/decay overrides beside it: 1 step, where both fractions round to 0
+    steps = 1
     args = ["train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path),
             f"--config.train.steps={steps}", "--no-progress"]  # fmt: skip
     assert cli.main(args) == 0

@@ -146,8 +146,8 @@ def nopejax(*args, env=None, check=True, timeout=600):
 
 @pytest.mark.slow  # 20 training steps
 def test_cli_trains_tiny_on_the_offline_corpus(tmp_path):
-    """README's first command, cut to 20 steps (.ci/run's smoke run trains 50): `train.steps` is the
-    only override that changes training (warmup and decay are fractions of it); the others only say
+    """README's first command, cut to 20 steps (as .ci/run's smoke run): `train.steps` is the only
+    override that changes training (warmup and decay are fractions of it); the others only say
     when to log, evaluate and save."""
     wd = tmp_path / "run"
     nopejax("train", "--config", "configs/tiny.py", "--workdir", str(wd), "--config.train.steps=20",

@@ -1,7 +1,8 @@
 """Bytes moved by the collectives of a compiled XLA program, read from its HLO text.
 
     from hlo_collectives import collective_bytes
-    collective_bytes(compiled.as_text())  # {"all-gather": {"count": .., "operand_bytes": .., "moved_bytes": ..}, ...}
+    collective_bytes(compiled.as_text())  # {"all-gather": {"count": .., "operand_bytes": .., "moved_bytes": ..,
+                                          #                 "largest_operand_bytes": ..}, ...}
 
 Per device and per execution of the program. Each collective's operand shapes are summed, and
 counted as many times as it runs: an instruction inside a while loop counts trip-count times, nested
@@ -142,7 +143,8 @@ def collective_bytes(hlo_text: str) -> dict:
                 "all-reduce": 2 * operand * (n - 1) / n,
                 "collective-permute": operand,
             }[kind]
-            row = out.setdefault(kind, {"count": 0, "operand_bytes": 0, "moved_bytes": 0})
+            row = out.setdefault(kind, {"count": 0, "operand_bytes": 0, "moved_bytes": 0, "largest_operand_bytes": 0})
+            row["largest_operand_bytes"] = max(row["largest_operand_bytes"], operand)
             row["count"] += runs[name]
             row["operand_bytes"] += runs[name] * operand
             row["moved_bytes"] += round(runs[name] * moved)

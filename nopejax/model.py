@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nopejax import attention, config, layers, moe
+from nopejax import attention, config, embedding, layers, moe
 from nopejax import rope as rope_lib
 from nopejax.mixers import kinds as mixer_kinds
 from nopejax.sharding import constrain, constrain_dividing, mesh_size
@@ -526,13 +526,8 @@ class Decoder(nnx.Module):
     def embed_tokens(self, tokens_BS):
         """tokens int32 [B, S] -> embeddings [B, S, D] in the compute dtype, times `model.embed_scale`
         (AFMoE's muP input scale; HF scales in the compute dtype too)."""
-        # The table's D is gathered before the lookup, as every FSDP weight is at its use, so the rows
-        # come out sharded like the tokens. Looked up from the D-sharded table, they would come out
-        # [B, S, D / shards] and need D moved onto batch x sequence: XLA's partitioner does that only
-        # by replicating [B, S, D] on every device once the move spans two mesh axes (fsdp x context,
-        # data x fsdp), and likewise for the gradient (docs/guides/long-context.md, "Sharding").
-        table_VD = constrain(self.embed[...], ("vocab", "act_embed"))
-        x_BSD = jnp.take(table_VD, tokens_BS, axis=0).astype(_dtype(self.cfg.dtype))
+        # ids travel, not the table: under a mesh no device gathers [V, D] or its gradient (nopejax/embedding.py)
+        x_BSD = embedding.lookup(self.embed[...], tokens_BS, _dtype(self.cfg.dtype))
         return x_BSD * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x_BSD
 
     def hidden(self, tokens_BS, positions=None, segment_ids=None):

@@ -13,7 +13,9 @@ the scan over layers, and the windowed einsums whose collective-permute rings st
 all-gather or reduce-scatter, would count once each. `moved_bytes` estimates what
 one device receives, given the group size n of its replica groups: all-gather operand * (n - 1),
 reduce-scatter and all-to-all operand * (n - 1) / n, all-reduce 2 * operand * (n - 1) / n (a ring's
-reduce-scatter + all-gather), collective-permute its operand. Async pairs count once (the -start op).
+reduce-scatter + all-gather), collective-permute its operand. TPU programs write some reduce-scatters
+as an all-reduce inside an `all-reduce-scatter` fusion, which keeps one shard: those count as
+reduce-scatters. Async pairs count once (the -start op).
 A ragged all-to-all moves as many rows as the routing decides at run time, which the HLO cannot
 tell: a device sends at most its input and receives at most its output buffer, so its operand is
 the smaller of the two (not the offsets), and its moved bytes operand * (n - 1) / n are what
@@ -65,8 +67,10 @@ def _operands(line: str, start: int) -> str:
 
 
 def _group_size(line: str) -> int:
-    named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
-    if named:  # mesh['data'=1,'expert'=8,...] {'expert'}: the product of the listed axes
+    # mesh['data'=1,'expert'=8,...] {'expert'}: the product of the listed axes; a mesh whose devices
+    # are in another order prints `device_ids=([2,4]T(1,0))` between the two
+    named = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)
+    if named:
         sizes = dict(re.findall(r"'([^']+)'=(\d+)", named.group(1)))
         n = 1
         for axis in re.findall(r"'([^']+)'", named.group(2)):
@@ -128,6 +132,9 @@ def collective_bytes(hlo_text: str) -> dict:
             if not op or runs[name] == 0:
                 continue
             kind = op.group(1)
+            if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+                # TPU's reduce-scatter: an all-reduce in a fusion that keeps one device's shard of it
+                kind = "reduce-scatter"
             operands = _operands(line, op.end() - 1)
             refs = OPERAND.findall(operands)
             if kind == "ragged-all-to-all":  # (input, output buffer, offsets, sizes): the smaller buffer bounds it

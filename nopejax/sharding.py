@@ -59,14 +59,16 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], mesh: Mesh | None = None) -> PartitionSpec:
-    """Logical names -> PartitionSpec, dropping mesh axes of size 1 (they shard nothing)."""
+    """Logical names -> PartitionSpec, dropping mesh axes of size 1 (they shard nothing) and, inside
+    `shard_map`, the axes it made manual (each device holds its own part along them already)."""
+    manual = getattr(mesh, "manual_axes", ()) if mesh is not None else ()
     spec = []
     for name in logical_axes:
         target = LOGICAL_RULES.get(name) if name else None
         if isinstance(target, str):
             target = (target,)
         if target and mesh is not None:
-            target = tuple(a for a in target if mesh.shape.get(a, 1) > 1)
+            target = tuple(a for a in target if mesh.shape.get(a, 1) > 1 and a not in manual)
         spec.append(target if target else None)
     return PartitionSpec(*[t[0] if t and len(t) == 1 else t for t in spec])
 

@@ -21,3 +21,11 @@ def test_mixers_benchmark_times_every_mixer():
     rows = [line for line in out.splitlines() if line.startswith("| ") and "| 256 |" in line]
     assert [row.split("|")[1].strip() for row in rows] == ["mamba2", "gated_deltanet", "attention"]
     assert all(float(row.split("|")[4]) > 0 for row in rows), out  # a time per step for each
+
+
+def test_step_collectives_benchmark_prints_a_row_per_mesh_and_accumulation():
+    out = run("benchmarks/step_collectives.py", "--topology", "cpu", "--d-model", "128", "--layers", "1",
+              "--meshes", "data=2", "--grad-accum", "1,2")  # fmt: skip
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| data 2 |")]
+    assert [row[2].strip() for row in rows] == ["1", "2"], out
+    assert all(float(row[-3]) > 0 for row in rows), out  # the gradient's all-reduce at least

@@ -79,3 +79,40 @@ def test_a_printed_trip_count_wins():
     hlo = LOOP.replace("LIMIT", "8").replace("STEP", "1").replace("START", "0")
     hlo = hlo.replace("body=%body", 'body=%body, backend_config={"known_trip_count":{"n":"3"}}')
     assert collective_bytes(hlo)["all-reduce"]["count"] == 3
+
+
+def test_collective_parser_reads_the_group_of_a_mesh_with_reordered_devices():
+    """TPU HLO names a group by mesh axes, and where the mesh's devices are in another order it prints
+    their order between the axes and the group: the group is still the listed axes' product."""
+    group = "replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=1,'axis_3'=2], device_ids=([2,4]T(1,0)) {'axis_0'}"
+    hlo = f"""HloModule m
+
+ENTRY %main (p0: bf16[1024,256]) -> bf16[4096,256] {{
+  %p0 = bf16[1024,256]{{1,0}} parameter(0)
+  ROOT %g = bf16[4096,256]{{1,0}} all-gather(%p0), channel_id=4, {group}, dimensions={{0}}, use_global_device_ids=true
+}}
+"""
+    row = collective_bytes(hlo)["all-gather"]
+    assert row["operand_bytes"] == 1024 * 256 * 2 and row["moved_bytes"] == 1024 * 256 * 2 * 3
+
+
+def test_collective_parser_counts_tpus_all_reduce_scatter_fusion_as_a_reduce_scatter():
+    """TPU writes a reduce-scatter as an all-reduce inside an `all-reduce-scatter` fusion that keeps
+    one device's shard: it moves what a reduce-scatter does, half an all-reduce."""
+    hlo = """HloModule m
+
+%all-reduce-scatter.2.clone.1 (input.28: bf16[1024,64]) -> bf16[256,64] {
+  %input.28 = bf16[1024,64]{1,0} parameter(0)
+  %all-reduce.168 = bf16[1024,64]{1,0} all-reduce(%input.28), channel_id=75, replica_groups={{0,1,2,3},{4,5,6,7}}
+  %id = u32[] partition-id()
+  ROOT %slice = bf16[256,64]{1,0} dynamic-slice(%all-reduce.168, %id, %id), dynamic_slice_sizes={256,64}
+}
+
+ENTRY %main (p0: bf16[1024,64]) -> bf16[256,64] {
+  %p0 = bf16[1024,64]{1,0} parameter(0)
+  ROOT %f = bf16[256,64]{1,0} fusion(%p0), kind=kCustom, calls=%all-reduce-scatter.2.clone.1
+}
+"""
+    rows = collective_bytes(hlo)
+    assert list(rows) == ["reduce-scatter"]
+    assert rows["reduce-scatter"]["moved_bytes"] == 1024 * 64 * 2 * 3 / 4

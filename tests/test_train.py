@@ -102,15 +102,47 @@ def test_chunked_loss_equals_whole_sequence_loss():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_chunked, g_whole)
 
 
-def test_grad_accumulation_equals_full_batch():
-    cfg = small_cfg(data=2, fsdp=2)
+@pytest.mark.parametrize(
+    "mesh, moe",
+    [(dict(data=2, fsdp=2), False), (dict(data=2, context=2, expert=2), True)],
+    ids=["data2xfsdp2", "data2xcontext2xexpert2-moe"],
+)
+def test_grad_accumulation_equals_full_batch(mesh, moe):
+    """4 microbatches (each data replica summing its own, inside shard_map over `data`, with the
+    context-parallel attention and the expert dispatch nested in it) update the params as one batch."""
+    cfg = small_cfg(**mesh)
     cfg.model.num_layers = 2  # accumulation is over the batch, not the layers: one scanned run compiles fastest
+    if moe:
+        cfg.model.update(ffn_types=("moe", "moe"), num_experts=4, experts_per_token=2, expert_d_ff=32)
+    n = int(np.prod(list(mesh.values())))
+    cfg.train.global_batch_size = 4 * n // mesh.get("context", 1)  # 4 microbatches, each split over the batch axes
     batches = random_batches(cfg, 2, seed=3)
-    full_losses, full = run_steps(cfg, batches, jax.devices()[:4])
+    full_losses, full = run_steps(cfg, batches, jax.devices()[:n])
     cfg.train.grad_accum = 4
-    acc_losses, acc = run_steps(cfg, batches, jax.devices()[:4])
+    acc_losses, acc = run_steps(cfg, batches, jax.devices()[:n])
     np.testing.assert_allclose(acc_losses, full_losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), acc["params"], full["params"])
+
+
+def test_grad_accumulation_reduces_over_data_once():
+    """Across `data` the microbatches' gradients are summed per replica and all-reduced once per step:
+    the step with 4 microbatches moves what the step with one does (the partitioner, left to itself,
+    all-reduced every microbatch's whole gradient: 4x)."""
+    from benchmarks.hlo_collectives import collective_bytes
+
+    moved = {}
+    for accum in (1, 4):
+        cfg = small_cfg(data=4)
+        cfg.model.num_layers = 2
+        cfg.train.update(global_batch_size=16, grad_accum=accum)
+        s = train.setup(cfg, jax.devices()[:4])
+        step, _ = train.compile_fns(s)
+        with jax.set_mesh(s.mesh):
+            hlo = step.lower(s.abstract_state, train.abstract_batch(s)).compile().as_text()
+        moved[accum] = collective_bytes(hlo)["all-reduce"]["moved_bytes"]
+    params_bytes = 4 * sum(x.size for x in jax.tree.leaves(s.abstract_state["params"]))
+    assert moved[1] >= params_bytes  # one all-reduce of the whole gradient (2 (n - 1) / n of it)
+    assert moved[4] < 1.1 * moved[1], f"4 microbatches all-reduce {moved[4]} bytes, one {moved[1]}"
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,7 @@ def loss_fault(step):
 
 def accumulate(sums_and_grads, params, micros):
     """Sum `sums_and_grads(params, micro)` over the microbatches `micros` [A, B/A, ...] under a scan.
+    -> (the sums, how many groups of rows they add up: A, or A x data replicas).
 
     Across `data` each replica sums its own microbatches' gradients and the replicas add theirs
     once, after the last one: the scan runs inside `shard_map` over `data` (unchecked, so JAX adds
@@ -104,7 +105,8 @@ def accumulate(sums_and_grads, params, micros):
     shardings, `sharding.logical_to_spec`), and one psum follows the loop. Left to the partitioner,
     with the data-replicated sum as the loop's carry, every microbatch all-reduced its whole gradient:
     A times the traffic, over DCN when `data` spans slices. Over `fsdp` each microbatch's gradient
-    still reduce-scatters onto the params' shards, as every FSDP step does.
+    still reduce-scatters onto the params' shards, as every FSDP step does. The MoE statistics of a
+    group are its own rows' (the balance loss per replica and microbatch, as GShard's per group).
     """
     mesh = jax.sharding.get_abstract_mesh()
 
@@ -117,16 +119,18 @@ def accumulate(sums_and_grads, params, micros):
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
         return jax.lax.scan(body, zeros, micros)[0]
 
-    if mesh.empty or mesh.shape.get("data", 1) == 1:
-        return scan(params, micros)
+    A, data = jax.tree.leaves(micros)[0].shape[0], 1 if mesh.empty else mesh.shape.get("data", 1)
+    if data == 1:
+        return scan(params, micros), A
 
     def per_replica(params, micros):  # each replica's gradient is its own partial sum until the psum
         return jax.lax.psum(scan(params, micros), "data")
 
     specs = (PartitionSpec(), PartitionSpec(None, "data"))
-    return jax.shard_map(per_replica, in_specs=specs, out_specs=PartitionSpec(), axis_names={"data"}, check_vma=False)(
+    sums = jax.shard_map(per_replica, in_specs=specs, out_specs=PartitionSpec(), axis_names={"data"}, check_vma=False)(
         params, micros
     )
+    return sums, A * data
 
 
 def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
@@ -159,9 +163,9 @@ def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
     else:
         # rows i*A + a form microbatch a, so each device's shard splits evenly across microbatches
         micros = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
-        grads, ce, count, moe_aux = accumulate(sums_and_grads, params, micros)
-        if moe_aux is not None:  # loads and drops add up over microbatches; the losses are means
-            moe_aux = {**moe_aux, "balance": moe_aux["balance"] / A, "z": moe_aux["z"] / A}
+        (grads, ce, count, moe_aux), groups = accumulate(sums_and_grads, params, micros)
+        if moe_aux is not None:  # loads and drops add up over the groups; the losses are means
+            moe_aux = {**moe_aux, "balance": moe_aux["balance"] / groups, "z": moe_aux["z"] / groups}
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     loss, grad_norm = ce / count, optax.tree.norm(grads)

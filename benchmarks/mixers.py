@@ -329,7 +329,7 @@ def main():
             for kind in args.layers.split(","):
                 timed = not args.memory_only and (kind != "attention" or args.time_attention_up_to >= S)
                 r = measure(kind, m, S, args.steps, timed)
-                step = f"{r['step_s']:.2f}" if "step_s" in r else "not timed"
+                step = f"{r['step_s']:.3g}" if "step_s" in r else "not timed"  # a 256-token step: milliseconds
                 print(f"| {kind} | {S} | {r['compile_s']:.1f} | {step} | {r['temp_gib']:.3f} |", flush=True)
     if not args.skip_roofline:
         print_roofline(roofline(args.topology), args.topology)

@@ -166,6 +166,11 @@ def train_step(state, batch, *, graphdef, tx, cfg: ConfigDict):
         (grads, ce, count, moe_aux), groups = accumulate(sums_and_grads, params, micros)
         if moe_aux is not None:  # loads and drops add up over the groups; the losses are means
             moe_aux = {**moe_aux, "balance": moe_aux["balance"] / groups, "z": moe_aux["z"] / groups}
+    # in the params' own layout before the update: the tied embedding's two gradients (D-split from
+    # the lookup, vocabulary-split from the loss head) meet here, and left free the partitioner ran
+    # AdamW on the table vocabulary-split and moved the new table and both moments back, in fp32
+    axes = param_logical_axes(cfg.model)
+    grads = jax.tree.map(sharding.constrain, grads, axes, is_leaf=lambda x: isinstance(x, tuple))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     loss, grad_norm = ce / count, optax.tree.norm(grads)

@@ -4,6 +4,7 @@ that run logged for it."""
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -51,5 +52,10 @@ def test_old_checkpoint_restores_bit_exact_and_trains_on(tmp_path):
     train.run(cfg, str(workdir), progress=False)
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]
-    # the same 8 CPU devices and the same step program: the loss came out bit-identical when measured
-    assert lines[-1]["loss"] == OLD_STEP_3_LOSS
+    if sys.version_info[:2] == (3, 11):
+        # the same 8 CPU devices, step program and data: the loss came out bit-identical when measured
+        assert lines[-1]["loss"] == OLD_STEP_3_LOSS
+    else:
+        # the default corpus is the running Python's own documentation (nopejax/data/corpus.py): another
+        # Python feeds the step other bytes (3.12: 5.9259, measured), a loss of the same untrained model
+        assert abs(lines[-1]["loss"] - OLD_STEP_3_LOSS) < 0.05

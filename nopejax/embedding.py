@@ -19,12 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from nopejax.sharding import constrain, logical_to_spec
-
-
-def _axes(logical: str, mesh) -> tuple[str, ...]:
-    spec = logical_to_spec([logical], mesh)[0]
-    return (spec,) if isinstance(spec, str) else tuple(spec or ())
+from nopejax.sharding import constrain, mesh_axes
 
 
 def _size(axes: tuple[str, ...], mesh) -> int:
@@ -39,8 +34,8 @@ def lookup(table_VD: jax.Array, tokens_BS: jax.Array, dtype) -> jax.Array:
     (V, D), (B, S) = table_VD.shape, tokens_BS.shape
     if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
         return jnp.take(table_VD, tokens_BS, axis=0).astype(dtype)
-    d_axes, batch_axes, seq_axes = _axes("embed", mesh), _axes("act_batch", mesh), _axes("act_seq", mesh)
-    vocab_axes = _axes("vocab", mesh)
+    d_axes, batch_axes, seq_axes = mesh_axes("embed", mesh), mesh_axes("act_batch", mesh), mesh_axes("act_seq", mesh)
+    vocab_axes = mesh_axes("vocab", mesh)
     vocab_axes = vocab_axes if V % _size(vocab_axes, mesh) == 0 else ()
     n = _size(d_axes, mesh)
     if n == 1 or D % n or B % _size(batch_axes, mesh) or S % _size(seq_axes, mesh):

@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec
 from nopejax import attention, config, embedding, layers, moe
 from nopejax import rope as rope_lib
 from nopejax.mixers import kinds as mixer_kinds
-from nopejax.sharding import constrain, constrain_dividing, logical_to_spec, mesh_size
+from nopejax.sharding import constrain, constrain_dividing, mesh_axes, mesh_size
 
 # name -> (shape given the model config, logical axes); the leading `layers` axis is implied.
 LAYER_PARAMS = {
@@ -648,13 +648,10 @@ def _head_on_mesh(head_logits, x_BSD, head_RDV):
         return None
     (B, S, _), (R, _, V) = x_BSD.shape, head_RDV.shape
 
-    def axes(logical):
-        spec = logical_to_spec([logical], mesh)[0]
-        return (spec,) if isinstance(spec, str) else tuple(spec or ())
-
-    rows, seq, replicas = axes("act_batch"), axes("act_seq"), axes("loss_batch") if R > 1 else ()
+    rows, seq = mesh_axes("act_batch", mesh), mesh_axes("act_seq", mesh)
+    replicas = mesh_axes("loss_batch", mesh) if R > 1 else ()
     vocab, n = [], 1  # the axes that split V, as `constrain_dividing` placed the head
-    for a in axes("loss_vocab"):
+    for a in mesh_axes("loss_vocab", mesh):
         if V % (n * mesh.shape[a]) == 0:
             vocab.append(a)
             n *= mesh.shape[a]

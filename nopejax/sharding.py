@@ -98,13 +98,20 @@ def constrain_dividing(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
+def mesh_axes(logical: str, mesh=None) -> tuple[str, ...]:
+    """The mesh axes the logical axis `logical` is split over (none of size 1, none manual), in order;
+    `mesh` defaults to the current one."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh is None or mesh.empty:
+        return ()
+    axes = logical_to_spec([logical], mesh)[0]
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def mesh_size(logical: str) -> int:
     """Devices the logical axis `logical` is split over under the current mesh; 1 without one."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return 1
-    axes = logical_to_spec([logical], mesh)[0]
-    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+    return math.prod(mesh.shape[a] for a in mesh_axes(logical, mesh))
 
 
 def context_size(mesh=None) -> int:

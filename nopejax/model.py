@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec
 from nopejax import attention, config, embedding, layers, moe
 from nopejax import rope as rope_lib
 from nopejax.mixers import kinds as mixer_kinds
-from nopejax.sharding import constrain, constrain_dividing, mesh_axes, mesh_size
+from nopejax.sharding import constrain, constrain_dividing, dividing_axes, mesh_axes, mesh_size
 
 # name -> (shape given the model config, logical axes); the leading `layers` axis is implied.
 LAYER_PARAMS = {
@@ -638,11 +638,12 @@ def apply_head(graphdef, params, x_BSD, head_RDV):
 def _head_on_mesh(head_logits, x_BSD, head_RDV):
     """`apply_head` in `shard_map`, or None where the mesh gathers nothing (or splits the rows unevenly).
 
-    Each device gathers its replica's hidden states (all-gathers over the batch and sequence axes)
-    and multiplies them by its own vocabulary columns. Written out, the gather's transpose is a
-    reduce-scatter: each device gets back only its own rows' gradient, summed over the columns'
-    devices. Left to the partitioner, the gathered [rows, chunk, D] gradient was all-reduced in
-    every chunk and sliced (SmolLM3-3B on v5p-16: 0.94 GiB per chip and step)."""
+    Each device gathers its replica's hidden states for this chunk (all-gathers over the batch and
+    sequence axes) and multiplies them by its own vocabulary columns; the gather's transpose hands
+    each device its own rows' gradient, summed over the columns' devices. Left to the partitioner,
+    the gather of the whole sequence was sunk into the chunk loop, so every chunk gathered all of it,
+    and the gathered gradient came back in fp32 (SmolLM3-3B on v5p-16: 2.8 GiB per chip and step,
+    now 0.94; docs/results/tpu-aot.md)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
         return None
@@ -650,11 +651,7 @@ def _head_on_mesh(head_logits, x_BSD, head_RDV):
 
     rows, seq = mesh_axes("act_batch", mesh), mesh_axes("act_seq", mesh)
     replicas = mesh_axes("loss_batch", mesh) if R > 1 else ()
-    vocab, n = [], 1  # the axes that split V, as `constrain_dividing` placed the head
-    for a in mesh_axes("loss_vocab", mesh):
-        if V % (n * mesh.shape[a]) == 0:
-            vocab.append(a)
-            n *= mesh.shape[a]
+    vocab = dividing_axes(V, "loss_vocab", mesh)  # as `loss_head` placed the head
     gather_rows = tuple(a for a in rows if a not in replicas)
     if (
         not (gather_rows or seq)
@@ -674,8 +671,8 @@ def _head_on_mesh(head_logits, x_BSD, head_RDV):
         per_device,
         in_specs=(
             PartitionSpec(rows or None, seq or None, None),
-            PartitionSpec(replicas or None, None, tuple(vocab) or None),
+            PartitionSpec(replicas or None, None, vocab or None),
         ),
-        out_specs=PartitionSpec(replicas or None, None, None, tuple(vocab) or None),
+        out_specs=PartitionSpec(replicas or None, None, None, vocab or None),
     )(x_BSD, head_RDV)
     return logits_RBSV.reshape(B, S, -1)

@@ -87,15 +87,22 @@ def constrain_dividing(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
         return x
-    spec = []
-    for size, axes in zip(x.shape, logical_to_spec(logical_axes, mesh)):
-        kept, shards = [], 1
-        for axis in (axes,) if isinstance(axes, str) else axes or ():
-            if size % (shards * mesh.shape[axis]) == 0:
-                kept.append(axis)
-                shards *= mesh.shape[axis]
-        spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+    spec = [dividing_axes(size, name, mesh) if name else () for size, name in zip(x.shape, logical_axes)]
+    return jax.lax.with_sharding_constraint(
+        x, PartitionSpec(*[t if len(t) > 1 else (t[0] if t else None) for t in spec])
+    )
+
+
+def dividing_axes(size: int, logical: str, mesh=None) -> tuple[str, ...]:
+    """The mesh axes of `logical`, in order, as many as divide a dimension of `size` (how
+    `constrain_dividing` splits it)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    kept, shards = [], 1
+    for axis in mesh_axes(logical, mesh):
+        if size % (shards * mesh.shape[axis]) == 0:
+            kept.append(axis)
+            shards *= mesh.shape[axis]
+    return tuple(kept)
 
 
 def mesh_axes(logical: str, mesh=None) -> tuple[str, ...]:
